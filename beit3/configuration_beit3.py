@@ -1,0 +1,168 @@
+"""Beit3Config and the named presets in ``configs/models/``.
+
+A preset name reads ``beit3_<size>[_paper]_patch<P>_<S>``: ``<size>`` picks
+``configs/models/beit3_<size>.yaml`` (tiny, base, large, giant), ``_paper`` switches from the
+released layout (per-modality attention, no vision-language experts) to the paper's layout
+(shared attention, vision-language FFN experts in the top layers), ``<P>`` must be the size's patch
+and ``<S>`` is the image side in pixels.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from transformers import PretrainedConfig
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+PRESET_IMAGE_SIZES = (224, 384, 480)
+_PRESET_NAME = re.compile(r"beit3_(?P<size>[a-z]+)(?P<paper>_paper)?_patch(?P<patch>\d+)_(?P<image>\d+)")
+
+
+class Beit3Config(PretrainedConfig):
+    r"""Configuration of a BEiT-3 Multiway Transformer.
+
+    The defaults are BEiT-3 base in the layout of the released weights.
+
+    Args:
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: the usual sizes.
+        vocab_size: rows of the text embedding (64010 for the released models; ids 64002-64009 unused).
+        image_size, patch_size, num_channels: the image the vision position table is built for.
+        max_position_embeddings: rows of the text position table, offset rows included, so text
+            holds at most ``max_position_embeddings - position_offset`` tokens.
+        position_offset: first row used by position 0 in both position tables (2 in the released
+            models, a fairseq convention; rows below it are never read).
+        multiway_attention: True gives vision and text their own q/k/v/out projections and layer
+            norms (released weights); False shares one attention across modalities (paper).
+        vl_ffn_layers: how many top layers also hold a vision-language FFN expert, used by every
+            position of an image+text input (paper: 3; released weights: 0).
+        sub_layernorm: Magneto's extra LayerNorms, before the attention output projection and
+            between the FFN activation and its second linear (on in the released models).
+        final_layernorm: a LayerNorm per modality after the last layer (the released VQA and
+            ImageNet models have none).
+        subln_init_gain: multiply the initial v/out/fc1/fc2 weights by sqrt(log(2 * layers)), the
+            Magneto initialization, when training from scratch with ``sub_layernorm``.
+        hidden_dropout_prob, attention_probs_dropout_prob, drop_path_rate: regularization
+            (drop path grows linearly from 0 at the first layer to ``drop_path_rate`` at the last).
+    """
+
+    model_type = "beit3"
+
+    def __init__(
+        self,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 3072,
+        vocab_size: int = 64010,
+        image_size: int = 224,
+        patch_size: int = 16,
+        num_channels: int = 3,
+        max_position_embeddings: int = 1024,
+        position_offset: int = 2,
+        layer_norm_eps: float = 1e-5,
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.0,
+        attention_probs_dropout_prob: float = 0.0,
+        drop_path_rate: float = 0.0,
+        initializer_range: float = 0.02,
+        multiway_attention: bool = True,
+        vl_ffn_layers: int = 0,
+        sub_layernorm: bool = True,
+        final_layernorm: bool = True,
+        subln_init_gain: bool = True,
+        pad_token_id: int = 1,
+        bos_token_id: int = 0,
+        eos_token_id: int = 2,
+        mask_token_id: int = 64001,
+        **kwargs,
+    ):
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.vocab_size = vocab_size
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.max_position_embeddings = max_position_embeddings
+        self.position_offset = position_offset
+        self.layer_norm_eps = layer_norm_eps
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.drop_path_rate = drop_path_rate
+        self.initializer_range = initializer_range
+        self.multiway_attention = multiway_attention
+        self.vl_ffn_layers = vl_ffn_layers
+        self.sub_layernorm = sub_layernorm
+        self.final_layernorm = final_layernorm
+        self.subln_init_gain = subln_init_gain
+        self.mask_token_id = mask_token_id
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        self._check()
+
+    def _check(self):
+        problems = []
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if not 0 <= self.vl_ffn_layers <= self.num_hidden_layers:
+            problems.append(f"vl_ffn_layers {self.vl_ffn_layers} must lie in [0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.max_position_embeddings <= self.position_offset:
+            problems.append(f"max_position_embeddings {self.max_position_embeddings} leaves no row after position_offset {self.position_offset}")
+        if problems:
+            raise ValueError("Invalid Beit3Config: " + "; ".join(problems))
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def max_text_length(self) -> int:
+        return self.max_position_embeddings - self.position_offset
+
+    @property
+    def layout(self) -> str:
+        """'released' (per-modality attention, no VL experts), 'paper' (shared attention, VL experts) or 'custom'."""
+        if self.multiway_attention and self.vl_ffn_layers == 0:
+            return "released"
+        if not self.multiway_attention and self.vl_ffn_layers > 0:
+            return "paper"
+        return "custom"
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Beit3Config":
+        """Builds a preset by name (see ``list_presets()``), or from a ``.json``/``.yaml`` file path.
+
+        ``overrides`` replace any field, e.g. ``from_preset("beit3_base_patch16_224", final_layernorm=False)``.
+        """
+        path = Path(name)
+        if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
+            return cls(**{**yaml.safe_load(path.read_text()), **overrides})
+        match = _PRESET_NAME.fullmatch(name)
+        size_file = PRESET_DIR / f"beit3_{match['size']}.yaml" if match else None
+        if size_file is None or not size_file.is_file():
+            raise ValueError(f"Unknown BEiT-3 preset {name!r}. Known presets: {', '.join(list_presets())} "
+                             "(or pass a path to a .json/.yaml config file).")
+        spec = yaml.safe_load(size_file.read_text())
+        fields = dict(spec["model"])
+        if match["paper"]:
+            fields.update(spec["paper_layout"])
+        if int(match["patch"]) != fields["patch_size"]:
+            raise ValueError(f"Preset {name!r}: the {match['size']} model uses patch {fields['patch_size']}, "
+                             f"not {match['patch']}; try beit3_{match['size']}{match['paper'] or ''}_patch{fields['patch_size']}_{match['image']}.")
+        fields["image_size"] = int(match["image"])
+        return cls(**{**fields, **overrides})
+
+
+def list_presets() -> list[str]:
+    """Every preset name: each size in ``configs/models/``, both layouts, each image size."""
+    names = []
+    for size_file in sorted(PRESET_DIR.glob("beit3_*.yaml")):
+        patch = yaml.safe_load(size_file.read_text())["model"]["patch_size"]
+        for layout in ("", "_paper"):
+            names += [f"{size_file.stem}{layout}_patch{patch}_{image}" for image in PRESET_IMAGE_SIZES]
+    return names

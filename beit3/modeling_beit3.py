@@ -1,0 +1,422 @@
+"""BEiT-3 backbone: a Multiway Transformer over one sequence [image CLS, image patches, text tokens].
+
+Every block runs self-attention over all positions, then sends each position to a feed-forward
+expert chosen by its modality: the vision expert (V-FFN), the language expert (L-FFN) and, in the
+top ``vl_ffn_layers`` blocks of an image+text input, the vision-language expert (VL-FFN). With
+``config.multiway_attention`` the attention projections and layer norms belong to a modality too
+(the layout of the released weights); without it one attention serves both (the paper's layout).
+
+Inside a block the sequence travels as one tensor per modality. Each expert then runs one matmul
+over exactly its positions, and the modalities meet only in the attention, where their queries,
+keys and values are concatenated. The numerics follow Microsoft's torchscale implementation
+(pre-LayerNorm, Magneto sub-LayerNorms, position tables that start at row ``position_offset``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_beit3 import Beit3Config
+
+VISION, TEXT, VL, SHARED = "vision", "text", "vl", "shared"
+
+
+@dataclass
+class Beit3ModelOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state: (B, L, D), image tokens (CLS, then patches in raster order) then text tokens.
+        cache: the key/value cache, when ``use_cache``.
+        hidden_states: the embeddings and each layer's output, each (B, L, D), when asked for.
+        attentions: each layer's attention probabilities (B, heads, L, L_keys), when asked for.
+        text_start: index of the first text token in the sequence, which is the number of image
+            tokens: 0 for text only, L for image only.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_start: int | None = None
+
+
+class Beit3Embeddings(nn.Module):
+    """Patch and text token embeddings with their absolute position tables.
+
+    Both tables keep ``position_offset`` unused rows first, as the released checkpoints do: the
+    vision table holds [offset rows, CLS, patches in raster order], the text table [offset rows,
+    position 0, position 1, ...]. Each modality counts its positions from 0, even in a fused input.
+    """
+
+    def __init__(self, config: Beit3Config):
+        super().__init__()
+        dim, self.offset = config.hidden_size, config.position_offset
+        self.patch_embed = PatchEmbed(config.image_size, config.patch_size, config.num_channels, dim, strict_img_size=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.vision_position_embeddings = nn.Parameter(torch.zeros(1, self.offset + 1 + config.num_patches, dim))
+        self.text_embeddings = nn.Embedding(config.vocab_size, dim)
+        self.text_position_embeddings = nn.Embedding(config.max_position_embeddings, dim)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def embed_image(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1 + patches, D); patches where ``bool_masked_pos`` (B, patches) is True become the mask token."""
+        x = self.patch_embed(pixel_values)
+        if bool_masked_pos is not None:
+            x = torch.where(bool_masked_pos.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        positions = self.vision_position_embeddings[:, self.offset:]
+        grid = (pixel_values.shape[-2] // self.patch_embed.patch_size[0], pixel_values.shape[-1] // self.patch_embed.patch_size[1])
+        if grid != tuple(self.patch_embed.grid_size):
+            positions = resample_abs_pos_embed(positions, list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=1, antialias=False)
+        return self.dropout(x + positions)
+
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) -> (B, T, D); padded tokens (``attention_mask`` 0) enter the encoder as zeros."""
+        x = self.text_embeddings(input_ids)
+        if position_ids is None:
+            x = x + self.text_position_embeddings.weight[self.offset:self.offset + input_ids.shape[1]]
+        else:
+            x = x + self.text_position_embeddings(position_ids + self.offset)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            x = x * attention_mask.unsqueeze(-1).to(x.dtype)
+        return self.dropout(x)
+
+
+class Beit3SelfAttentionExpert(nn.Module):
+    """One expert's attention weights: pre-norm, fused q/k/v, sub-LayerNorm and output projection."""
+
+    def __init__(self, config: Beit3Config):
+        super().__init__()
+        dim = config.hidden_size
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.inner_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps) if config.sub_layernorm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        # Rows that Magneto's initialization scales up: the value projection and the output projection.
+        self.qkv.subln_gain_rows, self.proj.subln_gain_rows = slice(2 * dim, None), slice(None)
+
+
+class Beit3FeedForward(nn.Module):
+    """One FFN expert: pre-norm, fc1, activation, sub-LayerNorm, fc2."""
+
+    def __init__(self, config: Beit3Config):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.inner_norm = nn.LayerNorm(config.intermediate_size, eps=config.layer_norm_eps) if config.sub_layernorm else nn.Identity()
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.fc1.subln_gain_rows = self.fc2.subln_gain_rows = slice(None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.inner_norm(self.act(self.fc1(self.norm(x))))))
+
+
+class Beit3Layer(GradientCheckpointingLayer):
+    """One Multiway block. Takes and returns the image tokens and the text tokens as separate tensors."""
+
+    def __init__(self, config: Beit3Config, layer_idx: int, drop_path: float = 0.0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.multiway_attention = config.multiway_attention
+        attention_experts = (VISION, TEXT) if config.multiway_attention else (SHARED,)
+        has_vl_expert = layer_idx >= config.num_hidden_layers - config.vl_ffn_layers
+        self.attention = nn.ModuleDict({name: Beit3SelfAttentionExpert(config) for name in attention_experts})
+        self.ffn = nn.ModuleDict({name: Beit3FeedForward(config) for name in (VISION, TEXT, VL)[:3 if has_vl_expert else 2]})
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, vision: torch.Tensor | None, text: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+                vision_language: bool = False, cache: Cache | None = None, output_attentions: bool = False):
+        """
+        Args:
+            vision: (B, Nv, D) image tokens or None; text: (B, Nt, D) text tokens or None.
+            attention_mask: bool, broadcastable to (B, heads, Nv + Nt, keys); True = may attend.
+            vision_language: the input holds an image and a text, so VL experts (where present) take every token.
+            cache: key/value cache; the keys and values of this input are appended to it.
+        Returns:
+            (vision, text, attention probabilities or None), the first two shaped as given.
+        """
+        segments = [(name, x) for name, x in ((VISION, vision), (TEXT, text)) if x is not None]
+        experts = [self.attention[name if self.multiway_attention else SHARED] for name, _ in segments]
+        qkv = [expert.qkv(expert.norm(x)) for expert, (_, x) in zip(experts, segments)]
+        qkv = torch.cat(qkv, dim=1) if len(qkv) > 1 else qkv[0]
+        batch, length, _ = qkv.shape
+        q, k, v = qkv.view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        dropout = self.attention_dropout if self.training else 0.0
+        probs = None
+        if output_attentions:  # SDPA does not return the probabilities: compute them explicitly
+            scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-1, -2)
+            if attention_mask is not None:
+                scores = scores.masked_fill(~attention_mask, float("-inf"))
+            probs = scores.softmax(dim=-1).to(q.dtype)
+            out = F.dropout(probs, dropout, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+
+        outputs, start = [], 0
+        for expert, (name, x) in zip(experts, segments):
+            end = start + x.shape[1]
+            x = x + self.drop_path(self.dropout(expert.proj(expert.inner_norm(out[:, start:end]))))
+            ffn = self.ffn[VL if vision_language and VL in self.ffn else name]
+            outputs.append(x + self.drop_path(ffn(x)))
+            start = end
+        vision_out = outputs[0] if vision is not None else None
+        text_out = outputs[-1] if text is not None else None
+        return vision_out, text_out, probs
+
+
+class Beit3PreTrainedModel(PreTrainedModel):
+    config_class = Beit3Config
+    config: Beit3Config
+    base_model_prefix = "beit3"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Beit3Embeddings", "Beit3Layer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        """Truncated normal (std ``initializer_range``) for weights, zero biases, unit norms; for
+        training from scratch with sub-LayerNorms, Magneto's gain sqrt(log(2 * layers)) on the
+        rows that the expert modules mark with ``subln_gain_rows`` (v, out, fc1, fc2).
+
+        Weights loaded from a checkpoint carry ``_is_hf_initialized`` and are left alone.
+        """
+        config = self.config
+        std = config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            fresh = not getattr(module.weight, "_is_hf_initialized", False)
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            rows = getattr(module, "subln_gain_rows", None)
+            if fresh and rows is not None and config.sub_layernorm and config.subln_init_gain:
+                with torch.no_grad():
+                    module.weight[rows] *= math.sqrt(math.log(2 * config.num_hidden_layers))
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.trunc_normal_(module.weight, std=std)
+        elif isinstance(module, Beit3Embeddings):
+            for parameter in (module.cls_token, module.mask_token, module.vision_position_embeddings):
+                init.trunc_normal_(parameter, std=std)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, image_size: int | None = None, **kwargs):
+        """As in transformers. An ``image_size`` other than the saved one (as a keyword, or in a
+        ``config`` passed by the Auto classes) loads the saved weights, then resamples the vision
+        position table to the new patch grid (bicubic, as the official fine-tuning code does)."""
+        config = kwargs.get("config")
+        if isinstance(config, Beit3Config) and os.path.isfile(os.path.join(str(pretrained_model_name_or_path), "config.json")):
+            saved_size = Beit3Config.from_pretrained(pretrained_model_name_or_path).image_size
+            if saved_size != config.image_size:
+                image_size = image_size or config.image_size
+                kwargs["config"] = Beit3Config.from_dict({**config.to_dict(), "image_size": saved_size})
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if image_size is not None:
+            (loaded[0] if isinstance(loaded, tuple) else loaded).set_image_size(image_size)
+        return loaded
+
+    def set_image_size(self, image_size: int) -> None:
+        """Resamples the vision position table to ``image_size`` and records it in the config."""
+        backbone = getattr(self, self.base_model_prefix, self)
+        embeddings = backbone.embeddings
+        patch = self.config.patch_size
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch}.")
+        if image_size == self.config.image_size:
+            return
+        table = embeddings.vision_position_embeddings.data
+        offset = embeddings.offset
+        grid = resample_abs_pos_embed(table[:, offset:].float(), [image_size // patch] * 2, list(embeddings.patch_embed.grid_size),
+                                      num_prefix_tokens=1, antialias=False).to(table.dtype)
+        embeddings.vision_position_embeddings = nn.Parameter(torch.cat([table[:, :offset], grid], dim=1))
+        embeddings.patch_embed.set_input_size(img_size=image_size)
+        self.config.image_size = image_size
+
+
+class Beit3Model(Beit3PreTrainedModel):
+    """The BEiT-3 backbone: an image, a text or both in, one hidden state per token out."""
+
+    def __init__(self, config: Beit3Config):
+        super().__init__(config)
+        self.embeddings = Beit3Embeddings(config)
+        drop_path = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList(Beit3Layer(config, i, drop_path[i]) for i in range(config.num_hidden_layers))
+        self.final_norm = (nn.ModuleDict({name: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) for name in (VISION, TEXT)})
+                           if config.final_layernorm else None)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.text_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.text_embeddings = value
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool = False,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> Beit3ModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values: (B, C, H, W), H and W equal to ``config.image_size`` unless ``interpolate_pos_encoding``.
+            input_ids: (B, T) text token ids.
+            attention_mask: (B, T) over the text, 1 = real token, 0 = padding; or a full (B, L, L_keys)
+                mask over the whole sequence (image tokens first; keys include a cache), 1 = may attend.
+            bool_masked_pos: (B, patches), True where the patch is replaced by the mask token.
+            position_ids: (B, T) text positions counted from 0 (the table offset is added here);
+                needed when decoding with a non-empty cache.
+            cache: a transformers ``Cache`` (``DynamicCache``); a non-empty cache is taken to come from an
+                image+text input (captioning), so the VL experts stay in use.
+            interpolate_pos_encoding: accept an image size other than ``config.image_size`` by
+                resampling the vision position table on the fly.
+        Returns:
+            ``Beit3ModelOutput`` with ``last_hidden_state`` (B, 1 + patches + T, D) and ``text_start``.
+        """
+        self._check_inputs(pixel_values, input_ids, attention_mask, bool_masked_pos, position_ids, cache, interpolate_pos_encoding)
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        cache_length = cache.get_seq_length() if cache is not None else 0
+
+        vision = self.embeddings.embed_image(pixel_values, bool_masked_pos) if pixel_values is not None else None
+        text = self.embeddings.embed_text(input_ids, attention_mask, position_ids) if input_ids is not None else None
+        num_image_tokens = vision.shape[1] if vision is not None else 0
+        mask = self._attention_mask(attention_mask, num_image_tokens + cache_length)
+        vision_language = (vision is not None and text is not None) or cache_length > 0
+
+        all_hidden_states, all_attentions = [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states.append(_join(vision, text))
+            vision, text, probs = layer(vision, text, attention_mask=mask, vision_language=vision_language,
+                                        cache=cache, output_attentions=output_attentions)
+            if output_attentions:
+                all_attentions.append(probs)
+        if self.final_norm is not None:
+            vision = self.final_norm[VISION](vision) if vision is not None else None
+            text = self.final_norm[TEXT](text) if text is not None else None
+        hidden = _join(vision, text)
+        if output_hidden_states:
+            all_hidden_states.append(hidden)
+        output = Beit3ModelOutput(
+            last_hidden_state=hidden,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+            text_start=num_image_tokens,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _attention_mask(attention_mask: torch.Tensor | None, num_keys_before_text: int) -> torch.Tensor | None:
+        """The bool mask SDPA takes, broadcastable to (B, heads, L, L_keys), or None when nothing is masked."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() == 3:
+            return attention_mask.bool().unsqueeze(1)
+        if bool(attention_mask.all()):
+            return None
+        keys = F.pad(attention_mask.bool(), (num_keys_before_text, 0), value=True)
+        return keys[:, None, None, :]
+
+    def _check_inputs(self, pixel_values, input_ids, attention_mask, bool_masked_pos, position_ids, cache, interpolate_pos_encoding):
+        """Raises a ValueError that says what is wrong and what to do, before any compute."""
+        config = self.config
+        if pixel_values is None and input_ids is None:
+            raise ValueError("Beit3Model needs pixel_values (an image), input_ids (a text) or both; it got neither.")
+        batch_sizes = set()
+        if pixel_values is not None:
+            if pixel_values.dim() != 4:
+                raise ValueError(f"pixel_values must be (batch, channels, height, width); got shape {tuple(pixel_values.shape)}.")
+            batch, channels, height, width = pixel_values.shape
+            batch_sizes.add(batch)
+            if channels != config.num_channels:
+                raise ValueError(f"pixel_values have {channels} channels but the model takes {config.num_channels} "
+                                 "(convert images to RGB first; Beit3ImageProcessor does).")
+            patch = config.patch_size
+            if height < patch or width < patch or height % patch or width % patch:
+                raise ValueError(f"An image of {height}x{width} pixels does not fit the {patch}x{patch} patch grid: "
+                                 f"height and width must be positive multiples of {patch}.")
+            if (height, width) != (config.image_size, config.image_size) and not interpolate_pos_encoding:
+                raise ValueError(f"The model was built for {config.image_size}x{config.image_size} images, got {height}x{width}. "
+                                 f"Resize the images (Beit3ImageProcessor does), load the model with image_size={height}, "
+                                 "or pass interpolate_pos_encoding=True.")
+            if bool_masked_pos is not None and tuple(bool_masked_pos.shape) != (batch, (height // patch) * (width // patch)):
+                raise ValueError(f"bool_masked_pos must be (batch, patches) = ({batch}, {(height // patch) * (width // patch)}); "
+                                 f"got {tuple(bool_masked_pos.shape)}.")
+        elif bool_masked_pos is not None:
+            raise ValueError("bool_masked_pos masks image patches, but no pixel_values were given.")
+        text_length = 0
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}.")
+            batch_sizes.add(input_ids.shape[0])
+            text_length = input_ids.shape[1]
+            last_position = int(position_ids.max()) if position_ids is not None and position_ids.numel() else text_length - 1
+            if position_ids is None and cache is not None and cache.get_seq_length() > 0:
+                raise ValueError("Decoding with a non-empty cache needs position_ids: the text positions of the new tokens, counted from 0.")
+            if last_position >= config.max_text_length:
+                raise ValueError(f"Text position {last_position} is past the position table, which holds {config.max_text_length} "
+                                 f"positions (max_position_embeddings {config.max_position_embeddings} minus the offset "
+                                 f"{config.position_offset}). Truncate the text (tokenizer truncation=True, max_length=...).")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+                raise ValueError(f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}], outside the vocabulary "
+                                 f"[0, {config.vocab_size}). Use the tokenizer that matches this model.")
+        if len(batch_sizes) > 1:
+            raise ValueError(f"pixel_values and input_ids have different batch sizes: {sorted(batch_sizes)}.")
+        if attention_mask is not None:
+            batch = batch_sizes.pop()
+            num_image = 0 if pixel_values is None else 1 + (pixel_values.shape[-2] // config.patch_size) * (pixel_values.shape[-1] // config.patch_size)
+            length = num_image + text_length
+            keys = length + (cache.get_seq_length() if cache is not None else 0)
+            if attention_mask.dim() == 2:
+                if input_ids is None:
+                    raise ValueError("A (batch, length) attention_mask marks text padding, but no input_ids were given; "
+                                     f"pass a full (batch, {length}, {keys}) mask to mask image tokens.")
+                if tuple(attention_mask.shape) != (batch, text_length):
+                    raise ValueError(f"attention_mask must be (batch, text length) = ({batch}, {text_length}) "
+                                     f"or (batch, {length}, {keys}); got {tuple(attention_mask.shape)}.")
+            elif attention_mask.dim() != 3 or tuple(attention_mask.shape) != (batch, length, keys):
+                raise ValueError(f"attention_mask must be (batch, text length) = ({batch}, {text_length}) or a full "
+                                 f"(batch, sequence, keys) = ({batch}, {length}, {keys}) mask; got {tuple(attention_mask.shape)}.")
+
+
+def _join(vision: torch.Tensor | None, text: torch.Tensor | None) -> torch.Tensor:
+    """Concatenates the image tokens and the text tokens along the sequence: (B, Nv + Nt, D)."""
+    if vision is None or text is None:
+        return vision if text is None else text
+    return torch.cat([vision, text], dim=1)
