@@ -4,7 +4,8 @@ A preset name reads ``beit3_<size>[_paper]_patch<P>_<S>``: ``<size>`` picks
 ``configs/models/beit3_<size>.yaml`` (tiny, base, large, giant), ``_paper`` switches from the
 released layout (per-modality attention, no vision-language experts) to the paper's layout
 (shared attention, vision-language FFN experts in the top layers), ``<P>`` must be the size's patch
-and ``<S>`` is the image side in pixels.
+and ``<S>`` is the image side in pixels (a size file lists its usual sides under ``image_sizes``; any
+multiple of the patch works).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import yaml
 from transformers import PretrainedConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-PRESET_IMAGE_SIZES = (224, 384, 480)
 _PRESET_NAME = re.compile(r"beit3_(?P<size>[a-z]+)(?P<paper>_paper)?_patch(?P<patch>\d+)_(?P<image>\d+)")
 
 
@@ -75,7 +75,7 @@ class Beit3Config(PretrainedConfig):
         pad_token_id: int = 1,
         bos_token_id: int = 0,
         eos_token_id: int = 2,
-        mask_token_id: int = 64001,
+        mask_token_id: int | None = None,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -99,7 +99,8 @@ class Beit3Config(PretrainedConfig):
         self.sub_layernorm = sub_layernorm
         self.final_layernorm = final_layernorm
         self.subln_init_gain = subln_init_gain
-        self.mask_token_id = mask_token_id
+        # The released vocabulary puts <mask> at 64001 (len(spm) + 1); other vocabularies say where theirs is.
+        self.mask_token_id = 64001 if mask_token_id is None and vocab_size == 64010 else mask_token_id
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         self._check()
 
@@ -162,7 +163,8 @@ def list_presets() -> list[str]:
     """Every preset name: each size in ``configs/models/``, both layouts, each image size."""
     names = []
     for size_file in sorted(PRESET_DIR.glob("beit3_*.yaml")):
-        patch = yaml.safe_load(size_file.read_text())["model"]["patch_size"]
+        spec = yaml.safe_load(size_file.read_text())
+        patch = spec["model"]["patch_size"]
         for layout in ("", "_paper"):
-            names += [f"{size_file.stem}{layout}_patch{patch}_{image}" for image in PRESET_IMAGE_SIZES]
+            names += [f"{size_file.stem}{layout}_patch{patch}_{image}" for image in spec["image_sizes"]]
     return names

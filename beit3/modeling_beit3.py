@@ -264,8 +264,9 @@ class Beit3Model(Beit3PreTrainedModel):
     def __init__(self, config: Beit3Config):
         super().__init__(config)
         self.embeddings = Beit3Embeddings(config)
-        drop_path = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
-        self.layers = nn.ModuleList(Beit3Layer(config, i, drop_path[i]) for i in range(config.num_hidden_layers))
+        layers = config.num_hidden_layers
+        drop_path = [config.drop_path_rate * i / max(1, layers - 1) for i in range(layers)]  # linear from 0
+        self.layers = nn.ModuleList(Beit3Layer(config, i, drop_path[i]) for i in range(layers))
         self.final_norm = (nn.ModuleDict({name: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) for name in (VISION, TEXT)})
                            if config.final_layernorm else None)
         self.gradient_checkpointing = False

@@ -1,0 +1,294 @@
+"""Official BEiT-3 checkpoints <-> our ``from_pretrained`` folders, and the vision tower to timm.
+
+    python -m beit3.convert --checkpoint beit3_base_patch16_224.pth --output beit3-base
+    python -m beit3.convert --checkpoint beit3-base --to official --output beit3_base_patch16_224.pth
+    python -m beit3.convert --checkpoint beit3_base_patch16_224.pth --to timm --output beit3_base_timm.safetensors
+
+The official files (microsoft/unilm, torchscale's ``BEiT3``) hold ``{"model": {"beit3.<key>": tensor,
+<head keys>}}``. Their attention has separate q/k/v projections per expert (A = vision, B = text);
+we fuse q/k/v into one matrix per expert. Everything else is a rename, plus a leading batch
+dimension on the vision position table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .configuration_beit3 import Beit3Config
+from .modeling_beit3 import Beit3Model
+
+OFFICIAL_PREFIX = "beit3."
+_EXPERT_LETTERS = {"vision": "A", "text": "B"}
+# Keys whose presence tells an official BEiT-3 backbone, with or without its prefix.
+_SIGNATURE = "vision_embed.cls_token"
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Loads a ``.pth``/``.pt``/``.bin`` file safely (``weights_only=True``) and unwraps the
+    ``model``/``module`` level that unilm and DeepSpeed add. Half-precision tensors become fp32, so
+    any later interpolation runs in full precision."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint file at {path}.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickle with arbitrary objects, or a truncated file
+        raise ValueError(f"Could not read {path} as a weights-only PyTorch checkpoint: {error}") from error
+    for key in ("model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors (top-level keys: {list(state)[:8] if isinstance(state, dict) else type(state)}).")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def split_official(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Splits an official state dict into (backbone keys without the ``beit3.`` prefix, head keys)."""
+    if OFFICIAL_PREFIX + _SIGNATURE in state_dict:
+        backbone = {k[len(OFFICIAL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
+        heads = {k: v for k, v in state_dict.items() if not k.startswith(OFFICIAL_PREFIX)}
+    elif _SIGNATURE in state_dict:  # a bare torchscale BEiT3 state dict
+        backbone, heads = dict(state_dict), {}
+    else:
+        sample = ", ".join(list(state_dict)[:6])
+        raise ValueError(f"This is not an official BEiT-3 checkpoint: there is no '{OFFICIAL_PREFIX}{_SIGNATURE}' key "
+                         f"(first keys: {sample}). Pass a file released with BEiT-3 (microsoft/unilm) or one written by "
+                         "`python -m beit3.convert --to official`.")
+    return backbone, heads
+
+
+def infer_config(backbone: dict[str, torch.Tensor], **overrides) -> Beit3Config:
+    """Reads the sizes of an official backbone from its tensor shapes (heads = hidden / 64)."""
+    hidden = backbone["vision_embed.cls_token"].shape[-1]
+    patch_weight = backbone["vision_embed.proj.weight"]
+    layers = 1 + max(int(k.split(".")[2]) for k in backbone if k.startswith("encoder.layers."))
+    patches = backbone["encoder.embed_positions.A.weight"].shape[0] - 3
+    grid = math.isqrt(patches)
+    if grid * grid != patches:
+        raise ValueError(f"The vision position table has {patches + 3} rows, which is not a square grid plus 3.")
+    fields = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        intermediate_size=backbone["encoder.layers.0.ffn.A.fc1.weight"].shape[0],
+        vocab_size=backbone["text_embed.weight"].shape[0] if "text_embed.weight" in backbone else 64010,
+        patch_size=patch_weight.shape[-1],
+        num_channels=patch_weight.shape[1],
+        image_size=grid * patch_weight.shape[-1],
+        max_position_embeddings=backbone["encoder.embed_positions.B.weight"].shape[0] if "encoder.embed_positions.B.weight" in backbone else 1024,
+        final_layernorm="encoder.layer_norm.A.weight" in backbone,
+        multiway_attention=True,
+        vl_ffn_layers=0,
+        sub_layernorm="encoder.layers.0.self_attn.inner_attn_ln.A.weight" in backbone,
+    )
+    return Beit3Config(**{**fields, **overrides})
+
+
+def _key_map(config: Beit3Config) -> tuple[dict[str, str], dict[str, tuple[str, str, str]]]:
+    """(our key -> official key, our fused qkv key -> official (q, k, v) keys) for a released-layout config."""
+    if config.layout != "released":
+        raise ValueError(f"The official layout has per-modality attention and no VL experts; this config is the {config.layout} "
+                         f"layout (multiway_attention={config.multiway_attention}, vl_ffn_layers={config.vl_ffn_layers}).")
+    single = {
+        "embeddings.cls_token": "vision_embed.cls_token",
+        "embeddings.mask_token": "vision_embed.mask_token",
+        "embeddings.patch_embed.proj.weight": "vision_embed.proj.weight",
+        "embeddings.patch_embed.proj.bias": "vision_embed.proj.bias",
+        "embeddings.vision_position_embeddings": "encoder.embed_positions.A.weight",
+        "embeddings.text_position_embeddings.weight": "encoder.embed_positions.B.weight",
+        "embeddings.text_embeddings.weight": "text_embed.weight",
+    }
+    fused = {}
+    attention_names = {"norm": "self_attn_layer_norm", "inner_norm": "self_attn.inner_attn_ln", "proj": "self_attn.out_proj"}
+    ffn_names = {"fc1": "ffn.{x}.fc1", "fc2": "ffn.{x}.fc2", "inner_norm": "ffn.{x}.ffn_layernorm"}
+    norm_names = ("norm", "inner_norm") if config.sub_layernorm else ("norm",)
+    for i in range(config.num_hidden_layers):
+        ours, official = f"layers.{i}.", f"encoder.layers.{i}."
+        for expert, x in _EXPERT_LETTERS.items():
+            for p in ("weight", "bias"):
+                for name, theirs in attention_names.items():
+                    if name in norm_names or name == "proj":
+                        single[f"{ours}attention.{expert}.{name}.{p}"] = f"{official}{theirs}.{x}.{p}"
+                fused[f"{ours}attention.{expert}.qkv.{p}"] = tuple(f"{official}self_attn.{t}_proj.{x}.{p}" for t in "qkv")
+                for name, theirs in ffn_names.items():
+                    if name in norm_names or name != "inner_norm":
+                        single[f"{ours}ffn.{expert}.{name}.{p}"] = f"{official}{theirs.format(x=x)}.{p}"
+                single[f"{ours}ffn.{expert}.norm.{p}"] = f"{official}final_layer_norm.{x}.{p}"
+    if config.final_layernorm:
+        for expert, x in _EXPERT_LETTERS.items():
+            for p in ("weight", "bias"):
+                single[f"final_norm.{expert}.{p}"] = f"encoder.layer_norm.{x}.{p}"
+    return single, fused
+
+
+def official_to_beit3(backbone: dict[str, torch.Tensor], config: Beit3Config) -> dict[str, torch.Tensor]:
+    """Official backbone keys (no prefix) -> our ``Beit3Model`` state dict.
+
+    A checkpoint with no text tower at all (the vision-only ImageNet files may be one) converts
+    with the text weights left out; anything else missing, or left over, is an error.
+    """
+    single, fused = _key_map(config)
+    wanted = set(single.values()) | {k for triple in fused.values() for k in triple}
+    missing = sorted(wanted - set(backbone))
+    vision_only = all(".B." in k or k.startswith("text_embed") for k in missing)
+    if missing and not vision_only:
+        raise ValueError(f"The checkpoint lacks {len(missing)} BEiT-3 backbone keys, e.g. {missing[:5]}.")
+    unexpected = sorted(set(backbone) - wanted)
+    if unexpected:
+        raise ValueError(f"The checkpoint has {len(unexpected)} backbone keys this config does not use, e.g. {unexpected[:5]} "
+                         f"(final_layernorm={config.final_layernorm}, sub_layernorm={config.sub_layernorm}); check --config.")
+    state = {ours: backbone[theirs] for ours, theirs in single.items() if theirs in backbone}
+    state.update({ours: torch.cat([backbone[k] for k in triple]) for ours, triple in fused.items() if triple[0] in backbone})
+    state["embeddings.vision_position_embeddings"] = state["embeddings.vision_position_embeddings"].unsqueeze(0)
+    return state
+
+
+def beit3_to_official(state: dict[str, torch.Tensor], config: Beit3Config) -> dict[str, torch.Tensor]:
+    """Our ``Beit3Model`` state dict -> official keys, with the ``beit3.`` prefix."""
+    single, fused = _key_map(config)
+    out = {theirs: state[ours] for ours, theirs in single.items()}
+    out["encoder.embed_positions.A.weight"] = out["encoder.embed_positions.A.weight"].squeeze(0)
+    for ours, triple in fused.items():
+        out.update(zip(triple, state[ours].chunk(3)))
+    return {OFFICIAL_PREFIX + k: v.contiguous() for k, v in out.items()}
+
+
+def beit3_to_timm(state: dict[str, torch.Tensor], config: Beit3Config) -> dict[str, torch.Tensor]:
+    """The vision tower of our state dict in the key layout of timm's ``beit3_*`` VisionTransformer."""
+    attention = "vision" if config.multiway_attention else "shared"
+    out = {
+        "cls_token": state["embeddings.cls_token"],
+        "pos_embed": state["embeddings.vision_position_embeddings"][:, config.position_offset:],
+        "patch_embed.proj.weight": state["embeddings.patch_embed.proj.weight"],
+        "patch_embed.proj.bias": state["embeddings.patch_embed.proj.bias"],
+    }
+    renames = {f"attention.{attention}.norm": "norm1", f"attention.{attention}.qkv": "attn.qkv", f"attention.{attention}.inner_norm": "attn.norm",
+               f"attention.{attention}.proj": "attn.proj", "ffn.vision.norm": "norm2", "ffn.vision.fc1": "mlp.fc1",
+               "ffn.vision.inner_norm": "mlp.norm", "ffn.vision.fc2": "mlp.fc2"}
+    for i in range(config.num_hidden_layers):
+        for ours, theirs in renames.items():
+            for p in ("weight", "bias"):
+                if f"layers.{i}.{ours}.{p}" in state:
+                    out[f"blocks.{i}.{theirs}.{p}"] = state[f"layers.{i}.{ours}.{p}"]
+    if config.final_layernorm:
+        out["norm.weight"], out["norm.bias"] = state["final_norm.vision.weight"], state["final_norm.vision.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def timm_create_model_hint(config: Beit3Config, path: str) -> str:
+    """The ``timm.create_model`` call that loads a file written by ``beit3_to_timm``."""
+    size = {768: "base", 1024: "large", 1408: "giant"}.get(config.hidden_size, "base")
+    norm = "fc_norm=False" if config.final_layernorm else "final_norm=False"
+    return (f"timm.create_model('beit3_{size}_patch{config.patch_size}_224', img_size={config.image_size}, num_classes=0, {norm}, "
+            f"checkpoint_path='{path}')")
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "checkpoint",
+                            allow_missing: set[str] = frozenset()) -> None:
+    """``load_state_dict`` that names every missing, unexpected and wrongly shaped key before loading anything.
+
+    ``allow_missing``: keys that may stay at their initial values (a warning counts them).
+    """
+    own = model.state_dict()
+    wrong_shape = [f"{k}: {tuple(v.shape)} in the {what}, {tuple(own[k].shape)} in the model"
+                   for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and k not in allow_missing]
+    unexpected = [k for k in state if k not in own]
+    problems = []
+    for title, keys in (("wrong shape", wrong_shape), ("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            problems.append(f"{len(keys)} {title}: " + "; ".join(keys[:6]) + (" ..." if len(keys) > 6 else ""))
+    if problems:
+        raise ValueError(f"The {what} does not fit the model ({type(model).__name__}). " + " | ".join(problems))
+    left_at_init = [k for k in own if k not in state]
+    if left_at_init:
+        warnings.warn(f"{len(left_at_init)} weights are not in the {what} and keep their initial values, e.g. {left_at_init[:3]}", stacklevel=2)
+    model.load_state_dict(state, strict=False)
+
+
+def model_from_official(path: str | os.PathLike, config: Beit3Config | None = None) -> tuple[Beit3Model, dict[str, torch.Tensor]]:
+    """Builds a ``Beit3Model`` from an official checkpoint; returns it with the checkpoint's head keys.
+
+    ``config`` may ask for another image size: the position table is then resampled (in fp32).
+    """
+    backbone, heads = split_official(read_checkpoint(path))
+    native = infer_config(backbone)
+    if config is None:
+        config = native
+    target_size = config.image_size
+    config = Beit3Config.from_dict({**config.to_dict(), "image_size": native.image_size})
+    model = Beit3Model(config)
+    # official_to_beit3 lets only a whole text tower be missing (vision-only files).
+    text_tower = {k for k in model.state_dict() if ".text." in k or k.startswith("embeddings.text_")}
+    load_state_dict_checked(model, official_to_beit3(backbone, config), f"checkpoint {path}", allow_missing=text_tower)
+    model.set_image_size(target_size)
+    return model.eval(), heads
+
+
+def load_any(checkpoint: str, config: Beit3Config | None = None) -> Beit3Model:
+    """A ``Beit3Model`` from our folder or from an official ``.pth`` file."""
+    if Path(checkpoint).is_dir():
+        return Beit3Model.from_pretrained(checkpoint).eval()
+    return model_from_official(checkpoint, config)[0]
+
+
+def atomic_save_folder(model: Beit3Model, output: str | os.PathLike) -> None:
+    """``save_pretrained`` into a temporary sibling folder, then move it into place: a crash leaves no half folder."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_save_file(state: dict[str, torch.Tensor], output: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Writes a state dict as safetensors (``.safetensors``) or as ``{"model": state}`` (``.pth``, the official format), atomically."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    if output.suffix == ".safetensors":
+        save_file(state, str(tmp), metadata=metadata)
+    else:
+        torch.save({"model": state}, tmp)
+    os.replace(tmp, output)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m beit3.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="an official .pth file, or a folder written by save_pretrained")
+    parser.add_argument("--output", required=True, help="a folder (--to beit3), a .pth file (--to official), a .safetensors file (--to timm)")
+    parser.add_argument("--to", choices=("beit3", "official", "timm"), default="beit3")
+    parser.add_argument("--config", help="a preset name or a .json/.yaml config; default: read the sizes from the tensor shapes")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="dtype of the written weights")
+    args = parser.parse_args(argv)
+
+    config = Beit3Config.from_preset(args.config) if args.config else None
+    model = load_any(args.checkpoint, config).to(getattr(torch, args.dtype))
+    if args.to == "beit3":
+        atomic_save_folder(model, args.output)
+    elif args.to == "official":
+        atomic_save_file(beit3_to_official(model.state_dict(), model.config), args.output)
+    else:
+        atomic_save_file(beit3_to_timm(model.state_dict(), model.config), args.output, metadata={"format": "pt"})
+        print("load it with:", timm_create_model_hint(model.config, args.output))
+    print(f"wrote {args.output} ({args.to}; {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
+          f"image {model.config.image_size}, final LayerNorm {'yes' if model.config.final_layernorm else 'no'})")
+
+
+if __name__ == "__main__":
+    main()

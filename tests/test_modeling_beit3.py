@@ -1,0 +1,258 @@
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import AutoModel, DynamicCache
+
+from beit3 import Beit3Model
+
+
+def inputs(config, batch=2, text=6):
+    pixel_values = torch.randn(batch, 3, config.image_size, config.image_size)
+    input_ids = torch.randint(3, config.vocab_size, (batch, text))
+    return pixel_values, input_ids
+
+
+def perturb(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p))
+
+
+def test_sequence_is_image_then_text_and_says_where_text_starts():
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    pixel_values, input_ids = inputs(config)
+    image_tokens = 1 + config.num_patches
+    fused = model(pixel_values=pixel_values, input_ids=input_ids)
+    assert fused.last_hidden_state.shape == (2, image_tokens + 6, 32) and fused.text_start == image_tokens
+    image_only = model(pixel_values=pixel_values)
+    assert image_only.last_hidden_state.shape == (2, image_tokens, 32) and image_only.text_start == image_tokens
+    text_only = model(input_ids=input_ids)
+    assert text_only.last_hidden_state.shape == (2, 6, 32) and text_only.text_start == 0
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(multiway_attention=False, vl_ffn_layers=1)])
+def test_each_modality_uses_only_its_own_experts(layout):
+    config = tiny_config(**layout)
+    model = Beit3Model(config).eval()
+    pixel_values, input_ids = inputs(config)
+    with torch.no_grad():
+        image_before, text_before = model(pixel_values=pixel_values).last_hidden_state, model(input_ids=input_ids).last_hidden_state
+        for layer in model.layers:
+            perturb(layer.ffn["text"])
+            if config.multiway_attention:
+                perturb(layer.attention["text"])
+        assert torch.equal(model(pixel_values=pixel_values).last_hidden_state, image_before)
+        assert not torch.allclose(model(input_ids=input_ids).last_hidden_state, text_before)
+
+
+def test_vl_experts_serve_only_image_text_input_in_the_top_layers():
+    config = tiny_config(multiway_attention=False, vl_ffn_layers=1)
+    model = Beit3Model(config).eval()
+    pixel_values, input_ids = inputs(config)
+    with torch.no_grad():
+        image, text = model(pixel_values=pixel_values).last_hidden_state, model(input_ids=input_ids).last_hidden_state
+        fused = model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state
+        perturb(model.layers[-1].ffn["vl"])
+        assert torch.equal(model(pixel_values=pixel_values).last_hidden_state, image)
+        assert torch.equal(model(input_ids=input_ids).last_hidden_state, text)
+        changed = model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state
+    assert (changed - fused).abs().amax(dim=-1).min() > 0  # every position, image and text, went through it
+    # and in the fused input the top layer's V and L experts are idle
+    with torch.no_grad():
+        perturb(model.layers[-1].ffn["vision"])
+        perturb(model.layers[-1].ffn["text"])
+        assert torch.equal(model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state, changed)
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_padding_does_not_change_the_real_tokens(with_image):
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    pixel_values, input_ids = inputs(config, batch=1, text=5)
+    padded = torch.cat([input_ids, torch.full((1, 3), config.pad_token_id)], dim=1)
+    mask = torch.tensor([[1] * 5 + [0] * 3])
+    image = {"pixel_values": pixel_values} if with_image else {}
+    with torch.no_grad():
+        short = model(input_ids=input_ids, **image).last_hidden_state
+        long = model(input_ids=padded, attention_mask=mask, **image).last_hidden_state
+    torch.testing.assert_close(long[:, : short.shape[1]], short, atol=1e-5, rtol=1e-5)
+
+
+def test_full_attention_mask_with_causal_text_hides_later_tokens():
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    pixel_values, input_ids = inputs(config, batch=1, text=6)
+    image_tokens, length = 1 + config.num_patches, 1 + config.num_patches + 6
+    mask = torch.ones(1, length, length, dtype=torch.long)
+    mask[:, :image_tokens, image_tokens:] = 0  # the image does not see the text
+    mask[:, image_tokens:, image_tokens:] = torch.tril(torch.ones(6, 6, dtype=torch.long))
+    changed_ids = input_ids.clone()
+    changed_ids[0, 4:] = (changed_ids[0, 4:] + 1) % config.vocab_size
+    with torch.no_grad():
+        a = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask).last_hidden_state
+        b = model(pixel_values=pixel_values, input_ids=changed_ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(a[:, : image_tokens + 4], b[:, : image_tokens + 4])
+    assert not torch.allclose(a[:, image_tokens + 4:], b[:, image_tokens + 4:])
+
+
+def test_cached_decoding_equals_the_full_causal_forward():
+    config = tiny_config(multiway_attention=False, vl_ffn_layers=1)
+    model = Beit3Model(config).eval()
+    pixel_values, input_ids = inputs(config, batch=2, text=5)
+    image_tokens, length = 1 + config.num_patches, 1 + config.num_patches + 5
+    mask = torch.ones(2, length, length, dtype=torch.long)
+    mask[:, :image_tokens, image_tokens:] = 0
+    mask[:, image_tokens:, image_tokens:] = torch.tril(torch.ones(5, 5, dtype=torch.long))
+    with torch.no_grad():
+        full = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask).last_hidden_state
+        prefix = model(pixel_values=pixel_values, input_ids=input_ids[:, :2], attention_mask=mask[:, : image_tokens + 2, : image_tokens + 2],
+                       use_cache=True)
+        cache = prefix.cache
+        assert isinstance(cache, DynamicCache) and cache.get_seq_length() == image_tokens + 2
+        steps = [prefix.last_hidden_state]
+        for t in range(2, 5):
+            step = model(input_ids=input_ids[:, t:t + 1], position_ids=torch.full((2, 1), t), cache=cache, use_cache=True,
+                         attention_mask=mask[:, image_tokens + t: image_tokens + t + 1, : image_tokens + t + 1])
+            steps.append(step.last_hidden_state)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_patches_become_the_mask_token():
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    pixel_values, _ = inputs(config, batch=1)
+    masked = torch.zeros(1, config.num_patches, dtype=torch.bool)
+    masked[0, :4] = True  # the first row of the 4x4 grid
+    other_pixels = pixel_values.clone()
+    other_pixels[..., :8, :] = torch.randn(1, 3, 8, 32)  # change only the masked row of patches
+    with torch.no_grad():
+        a = model(pixel_values=pixel_values, bool_masked_pos=masked).last_hidden_state
+        b = model(pixel_values=other_pixels, bool_masked_pos=masked).last_hidden_state
+        c = model(pixel_values=pixel_values).last_hidden_state
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_attentions_and_hidden_states_match_the_sdpa_path():
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    pixel_values, input_ids = inputs(config)
+    mask = torch.ones_like(input_ids)
+    mask[1, 3:] = 0
+    with torch.no_grad():
+        plain = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask)
+        rich = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    torch.testing.assert_close(rich.last_hidden_state, plain.last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert len(rich.hidden_states) == config.num_hidden_layers + 1 and len(rich.attentions) == config.num_hidden_layers
+    probs = rich.attentions[0]
+    assert probs.shape == (2, 2, 23, 23)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 23))
+    assert probs[1, :, :, 17 + 3:].abs().max() == 0  # padded keys get no attention
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = tiny_config(drop_path_rate=0.0)
+    model = Beit3Model(config).train()
+    pixel_values, input_ids = inputs(config)
+
+    def grads():
+        model.zero_grad()
+        model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state.pow(2).mean().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.layers)
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_drop_path_is_random_in_training_and_off_in_eval():
+    config = tiny_config(drop_path_rate=0.5)
+    model = Beit3Model(config)
+    pixel_values, _ = inputs(config, batch=8)
+    assert model.layers[0].drop_path.__class__.__name__ == "Identity"  # rate grows from 0 at the first layer
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(pixel_values=pixel_values).last_hidden_state, model(pixel_values=pixel_values).last_hidden_state)
+        model.eval()
+        assert torch.equal(model(pixel_values=pixel_values).last_hidden_state, model(pixel_values=pixel_values).last_hidden_state)
+
+
+def test_save_pretrained_writes_safetensors_and_auto_model_loads_it(tmp_path):
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, Beit3Model)
+    pixel_values, input_ids = inputs(config)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state,
+                           model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state)
+
+
+def test_loading_at_another_image_size_resamples_the_position_table(tmp_path):
+    config = tiny_config()
+    Beit3Model(config).save_pretrained(tmp_path)
+    for model in (Beit3Model.from_pretrained(tmp_path, image_size=48), AutoModel.from_pretrained(tmp_path, image_size=48)):
+        assert model.config.image_size == 48
+        assert model.embeddings.vision_position_embeddings.shape == (1, 2 + 1 + 36, 32)
+        assert model(pixel_values=torch.randn(1, 3, 48, 48)).last_hidden_state.shape == (1, 37, 32)
+
+
+def test_running_at_another_image_size_needs_interpolate_pos_encoding():
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    big = torch.randn(1, 3, 48, 64)
+    with pytest.raises(ValueError, match="built for 32x32 images, got 48x64"):
+        model(pixel_values=big)
+    assert model(pixel_values=big, interpolate_pos_encoding=True).last_hidden_state.shape == (1, 1 + 6 * 8, 32)
+    # at the model's own size, interpolation is the identity
+    same = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=same, interpolate_pos_encoding=True).last_hidden_state,
+                                   model(pixel_values=same).last_hidden_state)
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    pixel_values, input_ids = inputs(config)
+    with torch.no_grad():
+        exact = model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state.float()
+    assert (low - exact).abs().max() < 0.1 * exact.std()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, c: m(), "needs pixel_values .* or both"),
+    (lambda m, c: m(pixel_values=torch.randn(1, 3, 30, 30)), "does not fit the 8x8 patch grid"),
+    (lambda m, c: m(pixel_values=torch.randn(1, 3, 4, 4), interpolate_pos_encoding=True), "does not fit the 8x8 patch grid"),
+    (lambda m, c: m(pixel_values=torch.randn(1, 3, 64, 64)), "built for 32x32 images"),
+    (lambda m, c: m(pixel_values=torch.randn(1, 1, 32, 32)), "1 channels but the model takes 3"),
+    (lambda m, c: m(pixel_values=torch.randn(3, 32, 32)), "must be \\(batch, channels, height, width\\)"),
+    (lambda m, c: m(input_ids=torch.randint(0, 10, (1, 39))), "past the position table, which holds 38"),
+    (lambda m, c: m(input_ids=torch.tensor([[0, 5, 100]])), "outside the vocabulary \\[0, 100\\)"),
+    (lambda m, c: m(input_ids=torch.tensor([[0, -1]])), "outside the vocabulary"),
+    (lambda m, c: m(input_ids=torch.ones(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5)), "attention_mask must be"),
+    (lambda m, c: m(pixel_values=torch.randn(1, 3, 32, 32), attention_mask=torch.ones(1, 5)), "no input_ids were given"),
+    (lambda m, c: m(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.ones(3, 4, dtype=torch.long)), "different batch sizes"),
+    (lambda m, c: m(input_ids=torch.ones(1, 4, dtype=torch.long), bool_masked_pos=torch.zeros(1, 16, dtype=torch.bool)), "no pixel_values"),
+    (lambda m, c: m(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=torch.zeros(1, 15, dtype=torch.bool)), "bool_masked_pos must be"),
+])
+def test_bad_input_gets_a_clear_error(call, message):
+    config = tiny_config()
+    with pytest.raises(ValueError, match=message):
+        call(Beit3Model(config), config)
+
+
+def test_cached_decoding_without_positions_is_refused():
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    pixel_values, input_ids = inputs(config)
+    cache = model(pixel_values=pixel_values, input_ids=input_ids, use_cache=True).cache
+    with pytest.raises(ValueError, match="needs position_ids"):
+        model(input_ids=input_ids[:, :1], cache=cache)
