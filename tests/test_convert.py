@@ -1,0 +1,167 @@
+"""Official checkpoints: equality with torchscale (the reference) and timm (an independent second reference)."""
+
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+from timm.models.vision_transformer import checkpoint_filter_fn
+
+from beit3 import Beit3Model
+from beit3.convert import beit3_to_official, load_state_dict_checked, main, model_from_official, read_checkpoint
+
+from torchscale.architecture.config import EncoderConfig  # the reference; `make test` installs it
+from torchscale.model.BEiT3 import BEiT3
+
+IMAGE, PATCH, HIDDEN, VOCAB = 32, 8, 128, 100
+
+
+def reference_model(final_layernorm: bool, image_size: int = IMAGE) -> torch.nn.Module:
+    """torchscale's BEiT3 at tiny size with every parameter moved off its initial value."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = EncoderConfig(img_size=image_size, patch_size=PATCH, vocab_size=VOCAB, multiway=True, layernorm_embedding=False,
+                             normalize_output=final_layernorm, no_output_layer=True, encoder_embed_dim=HIDDEN,
+                             encoder_attention_heads=HIDDEN // 64, encoder_ffn_embed_dim=256, encoder_layers=2)
+        model = BEiT3(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_official(model: torch.nn.Module, path, dtype=torch.float32) -> None:
+    torch.save({"model": {"beit3." + k: v.to(dtype) for k, v in model.state_dict().items()}}, path)
+
+
+def text_batch():
+    ids = torch.randint(0, VOCAB, (3, 7))
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+    padding[2, 2:] = True
+    return ids, padding
+
+
+@pytest.mark.parametrize("final_layernorm", [True, False])
+def test_converted_checkpoint_gives_torchscale_outputs(tmp_path, final_layernorm):
+    reference = reference_model(final_layernorm)
+    save_official(reference, tmp_path / "official.pth")
+    main(["--checkpoint", str(tmp_path / "official.pth"), "--output", str(tmp_path / "ours")])
+    ours = Beit3Model.from_pretrained(tmp_path / "ours").eval()
+    assert ours.config.final_layernorm == final_layernorm and ours.config.num_attention_heads == HIDDEN // 64
+
+    images = torch.randn(3, 3, IMAGE, IMAGE)
+    ids, padding = text_batch()
+    with torch.no_grad():
+        cases = {
+            "image only": (reference(visual_tokens=images), ours(pixel_values=images)),
+            "text with padding": (reference(textual_tokens=ids, text_padding_position=padding), ours(input_ids=ids, attention_mask=~padding)),
+            "image+text with padding": (reference(textual_tokens=ids, visual_tokens=images, text_padding_position=padding),
+                                        ours(pixel_values=images, input_ids=ids, attention_mask=~padding)),
+        }
+    for name, (theirs, mine) in cases.items():
+        diff = (theirs["encoder_out"] - mine.last_hidden_state).abs().max().item()
+        assert diff <= 1e-4, f"{name}: max |diff| {diff}"
+
+
+def test_conversion_back_to_the_official_layout_is_exact(tmp_path):
+    reference = reference_model(final_layernorm=True)
+    save_official(reference, tmp_path / "official.pth")
+    main(["--checkpoint", str(tmp_path / "official.pth"), "--output", str(tmp_path / "ours")])
+    main(["--checkpoint", str(tmp_path / "ours"), "--to", "official", "--output", str(tmp_path / "back.pth")])
+    back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
+    original = {"beit3." + k: v for k, v in reference.state_dict().items()}
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], v) for k, v in original.items())
+
+
+def test_image_output_equals_timm_on_the_same_official_checkpoint(tmp_path):
+    reference = reference_model(final_layernorm=False)  # timm's converter expects no final LayerNorm
+    save_official(reference, tmp_path / "official.pth")
+    timm_kwargs = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=HIDDEN, depth=2, num_heads=HIDDEN // 64, mlp_ratio=2, num_classes=0)
+    theirs = timm.create_model("beit3_base_patch16_224", **timm_kwargs).eval()
+    official = torch.load(tmp_path / "official.pth", weights_only=True)
+    result = theirs.load_state_dict(checkpoint_filter_fn(official, theirs), strict=False)
+    assert result.unexpected_keys == [] and set(result.missing_keys) == {"fc_norm.weight", "fc_norm.bias"}  # the classifier's norm
+    ours, _ = model_from_official(tmp_path / "official.pth")
+    images = torch.randn(2, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixel_values=images).last_hidden_state, theirs.forward_features(images), atol=1e-5, rtol=1e-5)
+
+    # and our --to timm file loads strictly into timm with the call the converter prints
+    main(["--checkpoint", str(tmp_path / "official.pth"), "--to", "timm", "--output", str(tmp_path / "vision.safetensors")])
+    loaded = timm.create_model("beit3_base_patch16_224", final_norm=False, checkpoint_path=str(tmp_path / "vision.safetensors"), **timm_kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().forward_features(images), theirs.forward_features(images))
+
+
+def test_timm_export_keeps_the_final_layernorm(tmp_path):
+    ours = Beit3Model(tiny_config(hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=256)).eval()
+    ours.save_pretrained(tmp_path / "ours")
+    main(["--checkpoint", str(tmp_path / "ours"), "--to", "timm", "--output", str(tmp_path / "vision.safetensors")])
+    timm_kwargs = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=HIDDEN, depth=2, num_heads=2, mlp_ratio=2, num_classes=0)
+    theirs = timm.create_model("beit3_base_patch16_224", fc_norm=False, checkpoint_path=str(tmp_path / "vision.safetensors"), **timm_kwargs)
+    images = torch.randn(2, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval().forward_features(images), ours(pixel_values=images).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_fp16_checkpoint_is_read_in_fp32_and_interpolated_like_unilm(tmp_path):
+    reference = reference_model(final_layernorm=True)
+    save_official(reference, tmp_path / "half.pth", dtype=torch.float16)
+    assert read_checkpoint(tmp_path / "half.pth")["beit3.text_embed.weight"].dtype == torch.float32
+
+    config = tiny_config(image_size=48, hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=256, max_position_embeddings=1024)
+    ours, _ = model_from_official(tmp_path / "half.pth", config)
+    table = reference.state_dict()["encoder.embed_positions.A.weight"].half().float()
+    grid = table[3:].reshape(1, 4, 4, HIDDEN).permute(0, 3, 1, 2)  # unilm: rows 0-2 kept, the 4x4 grid resized bicubically
+    grid = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(36, HIDDEN)
+    expected = torch.cat([table[:3], grid])
+    torch.testing.assert_close(ours.embeddings.vision_position_embeddings[0], expected, atol=1e-6, rtol=1e-6)
+    assert ours(pixel_values=torch.randn(1, 3, 48, 48)).last_hidden_state.shape == (1, 37, HIDDEN)
+
+
+def test_vision_only_checkpoint_converts_with_a_warning(tmp_path):
+    reference = reference_model(final_layernorm=False)
+    state = {"beit3." + k: v for k, v in reference.state_dict().items() if ".B." not in k and not k.startswith("text_embed")}
+    torch.save({"model": state}, tmp_path / "in1k.pth")
+    with pytest.warns(UserWarning, match="keep their initial values"):
+        ours, _ = model_from_official(tmp_path / "in1k.pth")
+    images = torch.randn(2, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixel_values=images).last_hidden_state, reference(visual_tokens=images)["encoder_out"],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    torch.save({"model": timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict()}, tmp_path / "vit.pth")
+    with pytest.raises(ValueError, match="not an official BEiT-3 checkpoint"):
+        main(["--checkpoint", str(tmp_path / "vit.pth"), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_with_arbitrary_objects_is_not_unpickled(tmp_path):
+    torch.save({"model": {"beit3.vision_embed.cls_token": torch.zeros(1)}, "args": EncoderConfig()}, tmp_path / "pickled.pth")
+    with pytest.raises(ValueError, match="weights-only"):
+        read_checkpoint(tmp_path / "pickled.pth")
+
+
+def test_a_checkpoint_that_does_not_fit_names_keys_and_shapes():
+    model = Beit3Model(tiny_config())
+    state = model.state_dict()
+    state["embeddings.text_embeddings.weight"] = torch.zeros(7, 32)
+    del state["layers.0.ffn.vision.fc1.bias"]
+    state["layers.9.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError) as error:
+        load_state_dict_checked(model, state)
+    message = str(error.value)
+    assert "embeddings.text_embeddings.weight: (7, 32) in the checkpoint, (100, 32) in the model" in message
+    assert "1 missing: layers.0.ffn.vision.fc1.bias" in message and "1 unexpected: layers.9.extra" in message
+
+
+def test_the_paper_layout_has_no_official_form():
+    model = Beit3Model(tiny_config(multiway_attention=False, vl_ffn_layers=1))
+    with pytest.raises(ValueError, match="paper layout"):
+        beit3_to_official(model.state_dict(), model.config)
