@@ -1,0 +1,53 @@
+"""Two views of one crop, BEiT's augmentation for masked image modeling.
+
+The model sees one view and the visual tokenizer the other. Both come from the same random
+resized crop, after the same flip and color jitter, so a masked patch and its visual token
+describe the same pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
+
+_INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+                  "lanczos": T.InterpolationMode.LANCZOS, "nearest": T.InterpolationMode.NEAREST}
+
+
+class TwoViewTransform:
+    """PIL image -> (model view, tokenizer view).
+
+    Args:
+        model_size, tokenizer_size: output sides in pixels (224 and 224 for VQ-KD; BEiT v1 gave
+            the dVAE a 112 px view).
+        scale, ratio: RandomResizedCrop's area and aspect ranges (BEiT v2: scale (0.2, 1)).
+        color_jitter: brightness/contrast/saturation strength (0.4), 0 to turn off.
+        hflip: probability of a horizontal flip.
+        mean, std: normalization of the model view (0.5 as the released BEiT-3 models).
+    Returns:
+        model view (3, model_size, model_size), normalized; tokenizer view (3, tokenizer_size,
+        tokenizer_size) in [0, 1] (each visual tokenizer applies its own input mapping).
+    """
+
+    def __init__(self, model_size: int = 224, tokenizer_size: int = 224, scale: tuple[float, float] = (0.2, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), color_jitter: float = 0.4, hflip: float = 0.5,
+                 model_interpolation: str = "bicubic", tokenizer_interpolation: str = "bicubic",
+                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)):
+        self.model_size, self.tokenizer_size = model_size, tokenizer_size
+        self.scale, self.ratio = scale, ratio
+        self.shared = T.Compose([T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else T.Identity(),
+                                 T.RandomHorizontalFlip(hflip)])
+        self.model_interpolation = _INTERPOLATION[model_interpolation]
+        self.tokenizer_interpolation = _INTERPOLATION[tokenizer_interpolation]
+        self.finish_model = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+        self.finish_tokenizer = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.shared(image.convert("RGB"))
+        top, left, height, width = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        model_view = TF.resized_crop(image, top, left, height, width, [self.model_size] * 2, self.model_interpolation, antialias=True)
+        tokenizer_view = TF.resized_crop(image, top, left, height, width, [self.tokenizer_size] * 2, self.tokenizer_interpolation,
+                                         antialias=True)
+        return self.finish_model(model_view), self.finish_tokenizer(tokenizer_view)
