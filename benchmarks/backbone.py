@@ -10,6 +10,7 @@ The same run measures this machine's matmul peak with a model-shaped matmul (208
 (training = 3x inference), to print each model's share of the peak.
 
     python benchmarks/backbone.py [--reps 5] [--preset beit3_base_patch16_224] [--device cpu|cuda]
+    python benchmarks/backbone.py --profile bf16,inference   # where our model's time goes (torch.profiler)
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", default="inference,training")
     parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--profile", metavar="PRECISION,MODE", help="profile one forward of our model instead of timing")
     args = parser.parse_args()
     device = args.device
     torch.manual_seed(0)
@@ -103,6 +105,15 @@ def main() -> None:
         return reference(textual_tokens=input_ids, visual_tokens=pixel_values, text_padding_position=padding)["encoder_out"]
 
     autocast_device = "cuda" if device == "cuda" else "cpu"
+    if args.profile:
+        precision, mode = args.profile.split(",")
+        ours.train(mode == "training")
+        with torch.profiler.profile() as profiler, torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = run_ours()
+            if mode == "training":
+                out.float().mean().backward()
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total" if device == "cpu" else "self_cuda_time_total", row_limit=12))
+        return
     peaks = {"fp32": matmul_peak(torch.float32, device, args.reps), "bf16": matmul_peak(torch.bfloat16, device, args.reps)}
     print(f"device: {device}, threads: {torch.get_num_threads()}, torch {torch.__version__}")
     print(f"matmul peak (2088x768 @ 768x3072): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s "
