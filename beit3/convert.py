@@ -3,6 +3,7 @@
     python -m beit3.convert --checkpoint beit3_base_patch16_224.pth --output beit3-base
     python -m beit3.convert --checkpoint beit3-base --to official --output beit3_base_patch16_224.pth
     python -m beit3.convert --checkpoint beit3_base_patch16_224.pth --to timm --output beit3_base_timm.safetensors
+    python -m beit3.convert --checkpoint beit3_base_patch16_480_vqa.pth --task vqa --output beit3-base-vqa
 
 The official files (microsoft/unilm, torchscale's ``BEiT3``) hold ``{"model": {"beit3.<key>": tensor,
 <head keys>}}``. Their attention has separate q/k/v projections per expert (A = vision, B = text);
@@ -24,12 +25,19 @@ import torch
 from safetensors.torch import save_file
 
 from .configuration_beit3 import Beit3Config
-from .modeling_beit3 import Beit3Model
+from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
+from .modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForVisualQuestionAnswering,
+                             Beit3ForVisualReasoning)
 
 OFFICIAL_PREFIX = "beit3."
 _EXPERT_LETTERS = {"vision": "A", "text": "B"}
 # Keys whose presence tells an official BEiT-3 backbone, with or without its prefix.
 _SIGNATURE = "vision_embed.cls_token"
+# Our task heads keep the official head key names; the official files hold the backbone under "beit3.".
+TASK_CLASSES = {"classification": Beit3ForImageClassification, "vqa": Beit3ForVisualQuestionAnswering, "nlvr2": Beit3ForVisualReasoning,
+                "retrieval": Beit3ForImageTextRetrieval, "captioning": Beit3ForCaptioning}
+# Where each task's number of labels shows in its head weights.
+_LABEL_KEYS = {"classification": "head.weight", "vqa": "head.3.weight", "nlvr2": "head.dense2.weight"}
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -154,8 +162,11 @@ def official_to_beit3(backbone: dict[str, torch.Tensor], config: Beit3Config) ->
 
 
 def beit3_to_official(state: dict[str, torch.Tensor], config: Beit3Config) -> dict[str, torch.Tensor]:
-    """Our ``Beit3Model`` state dict -> official keys, with the ``beit3.`` prefix."""
+    """Our ``Beit3Model`` (or task model) state dict -> official keys: the backbone under ``beit3.``, head keys as they are."""
     single, fused = _key_map(config)
+    if any(k.startswith("beit3.") for k in state):  # a task model: its heads already carry the official names
+        heads = {k: v.contiguous() for k, v in state.items() if not k.startswith("beit3.")}
+        return {**beit3_to_official({k[len("beit3."):]: v for k, v in state.items() if k.startswith("beit3.")}, config), **heads}
     out = {theirs: state[ours] for ours, theirs in single.items()}
     out["encoder.embed_positions.A.weight"] = out["encoder.embed_positions.A.weight"].squeeze(0)
     for ours, triple in fused.items():
@@ -164,7 +175,10 @@ def beit3_to_official(state: dict[str, torch.Tensor], config: Beit3Config) -> di
 
 
 def beit3_to_timm(state: dict[str, torch.Tensor], config: Beit3Config) -> dict[str, torch.Tensor]:
-    """The vision tower of our state dict in the key layout of timm's ``beit3_*`` VisionTransformer."""
+    """The vision tower of our state dict in the key layout of timm's ``beit3_*`` VisionTransformer
+    (an ImageNet classifier keeps its fc_norm and head, which timm names the same way)."""
+    heads = {k: state[k] for k in ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias") if k in state}
+    state = {k[len("beit3."):]: v for k, v in state.items() if k.startswith("beit3.")} or state
     attention = "vision" if config.multiway_attention else "shared"
     out = {
         "cls_token": state["embeddings.cls_token"],
@@ -182,15 +196,17 @@ def beit3_to_timm(state: dict[str, torch.Tensor], config: Beit3Config) -> dict[s
                     out[f"blocks.{i}.{theirs}.{p}"] = state[f"layers.{i}.{ours}.{p}"]
     if config.final_layernorm:
         out["norm.weight"], out["norm.bias"] = state["final_norm.vision.weight"], state["final_norm.vision.bias"]
-    return {k: v.contiguous() for k, v in out.items()}
+    return {k: v.contiguous() for k, v in {**out, **heads}.items()}
 
 
-def timm_create_model_hint(config: Beit3Config, path: str) -> str:
+def timm_create_model_hint(config: Beit3Config, path: str, classifier: bool = False) -> str:
     """The ``timm.create_model`` call that loads a file written by ``beit3_to_timm``."""
     size = {768: "base", 1024: "large", 1408: "giant"}.get(config.hidden_size, "base")
-    norm = "fc_norm=False" if config.final_layernorm else "final_norm=False"
-    return (f"timm.create_model('beit3_{size}_patch{config.patch_size}_224', img_size={config.image_size}, num_classes=0, {norm}, "
-            f"checkpoint_path='{path}')")
+    if classifier:
+        heads = f"num_classes={config.num_labels}"
+    else:
+        heads = "num_classes=0, " + ("fc_norm=False" if config.final_layernorm else "final_norm=False")
+    return f"timm.create_model('beit3_{size}_patch{config.patch_size}_224', img_size={config.image_size}, {heads}, checkpoint_path='{path}')"
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "checkpoint",
@@ -216,30 +232,51 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
     model.load_state_dict(state, strict=False)
 
 
-def model_from_official(path: str | os.PathLike, config: Beit3Config | None = None) -> tuple[Beit3Model, dict[str, torch.Tensor]]:
-    """Builds a ``Beit3Model`` from an official checkpoint; returns it with the checkpoint's head keys.
+def model_from_official(path: str | os.PathLike, config: Beit3Config | None = None, task: str | None = None) -> Beit3PreTrainedModel:
+    """Builds a ``Beit3Model`` (or, with ``task``, that task's head model) from an official checkpoint.
 
-    ``config`` may ask for another image size: the position table is then resampled (in fp32).
+    Sizes, the final LayerNorm and the number of labels come from the tensors unless ``config``
+    says otherwise; a ``config`` at another image size resamples the position table (in fp32).
+    Without ``task``, head tensors in the file (pretraining heads, say) are left out, with a note.
     """
     backbone, heads = split_official(read_checkpoint(path))
-    native = infer_config(backbone)
-    if config is None:
-        config = native
-    target_size = config.image_size
-    config = Beit3Config.from_dict({**config.to_dict(), "image_size": native.image_size})
-    model = Beit3Model(config)
+    if task is not None and task not in TASK_CLASSES:
+        raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASK_CLASSES)}.")
+    if task in _LABEL_KEYS and _LABEL_KEYS[task] not in heads:
+        raise ValueError(f"{path} has no '{_LABEL_KEYS[task]}': it is not a {task} checkpoint (its head keys: {sorted(heads)[:8]}).")
+    labels = {"num_labels": heads[_LABEL_KEYS[task]].shape[0]} if task in _LABEL_KEYS else {}
+    native = infer_config(backbone, **labels)
+    target_size = (config or native).image_size
+    config = Beit3Config.from_dict({**(config or native).to_dict(), **labels, "image_size": native.image_size})
+    model_class = TASK_CLASSES[task] if task else Beit3Model
+    model = model_class(config)
+    state = official_to_beit3(backbone, config)
+    prefix = "beit3." if task else ""
+    state = {prefix + k: v for k, v in state.items()}
+    if task:
+        state.update(heads)
+    elif heads:
+        print(f"note: {len(heads)} head tensors in {path} are not part of the backbone and were left out "
+              f"(e.g. {sorted(heads)[:3]}); pass --task to convert a task model.")
     # official_to_beit3 lets only a whole text tower be missing (vision-only files).
-    text_tower = {k for k in model.state_dict() if ".text." in k or k.startswith("embeddings.text_")}
-    load_state_dict_checked(model, official_to_beit3(backbone, config), f"checkpoint {path}", allow_missing=text_tower)
+    text_tower = {k for k in model.state_dict() if ".text." in k or k.startswith(prefix + "embeddings.text_")}
+    load_state_dict_checked(model, state, f"checkpoint {path}", allow_missing=text_tower)
     model.set_image_size(target_size)
-    return model.eval(), heads
+    return model.eval()
 
 
-def load_any(checkpoint: str, config: Beit3Config | None = None) -> Beit3Model:
-    """A ``Beit3Model`` from our folder or from an official ``.pth`` file."""
+def load_any(checkpoint: str, config: Beit3Config | None = None, task: str | None = None, image_size: int | None = None) -> Beit3PreTrainedModel:
+    """A model from our folder (its class read from config.json) or from an official ``.pth`` file."""
     if Path(checkpoint).is_dir():
-        return Beit3Model.from_pretrained(checkpoint).eval()
-    return model_from_official(checkpoint, config)[0]
+        saved = Beit3Config.from_pretrained(checkpoint)
+        names = {cls.__name__: cls for cls in (Beit3Model, *TASK_CLASSES.values())}
+        model_class = names.get((saved.architectures or ["Beit3Model"])[0], Beit3Model)
+        model = model_class.from_pretrained(checkpoint)
+    else:
+        model = model_from_official(checkpoint, config, task)
+    if image_size:
+        model.set_image_size(image_size)
+    return model.eval()
 
 
 def atomic_save_folder(model: Beit3Model, output: str | os.PathLike) -> None:
@@ -273,21 +310,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="an official .pth file, or a folder written by save_pretrained")
     parser.add_argument("--output", required=True, help="a folder (--to beit3), a .pth file (--to official), a .safetensors file (--to timm)")
     parser.add_argument("--to", choices=("beit3", "official", "timm"), default="beit3")
+    parser.add_argument("--task", choices=tuple(TASK_CLASSES), help="convert a fine-tuned official checkpoint with its task head")
     parser.add_argument("--config", help="a preset name or a .json/.yaml config; default: read the sizes from the tensor shapes")
+    parser.add_argument("--image-size", type=int, help="resample the image position table to this size")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="dtype of the written weights")
     args = parser.parse_args(argv)
 
     config = Beit3Config.from_preset(args.config) if args.config else None
-    model = load_any(args.checkpoint, config).to(getattr(torch, args.dtype))
+    model = load_any(args.checkpoint, config, args.task, args.image_size).to(getattr(torch, args.dtype))
     if args.to == "beit3":
         atomic_save_folder(model, args.output)
     elif args.to == "official":
         atomic_save_file(beit3_to_official(model.state_dict(), model.config), args.output)
     else:
-        atomic_save_file(beit3_to_timm(model.state_dict(), model.config), args.output, metadata={"format": "pt"})
-        print("load it with:", timm_create_model_hint(model.config, args.output))
-    print(f"wrote {args.output} ({args.to}; {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
-          f"image {model.config.image_size}, final LayerNorm {'yes' if model.config.final_layernorm else 'no'})")
+        state = model.state_dict()
+        atomic_save_file(beit3_to_timm(state, model.config), args.output, metadata={"format": "pt"})
+        print("load it with:", timm_create_model_hint(model.config, args.output, classifier="head.weight" in state))
+    print(f"wrote {args.output} ({type(model).__name__} as {args.to}; {model.config.num_hidden_layers} layers, hidden "
+          f"{model.config.hidden_size}, image {model.config.image_size}, final LayerNorm {'yes' if model.config.final_layernorm else 'no'})")
 
 
 if __name__ == "__main__":

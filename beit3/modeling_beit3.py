@@ -97,6 +97,11 @@ class Beit3Embeddings(nn.Module):
         return self.dropout(x)
 
 
+def _subln_gain(config: Beit3Config) -> float:
+    """Magneto's initial gain sqrt(log(2 * layers)) for training from scratch with sub-LayerNorms."""
+    return math.sqrt(math.log(2 * config.num_hidden_layers)) if config.sub_layernorm and config.subln_init_gain else 1.0
+
+
 class Beit3SelfAttentionExpert(nn.Module):
     """One expert's attention weights: pre-norm, fused q/k/v, sub-LayerNorm and output projection."""
 
@@ -107,8 +112,9 @@ class Beit3SelfAttentionExpert(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.inner_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps) if config.sub_layernorm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
-        # Rows that Magneto's initialization scales up: the value projection and the output projection.
-        self.qkv.subln_gain_rows, self.proj.subln_gain_rows = slice(2 * dim, None), slice(None)
+        # Magneto's initialization scales up the value rows of qkv and the output projection.
+        self.qkv.init_scale = self.proj.init_scale = _subln_gain(config)
+        self.qkv.init_scale_rows = slice(2 * dim, None)
 
 
 class Beit3FeedForward(nn.Module):
@@ -122,7 +128,7 @@ class Beit3FeedForward(nn.Module):
         self.inner_norm = nn.LayerNorm(config.intermediate_size, eps=config.layer_norm_eps) if config.sub_layernorm else nn.Identity()
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.fc1.subln_gain_rows = self.fc2.subln_gain_rows = slice(None)
+        self.fc1.init_scale = self.fc2.init_scale = _subln_gain(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.fc2(self.inner_norm(self.act(self.fc1(self.norm(x))))))
@@ -198,31 +204,31 @@ class Beit3PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module):
-        """Truncated normal (std ``initializer_range``) for weights, zero biases, unit norms; for
-        training from scratch with sub-LayerNorms, Magneto's gain sqrt(log(2 * layers)) on the
-        rows that the expert modules mark with ``subln_gain_rows`` (v, out, fc1, fc2).
+        """Normal (std ``initializer_range``, truncated at 2 std) for weights, zero biases, unit norms. A Linear
+        may carry ``init_scale`` (and ``init_scale_rows``): its fresh weight rows are multiplied by it,
+        which gives Magneto's gain in the backbone and the small initial heads of some tasks.
 
         Weights loaded from a checkpoint carry ``_is_hf_initialized`` and are left alone.
         """
-        config = self.config
-        std = config.initializer_range
+        std = self.config.initializer_range
+        bounds = {"std": std, "a": -2 * std, "b": 2 * std}  # trunc_normal_ takes absolute bounds, not multiples of std
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             fresh = not getattr(module.weight, "_is_hf_initialized", False)
-            init.trunc_normal_(module.weight, std=std)
+            init.trunc_normal_(module.weight, **bounds)
             if module.bias is not None:
                 init.zeros_(module.bias)
-            rows = getattr(module, "subln_gain_rows", None)
-            if fresh and rows is not None and config.sub_layernorm and config.subln_init_gain:
+            scale = getattr(module, "init_scale", 1.0)
+            if fresh and scale != 1.0:
                 with torch.no_grad():
-                    module.weight[rows] *= math.sqrt(math.log(2 * config.num_hidden_layers))
+                    module.weight[getattr(module, "init_scale_rows", slice(None))] *= scale
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            init.trunc_normal_(module.weight, std=std)
+            init.trunc_normal_(module.weight, **bounds)
         elif isinstance(module, Beit3Embeddings):
             for parameter in (module.cls_token, module.mask_token, module.vision_position_embeddings):
-                init.trunc_normal_(parameter, std=std)
+                init.trunc_normal_(parameter, **bounds)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, image_size: int | None = None, **kwargs):

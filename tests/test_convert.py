@@ -85,7 +85,7 @@ def test_image_output_equals_timm_on_the_same_official_checkpoint(tmp_path):
     official = torch.load(tmp_path / "official.pth", weights_only=True)
     result = theirs.load_state_dict(checkpoint_filter_fn(official, theirs), strict=False)
     assert result.unexpected_keys == [] and set(result.missing_keys) == {"fc_norm.weight", "fc_norm.bias"}  # the classifier's norm
-    ours, _ = model_from_official(tmp_path / "official.pth")
+    ours = model_from_official(tmp_path / "official.pth")
     images = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
         torch.testing.assert_close(ours(pixel_values=images).last_hidden_state, theirs.forward_features(images), atol=1e-5, rtol=1e-5)
@@ -114,7 +114,7 @@ def test_fp16_checkpoint_is_read_in_fp32_and_interpolated_like_unilm(tmp_path):
     assert read_checkpoint(tmp_path / "half.pth")["beit3.text_embed.weight"].dtype == torch.float32
 
     config = tiny_config(image_size=48, hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=256, max_position_embeddings=1024)
-    ours, _ = model_from_official(tmp_path / "half.pth", config)
+    ours = model_from_official(tmp_path / "half.pth", config)
     table = reference.state_dict()["encoder.embed_positions.A.weight"].half().float()
     grid = table[3:].reshape(1, 4, 4, HIDDEN).permute(0, 3, 1, 2)  # unilm: rows 0-2 kept, the 4x4 grid resized bicubically
     grid = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(36, HIDDEN)
@@ -128,7 +128,7 @@ def test_vision_only_checkpoint_converts_with_a_warning(tmp_path):
     state = {"beit3." + k: v for k, v in reference.state_dict().items() if ".B." not in k and not k.startswith("text_embed")}
     torch.save({"model": state}, tmp_path / "in1k.pth")
     with pytest.warns(UserWarning, match="keep their initial values"):
-        ours, _ = model_from_official(tmp_path / "in1k.pth")
+        ours = model_from_official(tmp_path / "in1k.pth")
     images = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
         torch.testing.assert_close(ours(pixel_values=images).last_hidden_state, reference(visual_tokens=images)["encoder_out"],

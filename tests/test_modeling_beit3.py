@@ -256,3 +256,19 @@ def test_cached_decoding_without_positions_is_refused():
     cache = model(pixel_values=pixel_values, input_ids=input_ids, use_cache=True).cache
     with pytest.raises(ValueError, match="needs position_ids"):
         model(input_ids=input_ids[:, :1], cache=cache)
+
+
+def test_initialization_truncates_at_two_std_and_applies_magneto_gain_to_fresh_weights(tmp_path):
+    import math
+
+    config = tiny_config(num_hidden_layers=4, hidden_size=64, intermediate_size=256)
+    gain = math.sqrt(math.log(8))
+    model = Beit3Model(config)
+    attention, ffn = model.layers[0].attention["vision"], model.layers[0].ffn["vision"]
+    assert ffn.fc1.weight.abs().max() <= 0.04 * gain + 1e-6 and ffn.fc1.weight.std() > 0.015 * gain
+    query, value = attention.qkv.weight[:64], attention.qkv.weight[128:]
+    assert query.abs().max() <= 0.04 and 1.5 < value.std() / query.std() < 2.2  # only the value rows get the gain
+    plain = Beit3Model(tiny_config(num_hidden_layers=4, hidden_size=64, intermediate_size=256, subln_init_gain=False))
+    assert plain.layers[0].ffn["vision"].fc1.weight.abs().max() <= 0.04
+    model.save_pretrained(tmp_path)  # loaded weights are not scaled again
+    assert torch.equal(Beit3Model.from_pretrained(tmp_path).layers[0].ffn["vision"].fc1.weight, ffn.fc1.weight)

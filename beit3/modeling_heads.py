@@ -1,0 +1,342 @@
+"""Task heads over the BEiT-3 backbone.
+
+Each head is a thin module on ``self.beit3`` (a ``Beit3Model``) whose layers, pooling and
+parameter names follow the official fine-tuning code, so released task checkpoints convert by
+renaming the backbone only (``python -m beit3.convert --task ...``).
+
+| head | input | pooled from | official keys |
+|---|---|---|---|
+| Beit3ForImageClassification | image | mean of the patch tokens | fc_norm, head |
+| Beit3ForVisualQuestionAnswering | image + question | image CLS, LayerNorm, dense, tanh | pooler.{norm,dense}, head.{0,1,3} |
+| Beit3ForVisualReasoning | two images + one statement | image CLS and text BOS of each pair | head.{norm1,dense1,norm2,dense2} |
+| Beit3ForImageTextRetrieval | image or text, separately | CLS / BOS, projected and normalized | vision_head, language_head, logit_scale |
+| Beit3ForCaptioning | image + caption (causal) | every text position | mlm_head |
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput, SequenceClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_beit3 import Beit3Config
+from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
+
+# The official code starts these heads at a thousandth of the usual initialization.
+SMALL_HEAD_INIT = 0.001
+
+
+def _soft_or_hard_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy against class ids (B,) or against soft targets (B, C), e.g. from mixup."""
+    if labels.dim() == logits.dim():
+        return torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+class Beit3ForImageClassification(Beit3PreTrainedModel):
+    """ImageNet-style classification: mean of the patch tokens (CLS excluded) -> LayerNorm -> Linear.
+
+    The released ImageNet models have no final backbone LayerNorm (``final_layernorm=False``).
+    """
+
+    def __init__(self, config: Beit3Config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.beit3 = Beit3Model(config)
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.num_labels)
+        self.head.init_scale = SMALL_HEAD_INIT
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
+                **kwargs) -> ImageClassifierOutput:
+        """pixel_values (B, C, H, W); labels (B,) class ids or (B, num_labels) soft targets -> logits (B, num_labels)."""
+        hidden = self.beit3(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs).last_hidden_state
+        logits = self.head(self.fc_norm(hidden[:, 1:].mean(dim=1)))
+        loss = None
+        if labels is not None:
+            loss = _soft_or_hard_cross_entropy(logits, labels, getattr(self.config, "label_smoothing", 0.0))
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+class Beit3Pooler(nn.Module):
+    """LayerNorm -> Linear -> tanh on one token."""
+
+    def __init__(self, config: Beit3Config):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, token: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(self.norm(token)))
+
+
+class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
+    """VQA as multi-label classification over an answer vocabulary (3129 for VQAv2), trained on soft scores.
+
+    The image CLS of the fused image+question sequence is pooled; the released VQA models have no
+    final backbone LayerNorm.
+    """
+
+    def __init__(self, config: Beit3Config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.beit3 = Beit3Model(config)
+        self.pooler = Beit3Pooler(config)
+        hidden = config.hidden_size
+        self.head = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden, eps=config.layer_norm_eps), nn.GELU(),
+                                  nn.Linear(2 * hidden, config.num_labels))
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+        """pixel_values (B, C, H, W), input_ids (B, T); labels (B, num_labels) soft scores in [0, 1] -> logits (B, num_labels).
+
+        The loss is binary cross-entropy summed over answers and averaged over questions, as in the official recipe.
+        """
+        hidden = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        logits = self.head(self.pooler(hidden[:, 0]))
+        loss = None
+        if labels is not None:
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * labels.shape[-1]
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class Beit3ReasoningHead(nn.Module):
+    """The NLVR2 classifier over [image_a CLS, text_a BOS, image_b CLS, text_b BOS] (4D)."""
+
+    def __init__(self, config: Beit3Config):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.layer_norm_eps
+        self.norm1 = nn.LayerNorm(4 * hidden, eps=eps)
+        self.dense1 = nn.Linear(4 * hidden, 2 * hidden)
+        self.norm2 = nn.LayerNorm(2 * hidden, eps=eps)
+        self.act = nn.GELU()
+        self.dense2 = nn.Linear(2 * hidden, config.num_labels)
+        self.dense1.init_scale = self.dense2.init_scale = SMALL_HEAD_INIT
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.dense2(self.act(self.norm2(self.dense1(self.norm1(features)))))
+
+
+class Beit3ForVisualReasoning(Beit3PreTrainedModel):
+    """NLVR2: is a statement true of a pair of images? Each image is fused with the statement separately."""
+
+    def __init__(self, config: Beit3Config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.beit3 = Beit3Model(config)
+        self.head = Beit3ReasoningHead(config)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+        """pixel_values (B, 2, C, H, W), input_ids (B, T); labels (B,) with 1 = true -> logits (B, num_labels)."""
+        if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
+            raise ValueError(f"Visual reasoning takes a pair of images per example, pixel_values (batch, 2, C, H, W); got {tuple(pixel_values.shape)}.")
+        batch = pixel_values.shape[0]
+        images = pixel_values.transpose(0, 1).flatten(0, 1)  # all first images, then all second images
+        out = self.beit3(pixel_values=images, input_ids=input_ids.repeat(2, 1),
+                         attention_mask=None if attention_mask is None else attention_mask.repeat(2, 1), **kwargs)
+        hidden = out.last_hidden_state
+        pairs = torch.cat([hidden[:, 0], hidden[:, out.text_start]], dim=-1)
+        logits = self.head(torch.cat([pairs[:batch], pairs[batch:]], dim=-1))
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+@dataclass
+class Beit3RetrievalOutput(ModelOutput):
+    """
+    Args:
+        loss: symmetric contrastive loss, when both modalities and ``return_loss``.
+        logits_per_image: (B_images, B_texts) scaled cosine similarities; logits_per_text is its transpose.
+        image_embeds, text_embeds: (B, D), L2-normalized.
+    """
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+
+
+class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
+    """Dual encoder for image-text retrieval: the image and the text are encoded separately (never fused),
+    their CLS/BOS tokens projected without bias and L2-normalized; a learned temperature scales the
+    similarities for the CLIP-style contrastive loss."""
+
+    def __init__(self, config: Beit3Config):
+        super().__init__(config)
+        self.beit3 = Beit3Model(config)
+        self.vision_head = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.language_head = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self:
+            init.constant_(self.logit_scale, math.log(1 / 0.07))
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D), unit norm."""
+        hidden = self.beit3(pixel_values=pixel_values, **kwargs).last_hidden_state
+        return F.normalize(self.vision_head(hidden[:, 0]), dim=-1)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) -> (B, D), unit norm."""
+        hidden = self.beit3(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(self.language_head(hidden[:, 0]), dim=-1)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, return_loss: bool = True) -> Beit3RetrievalOutput:
+        """Embeds whatever is given; with both, also the (B, B) similarities and, if ``return_loss``, the loss
+        for matching pairs (image i goes with text i)."""
+        image = self.get_image_features(pixel_values) if pixel_values is not None else None
+        text = self.get_text_features(input_ids, attention_mask) if input_ids is not None else None
+        if image is None or text is None:
+            return Beit3RetrievalOutput(image_embeds=image, text_embeds=text)
+        logits_per_image = self.logit_scale.exp() * image @ text.t()
+        loss = None
+        if return_loss:
+            targets = torch.arange(len(image), device=image.device)
+            loss = (F.cross_entropy(logits_per_image.float(), targets) + F.cross_entropy(logits_per_image.t().float(), targets)) / 2
+        return Beit3RetrievalOutput(loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_image.t(),
+                                    image_embeds=image, text_embeds=text)
+
+
+def caption_attention_mask(num_image_tokens: int, text_attention_mask: torch.Tensor) -> torch.Tensor:
+    """The (B, L, L) mask of captioning, 1 = may attend: the image sees the image only, a text token
+    sees the whole image and the real text tokens up to itself.
+
+    Args:
+        text_attention_mask: (B, T), 1 = real token, 0 = padding.
+    """
+    batch, length = text_attention_mask.shape
+    total = num_image_tokens + length
+    mask = torch.zeros(batch, total, total, dtype=torch.bool, device=text_attention_mask.device)
+    mask[:, :, :num_image_tokens] = True
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    mask[:, num_image_tokens:, num_image_tokens:] = causal & text_attention_mask.bool()[:, None, :]
+    return mask
+
+
+class Beit3ForCaptioning(Beit3PreTrainedModel):
+    """Captioning inside the one encoder: the image is attended bidirectionally and the caption causally.
+
+    Training is the official "causal masked LM": some caption tokens are replaced (by ``<mask>``
+    mostly) and predicted from the image and the tokens before them. Decoding feeds
+    ``[previous word, <mask>]`` and reads the prediction at ``<mask>``.
+    """
+
+    def __init__(self, config: Beit3Config):
+        super().__init__(config)
+        self.beit3 = Beit3Model(config)
+        self.mlm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+        """pixel_values (B, C, H, W), input_ids (B, T) (corrupted caption), attention_mask (B, T);
+        labels (B, T), the original ids at the predicted positions and -100 elsewhere -> logits (B, T, vocab).
+
+        The loss is cross-entropy with label smoothing ``config.label_smoothing`` (0.1 by default, as the recipe).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_tokens = 1 + (pixel_values.shape[-2] // self.config.patch_size) * (pixel_values.shape[-1] // self.config.patch_size)
+        mask = caption_attention_mask(image_tokens, attention_mask)
+        out = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask, **kwargs)
+        logits = self.mlm_head(out.last_hidden_state[:, out.text_start:])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                   label_smoothing=getattr(self.config, "label_smoothing", 0.1))
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, max_length: int = 32, num_beams: int = 1, length_penalty: float = 0.6,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Captions for a batch of images, as token ids (B, <= max_length): ``<s>``, words, ``</s>``, then padding.
+
+        Greedy when ``num_beams == 1``, else beam search with the official length penalty
+        (score = sum of log-probabilities / length ** length_penalty). ``use_cache`` keeps the keys
+        and values of the image and the words already chosen; without it every step recomputes the
+        whole sequence (same output, much slower).
+        """
+        config = self.config
+        if config.mask_token_id is None:
+            raise ValueError("Captioning decodes through the <mask> token: set config.mask_token_id to the tokenizer's mask id.")
+        if max_length < 3:
+            raise ValueError(f"max_length {max_length} leaves no room for a word between <s> and </s>.")
+        batch, device = pixel_values.shape[0], pixel_values.device
+        beams = max(1, num_beams)
+        images = pixel_values.repeat_interleave(beams, dim=0)
+        image_tokens = 1 + (images.shape[-2] // config.patch_size) * (images.shape[-1] // config.patch_size)
+        sequences = torch.full((batch * beams, 1), config.bos_token_id, dtype=torch.long, device=device)
+        scores = torch.zeros(batch, beams, device=device)
+        scores[:, 1:] = float("-inf")  # all beams start identical: expand from the first only
+        finished = torch.zeros(batch * beams, dtype=torch.bool, device=device)
+        cache = None
+        for _ in range(max_length - 2):
+            log_probs, cache = self._next_token_log_probs(images, sequences, image_tokens, cache if use_cache else None, use_cache)
+            vocab = log_probs.shape[-1]
+            # A finished hypothesis only extends with padding at no cost.
+            log_probs[finished] = float("-inf")
+            log_probs[finished, config.pad_token_id] = 0.0
+            lengths = (sequences != config.pad_token_id).sum(-1, keepdim=True).float() + 1
+            candidate = (scores.view(-1, 1) + log_probs).view(batch, beams * vocab)
+            if beams == 1:
+                best_score, best = candidate.max(dim=-1, keepdim=True)
+            else:
+                normalized = candidate / (lengths.view(batch, beams).repeat_interleave(vocab, dim=1) ** length_penalty)
+                _, best = normalized.topk(beams, dim=-1)
+                best_score = candidate.gather(1, best)
+            source_beam = (best // vocab) + torch.arange(batch, device=device)[:, None] * beams
+            token = (best % vocab).view(-1, 1)
+            sequences = torch.cat([sequences[source_beam.view(-1)], token], dim=1)
+            scores = best_score
+            finished = finished[source_beam.view(-1)] | (token.view(-1) == config.eos_token_id) | (token.view(-1) == config.pad_token_id)
+            if cache is not None:
+                cache.reorder_cache(source_beam.view(-1))
+            if finished.all():
+                break
+        last = sequences[:, -1]
+        unfinished_end = (last != config.eos_token_id) & (last != config.pad_token_id)
+        sequences = torch.cat([sequences, torch.where(unfinished_end, config.eos_token_id, config.pad_token_id)[:, None]], dim=1)
+        if beams > 1:  # keep the best hypothesis by length-normalized score
+            lengths = (sequences != config.pad_token_id).sum(-1).float().view(batch, beams)
+            choice = (scores.view(batch, beams) / lengths ** length_penalty).argmax(dim=-1)
+            sequences = sequences.view(batch, beams, -1)[torch.arange(batch, device=device), choice]
+        return sequences
+
+    def _next_token_log_probs(self, images, sequences, image_tokens, cache, use_cache):
+        """Log-probabilities (B, vocab) of the word after ``sequences`` (B, t), read at an appended ``<mask>``."""
+        batch, length = sequences.shape
+        mask_column = torch.full((batch, 1), self.config.mask_token_id, dtype=torch.long, device=sequences.device)
+        text_mask = (sequences != self.config.pad_token_id).long()
+        text_mask[:, 0] = 1
+        if cache is None:  # the whole sequence: image, words so far, <mask>
+            input_ids = torch.cat([sequences, mask_column], dim=1)
+            full_mask = caption_attention_mask(image_tokens, torch.cat([text_mask, torch.ones_like(mask_column)], dim=1))
+            out = self.beit3(pixel_values=images, input_ids=input_ids, attention_mask=full_mask, use_cache=use_cache)
+        else:  # only the newest word and <mask>; the cache holds the image and the earlier words
+            input_ids = torch.cat([sequences[:, -1:], mask_column], dim=1)
+            keys = torch.cat([torch.ones(batch, image_tokens, dtype=torch.bool, device=sequences.device), text_mask.bool(),
+                              torch.ones(batch, 1, dtype=torch.bool, device=sequences.device)], dim=1)
+            rows = keys[:, None, :].repeat(1, 2, 1)
+            rows[:, 0, -1] = False  # the newest word does not see the <mask> after it
+            positions = torch.tensor([length - 1, length], device=sequences.device).expand(batch, 2)
+            out = self.beit3(input_ids=input_ids, attention_mask=rows, position_ids=positions, cache=cache, use_cache=True)
+        new_cache = out.cache
+        if new_cache is not None:
+            new_cache.crop(-1)  # drop the <mask>'s keys and values; the chosen word replaces it next step
+        logits = self.mlm_head(out.last_hidden_state[:, -1])
+        return F.log_softmax(logits.float(), dim=-1), new_cache

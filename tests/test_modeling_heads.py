@@ -1,0 +1,218 @@
+"""Task heads: each one trains a step at tiny size, and a converted official checkpoint gives the
+official logits (reference: torchscale's backbone + the head written out from the documented layout)."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+from torchscale.architecture.config import EncoderConfig
+from torchscale.model.BEiT3 import BEiT3
+
+from beit3.convert import main
+from beit3.modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval,
+                                  Beit3ForVisualQuestionAnswering, Beit3ForVisualReasoning, caption_attention_mask)
+
+IMAGE, PATCH, HIDDEN, VOCAB, LABELS = 32, 8, 128, 100, 7
+IMAGE_TOKENS = 1 + (IMAGE // PATCH) ** 2
+
+
+def official_backbone(final_layernorm: bool):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = EncoderConfig(img_size=IMAGE, patch_size=PATCH, vocab_size=VOCAB, multiway=True, layernorm_embedding=False,
+                             normalize_output=final_layernorm, no_output_layer=True, encoder_embed_dim=HIDDEN,
+                             encoder_attention_heads=HIDDEN // 64, encoder_ffn_embed_dim=256, encoder_layers=2)
+        model = BEiT3(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def random_head(shapes: dict) -> dict:
+    return {k: torch.randn(shape) * 0.2 + (1.0 if k.endswith("norm.weight") or ".1.weight" in k and "head.1" in k else 0.0)
+            for k, shape in shapes.items()}
+
+
+def layer_norm(x, head, name):
+    return F.layer_norm(x, x.shape[-1:], head[f"{name}.weight"], head[f"{name}.bias"], eps=1e-5)
+
+
+def linear(x, head, name, bias=True):
+    return F.linear(x, head[f"{name}.weight"], head[f"{name}.bias"] if bias else None)
+
+
+D = HIDDEN
+# task -> (final LayerNorm in the official model, official head shapes, reference logits from (backbone, head, inputs))
+OFFICIAL_TASKS = {
+    "classification": (False, {"fc_norm.weight": (D,), "fc_norm.bias": (D,), "head.weight": (LABELS, D), "head.bias": (LABELS,)},
+                       lambda ref, h, img, ids, pad: linear(layer_norm(ref(visual_tokens=img)["encoder_out"][:, 1:].mean(1), h, "fc_norm"), h, "head")),
+    "vqa": (False, {"pooler.norm.weight": (D,), "pooler.norm.bias": (D,), "pooler.dense.weight": (D, D), "pooler.dense.bias": (D,),
+                    "head.0.weight": (2 * D, D), "head.0.bias": (2 * D,), "head.1.weight": (2 * D,), "head.1.bias": (2 * D,),
+                    "head.3.weight": (LABELS, 2 * D), "head.3.bias": (LABELS,)},
+            lambda ref, h, img, ids, pad: linear(F.gelu(layer_norm(linear(torch.tanh(linear(layer_norm(
+                ref(textual_tokens=ids, visual_tokens=img, text_padding_position=pad)["encoder_out"][:, 0], h, "pooler.norm"),
+                h, "pooler.dense")), h, "head.0"), h, "head.1")), h, "head.3")),
+    "retrieval": (True, {"vision_head.weight": (D, D), "language_head.weight": (D, D), "logit_scale": ()},
+                  lambda ref, h, img, ids, pad: h["logit_scale"].exp()
+                  * F.normalize(F.linear(ref(visual_tokens=img)["encoder_out"][:, 0], h["vision_head.weight"]), dim=-1)
+                  @ F.normalize(F.linear(ref(textual_tokens=ids, text_padding_position=pad)["encoder_out"][:, 0], h["language_head.weight"]), dim=-1).t()),
+}
+
+
+def official_nlvr2_logits(ref, h, images, ids, pad):
+    batch = images.shape[0]
+    x = ref(textual_tokens=ids.repeat(2, 1), visual_tokens=torch.cat([images[:, 0], images[:, 1]]), text_padding_position=pad.repeat(2, 1))["encoder_out"]
+    pairs = torch.cat([x[:, 0], x[:, IMAGE_TOKENS]], dim=-1)
+    features = torch.cat([pairs[:batch], pairs[batch:]], dim=-1)
+    return linear(F.gelu(layer_norm(linear(layer_norm(features, h, "head.norm1"), h, "head.dense1"), h, "head.norm2")), h, "head.dense2")
+
+
+def official_captioning_logits(ref, h, images, ids, pad):
+    length = IMAGE_TOKENS + ids.shape[1]
+    allowed = torch.zeros(length, length)
+    allowed[:, :IMAGE_TOKENS] = 1
+    allowed[IMAGE_TOKENS:, IMAGE_TOKENS:] = torch.ones(ids.shape[1], ids.shape[1]).tril()
+    x = ref(textual_tokens=ids, visual_tokens=images, text_padding_position=pad, attn_mask=1 - allowed)["encoder_out"]
+    return linear(x[:, IMAGE_TOKENS:], h, "mlm_head")
+
+
+OFFICIAL_TASKS["nlvr2"] = (True, {"head.norm1.weight": (4 * D,), "head.norm1.bias": (4 * D,), "head.dense1.weight": (2 * D, 4 * D),
+                                  "head.dense1.bias": (2 * D,), "head.norm2.weight": (2 * D,), "head.norm2.bias": (2 * D,),
+                                  "head.dense2.weight": (2, 2 * D), "head.dense2.bias": (2,)}, official_nlvr2_logits)
+OFFICIAL_TASKS["captioning"] = (True, {"mlm_head.weight": (VOCAB, D), "mlm_head.bias": (VOCAB,)}, official_captioning_logits)
+OUR_CALLS = {
+    "classification": lambda m, img, ids, mask: m(pixel_values=img).logits,
+    "vqa": lambda m, img, ids, mask: m(pixel_values=img, input_ids=ids, attention_mask=mask).logits,
+    "retrieval": lambda m, img, ids, mask: m(pixel_values=img, input_ids=ids, attention_mask=mask).logits_per_image,
+    "nlvr2": lambda m, img, ids, mask: m(pixel_values=img, input_ids=ids, attention_mask=mask).logits,
+}
+
+
+@pytest.mark.parametrize("task", sorted(OFFICIAL_TASKS))
+def test_converted_official_task_checkpoint_gives_official_logits(tmp_path, task):
+    final_layernorm, head_shapes, reference_logits = OFFICIAL_TASKS[task]
+    reference = official_backbone(final_layernorm)
+    head = random_head(head_shapes)
+    torch.save({"model": {**{"beit3." + k: v for k, v in reference.state_dict().items()}, **head}}, tmp_path / f"{task}.pth")
+    main(["--checkpoint", str(tmp_path / f"{task}.pth"), "--task", task, "--output", str(tmp_path / "ours")])
+    model_class = {"classification": Beit3ForImageClassification, "vqa": Beit3ForVisualQuestionAnswering, "nlvr2": Beit3ForVisualReasoning,
+                   "retrieval": Beit3ForImageTextRetrieval, "captioning": Beit3ForCaptioning}[task]
+    ours = model_class.from_pretrained(tmp_path / "ours").eval()
+    assert ours.config.final_layernorm == final_layernorm
+
+    images = torch.randn(3, 2, 3, IMAGE, IMAGE) if task == "nlvr2" else torch.randn(3, 3, IMAGE, IMAGE)
+    ids = torch.randint(3, VOCAB, (3, 6))
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[1, 4:] = True
+    with torch.no_grad():
+        expected = reference_logits(reference, head, images, ids, padding)
+        if task == "captioning":
+            got = ours(pixel_values=images, input_ids=ids, attention_mask=(~padding).long()).logits
+            expected, got = expected[~padding], got[~padding]  # padded positions are never read
+        else:
+            got = OUR_CALLS[task](ours, images, ids, (~padding).long())
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    # and back to the official layout, head included
+    main(["--checkpoint", str(tmp_path / "ours"), "--to", "official", "--output", str(tmp_path / "back.pth")])
+    back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
+    assert all(torch.equal(back[k], v) for k, v in head.items())
+
+
+def test_converting_with_the_wrong_task_names_what_is_missing(tmp_path):
+    reference = official_backbone(final_layernorm=False)
+    head = random_head(OFFICIAL_TASKS["classification"][1])
+    torch.save({"model": {**{"beit3." + k: v for k, v in reference.state_dict().items()}, **head}}, tmp_path / "in1k.pth")
+    with pytest.raises(ValueError, match="has no 'head.3.weight': it is not a vqa checkpoint"):
+        main(["--checkpoint", str(tmp_path / "in1k.pth"), "--task", "vqa", "--output", str(tmp_path / "out")])
+
+
+def head_config(**overrides):
+    return tiny_config(num_labels=LABELS, mask_token_id=99, **overrides)
+
+
+def train_step(model, **batch) -> float:
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.beit3.parameters())
+    return loss.item()
+
+
+def test_every_head_trains_a_step():
+    images, ids = torch.randn(4, 3, 32, 32), torch.randint(3, 99, (4, 6))
+    mask = torch.ones_like(ids)
+    train_step(Beit3ForImageClassification(head_config()), pixel_values=images, labels=torch.randint(0, LABELS, (4,)))
+    train_step(Beit3ForImageClassification(head_config()), pixel_values=images, labels=torch.softmax(torch.randn(4, LABELS), -1))
+    train_step(Beit3ForVisualQuestionAnswering(head_config()), pixel_values=images, input_ids=ids, attention_mask=mask,
+               labels=torch.rand(4, LABELS))
+    train_step(Beit3ForVisualReasoning(tiny_config(num_labels=2)),
+               pixel_values=torch.randn(4, 2, 3, 32, 32), input_ids=ids, attention_mask=mask, labels=torch.randint(0, 2, (4,)))
+    train_step(Beit3ForImageTextRetrieval(head_config()), pixel_values=images, input_ids=ids, attention_mask=mask)
+    labels = torch.full_like(ids, -100)
+    labels[:, 2] = ids[:, 2]
+    train_step(Beit3ForCaptioning(head_config()), pixel_values=images, input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def test_small_head_initialization_follows_the_official_code():
+    classifier = Beit3ForImageClassification(head_config())
+    assert classifier.head.weight.abs().max() <= 0.02 * 0.001 * 2.01
+    reasoning = Beit3ForVisualReasoning(tiny_config(num_labels=2))
+    assert reasoning.head.dense1.weight.abs().max() <= 0.02 * 0.001 * 2.01
+    assert Beit3ForImageTextRetrieval(head_config()).logit_scale.item() == pytest.approx(2.6593, abs=1e-4)
+
+
+def test_retrieval_embeddings_are_unit_vectors_and_match_matching_pairs():
+    model = Beit3ForImageTextRetrieval(head_config()).eval()
+    images, ids = torch.randn(3, 3, 32, 32), torch.randint(3, 99, (3, 6))
+    out = model(pixel_values=images, input_ids=ids)
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(out.logits_per_text, out.logits_per_image.t())
+    only_images = model(pixel_values=images)
+    assert only_images.text_embeds is None and only_images.loss is None
+
+
+def test_caption_mask_blocks_image_to_text_and_future_text():
+    mask = caption_attention_mask(3, torch.tensor([[1, 1, 1, 0]]))
+    assert mask[0, :3, :3].all() and not mask[0, :3, 3:].any()  # the image sees only the image
+    assert mask[0, 3:, :3].all()  # text sees the image
+    assert mask[0, 4, 3:5].all() and not mask[0, 4, 5:].any()  # and itself and the words before
+    assert not mask[0, :, 6].any()  # padding is never a key
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(multiway_attention=False, vl_ffn_layers=1)])
+def test_cached_greedy_decoding_equals_recomputing(layout):
+    model = Beit3ForCaptioning(head_config(**layout)).eval()
+    with torch.no_grad():
+        model.mlm_head.bias[2] = -1e4  # keep </s> from ending captions at once, so there is something to compare
+    images = torch.randn(3, 3, 32, 32)
+    cached = model.generate(images, max_length=12)
+    recomputed = model.generate(images, max_length=12, use_cache=False)
+    assert cached.shape == (3, 12) and (cached[:, 0] == 0).all()
+    assert torch.equal(cached, recomputed)
+
+
+def test_beam_search_returns_one_caption_per_image_and_scores_at_least_greedy():
+    model = Beit3ForCaptioning(head_config()).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.mlm_head.bias[2] = -1e4
+    greedy = model.generate(images, max_length=8)
+    beams = model.generate(images, max_length=8, num_beams=3)
+    assert beams.shape[0] == 2 and (beams[:, 0] == 0).all()
+    assert torch.equal(model.generate(images, max_length=8, num_beams=3, use_cache=False), beams)
+    assert greedy.shape[0] == 2
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: Beit3ForVisualReasoning(tiny_config(num_labels=2))(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.ones(2, 3, dtype=torch.long)),
+     "pair of images"),
+    (lambda: Beit3ForCaptioning(tiny_config()).generate(torch.randn(1, 3, 32, 32)), "mask_token_id"),
+    (lambda: Beit3ForCaptioning(head_config()).generate(torch.randn(1, 3, 32, 32), max_length=2), "no room for a word"),
+])
+def test_bad_head_input_gets_a_clear_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
