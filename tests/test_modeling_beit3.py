@@ -267,7 +267,7 @@ def test_initialization_truncates_at_two_std_and_applies_magneto_gain_to_fresh_w
     attention, ffn = model.layers[0].attention["vision"], model.layers[0].ffn["vision"]
     assert ffn.fc1.weight.abs().max() <= 0.04 * gain + 1e-6 and ffn.fc1.weight.std() > 0.015 * gain
     query, value = attention.qkv.weight[:64], attention.qkv.weight[128:]
-    assert query.abs().max() <= 0.04 and 1.5 < value.std() / query.std() < 2.2  # only the value rows get the gain
+    assert query.abs().max() <= 0.04 + 1e-6 and abs(value.std() / query.std() - gain) < 0.1  # only the value rows get the gain
     plain = Beit3Model(tiny_config(num_hidden_layers=4, hidden_size=64, intermediate_size=256, subln_init_gain=False))
     assert plain.layers[0].ffn["vision"].fc1.weight.abs().max() <= 0.04
     model.save_pretrained(tmp_path)  # loaded weights are not scaled again
