@@ -43,6 +43,8 @@ class Beit3Config(PretrainedConfig):
             ImageNet models have none).
         subln_init_gain: multiply the initial v/out/fc1/fc2 weights by sqrt(log(2 * layers)), the
             Magneto initialization, when training from scratch with ``sub_layernorm``.
+        visual_vocab_size: codebook size of the visual tokenizer whose codes masked image modeling
+            predicts (8192 for BEiT v2's VQ-KD).
         hidden_dropout_prob, attention_probs_dropout_prob, drop_path_rate: regularization
             (drop path grows linearly from 0 at the first layer to ``drop_path_rate`` at the last).
     """
@@ -72,6 +74,7 @@ class Beit3Config(PretrainedConfig):
         sub_layernorm: bool = True,
         final_layernorm: bool = True,
         subln_init_gain: bool = True,
+        visual_vocab_size: int = 8192,
         pad_token_id: int = 1,
         bos_token_id: int = 0,
         eos_token_id: int = 2,
@@ -99,6 +102,7 @@ class Beit3Config(PretrainedConfig):
         self.sub_layernorm = sub_layernorm
         self.final_layernorm = final_layernorm
         self.subln_init_gain = subln_init_gain
+        self.visual_vocab_size = visual_vocab_size
         # The released vocabulary puts <mask> at 64001 (len(spm) + 1); other vocabularies say where theirs is.
         self.mask_token_id = 64001 if mask_token_id is None and vocab_size == 64010 else mask_token_id
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)

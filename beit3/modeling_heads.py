@@ -11,6 +11,7 @@ renaming the backbone only (``python -m beit3.convert --task ...``).
 | Beit3ForVisualReasoning | two images + one statement | image CLS and text BOS of each pair | head.{norm1,dense1,norm2,dense2} |
 | Beit3ForImageTextRetrieval | image or text, separately | CLS / BOS, projected and normalized | vision_head, language_head, logit_scale |
 | Beit3ForCaptioning | image + caption (causal) | every text position | mlm_head |
+| Beit3ForMaskedDataModeling | image, text or both, masked | every masked position | mlm_head, mim_head |
 """
 
 from __future__ import annotations
@@ -340,3 +341,75 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
             new_cache.crop(-1)  # drop the <mask>'s keys and values; the chosen word replaces it next step
         logits = self.mlm_head(out.last_hidden_state[:, -1])
         return F.log_softmax(logits.float(), dim=-1), new_cache
+
+
+@dataclass
+class Beit3MaskedDataModelingOutput(ModelOutput):
+    """
+    Args:
+        loss: image_loss + text_loss, over masked positions only (None when nothing was masked).
+        image_loss, image_accuracy: masked image modeling: cross-entropy and top-1 accuracy of the
+            predicted visual tokens at the masked patches.
+        text_loss, text_accuracy: masked language modeling, at the positions whose label is not -100.
+        image_logits: (masked patches, visual_vocab_size); text_logits: (masked tokens, vocab_size).
+    """
+
+    loss: torch.Tensor | None = None
+    image_loss: torch.Tensor | None = None
+    image_accuracy: torch.Tensor | None = None
+    text_loss: torch.Tensor | None = None
+    text_accuracy: torch.Tensor | None = None
+    image_logits: torch.Tensor | None = None
+    text_logits: torch.Tensor | None = None
+
+
+class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
+    """BEiT-3's one pretraining task: predict the visual tokens of masked patches and the ids of masked
+    words, for images, texts and image-text pairs alike.
+
+    A call takes one kind of input: an image (``bool_masked_pos`` + ``image_labels``), a text
+    (``labels``), or an image-text pair (usually the text masked, at a higher rate). The engine
+    calls it once per kind and adds the losses, which keeps the per-kind figures apart.
+    """
+
+    def __init__(self, config: Beit3Config):
+        super().__init__(config)
+        self.beit3 = Beit3Model(config)
+        self.mlm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.mim_head = nn.Linear(config.hidden_size, config.visual_vocab_size)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, bool_masked_pos: torch.Tensor | None = None,
+                image_labels: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs) -> Beit3MaskedDataModelingOutput:
+        """
+        Args:
+            pixel_values (B, C, H, W); input_ids (B, T) with masked words already replaced; attention_mask (B, T).
+            bool_masked_pos: (B, patches), True where the patch is hidden and predicted.
+            image_labels: (B, patches) visual token ids of every patch (only the masked ones are read).
+            labels: (B, T) original ids at the masked words, -100 elsewhere.
+        """
+        if bool_masked_pos is not None and image_labels is None:
+            raise ValueError("bool_masked_pos hides patches, but no image_labels (their visual tokens) were given to predict.")
+        if image_labels is not None and int(image_labels.max()) >= self.config.visual_vocab_size:
+            raise ValueError(f"image_labels hold visual token {int(image_labels.max())}, but the model predicts "
+                             f"{self.config.visual_vocab_size} (config.visual_vocab_size); use the visual tokenizer it was built for.")
+        out = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, bool_masked_pos=bool_masked_pos, **kwargs)
+        hidden = out.last_hidden_state
+        result = {}
+        if bool_masked_pos is not None and bool(bool_masked_pos.any()):
+            logits = self.mim_head(hidden[:, 1:out.text_start][bool_masked_pos])
+            result.update(_masked_prediction("image", logits, image_labels[bool_masked_pos]))
+        if labels is not None and bool((labels != -100).any()):
+            chosen = labels != -100
+            logits = self.mlm_head(hidden[:, out.text_start:][chosen])
+            result.update(_masked_prediction("text", logits, labels[chosen]))
+        losses = [result[k] for k in ("image_loss", "text_loss") if k in result]
+        return Beit3MaskedDataModelingOutput(loss=sum(losses) if losses else None, **result)
+
+
+def _masked_prediction(kind: str, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Loss, accuracy and logits of one kind of masked prediction; logits (M, classes), targets (M,)."""
+    return {f"{kind}_loss": F.cross_entropy(logits.float(), targets),
+            f"{kind}_accuracy": (logits.argmax(-1) == targets).float().mean().detach(),
+            f"{kind}_logits": logits}

@@ -216,3 +216,53 @@ def test_beam_search_returns_one_caption_per_image_and_scores_at_least_greedy():
 def test_bad_head_input_gets_a_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_masked_data_modeling_counts_masked_positions_only():
+    from beit3.modeling_heads import Beit3ForMaskedDataModeling
+
+    model = Beit3ForMaskedDataModeling(tiny_config(visual_vocab_size=32)).eval()
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(3, 99, (2, 6))
+    masked = torch.zeros(2, 16, dtype=torch.bool)
+    masked[:, :5] = True
+    codes = torch.randint(0, 32, (2, 16))
+    image = model(pixel_values=images, bool_masked_pos=masked, image_labels=codes)
+    assert image.image_logits.shape == (10, 32) and image.text_loss is None
+    other_codes = codes.clone()
+    other_codes[~masked] = (codes[~masked] + 1) % 32  # labels of visible patches are never read
+    torch.testing.assert_close(model(pixel_values=images, bool_masked_pos=masked, image_labels=other_codes).loss, image.loss)
+    labels = torch.full_like(ids, -100)
+    labels[:, 2:4] = ids[:, 2:4]
+    pair = model(pixel_values=images, input_ids=ids, labels=labels)
+    assert pair.text_logits.shape == (4, 100) and pair.image_loss is None and 0 <= pair.text_accuracy <= 1
+    both = model(pixel_values=images, input_ids=ids, bool_masked_pos=masked, image_labels=codes, labels=labels)
+    torch.testing.assert_close(both.loss, both.image_loss + both.text_loss)
+    assert model(input_ids=ids, labels=torch.full_like(ids, -100)).loss is None  # nothing masked, nothing to learn
+
+
+def test_masked_data_modeling_learns_a_fixed_batch():
+    from beit3.modeling_heads import Beit3ForMaskedDataModeling
+
+    model = Beit3ForMaskedDataModeling(tiny_config(visual_vocab_size=32))
+    images, masked = torch.randn(4, 3, 32, 32), torch.rand(4, 16) < 0.4
+    codes = torch.randint(0, 32, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = model(pixel_values=images, bool_masked_pos=masked, image_labels=codes).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_masked_data_modeling_refuses_codes_from_another_tokenizer():
+    from beit3.modeling_heads import Beit3ForMaskedDataModeling
+
+    model = Beit3ForMaskedDataModeling(tiny_config(visual_vocab_size=32))
+    masked = torch.ones(1, 16, dtype=torch.bool)
+    with pytest.raises(ValueError, match="visual token 40, but the model predicts 32"):
+        model(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=masked, image_labels=torch.full((1, 16), 40))
+    with pytest.raises(ValueError, match="no image_labels"):
+        model(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=masked)
