@@ -241,7 +241,16 @@ class Beit3PreTrainedModel(PreTrainedModel):
             if saved_size != config.image_size:
                 image_size = image_size or config.image_size
                 kwargs["config"] = Beit3Config.from_dict({**config.to_dict(), "image_size": saved_size})
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except Exception as error:  # transformers names the shapes only in its log; say them in the error
+            if "ignore_mismatched_sizes" not in str(error) or not os.path.isdir(str(pretrained_model_name_or_path)):
+                raise
+            config = kwargs.get("config") or Beit3Config.from_pretrained(pretrained_model_name_or_path, return_unused_kwargs=True,
+                                                                         **kwargs)[0]
+            mismatches = "; ".join(_shape_mismatches(str(pretrained_model_name_or_path), cls, config))
+            raise ValueError(f"The weights in {pretrained_model_name_or_path} do not fit {cls.__name__}: {mismatches}. A head of another "
+                             "size (another task's checkpoint, another num_labels) starts afresh with ignore_mismatched_sizes=True.") from error
         if image_size is not None:
             (loaded[0] if isinstance(loaded, tuple) else loaded).set_image_size(image_size)
         return loaded
@@ -420,6 +429,27 @@ class Beit3Model(Beit3PreTrainedModel):
             elif attention_mask.dim() != 3 or tuple(attention_mask.shape) != (batch, length, keys):
                 raise ValueError(f"attention_mask must be (batch, text length) = ({batch}, {text_length}) or a full "
                                  f"(batch, sequence, keys) = ({batch}, {length}, {keys}) mask; got {tuple(attention_mask.shape)}.")
+
+
+def _shape_mismatches(folder: str, model_class: type, config: Beit3Config) -> list[str]:
+    """'key: shape in the checkpoint, shape in the model' for each saved tensor whose shape differs."""
+    from glob import glob
+
+    from safetensors import safe_open
+
+    saved = {}
+    for file in glob(os.path.join(folder, "*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            saved.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    with torch.device("meta"):
+        expected = {key: tuple(value.shape) for key, value in model_class(config).state_dict().items()}
+    prefix = model_class.base_model_prefix + "."
+    found = []
+    for key, shape in saved.items():
+        ours = next((k for k in (key, prefix + key, key.removeprefix(prefix)) if k in expected), None)
+        if ours is not None and expected[ours] != shape:
+            found.append(f"{key}: {shape} in the checkpoint, {expected[ours]} in the model")
+    return found
 
 
 def _join(vision: torch.Tensor | None, text: torch.Tensor | None) -> torch.Tensor:

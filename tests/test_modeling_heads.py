@@ -266,3 +266,18 @@ def test_masked_data_modeling_refuses_codes_from_another_tokenizer():
         model(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=masked, image_labels=torch.full((1, 16), 40))
     with pytest.raises(ValueError, match="no image_labels"):
         model(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=masked)
+
+
+def test_heads_load_through_the_auto_classes(tmp_path):
+    from transformers import AutoModelForImageClassification, AutoModelForVisualQuestionAnswering
+
+    Beit3ForImageClassification(head_config()).save_pretrained(tmp_path / "cls")
+    Beit3ForVisualQuestionAnswering(head_config()).save_pretrained(tmp_path / "vqa")
+    assert isinstance(AutoModelForImageClassification.from_pretrained(tmp_path / "cls"), Beit3ForImageClassification)
+    assert isinstance(AutoModelForVisualQuestionAnswering.from_pretrained(tmp_path / "vqa"), Beit3ForVisualQuestionAnswering)
+
+
+def test_a_head_of_another_size_names_both_shapes(tmp_path):
+    Beit3ForVisualQuestionAnswering(head_config()).save_pretrained(tmp_path / "vqa")
+    with pytest.raises(ValueError, match=r"head\.3\.weight: \(7, 64\) in the checkpoint, \(3, 64\) in the model"):
+        Beit3ForVisualQuestionAnswering.from_pretrained(tmp_path / "vqa", num_labels=3)
