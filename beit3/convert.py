@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from .checkpoints import atomic_save_file, atomic_save_folder, load_state_dict_checked, read_checkpoint
 from .configuration_beit3 import Beit3Config
 from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
 from .modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForVisualQuestionAnswering,
@@ -38,26 +35,6 @@ TASK_CLASSES = {"classification": Beit3ForImageClassification, "vqa": Beit3ForVi
                 "retrieval": Beit3ForImageTextRetrieval, "captioning": Beit3ForCaptioning}
 # Where each task's number of labels shows in its head weights.
 _LABEL_KEYS = {"classification": "head.weight", "vqa": "head.3.weight", "nlvr2": "head.dense2.weight"}
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Loads a ``.pth``/``.pt``/``.bin`` file safely (``weights_only=True``) and unwraps the
-    ``model``/``module`` level that unilm and DeepSpeed add. Half-precision tensors become fp32, so
-    any later interpolation runs in full precision."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint file at {path}.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a pickle with arbitrary objects, or a truncated file
-        raise ValueError(f"Could not read {path} as a weights-only PyTorch checkpoint: {error}") from error
-    for key in ("model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (top-level keys: {list(state)[:8] if isinstance(state, dict) else type(state)}).")
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def split_official(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -209,29 +186,6 @@ def timm_create_model_hint(config: Beit3Config, path: str, classifier: bool = Fa
     return f"timm.create_model('beit3_{size}_patch{config.patch_size}_224', img_size={config.image_size}, {heads}, checkpoint_path='{path}')"
 
 
-def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "checkpoint",
-                            allow_missing: set[str] = frozenset()) -> None:
-    """``load_state_dict`` that names every missing, unexpected and wrongly shaped key before loading anything.
-
-    ``allow_missing``: keys that may stay at their initial values (a warning counts them).
-    """
-    own = model.state_dict()
-    wrong_shape = [f"{k}: {tuple(v.shape)} in the {what}, {tuple(own[k].shape)} in the model"
-                   for k, v in state.items() if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in state and k not in allow_missing]
-    unexpected = [k for k in state if k not in own]
-    problems = []
-    for title, keys in (("wrong shape", wrong_shape), ("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            problems.append(f"{len(keys)} {title}: " + "; ".join(keys[:6]) + (" ..." if len(keys) > 6 else ""))
-    if problems:
-        raise ValueError(f"The {what} does not fit the model ({type(model).__name__}). " + " | ".join(problems))
-    left_at_init = [k for k in own if k not in state]
-    if left_at_init:
-        warnings.warn(f"{len(left_at_init)} weights are not in the {what} and keep their initial values, e.g. {left_at_init[:3]}", stacklevel=2)
-    model.load_state_dict(state, strict=False)
-
-
 def model_from_official(path: str | os.PathLike, config: Beit3Config | None = None, task: str | None = None) -> Beit3PreTrainedModel:
     """Builds a ``Beit3Model`` (or, with ``task``, that task's head model) from an official checkpoint.
 
@@ -277,32 +231,6 @@ def load_any(checkpoint: str, config: Beit3Config | None = None, task: str | Non
     if image_size:
         model.set_image_size(image_size)
     return model.eval()
-
-
-def atomic_save_folder(model: Beit3Model, output: str | os.PathLike) -> None:
-    """``save_pretrained`` into a temporary sibling folder, then move it into place: a crash leaves no half folder."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        model.save_pretrained(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def atomic_save_file(state: dict[str, torch.Tensor], output: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Writes a state dict as safetensors (``.safetensors``) or as ``{"model": state}`` (``.pth``, the official format), atomically."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    if output.suffix == ".safetensors":
-        save_file(state, str(tmp), metadata=metadata)
-    else:
-        torch.save({"model": state}, tmp)
-    os.replace(tmp, output)
 
 
 def main(argv: list[str] | None = None) -> None:

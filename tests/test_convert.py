@@ -10,7 +10,8 @@ from conftest import tiny_config
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from beit3 import Beit3Model
-from beit3.convert import beit3_to_official, load_state_dict_checked, main, model_from_official, read_checkpoint
+from beit3.checkpoints import load_state_dict_checked, read_checkpoint
+from beit3.convert import beit3_to_official, main, model_from_official
 
 from torchscale.architecture.config import EncoderConfig  # the reference; `make test` installs it
 from torchscale.model.BEiT3 import BEiT3
