@@ -1,0 +1,201 @@
+"""Pretraining data: images, texts and image-text pairs, mixed so that every step sees all three kinds.
+
+Sources are local: an image folder (or a saved ``datasets`` imagefolder), text files (``.txt``, one
+text per line, or ``.jsonl`` with a ``text`` field) and pair files (``.jsonl`` lines
+``{"image": path, "text": caption}``, paths relative to the file). They are read with Hugging Face
+``datasets``.
+
+Every batch is a pure function of (seed, step, rank): the order of each kind comes from a seeded
+permutation per epoch, and each sample's crop, flip, color jitter and mask are seeded from its
+global position. A resumed run therefore sees exactly the batches the interrupted run would have
+seen, with no data-loader state to save. A corrupt image is replaced by the next sample of the
+same permutation and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, load_dataset
+from PIL import Image
+
+from ..masking import BlockMaskGenerator, mask_text_tokens, text_masker
+from ..views import TwoViewTransform
+
+KINDS = ("image", "text", "pair")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_MAX_REPLACEMENTS = 16
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Every image file below ``folder``, sorted, as paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No image folder at {folder}.")
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_sources(images: str | None = None, texts: list[str] | None = None, pairs: list[str] | None = None) -> dict[str, Dataset]:
+    """The three kinds as ``datasets.Dataset`` objects: image ``{"path"}``, text ``{"text"}``, pair ``{"path", "text"}``.
+
+    A kind without a source is left out; a source that yields nothing is an error.
+    """
+    sources = {}
+    if images:
+        sources["image"] = Dataset.from_dict({"path": list_images(images)})
+    if texts:
+        files = [str(f) for f in texts]
+        plain = [f for f in files if not f.endswith((".jsonl", ".json"))]
+        structured = [f for f in files if f.endswith((".jsonl", ".json"))]
+        parts = []
+        if plain:
+            parts.append(load_dataset("text", data_files=plain, split="train"))
+        if structured:
+            parts.append(load_dataset("json", data_files=structured, split="train").select_columns(["text"]))
+        from datasets import concatenate_datasets
+
+        sources["text"] = concatenate_datasets(parts).filter(lambda row: bool(row["text"] and row["text"].strip()))
+    if pairs:
+        rows = {"path": [], "text": []}
+        for file in pairs:
+            base = Path(file).parent
+            with open(file) as handle:
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                        path, text = record["image"], record["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError) as error:
+                        print(f"warning: {file}:{number} is not a {{\"image\", \"text\"}} line ({error}); skipped", file=sys.stderr)
+                        continue
+                    rows["path"].append(str(base / path))
+                    rows["text"].append(text)
+        sources["pair"] = Dataset.from_dict(rows)
+    for kind, dataset in sources.items():
+        if len(dataset) == 0:
+            raise ValueError(f"The {kind} source is empty: check the paths in the config (images: {images}, texts: {texts}, pairs: {pairs}).")
+    if not sources:
+        raise ValueError("No pretraining data: give at least one of images, texts, pairs.")
+    return sources
+
+
+def _seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy's SeedSequence), the same in every process."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def _open_rgb(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits rather than clip
+            image = Image.fromarray((np.asarray(image, dtype=np.float32) / 256).clip(0, 255).astype(np.uint8))
+        return image.convert("RGB")
+
+
+class PretrainingBatches(torch.utils.data.Dataset):
+    """Item ``i`` is this rank's batch for step ``start_step + i``: a dict per kind, plus skip counts.
+
+    Args:
+        sources: from ``load_sources``.
+        batch_sizes: samples per kind per rank and step, e.g. ``{"image": 32, "text": 32, "pair": 32}``.
+        tokenizer: the text tokenizer (with a mask token).
+        image_size, patch_size: the model's image; the tokenizer view has ``tokenizer_image_size``.
+        text_mask_prob, pair_mask_prob: MLM rates for texts and for the text of pairs (paper: 0.15, 0.5).
+        num_masked_patches: patches per image to mask (default: BEiT's 75/196 of the grid).
+    Batch:
+        image: pixel_values (B, 3, S, S), tokenizer_pixel_values (B, 3, s, s) in [0, 1], bool_masked_pos (B, patches)
+        text: input_ids, attention_mask, labels (B, T)
+        pair: pixel_values, input_ids, attention_mask, labels
+        skipped: (3,) corrupt images replaced in this batch, per kind (image, text, pair)
+    """
+
+    def __init__(self, sources: dict[str, Dataset], batch_sizes: dict[str, int], tokenizer, image_size: int, patch_size: int,
+                 max_text_length: int = 64, tokenizer_image_size: int | None = None, text_mask_prob: float = 0.15,
+                 pair_mask_prob: float = 0.5, num_masked_patches: int | None = None, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, start_step: int = 0, num_steps: int = 10**9, crop_scale: tuple[float, float] = (0.2, 1.0)):
+        self.sources = sources
+        self.batch_sizes = {kind: batch_sizes.get(kind, 0) for kind in KINDS if kind in sources and batch_sizes.get(kind, 0) > 0}
+        if not self.batch_sizes:
+            raise ValueError(f"No kind has both a source and a batch size: sources {sorted(sources)}, batch sizes {batch_sizes}.")
+        self.tokenizer = tokenizer
+        self.max_text_length = max_text_length
+        self.grid = image_size // patch_size
+        self.num_masked_patches = num_masked_patches
+        self.views = TwoViewTransform(model_size=image_size, tokenizer_size=tokenizer_image_size or image_size, scale=crop_scale)
+        self.pair_view = TwoViewTransform(model_size=image_size, tokenizer_size=tokenizer_image_size or image_size, scale=(0.5, 1.0),
+                                          color_jitter=0.0)
+        self.maskers = {"text": text_masker(tokenizer, text_mask_prob, seed=seed), "pair": text_masker(tokenizer, pair_mask_prob, seed=seed)}
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.start_step, self.num_steps = start_step, num_steps
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    @lru_cache(maxsize=8)
+    def _permutation(self, kind: str, epoch: int) -> np.ndarray:
+        return np.random.default_rng(_seed(self.seed, KINDS.index(kind), epoch)).permutation(len(self.sources[kind]))
+
+    def _position(self, kind: str, step: int, slot: int, shift: int = 0) -> tuple[int, int]:
+        """(dataset row, global position) of a sample slot; ``shift`` walks on to replace corrupt images."""
+        batch = self.batch_sizes[kind]
+        position = (step * self.world_size + self.rank) * batch + slot + shift * batch * self.world_size
+        epoch, offset = divmod(position, len(self.sources[kind]))
+        return int(self._permutation(kind, epoch)[offset]), position
+
+    def _image_sample(self, kind: str, step: int, slot: int, view: TwoViewTransform):
+        """Loads one image, replacing an unreadable one by the next sample of the same stream; returns (views, text, replaced)."""
+        for shift in range(_MAX_REPLACEMENTS):
+            row, position = self._position(kind, step, slot, shift)
+            record = self.sources[kind][row]
+            try:
+                image = _open_rgb(record["path"])
+            except (OSError, ValueError, SyntaxError) as error:
+                print(f"warning: skipped unreadable image {record['path']}: {error}", file=sys.stderr)
+                continue
+            torch.manual_seed(_seed(self.seed, KINDS.index(kind), position))  # torchvision draws crops from torch's generator
+            return view(image), record.get("text"), shift, position
+        raise RuntimeError(f"{_MAX_REPLACEMENTS} images in a row could not be read from the {kind} source; check the data.")
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_text_length, return_tensors="pt"))
+
+    def _masked_text(self, kind: str, texts: list[str], step: int) -> dict[str, torch.Tensor]:
+        encoded = self._tokenize(texts)
+        masker = self.maskers[kind]
+        masker.generator.manual_seed(_seed(self.seed, KINDS.index(kind), step, self.rank))
+        input_ids, labels = mask_text_tokens(masker, encoded["input_ids"], encoded["attention_mask"])
+        return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
+
+    def __getitem__(self, index: int) -> dict:
+        step = self.start_step + index
+        batch, skipped = {}, torch.zeros(len(KINDS), dtype=torch.long)
+        if "image" in self.batch_sizes:
+            model_views, tokenizer_views, masks = [], [], []
+            for slot in range(self.batch_sizes["image"]):
+                (model_view, tokenizer_view), _, shift, position = self._image_sample("image", step, slot, self.views)
+                skipped[0] += shift
+                model_views.append(model_view)
+                tokenizer_views.append(tokenizer_view)
+                masks.append(BlockMaskGenerator(self.grid, self.num_masked_patches, seed=_seed(self.seed, 7, position))())
+            batch["image"] = {"pixel_values": torch.stack(model_views), "tokenizer_pixel_values": torch.stack(tokenizer_views),
+                              "bool_masked_pos": torch.stack(masks)}
+        if "text" in self.batch_sizes:
+            rows = [self._position("text", step, slot)[0] for slot in range(self.batch_sizes["text"])]
+            batch["text"] = self._masked_text("text", [self.sources["text"][row]["text"] for row in rows], step)
+        if "pair" in self.batch_sizes:
+            images, texts = [], []
+            for slot in range(self.batch_sizes["pair"]):
+                (model_view, _), text, shift, _ = self._image_sample("pair", step, slot, self.pair_view)
+                skipped[2] += shift
+                images.append(model_view)
+                texts.append(text)
+            batch["pair"] = {"pixel_values": torch.stack(images), **self._masked_text("pair", texts, step)}
+        batch["skipped"] = skipped
+        return batch

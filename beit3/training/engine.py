@@ -1,0 +1,269 @@
+"""The training loop, through DeepSpeed, from one CPU process to many GPU nodes.
+
+    engine = Engine(model, settings, deepspeed_config)      # DeepSpeed engine, optimizer and schedule
+    engine.fit(step_fn, make_loader)                        # resumes from output_dir, trains, checkpoints
+
+Exact resume: batches are a pure function of the step (see ``beit3.data.pretraining``), and the
+global RNG is re-seeded from (seed, step, rank) before every step, so dropout and drop path repeat
+too. A checkpoint holds the model, optimizer and schedule (DeepSpeed's) plus the step and the
+running counters; it counts only once a ``COMPLETE`` marker is written after every rank saved,
+so a save that dies halfway is never the one a restart picks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+COMPLETE = "COMPLETE"
+
+
+@dataclass
+class TrainSettings:
+    """What the loop needs from a run config (field names as in the YAML ``train`` section)."""
+
+    output_dir: str
+    max_steps: int
+    save_every: int
+    seed: int = 0
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    gradient_clipping: float = 3.0
+    gradient_accumulation_steps: int = 1
+    micro_batch_size: int = 1  # what DeepSpeed counts as the batch; our batches are dicts of kinds
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    zero_stage: int = 2
+    keep_last: int = 2
+    log_every: int = 10
+    max_nonfinite_steps: int = 5
+    num_workers: int = 1
+    gradient_checkpointing: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, section: dict) -> "TrainSettings":
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        unknown = set(section) - known
+        if unknown:
+            raise KeyError(f"Unknown train settings {sorted(unknown)}; known: {sorted(known)}.")
+        values = dict(section)
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Initializes torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); a plain
+    ``python script.py`` becomes a world of one. Returns (rank, world size, device)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # not started by a launcher
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
+    """Norms, biases, embeddings, position tables and special tokens: trained without weight decay."""
+    return {name for name, p in model.named_parameters() if p.ndim <= 1 or "embeddings." in name or name.endswith(("_token", "logit_scale"))}
+
+
+def build_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW over timm's weight-decay groups (no decay on norms, biases and embeddings)."""
+    groups = param_groups_weight_decay(model, settings.weight_decay, no_weight_decay_list=no_weight_decay_names(model))
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps)
+
+
+def deepspeed_config(settings: TrainSettings, world_size: int, base: dict | None = None) -> dict:
+    """DeepSpeed's config: a file from configs/deepspeed/ (``base``) with the run's batch, clipping and precision filled in."""
+    config = json.loads(json.dumps(base or {"zero_optimization": {"stage": settings.zero_stage}}))
+    config.update(train_micro_batch_size_per_gpu=settings.micro_batch_size, gradient_accumulation_steps=settings.gradient_accumulation_steps,
+                  train_batch_size=settings.micro_batch_size * settings.gradient_accumulation_steps * world_size,
+                  gradient_clipping=settings.gradient_clipping, steps_per_print=10**9, wall_clock_breakdown=False)
+    config["bf16"] = {"enabled": settings.precision == "bf16"}
+    config["fp16"] = {"enabled": settings.precision == "fp16", **({"initial_scale_power": 16} if settings.precision == "fp16" else {})}
+    return config
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+class Engine:
+    """DeepSpeed engine + the loop around it. ``step_fn(module, batch) -> (loss, {name: float tensor})``."""
+
+    def __init__(self, model: torch.nn.Module, settings: TrainSettings, base_deepspeed_config: dict | None = None):
+        import deepspeed
+
+        self.settings = settings
+        self.rank, self.world_size, self.device = setup_distributed()
+        self.output_dir = Path(settings.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        if self.rank == 0:
+            try:
+                self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.output_dir / ".write-test"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as error:
+                raise PermissionError(f"Cannot write to output_dir {self.output_dir}: {error}. Choose a writable directory.") from error
+        if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+        optimizer = build_optimizer(model, settings)
+        schedule = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps)
+        self.deepspeed_config = deepspeed_config(settings, self.world_size, base_deepspeed_config)
+        self.module, self.optimizer, _, self.schedule = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer,
+                                                                            lr_scheduler=schedule, config=self.deepspeed_config)
+        self.step = 0
+        self.counters: dict[str, float] = {}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def complete_checkpoints(self) -> list[Path]:
+        tags = [p for p in self.checkpoint_dir.glob("step*") if (p / COMPLETE).is_file()] if self.checkpoint_dir.is_dir() else []
+        return sorted(tags, key=lambda p: int(p.name[4:]))
+
+    def save(self) -> None:
+        tag = f"step{self.step:08d}"
+        self.module.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state={"step": self.step, "counters": self.counters},
+                                    save_latest=False)
+        dist.barrier()
+        if self.rank == 0:
+            marker = self.checkpoint_dir / tag / COMPLETE
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": self.step, "time": time.time()}))
+            os.replace(tmp, marker)
+            complete = self.complete_checkpoints()
+            keep = set(complete[-self.settings.keep_last:])
+            for path in self.checkpoint_dir.glob("step*"):  # older complete ones and abandoned halves
+                if path not in keep and int(path.name[4:]) <= int(complete[-1].name[4:]):
+                    shutil.rmtree(path, ignore_errors=True)
+        dist.barrier()
+
+    def resume(self) -> bool:
+        """Loads the newest complete checkpoint in output_dir, if any."""
+        complete = self.complete_checkpoints()
+        if not complete:
+            return False
+        _, client_state = self.module.load_checkpoint(str(self.checkpoint_dir), tag=complete[-1].name)
+        self.step, self.counters = client_state["step"], client_state.get("counters", {})
+        return True
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _mean_over_ranks(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        names = sorted(values)
+        stacked = torch.stack([values[n].detach().float().reshape(()) for n in names]).to(self.device)
+        dist.all_reduce(stacked)
+        return {n: v / self.world_size for n, v in zip(names, stacked.tolist())}
+
+    def fit(self, step_fn: Callable, make_loader: Callable[[int], torch.utils.data.DataLoader],
+            samples_per_step: int, on_log: Callable[[dict], None] | None = None) -> list[dict]:
+        """Trains from the current step (after ``resume``) to ``max_steps``; returns the logged records.
+
+        ``make_loader(start_step)`` gives this rank's batches from ``start_step`` on.
+        """
+        settings = self.settings
+        resumed = self.resume()
+        metrics_path = self.output_dir / "metrics.jsonl"
+        writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+            if resumed:
+                print(f"resumed from step {self.step} ({self.complete_checkpoints()[-1]})", flush=True)
+        if self.step >= settings.max_steps:
+            return []
+        loader = iter(make_loader(self.step))
+        progress = tqdm(total=settings.max_steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
+        records, window, nonfinite = [], [], 0
+        self.module.train()
+        while self.step < settings.max_steps:
+            start = time.perf_counter()
+            batch = next(loader)
+            loaded = time.perf_counter()
+            torch.manual_seed(step_seed(settings.seed, self.step, self.rank))
+            loss, values = step_fn(self.module, _to_device(batch, self.device))
+            finite = torch.tensor([float(torch.isfinite(loss))], device=self.device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 0:
+                nonfinite += 1
+                self.module.zero_grad()
+                warnings.warn(f"step {self.step}: the loss is not finite ({loss.item()}); the step is skipped "
+                              f"({nonfinite} in a row, the limit is {settings.max_nonfinite_steps}).", stacklevel=2)
+                if nonfinite >= settings.max_nonfinite_steps:
+                    last = self.complete_checkpoints()
+                    raise RuntimeError(f"{nonfinite} steps in a row had a non-finite loss (last at step {self.step}); training stopped. "
+                                       f"The last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}. Lower the "
+                                       "learning rate, check the data, or use fp32.")
+                self.step += 1
+                continue
+            nonfinite = 0
+            self.module.backward(loss)
+            self.module.step()
+            self.step += 1
+            done = time.perf_counter()
+            for key, count in zip(("skipped_image", "skipped_text", "skipped_pair"), batch.get("skipped", torch.zeros(3)).tolist()):
+                self.counters[key] = self.counters.get(key, 0) + count
+            window.append((done - start, loaded - start, {"loss": loss.detach(), **values}))
+            if self.step % settings.log_every == 0 or self.step == settings.max_steps:
+                record = self._log(window, samples_per_step)
+                window = []
+                if self.rank == 0:
+                    records.append(record)
+                    with open(metrics_path, "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                    for key, value in record.items():
+                        if key != "step":
+                            writer.add_scalar(key, value, record["step"])
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", samples_per_s=f"{record['samples_per_s']:.1f}")
+                    if on_log:
+                        on_log(record)
+            progress.update(1)
+            if self.step % settings.save_every == 0 or self.step == settings.max_steps:
+                self.save()
+        progress.close()
+        if writer:
+            writer.close()
+        return records
+
+    def _log(self, window: list, samples_per_step: int) -> dict:
+        keys = sorted({k for _, _, values in window for k in values})
+        sums = {k: torch.stack([values[k].detach().float() for _, _, values in window if k in values]).mean() for k in keys}
+        means = self._mean_over_ranks(sums)
+        seconds = sum(w[0] for w in window)
+        record = {"step": self.step, **{k: round(v, 6) for k, v in means.items()}, "lr": self.schedule.get_last_lr()[0],
+                  "samples_per_s": samples_per_step * self.world_size * len(window) / seconds,
+                  "data_wait_share": sum(w[1] for w in window) / seconds, **self.counters}
+        return record
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch

@@ -1,0 +1,101 @@
+"""Pretrain BEiT-3 with masked data modeling on images, texts and image-text pairs.
+
+    python tasks/pretrain.py --config configs/pretrain/tiny.yaml [--set train.max_steps=100 ...]
+    deepspeed --num_gpus 2 tasks/pretrain.py --config configs/pretrain/tiny.yaml      # 2 processes (CPU or GPU)
+
+The YAML describes the whole run; --set overrides any field. A restart with the same output_dir
+resumes from its newest complete checkpoint.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from beit3 import Beit3Config, check_tokenizer_matches
+    from beit3.data.pretraining import PretrainingBatches, load_sources
+    from beit3.modeling_heads import Beit3ForMaskedDataModeling
+    from beit3.training.config import load_config
+    from beit3.training.engine import Engine, TrainSettings
+    from beit3.training.pretraining import masked_data_modeling_step
+    from beit3.visual_tokenizers import VisualTokenizer
+
+    config = load_config(args.config, args.set)
+    settings = TrainSettings.from_config(config["train"])
+    data = config["data"]
+    # Everything that can be wrong with the inputs is checked before the first step.
+    tokenizer_path, visual_path = Path(config["text_tokenizer"]), Path(config["visual_tokenizer"])
+    for what, path in (("text_tokenizer", tokenizer_path), ("visual_tokenizer", visual_path)):
+        if not path.exists():
+            sys.exit(f"error: {what} {path} does not exist. Train one (tokenizers/train_text_tokenizer.py, "
+                     "tokenizers/train_visual_tokenizer.py) or point the config at yours.")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    visual_tokenizer = VisualTokenizer.from_pretrained(visual_path).eval()
+    model_section = config["model"]
+    model_config = Beit3Config.from_preset(model_section["preset"], **model_section.get("overrides", {}))
+    if model_config.visual_vocab_size != visual_tokenizer.codebook_size:
+        if "visual_vocab_size" in model_section.get("overrides", {}):
+            sys.exit(f"error: the model predicts {model_config.visual_vocab_size} visual tokens but {visual_path} has "
+                     f"{visual_tokenizer.codebook_size} codes.")
+        model_config.visual_vocab_size = visual_tokenizer.codebook_size
+    if "vocab_size" not in model_section.get("overrides", {}):  # a vocabulary of our own: size the text head to it
+        model_config.vocab_size = len(tokenizer)
+    model_config.mask_token_id = tokenizer.mask_token_id
+    check_tokenizer_matches(tokenizer, model_config)
+    codes_per_side = visual_tokenizer.image_size // visual_tokenizer.patch_size
+    if codes_per_side != model_config.image_size // model_config.patch_size:
+        sys.exit(f"error: {visual_path} gives {codes_per_side}x{codes_per_side} codes per image, but the model has a "
+                 f"{model_config.image_size // model_config.patch_size}x{model_config.image_size // model_config.patch_size} patch grid; "
+                 "masked image modeling needs one code per patch.")
+    sources = load_sources(**data["sources"])
+
+    torch.manual_seed(settings.seed)  # the same initial weights on every rank
+    model = Beit3ForMaskedDataModeling(model_config)
+    engine = Engine(model, settings, json.loads((ROOT / data.get("deepspeed", f"configs/deepspeed/zero{settings.zero_stage}.json")).read_text()))
+    visual_tokenizer.to(engine.device)
+    if engine.rank == 0:
+        model_config.save_pretrained(engine.output_dir / "model")
+        tokenizer.save_pretrained(engine.output_dir / "model")
+        (engine.output_dir / "run_config.json").write_text(json.dumps(config, indent=2))
+    batch_sizes = data["batch_size"]
+
+    def make_loader(start_step: int):
+        batches = PretrainingBatches(sources, batch_sizes, tokenizer, model_config.image_size, model_config.patch_size,
+                                     max_text_length=data.get("max_text_length", 64), tokenizer_image_size=visual_tokenizer.image_size,
+                                     text_mask_prob=data.get("text_mask_prob", 0.15), pair_mask_prob=data.get("pair_mask_prob", 0.5),
+                                     seed=settings.seed, rank=engine.rank, world_size=engine.world_size, start_step=start_step,
+                                     num_steps=settings.max_steps - start_step)
+        return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=settings.num_workers,
+                                           prefetch_factor=4 if settings.num_workers else None)
+
+    records = engine.fit(masked_data_modeling_step(visual_tokenizer), make_loader, samples_per_step=sum(batch_sizes.values()))
+    if engine.rank == 0 and records:
+        try:
+            from beit3.visualization import save_loss_curves
+
+            lines = [json.loads(line) for line in (engine.output_dir / "metrics.jsonl").read_text().splitlines()]
+            save_loss_curves(lines, engine.output_dir / "loss_curves.png", keys=["image_loss", "text_loss", "pair_loss"])
+        except ImportError:
+            pass
+        last = records[-1]
+        print("pretraining done: step {step}, loss {loss:.3f}, ".format(**last)
+              + ", ".join(f"{k} {last[k]:.3f}" for k in ("image_accuracy", "text_accuracy", "pair_accuracy") if k in last)
+              + f", {last['samples_per_s']:.1f} samples/s; checkpoints in {engine.checkpoint_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Pretraining end to end at tiny size: one process, two DeepSpeed processes, exact resume after SIGKILL, faults."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from beit3 import train_sentencepiece
+from beit3.data.synthetic import write_shapes_world
+from beit3.visual_tokenizers import VQKD, VQKDConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("world")
+    paths = write_shapes_world(folder / "data", 48)
+    train_sentencepiece(folder / "text-tokenizer", vocab_size=36, files=[paths["texts"]], model_max_length=32, quiet=True)
+    torch.manual_seed(0)
+    VQKD(VQKDConfig.from_preset("vqkd_tiny", image_size=64)).save_pretrained(folder / "visual-tokenizer")
+    return folder
+
+
+def overrides(world: Path, output_dir: Path, **train) -> list[str]:
+    sets = [f"text_tokenizer={world / 'text-tokenizer'}", f"visual_tokenizer={world / 'visual-tokenizer'}",
+            f"data.sources.images={world / 'data/images'}", f"data.sources.texts=[{world / 'data/captions.txt'}]",
+            f"data.sources.pairs=[{world / 'data/pairs.jsonl'}]", "data.batch_size={image: 4, text: 4, pair: 4}",
+            f"train.output_dir={output_dir}", "train.num_workers=0", "train.log_every=1",
+            *(f"train.{k}={v}" for k, v in train.items())]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def pretrain(world, output_dir, processes=1, wait=True, **train):
+    command = [sys.executable, "tasks/pretrain.py"] if processes == 1 else [DEEPSPEED, "--num_gpus", str(processes), "tasks/pretrain.py"]
+    command += ["--config", "configs/pretrain/tiny.yaml", *overrides(world, output_dir, **train)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if not wait:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_one_process_run_logs_every_kind_and_checkpoints(world, tmp_path):
+    result = pretrain(world, tmp_path / "run", max_steps=4, save_every=2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("loss", "image_loss", "image_accuracy", "text_loss", "text_accuracy", "pair_loss", "pair_accuracy", "lr", "samples_per_s"):
+        assert key in records[-1]
+    assert records[-1]["text_loss"] < 5  # the text head is sized to the 38-id tokenizer, not to 64010
+    complete = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step*") if (p / "COMPLETE").exists())
+    assert complete == ["step00000002", "step00000004"]
+    assert (tmp_path / "run/tensorboard").is_dir() and (tmp_path / "run/model/config.json").is_file()
+
+
+def test_two_processes_resume_exactly_after_sigkill(world, tmp_path):
+    steps = 8
+    reference = pretrain(world, tmp_path / "uninterrupted", processes=2, max_steps=steps, save_every=3)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    expected = losses(tmp_path / "uninterrupted")
+    assert sorted(expected) == list(range(1, steps + 1))
+
+    run = tmp_path / "killed"
+    process = pretrain(world, run, processes=2, wait=False, max_steps=steps, save_every=3)
+    marker = run / "checkpoints/step00000003/COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the first checkpoint never completed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = max(losses(run))
+    assert killed_at < steps, "the run finished before it could be killed"
+
+    resumed = pretrain(world, run, processes=2, max_steps=steps, save_every=3)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resumed from step" in resumed.stdout + resumed.stderr
+    after = losses(run)  # later lines for the same step (after the restart) replace the killed run's
+    assert sorted(after) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert after[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}: {after[step]} vs {expected[step]}"
+
+
+def test_a_half_written_checkpoint_is_never_resumed(world, tmp_path):
+    first = pretrain(world, tmp_path / "run", max_steps=2, save_every=2)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp_path / "run/checkpoints/step00000099").mkdir()  # a save that died halfway: no COMPLETE marker
+    again = pretrain(world, tmp_path / "run", max_steps=3, save_every=3)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step 2" in again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("text_tokenizer=/nonexistent/tokenizer", "text_tokenizer /nonexistent/tokenizer does not exist"),
+    ("data.sources.images=/nonexistent/images", "No image folder at /nonexistent/images"),
+    ("model.overrides={image_size: 64, patch_size: 16, max_position_embeddings: 66}", "one code per patch"),
+    ("model.overrides={image_size: 64, patch_size: 8, max_position_embeddings: 66, vocab_size: 20}", "vocab"),
+])
+def test_bad_setups_fail_before_training_with_a_clear_message(world, tmp_path, setting, message):
+    command = [sys.executable, "tasks/pretrain.py", "--config", "configs/pretrain/tiny.yaml", *overrides(world, tmp_path / "run", max_steps=1),
+               "--set", setting]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+    assert not (tmp_path / "run/metrics.jsonl").exists()
+
+
+def test_unwritable_output_dir_is_refused(world, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = pretrain(world, blocker / "run", max_steps=1)
+    assert result.returncode != 0 and "output_dir" in result.stdout + result.stderr
