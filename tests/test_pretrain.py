@@ -120,3 +120,25 @@ def test_unwritable_output_dir_is_refused(world, tmp_path):
     blocker.write_text("not a directory")
     result = pretrain(world, blocker / "run", max_steps=1)
     assert result.returncode != 0 and "output_dir" in result.stdout + result.stderr
+
+
+def test_export_writes_a_from_pretrained_folder_with_tokenizer_and_processor(world, tmp_path):
+    from transformers import AutoProcessor
+
+    from beit3 import Beit3Model
+    from beit3.export import main as export_main
+    from beit3.modeling_heads import Beit3ForMaskedDataModeling
+
+    result = pretrain(world, tmp_path / "run", processes=2, max_steps=2, save_every=2, zero_stage=3)
+    assert result.returncode == 0, result.stdout[-3000:]
+    export_main(["--checkpoint-dir", str(tmp_path / "run"), "--output", str(tmp_path / "hf")])
+    model = Beit3ForMaskedDataModeling.from_pretrained(tmp_path / "hf")
+    backbone = Beit3Model.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(backbone.embeddings.cls_token, model.beit3.embeddings.cls_token)
+    initial = Beit3ForMaskedDataModeling(model.config)  # the export holds trained weights, not an initialization
+    assert not torch.equal(initial.mlm_head.weight, model.mlm_head.weight)
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    inputs = processor(images=[torch.zeros(3, 64, 64).numpy().transpose(1, 2, 0)], text=["a big red circle on the left"], return_tensors="pt")
+    assert model(**{k: inputs[k] for k in ("pixel_values", "input_ids", "attention_mask")}).image_loss is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        export_main(["--checkpoint-dir", str(tmp_path / "run"), "--output", str(tmp_path / "x"), "--tag", "step00000099"])

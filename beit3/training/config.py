@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+# YAML 1.1 (PyYAML) reads "3e-4" as a string (it wants "3.0e-4"); a learning rate should not depend on that.
+_SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _numbers(value: Any) -> Any:
+    """Turns scientific-notation strings into floats, in nested dicts and lists too."""
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value) else value
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
@@ -16,7 +29,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No config file at {path}.")
-    config = yaml.safe_load(path.read_text()) or {}
+    config = _numbers(yaml.safe_load(path.read_text()) or {})
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep:
@@ -28,5 +41,5 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
             node = node[part]
         if parts[-1] not in node:
             raise KeyError(f"--set {key}: {path} has no field {key!r}; known here: {', '.join(sorted(node))}.")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = _numbers(yaml.safe_load(value))
     return config

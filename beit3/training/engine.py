@@ -91,7 +91,8 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
     """Norms, biases, embeddings, position tables and special tokens: trained without weight decay."""
-    return {name for name, p in model.named_parameters() if p.ndim <= 1 or "embeddings." in name or name.endswith(("_token", "logit_scale"))}
+    exempt = ("_token", "position_embeddings", "position_embeddings.weight", "text_embeddings.weight", "logit_scale")
+    return {name for name, p in model.named_parameters() if p.ndim <= 1 or name.endswith(exempt)}
 
 
 def build_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:

@@ -1,0 +1,73 @@
+"""A pretraining run's DeepSpeed checkpoint -> a ``from_pretrained`` folder.
+
+    python -m beit3.export --checkpoint-dir runs/tiny/pretrain --output beit3-tiny-pretrained [--tag step00000100]
+
+``--checkpoint-dir`` is the run's output_dir (or its ``checkpoints/`` folder). The newest complete
+checkpoint is used unless ``--tag`` names one. ZeRO shards of any stage are consolidated with
+DeepSpeed's ``zero_to_fp32``. The folder holds the config, ``model.safetensors``, the tokenizer and
+the processor: ``Beit3ForMaskedDataModeling.from_pretrained(folder)`` continues pretraining, and
+``Beit3Model`` or any task head loads the backbone from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .checkpoints import atomic_save_folder, load_state_dict_checked
+from .configuration_beit3 import Beit3Config
+from .modeling_heads import Beit3ForMaskedDataModeling
+
+COMPLETE = "COMPLETE"
+
+
+def find_checkpoint(checkpoint_dir: str | Path, tag: str | None = None) -> tuple[Path, Path, str]:
+    """(run output_dir, checkpoints folder, tag) of the checkpoint to export."""
+    path = Path(checkpoint_dir)
+    if (path / COMPLETE).is_file():  # a tag folder itself
+        path, tag = path.parent, tag or path.name
+    checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    run = checkpoints.parent
+    complete = sorted((p.name for p in checkpoints.glob("step*") if (p / COMPLETE).is_file()), key=lambda name: int(name[4:]))
+    if tag is None:
+        if not complete:
+            raise FileNotFoundError(f"No complete checkpoint under {checkpoints} (a checkpoint counts once its {COMPLETE} marker exists).")
+        tag = complete[-1]
+    elif tag not in complete:
+        raise FileNotFoundError(f"{checkpoints / tag} is not a complete checkpoint; complete ones: {complete or 'none'}.")
+    return run, checkpoints, tag
+
+
+def export(checkpoint_dir: str | Path, output: str | Path, tag: str | None = None) -> Path:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoTokenizer
+
+    from .image_processing_beit3 import Beit3ImageProcessor
+    from .processing_beit3 import Beit3Processor
+
+    run, checkpoints, tag = find_checkpoint(checkpoint_dir, tag)
+    if not (run / "model" / "config.json").is_file():
+        raise FileNotFoundError(f"{run / 'model'} has no config.json: export reads the model config and tokenizer that tasks/pretrain.py "
+                                "saves there at the start of a run.")
+    config = Beit3Config.from_pretrained(run / "model")
+    model = Beit3ForMaskedDataModeling(config)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+    load_state_dict_checked(model, {k.removeprefix("module."): v for k, v in state.items()}, f"checkpoint {checkpoints / tag}")
+    atomic_save_folder(model, output)
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    Beit3Processor(image_processor=Beit3ImageProcessor(size=config.image_size), tokenizer=tokenizer).save_pretrained(output)
+    return Path(output)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m beit3.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint-dir", required=True, help="the run's output_dir, its checkpoints/ folder, or one checkpoint folder")
+    parser.add_argument("--output", required=True, help="the from_pretrained folder to write")
+    parser.add_argument("--tag", help="a checkpoint such as step00000100 (default: the newest complete one)")
+    args = parser.parse_args(argv)
+    path = export(args.checkpoint_dir, args.output, args.tag)
+    print(f"wrote {path}: config, model.safetensors, tokenizer and processor")
+
+
+if __name__ == "__main__":
+    main()

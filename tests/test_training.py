@@ -1,0 +1,69 @@
+"""The training engine's pieces: run configs, optimizer groups, and what happens on a non-finite loss."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from beit3 import Beit3Model
+from beit3.training.config import load_config
+from beit3.training.engine import TrainSettings, build_optimizer, no_weight_decay_names
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_overrides_reach_nested_fields_and_typos_are_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.001\n  betas: [0.9, 0.98]\nmodel:\n  preset: beit3_tiny_patch16_224\n")
+    config = load_config(path, ["train.lr=3e-4", "train.betas=[0.9, 0.999]", "model.preset=beit3_base_patch16_224"])
+    assert config["train"]["lr"] == 3e-4 and config["train"]["betas"] == [0.9, 0.999] and config["model"]["preset"] == "beit3_base_patch16_224"
+    with pytest.raises(KeyError, match="no field 'train.learning_rate'"):
+        load_config(path, ["train.learning_rate=1"])
+    with pytest.raises(KeyError, match="no section 'optim'"):
+        load_config(path, ["optim.lr=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(path, ["train.lr"])
+    with pytest.raises(KeyError, match="Unknown train settings"):
+        TrainSettings.from_config({"output_dir": "x", "max_steps": 1, "save_every": 1, "lerning_rate": 1})
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = Beit3Model(tiny_config())
+    exempt = no_weight_decay_names(model)
+    assert "embeddings.text_embeddings.weight" in exempt and "embeddings.vision_position_embeddings" in exempt
+    assert "layers.0.attention.vision.norm.weight" in exempt and "layers.0.ffn.text.fc1.bias" in exempt
+    assert "layers.0.ffn.text.fc1.weight" not in exempt and "embeddings.patch_embed.proj.weight" not in exempt
+    optimizer = build_optimizer(model, TrainSettings(output_dir="x", max_steps=1, save_every=1, weight_decay=0.05))
+    decays = {group["weight_decay"]: sum(p.numel() for p in group["params"]) for group in optimizer.param_groups}
+    assert set(decays) == {0.0, 0.05} and optimizer.defaults["betas"] == (0.9, 0.98)
+    assert sum(decays.values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_last_good_checkpoint(tmp_path):
+    script = textwrap.dedent(f"""
+        import torch, warnings
+        from beit3 import Beit3Model
+        from beit3.training.engine import Engine, TrainSettings
+        import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})
+        from conftest import tiny_config
+        torch.manual_seed(0)
+        model = Beit3Model(tiny_config())
+        settings = TrainSettings(output_dir={str(tmp_path / 'run')!r}, max_steps=20, save_every=2, log_every=1, max_nonfinite_steps=3, num_workers=0)
+        engine = Engine(model, settings)
+        def step_fn(module, batch):
+            loss = module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean()
+            return (loss * float("nan") if engine.step >= 4 else loss), {{}}
+        def make_loader(start):
+            return iter([{{"pixel_values": torch.randn(2, 3, 32, 32)}} for _ in range(100)])
+        engine.fit(step_fn, make_loader, samples_per_step=2)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "step 4: the loss is not finite" in output and "step 5: the loss is not finite" in output
+    assert "3 steps in a row had a non-finite loss" in output and "step00000004" in output
+    assert (tmp_path / "run/checkpoints/step00000004/COMPLETE").exists()
+    assert not (tmp_path / "run/checkpoints/step00000006").exists()
