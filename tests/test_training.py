@@ -67,3 +67,11 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_last_good_chec
     assert "3 steps in a row had a non-finite loss" in output and "step00000004" in output
     assert (tmp_path / "run/checkpoints/step00000004/COMPLETE").exists()
     assert not (tmp_path / "run/checkpoints/step00000006").exists()
+
+
+def test_shipped_pretraining_configs_parse():
+    for name in ("tiny", "beit3_base_paper"):
+        config = load_config(ROOT / "configs/pretrain" / f"{name}.yaml")
+        settings = TrainSettings.from_config(config["train"])
+        assert settings.max_steps > 0 and settings.save_every > 0 and settings.output_dir
+        assert set(config["data"]["batch_size"]) == {"image", "text", "pair"}
