@@ -1,7 +1,12 @@
+import warnings
+
 import pytest
 import torch
 
 from beit3 import Beit3Config
+
+# The size of the torchscale reference models that the conversion and head tests compare against.
+REFERENCE = dict(image_size=32, patch_size=8, hidden_size=128, vocab_size=100)
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +19,21 @@ def tiny_config(**overrides) -> Beit3Config:
     fields = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
                   image_size=32, patch_size=8, max_position_embeddings=40)
     return Beit3Config(**{**fields, **overrides})
+
+
+def torchscale_reference(final_layernorm: bool, image_size: int = REFERENCE["image_size"]) -> torch.nn.Module:
+    """torchscale's BEiT3 (Microsoft's implementation) at tiny size, every parameter moved off its initial value."""
+    from torchscale.architecture.config import EncoderConfig  # the reference; `make test` installs it
+    from torchscale.model.BEiT3 import BEiT3
+
+    hidden = REFERENCE["hidden_size"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = EncoderConfig(img_size=image_size, patch_size=REFERENCE["patch_size"], vocab_size=REFERENCE["vocab_size"], multiway=True,
+                             layernorm_embedding=False, normalize_output=final_layernorm, no_output_layer=True, encoder_embed_dim=hidden,
+                             encoder_attention_heads=hidden // 64, encoder_ffn_embed_dim=2 * hidden, encoder_layers=2)
+        model = BEiT3(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model

@@ -1,36 +1,19 @@
 """Official checkpoints: equality with torchscale (the reference) and timm (an independent second reference)."""
 
-import warnings
-
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import REFERENCE, tiny_config, torchscale_reference
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from beit3 import Beit3Model
 from beit3.checkpoints import load_state_dict_checked, read_checkpoint
 from beit3.convert import beit3_to_official, main, model_from_official
 
-from torchscale.architecture.config import EncoderConfig  # the reference; `make test` installs it
-from torchscale.model.BEiT3 import BEiT3
+from torchscale.architecture.config import EncoderConfig
 
-IMAGE, PATCH, HIDDEN, VOCAB = 32, 8, 128, 100
-
-
-def reference_model(final_layernorm: bool, image_size: int = IMAGE) -> torch.nn.Module:
-    """torchscale's BEiT3 at tiny size with every parameter moved off its initial value."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        args = EncoderConfig(img_size=image_size, patch_size=PATCH, vocab_size=VOCAB, multiway=True, layernorm_embedding=False,
-                             normalize_output=final_layernorm, no_output_layer=True, encoder_embed_dim=HIDDEN,
-                             encoder_attention_heads=HIDDEN // 64, encoder_ffn_embed_dim=256, encoder_layers=2)
-        model = BEiT3(args).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+IMAGE, PATCH, HIDDEN, VOCAB = (REFERENCE[k] for k in ("image_size", "patch_size", "hidden_size", "vocab_size"))
 
 
 def save_official(model: torch.nn.Module, path, dtype=torch.float32) -> None:
@@ -47,7 +30,7 @@ def text_batch():
 
 @pytest.mark.parametrize("final_layernorm", [True, False])
 def test_converted_checkpoint_gives_torchscale_outputs(tmp_path, final_layernorm):
-    reference = reference_model(final_layernorm)
+    reference = torchscale_reference(final_layernorm)
     save_official(reference, tmp_path / "official.pth")
     main(["--checkpoint", str(tmp_path / "official.pth"), "--output", str(tmp_path / "ours")])
     ours = Beit3Model.from_pretrained(tmp_path / "ours").eval()
@@ -68,7 +51,7 @@ def test_converted_checkpoint_gives_torchscale_outputs(tmp_path, final_layernorm
 
 
 def test_conversion_back_to_the_official_layout_is_exact(tmp_path):
-    reference = reference_model(final_layernorm=True)
+    reference = torchscale_reference(final_layernorm=True)
     save_official(reference, tmp_path / "official.pth")
     main(["--checkpoint", str(tmp_path / "official.pth"), "--output", str(tmp_path / "ours")])
     main(["--checkpoint", str(tmp_path / "ours"), "--to", "official", "--output", str(tmp_path / "back.pth")])
@@ -79,7 +62,7 @@ def test_conversion_back_to_the_official_layout_is_exact(tmp_path):
 
 
 def test_image_output_equals_timm_on_the_same_official_checkpoint(tmp_path):
-    reference = reference_model(final_layernorm=False)  # timm's converter expects no final LayerNorm
+    reference = torchscale_reference(final_layernorm=False)  # timm's converter expects no final LayerNorm
     save_official(reference, tmp_path / "official.pth")
     timm_kwargs = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=HIDDEN, depth=2, num_heads=HIDDEN // 64, mlp_ratio=2, num_classes=0)
     theirs = timm.create_model("beit3_base_patch16_224", **timm_kwargs).eval()
@@ -110,7 +93,7 @@ def test_timm_export_keeps_the_final_layernorm(tmp_path):
 
 
 def test_fp16_checkpoint_is_read_in_fp32_and_interpolated_like_unilm(tmp_path):
-    reference = reference_model(final_layernorm=True)
+    reference = torchscale_reference(final_layernorm=True)
     save_official(reference, tmp_path / "half.pth", dtype=torch.float16)
     assert read_checkpoint(tmp_path / "half.pth")["beit3.text_embed.weight"].dtype == torch.float32
 
@@ -125,7 +108,7 @@ def test_fp16_checkpoint_is_read_in_fp32_and_interpolated_like_unilm(tmp_path):
 
 
 def test_vision_only_checkpoint_converts_with_a_warning(tmp_path):
-    reference = reference_model(final_layernorm=False)
+    reference = torchscale_reference(final_layernorm=False)
     state = {"beit3." + k: v for k, v in reference.state_dict().items() if ".B." not in k and not k.startswith("text_embed")}
     torch.save({"model": state}, tmp_path / "in1k.pth")
     with pytest.warns(UserWarning, match="keep their initial values"):

@@ -1,34 +1,18 @@
 """Task heads: each one trains a step at tiny size, and a converted official checkpoint gives the
 official logits (reference: torchscale's backbone + the head written out from the documented layout)."""
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
-from torchscale.architecture.config import EncoderConfig
-from torchscale.model.BEiT3 import BEiT3
+from conftest import REFERENCE, tiny_config, torchscale_reference
 
 from beit3.convert import main
 from beit3.modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval,
                                   Beit3ForVisualQuestionAnswering, Beit3ForVisualReasoning, caption_attention_mask)
 
-IMAGE, PATCH, HIDDEN, VOCAB, LABELS = 32, 8, 128, 100, 7
+IMAGE, PATCH, HIDDEN, VOCAB = (REFERENCE[k] for k in ("image_size", "patch_size", "hidden_size", "vocab_size"))
+LABELS = 7
 IMAGE_TOKENS = 1 + (IMAGE // PATCH) ** 2
-
-
-def official_backbone(final_layernorm: bool):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        args = EncoderConfig(img_size=IMAGE, patch_size=PATCH, vocab_size=VOCAB, multiway=True, layernorm_embedding=False,
-                             normalize_output=final_layernorm, no_output_layer=True, encoder_embed_dim=HIDDEN,
-                             encoder_attention_heads=HIDDEN // 64, encoder_ffn_embed_dim=256, encoder_layers=2)
-        model = BEiT3(args).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
 
 
 def random_head(shapes: dict) -> dict:
@@ -94,7 +78,7 @@ OUR_CALLS = {
 @pytest.mark.parametrize("task", sorted(OFFICIAL_TASKS))
 def test_converted_official_task_checkpoint_gives_official_logits(tmp_path, task):
     final_layernorm, head_shapes, reference_logits = OFFICIAL_TASKS[task]
-    reference = official_backbone(final_layernorm)
+    reference = torchscale_reference(final_layernorm)
     head = random_head(head_shapes)
     torch.save({"model": {**{"beit3." + k: v for k, v in reference.state_dict().items()}, **head}}, tmp_path / f"{task}.pth")
     main(["--checkpoint", str(tmp_path / f"{task}.pth"), "--task", task, "--output", str(tmp_path / "ours")])
@@ -123,7 +107,7 @@ def test_converted_official_task_checkpoint_gives_official_logits(tmp_path, task
 
 
 def test_converting_with_the_wrong_task_names_what_is_missing(tmp_path):
-    reference = official_backbone(final_layernorm=False)
+    reference = torchscale_reference(final_layernorm=False)
     head = random_head(OFFICIAL_TASKS["classification"][1])
     torch.save({"model": {**{"beit3." + k: v for k, v in reference.state_dict().items()}, **head}}, tmp_path / "in1k.pth")
     with pytest.raises(ValueError, match="has no 'head.3.weight': it is not a vqa checkpoint"):
