@@ -255,6 +255,12 @@ class Beit3PreTrainedModel(PreTrainedModel):
             (loaded[0] if isinstance(loaded, tuple) else loaded).set_image_size(image_size)
         return loaded
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in depth order, as timm's layer-wise lr decay reads them: the embeddings,
+        then each layer, then the final norms; task heads fall in the top group."""
+        prefix = r"^(?:beit3\.)?"  # non-capturing: timm reads every captured group as a layer number
+        return {"stem": prefix + r"embeddings", "blocks": [(prefix + r"layers\.(\d+)", None), (prefix + r"final_norm", (99999,))]}
+
     def set_image_size(self, image_size: int) -> None:
         """Resamples the vision position table to ``image_size`` and records it in the config."""
         backbone = getattr(self, self.base_model_prefix, self)

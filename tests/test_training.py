@@ -75,3 +75,18 @@ def test_shipped_pretraining_configs_parse():
         settings = TrainSettings.from_config(config["train"])
         assert settings.max_steps > 0 and settings.save_every > 0 and settings.output_dir
         assert set(config["data"]["batch_size"]) == {"image", "text", "pair"}
+
+
+def test_layer_decay_scales_the_learning_rate_by_depth():
+    from beit3.modeling_heads import Beit3ForImageClassification
+
+    model = Beit3ForImageClassification(tiny_config(num_labels=3))  # 2 layers: embeddings 0, layers 1-2, final norms and head 3
+    optimizer = build_optimizer(model, TrainSettings(output_dir="x", max_steps=1, save_every=1, lr=1.0, layer_decay=0.5))
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["beit3.embeddings.cls_token"])] == 0.125
+    assert lr_of[id(named["beit3.layers.0.ffn.vision.fc1.weight"])] == 0.25
+    assert lr_of[id(named["beit3.layers.1.ffn.vision.fc1.weight"])] == 0.5
+    assert lr_of[id(named["head.weight"])] == 1.0 and lr_of[id(named["fc_norm.weight"])] == 1.0
+    decays = {group["weight_decay"] for group in optimizer.param_groups if any(p is named["head.bias"] for p in group["params"])}
+    assert decays == {0.0}

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -56,6 +56,7 @@ class TrainSettings:
     max_nonfinite_steps: int = 5
     num_workers: int = 1
     gradient_checkpointing: bool = False
+    layer_decay: float | None = None  # fine-tuning: lr x layer_decay ** (depth from the top), as BEiT does
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -96,8 +97,15 @@ def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
 
 
 def build_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """AdamW over timm's weight-decay groups (no decay on norms, biases and embeddings)."""
-    groups = param_groups_weight_decay(model, settings.weight_decay, no_weight_decay_list=no_weight_decay_names(model))
+    """AdamW over timm's parameter groups: no weight decay on norms, biases and embeddings and, with
+    ``layer_decay``, a learning rate that shrinks by that factor per layer from the top down."""
+    exempt = no_weight_decay_names(model)
+    if settings.layer_decay is None:
+        groups = param_groups_weight_decay(model, settings.weight_decay, no_weight_decay_list=exempt)
+    else:
+        groups = param_groups_layer_decay(model, settings.weight_decay, no_weight_decay_list=exempt, layer_decay=settings.layer_decay)
+        for group in groups:  # the schedule scales each group's initial lr, so the layer scale goes there
+            group["lr"] = settings.lr * group.pop("lr_scale")
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps)
 
 
