@@ -1,9 +1,10 @@
 """Pretraining data: images, texts and image-text pairs, mixed so that every step sees all three kinds.
 
-Sources are local: an image folder (or a saved ``datasets`` imagefolder), text files (``.txt``, one
-text per line, or ``.jsonl`` with a ``text`` field) and pair files (``.jsonl`` lines
-``{"image": path, "text": caption}``, paths relative to the file). They are read with Hugging Face
-``datasets``.
+Sources are local: an image folder, text files (``.txt``, one text per line, or ``.jsonl`` with a
+``text`` field) and pair files (``.jsonl`` lines ``{"image": path, "text": caption}``, paths relative
+to the file, or webdataset ``.tar`` shards holding ``<key>.jpg``/``.png`` + ``<key>.txt``). They are
+read with Hugging Face ``datasets``, whose Arrow files are memory-mapped: a corpus larger than RAM
+still gives random access, which the step-indexed order below relies on.
 
 Every batch is a pure function of (seed, step, rank): the order of each kind comes from a seeded
 permutation per epoch, and each sample's crop, flip, color jitter and mask are seeded from its
@@ -14,6 +15,7 @@ same permutation and counted.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -63,7 +65,8 @@ def load_sources(images: str | None = None, texts: list[str] | None = None, pair
         sources["text"] = concatenate_datasets(parts).filter(lambda row: bool(row["text"] and row["text"].strip()))
     if pairs:
         rows = {"path": [], "text": []}
-        for file in pairs:
+        shards = [str(f) for f in pairs if str(f).endswith(".tar")]
+        for file in (f for f in pairs if not str(f).endswith(".tar")):
             base = Path(file).parent
             with open(file) as handle:
                 for number, line in enumerate(handle, 1):
@@ -77,7 +80,12 @@ def load_sources(images: str | None = None, texts: list[str] | None = None, pair
                         continue
                     rows["path"].append(str(base / path))
                     rows["text"].append(text)
-        sources["pair"] = Dataset.from_dict(rows)
+        parts = [Dataset.from_dict({**rows, "image_bytes": [None] * len(rows["path"])})] if rows["path"] else []
+        if shards:
+            parts.append(_webdataset_pairs(shards))
+        from datasets import concatenate_datasets
+
+        sources["pair"] = concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else Dataset.from_dict(rows)
     for kind, dataset in sources.items():
         if len(dataset) == 0:
             raise ValueError(f"The {kind} source is empty: check the paths in the config (images: {images}, texts: {texts}, pairs: {pairs}).")
@@ -86,13 +94,27 @@ def load_sources(images: str | None = None, texts: list[str] | None = None, pair
     return sources
 
 
+def _webdataset_pairs(shards: list[str]) -> Dataset:
+    """Image-text pairs from webdataset tar shards: one image (jpg, jpeg, png, webp) and one ``txt`` per key."""
+    from datasets import Image as ImageFeature
+
+    raw = load_dataset("webdataset", data_files=shards, split="train")
+    image_column = next((c for c in ("jpg", "jpeg", "png", "webp") if c in raw.column_names), None)
+    if image_column is None or "txt" not in raw.column_names:
+        raise ValueError(f"The webdataset shards {shards[:2]} need an image (jpg/jpeg/png/webp) and a txt file per sample; "
+                         f"they have {raw.column_names}.")
+    raw = raw.cast_column(image_column, ImageFeature(decode=False))  # keep the bytes; decode (and skip if corrupt) ourselves
+    return Dataset.from_dict({"path": [f"{key} in {shards[0] if len(shards) == 1 else 'the shards'}" for key in raw["__key__"]],
+                              "text": raw["txt"], "image_bytes": [item["bytes"] for item in raw[image_column]]})
+
+
 def _seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (numpy's SeedSequence), the same in every process."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
-def _open_rgb(path: str) -> Image.Image:
-    with Image.open(path) as image:
+def _open_rgb(path: str, data: bytes | None = None) -> Image.Image:
+    with Image.open(io.BytesIO(data) if data is not None else path) as image:
         image.load()
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits rather than clip
             image = Image.fromarray((np.asarray(image, dtype=np.float32) / 256).clip(0, 255).astype(np.uint8))
@@ -155,7 +177,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
             row, position = self._position(kind, step, slot, shift)
             record = self.sources[kind][row]
             try:
-                image = _open_rgb(record["path"])
+                image = _open_rgb(record["path"], record.get("image_bytes"))
             except (OSError, ValueError, SyntaxError) as error:
                 print(f"warning: skipped unreadable image {record['path']}: {error}", file=sys.stderr)
                 continue
