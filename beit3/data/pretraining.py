@@ -127,7 +127,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
     Args:
         sources: from ``load_sources``.
         batch_sizes: samples per kind per rank and step, e.g. ``{"image": 32, "text": 32, "pair": 32}``.
-        tokenizer: the text tokenizer (with a mask token).
+        tokenizer: the text tokenizer (with a mask token); None for image-only batches.
         image_size, patch_size: the model's image; the tokenizer view has ``tokenizer_image_size``.
         text_mask_prob, pair_mask_prob: MLM rates for texts and for the text of pairs (paper: 0.15, 0.5).
         num_masked_patches: patches per image to mask (default: BEiT's 75/196 of the grid).
@@ -153,7 +153,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
         self.views = TwoViewTransform(model_size=image_size, tokenizer_size=tokenizer_image_size or image_size, scale=crop_scale)
         self.pair_view = TwoViewTransform(model_size=image_size, tokenizer_size=tokenizer_image_size or image_size, scale=(0.5, 1.0),
                                           color_jitter=0.0)
-        self.maskers = {"text": text_masker(tokenizer, text_mask_prob, seed=seed), "pair": text_masker(tokenizer, pair_mask_prob, seed=seed)}
+        self.maskers = {kind: text_masker(tokenizer, prob, seed=seed) for kind, prob in (("text", text_mask_prob), ("pair", pair_mask_prob))
+                        if kind in self.batch_sizes}
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.start_step, self.num_steps = start_step, num_steps
 

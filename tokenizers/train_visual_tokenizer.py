@@ -1,0 +1,60 @@
+"""Train a visual tokenizer (VQ-KD of BEiT v2, or a BEiT v1 style dVAE) on a folder of images.
+
+    python tokenizers/train_visual_tokenizer.py --kind vqkd --config configs/tokenizers/vqkd_tiny.yaml [--set train.max_steps=500]
+    deepspeed --num_gpus 8 tokenizers/train_visual_tokenizer.py --kind vqkd --config configs/tokenizers/vqkd_base.yaml
+
+Progress bar, metrics.jsonl (loss, codebook usage, perplexity), checkpoints and resume come from the
+shared engine; the trained tokenizer is written to output_dir/tokenizer (VisualTokenizer.from_pretrained).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=("vqkd", "dvae"), required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    from beit3.data.pretraining import PretrainingBatches, load_sources
+    from beit3.training.config import load_config
+    from beit3.training.engine import Engine, TrainSettings
+    from beit3.training.tokenizer_training import build_visual_tokenizer, visual_tokenizer_step
+
+    config = load_config(args.config, args.set)
+    settings = TrainSettings.from_config(config["train"])
+    data = config["data"]
+    sources = load_sources(images=data["images"])
+    torch.manual_seed(settings.seed)
+    model = build_visual_tokenizer(args.kind, config["preset"], config.get("overrides"), config.get("teacher_checkpoint"))
+    engine = Engine(model, settings, json.loads((ROOT / data.get("deepspeed", "configs/deepspeed/zero1.json")).read_text()))
+
+    def make_loader(start_step: int):
+        batches = PretrainingBatches(sources, {"image": data["batch_size"]}, None, model.image_size, model.patch_size,
+                                     crop_scale=tuple(data.get("crop_scale", (0.08, 1.0))), seed=settings.seed, rank=engine.rank,
+                                     world_size=engine.world_size, start_step=start_step, num_steps=settings.max_steps - start_step)
+        return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=settings.num_workers,
+                                           prefetch_factor=4 if settings.num_workers else None)
+
+    records = engine.fit(visual_tokenizer_step(), make_loader, samples_per_step=data["batch_size"])
+    if engine.rank == 0:
+        engine.module.module.save_pretrained(engine.output_dir / "tokenizer")
+        if records:
+            last = records[-1]
+            print(f"visual tokenizer done: step {last['step']}, loss {last['loss']:.4f}, codebook usage {last['codebook_usage']:.3f}, "
+                  f"perplexity {last['perplexity']:.1f}; saved to {engine.output_dir / 'tokenizer'}")
+    if not records and engine.rank == 0:
+        print(f"nothing to do: {engine.output_dir} already holds a run of {settings.max_steps} steps", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
