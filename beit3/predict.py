@@ -1,0 +1,117 @@
+"""Try a converted or fine-tuned BEiT-3 on local images, from the command line.
+
+    python -m beit3.predict caption  --model beit3-base-cap --images cat.jpg dog.jpg [--num-beams 3]
+    python -m beit3.predict vqa      --model beit3-base-vqa --images cat.jpg --text "what color is the cat?"
+    python -m beit3.predict nlvr2    --model beit3-base-nlvr2 --images left.jpg right.jpg --text "there are two dogs"
+    python -m beit3.predict retrieve --model beit3-base-coco --images a.jpg b.jpg --texts "a cat" "a dog on grass"
+    python -m beit3.predict classify --model beit3-base-in1k --images cat.jpg [--top 5]
+
+The tokenizer (and processor) files are read from ``--tokenizer`` (default: the model folder); a
+folder converted from an official checkpoint has none, so pass the one made from ``beit3.spm``.
+Answer and class names come from the model config's ``id2label``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+from .image_processing_beit3 import Beit3ImageProcessor
+from .modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForVisualQuestionAnswering,
+                             Beit3ForVisualReasoning)
+from .processing_beit3 import Beit3Processor
+
+TASKS = {"caption": Beit3ForCaptioning, "vqa": Beit3ForVisualQuestionAnswering, "nlvr2": Beit3ForVisualReasoning,
+         "retrieve": Beit3ForImageTextRetrieval, "classify": Beit3ForImageClassification}
+
+
+def load_images(paths: list[str]) -> list[Image.Image]:
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"error: cannot read image {path}: {error}") from error
+    return images
+
+
+def predict(task: str, model_dir: str, images: list[str], texts: list[str] | None = None, tokenizer_dir: str | None = None,
+            num_beams: int = 1, max_length: int = 32, top: int = 5) -> list[str]:
+    """Runs one task and returns the lines it would print."""
+    model = TASKS[task].from_pretrained(model_dir).eval()
+    size = model.config.image_size
+    image_processor = Beit3ImageProcessor.for_imagenet(size=size) if task == "classify" else Beit3ImageProcessor(size=size)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir) if task != "classify" else None
+    processor = Beit3Processor(image_processor=image_processor, tokenizer=tokenizer) if tokenizer is not None else None
+    pictures = load_images(images)
+    names = model.config.id2label
+    lines = []
+    with torch.no_grad():
+        if task == "classify":
+            probs = model(pixel_values=image_processor(pictures, return_tensors="pt")["pixel_values"]).logits.softmax(-1)
+            for path, row in zip(images, probs):
+                best = row.topk(min(top, row.numel()))
+                lines.append(f"{path}: " + ", ".join(f"{names.get(int(i), i)} {p:.3f}" for p, i in zip(best.values, best.indices)))
+        elif task == "caption":
+            pixel_values = image_processor(pictures, return_tensors="pt")["pixel_values"]
+            ids = model.generate(pixel_values, max_length=max_length, num_beams=num_beams)
+            lines += [f"{path}: {caption}" for path, caption in zip(images, tokenizer.batch_decode(ids, skip_special_tokens=True))]
+        elif task == "vqa":
+            _need_text(texts, len(pictures))
+            inputs = processor(images=pictures, text=_repeat(texts, len(pictures)), return_tensors="pt")
+            probs = model(**inputs).logits.sigmoid()
+            for path, question, row in zip(images, _repeat(texts, len(pictures)), probs):
+                best = row.topk(min(top, row.numel()))
+                lines.append(f"{path} | {question}: " + ", ".join(f"{names.get(int(i), i)} {p:.3f}" for p, i in zip(best.values, best.indices)))
+        elif task == "nlvr2":
+            if len(pictures) != 2 or not texts:
+                raise SystemExit("error: nlvr2 takes exactly two --images and one --text statement.")
+            pixel_values = image_processor(pictures, return_tensors="pt")["pixel_values"].unsqueeze(0)
+            text = processor.tokenizer(texts[:1], padding="max_length", truncation=True, return_tensors="pt")
+            prob_true = model(pixel_values=pixel_values, **text).logits.softmax(-1)[0, 1].item()
+            lines.append(f"{texts[0]!r} about {images[0]} and {images[1]}: {'true' if prob_true >= 0.5 else 'false'} (p(true) = {prob_true:.3f})")
+        else:
+            _need_text(texts, 1)
+            out = model(**processor(images=pictures, return_tensors="pt"), return_loss=False)
+            text_embeds = model(**{k: v for k, v in processor(text=texts, return_tensors="pt").items()}, return_loss=False).text_embeds
+            scores = out.image_embeds @ text_embeds.t()
+            for path, row in zip(images, scores):
+                lines.append(f"{path}: best match {texts[int(row.argmax())]!r} (" + ", ".join(f"{s:.3f}" for s in row.tolist()) + ")")
+    return lines
+
+
+def _repeat(texts: list[str], count: int) -> list[str]:
+    return texts if len(texts) == count else texts[:1] * count
+
+
+def _need_text(texts: list[str] | None, images: int) -> None:
+    if not texts or not all(t.strip() for t in texts):
+        raise SystemExit("error: this task needs non-empty --text / --texts.")
+    if len(texts) not in (1, images) and images > 1:
+        raise SystemExit(f"error: give one text, or one per image ({images}); got {len(texts)}.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m beit3.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=tuple(TASKS))
+    parser.add_argument("--model", required=True, help="a from_pretrained folder of the task's model")
+    parser.add_argument("--images", nargs="+", required=True)
+    parser.add_argument("--text", "--texts", dest="texts", nargs="+", help="question (vqa), statement (nlvr2) or candidate texts (retrieve)")
+    parser.add_argument("--tokenizer", help="folder with the tokenizer (default: --model)")
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--top", type=int, default=5)
+    args = parser.parse_args(argv)
+    if not Path(args.model).is_dir():
+        raise SystemExit(f"error: no model folder at {args.model} (convert one with python -m beit3.convert --task ...).")
+    for line in predict(args.task, args.model, args.images, args.texts, args.tokenizer, args.num_beams, args.max_length, args.top):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

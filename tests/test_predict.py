@@ -1,0 +1,56 @@
+"""python -m beit3.predict: each task runs on local images with a tiny model and prints its answer."""
+
+import pytest
+from conftest import tiny_config
+
+from beit3 import train_sentencepiece
+from beit3.data.synthetic import write_shapes_world
+from beit3.modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval,
+                                  Beit3ForVisualQuestionAnswering, Beit3ForVisualReasoning)
+from beit3.predict import main, predict
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("predict")
+    paths = write_shapes_world(folder / "data", 30)
+    tokenizer = train_sentencepiece(folder / "tok", vocab_size=36, files=[paths["texts"]], model_max_length=16, quiet=True)
+    images = [str(paths["images"] / f"0000{i}.png") for i in range(2)]
+    labels = {0: "red", 1: "blue", 2: "green"}
+    models = {"caption": Beit3ForCaptioning(tiny_config(mask_token_id=tokenizer.mask_token_id)),
+              "vqa": Beit3ForVisualQuestionAnswering(tiny_config(num_labels=3, id2label=labels)),
+              "nlvr2": Beit3ForVisualReasoning(tiny_config(num_labels=2)),
+              "retrieve": Beit3ForImageTextRetrieval(tiny_config()),
+              "classify": Beit3ForImageClassification(tiny_config(num_labels=3, id2label=labels))}
+    for task, model in models.items():
+        model.save_pretrained(folder / task)
+        tokenizer.save_pretrained(folder / task)
+    return folder, images
+
+
+def test_each_task_prints_its_result(setup):
+    folder, images = setup
+    captions = predict("caption", str(folder / "caption"), images, max_length=8)
+    assert len(captions) == 2 and captions[0].startswith(images[0] + ": ")
+    answers = predict("vqa", str(folder / "vqa"), images[:1], ["what color is the circle?"], top=2)
+    assert len(answers) == 1 and any(name in answers[0] for name in ("red", "blue", "green"))
+    verdict = predict("nlvr2", str(folder / "nlvr2"), images, ["there is a red circle"])
+    assert "p(true) =" in verdict[0] and ("true" in verdict[0] or "false" in verdict[0])
+    matches = predict("retrieve", str(folder / "retrieve"), images, ["a big red circle", "a small blue square"])
+    assert len(matches) == 2 and "best match" in matches[0]
+    classes = predict("classify", str(folder / "classify"), images, top=3)
+    assert all(name in classes[0] for name in ("red", "blue", "green"))
+
+
+def test_bad_input_is_refused_with_a_message(setup, tmp_path):
+    folder, images = setup
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match=f"cannot read image {broken}"):
+        main(["classify", "--model", str(folder / "classify"), "--images", str(broken)])
+    with pytest.raises(SystemExit, match="needs non-empty"):
+        main(["vqa", "--model", str(folder / "vqa"), "--images", images[0], "--text", " "])
+    with pytest.raises(SystemExit, match="exactly two --images"):
+        main(["nlvr2", "--model", str(folder / "nlvr2"), "--images", images[0], "--text", "x"])
+    with pytest.raises(SystemExit, match="no model folder"):
+        main(["caption", "--model", str(tmp_path / "missing"), "--images", images[0]])
