@@ -1,0 +1,126 @@
+"""What every fine-tuning reader shares: JSON Lines through ``datasets``, image checks and loading,
+text encoding to the fixed-length ids the heads take, and splitting a batch into model inputs and ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+# Keys a task dataset returns beside the model inputs, to write predictions or score them; the heads
+# do not take them, so ``split_batch`` sets them apart.
+METADATA_KEYS = ("question_id", "image_id", "identifier", "index")
+_SHOWN_MISSING = 5
+
+
+def read_jsonl(path: str | os.PathLike, columns: Sequence[str] | None = None, optional: Sequence[str] = ()) -> list[dict]:
+    """The rows of a JSON Lines file as dicts, read with ``datasets`` (so a big file is parsed by Arrow).
+
+    ``columns``: keep only these fields, which the file must have; ``optional``: also these, where present.
+    """
+    from datasets import load_dataset
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No JSON Lines file at {path}.")
+    try:
+        data = load_dataset("json", data_files=str(path), split="train")
+    except Exception as error:  # datasets wraps the JSON parser's errors in its own types
+        raise ValueError(f"{path} is not a JSON Lines file (one JSON object per line): {error}") from error
+    if columns is not None:
+        missing = [c for c in columns if c not in data.column_names]
+        if missing:
+            raise ValueError(f"{path} has no field(s) {missing}; its fields are {data.column_names}. Is it the right file?")
+        data = data.select_columns(list(columns) + [c for c in optional if c in data.column_names])
+    return data.to_list()
+
+
+def read_json(path: str | os.PathLike):
+    """One JSON document, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No JSON file at {path}.")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
+def check_images_exist(paths: Iterable[str | os.PathLike], what: str = "images") -> None:
+    """Raises FileNotFoundError naming the first missing files and how many are missing in all."""
+    missing = sorted({str(p) for p in paths if not os.path.isfile(p)})
+    if missing:
+        shown = ", ".join(missing[:_SHOWN_MISSING]) + (", ..." if len(missing) > _SHOWN_MISSING else "")
+        raise FileNotFoundError(f"{len(missing)} {what} not found: {shown}. Check the image folder argument, or pass "
+                                "check_images=False to read the index without the images.")
+
+
+def require_text(text, where: str) -> str:
+    """``text`` if it holds a word; else a ValueError saying which record is empty."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where} has an empty text ({text!r}); every question or caption needs at least one word. "
+                         "Fix or drop that record.")
+    return text
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Reads an image fully into memory as RGB; an unreadable file raises an error naming its path."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits rather than clip at 255
+                image = Image.fromarray((np.asarray(image, dtype=np.float32) / 256).clip(0, 255).astype(np.uint8))
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Image file not found: {path}.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"Cannot read the image {path}: {error}. Replace the file or drop its records.") from error
+
+
+def transform_image(transform, image: Image.Image) -> torch.Tensor:
+    """(C, H, W) float from a PIL image: ``transform`` is a Hugging Face image processor (e.g.
+    ``Beit3ImageProcessor``) or any callable returning a tensor (e.g. a torchvision transform)."""
+    from transformers.image_processing_utils import BaseImageProcessor
+
+    if isinstance(transform, BaseImageProcessor):
+        return transform(image, return_tensors="pt")["pixel_values"][0]
+    out = transform(image)
+    if isinstance(out, Mapping):
+        out = out["pixel_values"]
+        out = out[0] if out.dim() == 4 else out
+    if not isinstance(out, torch.Tensor) or out.dim() != 3:
+        raise TypeError(f"The image transform must give a (C, H, W) tensor; it gave {type(out).__name__} "
+                        f"{tuple(getattr(out, 'shape', ()))}.")
+    return out
+
+
+def encode_text(tokenizer, text: str | None = None, ids: Sequence[int] | None = None, max_length: int = 64) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (max_length,): ``<s> text </s>`` right-padded, as unilm feeds the models.
+
+    ``ids``: the text already as piece ids without specials (the official index files' ``text_segment``);
+    they are wrapped, truncated and padded exactly like a tokenized text.
+    """
+    if ids is None:
+        encoded = tokenizer(text, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        return {"input_ids": encoded["input_ids"][0], "attention_mask": encoded["attention_mask"][0]}
+    if max_length < 3:
+        raise ValueError(f"max_length {max_length} leaves no room for a token between <s> and </s>.")
+    tokens = [tokenizer.bos_token_id, *list(ids)[:max_length - 2], tokenizer.eos_token_id]
+    input_ids = torch.full((max_length,), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids[:len(tokens)] = torch.tensor(tokens)
+    attention_mask = torch.zeros(max_length, dtype=torch.long)
+    attention_mask[:len(tokens)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def split_batch(batch: Mapping) -> tuple[dict, dict]:
+    """(model inputs, metadata): the ids in ``METADATA_KEYS`` go to the second dict, so ``head(**inputs)`` works."""
+    inputs = {k: v for k, v in batch.items() if k not in METADATA_KEYS}
+    return inputs, {k: v for k, v in batch.items() if k in METADATA_KEYS}

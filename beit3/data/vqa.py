@@ -1,0 +1,276 @@
+"""VQAv2: the official question and annotation files, the answer vocabulary and soft scores, and a torch Dataset.
+
+Inputs, as downloaded from visualqa.org:
+    v2_OpenEnded_mscoco_{train2014,val2014,test2015,test-dev2015}_questions.json
+        {"data_subtype", "questions": [{"image_id", "question", "question_id"}]}
+    v2_mscoco_{train2014,val2014}_annotations.json
+        {"annotations": [{"question_id", "image_id", "multiple_choice_answer", "answers": [{"answer", "answer_id", ...}] x 10}]}
+    images: <image_root>/<train2014|val2014|test2015>/COCO_<folder>_<image_id:012d>.jpg (test-dev images live in test2015/)
+
+The vocabulary and the soft scores follow BEiT-3's (ViLT's) recipe, which the released 3129-way
+heads are indexed by: normalized ``multiple_choice_answer`` of train then val, kept if seen at least
+9 times, labels in order of first appearance; per question, each raw annotator answer in the
+vocabulary scores 0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / 4+ annotators.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .common import check_images_exist, encode_text, load_rgb, read_json, read_jsonl, require_text, transform_image
+
+# The official VQA evaluation's normalizer (vqaEval.py), which ViLT's glossary.py and BEiT-3 copy.
+_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+# The official pattern is "(?!<=\d)(\.)(?!\d)": a typo for a look-behind, so it only keeps periods followed by a digit.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
+            "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+# Keys with capitals (Im, Ive, Id've, I'dve) never match after lower-casing; kept as the official table has them.
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't", "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
+    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
+    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's",
+    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've",
+    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all",
+    "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+# Score of an answer given by n of the 10 annotators (BEiT-3/ViLT; not min(1, n / 3)).
+_SCORE_TABLE = (0.0, 0.3, 0.6, 0.9)
+
+
+def process_punctuation(text: str) -> str:
+    """The official evaluation's first step: punctuation next to a space (or anywhere, if the text has a
+    comma between digits) is removed, elsewhere it becomes a space; periods not before a digit go."""
+    out = text
+    remove = re.search(_COMMA_BETWEEN_DIGITS, text) is not None
+    for mark in _PUNCTUATION:
+        if remove or mark + " " in text or " " + mark in text:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    # The official code passes re.UNICODE (32) where sub() takes its count: at most 32 periods go.
+    return _PERIOD_STRIP.sub("", out, count=re.UNICODE)
+
+
+def process_digits_and_articles(text: str) -> str:
+    """The official evaluation's second step: lower-case, number words to digits, no articles, contractions restored."""
+    words = [_NUMBERS.get(word, word) for word in text.lower().split()]
+    return " ".join(_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES)
+
+
+def normalize_answer(text: str) -> str:
+    """The VQA answer normalization: ``"Two dogs."`` -> ``"2 dogs"``, ``"the Cat"`` -> ``"cat"``, ``"dont"`` -> ``"don't"``."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return process_digits_and_articles(process_punctuation(text)).replace(",", "")
+
+
+def answer_score(count: int) -> float:
+    """Soft score of an answer that ``count`` of the annotators gave: 0, 0.3, 0.6, 0.9, then 1.0 for 4 or more."""
+    return _SCORE_TABLE[count] if count < len(_SCORE_TABLE) else 1.0
+
+
+@dataclass
+class VqaRecord:
+    """One question. ``labels``/``scores``: the vocabulary answers with their soft scores (empty for test);
+    ``answers``: the raw annotator answers, for the official accuracy. The official index files hold
+    the question as piece ids (``text_ids``) instead of ``question``."""
+
+    question_id: int
+    image_path: str
+    question: str | None
+    labels: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    image_id: int | None = None
+    text_ids: list[int] | None = None
+
+
+@dataclass
+class VqaSplit:
+    """Records of one split, with what was left out: annotator answers outside the vocabulary (ignored) and
+    questions left with no vocabulary answer (dropped, as the official recipe does for train and val)."""
+
+    records: list[VqaRecord]
+    out_of_vocabulary_answers: int = 0
+    dropped_questions: int = 0
+
+
+def _annotations(path) -> list[dict]:
+    data = read_json(path)
+    if not isinstance(data, dict) or "annotations" not in data:
+        raise ValueError(f"{path} is not a VQA annotation file: it needs a top-level \"annotations\" list "
+                         "(v2_mscoco_<split>_annotations.json).")
+    return data["annotations"]
+
+
+def build_answer_vocabulary(annotation_files: Sequence[str | os.PathLike], min_count: int = 9) -> dict[str, int]:
+    """answer -> label: the normalized ``multiple_choice_answer`` seen at least ``min_count`` times over the
+    files (train, then val, for the released heads: 3129 answers), labels in order of first appearance."""
+    counts = Counter(normalize_answer(a["multiple_choice_answer"]) for path in annotation_files for a in _annotations(path))
+    return {answer: label for label, answer in enumerate(a for a, n in counts.items() if n >= min_count)}
+
+
+def write_answer2label(path: str | os.PathLike, answer2label: Mapping[str, int]) -> None:
+    """``answer2label.txt`` as the official code writes it: one ``{"answer": ..., "label": ...}`` per line, by label."""
+    lines = (json.dumps({"answer": answer, "label": label}) for answer, label in sorted(answer2label.items(), key=lambda x: x[1]))
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def read_answer2label(path: str | os.PathLike) -> dict[str, int]:
+    """Reads ``answer2label.txt``; the labels must be 0..N-1, each once."""
+    answer2label = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                answer2label[item["answer"]] = int(item["label"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"{path}:{number} is not an {{\"answer\", \"label\"}} line ({error}).") from error
+    if sorted(answer2label.values()) != list(range(len(answer2label))):
+        raise ValueError(f"{path}: the labels are not 0..{len(answer2label) - 1}, each once; the file is damaged or not answer2label.txt.")
+    return answer2label
+
+
+def image_folder_of(data_subtype: str) -> str:
+    """The image folder of a question file's ``data_subtype``: test-dev2015 questions are about test2015 images."""
+    return "test2015" if data_subtype.startswith("test") else data_subtype
+
+
+def read_vqa(questions_file: str | os.PathLike, image_root: str | os.PathLike, annotations_file: str | os.PathLike | None = None,
+             answer2label: Mapping[str, int] | None = None, drop_unlabeled: bool = True, check_images: bool = True) -> VqaSplit:
+    """One split from the official files.
+
+    Args:
+        questions_file: ``v2_OpenEnded_mscoco_<split>_questions.json``.
+        image_root: the folder holding ``train2014/``, ``val2014/``, ``test2015/``.
+        annotations_file: ``v2_mscoco_<split>_annotations.json``; None for test and test-dev.
+        answer2label: the vocabulary (``build_answer_vocabulary`` / ``read_answer2label``); needed with annotations.
+        drop_unlabeled: leave out questions none of whose annotator answers is in the vocabulary (the official
+            training data); False keeps them (with empty labels), e.g. to score the official accuracy on all of val.
+        check_images: raise FileNotFoundError up front, naming the missing image files.
+    """
+    data = read_json(questions_file)
+    if not isinstance(data, dict) or "questions" not in data:
+        raise ValueError(f"{questions_file} is not a VQA question file: it needs a top-level \"questions\" list "
+                         "(v2_OpenEnded_mscoco_<split>_questions.json).")
+    subtype = data.get("data_subtype")
+    if subtype is None:
+        match = re.search(r"(train2014|val2014|test-dev2015|test2015)", Path(questions_file).name)
+        if match is None:
+            raise ValueError(f"{questions_file} has no \"data_subtype\" and its name does not say the split; cannot find its images.")
+        subtype = match.group(1)
+    folder = image_folder_of(subtype)
+    if annotations_file is not None and answer2label is None:
+        raise ValueError("Annotations need the answer vocabulary: pass answer2label (build_answer_vocabulary or read_answer2label).")
+    by_question = {a["question_id"]: a for a in _annotations(annotations_file)} if annotations_file is not None else None
+
+    records, out_of_vocabulary, dropped = [], 0, 0
+    for q in data["questions"]:
+        question_id = q["question_id"]
+        require_text(q.get("question"), f"Question {question_id} in {questions_file}")
+        record = VqaRecord(question_id=question_id, question=q["question"], image_id=q["image_id"],
+                           image_path=os.path.join(image_root, folder, f"COCO_{folder}_{q['image_id']:012d}.jpg"))
+        if by_question is not None:
+            if question_id not in by_question:
+                raise ValueError(f"Question {question_id} of {questions_file} has no annotation in {annotations_file}; "
+                                 "are they files of the same split?")
+            record.answers = [a["answer"] for a in by_question[question_id]["answers"]]
+            # Raw annotator strings, not normalized, as the official recipe counts them.
+            for answer, count in Counter(record.answers).items():
+                if answer in answer2label:
+                    record.labels.append(answer2label[answer])
+                    record.scores.append(answer_score(count))
+                else:
+                    out_of_vocabulary += count
+            if not record.labels and drop_unlabeled:
+                dropped += 1
+                continue
+        records.append(record)
+    if check_images:
+        check_images_exist((r.image_path for r in records), f"VQA images of {Path(questions_file).name}")
+    return VqaSplit(records, out_of_vocabulary, dropped)
+
+
+def read_vqa_index(index_file: str | os.PathLike, data_root: str | os.PathLike, check_images: bool = True) -> list[VqaRecord]:
+    """The official index (``vqa.{train,val,test,test-dev,trainable_val,rest_val}.jsonl``): lines
+    ``{"image_path", "text_segment", "labels", "scores", "qid"}``, image paths relative to ``data_root``,
+    questions as piece ids of ``beit3.spm`` (so only that tokenizer's ids fit)."""
+    rows = read_jsonl(index_file, columns=["image_path", "text_segment", "labels", "scores", "qid"])
+    records = []
+    for number, row in enumerate(rows, 1):
+        if not row["text_segment"]:
+            raise ValueError(f"{index_file}:{number} (question {row['qid']}) has an empty text_segment; every question needs a word.")
+        records.append(VqaRecord(question_id=row["qid"], image_path=os.path.join(data_root, row["image_path"]), question=None,
+                                 labels=list(row["labels"] or []), scores=list(row["scores"] or []), text_ids=list(row["text_segment"])))
+    if check_images:
+        check_images_exist((r.image_path for r in records), f"VQA images of {Path(index_file).name}")
+    return records
+
+
+class VqaDataset(torch.utils.data.Dataset):
+    """Items for ``Beit3ForVisualQuestionAnswering``:
+
+        pixel_values (C, H, W), input_ids (T,), attention_mask (T,),
+        labels (num_labels,) float soft scores (for annotated questions only), question_id () long.
+
+    ``image_transform``: an image processor or a callable PIL -> (C, H, W) tensor (a training augmentation).
+    """
+
+    def __init__(self, records: Sequence[VqaRecord], image_transform, tokenizer, num_labels: int, max_length: int = 64):
+        self.records, self.image_transform, self.tokenizer = list(records), image_transform, tokenizer
+        self.num_labels, self.max_length = num_labels, max_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        record = self.records[index]
+        item = {"pixel_values": transform_image(self.image_transform, load_rgb(record.image_path)),
+                **encode_text(self.tokenizer, record.question, record.text_ids, self.max_length),
+                "question_id": torch.tensor(record.question_id)}
+        if record.labels or record.answers:  # annotated; test questions have neither
+            labels = torch.zeros(self.num_labels)
+            labels[torch.tensor(record.labels)] = torch.tensor(record.scores, dtype=torch.float)
+            item["labels"] = labels
+        return item
+
+
+def label_to_answer(answer2label: Mapping[str, int]) -> list[str]:
+    """The answers indexed by label, to decode ``logits.argmax(-1)``."""
+    answers = [""] * len(answer2label)
+    for answer, label in answer2label.items():
+        answers[label] = answer
+    return answers
+
+
+def answers_from_records(records: Iterable[VqaRecord]) -> dict[int, list[str]]:
+    """question_id -> the raw annotator answers, the ground truth of ``beit3.metrics.vqa_accuracy``."""
+    return {r.question_id: r.answers for r in records if r.answers}

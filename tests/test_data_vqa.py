@@ -1,0 +1,160 @@
+"""VQAv2 reader: normalization, answer vocabulary, soft scores, out-of-vocabulary counts, images, the Dataset feeding the head."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from beit3 import Beit3ImageProcessor, train_sentencepiece
+from beit3.data.common import split_batch
+from beit3.data.vqa import (VqaDataset, answer_score, answers_from_records, build_answer_vocabulary, label_to_answer, normalize_answer,
+                            read_answer2label, read_vqa, read_vqa_index, write_answer2label)
+from beit3.modeling_heads import Beit3ForVisualQuestionAnswering
+
+WORDS = "what color is the bus how many dogs are there red two yes no cat on a table".split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    rng = random.Random(0)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    (folder / "corpus.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(300)))
+    return train_sentencepiece(folder, 40, files=[folder / "corpus.txt"], model_max_length=16, quiet=True)
+
+
+def image(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), (seed * 50 % 256, 80, 120)).save(path)
+
+
+def annotation(question_id, image_id, multiple_choice, answers):
+    return {"question_id": question_id, "image_id": image_id, "multiple_choice_answer": multiple_choice,
+            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]}
+
+
+def write_vqa(root):
+    """Train: 3 questions (Q3 has no answer in the vocabulary), val: 4, test-dev: 1; every image but Q3's."""
+    train_questions = [{"image_id": 1, "question": "What color is the bus?", "question_id": 10},
+                       {"image_id": 1, "question": "How many dogs are there?", "question_id": 11},
+                       {"image_id": 2, "question": "Is there a cat?", "question_id": 12}]
+    train_annotations = [annotation(10, 1, "Red", ["red"] * 4 + ["blue"] * 3 + ["dark red"] * 2 + ["red."]),
+                         annotation(11, 1, "two", ["2"] * 3 + ["yes"] + ["no"] * 6),
+                         annotation(12, 2, "yes", ["purple"] * 10)]
+    val_questions = [{"image_id": 3, "question": q, "question_id": i} for i, q in ((20, "What color?"), (21, "How many?"),
+                                                                                    (22, "Is it on a table?"), (23, "Is it red?"))]
+    val_annotations = [annotation(20, 3, "red.", ["yes"] * 2 + ["red"] * 8), annotation(21, 3, "2", ["2"] * 10),
+                       annotation(22, 3, "yes", ["yes"] * 10), annotation(23, 3, "no", ["no"] * 10)]
+    files = {"train_q": ("v2_OpenEnded_mscoco_train2014_questions.json", {"data_subtype": "train2014", "questions": train_questions}),
+             "train_a": ("v2_mscoco_train2014_annotations.json", {"annotations": train_annotations}),
+             "val_q": ("v2_OpenEnded_mscoco_val2014_questions.json", {"data_subtype": "val2014", "questions": val_questions}),
+             "val_a": ("v2_mscoco_val2014_annotations.json", {"annotations": val_annotations}),
+             "testdev_q": ("v2_OpenEnded_mscoco_test-dev2015_questions.json",
+                           {"data_subtype": "test-dev2015", "questions": [{"image_id": 7, "question": "What is on the table?",
+                                                                           "question_id": 70}]})}
+    paths = {}
+    for key, (name, content) in files.items():
+        paths[key] = root / name
+        paths[key].write_text(json.dumps(content))
+    image(root / "train2014" / "COCO_train2014_000000000001.jpg", 1)
+    image(root / "val2014" / "COCO_val2014_000000000003.jpg", 3)
+    image(root / "test2015" / "COCO_test2015_000000000007.jpg", 7)
+    return paths
+
+
+def test_normalization_follows_the_official_vqa_eval():
+    examples = {"Two dogs.": "2 dogs", "the Cat": "cat", "dont": "don't", "yes!": "yes", "1,000": "1000", "3.5": "3.5",
+                "a dog, a cat": "dog cat", "black-and-white": "black and white", "none": "0", "  Ten\t": "10",
+                "isnt it": "isn't it", "(left)": "left", "an apple": "apple"}
+    assert {text: normalize_answer(text) for text in examples} == examples
+
+
+def test_vocabulary_soft_scores_and_out_of_vocabulary_counts(tmp_path):
+    paths = write_vqa(tmp_path)
+    # multiple-choice answers, normalized: red 2 yes | red 2 yes no -> red, 2, yes seen twice; "no" once
+    vocabulary = build_answer_vocabulary([paths["train_a"], paths["val_a"]], min_count=2)
+    assert vocabulary == {"red": 0, "2": 1, "yes": 2}
+    assert [answer_score(n) for n in range(6)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]
+
+    train = read_vqa(paths["train_q"], tmp_path, paths["train_a"], vocabulary)
+    # Q10: red x4 -> 1.0; blue x3, "dark red" x2 and the raw "red." (not normalized, as the recipe counts) are outside: 6
+    # Q11: "2" x3 -> 0.9, yes x1 -> 0.3; no x6 outside: 6.  Q12: purple x10 outside, dropped with its (missing) image: 10
+    assert [(r.question_id, r.labels, r.scores) for r in train.records] == [(10, [0], [1.0]), (11, [1, 2], [0.9, 0.3])]
+    assert (train.out_of_vocabulary_answers, train.dropped_questions) == (22, 1)
+    assert train.records[0].image_path == str(tmp_path / "train2014" / "COCO_train2014_000000000001.jpg")
+    assert train.records[0].question == "What color is the bus?" and len(train.records[0].answers) == 10
+    kept = read_vqa(paths["train_q"], tmp_path, paths["train_a"], vocabulary, drop_unlabeled=False, check_images=False)
+    assert [r.question_id for r in kept.records] == [10, 11, 12] and kept.records[2].labels == []
+    assert answers_from_records(train.records)[11] == ["2"] * 3 + ["yes"] + ["no"] * 6
+
+    write_answer2label(tmp_path / "answer2label.txt", vocabulary)
+    assert json.loads((tmp_path / "answer2label.txt").read_text().splitlines()[1]) == {"answer": "2", "label": 1}
+    assert read_answer2label(tmp_path / "answer2label.txt") == vocabulary and label_to_answer(vocabulary) == ["red", "2", "yes"]
+    (tmp_path / "bad.txt").write_text('{"answer": "red", "label": 0}\n{"answer": "2", "label": 5}\n')
+    with pytest.raises(ValueError, match="not 0..1"):
+        read_answer2label(tmp_path / "bad.txt")
+
+
+def test_test_dev_questions_use_test2015_images_and_have_no_labels(tmp_path, tokenizer):
+    paths = write_vqa(tmp_path)
+    records = read_vqa(paths["testdev_q"], tmp_path).records
+    assert records[0].image_path == str(tmp_path / "test2015" / "COCO_test2015_000000000007.jpg") and records[0].labels == []
+    item = VqaDataset(records, Beit3ImageProcessor(size=32), tokenizer, num_labels=3)[0]
+    assert set(item) == {"pixel_values", "input_ids", "attention_mask", "question_id"} and int(item["question_id"]) == 70
+
+
+def test_missing_corrupt_images_and_empty_questions_are_reported(tmp_path, tokenizer):
+    paths = write_vqa(tmp_path)
+    vocabulary = {"red": 0, "2": 1, "yes": 2}
+    missing = tmp_path / "val2014" / "COCO_val2014_000000000003.jpg"
+    missing.unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 VQA images of v2_OpenEnded_mscoco_val2014_questions.json not found: .*"
+                                                 + "COCO_val2014_000000000003.jpg"):
+        read_vqa(paths["val_q"], tmp_path, paths["val_a"], vocabulary)
+    missing.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    records = read_vqa(paths["val_q"], tmp_path, paths["val_a"], vocabulary).records
+    with pytest.raises(ValueError, match="Cannot read the image .*COCO_val2014_000000000003.jpg"):
+        VqaDataset(records, Beit3ImageProcessor(size=32), tokenizer, num_labels=3)[0]
+
+    questions = json.loads(paths["val_q"].read_text())
+    questions["questions"][1]["question"] = "  "
+    paths["val_q"].write_text(json.dumps(questions))
+    with pytest.raises(ValueError, match="Question 21 .* empty text"):
+        read_vqa(paths["val_q"], tmp_path, paths["val_a"], vocabulary)
+    with pytest.raises(ValueError, match="answer vocabulary"):
+        read_vqa(paths["train_q"], tmp_path, paths["train_a"])
+
+
+def test_dataset_feeds_the_vqa_head(tmp_path, tokenizer):
+    paths = write_vqa(tmp_path)
+    vocabulary = build_answer_vocabulary([paths["train_a"], paths["val_a"]], min_count=2)
+    records = read_vqa(paths["train_q"], tmp_path, paths["train_a"], vocabulary).records
+    data = VqaDataset(records, Beit3ImageProcessor(size=32), tokenizer, num_labels=len(vocabulary), max_length=16)
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=2)))
+    inputs, metadata = split_batch(batch)
+    assert inputs["pixel_values"].shape == (2, 3, 32, 32) and inputs["input_ids"].shape == inputs["attention_mask"].shape == (2, 16)
+    assert torch.allclose(inputs["labels"], torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.9, 0.3]]))
+    assert metadata["question_id"].tolist() == [10, 11]
+    assert inputs["input_ids"][1].tolist() == tokenizer("How many dogs are there?", padding="max_length", max_length=16)["input_ids"]
+    model = Beit3ForVisualQuestionAnswering(tiny_config(vocab_size=len(tokenizer), num_labels=len(vocabulary)))
+    out = model(**inputs)
+    assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_official_index_files(tmp_path, tokenizer):
+    write_vqa(tmp_path)
+    rows = [{"image_path": "train2014/COCO_train2014_000000000001.jpg", "text_segment": [5, 6, 7], "labels": [0, 2],
+             "scores": [1.0, 0.3], "qid": 10},
+            {"image_path": "test2015/COCO_test2015_000000000007.jpg", "text_segment": [8], "labels": [], "scores": [], "qid": 70}]
+    (tmp_path / "vqa.train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records = read_vqa_index(tmp_path / "vqa.train.jsonl", tmp_path)
+    assert [(r.question_id, r.labels, r.scores, r.text_ids) for r in records] == [(10, [0, 2], [1.0, 0.3], [5, 6, 7]), (70, [], [], [8])]
+    item = VqaDataset(records, Beit3ImageProcessor(size=32), tokenizer, num_labels=3, max_length=6)[0]
+    assert item["input_ids"].tolist() == [0, 5, 6, 7, 2, 1] and item["attention_mask"].tolist() == [1, 1, 1, 1, 1, 0]
+    assert item["labels"].tolist() == pytest.approx([1.0, 0.0, 0.3])
+    (tmp_path / "vqa.bad.jsonl").write_text(json.dumps({**rows[0], "text_segment": []}) + "\n")
+    with pytest.raises(ValueError, match="empty text_segment"):
+        read_vqa_index(tmp_path / "vqa.bad.jsonl", tmp_path)
