@@ -1,0 +1,47 @@
+"""Batches of a map-style dataset as a pure function of (seed, step, rank): resumable without sampler state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields this rank's index batches for steps ``start_step, start_step + 1, ...`` (``num_steps`` of them).
+
+    Each epoch is a seeded permutation of the dataset; the global batch of a step is the next
+    ``batch_size * world_size`` positions, of which this rank takes its slice. With ``shuffle=False``
+    (evaluation) the order is the dataset's own and a single pass is given, the last batch short.
+    """
+
+    def __init__(self, dataset_size: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 start_step: int = 0, num_steps: int | None = None, shuffle: bool = True):
+        if dataset_size == 0:
+            raise ValueError("The dataset is empty: check its files and split.")
+        self.size, self.batch_size, self.seed = dataset_size, batch_size, seed
+        self.rank, self.world_size, self.start_step, self.shuffle = rank, world_size, start_step, shuffle
+        self.num_steps = num_steps if num_steps is not None else -(-dataset_size // (batch_size * world_size))
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if not self.shuffle:  # one ordered pass, split across ranks
+            for start in range(self.rank * self.batch_size, self.size, self.batch_size * self.world_size):
+                yield list(range(start, min(start + self.batch_size, self.size)))
+            return
+        cached_epoch, permutation = None, None
+        for step in range(self.start_step, self.start_step + self.num_steps):
+            first = (step * self.world_size + self.rank) * self.batch_size
+            batch = []
+            for position in range(first, first + self.batch_size):
+                epoch, offset = divmod(position, self.size)
+                if epoch != cached_epoch:
+                    cached_epoch, permutation = epoch, self._permutation(epoch)
+                batch.append(int(permutation[offset]))
+            yield batch
