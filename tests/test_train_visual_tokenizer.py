@@ -33,6 +33,8 @@ def test_training_writes_a_loadable_tokenizer_and_resumes(tmp_path, kind):
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(0 < r["codebook_usage"] <= 1 and r["perplexity"] >= 1 for r in records)
+    pictures = ["code_maps.png", "codebook_usage.png"] + (["reconstructions.png"] if kind == "dvae" else [])
+    assert all((output / name).stat().st_size > 1000 for name in pictures)
     tokenizer = VisualTokenizer.from_pretrained(output / "tokenizer")
     codes = tokenizer.get_codebook_indices(torch.rand(2, 3, 64, 64))
     assert codes.shape == (2, (64 // tokenizer.patch_size) ** 2) and 0 <= codes.min() and codes.max() < tokenizer.codebook_size

@@ -47,13 +47,41 @@ def main(argv=None) -> None:
 
     records = engine.fit(visual_tokenizer_step(), make_loader, samples_per_step=data["batch_size"])
     if engine.rank == 0:
-        engine.module.module.save_pretrained(engine.output_dir / "tokenizer")
+        tokenizer = engine.module.module
+        tokenizer.save_pretrained(engine.output_dir / "tokenizer")
+        save_pictures(tokenizer, engine.output_dir, batches_for_pictures(sources, model, settings.seed))
         if records:
             last = records[-1]
             print(f"visual tokenizer done: step {last['step']}, loss {last['loss']:.4f}, codebook usage {last['codebook_usage']:.3f}, "
                   f"perplexity {last['perplexity']:.1f}; saved to {engine.output_dir / 'tokenizer'}")
     if not records and engine.rank == 0:
         print(f"nothing to do: {engine.output_dir} already holds a run of {settings.max_steps} steps", file=sys.stderr)
+
+
+def batches_for_pictures(sources, model, seed: int) -> torch.Tensor:
+    """Eight center views (the tokenizer's [0, 1] input) of the first training images."""
+    from beit3.data.images import tokenizer_transform
+    from beit3.data.pretraining import _open_rgb
+
+    transform = tokenizer_transform(model.image_size)
+    return torch.stack([transform(_open_rgb(path)) for path in sources["image"]["path"][:8]])
+
+
+def save_pictures(tokenizer, output_dir: Path, images: torch.Tensor) -> None:
+    """code_maps.png, codebook_usage.png and, for a dVAE, reconstructions.png in output_dir."""
+    from beit3.visualization import save_code_maps, save_codebook_usage, save_reconstructions
+
+    tokenizer.eval()
+    images = images.to(next(tokenizer.parameters()).device)
+    with torch.no_grad():
+        codes = tokenizer.get_codebook_indices(images)
+        grid = images.shape[-1] // tokenizer.patch_size
+        save_code_maps(images.cpu(), codes.cpu(), grid, output_dir / "code_maps.png", tokenizer.codebook_size)
+        if tokenizer.kind == "dvae":
+            save_reconstructions(images.cpu(), tokenizer.decode(codes).cpu(), output_dir / "reconstructions.png")
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    save_codebook_usage([r["step"] for r in records], [r["codebook_usage"] for r in records], output_dir / "codebook_usage.png",
+                        [r["perplexity"] for r in records])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -28,19 +27,11 @@ from datasets import Dataset, load_dataset
 from PIL import Image
 
 from ..masking import BlockMaskGenerator, mask_text_tokens, text_masker
+from .images import list_images
 from ..views import TwoViewTransform
 
 KINDS = ("image", "text", "pair")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _MAX_REPLACEMENTS = 16
-
-
-def list_images(folder: str | os.PathLike) -> list[str]:
-    """Every image file below ``folder``, sorted, as paths."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"No image folder at {folder}.")
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def load_sources(images: str | None = None, texts: list[str] | None = None, pairs: list[str] | None = None) -> dict[str, Dataset]:
@@ -50,7 +41,7 @@ def load_sources(images: str | None = None, texts: list[str] | None = None, pair
     """
     sources = {}
     if images:
-        sources["image"] = Dataset.from_dict({"path": list_images(images)})
+        sources["image"] = Dataset.from_dict({"path": [str(p) for p in list_images(images)]})
     if texts:
         files = [str(f) for f in texts]
         plain = [f for f in files if not f.endswith((".jsonl", ".json"))]
