@@ -37,3 +37,14 @@ def torchscale_reference(final_layernorm: bool, image_size: int = REFERENCE["ima
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def word_tokenizer(folder, words: list[str], vocab_size: int, **kwargs):
+    """A SentencePiece tokenizer trained on 300 random sentences over ``words`` (3 to 9 words each)."""
+    import random
+
+    from beit3 import train_sentencepiece
+
+    rng = random.Random(0)
+    (folder / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(300)))
+    return train_sentencepiece(folder, vocab_size, files=[folder / "corpus.txt"], quiet=True, **kwargs)

@@ -1,14 +1,13 @@
 """Karpathy splits (COCO, Flickr30k): images and raw captions per split, ids, retrieval and captioning items, errors."""
 
 import json
-import random
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, word_tokenizer
 from PIL import Image
 
-from beit3 import Beit3ImageProcessor, train_sentencepiece
+from beit3 import Beit3ImageProcessor
 from beit3.data.common import split_batch
 from beit3.data.karpathy import (ImageOnlyDataset, ImageTextDataset, TextOnlyDataset, captioning_records, read_karpathy,
                                  retrieval_records)
@@ -19,10 +18,7 @@ WORDS = "a man riding horse on the beach dog playing with ball two people street
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    rng = random.Random(0)
-    folder = tmp_path_factory.mktemp("tokenizer")
-    (folder / "corpus.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(300)))
-    return train_sentencepiece(folder, 32, files=[folder / "corpus.txt"], model_max_length=16, quiet=True)
+    return word_tokenizer(tmp_path_factory.mktemp("tokenizer"), WORDS, 32, model_max_length=16)
 
 
 def sentences(*raw):

@@ -1,14 +1,13 @@
 """VQAv2 reader: normalization, answer vocabulary, soft scores, out-of-vocabulary counts, images, the Dataset feeding the head."""
 
 import json
-import random
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, word_tokenizer
 from PIL import Image
 
-from beit3 import Beit3ImageProcessor, train_sentencepiece
+from beit3 import Beit3ImageProcessor
 from beit3.data.common import split_batch
 from beit3.data.vqa import (VqaDataset, answer_score, answers_from_records, build_answer_vocabulary, label_to_answer, normalize_answer,
                             read_answer2label, read_vqa, read_vqa_index, write_answer2label)
@@ -19,10 +18,7 @@ WORDS = "what color is the bus how many dogs are there red two yes no cat on a t
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    rng = random.Random(0)
-    folder = tmp_path_factory.mktemp("tokenizer")
-    (folder / "corpus.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(300)))
-    return train_sentencepiece(folder, 40, files=[folder / "corpus.txt"], model_max_length=16, quiet=True)
+    return word_tokenizer(tmp_path_factory.mktemp("tokenizer"), WORDS, 40, model_max_length=16)
 
 
 def image(path, seed):

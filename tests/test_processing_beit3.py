@@ -1,26 +1,21 @@
 """Beit3Processor: images and texts in, Beit3Model's inputs out; save/load through AutoProcessor."""
 
-import random
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, word_tokenizer
 from PIL import Image
 from transformers import AutoProcessor
 
-from beit3 import (Beit3ImageProcessor, Beit3ImageProcessorPil, Beit3Model, Beit3Processor, Beit3Tokenizer, check_tokenizer_matches,
-                   train_sentencepiece)
+from beit3 import Beit3ImageProcessor, Beit3ImageProcessorPil, Beit3Model, Beit3Processor, Beit3Tokenizer, check_tokenizer_matches
 
 WORDS = "a the man dog cat horse bus street park beach red blue two is on in with riding playing next to".split()
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    rng = random.Random(0)
-    folder = tmp_path_factory.mktemp("tokenizer")
-    (folder / "corpus.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(300)))
-    return train_sentencepiece(folder, 40, files=[folder / "corpus.txt"], quiet=True)
+    return word_tokenizer(tmp_path_factory.mktemp("tokenizer"), WORDS, 40)
 
 
 @pytest.fixture
