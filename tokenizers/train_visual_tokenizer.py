@@ -60,11 +60,11 @@ def main(argv=None) -> None:
 
 def batches_for_pictures(sources, model, seed: int) -> torch.Tensor:
     """Eight center views (the tokenizer's [0, 1] input) of the first training images."""
+    from beit3.data.common import load_rgb
     from beit3.data.images import tokenizer_transform
-    from beit3.data.pretraining import _open_rgb
 
     transform = tokenizer_transform(model.image_size)
-    return torch.stack([transform(_open_rgb(path)) for path in sources["image"]["path"][:8]])
+    return torch.stack([transform(load_rgb(path)) for path in sources["image"]["path"][:8]])
 
 
 def save_pictures(tokenizer, output_dir: Path, images: torch.Tensor) -> None:

@@ -4,6 +4,7 @@ text encoding to the fixed-length ids the heads take, and splitting a batch into
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -70,10 +71,11 @@ def require_text(text, where: str) -> str:
     return text
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Reads an image fully into memory as RGB; an unreadable file raises an error naming its path."""
+def load_rgb(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
+    """Reads an image fully into memory as RGB, from ``path`` or, when given, from its encoded ``data``
+    (``path`` then only names it); an unreadable image raises an error naming its path."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
             image.load()
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits rather than clip at 255
                 image = Image.fromarray((np.asarray(image, dtype=np.float32) / 256).clip(0, 255).astype(np.uint8))

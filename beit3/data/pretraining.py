@@ -15,7 +15,6 @@ same permutation and counted.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from functools import lru_cache
@@ -24,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset, load_dataset
-from PIL import Image
 
 from ..masking import BlockMaskGenerator, mask_text_tokens, text_masker
+from .common import load_rgb
 from .images import list_images
 from ..views import TwoViewTransform
 
@@ -104,14 +103,6 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
-def _open_rgb(path: str, data: bytes | None = None) -> Image.Image:
-    with Image.open(io.BytesIO(data) if data is not None else path) as image:
-        image.load()
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits rather than clip
-            image = Image.fromarray((np.asarray(image, dtype=np.float32) / 256).clip(0, 255).astype(np.uint8))
-        return image.convert("RGB")
-
-
 class PretrainingBatches(torch.utils.data.Dataset):
     """Item ``i`` is this rank's batch for step ``start_step + i``: a dict per kind, plus skip counts.
 
@@ -169,9 +160,9 @@ class PretrainingBatches(torch.utils.data.Dataset):
             row, position = self._position(kind, step, slot, shift)
             record = self.sources[kind][row]
             try:
-                image = _open_rgb(record["path"], record.get("image_bytes"))
-            except (OSError, ValueError, SyntaxError) as error:
-                print(f"warning: skipped unreadable image {record['path']}: {error}", file=sys.stderr)
+                image = load_rgb(record["path"], record.get("image_bytes"))
+            except (OSError, ValueError) as error:
+                print(f"warning: {error} (skipped: the next image of the stream takes its place)", file=sys.stderr)
                 continue
             torch.manual_seed(_seed(self.seed, KINDS.index(kind), position))  # torchvision draws crops from torch's generator
             return view(image), record.get("text"), shift, position
