@@ -7,6 +7,7 @@ temporary name first and is moved into place, so a crash never leaves a half-wri
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -86,3 +87,22 @@ def atomic_save_file(state: dict[str, torch.Tensor], output: str | os.PathLike, 
     else:
         torch.save({"model": state}, tmp)
     os.replace(tmp, output)
+
+
+# A training checkpoint folder counts only once this marker exists: it is written after every rank saved.
+COMPLETE = "COMPLETE"
+
+
+def mark_complete(checkpoint: str | os.PathLike, info: dict) -> None:
+    """Writes the ``COMPLETE`` marker of a checkpoint folder, atomically."""
+    marker = Path(checkpoint) / COMPLETE
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, marker)
+
+
+def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The ``step<N>`` checkpoint folders under ``folder`` that carry the ``COMPLETE`` marker, oldest first."""
+    folder = Path(folder)
+    tags = [p for p in folder.glob("step*") if (p / COMPLETE).is_file()] if folder.is_dir() else []
+    return sorted(tags, key=lambda p: int(p.name[4:]))

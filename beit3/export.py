@@ -14,12 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .checkpoints import atomic_save_folder, load_state_dict_checked
+from .checkpoints import COMPLETE, atomic_save_folder, complete_checkpoints, load_state_dict_checked
 from .configuration_beit3 import Beit3Config
 from .modeling_heads import Beit3ForMaskedDataModeling
-
-COMPLETE = "COMPLETE"
-
 
 def find_checkpoint(checkpoint_dir: str | Path, tag: str | None = None) -> tuple[Path, Path, str]:
     """(run output_dir, checkpoints folder, tag) of the checkpoint to export."""
@@ -28,7 +25,7 @@ def find_checkpoint(checkpoint_dir: str | Path, tag: str | None = None) -> tuple
         path, tag = path.parent, tag or path.name
     checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     run = checkpoints.parent
-    complete = sorted((p.name for p in checkpoints.glob("step*") if (p / COMPLETE).is_file()), key=lambda name: int(name[4:]))
+    complete = [p.name for p in complete_checkpoints(checkpoints)]
     if tag is None:
         if not complete:
             raise FileNotFoundError(f"No complete checkpoint under {checkpoints} (a checkpoint counts once its {COMPLETE} marker exists).")

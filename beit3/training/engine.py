@@ -29,7 +29,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-COMPLETE = "COMPLETE"
+from ..checkpoints import complete_checkpoints, mark_complete
 
 
 @dataclass
@@ -154,8 +154,7 @@ class Engine:
 
     # -- checkpoints -------------------------------------------------------------------------
     def complete_checkpoints(self) -> list[Path]:
-        tags = [p for p in self.checkpoint_dir.glob("step*") if (p / COMPLETE).is_file()] if self.checkpoint_dir.is_dir() else []
-        return sorted(tags, key=lambda p: int(p.name[4:]))
+        return complete_checkpoints(self.checkpoint_dir)
 
     def save(self) -> None:
         tag = f"step{self.step:08d}"
@@ -163,10 +162,7 @@ class Engine:
                                     save_latest=False)
         dist.barrier()
         if self.rank == 0:
-            marker = self.checkpoint_dir / tag / COMPLETE
-            tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": self.step, "time": time.time()}))
-            os.replace(tmp, marker)
+            mark_complete(self.checkpoint_dir / tag, {"step": self.step, "time": time.time()})
             complete = self.complete_checkpoints()
             keep = set(complete[-self.settings.keep_last:])
             for path in self.checkpoint_dir.glob("step*"):  # older complete ones and abandoned halves
