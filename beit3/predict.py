@@ -77,9 +77,9 @@ def predict(task: str, model_dir: str, images: list[str], texts: list[str] | Non
             lines.append(f"{texts[0]!r} about {images[0]} and {images[1]}: {'true' if prob_true >= 0.5 else 'false'} (p(true) = {prob_true:.3f})")
         else:
             _need_text(texts, 1)
-            out = model(**processor(images=pictures, return_tensors="pt"), return_loss=False)
-            text_embeds = model(**{k: v for k, v in processor(text=texts, return_tensors="pt").items()}, return_loss=False).text_embeds
-            scores = out.image_embeds @ text_embeds.t()
+            image_embeds = model.get_image_features(image_processor(pictures, return_tensors="pt")["pixel_values"])
+            text = processor.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
+            scores = image_embeds @ model.get_text_features(text["input_ids"], text["attention_mask"]).t()
             for path, row in zip(images, scores):
                 lines.append(f"{path}: best match {texts[int(row.argmax())]!r} (" + ", ".join(f"{s:.3f}" for s in row.tolist()) + ")")
     return lines
