@@ -23,8 +23,8 @@ import torch
 from .checkpoints import atomic_save_file, atomic_save_folder, load_state_dict_checked, read_checkpoint
 from .configuration_beit3 import Beit3Config
 from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
-from .modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForVisualQuestionAnswering,
-                             Beit3ForVisualReasoning)
+from .modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForMaskedDataModeling,
+                             Beit3ForVisualQuestionAnswering, Beit3ForVisualReasoning)
 
 OFFICIAL_PREFIX = "beit3."
 _EXPERT_LETTERS = {"vision": "A", "text": "B"}
@@ -219,13 +219,16 @@ def model_from_official(path: str | os.PathLike, config: Beit3Config | None = No
     return model.eval()
 
 
+def architecture_class(config: Beit3Config, default: type = Beit3Model) -> type:
+    """The model class a saved config names in ``architectures`` (``default`` when it names none)."""
+    names = {cls.__name__: cls for cls in (Beit3Model, Beit3ForMaskedDataModeling, *TASK_CLASSES.values())}
+    return names.get((config.architectures or [default.__name__])[0], default)
+
+
 def load_any(checkpoint: str, config: Beit3Config | None = None, task: str | None = None, image_size: int | None = None) -> Beit3PreTrainedModel:
     """A model from our folder (its class read from config.json) or from an official ``.pth`` file."""
     if Path(checkpoint).is_dir():
-        saved = Beit3Config.from_pretrained(checkpoint)
-        names = {cls.__name__: cls for cls in (Beit3Model, *TASK_CLASSES.values())}
-        model_class = names.get((saved.architectures or ["Beit3Model"])[0], Beit3Model)
-        model = model_class.from_pretrained(checkpoint)
+        model = architecture_class(Beit3Config.from_pretrained(checkpoint)).from_pretrained(checkpoint)
     else:
         model = model_from_official(checkpoint, config, task)
     if image_size:

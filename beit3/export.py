@@ -1,12 +1,13 @@
-"""A pretraining run's DeepSpeed checkpoint -> a ``from_pretrained`` folder.
+"""A pretraining or fine-tuning run's DeepSpeed checkpoint -> a ``from_pretrained`` folder.
 
     python -m beit3.export --checkpoint-dir runs/tiny/pretrain --output beit3-tiny-pretrained [--tag step00000100]
 
 ``--checkpoint-dir`` is the run's output_dir (or its ``checkpoints/`` folder). The newest complete
 checkpoint is used unless ``--tag`` names one. ZeRO shards of any stage are consolidated with
-DeepSpeed's ``zero_to_fp32``. The folder holds the config, ``model.safetensors``, the tokenizer and
-the processor: ``Beit3ForMaskedDataModeling.from_pretrained(folder)`` continues pretraining, and
-``Beit3Model`` or any task head loads the backbone from it.
+DeepSpeed's ``zero_to_fp32``; without ZeRO (stage 0) the weights are read as they are. The folder holds the config, ``model.safetensors``, the tokenizer and
+the processor. The model class is the one the run's config names (``architectures``; pretraining:
+``Beit3ForMaskedDataModeling``): ``from_pretrained(folder)`` continues from it, and ``Beit3Model``
+or any task head loads the backbone from it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .checkpoints import COMPLETE, atomic_save_folder, complete_checkpoints, load_state_dict_checked
+from .checkpoints import COMPLETE, atomic_save_folder, complete_checkpoints, load_state_dict_checked, read_checkpoint
 from .configuration_beit3 import Beit3Config
 from .modeling_heads import Beit3ForMaskedDataModeling
 
@@ -45,11 +46,20 @@ def export(checkpoint_dir: str | Path, output: str | Path, tag: str | None = Non
     run, checkpoints, tag = find_checkpoint(checkpoint_dir, tag)
     if not (run / "model" / "config.json").is_file():
         raise FileNotFoundError(f"{run / 'model'} has no config.json: export reads the model config and tokenizer that tasks/pretrain.py "
-                                "saves there at the start of a run.")
+                                "and the fine-tuning scripts save there at the start of a run.")
+    from .convert import architecture_class
+
     config = Beit3Config.from_pretrained(run / "model")
-    model = Beit3ForMaskedDataModeling(config)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
-    load_state_dict_checked(model, {k.removeprefix("module."): v for k, v in state.items()}, f"checkpoint {checkpoints / tag}")
+    model = architecture_class(config, default=Beit3ForMaskedDataModeling)(config)
+    if any((checkpoints / tag).glob("*optim_states.pt")):  # ZeRO: consolidate the fp32 partitions
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+    else:  # no ZeRO (stage 0): the module's weights are whole in the model file
+        state = read_checkpoint(checkpoints / tag / "mp_rank_00_model_states.pt")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    # The engine trains 0-dim parameters as (1,) (see Engine); they get their own shape back here.
+    state = {k: v.reshape(shapes[k]) if k in shapes and v.numel() == 1 and shapes[k] == () else v for k, v in state.items()}
+    load_state_dict_checked(model, state, f"checkpoint {checkpoints / tag}")
     atomic_save_folder(model, output)
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
     Beit3Processor(image_processor=Beit3ImageProcessor(size=config.image_size), tokenizer=tokenizer).save_pretrained(output)

@@ -112,3 +112,42 @@ def mask_text_tokens(masker: DataCollatorForLanguageModeling, input_ids: torch.T
     special = torch.tensor([masker.tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True) for row in input_ids.tolist()],
                            dtype=torch.bool)
     return masker.torch_mask_tokens(input_ids.clone(), special_tokens_mask=special | ~attention_mask.bool())
+
+
+CAPTION_MASK_PROB = 0.6  # the official default; the COCO recipe uses 0.7
+
+
+def mask_caption_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_id: int, mask_prob: float = CAPTION_MASK_PROB,
+                        random_ids: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrupts captions for the official "causal masked LM" of captioning, with torch's global RNG.
+
+    Of a caption's n real tokens (``<s> words </s>``), round(n * mask_prob) are chosen, at least 1 and
+    at most n - 1, never the ``<s>`` (the ``</s>`` may be chosen: the model learns to stop). A chosen
+    token becomes ``<mask>`` with probability 0.8, a random id from ``random_ids`` = [low, high) with
+    0.1 (default [3, mask_token_id): the ordinary pieces), and stays with 0.1.
+
+    Args:
+        input_ids, attention_mask: (B, T), right-padded.
+    Returns:
+        (corrupted input_ids, labels), both (B, T); labels are -100 except at the chosen positions.
+    """
+    batch, length = input_ids.shape
+    lengths = attention_mask.long().sum(dim=1)
+    if (lengths < 2).any():
+        raise ValueError("A caption needs at least <s> and one more token to mask; got an empty one.")
+    low, high = random_ids or (3, mask_token_id)
+    positions = torch.arange(length, device=input_ids.device)
+    candidate = (positions >= 1) & (positions < lengths[:, None])
+    counts = (lengths.float() * mask_prob).round().long().clamp(min=1)
+    counts = torch.minimum(counts, lengths - 1)
+    # A random priority per position; the `counts` lowest among the candidates are chosen.
+    priority = torch.rand(batch, length, device=input_ids.device).masked_fill(~candidate, 2.0)
+    rank = priority.argsort(dim=1).argsort(dim=1)
+    chosen = (rank < counts[:, None]) & candidate
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    action = torch.rand(batch, length, device=input_ids.device)
+    corrupted = input_ids.clone()
+    corrupted[chosen & (action < 0.8)] = mask_token_id
+    replace = chosen & (action >= 0.9)
+    corrupted[replace] = torch.randint(low, high, (int(replace.sum()),), device=input_ids.device)
+    return corrupted, labels

@@ -204,13 +204,27 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
         text = self.get_text_features(input_ids, attention_mask) if input_ids is not None else None
         if image is None or text is None:
             return Beit3RetrievalOutput(image_embeds=image, text_embeds=text)
-        logits_per_image = self.logit_scale.exp() * image @ text.t()
+        scale = self.logit_scale.exp()
+        logits_per_image = scale * image @ text.t()
         loss = None
-        if return_loss:
-            targets = torch.arange(len(image), device=image.device)
-            loss = (F.cross_entropy(logits_per_image.float(), targets) + F.cross_entropy(logits_per_image.t().float(), targets)) / 2
+        if return_loss:  # in training under torch.distributed, every rank's pairs are negatives too, as in the official recipe
+            all_images, all_texts, offset = _gather_across_ranks(image, text) if self.training else (image, text, 0)
+            targets = torch.arange(len(image), device=image.device) + offset
+            loss = (F.cross_entropy((scale * image @ all_texts.t()).float(), targets)
+                    + F.cross_entropy((scale * text @ all_images.t()).float(), targets)) / 2
         return Beit3RetrievalOutput(loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_image.t(),
                                     image_embeds=image, text_embeds=text)
+
+
+def _gather_across_ranks(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every rank's embeddings (gradients flow back to their owners) and where this rank's rows start."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return image, text, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(image)), torch.cat(all_gather(text)), dist.get_rank() * len(image)
 
 
 def caption_attention_mask(num_image_tokens: int, text_attention_mask: torch.Tensor) -> torch.Tensor:

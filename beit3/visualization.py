@@ -1,4 +1,5 @@
-"""PNG figures to look at: visual-token code maps, dVAE reconstructions, codebook usage, loss curves.
+"""PNG figures to look at: visual-token code maps, dVAE reconstructions, codebook usage, loss curves,
+images with texts under them (generated captions, retrieved captions).
 
 Every function draws on a matplotlib ``Figure`` with the non-interactive Agg canvas (no pyplot, no
 display, safe in a training process) and writes its PNG atomically: a temporary file in the target
@@ -186,6 +187,36 @@ def save_loss_curves(records: Iterable[Mapping], path: str | os.PathLike, keys: 
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
+    return _save(figure, path)
+
+
+def save_captioned_images(images: torch.Tensor, texts: Sequence[str], path: str | os.PathLike, columns: int = 4,
+                          title: str | None = None) -> Path:
+    """A grid of images, each with its text below (wrapped), e.g. generated or retrieved captions.
+
+    Args:
+        images: (B, 3, H, W) in [0, 1]; texts: B strings (several lines each are fine).
+    """
+    import textwrap
+
+    count = _check_images(images, "images")
+    if len(texts) != count:
+        raise ValueError(f"{count} images but {len(texts)} texts; pass one text per image.")
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    figure = Figure(figsize=(columns * _PANEL_INCHES, rows * _PANEL_INCHES * 1.35), dpi=_DPI, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if index >= count:
+            ax.set_axis_off()
+            continue
+        ax.imshow(_to_hwc(images[index]))
+        wrapped = "\n".join(textwrap.fill(line, 30) for line in str(texts[index]).splitlines() or [""])
+        ax.set_xlabel(wrapped, fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=10)
     return _save(figure, path)
 
 

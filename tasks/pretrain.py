@@ -73,12 +73,12 @@ def main(argv=None) -> None:
         (engine.output_dir / "run_config.json").write_text(json.dumps(config, indent=2))
     batch_sizes = data["batch_size"]
 
-    def make_loader(start_step: int):
+    def make_loader(start_step: int, num_steps: int):
         batches = PretrainingBatches(sources, batch_sizes, tokenizer, model_config.image_size, model_config.patch_size,
                                      max_text_length=data.get("max_text_length", 64), tokenizer_image_size=visual_tokenizer.image_size,
                                      text_mask_prob=data.get("text_mask_prob", 0.15), pair_mask_prob=data.get("pair_mask_prob", 0.5),
                                      seed=settings.seed, rank=engine.rank, world_size=engine.world_size, start_step=start_step,
-                                     num_steps=settings.max_steps - start_step)
+                                     num_steps=num_steps)
         return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=settings.num_workers,
                                            prefetch_factor=4 if settings.num_workers else None)
 

@@ -56,7 +56,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_last_good_chec
         def step_fn(module, batch):
             loss = module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean()
             return (loss * float("nan") if engine.step >= 4 else loss), {{}}
-        def make_loader(start):
+        def make_loader(start, count):
             return iter([{{"pixel_values": torch.randn(2, 3, 32, 32)}} for _ in range(100)])
         engine.fit(step_fn, make_loader, samples_per_step=2)
     """)

@@ -38,10 +38,10 @@ def main(argv=None) -> None:
     model = build_visual_tokenizer(args.kind, config["preset"], config.get("overrides"), config.get("teacher_checkpoint"))
     engine = Engine(model, settings, json.loads((ROOT / data.get("deepspeed", "configs/deepspeed/zero1.json")).read_text()))
 
-    def make_loader(start_step: int):
+    def make_loader(start_step: int, num_steps: int):
         batches = PretrainingBatches(sources, {"image": data["batch_size"]}, None, model.image_size, model.patch_size,
                                      crop_scale=tuple(data.get("crop_scale", (0.08, 1.0))), seed=settings.seed, rank=engine.rank,
-                                     world_size=engine.world_size, start_step=start_step, num_steps=settings.max_steps - start_step)
+                                     world_size=engine.world_size, start_step=start_step, num_steps=num_steps)
         return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=settings.num_workers,
                                            prefetch_factor=4 if settings.num_workers else None)
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..checkpoints import complete_checkpoints, mark_complete
 
@@ -41,7 +41,7 @@ class TrainSettings:
     save_every: int
     seed: int = 0
     lr: float = 1e-3
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # the cosine ends at lr x this (unilm's fine-tuning: min_lr 1e-6)
     warmup_steps: int = 0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
@@ -57,6 +57,7 @@ class TrainSettings:
     num_workers: int = 1
     gradient_checkpointing: bool = False
     layer_decay: float | None = None  # fine-tuning: lr x layer_decay ** (depth from the top), as BEiT does
+    head_lr_scale: float = 1.0  # without layer_decay: lr x this for the task head (``head.*``; unilm's task_head_lr_weight)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -98,10 +99,20 @@ def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
 
 def build_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
     """AdamW over timm's parameter groups: no weight decay on norms, biases and embeddings and, with
-    ``layer_decay``, a learning rate that shrinks by that factor per layer from the top down."""
+    ``layer_decay``, a learning rate that shrinks by that factor per layer from the top down; without
+    it, ``head_lr_scale`` multiplies the learning rate of the task head (``head.*``), as the VQA recipe does."""
     exempt = no_weight_decay_names(model)
     if settings.layer_decay is None:
         groups = param_groups_weight_decay(model, settings.weight_decay, no_weight_decay_list=exempt)
+        if settings.head_lr_scale != 1.0:
+            head = {id(p) for name, p in model.named_parameters() if name.startswith("head.")}
+            if not head:
+                raise ValueError(f"head_lr_scale {settings.head_lr_scale} but {type(model).__name__} has no head.* parameters.")
+            groups = [{**group, "params": params, "lr": settings.lr * scale}
+                      for group in groups
+                      for params, scale in (([p for p in group["params"] if id(p) not in head], 1.0),
+                                            ([p for p in group["params"] if id(p) in head], settings.head_lr_scale))
+                      if params]
     else:
         groups = param_groups_layer_decay(model, settings.weight_decay, no_weight_decay_list=exempt, layer_decay=settings.layer_decay)
         for group in groups:  # the schedule scales each group's initial lr, so the layer scale goes there
@@ -144,8 +155,11 @@ class Engine:
                 raise PermissionError(f"Cannot write to output_dir {self.output_dir}: {error}. Choose a writable directory.") from error
         if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
+        for parameter in model.parameters():
+            if parameter.dim() == 0:  # (retrieval's logit_scale) DeepSpeed broadcasts parameters viewed as bytes, impossible for 0-dim
+                parameter.data = parameter.data.reshape(1)  # beit3.export gives it back its shape
         optimizer = build_optimizer(model, settings)
-        schedule = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps)
+        schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps, min_lr_rate=settings.min_lr_ratio)
         self.deepspeed_config = deepspeed_config(settings, self.world_size, base_deepspeed_config)
         self.module, self.optimizer, _, self.schedule = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer,
                                                                             lr_scheduler=schedule, config=self.deepspeed_config)
@@ -186,13 +200,16 @@ class Engine:
         dist.all_reduce(stacked)
         return {n: v / self.world_size for n, v in zip(names, stacked.tolist())}
 
-    def fit(self, step_fn: Callable, make_loader: Callable[[int], torch.utils.data.DataLoader],
+    def fit(self, step_fn: Callable, make_loader: Callable[[int, int], torch.utils.data.DataLoader],
             samples_per_step: int, on_log: Callable[[dict], None] | None = None) -> list[dict]:
         """Trains from the current step (after ``resume``) to ``max_steps``; returns the logged records.
 
-        ``make_loader(start_step)`` gives this rank's batches from ``start_step`` on.
+        A step is one optimizer update over ``gradient_accumulation_steps`` micro-batches.
+        ``make_loader(first, count)`` gives this rank's micro-batches number ``first`` to ``first + count - 1``;
+        ``samples_per_step`` counts one micro-batch of one rank.
         """
         settings = self.settings
+        accumulation = settings.gradient_accumulation_steps
         resumed = self.resume()
         metrics_path = self.output_dir / "metrics.jsonl"
         writer = None
@@ -204,41 +221,43 @@ class Engine:
                 print(f"resumed from step {self.step} ({self.complete_checkpoints()[-1]})", flush=True)
         if self.step >= settings.max_steps:
             return []
-        loader = iter(make_loader(self.step))
+        loader = iter(make_loader(self.step * accumulation, (settings.max_steps - self.step) * accumulation))
         progress = tqdm(total=settings.max_steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
-        records, window, nonfinite = [], [], 0
+        records, window, times, nonfinite = [], [], [], 0  # window: values of each micro-batch; times: (seconds, data wait) per step
         self.module.train()
         while self.step < settings.max_steps:
-            start = time.perf_counter()
-            batch = next(loader)
-            loaded = time.perf_counter()
-            torch.manual_seed(step_seed(settings.seed, self.step, self.rank))
-            loss, values = step_fn(self.module, _to_device(batch, self.device))
-            finite = torch.tensor([float(torch.isfinite(loss))], device=self.device)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() == 0:
-                nonfinite += 1
-                self.module.zero_grad()
-                warnings.warn(f"step {self.step}: the loss is not finite ({loss.item()}); the step is skipped "
-                              f"({nonfinite} in a row, the limit is {settings.max_nonfinite_steps}).", stacklevel=2)
-                if nonfinite >= settings.max_nonfinite_steps:
-                    last = self.complete_checkpoints()
-                    raise RuntimeError(f"{nonfinite} steps in a row had a non-finite loss (last at step {self.step}); training stopped. "
-                                       f"The last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}. Lower the "
-                                       "learning rate, check the data, or use fp32.")
-                self.step += 1
+            start, waited, skipped, kept = time.perf_counter(), 0.0, False, len(window)
+            for micro in range(accumulation):
+                before = time.perf_counter()
+                batch = next(loader)
+                waited += time.perf_counter() - before
+                if skipped:  # the rest of a skipped step's micro-batches: consumed, so the data stays in step
+                    continue
+                seed = step_seed(settings.seed, self.step * accumulation + micro, self.rank)
+                torch.manual_seed(seed)
+                np.random.seed(seed % 2**32)  # numpy-based augmentations (timm's mixup) repeat on resume too
+                loss, values = step_fn(self.module, _to_device(batch, self.device))
+                finite = torch.tensor([float(torch.isfinite(loss))], device=self.device)
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if finite.item() == 0:
+                    skipped = True
+                    nonfinite += 1
+                    self._on_nonfinite(loss, nonfinite, accumulation, micro)
+                    continue
+                self.module.backward(loss)
+                self.module.step()
+                for key, count in zip(("skipped_image", "skipped_text", "skipped_pair"), batch.get("skipped", torch.zeros(3)).tolist()):
+                    self.counters[key] = self.counters.get(key, 0) + count
+                window.append({"loss": loss.detach(), **values})
+            self.step += 1
+            if skipped:
+                del window[kept:]  # a partial step's values
                 continue
             nonfinite = 0
-            self.module.backward(loss)
-            self.module.step()
-            self.step += 1
-            done = time.perf_counter()
-            for key, count in zip(("skipped_image", "skipped_text", "skipped_pair"), batch.get("skipped", torch.zeros(3)).tolist()):
-                self.counters[key] = self.counters.get(key, 0) + count
-            window.append((done - start, loaded - start, {"loss": loss.detach(), **values}))
-            if self.step % settings.log_every == 0 or self.step == settings.max_steps:
-                record = self._log(window, samples_per_step)
-                window = []
+            times.append((time.perf_counter() - start, waited))
+            if self.step % settings.log_every == 0 or self.step == settings.max_steps:  # (times is never empty here)
+                record = self._log(window, times, samples_per_step * accumulation)
+                window, times = [], []
                 if self.rank == 0:
                     records.append(record)
                     with open(metrics_path, "a") as handle:
@@ -257,14 +276,30 @@ class Engine:
             writer.close()
         return records
 
-    def _log(self, window: list, samples_per_step: int) -> dict:
-        keys = sorted({k for _, _, values in window for k in values})
-        sums = {k: torch.stack([values[k].detach().float() for _, _, values in window if k in values]).mean() for k in keys}
+    def _on_nonfinite(self, loss: torch.Tensor, count: int, accumulation: int, micro: int) -> None:
+        """A non-finite loss: the step is skipped (nothing was applied yet), or the run stops when that
+        happens too often, or mid-accumulation (DeepSpeed has already taken earlier micro-batches' gradients)."""
+        self.module.zero_grad()
+        last = self.complete_checkpoints()
+        advice = (f"The last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}. Lower the learning rate, "
+                  "check the data, or use fp32.")
+        if accumulation > 1 and micro > 0:
+            raise RuntimeError(f"step {self.step}: the loss of micro-batch {micro} is not finite ({loss.item()}) after "
+                               f"{micro} micro-batches of gradients were accumulated; training stopped rather than apply a partial "
+                               f"update. {advice}")
+        warnings.warn(f"step {self.step}: the loss is not finite ({loss.item()}); the step is skipped "
+                      f"({count} in a row, the limit is {self.settings.max_nonfinite_steps}).", stacklevel=3)
+        if count >= self.settings.max_nonfinite_steps:
+            raise RuntimeError(f"{count} steps in a row had a non-finite loss (last at step {self.step}); training stopped. {advice}")
+
+    def _log(self, window: list[dict], times: list[tuple[float, float]], samples_per_step: int) -> dict:
+        keys = sorted({k for values in window for k in values})
+        sums = {k: torch.stack([values[k].detach().float() for values in window if k in values]).mean() for k in keys}
         means = self._mean_over_ranks(sums)
-        seconds = sum(w[0] for w in window)
+        seconds = sum(t[0] for t in times)
         record = {"step": self.step, **{k: round(v, 6) for k, v in means.items()}, "lr": self.schedule.get_last_lr()[0],
-                  "samples_per_s": samples_per_step * self.world_size * len(window) / seconds,
-                  "data_wait_share": sum(w[1] for w in window) / seconds, **self.counters}
+                  "samples_per_s": samples_per_step * self.world_size * len(times) / seconds,
+                  "data_wait_share": sum(t[1] for t in times) / seconds, **self.counters}
         return record
 
 

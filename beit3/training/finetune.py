@@ -1,0 +1,204 @@
+"""Fine-tuning, evaluation and prediction of the task heads: the one runner behind
+``tasks/{vqa,nlvr2,retrieval,captioning,classification}.py``.
+
+    python tasks/vqa.py --config configs/tasks/vqa_base.yaml [--mode train|evaluate|predict] [--set key=value ...]
+    deepspeed --num_gpus 8 tasks/vqa.py --config configs/tasks/vqa_base.yaml
+
+A run config has these sections (``--set`` overrides any field, e.g. ``--set train.lr=1e-4``):
+
+    model:     init: a ``from_pretrained`` folder (ours: pretrained, exported or fine-tuned) or an official
+                     ``.pth``; null trains from random weights of ``preset``.
+               preset, overrides: the Beit3Config preset and fields to change (image_size resamples the
+                     position table; drop_path_rate; ...).
+    tokenizer: a tokenizer folder or ``beit3.spm``; null: the init folder's.
+    data:      train / eval / predict: where each split is (the task's readers; see ``finetune_tasks``),
+               and the task's options (max_text_length, augment, ...).
+    train:     the engine's settings (``beit3.training.engine.TrainSettings``): output_dir, max_steps,
+               save_every, seed, lr, warmup_steps, layer_decay, micro_batch_size, precision, zero_stage, ...
+    eval:      batch_size, precision, and the task's decoding options.
+
+Modes: ``train`` fine-tunes (a restart resumes from output_dir), exports ``output_dir/final`` (a
+``from_pretrained`` folder) and scores it on ``data.eval``; ``evaluate`` scores ``--model`` (default
+``output_dir/final``) on ``data.eval``; ``predict`` writes the predictions on ``data.predict`` in
+the official submission format. Scores go to ``<output>/eval_results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..configuration_beit3 import Beit3Config
+from ..data.common import split_batch
+from ..data.sampling import StepBatchSampler
+from ..metrics import write_json_atomic
+from .config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+MODES = ("train", "evaluate", "predict")
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer folder (``AutoTokenizer``) or a SentencePiece ``.spm``/``.model`` file (``Beit3Tokenizer.from_spm``)."""
+    from transformers import AutoTokenizer
+
+    from ..tokenization_beit3 import Beit3Tokenizer
+
+    path = Path(path)
+    if path.is_file():
+        return Beit3Tokenizer.from_spm(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"No tokenizer at {path}: give a tokenizer folder or a SentencePiece .spm file.")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def initial_model(model_class: type, section: dict, tokenizer, task_overrides: dict, with_head: bool = False) -> torch.nn.Module:
+    """The model a run starts from (see the module docstring's ``model`` section).
+
+    ``task_overrides``: config fields the task sets (num_labels, id2label, label_smoothing).
+    ``with_head``: an official ``.pth`` is a fine-tuned checkpoint of this task (evaluate, predict),
+    not a pretrained backbone.
+    """
+    from ..convert import TASK_CLASSES, model_from_official
+
+    overrides = {**(section.get("overrides") or {}), **task_overrides}
+    image_size = overrides.pop("image_size", None)
+    init = section.get("init")
+    if init is None:
+        config = Beit3Config.from_preset(section["preset"], **overrides, **({"image_size": image_size} if image_size else {}))
+        if "vocab_size" not in (section.get("overrides") or {}):  # a vocabulary of our own: size the embeddings to it
+            config.vocab_size = len(tokenizer)
+        config.mask_token_id = tokenizer.mask_token_id
+        return model_class(config)
+    if Path(init).is_dir():
+        config = Beit3Config.from_pretrained(init)
+        for key, value in overrides.items():  # also fields the config class does not declare (label_smoothing)
+            setattr(config, key, value)
+        return model_class.from_pretrained(init, config=config, image_size=image_size)
+    if not Path(init).is_file():
+        raise FileNotFoundError(f"model.init {init} does not exist: give a from_pretrained folder or an official .pth file.")
+    task = next(name for name, cls in TASK_CLASSES.items() if cls is model_class)
+    if with_head:
+        model = model_from_official(init, task=task)
+    else:
+        backbone = model_from_official(init)
+        model = model_class(Beit3Config.from_dict({**backbone.config.to_dict(), **overrides}))
+        model.beit3.load_state_dict(backbone.state_dict())
+    if image_size:
+        model.set_image_size(image_size)
+    return model
+
+
+def autocast(precision: str, device: torch.device):
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
+def batches(dataset, batch_size: int, num_workers: int = 0, collate_fn=None):
+    """One ordered pass over ``dataset`` for evaluation: (model inputs, metadata) per batch."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
+    for batch in loader:
+        yield split_batch(batch)
+
+
+def to_device(inputs: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def parse_args(task_name: str, argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog=f"tasks/{task_name}.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=f"a run config, e.g. configs/tasks/{task_name}_base.yaml")
+    parser.add_argument("--mode", choices=MODES, default="train")
+    parser.add_argument("--model", help="evaluate/predict: a fine-tuned folder or official .pth (default: output_dir/final)")
+    parser.add_argument("--output", help="evaluate/predict: where scores and predictions go (default: train.output_dir)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return parser.parse_args(argv)
+
+
+def run(task_name: str, argv: list[str] | None = None) -> dict | None:
+    """The command line of ``tasks/<task_name>.py``; returns the scores (train on rank 0, evaluate) or None."""
+    from .finetune_tasks import TASKS
+
+    args = parse_args(task_name, argv)
+    config = load_config(args.config, args.set)
+    for section in ("model", "data", "train"):
+        if section not in config:
+            raise KeyError(f"{args.config} has no {section!r} section; see configs/tasks/ for complete examples.")
+    task = TASKS[task_name](config["data"], config.get("eval") or {})
+    output_dir = Path(args.output or config["train"]["output_dir"])
+    if args.mode == "train":
+        return train(task, config)
+    model_path = args.model or str(Path(config["train"]["output_dir"]) / "final")
+    model = initial_model(task.model_class, {"init": model_path}, None, {}, with_head=True)
+    tokenizer_path = config.get("tokenizer") or (model_path if Path(model_path).is_dir() else None)
+    if tokenizer_path is None:
+        raise ValueError("An official .pth holds no tokenizer: set tokenizer: to beit3.spm (or a tokenizer folder).")
+    task.setup(load_tokenizer(tokenizer_path), model.config)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    if args.mode == "evaluate":
+        return evaluate_and_save(task, model, output_dir)
+    path = task.predict(model, output_dir)
+    print(f"{task_name}: wrote predictions to {path}")
+    return None
+
+
+def evaluate_and_save(task, model, output_dir: Path) -> dict:
+    scores = task.evaluate(model, output_dir)
+    write_json_atomic(output_dir / "eval_results.json", {"task": task.name, "metric": task.metric, **scores})
+    print(f"{task.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f" (in {output_dir / 'eval_results.json'})")
+    return scores
+
+
+def train(task, config: dict) -> dict | None:
+    from ..export import export
+    from .engine import Engine, TrainSettings
+
+    settings = TrainSettings.from_config(config["train"])
+    model_section = config["model"]
+    tokenizer_path = config.get("tokenizer") or model_section.get("init")
+    if tokenizer_path is None:
+        raise ValueError("Training from random weights needs tokenizer: (a tokenizer folder or beit3.spm).")
+    tokenizer = load_tokenizer(tokenizer_path)
+    task.setup(tokenizer, None)
+    torch.manual_seed(settings.seed)  # the same initial head on every rank
+    model = initial_model(task.model_class, model_section, tokenizer, task.config_overrides())
+    task.setup(tokenizer, model.config)
+    from ..tokenization_beit3 import check_tokenizer_matches
+
+    check_tokenizer_matches(tokenizer, model.config)
+    dataset = task.train_dataset()
+    ds_file = config["data"].get("deepspeed") or f"configs/deepspeed/zero{settings.zero_stage}.json"
+    engine = Engine(model, settings, json.loads((ROOT / ds_file).read_text()) if (ROOT / ds_file).is_file() else None)
+    task.engine = engine
+    if engine.rank == 0:  # what export reads to rebuild the model from the checkpoint
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(engine.output_dir / "model")
+        tokenizer.save_pretrained(engine.output_dir / "model")
+        (engine.output_dir / "run_config.json").write_text(json.dumps(config, indent=2))
+
+    def make_loader(first: int, count: int):
+        sampler = StepBatchSampler(len(dataset), settings.micro_batch_size, seed=settings.seed, rank=engine.rank,
+                                   world_size=engine.world_size, start_step=first, num_steps=count)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=settings.num_workers, collate_fn=task.collate,
+                                           prefetch_factor=4 if settings.num_workers else None)
+
+    records = engine.fit(task.step, make_loader, samples_per_step=settings.micro_batch_size)
+    if engine.rank != 0:
+        return None
+    final = export(engine.output_dir, engine.output_dir / "final")
+    if records:
+        last = records[-1]
+        print(f"{task.name}: trained to step {last['step']}, loss {last['loss']:.4f}, {last['samples_per_s']:.1f} samples/s; "
+              f"model in {final}")
+    if not config["data"].get("eval"):
+        return {}
+    model = initial_model(task.model_class, {"init": str(final)}, None, {}).to(engine.device).eval()
+    return evaluate_and_save(task, model, engine.output_dir)

@@ -1,0 +1,432 @@
+"""What each fine-tuning task adds to the runner (``beit3.training.finetune``): its readers, training
+step, evaluation and prediction files. The ``data`` section of a task config names the splits:
+
+    vqa:            {train|eval|predict: {questions: v2_OpenEnded_..._questions.json, annotations: v2_mscoco_..._annotations.json}
+                     or {index: vqa.train.jsonl, data_root: DIR}}, image_root (holds train2014/, val2014/, test2015/),
+                    answer2label (answer2label.txt; null: built from the train annotations, min count answer_min_count)
+    nlvr2:          {train|eval|predict: {file: train.json, images: images/train} or {index: nlvr2.train.index.jsonl, data_root: DIR}}
+    retrieval:      {train|eval|predict: {karpathy: dataset_coco.json, image_root: DIR, split: train|val|test}}
+    captioning:     the same as retrieval; mask_prob, label_smoothing, drop_worst_after, drop_worst_ratio
+    classification: {train|eval|predict: {folder: DIR}} (class folders; predict: any folder of images); mixup, cutmix,
+                    label_smoothing
+    all:            max_text_length, augment (none | randaug | imagenet), hflip
+
+The ``eval`` section: batch_size, precision, num_workers; captioning also max_length, num_beams, length_penalty.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+from ..data.common import split_batch
+from ..image_processing_beit3 import VL_MEAN, VL_STD, Beit3ImageProcessor
+from ..masking import mask_caption_tokens
+from ..metrics import (caption_scores, classification_accuracy, retrieval_recall, vqa_accuracy, vqa_score, write_caption_results,
+                       write_json_atomic, write_vqa_predictions)
+from ..modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForVisualQuestionAnswering,
+                              Beit3ForVisualReasoning)
+from .finetune import autocast, batches, to_device
+
+
+class FinetuneTask:
+    """A task's pieces. ``setup`` gives it the tokenizer and (once built) the model config."""
+
+    name: str
+    model_class: type
+    metric: str  # the headline score (a key of ``evaluate``'s result; higher is better)
+
+    def __init__(self, data: dict, eval_options: dict):
+        self.data, self.eval_options = data, eval_options
+        self.tokenizer, self.model_config, self.engine = None, None, None
+        self.max_text_length = data.get("max_text_length", 64)
+
+    def setup(self, tokenizer, model_config) -> None:
+        self.tokenizer, self.model_config = tokenizer, model_config
+
+    def split(self, name: str) -> dict:
+        spec = self.data.get(name)
+        if not spec:
+            raise KeyError(f"The config's data section has no {name!r} split; add data.{name} (see beit3/training/finetune_tasks.py).")
+        return spec
+
+    # -- overridable pieces ------------------------------------------------------------------------
+    def config_overrides(self) -> dict:
+        """Config fields the task sets on the model it trains (labels, label smoothing)."""
+        return {}
+
+    def image_transform(self, train: bool):
+        """Evaluation: the released models' processor (bicubic resize, mean = std = 0.5). Training: the same,
+        or with ``data.augment: randaug`` timm's random resized crop (scale 0.5-1) and RandAugment, as unilm."""
+        size = self.model_config.image_size
+        if not train or self.data.get("augment", "none") == "none":
+            return Beit3ImageProcessor(size={"height": size, "width": size})
+        from timm.data import create_transform
+
+        augment = self.data["augment"]
+        if augment not in ("randaug", "imagenet"):
+            raise ValueError(f"data.augment must be none, randaug or imagenet; got {augment!r}.")
+        imagenet = augment == "imagenet"
+        return create_transform(size, is_training=True, scale=(0.08, 1.0) if imagenet else (0.5, 1.0), hflip=self.data.get("hflip", 0.0),
+                                auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25 if imagenet else 0.0,
+                                mean=None if imagenet else VL_MEAN, std=None if imagenet else VL_STD)
+
+    def collate(self, items: list[dict]) -> dict:
+        return default_collate(items)
+
+    def eval_batches(self, dataset):
+        return batches(dataset, self.eval_options.get("batch_size", 64), self.eval_options.get("num_workers", 0))
+
+    def eval_autocast(self, model):
+        return autocast(self.eval_options.get("precision", "fp32"), next(model.parameters()).device)
+
+    def step(self, module, batch: dict):
+        """``Engine.fit``'s step: (loss, {name: value}) of one micro-batch."""
+        raise NotImplementedError
+
+    def train_dataset(self):
+        raise NotImplementedError
+
+    def evaluate(self, model, output_dir: Path) -> dict[str, float]:
+        raise NotImplementedError
+
+    def predict(self, model, output_dir: Path) -> Path:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------ VQA
+
+
+class VqaTask(FinetuneTask):
+    name, model_class, metric = "vqa", Beit3ForVisualQuestionAnswering, "accuracy"
+
+    def answer2label(self) -> dict[str, int]:
+        from ..data.vqa import build_answer_vocabulary, read_answer2label
+
+        if self.model_config is not None and self.model_config.id2label and len(self.model_config.id2label) > 2:
+            return {answer: int(label) for label, answer in self.model_config.id2label.items()}
+        if self.data.get("answer2label"):
+            return read_answer2label(self.data["answer2label"])
+        train = self.split("train")
+        if "annotations" not in train:
+            raise ValueError("The official index files hold labels, not answers: set data.answer2label to their answer2label.txt.")
+        return build_answer_vocabulary([train["annotations"]], min_count=self.data.get("answer_min_count", 9))
+
+    def config_overrides(self) -> dict:
+        return {"id2label": {label: answer for answer, label in self.answer2label().items()}}
+
+    def records(self, split: str):
+        from ..data.vqa import read_vqa, read_vqa_index
+
+        spec = self.split(split)
+        if "index" in spec:
+            return read_vqa_index(spec["index"], spec["data_root"])
+        result = read_vqa(spec["questions"], spec.get("image_root", self.data.get("image_root")), spec.get("annotations"),
+                          self.answer2label() if spec.get("annotations") else None, drop_unlabeled=split == "train")
+        if result.out_of_vocabulary_answers:
+            print(f"vqa {split}: {result.out_of_vocabulary_answers} annotator answers are outside the answer vocabulary and were ignored"
+                  + (f"; {result.dropped_questions} questions had no answer in it and were left out" if result.dropped_questions else ""))
+        return result.records
+
+    def dataset(self, split: str, train: bool = False):
+        from ..data.vqa import VqaDataset
+
+        return VqaDataset(self.records(split), self.image_transform(train), self.tokenizer, self.model_config.num_labels, self.max_text_length)
+
+    def train_dataset(self):
+        return self.dataset("train", train=True)
+
+    def step(self, module, batch):
+        inputs, _ = split_batch(batch)
+        out = module(**inputs)
+        chosen = inputs["labels"].gather(1, out.logits.argmax(dim=-1, keepdim=True))
+        return out.loss, {"vqa_score": chosen.mean()}
+
+    def _answers(self, model, split: str):
+        from ..data.vqa import answers_from_records
+
+        dataset = self.dataset(split)
+        answers = [self.model_config.id2label[i] for i in range(self.model_config.num_labels)]
+        predictions, soft_scores, logits_seen = {}, [], []
+        with torch.no_grad(), self.eval_autocast(model):
+            for inputs, meta in self.eval_batches(dataset):
+                labels = inputs.pop("labels", None)
+                logits = model(**to_device(inputs, next(model.parameters()).device)).logits.float().cpu()
+                for question_id, label in zip(meta["question_id"].tolist(), logits.argmax(-1).tolist()):
+                    predictions[question_id] = answers[label]
+                if labels is not None:
+                    soft_scores.append(labels)
+                    logits_seen.append(logits)
+        return predictions, answers_from_records(dataset.records), soft_scores, logits_seen
+
+    def evaluate(self, model, output_dir):
+        predictions, truth, soft_scores, logits = self._answers(model, "eval")
+        write_vqa_predictions(output_dir / "vqa_eval_predictions.json", predictions)
+        if truth:  # the official accuracy against the 10 raw annotator answers
+            return {"accuracy": vqa_accuracy(predictions, truth)}
+        if soft_scores:  # index files: the soft-score proxy
+            return {"accuracy": vqa_score(torch.cat(logits), torch.cat(soft_scores))}
+        raise ValueError("The eval split has no answers to score against; use mode predict for test questions.")
+
+    def predict(self, model, output_dir):
+        predictions, *_ = self._answers(model, "predict")
+        path = output_dir / "vqa_predictions.json"
+        write_vqa_predictions(path, predictions)
+        return path
+
+
+# ---------------------------------------------------------------------------------------------- NLVR2
+
+
+class Nlvr2Task(FinetuneTask):
+    name, model_class, metric = "nlvr2", Beit3ForVisualReasoning, "accuracy"
+
+    def config_overrides(self) -> dict:
+        return {"num_labels": 2}
+
+    def dataset(self, split: str, train: bool = False):
+        from ..data.nlvr2 import Nlvr2Dataset, read_nlvr2, read_nlvr2_index
+
+        spec = self.split(split)
+        records = read_nlvr2_index(spec["index"], spec["data_root"]) if "index" in spec else read_nlvr2(spec["file"], spec["images"])
+        return Nlvr2Dataset(records, self.image_transform(train), self.tokenizer, self.max_text_length)
+
+    def train_dataset(self):
+        return self.dataset("train", train=True)
+
+    def step(self, module, batch):
+        inputs, _ = split_batch(batch)
+        out = module(**inputs)
+        return out.loss, {"accuracy": (out.logits.argmax(-1) == inputs["labels"]).float().mean()}
+
+    def _predictions(self, model, split: str) -> tuple[list[tuple[str, int]], list[int]]:
+        rows, labels = [], []
+        with torch.no_grad(), self.eval_autocast(model):
+            for inputs, meta in self.eval_batches(self.dataset(split)):
+                labels += inputs.pop("labels").tolist()
+                logits = model(**to_device(inputs, next(model.parameters()).device)).logits
+                rows += list(zip(meta["identifier"], logits.argmax(-1).tolist()))
+        return rows, labels
+
+    @staticmethod
+    def _write(rows, path: Path) -> Path:
+        """lil-lab's evaluation format: ``identifier,True|False`` per line."""
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as handle:
+            csv.writer(handle).writerows((identifier, "True" if label else "False") for identifier, label in rows)
+        tmp.replace(path)
+        return path
+
+    def evaluate(self, model, output_dir):
+        rows, labels = self._predictions(model, "eval")
+        self._write(rows, output_dir / "nlvr2_eval_predictions.csv")
+        return {"accuracy": 100.0 * sum(p == t for (_, p), t in zip(rows, labels)) / len(labels)}
+
+    def predict(self, model, output_dir):
+        return self._write(self._predictions(model, "predict")[0], output_dir / "nlvr2_predictions.csv")
+
+
+# ----------------------------------------------------------------------------------- retrieval, captioning
+
+
+class _KarpathyTask(FinetuneTask):
+    def images(self, split: str):
+        from ..data.karpathy import read_karpathy
+
+        spec = self.split(split)
+        return read_karpathy(spec["karpathy"], spec["image_root"], spec.get("split", {"eval": "val", "predict": "test"}.get(split, split)))
+
+
+class RetrievalTask(_KarpathyTask):
+    name, model_class, metric = "retrieval", Beit3ForImageTextRetrieval, "tr_r1"
+
+    def train_dataset(self):
+        from ..data.karpathy import ImageTextDataset, retrieval_records
+
+        return ImageTextDataset(retrieval_records(self.images("train")), self.image_transform(True), self.tokenizer, self.max_text_length)
+
+    def step(self, module, batch):
+        inputs, _ = split_batch(batch)
+        out = module(**inputs)
+        targets = torch.arange(len(out.logits_per_image), device=out.logits_per_image.device)
+        return out.loss, {"accuracy": (out.logits_per_image.argmax(-1) == targets).float().mean()}
+
+    def embed(self, model, split: str):
+        """(image embeddings, image ids, text embeddings, each text's image id, the records)."""
+        from ..data.karpathy import ImageOnlyDataset, TextOnlyDataset, retrieval_records
+
+        images = self.images(split)
+        records = retrieval_records(images)
+        device = next(model.parameters()).device
+        image_embeds, image_ids, text_embeds, text_ids = [], [], [], []
+        with torch.no_grad(), self.eval_autocast(model):
+            for inputs, meta in self.eval_batches(ImageOnlyDataset(images, self.image_transform(False))):
+                image_embeds.append(model.get_image_features(inputs["pixel_values"].to(device)).float().cpu())
+                image_ids.append(meta["image_id"])
+            for inputs, meta in self.eval_batches(TextOnlyDataset(records, self.tokenizer, self.max_text_length)):
+                text_embeds.append(model.get_text_features(**to_device(inputs, device)).float().cpu())
+                text_ids.append(meta["image_id"])
+        return torch.cat(image_embeds), torch.cat(image_ids), torch.cat(text_embeds), torch.cat(text_ids), records
+
+    def evaluate(self, model, output_dir):
+        image_embeds, image_ids, text_embeds, text_ids, _ = self.embed(model, "eval")
+        return retrieval_recall(image_embeds, text_embeds, text_ids, image_ids)
+
+    def predict(self, model, output_dir, top: int = 5):
+        """For each image of the split, its ``top`` best captions: ``[{"image_id", "image", "captions": [...], "scores": [...]}]``."""
+        image_embeds, image_ids, text_embeds, _, records = self.embed(model, "predict")
+        scores, best = (image_embeds @ text_embeds.t()).topk(min(top, len(records)), dim=-1)
+        paths = {r.image_id: r.image_path for r in records}
+        items = [{"image_id": int(i), "image": paths[int(i)], "captions": [records[j].caption for j in row], "scores": [round(v, 4) for v in s]}
+                 for i, row, s in zip(image_ids.tolist(), best.tolist(), scores.tolist())]
+        path = output_dir / "retrieval_predictions.json"
+        write_json_atomic(path, items)
+        return path
+
+
+class CaptioningTask(_KarpathyTask):
+    name, model_class, metric = "captioning", Beit3ForCaptioning, "CIDEr"
+
+    def __init__(self, data: dict, eval_options: dict):
+        super().__init__(data, eval_options)
+        self.max_text_length = data.get("max_text_length", 32)
+        self.mask_prob = data.get("mask_prob", 0.6)
+        self.label_smoothing = data.get("label_smoothing", 0.1)
+        self.drop_worst_after, self.drop_worst_ratio = data.get("drop_worst_after", 12000), data.get("drop_worst_ratio", 0.2)
+
+    def config_overrides(self) -> dict:
+        return {"label_smoothing": self.label_smoothing}
+
+    def train_dataset(self):
+        from ..data.karpathy import ImageTextDataset, captioning_records
+
+        return ImageTextDataset(captioning_records(self.images("train"), train=True), self.image_transform(True), self.tokenizer,
+                                self.max_text_length)
+
+    def step(self, module, batch):
+        """The official causal masked LM: corrupt some caption tokens, predict them with label smoothing;
+        after ``drop_worst_after`` steps the worst ``drop_worst_ratio`` of the masked tokens are left out."""
+        inputs, _ = split_batch(batch)
+        input_ids, labels = mask_caption_tokens(inputs["input_ids"], inputs["attention_mask"], self.model_config.mask_token_id, self.mask_prob)
+        logits = module(pixel_values=inputs["pixel_values"], input_ids=input_ids, attention_mask=inputs["attention_mask"]).logits
+        chosen = labels != -100
+        logits, targets = logits[chosen].float(), labels[chosen]
+        losses = F.cross_entropy(logits, targets, reduction="none", label_smoothing=self.label_smoothing)
+        if self.engine is not None and self.engine.step >= self.drop_worst_after:
+            keep = max(1, int(len(losses) * (1 - self.drop_worst_ratio)))
+            losses = losses.topk(keep, largest=False).values
+        return losses.mean(), {"accuracy": (logits.argmax(-1) == targets).float().mean()}
+
+    def _captions(self, model, split: str, records) -> dict[int, str]:
+        from ..data.karpathy import ImageOnlyDataset
+
+        options = {"max_length": self.eval_options.get("max_length", self.max_text_length), "num_beams": self.eval_options.get("num_beams", 3),
+                   "length_penalty": self.eval_options.get("length_penalty", 0.6)}
+        predictions = {}
+        with torch.no_grad(), self.eval_autocast(model):
+            for inputs, meta in self.eval_batches(ImageOnlyDataset(records, self.image_transform(False))):
+                ids = model.generate(inputs["pixel_values"].to(next(model.parameters()).device), **options)
+                texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+                predictions.update({int(i): t.strip() for i, t in zip(meta["image_id"].tolist(), texts)})
+        return predictions
+
+    def evaluate(self, model, output_dir):
+        from ..data.karpathy import captioning_records
+
+        records = captioning_records(self.images("eval"), train=False)
+        predictions = self._captions(model, "eval", records)
+        write_caption_results(output_dir / "captions_eval.json", predictions)
+        scores = caption_scores(predictions, {r.image_id: r.references for r in records})
+        return {"CIDEr": scores["CIDEr"], "Bleu_4": scores["Bleu_4"]}
+
+    def predict(self, model, output_dir):
+        from ..data.karpathy import captioning_records
+
+        path = output_dir / "captions.json"
+        write_caption_results(path, self._captions(model, "predict", captioning_records(self.images("predict"), train=False)))
+        return path
+
+
+# -------------------------------------------------------------------------------------- classification
+
+
+class ClassificationTask(FinetuneTask):
+    name, model_class, metric = "classification", Beit3ForImageClassification, "top1"
+
+    def __init__(self, data: dict, eval_options: dict):
+        super().__init__(data, eval_options)
+        self.mixup = None
+        if data.get("mixup", 0) > 0 or data.get("cutmix", 0) > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=data.get("mixup", 0.0), cutmix_alpha=data.get("cutmix", 0.0),
+                               label_smoothing=data.get("label_smoothing", 0.1), num_classes=1)  # num_classes set in setup
+
+    def classes(self) -> list[str]:
+        if self.model_config is not None and self.model_config.id2label and "LABEL_0" not in self.model_config.id2label.values():
+            return [self.model_config.id2label[i] for i in range(self.model_config.num_labels)]
+        from ..data.imagenet import read_image_folder
+
+        return read_image_folder(self.split("train")["folder"]).classes
+
+    def setup(self, tokenizer, model_config) -> None:
+        super().setup(tokenizer, model_config)
+        if self.mixup is not None and model_config is not None:
+            self.mixup.num_classes = model_config.num_labels
+
+    def config_overrides(self) -> dict:
+        return {"id2label": dict(enumerate(self.classes())), "label_smoothing": self.data.get("label_smoothing", 0.0)}
+
+    def image_transform(self, train: bool):
+        if not train and self.data.get("augment") == "imagenet":
+            return Beit3ImageProcessor.for_imagenet(self.model_config.image_size)
+        return super().image_transform(train)
+
+    def dataset(self, split: str, train: bool = False):
+        from ..data.imagenet import ImageClassificationDataset, read_image_folder
+
+        return ImageClassificationDataset(read_image_folder(self.split(split)["folder"], self.classes()).records, self.image_transform(train))
+
+    def train_dataset(self):
+        return self.dataset("train", train=True)
+
+    def step(self, module, batch):
+        inputs, _ = split_batch(batch)
+        hard = inputs["labels"]
+        if self.mixup is not None:  # soft targets (B, classes); timm's mixup draws from numpy, which the engine seeds per step
+            inputs["pixel_values"], inputs["labels"] = self.mixup(inputs["pixel_values"], inputs["labels"])
+        out = module(**inputs)
+        return out.loss, {"accuracy": (out.logits.argmax(-1) == hard).float().mean()}
+
+    def evaluate(self, model, output_dir):
+        logits, labels = [], []
+        with torch.no_grad(), self.eval_autocast(model):
+            for inputs, _ in self.eval_batches(self.dataset("eval")):
+                labels.append(inputs.pop("labels"))
+                logits.append(model(**to_device(inputs, next(model.parameters()).device)).logits.float().cpu())
+        return classification_accuracy(torch.cat(logits), torch.cat(labels), topk=(1, min(5, self.model_config.num_labels)))
+
+    def predict(self, model, output_dir):
+        from ..data.common import load_rgb, transform_image
+        from ..data.images import list_images
+
+        paths = list_images(self.split("predict")["folder"])
+        classes, transform, rows = self.classes(), self.image_transform(False), []
+        device = next(model.parameters()).device
+        size = self.eval_options.get("batch_size", 64)
+        with torch.no_grad(), self.eval_autocast(model):
+            for start in range(0, len(paths), size):
+                chunk = paths[start:start + size]
+                pixel_values = torch.stack([transform_image(transform, load_rgb(p)) for p in chunk]).to(device)
+                probs = model(pixel_values=pixel_values).logits.float().softmax(-1).cpu()
+                rows += [{"image": str(p), "label": classes[i], "score": round(float(s), 4)} for p, (s, i) in zip(chunk, zip(*probs.max(-1)))]
+        path = output_dir / "classification_predictions.json"
+        write_json_atomic(path, rows)
+        return path
+
+
+TASKS = {task.name: task for task in (VqaTask, Nlvr2Task, RetrievalTask, CaptioningTask, ClassificationTask)}
