@@ -1,4 +1,4 @@
-# The two commands: `make demo` (the main job on an embedded default) and `make test`.
+# The two commands: `make demo` (the main job on an embedded default; FULL=1 for the longer version) and `make test`.
 # Each creates .venv when it is missing and installs the package with what it needs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tasks/demo.py
+	$(PY) tasks/demo.py $(if $(FULL),--profile full,)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -48,3 +48,21 @@ def word_tokenizer(folder, words: list[str], vocab_size: int, **kwargs):
     rng = random.Random(0)
     (folder / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(300)))
     return train_sentencepiece(folder, vocab_size, files=[folder / "corpus.txt"], quiet=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The demo pipeline at its smoke size (tiny world, a few steps per stage), run once for the session:
+    tests of the demo and of the fine-tuning scripts read its outputs. Returns (output folder, stdout)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    output = tmp_path_factory.mktemp("demo") / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "tasks/demo.py", "--output", str(output), "--profile", "smoke"], cwd=root,
+                            capture_output=True, text=True, env=env, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return output, result.stdout

@@ -101,3 +101,44 @@ def test_text_masking_repeats_under_a_seed():
     first = mask_text_tokens(text_masker(word_tokenizer(), seed=7), ids, attention_mask)
     second = mask_text_tokens(text_masker(word_tokenizer(), seed=7), ids, attention_mask)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_caption_masking_follows_the_official_counts_and_never_touches_bos_or_padding():
+    from beit3.masking import mask_caption_tokens
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([2, 3, 7, 12, 20])
+    input_ids = torch.full((5, 24), 1)  # 1 = padding
+    for row, n in enumerate(lengths.tolist()):
+        input_ids[row, :n] = torch.arange(10, 10 + n)
+        input_ids[row, 0] = 0  # <s>
+    attention_mask = (torch.arange(24)[None] < lengths[:, None]).long()
+    corrupted, labels = mask_caption_tokens(input_ids, attention_mask, mask_token_id=99, mask_prob=0.6)
+    chosen = labels != -100
+    for row, n in enumerate(lengths.tolist()):
+        assert chosen[row].sum().item() == max(1, min(round(n * 0.6), n - 1))
+    assert not chosen[:, 0].any() and not chosen[attention_mask == 0].any()
+    assert torch.equal(labels[chosen], input_ids[chosen])
+    assert torch.equal(corrupted[~chosen], input_ids[~chosen])
+
+
+def test_caption_masking_replaces_80_10_10():
+    from beit3.masking import mask_caption_tokens
+
+    torch.manual_seed(1)
+    input_ids = torch.randint(3, 50, (400, 30))
+    input_ids[:, 0] = 0
+    corrupted, labels = mask_caption_tokens(input_ids, torch.ones_like(input_ids), mask_token_id=99, mask_prob=0.5, random_ids=(3, 50))
+    chosen = labels != -100
+    masked = (corrupted[chosen] == 99).float().mean().item()
+    kept = (corrupted[chosen] == input_ids[chosen]).float().mean().item()
+    assert masked == pytest.approx(0.8, abs=0.02)
+    assert kept == pytest.approx(0.1 + 0.1 / 47, abs=0.02)  # unchanged, plus random draws that hit the same id
+    assert corrupted[chosen].max() <= 99 and corrupted[chosen & (corrupted != 99)].min() >= 3
+
+
+def test_caption_masking_refuses_an_empty_caption():
+    from beit3.masking import mask_caption_tokens
+
+    with pytest.raises(ValueError, match="empty"):
+        mask_caption_tokens(torch.tensor([[0, 1, 1]]), torch.tensor([[1, 0, 0]]), mask_token_id=99)

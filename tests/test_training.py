@@ -90,3 +90,55 @@ def test_layer_decay_scales_the_learning_rate_by_depth():
     assert lr_of[id(named["head.weight"])] == 1.0 and lr_of[id(named["fc_norm.weight"])] == 1.0
     decays = {group["weight_decay"] for group in optimizer.param_groups if any(p is named["head.bias"] for p in group["params"])}
     assert decays == {0.0}
+
+
+def test_head_lr_scale_boosts_only_the_task_head():
+    from beit3.modeling_heads import Beit3ForVisualQuestionAnswering
+
+    model = Beit3ForVisualQuestionAnswering(tiny_config(num_labels=5))
+    optimizer = build_optimizer(model, TrainSettings(output_dir="x", max_steps=1, save_every=1, lr=0.1, head_lr_scale=20.0))
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    for name, parameter in model.named_parameters():  # the pooler stays at 1x, as in unilm
+        assert lr_of[id(parameter)] == pytest.approx(2.0 if name.startswith("head.") else 0.1), name
+    named = dict(model.named_parameters())
+    assert decay_of[id(named["head.3.bias"])] == 0.0 and decay_of[id(named["head.3.weight"])] == 0.05
+    with pytest.raises(ValueError, match="no head"):
+        build_optimizer(Beit3Model(tiny_config()), TrainSettings(output_dir="x", max_steps=1, save_every=1, head_lr_scale=2.0))
+
+
+def test_shipped_task_configs_parse_and_name_known_settings():
+    for path in sorted((ROOT / "configs" / "tasks").glob("*.yaml")):
+        config = load_config(path)
+        settings = TrainSettings.from_config(config["train"])
+        assert settings.max_steps > 0 and settings.lr > 0, path
+        assert {"train", "eval"} <= set(config["data"]), path
+        assert config["model"]["preset"].startswith("beit3_"), path
+
+
+def test_gradient_accumulation_takes_micro_batches_per_step(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, json, torch
+        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        from conftest import tiny_config
+        from beit3 import Beit3Model
+        from beit3.training.engine import Engine, TrainSettings
+        torch.manual_seed(0)
+        settings = TrainSettings(output_dir={str(tmp_path / 'run')!r}, max_steps=3, save_every=3, log_every=1, num_workers=0,
+                                 gradient_accumulation_steps=2, warmup_steps=0, lr=1e-3)
+        engine = Engine(Beit3Model(tiny_config()), settings)
+        asked, seen = [], []
+        def step_fn(module, batch):
+            seen.append(int(batch["index"]))
+            return module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean(), {{}}
+        def make_loader(first, count):
+            asked.append((first, count))
+            return iter([{{"pixel_values": torch.randn(2, 3, 32, 32), "index": torch.tensor(first + i)}} for i in range(count)])
+        engine.fit(step_fn, make_loader, samples_per_step=2)
+        print(json.dumps({{"asked": asked, "seen": seen, "steps": engine.module.global_steps, "step": engine.step}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    assert report["asked"] == [[0, 6]] and report["seen"] == list(range(6))
+    assert report["step"] == 3 and report["steps"] == 3  # three optimizer updates for six micro-batches

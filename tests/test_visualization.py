@@ -102,3 +102,17 @@ def test_loss_curves_one_line_per_present_key(tmp_path):
     assert orange(two) > 50 and orange(one) == 0
     with pytest.raises(ValueError, match="None of the keys"):
         save_loss_curves(records, tmp_path / "x.png", keys=["text_loss"])
+
+
+def test_captioned_images_draw_one_panel_per_image(tmp_path):
+    from PIL import Image
+
+    from beit3.visualization import save_captioned_images
+
+    images = torch.rand(5, 3, 16, 16)
+    path = save_captioned_images(images, [f"caption {i}\nsecond line" for i in range(5)], tmp_path / "grid.png", columns=3, title="t")
+    with Image.open(path) as picture:
+        width, height = picture.size
+    assert width > height  # 3 columns, 2 rows
+    with pytest.raises(ValueError, match="5 images but 4 texts"):
+        save_captioned_images(images, ["x"] * 4, tmp_path / "bad.png")
