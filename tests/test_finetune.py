@@ -143,7 +143,7 @@ def test_captioning_step_predicts_only_masked_tokens_and_drops_the_worst(demo_ru
     class Step:  # what the engine shows the step: the current step number
         step = 10
 
-    encoded = tokenizer(["a big red circle on the left", "a small blue square"], padding="max_length", max_length=12, return_tensors="pt")
+    encoded = tokenizer(["a big red circle on the left", "a small blue square"], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
     batch = {"pixel_values": torch.randn(2, 3, 64, 64), **encoded}
     torch.manual_seed(0)
     loss_all, _ = task.step(model, batch)
