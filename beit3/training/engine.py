@@ -236,7 +236,7 @@ class Engine:
                 seed = step_seed(settings.seed, self.step * accumulation + micro, self.rank)
                 torch.manual_seed(seed)
                 np.random.seed(seed % 2**32)  # numpy-based augmentations (timm's mixup) repeat on resume too
-                loss, values = step_fn(self.module, _to_device(batch, self.device))
+                loss, values = step_fn(self.module, to_device(batch, self.device))
                 finite = torch.tensor([float(torch.isfinite(loss))], device=self.device)
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                 if finite.item() == 0:
@@ -303,7 +303,8 @@ class Engine:
         return record
 
 
-def _to_device(batch, device: torch.device):
+def to_device(batch, device: torch.device):
+    """The tensors of a (nested) dict batch moved to ``device``; anything else (ids as strings) as it is."""
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch

@@ -106,10 +106,6 @@ def batches(dataset, batch_size: int, num_workers: int = 0, collate_fn=None):
         yield split_batch(batch)
 
 
-def to_device(inputs: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-
 def parse_args(task_name: str, argv: list[str] | None):
     parser = argparse.ArgumentParser(prog=f"tasks/{task_name}.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help=f"a run config, e.g. configs/tasks/{task_name}_base.yaml")

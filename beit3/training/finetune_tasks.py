@@ -26,11 +26,12 @@ from torch.utils.data import default_collate
 from ..data.common import split_batch
 from ..image_processing_beit3 import VL_MEAN, VL_STD, Beit3ImageProcessor
 from ..masking import mask_caption_tokens
-from ..metrics import (caption_scores, classification_accuracy, retrieval_recall, vqa_accuracy, vqa_score, write_caption_results,
-                       write_json_atomic, write_vqa_predictions)
+from ..metrics import (caption_scores, classification_accuracy, retrieval_recall, vqa_accuracy, vqa_predictions, vqa_score,
+                       write_caption_results, write_json_atomic, write_vqa_predictions)
 from ..modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForVisualQuestionAnswering,
                               Beit3ForVisualReasoning)
-from .finetune import autocast, batches, to_device
+from .engine import to_device
+from .finetune import autocast, batches
 
 
 class FinetuneTask:
@@ -147,17 +148,16 @@ class VqaTask(FinetuneTask):
         return out.loss, {"vqa_score": chosen.mean()}
 
     def _answers(self, model, split: str):
-        from ..data.vqa import answers_from_records
+        from ..data.vqa import answers_from_records, label_to_answer
 
         dataset = self.dataset(split)
-        answers = [self.model_config.id2label[i] for i in range(self.model_config.num_labels)]
+        answers = label_to_answer(self.answer2label())
         predictions, soft_scores, logits_seen = {}, [], []
         with torch.no_grad(), self.eval_autocast(model):
             for inputs, meta in self.eval_batches(dataset):
                 labels = inputs.pop("labels", None)
                 logits = model(**to_device(inputs, next(model.parameters()).device)).logits.float().cpu()
-                for question_id, label in zip(meta["question_id"].tolist(), logits.argmax(-1).tolist()):
-                    predictions[question_id] = answers[label]
+                predictions.update((p["question_id"], p["answer"]) for p in vqa_predictions(logits, meta["question_id"], answers))
                 if labels is not None:
                     soft_scores.append(labels)
                     logits_seen.append(logits)
