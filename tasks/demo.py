@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,8 +40,8 @@ PROFILES = {
     "smoke": {"world": dict(pretrain_images=96, train_images=48, val_images=16, test_images=16, nlvr2_train=32, nlvr2_dev=16,
                             classification_train=36, classification_val=18),
               "vqkd_steps": 4, "pretrain_steps": 4, "finetune_steps": {t: 3 for t in FINETUNE_TASKS}, "batch": 8},
-    "default": {"world": {}, "vqkd_steps": 200, "pretrain_steps": 360,
-                "finetune_steps": {"vqa": 70, "nlvr2": 70, "retrieval": 70, "captioning": 70}, "batch": 32},
+    "default": {"world": {}, "vqkd_steps": 200, "pretrain_steps": 450,
+                "finetune_steps": {"vqa": 150, "nlvr2": 150, "retrieval": 150, "captioning": 150}, "batch": 32},
     "full": {"world": dict(pretrain_images=20000, train_images=3000, val_images=500, test_images=500, nlvr2_train=2000, nlvr2_dev=500),
              "vqkd_steps": 400, "pretrain_steps": 1500,
              "finetune_steps": {"vqa": 300, "nlvr2": 300, "retrieval": 300, "captioning": 300, "classification": 150}, "batch": 32},
@@ -49,15 +50,41 @@ PROFILES = {
 
 def run(command: list[str], log: Path) -> None:
     """Runs one stage's command; its progress bars show on the terminal, and everything goes to ``log`` too."""
+    run_side_by_side([command], log)
+
+
+def run_side_by_side(commands: list[list[str]], log: Path, threads: int | None = None) -> None:
+    """Runs ``commands`` at the same time, each with ``threads`` torch threads. The first one's progress shows
+    on the terminal; every line of each goes to ``log``, prefixed by the command's number when there are several.
+
+    On a small CPU two 1-thread runs get more done than one 2-thread run after the other (small matmuls do
+    not split well over threads), and the two inits of a task then train under the same conditions.
+    """
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    lock = threading.Lock()
     with open(log, "a") as handle:
-        handle.write("$ " + " ".join(command) + "\n")
+        processes = []
+        for command in commands:
+            handle.write("$ " + " ".join(command) + "\n")
+            processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                              bufsize=1))
         handle.flush()
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in process.stdout:
-            handle.write(line)
-            if not line.startswith(("[", "W1", "I1")) or "%|" in line:  # launcher chatter stays in the log
-                sys.stderr.write(line)
+
+        def forward(number: int, process: subprocess.Popen) -> None:
+            prefix = f"[{number}] " if len(commands) > 1 else ""
+            for line in process.stdout:
+                with lock:
+                    handle.write(prefix + line)
+                    if number == 0 and (not line.startswith(("[", "W1", "I1")) or "%|" in line):  # launcher chatter stays in the log
+                        sys.stderr.write(line)
+        readers = [threading.Thread(target=forward, args=(n, p)) for n, p in enumerate(processes)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+    for command, process in zip(commands, processes):
         if process.wait() != 0:
             raise SystemExit(f"error: this stage failed (exit {process.returncode}): {' '.join(command)}\nIts output is in {log}.")
 
@@ -143,32 +170,40 @@ class Demo:
                 "{samples_per_s:.0f} samples/s").format(**last)
 
     # -- 4. fine-tuning ----------------------------------------------------------------------------
-    def finetune(self, task: str, init: str) -> str:
-        folder = self.output / "finetune" / f"{task}_{init}"
-        data_root = self.output / "data"
-        steps = self.settings["finetune_steps"][task]
-        sets = [f"model.init={self.output / 'pretrained' if init == 'pretrained' else 'null'}",
-                f"tokenizer={self.output / 'text-tokenizer'}", f"train.output_dir={folder}", f"train.max_steps={steps}",
-                f"train.save_every={steps}", f"train.warmup_steps={max(1, steps // 10)}", f"train.micro_batch_size={self.settings['batch']}"]
+    def finetune(self, task: str) -> str:
+        """Fine-tunes ``task`` from the pretrained export and from random weights, side by side (one thread each)."""
         config = ROOT / "configs" / "tasks" / f"{task}_demo.yaml"
-        text = config.read_text().replace("runs/demo/data", str(data_root))  # the world may live elsewhere (--output)
         local = self.output / "configs" / f"{task}_demo.yaml"
         local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_text(text)
-        run([self.python, f"tasks/{task}.py", "--config", str(local), *[part for s in sets for part in ("--set", s)]], self.log)
-        scores = json.loads((folder / "eval_results.json").read_text())
-        return f"{task} from {init}: {scores['metric']} {scores[scores['metric']]:.2f}"
+        local.write_text(config.read_text().replace("runs/demo/data", str(self.output / "data")))  # the world may live elsewhere
+        steps = self.settings["finetune_steps"][task]
+        commands = []
+        for init in ("pretrained", "scratch"):
+            if self.finetuned(task, init):
+                continue
+            sets = [f"model.init={self.output / 'pretrained' if init == 'pretrained' else 'null'}",
+                    f"tokenizer={self.output / 'text-tokenizer'}", f"train.output_dir={self.output / 'finetune' / f'{task}_{init}'}",
+                    f"train.max_steps={steps}", f"train.save_every={steps}", f"train.warmup_steps={max(1, steps // 10)}",
+                    f"train.micro_batch_size={self.settings['batch']}"]
+            commands.append([self.python, f"tasks/{task}.py", "--config", str(local), *[part for s in sets for part in ("--set", s)]])
+        run_side_by_side(commands, self.log, threads=max(1, (os.cpu_count() or 1) // len(commands)))
+        scores = {init: self.score(task, init) for init in ("scratch", "pretrained")}
+        return f"{task} ({scores['pretrained'][0]}): from scratch {scores['scratch'][1]:.2f}, pretrained {scores['pretrained'][1]:.2f}"
+
+    def finetuned(self, task: str, init: str) -> bool:
+        return (self.output / "finetune" / f"{task}_{init}" / "eval_results.json").is_file()
+
+    def score(self, task: str, init: str) -> tuple[str, float]:
+        """(metric name, value) of a finished fine-tuning run."""
+        scores = json.loads((self.output / "finetune" / f"{task}_{init}" / "eval_results.json").read_text())
+        return scores["metric"], scores[scores["metric"]]
 
     # -- 5. report -----------------------------------------------------------------------------------
     def results(self) -> dict:
         tasks = {}
         for task in self.settings["finetune_steps"]:
-            row = {}
-            for init in ("scratch", "pretrained"):
-                scores = json.loads((self.output / "finetune" / f"{task}_{init}" / "eval_results.json").read_text())
-                row[init] = round(scores[scores["metric"]], 2)
-                row["metric"] = METRIC_NAMES.get(task, scores["metric"])
-            tasks[task] = {"metric": row["metric"], "scratch": row["scratch"], "pretrained": row["pretrained"]}
+            metric = METRIC_NAMES.get(task, self.score(task, "scratch")[0])
+            tasks[task] = {"metric": metric, **{init: round(self.score(task, init)[1], 2) for init in ("scratch", "pretrained")}}
         return {"tasks": tasks, "profile": self.profile, "seconds": {k: round(v, 1) for k, v in self.timings.items()}}
 
     def report(self) -> str:
@@ -225,9 +260,8 @@ class Demo:
         self.stage("visual tokenizer", (self.output / "vqkd" / "tokenizer" / "config.json").is_file(), self.visual_tokenizer)
         self.stage("pretrain", (self.output / "pretrained" / "model.safetensors").is_file(), self.pretrain)
         for task in self.settings["finetune_steps"]:  # the default profile leaves classification out to stay within 15 minutes
-            for init in ("scratch", "pretrained"):
-                done = (self.output / "finetune" / f"{task}_{init}" / "eval_results.json").is_file()
-                self.stage(f"finetune {task} from {init}", done, lambda task=task, init=init: self.finetune(task, init))
+            done = self.finetuned(task, "scratch") and self.finetuned(task, "pretrained")
+            self.stage(f"finetune {task}", done, lambda task=task: self.finetune(task))
         self.stage("report", False, self.report)
         print(f"demo done in {time.perf_counter() - start:.0f} s: {self.output / 'results.md'}")
         print((self.output / "results.md").read_text())

@@ -21,7 +21,7 @@ def test_every_stage_writes_its_outputs(demo_run):
             assert json.loads((folder / "eval_results.json").read_text())["task"] == task
     for picture in ("pretraining_loss.png", "visual_tokens.png", "captions.png", "retrieval.png"):
         assert (output / picture).stat().st_size > 10_000, picture
-    for stage in ("[data]", "[text tokenizer]", "[visual tokenizer]", "[pretrain]", "[finetune vqa from pretrained]", "[report]"):
+    for stage in ("[data]", "[text tokenizer]", "[visual tokenizer]", "[pretrain]", "[finetune vqa]", "[report]"):
         assert stage in stdout
 
 
@@ -61,5 +61,5 @@ def test_a_rerun_skips_the_finished_stages(demo_run):
     result = subprocess.run([sys.executable, "tasks/demo.py", "--output", str(output), "--profile", "smoke"], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("data", "text tokenizer", "visual tokenizer", "pretrain", "finetune captioning from scratch"):
+    for stage in ("data", "text tokenizer", "visual tokenizer", "pretrain", "finetune captioning"):
         assert f"[{stage}] already done; skipped" in result.stdout

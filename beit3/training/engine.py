@@ -86,6 +86,11 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if device.type == "cpu" and local_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Each rank would start a thread per core: N ranks on N cores then run N x N threads that fight over
+        # the cores (torchrun sets 1 for the same reason). Share the cores out instead.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
