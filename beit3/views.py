@@ -1,8 +1,9 @@
-"""Two views of one crop, BEiT's augmentation for masked image modeling.
+"""Two views of one crop, BEiT's augmentation for masked image modeling, and the fixed center view for precomputed codes.
 
 The model sees one view and the visual tokenizer the other. Both come from the same random
 resized crop, after the same flip and color jitter, so a masked patch and its visual token
-describe the same pixels.
+describe the same pixels. ``CenterView`` is the one view left when the codes were computed
+beforehand (``tokenizers/encode_images.py``): a fixed center crop, so the codes still fit.
 """
 
 from __future__ import annotations
@@ -51,3 +52,27 @@ class TwoViewTransform:
         tokenizer_view = TF.resized_crop(image, top, left, height, width, [self.tokenizer_size] * 2, self.tokenizer_interpolation,
                                          antialias=True)
         return self.finish_model(model_view), self.finish_tokenizer(tokenizer_view)
+
+
+class CenterView:
+    """PIL image -> the model's view of a fixed center crop, for masked image modeling on precomputed codes.
+
+    The shorter side is resized (bicubic) to ``size`` and the center ``size`` x ``size`` square kept: the
+    crop ``tokenizers/encode_images.py`` gives the tokenizer (``beit3.data.images.tokenizer_transform``),
+    here at the model's size, so patch k covers the pixels that code k was computed from. Hence no random
+    crop and no flip: either would move the pixels away from their codes. Color jitter is kept, on this
+    view only: it changes colors, not where things are, so the targets still describe the right patches
+    (the codes are those of the unjittered image; ``color_jitter=0`` turns it off).
+
+    Returns (3, size, size), normalized with ``mean``/``std`` (0.5, as ``TwoViewTransform``'s model view).
+    """
+
+    def __init__(self, size: int = 224, color_jitter: float = 0.4, interpolation: str = "bicubic",
+                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)):
+        self.size = size
+        self.transform = T.Compose([T.Resize(size, interpolation=_INTERPOLATION[interpolation], antialias=True), T.CenterCrop(size),
+                                    T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else T.Identity(),
+                                    T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image.convert("RGB"))

@@ -5,10 +5,17 @@
 
 The YAML describes the whole run; --set overrides any field. A restart with the same output_dir
 resumes from its newest complete checkpoint.
+
+With data.sources.image_codes (the folder tokenizers/encode_images.py wrote for data.sources.images),
+the image targets are those precomputed codes and visual_tokenizer may be null:
+
+    python tokenizers/encode_images.py --tokenizer runs/tiny/visual-tokenizer --images runs/tiny/data/images --output runs/tiny/data/image-codes
+    python tasks/pretrain.py --config configs/pretrain/tiny.yaml --set data.sources.image_codes=runs/tiny/data/image-codes --set visual_tokenizer=null
 """
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +34,7 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     from beit3 import Beit3Config, check_tokenizer_matches
+    from beit3.data.images import read_codes_info
     from beit3.data.pretraining import PretrainingBatches, load_sources
     from beit3.modeling_heads import Beit3ForMaskedDataModeling
     from beit3.training.config import load_config
@@ -38,35 +46,64 @@ def main(argv=None) -> None:
     settings = TrainSettings.from_config(config["train"])
     data = config["data"]
     # Everything that can be wrong with the inputs is checked before the first step.
-    tokenizer_path, visual_path = Path(config["text_tokenizer"]), Path(config["visual_tokenizer"])
+    # Visual targets: precomputed codes (data.sources.image_codes) when given, else the visual tokenizer on the fly.
+    codes_dir = data["sources"].get("image_codes")
+    tokenizer_path = Path(config["text_tokenizer"])
+    visual_path = Path(config["visual_tokenizer"]) if config.get("visual_tokenizer") and not codes_dir else None
+    if codes_dir and config.get("visual_tokenizer") and os.environ.get("RANK", "0") == "0":
+        print(f"note: data.sources.image_codes is set, so the image targets are the codes in {codes_dir}; "
+              f"the visual_tokenizer {config['visual_tokenizer']} is not used.", file=sys.stderr)
+    if not codes_dir and not config.get("visual_tokenizer"):
+        sys.exit("error: no visual targets: visual_tokenizer is not set and neither is data.sources.image_codes. Give a visual "
+                 "tokenizer, or encode the images once with tokenizers/encode_images.py and set data.sources.image_codes.")
     for what, path in (("text_tokenizer", tokenizer_path), ("visual_tokenizer", visual_path)):
-        if not path.exists():
+        if path is not None and not path.exists():
             sys.exit(f"error: {what} {path} does not exist. Train one (tokenizers/train_text_tokenizer.py, "
                      "tokenizers/train_visual_tokenizer.py) or point the config at yours.")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    visual_tokenizer = VisualTokenizer.from_pretrained(visual_path).eval()
+    if codes_dir:
+        visual_tokenizer = None
+        try:
+            codes_info = read_codes_info(codes_dir)
+        except (OSError, ValueError) as error:
+            sys.exit(f"error: data.sources.image_codes: {error}")
+        if codes_info["codebook_size"] is None:
+            sys.exit(f"error: {codes_dir}/codes.safetensors does not record its codebook_size, so the model's visual head cannot "
+                     "be sized; write the codes with tokenizers/encode_images.py, which records it.")
+        targets, codebook_size, code_grid = f"image_codes {codes_dir}", codes_info["codebook_size"], codes_info["grid"]
+        how = ("Encode the images again (tokenizers/encode_images.py) with a tokenizer and --image-size that give one code per "
+               "model patch, or change model.overrides (image_size, patch_size) to fit the codes.")
+    else:
+        visual_tokenizer = VisualTokenizer.from_pretrained(visual_path).eval()
+        targets, codebook_size = f"visual_tokenizer {visual_path}", visual_tokenizer.codebook_size
+        code_grid = (visual_tokenizer.image_size // visual_tokenizer.patch_size,) * 2
+        how = "Use a visual tokenizer whose grid fits, or change model.overrides (image_size, patch_size)."
     model_section = config["model"]
     model_config = Beit3Config.from_preset(model_section["preset"], **model_section.get("overrides", {}))
-    if model_config.visual_vocab_size != visual_tokenizer.codebook_size:
+    if model_config.visual_vocab_size != codebook_size:
         if "visual_vocab_size" in model_section.get("overrides", {}):
-            sys.exit(f"error: the model predicts {model_config.visual_vocab_size} visual tokens but {visual_path} has "
-                     f"{visual_tokenizer.codebook_size} codes.")
-        model_config.visual_vocab_size = visual_tokenizer.codebook_size
+            sys.exit(f"error: the model predicts {model_config.visual_vocab_size} visual tokens but the codebook of {targets} "
+                     f"has {codebook_size} codes. Drop visual_vocab_size from model.overrides (it is then set from the codebook) "
+                     "or set it to the codebook size.")
+        model_config.visual_vocab_size = codebook_size
     if "vocab_size" not in model_section.get("overrides", {}):  # a vocabulary of our own: size the text head to it
         model_config.vocab_size = len(tokenizer)
     model_config.mask_token_id = tokenizer.mask_token_id
     check_tokenizer_matches(tokenizer, model_config)
-    codes_per_side = visual_tokenizer.image_size // visual_tokenizer.patch_size
-    if codes_per_side != model_config.image_size // model_config.patch_size:
-        sys.exit(f"error: {visual_path} gives {codes_per_side}x{codes_per_side} codes per image, but the model has a "
-                 f"{model_config.image_size // model_config.patch_size}x{model_config.image_size // model_config.patch_size} patch grid; "
-                 "masked image modeling needs one code per patch.")
-    sources = load_sources(**data["sources"])
+    patch_grid = (model_config.image_size // model_config.patch_size,) * 2
+    if tuple(code_grid) != patch_grid:
+        sys.exit(f"error: {targets}: {code_grid[0]}x{code_grid[1]} codes per image, but the model has a "
+                 f"{patch_grid[0]}x{patch_grid[1]} patch grid; masked image modeling needs one code per patch. {how}")
+    try:
+        sources = load_sources(**data["sources"])
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: {error}")
 
     torch.manual_seed(settings.seed)  # the same initial weights on every rank
     model = Beit3ForMaskedDataModeling(model_config)
     engine = Engine(model, settings, json.loads((ROOT / data.get("deepspeed", f"configs/deepspeed/zero{settings.zero_stage}.json")).read_text()))
-    visual_tokenizer.to(engine.device)
+    if visual_tokenizer is not None:
+        visual_tokenizer.to(engine.device)
     if engine.rank == 0:
         model_config.save_pretrained(engine.output_dir / "model")
         tokenizer.save_pretrained(engine.output_dir / "model")
@@ -75,7 +112,7 @@ def main(argv=None) -> None:
 
     def make_loader(start_step: int, num_steps: int):
         batches = PretrainingBatches(sources, batch_sizes, tokenizer, model_config.image_size, model_config.patch_size,
-                                     max_text_length=data.get("max_text_length", 64), tokenizer_image_size=visual_tokenizer.image_size,
+                                     max_text_length=data.get("max_text_length", 64), tokenizer_image_size=visual_tokenizer.image_size if visual_tokenizer else None,
                                      text_mask_prob=data.get("text_mask_prob", 0.15), pair_mask_prob=data.get("pair_mask_prob", 0.5),
                                      seed=settings.seed, rank=engine.rank, world_size=engine.world_size, start_step=start_step,
                                      num_steps=num_steps)

@@ -1,16 +1,25 @@
-"""The pretraining mixture: every kind in every batch, determinism by step, corrupt images, webdataset shards."""
+"""The pretraining mixture: every kind in every batch, determinism by step, corrupt images, webdataset shards,
+and image targets from precomputed codes (tokenizers/encode_images.py)."""
 
+import importlib.util
 import io
 import json
 import tarfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from beit3 import train_sentencepiece
+from beit3.data.common import load_rgb
+from beit3.data.images import read_codes, tokenizer_transform
 from beit3.data.pretraining import PretrainingBatches, load_sources
 from beit3.data.synthetic import write_shapes_world
+from beit3.visual_tokenizers import VQKD, VQKDConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +103,111 @@ def test_empty_or_missing_sources_are_refused(world, tmp_path):
     bad.write_text(json.dumps({"image": "x.png"}) + "\nnot json\n")
     with pytest.raises(ValueError, match="pair source is empty"):
         load_sources(pairs=[str(bad)])
+
+
+def encode(tokenizer_dir: Path, images: Path, output: Path) -> dict[str, torch.Tensor]:
+    """Runs tokenizers/encode_images.py (in this process) and returns what it wrote: {path relative to images: codes}."""
+    spec = importlib.util.spec_from_file_location("encode_images_script", ROOT / "tokenizers" / "encode_images.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--tokenizer", str(tokenizer_dir), "--images", str(images), "--output", str(output), "--device", "cpu",
+                        "--batch-size", "8"]) == 0
+    codes, index = read_codes(output)
+    return {entry["path"]: codes[entry["row"]] for entry in index}
+
+
+@pytest.fixture(scope="module")
+def visual_tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vqkd") / "tokenizer"
+    torch.manual_seed(0)
+    VQKD(VQKDConfig.from_preset("vqkd_tiny", image_size=64)).save_pretrained(folder)  # 8x8 codes from 64 px, 64 codes
+    return folder
+
+
+def noise_images(folder: Path, names, seed=0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:  # noise of different sizes and shapes: distinct codes, and a real resize + center crop
+        height, width = rng.integers(48, 96, 2)
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / name)
+
+
+def center_view(path) -> torch.Tensor:
+    """The model's view of the crop encode_images.py gives the tokenizer (here both 64 px), normalized as the model's."""
+    return tokenizer_transform(64)(load_rgb(path)) * 2 - 1
+
+
+def used_image(data: PretrainingBatches, step: int, slot: int, broken=()) -> tuple[Path, int]:
+    """The image a slot ends up with, the first of its stream from its own position on that is not broken, and
+    how many broken ones it passed."""
+    for shift in range(8):
+        path = Path(data.sources["image"][data._position("image", step, slot, shift)[0]]["path"])
+        if path.name not in broken:
+            return path, shift
+    raise AssertionError("no readable image")
+
+
+def test_batches_from_codes_carry_the_codes_encode_images_wrote(world, visual_tokenizer, tmp_path):
+    paths, tokenizer = world
+    images = Path(paths["images"])
+    written = encode(visual_tokenizer, images, tmp_path / "codes")
+    assert len(written) == 24 and len({tuple(c.tolist()) for c in written.values()}) > 12  # images get codes of their own
+    sources = load_sources(images, [paths["texts"]], [paths["pairs"]], image_codes=tmp_path / "codes")
+    data = batches(sources, tokenizer, color_jitter=0.0)
+    for step in (0, 3, 9):  # 9: past the first epoch of 24 images (3 per step)
+        batch = data[step]
+        image = batch["image"]
+        assert set(image) == {"pixel_values", "bool_masked_pos", "image_labels"}  # no tokenizer view to compute
+        assert image["image_labels"].shape == (3, 64) and image["image_labels"].dtype == torch.long
+        for slot in range(3):
+            path, _ = used_image(data, step, slot)
+            assert torch.equal(image["image_labels"][slot], written[path.relative_to(images).as_posix()]), (step, slot, path)
+            # the same fixed crop the codes describe: no random crop, no flip
+            torch.testing.assert_close(image["pixel_values"][slot], center_view(path))
+        assert batch["pair"]["pixel_values"].shape == (3, 3, 64, 64) and "text" in batch
+
+    # With the default color jitter the view changes color only, and every batch is still a function of (seed, step, rank).
+    jittered = batches(sources, tokenizer, seed=1)
+    a, b = jittered[5], batches(sources, tokenizer, seed=1, start_step=5)[0]
+    for key, value in a["image"].items():
+        assert torch.equal(value, b["image"][key]), key
+    assert not torch.equal(a["image"]["pixel_values"], batches(sources, tokenizer, seed=1, color_jitter=0.0)[5]["image"]["pixel_values"])
+    assert torch.equal(a["image"]["image_labels"], batches(sources, tokenizer, seed=1, color_jitter=0.0)[5]["image"]["image_labels"])
+
+
+def test_images_without_codes_are_an_error_before_any_batch(world, visual_tokenizer, tmp_path):
+    noise_images(tmp_path / "images", ["a.png", "b.png", "c.png"])
+    encode(visual_tokenizer, tmp_path / "images", tmp_path / "codes")
+    noise_images(tmp_path / "images" / "new", ["d.png", "e.png"], seed=1)  # added after encoding
+    with pytest.raises(ValueError, match=r"2 of the 5 images below .* have no codes in .*index\.jsonl, e\.g\. new/d\.png.*encode_images\.py"):
+        load_sources(tmp_path / "images", image_codes=tmp_path / "codes")
+    with pytest.raises(FileNotFoundError, match="no codes.safetensors"):
+        load_sources(tmp_path / "images", image_codes=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no images source"):
+        load_sources(texts=[world[0]["texts"]], image_codes=tmp_path / "codes")
+
+
+def test_corrupt_images_are_replaced_with_their_codes(world, visual_tokenizer, tmp_path):
+    _, tokenizer = world
+    folder = tmp_path / "images"
+    noise_images(folder, [f"{i}.png" for i in range(4)])
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # encode_images.py skips it: no codes row
+    written = encode(visual_tokenizer, folder, tmp_path / "codes")
+    assert sorted(written) == ["0.png", "1.png", "2.png", "3.png"]
+    (folder / "3.png").write_bytes((folder / "3.png").read_bytes()[:40])  # broken after it was encoded: it has codes
+    sources = load_sources(folder, image_codes=tmp_path / "codes")
+    data = PretrainingBatches(sources, {"image": 5}, tokenizer, image_size=64, patch_size=8, color_jitter=0.0)
+    total = 0
+    for step in range(4):
+        batch = data[step]
+        passed = 0
+        for slot in range(5):
+            path, shift = used_image(data, step, slot, broken=("broken.png", "3.png"))
+            passed += shift
+            assert torch.equal(batch["image"]["image_labels"][slot], written[path.name])  # the replacement's codes came with it
+            torch.testing.assert_close(batch["image"]["pixel_values"][slot], center_view(path))
+        assert int(batch["skipped"][0]) == passed
+        total += passed
+    assert total >= 8  # each broken file comes up at least once per pass over 5 images (a replacement can be broken too)
+    with pytest.raises(ValueError, match="64 codes per image .* 4x4 patches"):
+        PretrainingBatches(sources, {"image": 5}, tokenizer, image_size=64, patch_size=16)  # 4x4 patches, 8x8 codes

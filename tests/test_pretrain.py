@@ -1,6 +1,8 @@
-"""Pretraining end to end at tiny size: one process, two DeepSpeed processes, exact resume after SIGKILL, faults."""
+"""Pretraining end to end at tiny size: one process, two DeepSpeed processes, exact resume after SIGKILL, faults,
+and training on precomputed image codes without a visual tokenizer."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -38,9 +40,9 @@ def overrides(world: Path, output_dir: Path, **train) -> list[str]:
     return [arg for s in sets for arg in ("--set", s)]
 
 
-def pretrain(world, output_dir, processes=1, wait=True, **train):
+def pretrain(world, output_dir, processes=1, wait=True, sets=(), **train):
     command = [sys.executable, "tasks/pretrain.py"] if processes == 1 else [DEEPSPEED, "--num_gpus", str(processes), "tasks/pretrain.py"]
-    command += ["--config", "configs/pretrain/tiny.yaml", *overrides(world, output_dir, **train)]
+    command += ["--config", "configs/pretrain/tiny.yaml", *overrides(world, output_dir, **train), *(a for s in sets for a in ("--set", s))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if not wait:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -142,3 +144,43 @@ def test_export_writes_a_from_pretrained_folder_with_tokenizer_and_processor(wor
     assert model(**{k: inputs[k] for k in ("pixel_values", "input_ids", "attention_mask")}).image_loss is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         export_main(["--checkpoint-dir", str(tmp_path / "run"), "--output", str(tmp_path / "x"), "--tag", "step00000099"])
+
+
+@pytest.fixture(scope="module")
+def image_codes(world):
+    """The world's images encoded once by tokenizers/encode_images.py with the world's visual tokenizer (8x8 codes, 64 of them)."""
+    command = [sys.executable, "tokenizers/encode_images.py", "--tokenizer", str(world / "visual-tokenizer"), "--images",
+               str(world / "data/images"), "--output", str(world / "image-codes"), "--device", "cpu"]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return world / "image-codes"
+
+
+def test_one_process_run_trains_from_image_codes_without_a_visual_tokenizer(world, image_codes, tmp_path):
+    steps = 12
+    result = pretrain(world, tmp_path / "run", max_steps=steps, save_every=steps, warmup_steps=2,
+                      sets=[f"data.sources.image_codes={image_codes}", "visual_tokenizer=null"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    image_losses = [r["image_loss"] for r in records]
+    assert all(math.isfinite(loss) for loss in image_losses)
+    # The visual head is sized to the codes' 64-code codebook (chance: ln 64 = 4.2, not ln 8192 = 9.0) ...
+    assert json.loads((tmp_path / "run/model/config.json").read_text())["visual_vocab_size"] == 64
+    assert image_losses[0] < math.log(64) + 1.5
+    # ... and learns them: the masked-image loss of the last steps is below that of the first ones.
+    assert sum(image_losses[-3:]) / 3 < sum(image_losses[:3]) / 3 - 0.1, image_losses
+    assert "note: data.sources.image_codes is set" not in result.stderr  # no visual tokenizer to overrule
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.overrides={image_size: 64, patch_size: 16, max_position_embeddings: 66}", "8x8 codes per image, but the model has a 4x4 patch grid"),
+    ("model.overrides={image_size: 64, patch_size: 8, max_position_embeddings: 66, visual_vocab_size: 100}",
+     "the model predicts 100 visual tokens but the codebook of image_codes"),
+])
+def test_image_codes_that_do_not_fit_the_model_fail_before_training(world, image_codes, tmp_path, setting, message):
+    result = pretrain(world, tmp_path / "run", max_steps=1, sets=[f"data.sources.image_codes={image_codes}", setting])
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and message in output, output[-3000:]
+    assert output.count("note: data.sources.image_codes is set, so the image targets are the codes in") == 1  # the codes win over visual_tokenizer
+    assert not (tmp_path / "run/metrics.jsonl").exists()

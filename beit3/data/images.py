@@ -5,6 +5,7 @@ encoding, and the ``codes.safetensors`` + ``index.jsonl`` pair that ``tokenizers
     encoded = encode_images(tokenizer, paths, image_size=224, batch_size=64)
     write_codes("codes/", encoded.codes, [relative(p) for p in encoded.paths])
     codes, index = read_codes("codes/")     # (N, patches) LongTensor, [{"path": ..., "row": i}, ...]
+    read_codes_info("codes/")               # {"rows", "patches", "grid", "codebook_size", "metadata"}, codes unread
 
 An image that cannot be read (truncated, not an image) is skipped and reported, never fatal; every
 readable one is converted to RGB (grayscale, RGBA, palette, CMYK, 16-bit) by ``common.load_rgb``.
@@ -163,6 +164,36 @@ def read_codes(folder: str | os.PathLike) -> tuple[torch.Tensor, list[dict]]:
         raise ValueError(f"{folder}: {INDEX_NAME} has {len(index)} lines but {CODES_NAME} has {codes.shape[0]} rows; "
                          "the two were not written together. Encode the folder again.")
     return codes, index
+
+
+def read_codes_info(folder: str | os.PathLike) -> dict:
+    """What ``codes.safetensors`` in ``folder`` says about itself, without reading the codes: ``rows``,
+    ``patches``, ``grid`` (h, w), ``codebook_size`` (None if not recorded) and the raw string ``metadata``.
+
+    ``tokenizers/encode_images.py`` records the grid ("HxW") and codebook size; a file written without
+    them gets a square grid from its patch count, or a ValueError if the count is not a square.
+    """
+    from safetensors import safe_open
+
+    path = Path(folder) / CODES_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {CODES_NAME}; write it with tokenizers/encode_images.py.")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        rows, patches = handle.get_slice("codes").get_shape()
+    if "grid" in metadata:
+        height, width = (int(n) for n in metadata["grid"].lower().split("x"))
+    else:
+        side = round(patches ** 0.5)
+        if side * side != patches:
+            raise ValueError(f"{path} records no grid and its {patches} codes per image are not a square; encode the images "
+                             "again with tokenizers/encode_images.py, which records it.")
+        height = width = side
+    if height * width != patches:
+        raise ValueError(f"{path} says its grid is {height}x{width} but holds {patches} codes per image; encode the images again.")
+    codebook = metadata.get("codebook_size")
+    return {"rows": rows, "patches": patches, "grid": (height, width), "codebook_size": int(codebook) if codebook else None,
+            "metadata": metadata}
 
 
 def _tmp(path: Path) -> Path:

@@ -11,6 +11,10 @@ permutation per epoch, and each sample's crop, flip, color jitter and mask are s
 global position. A resumed run therefore sees exactly the batches the interrupted run would have
 seen, with no data-loader state to save. A corrupt image is replaced by the next sample of the
 same permutation and counted.
+
+With ``image_codes`` (the folder ``tokenizers/encode_images.py`` wrote for the image folder), each
+image carries its precomputed visual tokens as ``image_labels`` and the model sees the same fixed
+center crop they were computed from (``beit3.views.CenterView``) instead of a random crop.
 """
 
 from __future__ import annotations
@@ -21,26 +25,35 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from datasets import Dataset, load_dataset
 
 from ..masking import BlockMaskGenerator, mask_text_tokens, text_masker
 from .common import load_rgb
-from .images import list_images
-from ..views import TwoViewTransform
+from .images import list_images, read_codes, read_codes_info
+from ..views import CenterView, TwoViewTransform
 
 KINDS = ("image", "text", "pair")
 _MAX_REPLACEMENTS = 16
 
 
-def load_sources(images: str | None = None, texts: list[str] | None = None, pairs: list[str] | None = None) -> dict[str, Dataset]:
+def load_sources(images: str | None = None, texts: list[str] | None = None, pairs: list[str] | None = None,
+                 image_codes: str | None = None) -> dict[str, Dataset]:
     """The three kinds as ``datasets.Dataset`` objects: image ``{"path"}``, text ``{"text"}``, pair ``{"path", "text"}``.
 
+    With ``image_codes`` (a folder written by ``tokenizers/encode_images.py`` for ``images``), image rows
+    also hold ``codes``, that image's row of visual tokens (see ``image_codes_source``).
     A kind without a source is left out; a source that yields nothing is an error.
     """
     sources = {}
+    if image_codes and not images:
+        raise ValueError(f"image_codes ({image_codes}) are the codes of an image folder, but no images source is given; "
+                         "set images to the folder they were encoded from.")
     if images:
-        sources["image"] = Dataset.from_dict({"path": [str(p) for p in list_images(images)]})
+        paths = list_images(images)
+        sources["image"] = (image_codes_source(images, paths, image_codes) if image_codes and paths
+                            else Dataset.from_dict({"path": [str(p) for p in paths]}))
     if texts:
         files = [str(f) for f in texts]
         plain = [f for f in files if not f.endswith((".jsonl", ".json"))]
@@ -84,6 +97,44 @@ def load_sources(images: str | None = None, texts: list[str] | None = None, pair
     return sources
 
 
+def image_codes_source(images: str, paths: list[Path], image_codes: str) -> Dataset:
+    """Image rows ``{"path", "codes"}``: each image below ``images`` with its row of ``image_codes`` (matched by
+    the path relative to ``images``, as ``index.jsonl`` has it).
+
+    An image with no row there that can be read is an error (the codes are stale or of another folder).
+    One that cannot be read is kept, with codes of -1: ``tokenizers/encode_images.py`` skips unreadable
+    files, and the batches replace it by the next image when it comes up, as without codes.
+    """
+    info = read_codes_info(image_codes)
+    codes, index = read_codes(image_codes)
+    if info["codebook_size"] is not None and len(codes) and int(codes.max()) >= info["codebook_size"]:
+        raise ValueError(f"{image_codes} holds code {int(codes.max())} but says its codebook has {info['codebook_size']} codes; "
+                         "encode the images again with tokenizers/encode_images.py.")
+    row_of = {entry["path"]: int(entry["row"]) for entry in index}
+    folder = Path(images)
+    rows = [row_of.get(p.relative_to(folder).as_posix(), -1) for p in paths]
+    missing = [i for i, row in enumerate(rows) if row < 0]
+    for i in missing:
+        try:
+            load_rgb(paths[i])
+        except (OSError, ValueError):
+            continue  # unreadable: encode_images.py skipped it, and so will the batches
+        raise ValueError(f"{len(missing)} of the {len(paths)} images below {images} have no codes in {image_codes}/index.jsonl, "
+                         f"e.g. {paths[i].relative_to(folder).as_posix()}; the codes are of another folder or older than these "
+                         f"images. Run tokenizers/encode_images.py --images {images} --output {image_codes} again "
+                         "(with the same tokenizer).")
+    if missing:
+        print(f"warning: {len(missing)} unreadable images below {images} have no codes (encode_images.py skipped them); "
+              "each is replaced by the next image when it comes up.", file=sys.stderr)
+    dtype = np.int16 if info["codebook_size"] is not None and info["codebook_size"] <= 2 ** 15 else np.int32
+    table = np.full((len(paths), codes.shape[1]), -1, dtype=dtype)
+    found = np.array([i for i, row in enumerate(rows) if row >= 0], dtype=np.int64)
+    table[found] = codes[[rows[i] for i in found]].numpy().astype(dtype)
+    # Arrow, one fixed-size list per image: 2 bytes a code, and no Python list per image on the way in.
+    column = pa.FixedSizeListArray.from_arrays(pa.array(table.ravel()), codes.shape[1])
+    return Dataset(pa.table({"path": pa.array([str(p) for p in paths]), "codes": column}))
+
+
 def _webdataset_pairs(shards: list[str]) -> Dataset:
     """Image-text pairs from webdataset tar shards: one image (jpg, jpeg, png, webp) and one ``txt`` per key."""
     from datasets import Image as ImageFeature
@@ -113,8 +164,11 @@ class PretrainingBatches(torch.utils.data.Dataset):
         image_size, patch_size: the model's image; the tokenizer view has ``tokenizer_image_size``.
         text_mask_prob, pair_mask_prob: MLM rates for texts and for the text of pairs (paper: 0.15, 0.5).
         num_masked_patches: patches per image to mask (default: BEiT's 75/196 of the grid).
+        color_jitter: strength of the image kind's color jitter, 0 to turn off.
     Batch:
-        image: pixel_values (B, 3, S, S), tokenizer_pixel_values (B, 3, s, s) in [0, 1], bool_masked_pos (B, patches)
+        image: pixel_values (B, 3, S, S), tokenizer_pixel_values (B, 3, s, s) in [0, 1], bool_masked_pos (B, patches);
+            when the image source has ``codes`` (``load_sources(image_codes=...)``): pixel_values of the fixed
+            center crop the codes were computed from, bool_masked_pos and image_labels (B, patches), no tokenizer view
         text: input_ids, attention_mask, labels (B, T)
         pair: pixel_values, input_ids, attention_mask, labels
         skipped: (3,) corrupt images replaced in this batch, per kind (image, text, pair)
@@ -123,7 +177,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
     def __init__(self, sources: dict[str, Dataset], batch_sizes: dict[str, int], tokenizer, image_size: int, patch_size: int,
                  max_text_length: int = 64, tokenizer_image_size: int | None = None, text_mask_prob: float = 0.15,
                  pair_mask_prob: float = 0.5, num_masked_patches: int | None = None, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, start_step: int = 0, num_steps: int = 10**9, crop_scale: tuple[float, float] = (0.2, 1.0)):
+                 world_size: int = 1, start_step: int = 0, num_steps: int = 10**9, crop_scale: tuple[float, float] = (0.2, 1.0),
+                 color_jitter: float = 0.4):
         self.sources = sources
         self.batch_sizes = {kind: batch_sizes.get(kind, 0) for kind in KINDS if kind in sources and batch_sizes.get(kind, 0) > 0}
         if not self.batch_sizes:
@@ -132,7 +187,14 @@ class PretrainingBatches(torch.utils.data.Dataset):
         self.max_text_length = max_text_length
         self.grid = image_size // patch_size
         self.num_masked_patches = num_masked_patches
-        self.views = TwoViewTransform(model_size=image_size, tokenizer_size=tokenizer_image_size or image_size, scale=crop_scale)
+        # Precomputed codes fix the crop: the model sees what encode_images.py gave the tokenizer (see CenterView).
+        self.codes = "image" in self.batch_sizes and "codes" in sources["image"].column_names
+        if self.codes and sources["image"].features["codes"].length != self.grid ** 2:
+            raise ValueError(f"The image codes have {sources['image'].features['codes'].length} codes per image but the model's "
+                             f"{image_size} px images have {self.grid}x{self.grid} patches of {patch_size} px.")
+        self.views = (CenterView(image_size, color_jitter=color_jitter) if self.codes else
+                      TwoViewTransform(model_size=image_size, tokenizer_size=tokenizer_image_size or image_size, scale=crop_scale,
+                                       color_jitter=color_jitter))
         self.pair_view = TwoViewTransform(model_size=image_size, tokenizer_size=tokenizer_image_size or image_size, scale=(0.5, 1.0),
                                           color_jitter=0.0)
         self.maskers = {kind: text_masker(tokenizer, prob, seed=seed) for kind, prob in (("text", text_mask_prob), ("pair", pair_mask_prob))
@@ -154,8 +216,11 @@ class PretrainingBatches(torch.utils.data.Dataset):
         epoch, offset = divmod(position, len(self.sources[kind]))
         return int(self._permutation(kind, epoch)[offset]), position
 
-    def _image_sample(self, kind: str, step: int, slot: int, view: TwoViewTransform):
-        """Loads one image, replacing an unreadable one by the next sample of the same stream; returns (views, text, replaced)."""
+    def _image_sample(self, kind: str, step: int, slot: int, view):
+        """Loads one image, replacing an unreadable one by the next sample of the same stream.
+
+        Returns (view(image), record, replaced, position); the record (path, text, codes) is the image's that was used.
+        """
         for shift in range(_MAX_REPLACEMENTS):
             row, position = self._position(kind, step, slot, shift)
             record = self.sources[kind][row]
@@ -164,10 +229,13 @@ class PretrainingBatches(torch.utils.data.Dataset):
             except (OSError, ValueError) as error:
                 print(f"warning: {error} (skipped: the next image of the stream takes its place)", file=sys.stderr)
                 continue
+            if "codes" in record and record["codes"][0] < 0:
+                raise RuntimeError(f"{record['path']} has no precomputed codes (it could not be read when training started) but "
+                                   "reads now; run tokenizers/encode_images.py on the image folder again.")
             # torchvision draws crops from torch's CPU generator. Seed only that one: torch.manual_seed also
             # queues seeds for every accelerator backend, at about 2 ms a call on a CPU-only build.
             torch.default_generator.manual_seed(_seed(self.seed, KINDS.index(kind), position))
-            return view(image), record.get("text"), shift, position
+            return view(image), record, shift, position
         raise RuntimeError(f"{_MAX_REPLACEMENTS} images in a row could not be read from the {kind} source; check the data.")
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -184,25 +252,32 @@ class PretrainingBatches(torch.utils.data.Dataset):
         step = self.start_step + index
         batch, skipped = {}, torch.zeros(len(KINDS), dtype=torch.long)
         if "image" in self.batch_sizes:
-            model_views, tokenizer_views, masks = [], [], []
+            model_views, tokenizer_views, labels, masks = [], [], [], []
             for slot in range(self.batch_sizes["image"]):
-                (model_view, tokenizer_view), _, shift, position = self._image_sample("image", step, slot, self.views)
+                views, record, shift, position = self._image_sample("image", step, slot, self.views)
                 skipped[0] += shift
-                model_views.append(model_view)
-                tokenizer_views.append(tokenizer_view)
+                if self.codes:  # the codes of the image actually used, a replacement's included
+                    model_views.append(views)
+                    labels.append(torch.tensor(record["codes"], dtype=torch.long))
+                else:
+                    model_views.append(views[0])
+                    tokenizer_views.append(views[1])
                 masks.append(BlockMaskGenerator(self.grid, self.num_masked_patches, seed=_seed(self.seed, 7, position))())
-            batch["image"] = {"pixel_values": torch.stack(model_views), "tokenizer_pixel_values": torch.stack(tokenizer_views),
-                              "bool_masked_pos": torch.stack(masks)}
+            batch["image"] = {"pixel_values": torch.stack(model_views), "bool_masked_pos": torch.stack(masks)}
+            if self.codes:
+                batch["image"]["image_labels"] = torch.stack(labels)
+            else:
+                batch["image"]["tokenizer_pixel_values"] = torch.stack(tokenizer_views)
         if "text" in self.batch_sizes:
             rows = [self._position("text", step, slot)[0] for slot in range(self.batch_sizes["text"])]
             batch["text"] = self._masked_text("text", [self.sources["text"][row]["text"] for row in rows], step)
         if "pair" in self.batch_sizes:
             images, texts = [], []
             for slot in range(self.batch_sizes["pair"]):
-                (model_view, _), text, shift, _ = self._image_sample("pair", step, slot, self.pair_view)
+                (model_view, _), record, shift, _ = self._image_sample("pair", step, slot, self.pair_view)
                 skipped[2] += shift
                 images.append(model_view)
-                texts.append(text)
+                texts.append(record["text"])
             batch["pair"] = {"pixel_values": torch.stack(images), **self._masked_text("pair", texts, step)}
         batch["skipped"] = skipped
         return batch

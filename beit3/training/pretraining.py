@@ -7,9 +7,11 @@ from typing import Callable
 import torch
 
 
-def masked_data_modeling_step(visual_tokenizer) -> Callable:
-    """A ``step_fn`` for ``Engine.fit`` over ``PretrainingBatches``: visual targets come from
-    ``visual_tokenizer`` on the fly (no grad) from each image's tokenizer view.
+def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
+    """A ``step_fn`` for ``Engine.fit`` over ``PretrainingBatches``. Visual targets are the batch's
+    ``image_labels`` when it has them (codes precomputed by ``tokenizers/encode_images.py``), else they come
+    from ``visual_tokenizer`` on the fly (no grad) from each image's tokenizer view; it may be None when
+    every batch brings its labels.
 
     Returns (loss, values) with the loss and masked-token accuracy of each kind (image, text, pair).
     """
@@ -18,8 +20,14 @@ def masked_data_modeling_step(visual_tokenizer) -> Callable:
         losses, values = [], {}
         if "image" in batch:
             image = batch["image"]
-            with torch.no_grad():
-                codes = visual_tokenizer.get_codebook_indices(image["tokenizer_pixel_values"])
+            if "image_labels" in image:
+                codes = image["image_labels"]
+            elif visual_tokenizer is None:
+                raise ValueError("The image batch has no image_labels (precomputed codes) and there is no visual tokenizer to "
+                                 "compute them; give one, or batches from load_sources(image_codes=...).")
+            else:
+                with torch.no_grad():
+                    codes = visual_tokenizer.get_codebook_indices(image["tokenizer_pixel_values"])
             out = module(pixel_values=image["pixel_values"], bool_masked_pos=image["bool_masked_pos"], image_labels=codes)
             losses.append(out.loss)
             values.update(image_loss=out.image_loss, image_accuracy=out.image_accuracy)
