@@ -165,6 +165,9 @@ class PretrainingBatches(torch.utils.data.Dataset):
         text_mask_prob, pair_mask_prob: MLM rates for texts and for the text of pairs (paper: 0.15, 0.5).
         num_masked_patches: patches per image to mask (default: BEiT's 75/196 of the grid).
         color_jitter: strength of the image kind's color jitter, 0 to turn off.
+        pair_crop_scale, pair_hflip: the pairs' random resized crop (area range) and flip probability. A flip
+            contradicts a caption that says "on the left", and a tight crop can cut out what it names: turn
+            them down when the captions describe positions and every object.
     Batch:
         image: pixel_values (B, 3, S, S), tokenizer_pixel_values (B, 3, s, s) in [0, 1], bool_masked_pos (B, patches);
             when the image source has ``codes`` (``load_sources(image_codes=...)``): pixel_values of the fixed
@@ -178,7 +181,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
                  max_text_length: int = 64, tokenizer_image_size: int | None = None, text_mask_prob: float = 0.15,
                  pair_mask_prob: float = 0.5, num_masked_patches: int | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, start_step: int = 0, num_steps: int = 10**9, crop_scale: tuple[float, float] = (0.2, 1.0),
-                 color_jitter: float = 0.4):
+                 color_jitter: float = 0.4, pair_crop_scale: tuple[float, float] = (0.5, 1.0), pair_hflip: float = 0.5):
         self.sources = sources
         self.batch_sizes = {kind: batch_sizes.get(kind, 0) for kind in KINDS if kind in sources and batch_sizes.get(kind, 0) > 0}
         if not self.batch_sizes:
@@ -195,8 +198,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
         self.views = (CenterView(image_size, color_jitter=color_jitter) if self.codes else
                       TwoViewTransform(model_size=image_size, tokenizer_size=tokenizer_image_size or image_size, scale=crop_scale,
                                        color_jitter=color_jitter))
-        self.pair_view = TwoViewTransform(model_size=image_size, tokenizer_size=tokenizer_image_size or image_size, scale=(0.5, 1.0),
-                                          color_jitter=0.0)
+        self.pair_view = TwoViewTransform(model_size=image_size, tokenizer_size=tokenizer_image_size or image_size,
+                                          scale=tuple(pair_crop_scale), color_jitter=0.0, hflip=pair_hflip)
         self.maskers = {kind: text_masker(tokenizer, prob, seed=seed) for kind, prob in (("text", text_mask_prob), ("pair", pair_mask_prob))
                         if kind in self.batch_sizes}
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -239,7 +242,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
         raise RuntimeError(f"{_MAX_REPLACEMENTS} images in a row could not be read from the {kind} source; check the data.")
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_text_length, return_tensors="pt"))
+        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"))  # to the longest
 
     def _masked_text(self, kind: str, texts: list[str], step: int) -> dict[str, torch.Tensor]:
         encoded = self._tokenize(texts)

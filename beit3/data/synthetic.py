@@ -220,11 +220,14 @@ def _neither_statement(left, right, rng, label):
 
 
 STATEMENT_KINDS = {"side": _side_statement, "both": _both_statement, "more": _more_statement, "neither": _neither_statement}
+# Half the statements are about one named image: grounding that a short fine-tuning can learn; the other half
+# ask to relate both images (both, more, neither), as NLVR2 does.
+STATEMENT_WEIGHTS = {"side": 3, "both": 1, "more": 1, "neither": 1}
 
 
 def pair_statement(rng: random.Random, label: bool) -> tuple[list[dict], list[dict], str]:
     """Two scenes and a statement about them that is ``label`` (True or False): (left, right, sentence)."""
-    maker = STATEMENT_KINDS[rng.choice(list(STATEMENT_KINDS))]
+    maker = STATEMENT_KINDS[rng.choices(list(STATEMENT_WEIGHTS), weights=list(STATEMENT_WEIGHTS.values()))[0]]
     while True:
         left, right = random_scene(rng), random_scene(rng)
         sentence = maker(left, right, rng, label)
@@ -310,7 +313,7 @@ def _write_image_folder(root: Path, seed: int, size: int, split: str, count: int
 
 
 def write_task_world(folder, seed: int = 0, size: int = 64, pretrain_images: int = 8000, train_images: int = 1500,
-                     val_images: int = 250, test_images: int = 250, nlvr2_train: int = 1000, nlvr2_dev: int = 250,
+                     val_images: int = 250, test_images: int = 250, nlvr2_train: int = 2000, nlvr2_dev: int = 250,
                      classification_train: int = 1000, classification_val: int = 250, questions_per_image: int = 3) -> dict[str, Path]:
     """Writes the shapes world in the standard dataset formats (see the module docstring) into ``folder``.
 

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import default_collate
 
-from ..data.common import split_batch
+from ..data.common import collate_trimmed, split_batch
 from ..image_processing_beit3 import VL_MEAN, VL_STD, Beit3ImageProcessor
 from ..masking import mask_caption_tokens
 from ..metrics import (caption_scores, classification_accuracy, retrieval_recall, vqa_accuracy, vqa_predictions, vqa_score,
@@ -77,10 +76,10 @@ class FinetuneTask:
                                 mean=None if imagenet else VL_MEAN, std=None if imagenet else VL_STD)
 
     def collate(self, items: list[dict]) -> dict:
-        return default_collate(items)
+        return collate_trimmed(items)
 
     def eval_batches(self, dataset):
-        return batches(dataset, self.eval_options.get("batch_size", 64), self.eval_options.get("num_workers", 0))
+        return batches(dataset, self.eval_options.get("batch_size", 64), self.eval_options.get("num_workers", 0), collate_trimmed)
 
     def eval_autocast(self, model):
         return autocast(self.eval_options.get("precision", "fp32"), next(model.parameters()).device)

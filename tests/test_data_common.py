@@ -1,0 +1,46 @@
+"""Shared data helpers: the collate that cuts text padding."""
+
+import torch
+from conftest import tiny_config
+
+from beit3.data.common import collate_trimmed
+from beit3.modeling_heads import Beit3ForVisualQuestionAnswering
+
+
+def vqa_items(lengths: list[int], max_length: int = 20, left_padded: bool = False) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    items = []
+    for n in lengths:
+        ids, mask = torch.ones(max_length, dtype=torch.long), torch.zeros(max_length, dtype=torch.long)
+        real = slice(max_length - n, None) if left_padded else slice(0, n)
+        ids[real] = torch.randint(3, 100, (n,), generator=generator)
+        mask[real] = 1
+        items.append({"pixel_values": torch.randn(3, 32, 32, generator=generator), "input_ids": ids, "attention_mask": mask,
+                      "labels": torch.rand(5, generator=generator), "question_id": torch.tensor(len(items))})
+    return items
+
+
+def test_text_tensors_are_cut_to_the_longest_text_and_nothing_else_changes():
+    items = vqa_items([4, 7, 5])
+    batch = collate_trimmed(items)
+    full = torch.utils.data.default_collate(items)
+    assert batch["input_ids"].shape == (3, 7) and batch["attention_mask"].shape == (3, 7)
+    assert torch.equal(batch["input_ids"], full["input_ids"][:, :7])
+    for key in ("pixel_values", "labels", "question_id"):  # (3, 5) labels are not text: another shape than the mask
+        assert torch.equal(batch[key], full[key])
+
+
+def test_cutting_the_padding_leaves_the_model_output_as_it_was():
+    torch.manual_seed(0)
+    model = Beit3ForVisualQuestionAnswering(tiny_config(num_labels=5)).eval()
+    items = vqa_items([3, 9, 6])
+    with torch.no_grad():
+        full = model(**{k: v for k, v in torch.utils.data.default_collate(items).items() if k != "question_id"})
+        trimmed = model(**{k: v for k, v in collate_trimmed(items).items() if k != "question_id"})
+    assert torch.allclose(full.logits, trimmed.logits, atol=1e-5)
+    assert torch.allclose(full.loss, trimmed.loss, atol=1e-5)
+
+
+def test_left_padded_text_is_left_whole():
+    items = vqa_items([4, 7], left_padded=True)
+    assert collate_trimmed(items)["input_ids"].shape == (2, 20)
