@@ -147,12 +147,14 @@ def truth(sentence, left, right):
 def test_nlvr2_statements_are_true_or_false_as_asked():
     rng = random.Random(0)
     kinds = Counter()
-    for n in range(400):
+    for n in range(600):
         label = n % 2 == 0
         left, right, sentence = pair_statement(rng, label)
         assert truth(sentence, left, right) == label, sentence
         kinds[sentence.split()[0], label] += 1
+    # every kind, true and false; half of them about one named image (STATEMENT_WEIGHTS)
     assert all(kinds[start, label] >= 30 for start in ("the", "both", "there", "neither") for label in (True, False))
+    assert all(0.4 < kinds["the", label] / 300 < 0.6 for label in (True, False)), kinds
 
 
 def test_classification_folders(world):

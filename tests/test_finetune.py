@@ -144,7 +144,8 @@ def test_captioning_step_predicts_only_masked_tokens_and_drops_the_worst(demo_ru
         step = 10
 
     encoded = tokenizer(["a big red circle on the left", "a small blue square"], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
-    batch = {"pixel_values": torch.randn(2, 3, 64, 64), **encoded}
+    size = model.config.image_size
+    batch = {"pixel_values": torch.randn(2, 3, size, size), **encoded}
     torch.manual_seed(0)
     loss_all, _ = task.step(model, batch)
     task.engine = Step()
