@@ -133,16 +133,25 @@ class Demo:
 
         corpus = self.output / "data" / "corpus.txt"
         words = sorted({w for line in corpus.read_text().split("\n") for w in line.split()})
-        # Room for a piece per word besides the characters, so most words are one token; sentencepiece says
-        # how many pieces this small text can give at most, and that is what it gets then.
+        # sentencepiece seeds its pieces with substrings that are followed by more than one character; in
+        # this small world every word is always followed by a space, so without help no word becomes a piece
+        # ("purple" was 5 tokens, half the captions overflowed 32 positions). Each word once on a line of its
+        # own gives it an end, and the captions become one token per word (median 9, longest 25).
+        training_text = self.output / "text-tokenizer-corpus.txt"
+        training_text.write_text(corpus.read_text() + "\n".join(words) + "\n")
+        # Room for a piece per word besides the characters; sentencepiece says how many pieces this small
+        # text can give at most, and that is what it gets then.
+        train = lambda size: train_sentencepiece(self.output / "text-tokenizer", size, files=[training_text], model_max_length=32, quiet=True)
         try:
-            tokenizer = train_sentencepiece(self.output / "text-tokenizer", len(words) + 40, files=[corpus], model_max_length=32, quiet=True)
+            tokenizer = train(len(words) + 40)
         except ValueError as error:
             most = re.search(r"<= (\d+)", str(error))
             if most is None:
                 raise
-            tokenizer = train_sentencepiece(self.output / "text-tokenizer", int(most.group(1)), files=[corpus], model_max_length=32, quiet=True)
-        return f"SentencePiece tokenizer with {len(tokenizer)} ids for {len(words)} words"
+            tokenizer = train(int(most.group(1)))
+        lengths = sorted(len(tokenizer(line)["input_ids"]) for line in corpus.read_text().splitlines())
+        return (f"SentencePiece tokenizer with {len(tokenizer)} ids for {len(words)} words; "
+                f"texts are {lengths[len(lengths) // 2]} tokens (median), {lengths[-1]} at most")
 
     def visual_tokenizer(self) -> str:
         batch = 32 if self.profile != "smoke" else 8

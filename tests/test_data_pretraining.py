@@ -92,6 +92,22 @@ def test_webdataset_shards_give_pairs(world, tmp_path):
     assert data[0]["pair"]["pixel_values"].shape == (27, 3, 64, 64) and int(data[0]["skipped"][2]) == 0
 
 
+def test_pair_lists_are_read_from_disk_and_follow_edits(world, tmp_path):
+    paths, _ = world
+    lines = paths["pairs"].read_text().splitlines()
+    pairs = tmp_path / "pairs.jsonl"
+    for image in {json.loads(line)["image"] for line in lines}:  # the images, next to the copied list
+        (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / image).write_bytes((paths["pairs"].parent / image).read_bytes())
+    pairs.write_text("\n".join(lines[:10]) + "\n")
+    first = load_sources(pairs=[str(pairs)])["pair"]
+    # Memory-mapped Arrow in the datasets cache, not rows held in RAM: a list larger than memory still works.
+    assert first.cache_files and len(first) == 10
+    pairs.write_text("\n".join(lines[:7]) + "\n")
+    edited = load_sources(pairs=[str(pairs)])["pair"]
+    assert len(edited) == 7 and edited[6]["text"] == json.loads(lines[6])["text"]  # the edit is read, not an old cache
+
+
 def test_empty_or_missing_sources_are_refused(world, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="image source is empty"):

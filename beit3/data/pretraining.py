@@ -20,6 +20,7 @@ center crop they were computed from (``beit3.views.CenterView``) instead of a ra
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset, Features, Value, load_dataset
 
 from ..masking import BlockMaskGenerator, mask_text_tokens, text_masker
 from .common import load_rgb
@@ -67,28 +68,12 @@ def load_sources(images: str | None = None, texts: list[str] | None = None, pair
 
         sources["text"] = concatenate_datasets(parts).filter(lambda row: bool(row["text"] and row["text"].strip()))
     if pairs:
-        rows = {"path": [], "text": []}
         shards = [str(f) for f in pairs if str(f).endswith(".tar")]
-        for file in (f for f in pairs if not str(f).endswith(".tar")):
-            base = Path(file).parent
-            with open(file) as handle:
-                for number, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                        path, text = record["image"], record["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError) as error:
-                        print(f"warning: {file}:{number} is not a {{\"image\", \"text\"}} line ({error}); skipped", file=sys.stderr)
-                        continue
-                    rows["path"].append(str(base / path))
-                    rows["text"].append(text)
-        parts = [Dataset.from_dict({**rows, "image_bytes": [None] * len(rows["path"])})] if rows["path"] else []
-        if shards:
-            parts.append(_webdataset_pairs(shards))
+        files = [str(f) for f in pairs if not str(f).endswith(".tar")]
+        parts = ([_jsonl_pairs(files)] if files else []) + ([_webdataset_pairs(shards)] if shards else [])
         from datasets import concatenate_datasets
 
-        sources["pair"] = concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else Dataset.from_dict(rows)
+        sources["pair"] = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     for kind, dataset in sources.items():
         if len(dataset) == 0:
             raise ValueError(f"The {kind} source is empty: check the paths in the config (images: {images}, texts: {texts}, pairs: {pairs}).")
@@ -135,8 +120,46 @@ def image_codes_source(images: str, paths: list[Path], image_codes: str) -> Data
     return Dataset(pa.table({"path": pa.array([str(p) for p in paths]), "codes": column}))
 
 
+_PAIR_FEATURES = Features({"path": Value("string"), "text": Value("string"), "image_bytes": Value("binary")})
+
+
+def _jsonl_pairs(files: list[str]) -> Dataset:
+    """Pairs from jsonl lines ``{"image": path, "text": caption}``, paths relative to their file.
+
+    The rows go to an Arrow file in the ``datasets`` cache, written once and memory-mapped: a pair list
+    larger than RAM is read from disk. A bad line is skipped with a warning when the cache is written.
+    """
+    def rows(files: list[str], stamps: list[tuple[int, int]]):
+        for file in files:
+            base = Path(file).parent
+            with open(file) as handle:
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                        path, text = record["image"], record["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError) as error:
+                        print(f"warning: {file}:{number} is not a {{\"image\", \"text\"}} line ({error}); skipped", file=sys.stderr)
+                        continue
+                    yield {"path": str(base / path), "text": text, "image_bytes": None}
+
+    files = [str(Path(f).resolve()) for f in files]
+    # The cache is keyed on the arguments: size and mtime make an edited file a new key instead of a stale hit.
+    stamps = [(os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    try:
+        return Dataset.from_generator(rows, features=_PAIR_FEATURES, gen_kwargs={"files": files, "stamps": stamps})
+    except ValueError as error:
+        if "no data" not in str(error):
+            raise
+        return Dataset.from_dict({name: [] for name in _PAIR_FEATURES}, features=_PAIR_FEATURES)  # no good line: load_sources says so
+
+
 def _webdataset_pairs(shards: list[str]) -> Dataset:
-    """Image-text pairs from webdataset tar shards: one image (jpg, jpeg, png, webp) and one ``txt`` per key."""
+    """Image-text pairs from webdataset tar shards: one image (jpg, jpeg, png, webp) and one ``txt`` per key.
+
+    ``datasets`` writes the shards to Arrow files in its cache; the rows here are a memory-mapped view of them.
+    """
     from datasets import Image as ImageFeature
 
     raw = load_dataset("webdataset", data_files=shards, split="train")
@@ -145,8 +168,10 @@ def _webdataset_pairs(shards: list[str]) -> Dataset:
         raise ValueError(f"The webdataset shards {shards[:2]} need an image (jpg/jpeg/png/webp) and a txt file per sample; "
                          f"they have {raw.column_names}.")
     raw = raw.cast_column(image_column, ImageFeature(decode=False))  # keep the bytes; decode (and skip if corrupt) ourselves
-    return Dataset.from_dict({"path": [f"{key} in {shards[0] if len(shards) == 1 else 'the shards'}" for key in raw["__key__"]],
-                              "text": raw["txt"], "image_bytes": [item["bytes"] for item in raw[image_column]]})
+    where = shards[0] if len(shards) == 1 else "the shards"
+    return raw.map(lambda batch: {"path": [f"{key} in {where}" for key in batch["__key__"]], "text": batch["txt"],
+                                  "image_bytes": [item["bytes"] for item in batch[image_column]]},
+                   batched=True, remove_columns=raw.column_names, features=_PAIR_FEATURES)
 
 
 def _seed(*parts: int) -> int:
@@ -210,7 +235,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
 
     @lru_cache(maxsize=8)
     def _permutation(self, kind: str, epoch: int) -> np.ndarray:
-        return np.random.default_rng(_seed(self.seed, KINDS.index(kind), epoch)).permutation(len(self.sources[kind]))
+        order = np.random.default_rng(_seed(self.seed, KINDS.index(kind), epoch)).permutation(len(self.sources[kind]))
+        return order.astype(np.int32) if len(order) < 2 ** 31 else order  # 4 bytes a sample: the order of a big corpus stays small
 
     def _position(self, kind: str, step: int, slot: int, shift: int = 0) -> tuple[int, int]:
         """(dataset row, global position) of a sample slot; ``shift`` walks on to replace corrupt images."""
