@@ -103,6 +103,18 @@ def test_a_half_written_checkpoint_is_never_resumed(world, tmp_path):
     assert "resumed from step 2" in again.stdout + again.stderr
 
 
+def test_a_checkpoint_resumes_only_in_the_layout_that_wrote_it(world, tmp_path):
+    first = pretrain(world, tmp_path / "run", max_steps=2, save_every=2)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "running stage 0" in first.stderr  # one process: tiny.yaml's ZeRO-2 has nothing to partition
+    marker = json.loads((tmp_path / "run/checkpoints/step00000002/COMPLETE").read_text())
+    assert marker["world_size"] == 1 and marker["zero_stage"] == 0
+    again = pretrain(world, tmp_path / "run", processes=2, max_steps=3, save_every=3)
+    assert again.returncode != 0
+    output = again.stdout + again.stderr
+    assert "written with world_size=1, zero_stage=0" in output and "as many processes" in output
+
+
 @pytest.mark.parametrize("setting, message", [
     ("text_tokenizer=/nonexistent/tokenizer", "text_tokenizer /nonexistent/tokenizer does not exist"),
     ("data.sources.images=/nonexistent/images", "No image folder at /nonexistent/images"),

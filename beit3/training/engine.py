@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from ..checkpoints import complete_checkpoints, mark_complete
+from ..checkpoints import COMPLETE, complete_checkpoints, mark_complete
 
 
 @dataclass
@@ -166,6 +167,14 @@ class Engine:
         optimizer = build_optimizer(model, settings)
         schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps, min_lr_rate=settings.min_lr_ratio)
         self.deepspeed_config = deepspeed_config(settings, self.world_size, base_deepspeed_config)
+        zero = self.deepspeed_config.setdefault("zero_optimization", {"stage": 0})
+        if self.world_size == 1 and zero.get("stage", 0) in (1, 2) and not zero.get("offload_optimizer"):
+            # One process has nothing to partition: ZeRO-1/2 would only copy every gradient and parameter in and out of
+            # its flat partitions (28% of a step at the tiny preset, benchmarks/pretrain.py). Stage 0 is the same update.
+            print(f"note: one process: ZeRO stage {zero['stage']} has nothing to partition; running stage 0 (the same update, "
+                  "without the partition copies)", file=sys.stderr)
+            self.deepspeed_config["zero_optimization"] = {"stage": 0}
+        self.layout = {"world_size": self.world_size, "zero_stage": self.deepspeed_config["zero_optimization"].get("stage", 0)}
         self.module, self.optimizer, _, self.schedule = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer,
                                                                             lr_scheduler=schedule, config=self.deepspeed_config)
         self.step = 0
@@ -181,7 +190,7 @@ class Engine:
                                     save_latest=False)
         dist.barrier()
         if self.rank == 0:
-            mark_complete(self.checkpoint_dir / tag, {"step": self.step, "time": time.time()})
+            mark_complete(self.checkpoint_dir / tag, {"step": self.step, "time": time.time(), **self.layout})
             complete = self.complete_checkpoints()
             keep = set(complete[-self.settings.keep_last:])
             for path in self.checkpoint_dir.glob("step*"):  # older complete ones and abandoned halves
@@ -194,6 +203,12 @@ class Engine:
         complete = self.complete_checkpoints()
         if not complete:
             return False
+        written = json.loads((complete[-1] / COMPLETE).read_text())
+        mismatch = {key: (written[key], value) for key, value in self.layout.items() if key in written and written[key] != value}
+        if mismatch:  # DeepSpeed's optimizer partitions only load into the layout that wrote them
+            raise RuntimeError(f"{complete[-1]} was written with {', '.join(f'{k}={w}' for k, (w, _) in mismatch.items())}; this run has "
+                               f"{', '.join(f'{k}={n}' for k, (_, n) in mismatch.items())}. Resume it with as many processes (and the "
+                               "same ZeRO stage) as wrote it, or start a new run in another output_dir.")
         _, client_state = self.module.load_checkpoint(str(self.checkpoint_dir), tag=complete[-1].name)
         self.step, self.counters = client_state["step"], client_state.get("counters", {})
         return True
