@@ -131,14 +131,15 @@ class Demo:
     def text_tokenizer(self) -> str:
         from beit3 import train_sentencepiece
 
-        corpus = self.output / "data" / "corpus.txt"
-        words = sorted({w for line in corpus.read_text().split("\n") for w in line.split()})
+        corpus = (self.output / "data" / "corpus.txt").read_text()
+        words = sorted(set(corpus.split()))
         # sentencepiece seeds its pieces with substrings that are followed by more than one character; in
         # this small world every word is always followed by a space, so without help no word becomes a piece
         # ("purple" was 5 tokens, half the captions overflowed 32 positions). Each word once on a line of its
-        # own gives it an end, and the captions become one token per word (median 9, longest 25).
+        # own gives it an end, and the texts become one token per word (10 ids at the median with <s> and
+        # </s>, 25 at most).
         training_text = self.output / "text-tokenizer-corpus.txt"
-        training_text.write_text(corpus.read_text() + "\n".join(words) + "\n")
+        training_text.write_text(corpus + "\n".join(words) + "\n")
         # Room for a piece per word besides the characters; sentencepiece says how many pieces this small
         # text can give at most, and that is what it gets then.
         train = lambda size: train_sentencepiece(self.output / "text-tokenizer", size, files=[training_text], model_max_length=32, quiet=True)
@@ -149,7 +150,7 @@ class Demo:
             if most is None:
                 raise
             tokenizer = train(int(most.group(1)))
-        lengths = sorted(len(tokenizer(line)["input_ids"]) for line in corpus.read_text().splitlines())
+        lengths = sorted(map(len, tokenizer(corpus.splitlines())["input_ids"]))
         return (f"SentencePiece tokenizer with {len(tokenizer)} ids for {len(words)} words; "
                 f"texts are {lengths[len(lengths) // 2]} tokens (median), {lengths[-1]} at most")
 

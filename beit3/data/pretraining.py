@@ -146,7 +146,7 @@ def _jsonl_pairs(files: list[str]) -> Dataset:
 
     files = [str(Path(f).resolve()) for f in files]
     # The cache is keyed on the arguments: size and mtime make an edited file a new key instead of a stale hit.
-    stamps = [(os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    stamps = [(stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, files)]
     try:
         return Dataset.from_generator(rows, features=_PAIR_FEATURES, gen_kwargs={"files": files, "stamps": stamps})
     except ValueError as error:

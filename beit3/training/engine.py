@@ -134,6 +134,13 @@ def deepspeed_config(settings: TrainSettings, world_size: int, base: dict | None
                   gradient_clipping=settings.gradient_clipping, steps_per_print=10**9, wall_clock_breakdown=False)
     config["bf16"] = {"enabled": settings.precision == "bf16"}
     config["fp16"] = {"enabled": settings.precision == "fp16", **({"initial_scale_power": 16} if settings.precision == "fp16" else {})}
+    zero = config.get("zero_optimization", {})
+    if world_size == 1 and zero.get("stage", 0) in (1, 2) and not zero.get("offload_optimizer"):
+        # One process has nothing to partition: ZeRO-1/2 would only copy every gradient and parameter in and out of
+        # its flat partitions (28% of a step at the tiny preset, benchmarks/pretrain.py). Stage 0 is the same update.
+        print(f"note: one process: ZeRO stage {zero['stage']} has nothing to partition; running stage 0 (the same update, "
+              "without the partition copies)", file=sys.stderr)
+        config["zero_optimization"] = {"stage": 0}
     return config
 
 
@@ -167,14 +174,8 @@ class Engine:
         optimizer = build_optimizer(model, settings)
         schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps, min_lr_rate=settings.min_lr_ratio)
         self.deepspeed_config = deepspeed_config(settings, self.world_size, base_deepspeed_config)
-        zero = self.deepspeed_config.setdefault("zero_optimization", {"stage": 0})
-        if self.world_size == 1 and zero.get("stage", 0) in (1, 2) and not zero.get("offload_optimizer"):
-            # One process has nothing to partition: ZeRO-1/2 would only copy every gradient and parameter in and out of
-            # its flat partitions (28% of a step at the tiny preset, benchmarks/pretrain.py). Stage 0 is the same update.
-            print(f"note: one process: ZeRO stage {zero['stage']} has nothing to partition; running stage 0 (the same update, "
-                  "without the partition copies)", file=sys.stderr)
-            self.deepspeed_config["zero_optimization"] = {"stage": 0}
-        self.layout = {"world_size": self.world_size, "zero_stage": self.deepspeed_config["zero_optimization"].get("stage", 0)}
+        # What a checkpoint's optimizer partitions depend on: resume checks it against the COMPLETE marker.
+        self.layout = {"world_size": self.world_size, "zero_stage": self.deepspeed_config.get("zero_optimization", {}).get("stage", 0)}
         self.module, self.optimizer, _, self.schedule = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer,
                                                                             lr_scheduler=schedule, config=self.deepspeed_config)
         self.step = 0
