@@ -10,7 +10,7 @@ from PIL import Image
 from beit3 import Beit3ImageProcessor
 from beit3.data.common import split_batch
 from beit3.data.karpathy import (ImageOnlyDataset, ImageTextDataset, TextOnlyDataset, captioning_records, read_karpathy,
-                                 retrieval_records)
+                                 pair_list_records, retrieval_records)
 from beit3.modeling_heads import Beit3ForCaptioning, Beit3ForImageTextRetrieval
 
 WORDS = "a man riding horse on the beach dog playing with ball two people street red bus".split()
@@ -128,3 +128,22 @@ def test_missing_and_corrupt_images_and_empty_captions(tmp_path, tokenizer):
     path.write_text(json.dumps(content))
     with pytest.raises(ValueError, match="A caption of COCO_val2014_000000000081.jpg .* empty text"):
         read_karpathy(path, tmp_path, "val")
+
+
+def test_pair_lists_give_contrastive_records_with_one_id_per_image(tmp_path):
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (16, 16)).save(tmp_path / "images" / name)
+    lines = [{"image": "images/a.png", "text": "a red circle"}, {"image": "images/b.png", "text": "a blue square"},
+             {"image": "images/a.png", "text": "there is a red circle"}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records = pair_list_records([tmp_path / "pairs.jsonl"])
+    assert [(r.image_id, r.image_path, r.caption) for r in records] == [
+        (0, str(tmp_path / "images" / "a.png"), "a red circle"), (1, str(tmp_path / "images" / "b.png"), "a blue square"),
+        (0, str(tmp_path / "images" / "a.png"), "there is a red circle")]
+    (tmp_path / "images" / "b.png").unlink()
+    with pytest.raises(FileNotFoundError, match="1 images of the pair lists"):
+        pair_list_records([tmp_path / "pairs.jsonl"])
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "images/a.png", "caption": "wrong field"}) + "\n")
+    with pytest.raises(ValueError, match="no field"):
+        pair_list_records([tmp_path / "bad.jsonl"])

@@ -17,7 +17,8 @@ TASKS = ("vqa", "nlvr2", "retrieval", "captioning")
 def test_every_stage_writes_its_outputs(demo_run):
     output, stdout = demo_run
     for path in ("data/world.json", "data/coco/dataset_coco.json", "text-tokenizer/tokenizer_config.json", "vqkd/tokenizer/config.json",
-                 "pretrain/metrics.jsonl", "pretrained/model.safetensors", "pretrained/config.json"):
+                 "pretrain/metrics.jsonl", "pretrained/model.safetensors", "pretrained/config.json", "contrastive/final/model.safetensors",
+                 "contrastive/eval_results.json"):
         assert (output / path).is_file(), path
     for task in (*TASKS, "classification"):
         for init in ("scratch", "pretrained"):
@@ -26,7 +27,7 @@ def test_every_stage_writes_its_outputs(demo_run):
             assert json.loads((folder / "eval_results.json").read_text())["task"] == task
     for picture in ("pretraining_loss.png", "visual_tokens.png", "captions.png", "retrieval.png"):
         assert (output / picture).stat().st_size > 10_000, picture
-    for stage in ("[data]", "[text tokenizer]", "[visual tokenizer]", "[pretrain]", "[finetune vqa]", "[report]"):
+    for stage in ("[data]", "[text tokenizer]", "[visual tokenizer]", "[pretrain]", "[contrastive]", "[finetune vqa]", "[report]"):
         assert stage in stdout
 
 
@@ -64,10 +65,21 @@ def test_pretrained_runs_start_from_the_export_and_scratch_runs_do_not(demo_run)
     assert not torch.allclose(rows["scratch"], pretrained[key][mask_id])
 
 
+def test_retrieval_starts_from_the_contrastive_stage_which_starts_from_the_export(demo_run):
+    output, _ = demo_run
+    config = lambda folder: json.loads((output / folder / "run_config.json").read_text())
+    assert config("contrastive")["model"]["init"] == str(output / "pretrained")
+    assert config("contrastive")["data"]["train"] == {"pairs": [str(output / "data" / "pretrain" / "pairs.jsonl")]}
+    assert config("finetune/retrieval_pretrained")["model"]["init"] == str(output / "contrastive" / "final")
+    assert config("finetune/retrieval_scratch")["model"]["init"] is None
+    results = json.loads((output / "results.json").read_text())
+    assert results["contrastive_stage"]["tr_r1"] == round(json.loads((output / "contrastive" / "eval_results.json").read_text())["tr_r1"], 2)
+
+
 def test_a_rerun_skips_the_finished_stages(demo_run):
     output, _ = demo_run
     result = subprocess.run([sys.executable, "tasks/demo.py", "--output", str(output), "--profile", "smoke"], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("data", "text tokenizer", "visual tokenizer", "pretrain", "finetune captioning"):
+    for stage in ("data", "text tokenizer", "visual tokenizer", "pretrain", "contrastive", "finetune captioning"):
         assert f"[{stage}] already done; skipped" in result.stdout

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .common import check_images_exist, encode_text, load_rgb, read_json, require_text, transform_image
+from .common import check_images_exist, encode_text, load_rgb, read_json, read_jsonl, require_text, transform_image
 
 SPLITS = ("train", "val", "test")
 
@@ -76,6 +76,24 @@ def read_karpathy(split_file: str | os.PathLike, image_root: str | os.PathLike, 
 def retrieval_records(images: Sequence[KarpathyImage]) -> list[CaptionRecord]:
     """One record per caption, ``image_id`` = the image's running index in the split."""
     return [CaptionRecord(image_id=im.index, image_path=im.image_path, caption=c) for im in images for c in im.captions]
+
+
+def pair_list_records(files: Sequence[str | os.PathLike], check_images: bool = True) -> list[CaptionRecord]:
+    """Image-text pairs in the pretraining format, jsonl lines ``{"image": path, "text": caption}`` with paths
+    relative to their file: the corpus of the image-text contrastive stage that BEiT-3's retrieval models start
+    from. ``image_id`` numbers the distinct images in order of first appearance."""
+    records, ids = [], {}
+    for file in files:
+        base = Path(file).parent
+        for number, row in enumerate(read_jsonl(file, columns=["image", "text"]), 1):
+            path = str(base / row["image"])
+            records.append(CaptionRecord(image_id=ids.setdefault(path, len(ids)), image_path=path,
+                                         caption=require_text(row["text"], f"{file}:{number}")))
+    if not records:
+        raise ValueError(f"The pair lists {[str(f) for f in files]} hold no pairs.")
+    if check_images:
+        check_images_exist(ids, f"images of the pair lists {[Path(f).name for f in files]}")
+    return records
 
 
 def captioning_records(images: Sequence[KarpathyImage], train: bool) -> list[CaptionRecord]:

@@ -5,7 +5,8 @@ step, evaluation and prediction files. The ``data`` section of a task config nam
                      or {index: vqa.train.jsonl, data_root: DIR}}, image_root (holds train2014/, val2014/, test2015/),
                     answer2label (answer2label.txt; null: built from the train annotations, min count answer_min_count)
     nlvr2:          {train|eval|predict: {file: train.json, images: images/train} or {index: nlvr2.train.index.jsonl, data_root: DIR}}
-    retrieval:      {train|eval|predict: {karpathy: dataset_coco.json, image_root: DIR, split: train|val|test}}
+    retrieval:      {train|eval|predict: {karpathy: dataset_coco.json, image_root: DIR, split: train|val|test}}; train may
+                    instead be {pairs: [pairs.jsonl, ...]} (the pretraining pair lists: the image-text contrastive stage)
     captioning:     the same as retrieval; mask_prob, label_smoothing, drop_worst_after, drop_worst_ratio
     classification: {train|eval|predict: {folder: DIR}} (class folders; predict: any folder of images); mixup, cutmix,
                     label_smoothing
@@ -244,9 +245,14 @@ class RetrievalTask(_KarpathyTask):
     name, model_class, metric = "retrieval", Beit3ForImageTextRetrieval, "tr_r1"
 
     def train_dataset(self):
-        from ..data.karpathy import ImageTextDataset, retrieval_records
+        from ..data.karpathy import ImageTextDataset, pair_list_records, retrieval_records
 
-        return ImageTextDataset(retrieval_records(self.images("train")), self.image_transform(True), self.tokenizer, self.max_text_length)
+        pairs = self.split("train").get("pairs")
+        if pairs:  # the image-text contrastive stage on pretraining pairs, before fine-tuning on COCO or Flickr30k
+            records = pair_list_records([pairs] if isinstance(pairs, str) else pairs)
+        else:
+            records = retrieval_records(self.images("train"))
+        return ImageTextDataset(records, self.image_transform(True), self.tokenizer, self.max_text_length)
 
     def step(self, module, batch):
         inputs, _ = split_batch(batch)
