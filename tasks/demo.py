@@ -284,13 +284,16 @@ class Demo:
         shutil.copy(self.output / "pretrain" / "loss_curves.png", self.output / "pretraining_loss.png")
         shutil.copy(self.output / "vqkd" / "code_maps.png", self.output / "visual_tokens.png")
         to_tensor = lambda path: torch.from_numpy(__import__("numpy").asarray(load_rgb(path), dtype="float32") / 255).permute(2, 0, 1)
-        for task, picture in (("captioning", "captions.png"), ("retrieval", "retrieval.png")):
-            folder = self.output / "finetune" / f"{task}_pretrained"
-            run([self.python, f"tasks/{task}.py", "--config", str(self.output / "configs" / f"{task}_demo.yaml"), "--mode", "predict",
-                 "--set", f"train.output_dir={folder}", "--set", f"tokenizer={self.output / 'text-tokenizer'}"], self.log)
-            references = {}
-            for image in json.loads((self.output / "data" / "coco" / "dataset_coco.json").read_text())["images"]:
-                references[image["cocoid"]] = (self.output / "data" / "coco" / image["filepath"] / image["filename"], image["sentences"][0]["raw"])
+        pictures = (("captioning", "captions.png"), ("retrieval", "retrieval.png"))
+        folders = {task: self.output / "finetune" / f"{task}_pretrained" for task, _ in pictures}
+        run_side_by_side([[self.python, f"tasks/{task}.py", "--config", str(self.task_config(task)), "--mode", "predict",
+                           "--set", f"train.output_dir={folders[task]}", "--set", f"tokenizer={self.output / 'text-tokenizer'}"]
+                          for task, _ in pictures], self.log, threads=max(1, (os.cpu_count() or 1) // len(pictures)))
+        references = {}
+        for image in json.loads((self.output / "data" / "coco" / "dataset_coco.json").read_text())["images"]:
+            references[image["cocoid"]] = (self.output / "data" / "coco" / image["filepath"] / image["filename"], image["sentences"][0]["raw"])
+        for task, picture in pictures:
+            folder = folders[task]
             if task == "captioning":
                 items = json.loads((folder / "captions.json").read_text())[:12]
                 images = [references[i["image_id"]][0] for i in items]
