@@ -60,16 +60,17 @@ def run(command: list[str], log: Path) -> None:
     run_side_by_side([command], log)
 
 
-def run_side_by_side(commands: list[list[str]], log: Path, threads: int | None = None) -> None:
-    """Runs ``commands`` at the same time, each with ``threads`` torch threads. The first one's progress shows
-    on the terminal; every line of each goes to ``log``, prefixed by the command's number when there are several.
+def run_side_by_side(commands: list[list[str]], log: Path) -> None:
+    """Runs ``commands`` at the same time, several sharing the cores out as torch threads (a lone command keeps
+    torch's default; the deepspeed launcher sets its ranks' own). The first one's progress shows on the terminal;
+    every line of each goes to ``log``, prefixed by the command's number when there are several.
 
     On a small CPU two 1-thread runs get more done than one 2-thread run after the other (small matmuls do
     not split well over threads), and the two inits of a task then train under the same conditions.
     """
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
+    if len(commands) > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(commands)))
     lock = threading.Lock()
     with open(log, "a") as handle:
         processes = []
@@ -196,12 +197,8 @@ class Demo:
         retrieval models are fine-tuned from such a checkpoint (the paper's intermediate fine-tuning; the recipes'
         "itc" init), so the pretrained arm of the retrieval task starts here. It sees no task data."""
         steps = self.settings["contrastive_steps"]
-        sets = [f"model.init={self.output / 'pretrained'}", f"tokenizer={self.output / 'text-tokenizer'}",
-                f"data.train={{pairs: [{self.output / 'data/pretrain/pairs.jsonl'}]}}", f"train.output_dir={self.output / 'contrastive'}",
-                f"train.max_steps={steps}", f"train.save_every={steps}", f"train.warmup_steps={max(1, steps // 10)}",
-                f"train.micro_batch_size={self.settings['batch']}"]
-        run([self.python, "tasks/retrieval.py", "--config", str(self.task_config("retrieval")), *[part for s in sets for part in ("--set", s)]],
-            self.log)
+        run(self.training_command("retrieval", self.output / "pretrained", self.output / "contrastive", steps, self.settings["batch"],
+                                  (f"data.train={{pairs: [{self.output / 'data/pretrain/pairs.jsonl'}]}}",)), self.log)
         recall = json.loads((self.output / "contrastive" / "eval_results.json").read_text())["tr_r1"]
         return f"image-text contrastive stage on the pretraining pairs, {steps} steps: held-out image->text R@1 {recall:.2f} before fine-tuning"
 
@@ -211,21 +208,20 @@ class Demo:
     # -- 4. fine-tuning ----------------------------------------------------------------------------
     def finetune(self, task: str) -> str:
         """Fine-tunes ``task`` from the pretrained export and from random weights, side by side (one thread each)."""
-        local = self.task_config(task)
         steps = self.settings["finetune_steps"][task]
         batch = self.settings.get("task_batch", {}).get(task, self.settings["batch"])
-        commands = []
-        for init in ("pretrained", "scratch"):
-            if self.finetuned(task, init):
-                continue
-            sets = [f"model.init={self.pretrained_init(task) if init == 'pretrained' else 'null'}",
-                    f"tokenizer={self.output / 'text-tokenizer'}", f"train.output_dir={self.output / 'finetune' / f'{task}_{init}'}",
-                    f"train.max_steps={steps}", f"train.save_every={steps}", f"train.warmup_steps={max(1, steps // 10)}",
-                    f"train.micro_batch_size={batch}"]
-            commands.append([self.python, f"tasks/{task}.py", "--config", str(local), *[part for s in sets for part in ("--set", s)]])
-        run_side_by_side(commands, self.log, threads=max(1, (os.cpu_count() or 1) // len(commands)))
+        run_side_by_side([self.training_command(task, self.pretrained_init(task) if init == "pretrained" else None,
+                                                self.output / "finetune" / f"{task}_{init}", steps, batch)
+                          for init in ("pretrained", "scratch") if not self.finetuned(task, init)], self.log)
         scores = {init: self.score(task, init) for init in ("scratch", "pretrained")}
         return f"{task} ({scores['pretrained'][0]}): from scratch {scores['scratch'][1]:.2f}, pretrained {scores['pretrained'][1]:.2f}"
+
+    def training_command(self, task: str, init: Path | None, output_dir: Path, steps: int, batch: int, extra: tuple[str, ...] = ()) -> list[str]:
+        """``tasks/<task>.py`` on its demo config from ``init`` (None: random weights) for ``steps`` of ``batch``, plus ``extra`` --sets."""
+        sets = [f"model.init={init or 'null'}", f"tokenizer={self.output / 'text-tokenizer'}", f"train.output_dir={output_dir}",
+                f"train.max_steps={steps}", f"train.save_every={steps}", f"train.warmup_steps={max(1, steps // 10)}",
+                f"train.micro_batch_size={batch}", *extra]
+        return [self.python, f"tasks/{task}.py", "--config", str(self.task_config(task)), *[part for s in sets for part in ("--set", s)]]
 
     def task_config(self, task: str) -> Path:
         """The task's demo config, pointed at this run's world (which may live elsewhere than runs/demo)."""
@@ -288,7 +284,7 @@ class Demo:
         folders = {task: self.output / "finetune" / f"{task}_pretrained" for task, _ in pictures}
         run_side_by_side([[self.python, f"tasks/{task}.py", "--config", str(self.task_config(task)), "--mode", "predict",
                            "--set", f"train.output_dir={folders[task]}", "--set", f"tokenizer={self.output / 'text-tokenizer'}"]
-                          for task, _ in pictures], self.log, threads=max(1, (os.cpu_count() or 1) // len(pictures)))
+                          for task, _ in pictures], self.log)
         references = {}
         for image in json.loads((self.output / "data" / "coco" / "dataset_coco.json").read_text())["images"]:
             references[image["cocoid"]] = (self.output / "data" / "coco" / image["filepath"] / image["filename"], image["sentences"][0]["raw"])
