@@ -17,6 +17,7 @@ import yaml
 from transformers import PretrainedConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+VQA_LOSSES = ("bce", "softmax")
 _PRESET_NAME = re.compile(r"beit3_(?P<size>[a-z]+)(?P<paper>_paper)?_patch(?P<patch>\d+)_(?P<image>\d+)")
 
 
@@ -47,6 +48,12 @@ class Beit3Config(PretrainedConfig):
             predicts (8192 for BEiT v2's VQ-KD).
         hidden_dropout_prob, attention_probs_dropout_prob, drop_path_rate: regularization
             (drop path grows linearly from 0 at the first layer to ``drop_path_rate`` at the last).
+        itm_weight: pretraining only (``Beit3ForMaskedDataModeling``): the weight of an image-text matching
+            loss on the pooled image CLS of fused pairs, added to masked data modeling. 0 (the paper's pure
+            masked data modeling) builds no matching head.
+        vqa_loss: the loss of ``Beit3ForVisualQuestionAnswering``: ``bce`` (binary cross-entropy per answer against
+            the soft scores, the official recipe for VQAv2's ten annotator answers) or ``softmax`` (cross-entropy over
+            the answers against the scores normalized to sum to 1: for data with one answer per question).
     """
 
     model_type = "beit3"
@@ -79,6 +86,8 @@ class Beit3Config(PretrainedConfig):
         bos_token_id: int = 0,
         eos_token_id: int = 2,
         mask_token_id: int | None = None,
+        itm_weight: float = 0.0,
+        vqa_loss: str = "bce",
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -103,6 +112,8 @@ class Beit3Config(PretrainedConfig):
         self.final_layernorm = final_layernorm
         self.subln_init_gain = subln_init_gain
         self.visual_vocab_size = visual_vocab_size
+        self.itm_weight = itm_weight
+        self.vqa_loss = vqa_loss
         # The released vocabulary puts <mask> at 64001 (len(spm) + 1); other vocabularies say where theirs is.
         self.mask_token_id = 64001 if mask_token_id is None and vocab_size == 64010 else mask_token_id
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
@@ -118,6 +129,10 @@ class Beit3Config(PretrainedConfig):
             problems.append(f"vl_ffn_layers {self.vl_ffn_layers} must lie in [0, num_hidden_layers={self.num_hidden_layers}]")
         if self.max_position_embeddings <= self.position_offset:
             problems.append(f"max_position_embeddings {self.max_position_embeddings} leaves no row after position_offset {self.position_offset}")
+        if not (isinstance(self.itm_weight, (int, float)) and self.itm_weight >= 0):
+            problems.append(f"itm_weight {self.itm_weight!r} must be a number >= 0 (0: no image-text matching loss)")
+        if self.vqa_loss not in VQA_LOSSES:
+            problems.append(f"vqa_loss {self.vqa_loss!r} must be one of {', '.join(VQA_LOSSES)}")
         if problems:
             raise ValueError("Invalid Beit3Config: " + "; ".join(problems))
 

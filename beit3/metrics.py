@@ -19,7 +19,8 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -57,6 +58,26 @@ def vqa_accuracy(predictions: Mapping[int, str], annotator_answers: Mapping[int,
     if not annotator_answers:
         raise ValueError("No questions to score.")
     return 100.0 * sum(vqa_answer_accuracy(predictions[q], answers) for q, answers in annotator_answers.items()) / len(annotator_answers)
+
+
+def vqa_accuracy_per_type(predictions: Mapping[int, str], annotator_answers: Mapping[int, Sequence[str]],
+                          question_types: Mapping[int, str]) -> dict[str, float]:
+    """Official VQA accuracy (%) per question type (question_id -> type, e.g. the annotations' ``question_type``),
+    over the questions of ``annotator_answers`` that have a type."""
+    groups: dict[str, dict[int, Sequence[str]]] = {}
+    for question, answers in annotator_answers.items():
+        if question in question_types:
+            groups.setdefault(question_types[question], {})[question] = answers
+    return {kind: vqa_accuracy(predictions, group) for kind, group in sorted(groups.items())}
+
+
+def answer_prior(typed_answers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The most frequent answer of each question type, from (question_type, answer) pairs of the training data:
+    the constant baseline that a model answering from the question's wording alone reaches."""
+    counts: dict[str, Counter] = {}
+    for kind, answer in typed_answers:
+        counts.setdefault(kind, Counter())[answer] += 1
+    return {kind: counter.most_common(1)[0][0] for kind, counter in counts.items()}
 
 
 def vqa_score(logits: torch.Tensor, targets: torch.Tensor) -> float:

@@ -79,7 +79,8 @@ class Beit3Pooler(nn.Module):
 
 
 class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
-    """VQA as multi-label classification over an answer vocabulary (3129 for VQAv2), trained on soft scores.
+    """VQA as classification over an answer vocabulary (3129 for VQAv2), trained on soft scores: multi-label
+    (``config.vqa_loss="bce"``, the default and the official recipe) or one softmax (``"softmax"``).
 
     The image CLS of the fused image+question sequence is pooled; the released VQA models have no
     final backbone LayerNorm.
@@ -99,13 +100,19 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
                 labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
         """pixel_values (B, C, H, W), input_ids (B, T); labels (B, num_labels) soft scores in [0, 1] -> logits (B, num_labels).
 
-        The loss is binary cross-entropy summed over answers and averaged over questions, as in the official recipe.
+        The loss follows ``config.vqa_loss``: ``bce`` is binary cross-entropy summed over answers and averaged over
+        questions, as in the official recipe; ``softmax`` is cross-entropy against the scores normalized per question.
         """
         hidden = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         logits = self.head(self.pooler(hidden[:, 0]))
         loss = None
         if labels is not None:
-            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * labels.shape[-1]
+            labels = labels.float()
+            if self.config.vqa_loss == "softmax":
+                targets = labels / labels.sum(-1, keepdim=True).clamp(min=1e-6)
+                loss = _soft_or_hard_cross_entropy(logits, targets, 0.0)
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels) * labels.shape[-1]
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
@@ -366,6 +373,8 @@ class Beit3MaskedDataModelingOutput(ModelOutput):
             predicted visual tokens at the masked patches.
         text_loss, text_accuracy: masked language modeling, at the positions whose label is not -100.
         image_logits: (masked patches, visual_vocab_size); text_logits: (masked tokens, vocab_size).
+        itm_loss, itm_accuracy, itm_logits (B, 2): image-text matching, when ``itm_labels`` are given
+            (``loss`` holds ``config.itm_weight * itm_loss``).
     """
 
     loss: torch.Tensor | None = None
@@ -375,6 +384,9 @@ class Beit3MaskedDataModelingOutput(ModelOutput):
     text_accuracy: torch.Tensor | None = None
     image_logits: torch.Tensor | None = None
     text_logits: torch.Tensor | None = None
+    itm_loss: torch.Tensor | None = None
+    itm_accuracy: torch.Tensor | None = None
+    itm_logits: torch.Tensor | None = None
 
 
 class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
@@ -384,6 +396,12 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
     A call takes one kind of input: an image (``bool_masked_pos`` + ``image_labels``), a text
     (``labels``), or an image-text pair (usually the text masked, at a higher rate). The engine
     calls it once per kind and adds the losses, which keeps the per-kind figures apart.
+
+    With ``config.itm_weight > 0`` it also learns image-text matching (VLMo's ITM on the same Multiway
+    backbone): is this unmasked text the caption of this image? Masked data modeling puts no loss on the
+    image CLS that the VQA and NLVR2 heads read; matching does. Its pooler is its own (``itm_pooler.*``): a
+    VQA model fine-tuned from this one starts its pooler afresh (measured on the demo: inheriting the matching
+    pooler, saturated for a yes/no decision, cost VQA 16 points).
     """
 
     def __init__(self, config: Beit3Config):
@@ -391,18 +409,27 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
         self.beit3 = Beit3Model(config)
         self.mlm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.mim_head = nn.Linear(config.hidden_size, config.visual_vocab_size)
+        if config.itm_weight > 0:
+            self.itm_pooler = Beit3Pooler(config)
+            self.itm_head = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, bool_masked_pos: torch.Tensor | None = None,
-                image_labels: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs) -> Beit3MaskedDataModelingOutput:
+                image_labels: torch.Tensor | None = None, labels: torch.Tensor | None = None, itm_labels: torch.Tensor | None = None,
+                **kwargs) -> Beit3MaskedDataModelingOutput:
         """
         Args:
             pixel_values (B, C, H, W); input_ids (B, T) with masked words already replaced; attention_mask (B, T).
             bool_masked_pos: (B, patches), True where the patch is hidden and predicted.
             image_labels: (B, patches) visual token ids of every patch (only the masked ones are read).
             labels: (B, T) original ids at the masked words, -100 elsewhere.
+            itm_labels: (B,) 1 where the text is the image's caption, 0 for a mismatched pair (image + text input).
         """
+        if itm_labels is not None and not hasattr(self, "itm_head"):
+            raise ValueError("itm_labels were given, but this model has no image-text matching head: build it with config.itm_weight > 0.")
+        if itm_labels is not None and (pixel_values is None or input_ids is None):
+            raise ValueError("Image-text matching (itm_labels) needs both pixel_values and input_ids.")
         if bool_masked_pos is not None and image_labels is None:
             raise ValueError("bool_masked_pos hides patches, but no image_labels (their visual tokens) were given to predict.")
         if image_labels is not None and int(image_labels.max()) >= self.config.visual_vocab_size:
@@ -419,11 +446,14 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
             logits = self.mlm_head(hidden[:, out.text_start:][chosen])
             result.update(_masked_prediction("text", logits, labels[chosen]))
         losses = [result[k] for k in ("image_loss", "text_loss") if k in result]
+        if itm_labels is not None:
+            result.update(_masked_prediction("itm", self.itm_head(self.itm_pooler(hidden[:, 0])), itm_labels))
+            losses.append(self.config.itm_weight * result["itm_loss"])
         return Beit3MaskedDataModelingOutput(loss=sum(losses) if losses else None, **result)
 
 
 def _masked_prediction(kind: str, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Loss, accuracy and logits of one kind of masked prediction; logits (M, classes), targets (M,)."""
+    """Loss, accuracy and logits of one kind of prediction (masked patches, masked words, matching); logits (M, classes), targets (M,)."""
     return {f"{kind}_loss": F.cross_entropy(logits.float(), targets),
             f"{kind}_accuracy": (logits.argmax(-1) == targets).float().mean().detach(),
             f"{kind}_logits": logits}

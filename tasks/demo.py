@@ -213,8 +213,13 @@ class Demo:
         run_side_by_side([self.training_command(task, self.pretrained_init(task) if init == "pretrained" else None,
                                                 self.output / "finetune" / f"{task}_{init}", steps, batch)
                           for init in ("pretrained", "scratch") if not self.finetuned(task, init)], self.log)
+        # The blind control: both models scored again with every example's image(s) swapped for another's.
+        run_side_by_side([[self.python, f"tasks/{task}.py", "--config", str(self.task_config(task)), "--mode", "evaluate", "--blind",
+                           "--set", f"train.output_dir={self.output / 'finetune' / f'{task}_{init}'}",
+                           "--set", f"tokenizer={self.output / 'text-tokenizer'}"] for init in ("pretrained", "scratch")], self.log)
         scores = {init: self.score(task, init) for init in ("scratch", "pretrained")}
-        return f"{task} ({scores['pretrained'][0]}): from scratch {scores['scratch'][1]:.2f}, pretrained {scores['pretrained'][1]:.2f}"
+        return (f"{task} ({scores['pretrained'][0]}): from scratch {scores['scratch'][1]:.2f}, pretrained {scores['pretrained'][1]:.2f} "
+                f"(images swapped: {self.score(task, 'pretrained', blind=True)[1]:.2f})")
 
     def training_command(self, task: str, init: Path | None, output_dir: Path, steps: int, batch: int, extra: tuple[str, ...] = ()) -> list[str]:
         """``tasks/<task>.py`` on its demo config from ``init`` (None: random weights) for ``steps`` of ``batch``, plus ``extra`` --sets."""
@@ -231,19 +236,56 @@ class Demo:
         return local
 
     def finetuned(self, task: str, init: str) -> bool:
-        return (self.output / "finetune" / f"{task}_{init}" / "eval_results.json").is_file()
+        run = self.output / "finetune" / f"{task}_{init}"
+        return (run / "eval_results.json").is_file() and (run / "blind_eval_results.json").is_file()
 
-    def score(self, task: str, init: str) -> tuple[str, float]:
+    def scores(self, task: str, init: str, blind: bool = False) -> dict:
+        """The eval_results.json (or, ``blind``, blind_eval_results.json) of a finished fine-tuning run."""
+        return json.loads((self.output / "finetune" / f"{task}_{init}" / f"{'blind_' if blind else ''}eval_results.json").read_text())
+
+    def score(self, task: str, init: str, blind: bool = False) -> tuple[str, float]:
         """(metric name, value) of a finished fine-tuning run."""
-        scores = json.loads((self.output / "finetune" / f"{task}_{init}" / "eval_results.json").read_text())
+        scores = self.scores(task, init, blind)
         return scores["metric"], scores[scores["metric"]]
+
+    def distinct_predictions(self, task: str, init: str) -> int | None:
+        """How many different predictions a run made on the held-out data (1: a constant model); None where the
+        task's predictions are rankings (retrieval, classification)."""
+        run = self.output / "finetune" / f"{task}_{init}"
+        if task == "vqa":
+            return len({p["answer"] for p in json.loads((run / "vqa_eval_predictions.json").read_text())})
+        if task == "nlvr2":
+            return len({line.rsplit(",", 1)[-1] for line in (run / "nlvr2_eval_predictions.csv").read_text().splitlines() if line})
+        if task == "captioning":
+            return len({p["caption"] for p in json.loads((run / "captions_eval.json").read_text())})
+        return None
+
+    def exact_shapes(self, init: str) -> float:
+        """The share (%) of held-out generated captions that name exactly the scene's shapes, each with its color and kind."""
+        from beit3.data.synthetic import shapes_named
+
+        truth = {image["cocoid"]: shapes_named(image["sentences"][0]["raw"])
+                 for image in json.loads((self.output / "data" / "coco" / "dataset_coco.json").read_text())["images"]}
+        captions = json.loads((self.output / "finetune" / f"captioning_{init}" / "captions_eval.json").read_text())
+        return 100.0 * sum(shapes_named(c["caption"]) == truth[c["image_id"]] for c in captions) / len(captions)
 
     # -- 5. report -----------------------------------------------------------------------------------
     def results(self) -> dict:
         tasks = {}
         for task in self.settings["finetune_steps"]:
             metric = METRIC_NAMES.get(task, self.score(task, "scratch")[0])
-            tasks[task] = {"metric": metric, **{init: round(self.score(task, init)[1], 2) for init in ("scratch", "pretrained")}}
+            tasks[task] = {"metric": metric, **{init: round(self.score(task, init)[1], 2) for init in ("scratch", "pretrained")},
+                           "blind": round(self.score(task, "pretrained", blind=True)[1], 2),
+                           "scratch_blind": round(self.score(task, "scratch", blind=True)[1], 2),
+                           "distinct_predictions": {init: self.distinct_predictions(task, init) for init in ("scratch", "pretrained")}}
+        if "vqa" in tasks:
+            kinds = {init: self.scores("vqa", init).get("per_question_type", {}) for init in ("scratch", "pretrained")}
+            tasks["vqa"]["per_kind"] = {kind: {"scratch": round(kinds["scratch"][kind]["accuracy"], 2),
+                                               "pretrained": round(row["accuracy"], 2),
+                                               "prior": None if row["prior"] is None else round(row["prior"], 2)}
+                                        for kind, row in kinds["pretrained"].items()}
+        if "captioning" in tasks:
+            tasks["captioning"]["exact_shapes"] = {init: round(self.exact_shapes(init), 2) for init in ("scratch", "pretrained")}
         contrastive = json.loads((self.output / "contrastive" / "eval_results.json").read_text())
         return {"tasks": tasks, "profile": self.profile, "seconds": {k: round(v, 1) for k, v in self.timings.items()},
                 "contrastive_stage": {"steps": self.settings["contrastive_steps"], "tr_r1": round(contrastive["tr_r1"], 2)}}
@@ -254,12 +296,31 @@ class Demo:
         results = self.results()
         write_json_atomic(self.output / "results.json", results)
         lines = ["# BEiT-3 demo: fine-tuning from the pretrained model vs from random weights", "",
-                 f"Profile `{self.profile}`; the same fine-tuning budget for both; scores on held-out data (higher is better).", "",
-                 "| task | metric | from scratch | pretrained | gain |", "|---|---|---|---|---|"]
+                 f"Profile `{self.profile}`; the same fine-tuning budget for both; scores on held-out data (higher is better). "
+                 "Images swapped: the same model scored with every example's image(s) swapped for another example's, the "
+                 "control that tells reading the image from answering from the text.", "",
+                 "| task | metric | from scratch | pretrained | gain | pretrained, images swapped | scratch, images swapped |",
+                 "|---|---|---|---|---|---|---|"]
         for task, row in results["tasks"].items():
             gain = row["pretrained"] - row["scratch"]
             verdict = "clear gain" if gain >= CLEAR_MARGIN else "gain within noise" if gain > 0 else "no gain"
-            lines.append(f"| {task} | {row['metric']} | {row['scratch']:.2f} | {row['pretrained']:.2f} | {gain:+.2f} ({verdict}) |")
+            lines.append(f"| {task} | {row['metric']} | {row['scratch']:.2f} | {row['pretrained']:.2f} | {gain:+.2f} ({verdict}) "
+                         f"| {row['blind']:.2f} | {row['scratch_blind']:.2f} |")
+        warnings = [f"**Warning: the {init} {task} model gives the same prediction for every held-out example**: it reads neither "
+                    "the image nor the text." for task, row in results["tasks"].items()
+                    for init, count in row["distinct_predictions"].items() if count == 1]
+        if warnings:
+            lines += [""] + warnings
+        if "vqa" in results["tasks"]:
+            lines += ["", "VQA accuracy per question type; prior: always the type's most frequent training answer.", "",
+                      "| question type | prior | from scratch | pretrained |", "|---|---|---|---|"]
+            for kind, row in results["tasks"]["vqa"]["per_kind"].items():
+                prior = "-" if row["prior"] is None else f"{row['prior']:.2f}"
+                lines.append(f"| {kind} | {prior} | {row['scratch']:.2f} | {row['pretrained']:.2f} |")
+        if "captioning" in results["tasks"]:
+            exact = results["tasks"]["captioning"]["exact_shapes"]
+            lines += ["", f"Generated captions that name exactly the scene's shapes (each with its color and kind): "
+                          f"{exact['scratch']:.1f}% from scratch, {exact['pretrained']:.1f}% pretrained."]
         wins = sum(results["tasks"][t]["pretrained"] - results["tasks"][t]["scratch"] >= CLEAR_MARGIN for t in MULTIMODAL_TASKS)
         summary = f"pretrained beats scratch by {CLEAR_MARGIN:g} points or more on {wins} of the {len(MULTIMODAL_TASKS)} multimodal tasks"
         lines += ["", summary[0].upper() + summary[1:] + ".", "",

@@ -90,6 +90,13 @@ def main(argv=None) -> None:
         model_config.vocab_size = len(tokenizer)
     model_config.mask_token_id = tokenizer.mask_token_id
     check_tokenizer_matches(tokenizer, model_config)
+    itm_negatives = data.get("itm_negatives", 0.0)
+    if bool(itm_negatives) != bool(model_config.itm_weight):
+        sys.exit(f"error: image-text matching needs both data.itm_negatives (a fraction of the pair batch, now {itm_negatives}) and "
+                 f"model.overrides.itm_weight (the loss weight, now {model_config.itm_weight}) above 0, or both 0 (the paper's "
+                 "pure masked data modeling).")
+    if itm_negatives and not data["batch_size"].get("pair"):
+        sys.exit("error: data.itm_negatives is set, but there are no pair batches (data.batch_size.pair) to match.")
     patch_grid = (model_config.image_size // model_config.patch_size,) * 2
     if tuple(code_grid) != patch_grid:
         sys.exit(f"error: {targets}: {code_grid[0]}x{code_grid[1]} codes per image, but the model has a "
@@ -116,7 +123,7 @@ def main(argv=None) -> None:
                                      text_mask_prob=data.get("text_mask_prob", 0.15), pair_mask_prob=data.get("pair_mask_prob", 0.5),
                                      seed=settings.seed, rank=engine.rank, world_size=engine.world_size, start_step=start_step,
                                      num_steps=num_steps, pair_crop_scale=data.get("pair_crop_scale", (0.5, 1.0)),
-                                     pair_hflip=data.get("pair_hflip", 0.5))
+                                     pair_hflip=data.get("pair_hflip", 0.5), itm_negatives=itm_negatives)
         return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=settings.num_workers,
                                            prefetch_factor=4 if settings.num_workers else None)
 
@@ -126,12 +133,13 @@ def main(argv=None) -> None:
             from beit3.visualization import save_loss_curves
 
             lines = [json.loads(line) for line in (engine.output_dir / "metrics.jsonl").read_text().splitlines()]
-            save_loss_curves(lines, engine.output_dir / "loss_curves.png", keys=["image_loss", "text_loss", "pair_loss"])
+            save_loss_curves(lines, engine.output_dir / "loss_curves.png",
+                             keys=["image_loss", "text_loss", "pair_loss"] + (["itm_loss"] if itm_negatives else []))
         except ImportError:
             pass
         last = records[-1]
         print("pretraining done: step {step}, loss {loss:.3f}, ".format(**last)
-              + ", ".join(f"{k} {last[k]:.3f}" for k in ("image_accuracy", "text_accuracy", "pair_accuracy") if k in last)
+              + ", ".join(f"{k} {last[k]:.3f}" for k in ("image_accuracy", "text_accuracy", "pair_accuracy", "itm_accuracy") if k in last)
               + f", {last['samples_per_s']:.1f} samples/s; checkpoints in {engine.checkpoint_dir}")
 
 

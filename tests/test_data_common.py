@@ -44,3 +44,19 @@ def test_cutting_the_padding_leaves_the_model_output_as_it_was():
 def test_left_padded_text_is_left_whole():
     items = vqa_items([4, 7], left_padded=True)
     assert collate_trimmed(items)["input_ids"].shape == (2, 20)
+
+
+def test_a_blind_control_gives_every_item_another_items_image_and_keeps_the_rest():
+    import pytest
+
+    from beit3.data.common import ImagesOfOthers
+
+    items = [{"pixel_values": torch.full((3, 2, 2), float(i)), "input_ids": torch.tensor([i]), "index": i} for i in range(7)]
+    blind = ImagesOfOthers(items, seed=1)
+    sources = [int(blind[i]["pixel_values"][0, 0, 0]) for i in range(7)]
+    assert sorted(sources) == list(range(7)) and all(source != i for i, source in enumerate(sources))  # a derangement
+    assert all(blind[i]["input_ids"].item() == i and blind[i]["index"] == i for i in range(7))
+    assert sources == [int(ImagesOfOthers(items, seed=1)[i]["pixel_values"][0, 0, 0]) for i in range(7)]  # seeded
+    assert "pixel_values" not in ImagesOfOthers([{"input_ids": 1}, {"input_ids": 2}])[0]  # texts alone pass through
+    with pytest.raises(ValueError, match="at least 2"):
+        ImagesOfOthers(items[:1])

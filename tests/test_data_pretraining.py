@@ -228,3 +228,28 @@ def test_corrupt_images_are_replaced_with_their_codes(world, visual_tokenizer, t
     assert total >= 8  # each broken file comes up at least once per pass over 5 images (a replacement can be broken too)
     with pytest.raises(ValueError, match="64 codes per image .* 4x4 patches"):
         PretrainingBatches(sources, {"image": 5}, tokenizer, image_size=64, patch_size=16)  # 4x4 patches, 8x8 codes
+
+
+def test_matching_batches_pair_each_text_with_its_image_and_with_another_captions_image(world):
+    paths, tokenizer = world
+    sources = load_sources(paths["images"], [paths["texts"]], [paths["pairs"]])
+    make = lambda **kw: PretrainingBatches(sources, {"pair": 8}, tokenizer, image_size=64, patch_size=8, max_text_length=32,
+                                           itm_negatives=0.5, **kw)
+    batch = make(seed=3)[2]
+    itm, pair = batch["itm"], batch["pair"]
+    assert itm["itm_labels"].tolist() == [1] * 4 + [0] * 4
+    assert torch.equal(itm["input_ids"][:4], itm["input_ids"][4:]) and (itm["input_ids"] != tokenizer.mask_token_id).all()  # unmasked
+    assert torch.equal(itm["pixel_values"][:4], pair["pixel_values"][:4])  # the positives: each text with its own image
+    captions = tokenizer.batch_decode(itm["input_ids"][:4], skip_special_tokens=True)
+    rows = [sources["pair"][make(seed=3)._position("pair", 2, slot)[0]] for slot in range(8)]
+    for caption, image in zip(captions, itm["pixel_values"][4:]):
+        source = [slot for slot in range(8) if torch.equal(pair["pixel_values"][slot], image)]
+        assert source and all(rows[slot]["text"].strip() != caption.strip() for slot in source)  # the image of another caption
+    again = make(seed=3, start_step=2)[0]  # a pure function of (seed, step, rank), as every kind
+    for key, value in itm.items():
+        assert torch.equal(value, again["itm"][key]), key
+    assert "itm" not in PretrainingBatches(sources, {"pair": 8}, tokenizer, image_size=64, patch_size=8)[0]  # off by default
+    with pytest.raises(ValueError, match="itm_negatives 1.5"):
+        PretrainingBatches(sources, {"pair": 8}, tokenizer, image_size=64, patch_size=8, itm_negatives=1.5)
+    with pytest.raises(ValueError, match="pair batches of 2 or more"):
+        PretrainingBatches(sources, {"pair": 1}, tokenizer, image_size=64, patch_size=8, itm_negatives=0.5)

@@ -196,3 +196,14 @@ def test_same_seed_same_bytes(world, tmp_path):
         assert other[key].read_bytes() != world[key].read_bytes(), key
     first = sorted(world["coco_root"].glob("*2014/*.jpg"))
     assert [p.read_bytes() for p in first] == [again["coco_root"].joinpath(p.relative_to(world["coco_root"])).read_bytes() for p in first]
+
+
+def test_shapes_named_reads_each_full_shape_of_a_caption():
+    from beit3.data.synthetic import random_scene, second_caption, shapes_named
+
+    rng = random.Random(0)
+    for _ in range(50):
+        scene = random_scene(rng)
+        expected = sorted((s["color"], s["kind"]) for s in scene)
+        assert shapes_named(caption(scene)) == expected == shapes_named(second_caption(scene))
+    assert shapes_named("a big red") == [] and shapes_named("a small blue square and a red circle") == [("blue", "square")]

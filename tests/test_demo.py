@@ -41,9 +41,18 @@ def test_results_file_has_the_documented_shape(demo_run):
             assert isinstance(row[init], float) and 0.0 <= row[init] <= 1000.0, (task, row)
             score = json.loads((output / "finetune" / f"{task}_{init}" / "eval_results.json").read_text())
             assert row[init] == round(score[score["metric"]], 2)
+    for task in TASKS:  # the blind controls: the models scored with the images swapped between examples
+        row = results["tasks"][task]
+        blind = json.loads((output / "finetune" / f"{task}_pretrained" / "blind_eval_results.json").read_text())
+        assert blind["blind"] is True and row["blind"] == round(blind[blind["metric"]], 2) and isinstance(row["scratch_blind"], float)
+        assert set(row["distinct_predictions"]) == {"scratch", "pretrained"}
+    for kind, row in results["tasks"]["vqa"]["per_kind"].items():
+        assert set(row) == {"scratch", "pretrained", "prior"} and 0 <= row["prior"] <= 100, kind
+    assert set(results["tasks"]["captioning"]["exact_shapes"]) == {"scratch", "pretrained"}
     table = (output / "results.md").read_text()
     for task in TASKS:
         assert f"| {task} |" in table
+    assert "images swapped" in table and "| question type | prior |" in table and "name exactly the scene's shapes" in table
 
 
 def test_pretrained_runs_start_from_the_export_and_scratch_runs_do_not(demo_run):

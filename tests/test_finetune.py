@@ -61,6 +61,23 @@ def test_evaluate_mode_scores_the_exported_model_as_training_did(demo_run, tmp_p
         assert json.loads((tmp_path / task / "eval_results.json").read_text())["task"] == task
 
 
+def test_blind_evaluation_swaps_the_images_and_vqa_reports_each_question_type_with_its_prior(demo_run, tmp_path):
+    output, _ = demo_run
+    scores = run("vqa", _args(output, "vqa", "--mode", "evaluate", "--blind", "--output", str(tmp_path / "vqa")))
+    written = json.loads((tmp_path / "vqa" / "blind_eval_results.json").read_text())
+    assert written["blind"] is True and written["accuracy"] == pytest.approx(scores["accuracy"])
+    assert (tmp_path / "vqa" / "blind_vqa_eval_predictions.json").is_file() and not (tmp_path / "vqa" / "eval_results.json").exists()
+    types = written["per_question_type"]
+    assert set(types) <= {"what color is the", "what shape is", "how many", "where is the", "is there a"} and types
+    for row in types.values():
+        assert 0 <= row["accuracy"] <= 100 and 0 <= row["prior"] <= 100 and row["questions"] > 0
+    assert sum(row["questions"] for row in types.values()) == len(json.loads((tmp_path / "vqa" / "blind_vqa_eval_predictions.json").read_text()))
+    run("nlvr2", _args(output, "nlvr2", "--mode", "evaluate", "--blind", "--output", str(tmp_path / "nlvr2")))
+    assert json.loads((tmp_path / "nlvr2" / "blind_eval_results.json").read_text())["blind"] is True
+    with pytest.raises(ValueError, match="--blind is a control for --mode evaluate"):
+        run("nlvr2", _args(output, "nlvr2", "--mode", "predict", "--blind"))
+
+
 def test_predict_mode_writes_the_official_formats(demo_run, tmp_path):
     output, _ = demo_run
     run("vqa", _args(output, "vqa", "--mode", "predict", "--output", str(tmp_path)))

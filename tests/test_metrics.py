@@ -150,3 +150,15 @@ def test_prediction_files_are_the_official_formats_and_written_atomically(tmp_pa
         metrics.write_json_atomic(path, [{"question_id": 1, "answer": object()}])  # fails half-way through json.dump
     assert json.loads(path.read_text())[0]["answer"] == "yes"  # the previous file is untouched
     assert sorted(p.name for p in path.parent.iterdir()) == ["vqa_test-dev.json"]  # and no temporary file is left
+
+
+def test_vqa_accuracy_per_question_type_and_the_prior_of_each_type():
+    from beit3.metrics import answer_prior, vqa_accuracy_per_type
+
+    truth = {1: ["red"] * 10, 2: ["blue"] * 10, 3: ["yes"] * 10, 4: ["no"] * 10}
+    types = {1: "what color is the", 2: "what color is the", 3: "is there a", 4: "is there a"}
+    predictions = {1: "red", 2: "red", 3: "yes", 4: "yes"}
+    assert vqa_accuracy_per_type(predictions, truth, types) == {"is there a": 50.0, "what color is the": 50.0}
+    assert vqa_accuracy_per_type(predictions, truth, {1: "what color is the"}) == {"what color is the": 100.0}  # untyped: left out
+    prior = answer_prior([("what color is the", "red"), ("what color is the", "blue"), ("what color is the", "red"), ("is there a", "no")])
+    assert prior == {"what color is the": "red", "is there a": "no"}

@@ -265,3 +265,46 @@ def test_a_head_of_another_size_names_both_shapes(tmp_path):
     Beit3ForVisualQuestionAnswering(head_config()).save_pretrained(tmp_path / "vqa")
     with pytest.raises(ValueError, match=r"head\.3\.weight: \(7, 64\) in the checkpoint, \(3, 64\) in the model"):
         Beit3ForVisualQuestionAnswering.from_pretrained(tmp_path / "vqa", num_labels=3)
+
+
+def test_image_text_matching_is_an_optional_weighted_loss_on_the_image_cls(tmp_path):
+    from beit3.modeling_heads import Beit3ForMaskedDataModeling
+
+    images, ids = torch.randn(4, 3, 32, 32), torch.randint(3, 99, (4, 6))
+    labels = torch.full_like(ids, -100)
+    labels[:, 2] = ids[:, 2]
+    plain = Beit3ForMaskedDataModeling(tiny_config(visual_vocab_size=32))
+    assert not any(name.startswith("itm_") for name, _ in plain.named_parameters())  # the paper: no extra head
+    with pytest.raises(ValueError, match="itm_weight"):
+        plain(pixel_values=images, input_ids=ids, itm_labels=torch.tensor([1, 0, 1, 0]))
+    model = Beit3ForMaskedDataModeling(tiny_config(visual_vocab_size=32, itm_weight=0.5)).eval()
+    matching = torch.tensor([1, 0, 1, 0])
+    out = model(pixel_values=images, input_ids=ids, itm_labels=matching)
+    assert out.itm_logits.shape == (4, 2) and out.text_loss is None
+    torch.testing.assert_close(out.itm_loss, F.cross_entropy(out.itm_logits, matching))
+    torch.testing.assert_close(out.loss, 0.5 * out.itm_loss)
+    both = model(pixel_values=images, input_ids=ids, labels=labels, itm_labels=matching)
+    torch.testing.assert_close(both.loss, both.text_loss + 0.5 * both.itm_loss)
+    with pytest.raises(ValueError, match="both pixel_values and input_ids"):
+        model(input_ids=ids, itm_labels=matching)
+    with pytest.raises(ValueError, match="itm_weight"):
+        tiny_config(itm_weight=-1.0)
+    # The matching pooler is its own: a VQA model fine-tuned from this one gets the backbone and a fresh pooler.
+    model.save_pretrained(tmp_path / "pretrained")
+    vqa = Beit3ForVisualQuestionAnswering.from_pretrained(tmp_path / "pretrained", num_labels=3)
+    assert torch.equal(vqa.beit3.embeddings.text_embeddings.weight, model.beit3.embeddings.text_embeddings.weight)
+    assert not torch.equal(vqa.pooler.dense.weight, model.itm_pooler.dense.weight)
+
+
+def test_vqa_loss_is_bce_on_soft_scores_by_default_or_one_softmax():
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(3, 99, (2, 6))
+    scores = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, 0.3]])
+    bce = Beit3ForVisualQuestionAnswering(tiny_config(num_labels=3)).eval()
+    out = bce(pixel_values=images, input_ids=ids, labels=scores)
+    torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(out.logits, scores) * 3)
+    softmax = Beit3ForVisualQuestionAnswering(tiny_config(num_labels=3, vqa_loss="softmax")).eval()
+    out = softmax(pixel_values=images, input_ids=ids, labels=scores)
+    expected = -(scores / scores.sum(-1, keepdim=True) * out.logits.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(out.loss, expected)
+    with pytest.raises(ValueError, match="vqa_loss 'hinge' must be one of bce, softmax"):
+        tiny_config(vqa_loss="hinge")

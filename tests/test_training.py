@@ -92,18 +92,19 @@ def test_layer_decay_scales_the_learning_rate_by_depth():
     assert decays == {0.0}
 
 
-def test_head_lr_scale_boosts_only_the_task_head():
+def test_head_lr_scale_boosts_every_task_specific_parameter_and_no_backbone_one():
     from beit3.modeling_heads import Beit3ForVisualQuestionAnswering
 
     model = Beit3ForVisualQuestionAnswering(tiny_config(num_labels=5))
     optimizer = build_optimizer(model, TrainSettings(output_dir="x", max_steps=1, save_every=1, lr=0.1, head_lr_scale=20.0))
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
-    for name, parameter in model.named_parameters():  # the pooler stays at 1x, as in unilm
-        assert lr_of[id(parameter)] == pytest.approx(2.0 if name.startswith("head.") else 0.1), name
+    for name, parameter in model.named_parameters():  # the pooler is boosted too (unilm leaves it at 1x)
+        assert lr_of[id(parameter)] == pytest.approx(2.0 if name.startswith(("head.", "pooler.")) else 0.1), name
+    assert any(name.startswith("pooler.") for name, _ in model.named_parameters())
     named = dict(model.named_parameters())
     assert decay_of[id(named["head.3.bias"])] == 0.0 and decay_of[id(named["head.3.weight"])] == 0.05
-    with pytest.raises(ValueError, match="no head"):
+    with pytest.raises(ValueError, match="no task-specific parameters"):
         build_optimizer(Beit3Model(tiny_config()), TrainSettings(output_dir="x", max_steps=1, save_every=1, head_lr_scale=2.0))
 
 

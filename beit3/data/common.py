@@ -144,3 +144,27 @@ def split_batch(batch: Mapping) -> tuple[dict, dict]:
     """(model inputs, metadata): the ids in ``METADATA_KEYS`` go to the second dict, so ``head(**inputs)`` works."""
     inputs = {k: v for k, v in batch.items() if k not in METADATA_KEYS}
     return inputs, {k: v for k, v in batch.items() if k in METADATA_KEYS}
+
+
+class ImagesOfOthers(torch.utils.data.Dataset):
+    """A blind control: the items of ``dataset``, each with the ``pixel_values`` of another item (a seeded
+    derangement), everything else its own. A model that reads the image scores near chance on it; one that
+    answers from the text alone scores as before.
+    """
+
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset = dataset
+        order = np.random.default_rng(seed).permutation(len(dataset))
+        self.source = np.empty(len(dataset), dtype=np.int64)
+        self.source[order] = np.roll(order, -1)  # each item takes the next one's image in a random cycle: never its own
+        if len(dataset) < 2:
+            raise ValueError("A blind control needs at least 2 examples to swap images between.")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.dataset[index])
+        if "pixel_values" in item:
+            item["pixel_values"] = self.dataset[int(self.source[index])]["pixel_values"]
+        return item

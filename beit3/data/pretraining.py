@@ -37,6 +37,9 @@ from ..views import CenterView, TwoViewTransform
 
 KINDS = ("image", "text", "pair")
 _MAX_REPLACEMENTS = 16
+# Hard negatives for image-text matching are drawn with weights exp(token overlap / this): at 0.1 a caption sharing
+# 0.1 more of its tokens is e times as likely.
+HARD_NEGATIVE_TEMPERATURE = 0.1
 
 
 def load_sources(images: str | None = None, texts: list[str] | None = None, pairs: list[str] | None = None,
@@ -193,12 +196,19 @@ class PretrainingBatches(torch.utils.data.Dataset):
         pair_crop_scale, pair_hflip: the pairs' random resized crop (area range) and flip probability. A flip
             contradicts a caption that says "on the left", and a tight crop can cut out what it names: turn
             them down when the captions describe positions and every object.
+        itm_negatives: image-text matching (for a model with ``config.itm_weight > 0``): this fraction of each
+            pair batch also goes, with its text unmasked, into an ``itm`` batch, once with its own image and once
+            with a hard negative: the image of another caption of the same batch, drawn with weights that grow with
+            the tokens it shares with its own (exp(Jaccard over token ids / 0.1)), never the same text. 0: no ``itm``
+            batch (the paper).
     Batch:
         image: pixel_values (B, 3, S, S), tokenizer_pixel_values (B, 3, s, s) in [0, 1], bool_masked_pos (B, patches);
             when the image source has ``codes`` (``load_sources(image_codes=...)``): pixel_values of the fixed
             center crop the codes were computed from, bool_masked_pos and image_labels (B, patches), no tokenizer view
         text: input_ids, attention_mask, labels (B, T)
         pair: pixel_values, input_ids, attention_mask, labels
+        itm (with itm_negatives): pixel_values (2K, ...), input_ids, attention_mask (2K, T) unmasked, itm_labels (2K,):
+            K matched pairs (1), then the same K texts with their hard-negative images (0)
         skipped: (3,) corrupt images replaced in this batch, per kind (image, text, pair)
     """
 
@@ -206,7 +216,10 @@ class PretrainingBatches(torch.utils.data.Dataset):
                  max_text_length: int = 64, tokenizer_image_size: int | None = None, text_mask_prob: float = 0.15,
                  pair_mask_prob: float = 0.5, num_masked_patches: int | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, start_step: int = 0, num_steps: int = 10**9, crop_scale: tuple[float, float] = (0.2, 1.0),
-                 color_jitter: float = 0.4, pair_crop_scale: tuple[float, float] = (0.5, 1.0), pair_hflip: float = 0.5):
+                 color_jitter: float = 0.4, pair_crop_scale: tuple[float, float] = (0.5, 1.0), pair_hflip: float = 0.5,
+                 itm_negatives: float = 0.0):
+        if not 0.0 <= itm_negatives <= 1.0:
+            raise ValueError(f"itm_negatives {itm_negatives} must be a fraction of the pair batch in [0, 1] (0: no image-text matching).")
         self.sources = sources
         self.batch_sizes = {kind: batch_sizes.get(kind, 0) for kind in KINDS if kind in sources and batch_sizes.get(kind, 0) > 0}
         if not self.batch_sizes:
@@ -229,6 +242,9 @@ class PretrainingBatches(torch.utils.data.Dataset):
                         if kind in self.batch_sizes}
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.start_step, self.num_steps = start_step, num_steps
+        if itm_negatives and self.batch_sizes.get("pair", 0) < 2:
+            raise ValueError("itm_negatives needs pair batches of 2 or more: a hard negative is another pair of the same batch.")
+        self.itm_pairs = max(1, round(itm_negatives * self.batch_sizes["pair"])) if itm_negatives else 0
 
     def __len__(self) -> int:
         return self.num_steps
@@ -270,12 +286,32 @@ class PretrainingBatches(torch.utils.data.Dataset):
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"))  # to the longest
 
-    def _masked_text(self, kind: str, texts: list[str], step: int) -> dict[str, torch.Tensor]:
-        encoded = self._tokenize(texts)
+    def _masked_text(self, kind: str, encoded: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         masker = self.maskers[kind]
         masker.generator.manual_seed(_seed(self.seed, KINDS.index(kind), step, self.rank))
         input_ids, labels = mask_text_tokens(masker, encoded["input_ids"], encoded["attention_mask"])
         return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
+
+    def _matching_batch(self, images: torch.Tensor, texts: list[str], encoded: dict[str, torch.Tensor], step: int) -> dict:
+        """The ``itm`` batch of step ``step`` from its pair batch (see the class docstring)."""
+        ids = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -1)
+        vocabulary = {int(t) for t in ids.unique() if t >= 0}
+        sets = torch.zeros(len(texts), max(vocabulary) + 1, dtype=torch.bool)
+        for row, tokens in enumerate(ids):
+            sets[row, tokens[tokens >= 0]] = True
+        overlap = (sets[:, None] & sets[None]).sum(-1).float() / (sets[:, None] | sets[None]).sum(-1).clamp(min=1).float()
+        same_text = torch.tensor([[a == b for b in texts] for a in texts])
+        k = self.itm_pairs
+        # Sampled, as ALBEF and VLMo sample theirs by similarity: mostly the nearest captions, now and then a far one.
+        # Always the nearest was too hard to start from (matching stayed at chance for 760 demo steps).
+        weights = torch.exp((overlap[:k] - 1.0) / HARD_NEGATIVE_TEMPERATURE).masked_fill(same_text[:k], 0.0)
+        usable = weights.sum(-1) > 0  # a batch of one repeated caption has no negative
+        generator = torch.Generator().manual_seed(_seed(self.seed, len(KINDS), step, self.rank))
+        negatives = torch.multinomial(weights.masked_fill(~usable[:, None], 1.0), 1, generator=generator).squeeze(1)
+        negatives = torch.where(usable, negatives, torch.arange(k))
+        labels = torch.cat([torch.ones(k, dtype=torch.long), (~usable).long()])
+        return {"pixel_values": torch.cat([images[:k], images[negatives]]), "input_ids": encoded["input_ids"][:k].repeat(2, 1),
+                "attention_mask": encoded["attention_mask"][:k].repeat(2, 1), "itm_labels": labels}
 
     def __getitem__(self, index: int) -> dict:
         step = self.start_step + index
@@ -299,7 +335,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
                 batch["image"]["tokenizer_pixel_values"] = torch.stack(tokenizer_views)
         if "text" in self.batch_sizes:
             rows = [self._position("text", step, slot)[0] for slot in range(self.batch_sizes["text"])]
-            batch["text"] = self._masked_text("text", [self.sources["text"][row]["text"] for row in rows], step)
+            batch["text"] = self._masked_text("text", self._tokenize([self.sources["text"][row]["text"] for row in rows]), step)
         if "pair" in self.batch_sizes:
             images, texts = [], []
             for slot in range(self.batch_sizes["pair"]):
@@ -307,6 +343,9 @@ class PretrainingBatches(torch.utils.data.Dataset):
                 skipped[2] += shift
                 images.append(model_view)
                 texts.append(record["text"])
-            batch["pair"] = {"pixel_values": torch.stack(images), **self._masked_text("pair", texts, step)}
+            encoded = self._tokenize(texts)
+            batch["pair"] = {"pixel_values": torch.stack(images), **self._masked_text("pair", encoded, step)}
+            if self.itm_pairs:
+                batch["itm"] = self._matching_batch(batch["pair"]["pixel_values"], texts, encoded, step)
         batch["skipped"] = skipped
         return batch

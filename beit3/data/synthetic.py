@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -62,6 +63,13 @@ def draw_scene(scene: list[dict], size: int = 64, rng: random.Random | None = No
 
 def caption(scene: list[dict]) -> str:
     return "a " + " and a ".join(f"{s['size']} {s['color']} {s['kind']} {s['slot']}" for s in scene)
+
+
+def shapes_named(text: str) -> list[tuple[str, str]]:
+    """The (color, kind) of every shape a caption names in full ("a big red circle ..." -> [("red", "circle")]),
+    sorted: two captions describe the same shapes when these lists are equal."""
+    pattern = rf"\b(?:{'|'.join(SIZES)})\s+({'|'.join(COLORS)})\s+({'|'.join(KINDS)})\b"
+    return sorted(re.findall(pattern, text))
 
 
 def second_caption(scene: list[dict]) -> str:

@@ -109,6 +109,8 @@ class VqaRecord:
     answers: list[str] = field(default_factory=list)
     image_id: int | None = None
     text_ids: list[int] | None = None
+    question_type: str | None = None  # the annotation's question_type ("what color is the", ...): VQA's per-type breakdown
+    answer: str | None = None  # the annotation's multiple_choice_answer (the most common annotator answer)
 
 
 @dataclass
@@ -202,7 +204,9 @@ def read_vqa(questions_file: str | os.PathLike, image_root: str | os.PathLike, a
             if question_id not in by_question:
                 raise ValueError(f"Question {question_id} of {questions_file} has no annotation in {annotations_file}; "
                                  "are they files of the same split?")
-            record.answers = [a["answer"] for a in by_question[question_id]["answers"]]
+            annotation = by_question[question_id]
+            record.answers = [a["answer"] for a in annotation["answers"]]
+            record.question_type, record.answer = annotation.get("question_type"), annotation.get("multiple_choice_answer")
             # Raw annotator strings, not normalized, as the official recipe counts them.
             for answer, count in Counter(record.answers).items():
                 if answer in answer2label:

@@ -58,7 +58,7 @@ class TrainSettings:
     num_workers: int = 1
     gradient_checkpointing: bool = False
     layer_decay: float | None = None  # fine-tuning: lr x layer_decay ** (depth from the top), as BEiT does
-    head_lr_scale: float = 1.0  # without layer_decay: lr x this for the task head (``head.*``; unilm's task_head_lr_weight)
+    head_lr_scale: float = 1.0  # without layer_decay: lr x this for every task-specific parameter (all but ``beit3.*``; see build_optimizer)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -106,14 +106,20 @@ def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
 def build_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
     """AdamW over timm's parameter groups: no weight decay on norms, biases and embeddings and, with
     ``layer_decay``, a learning rate that shrinks by that factor per layer from the top down; without
-    it, ``head_lr_scale`` multiplies the learning rate of the task head (``head.*``), as the VQA recipe does."""
+    it, ``head_lr_scale`` multiplies the learning rate of every parameter outside the backbone (``beit3.*``): the
+    VQA ``pooler.*`` and ``head.*``, the NLVR2 and classification ``head.*`` (and ``fc_norm.*``), retrieval's
+    ``vision_head``, ``language_head`` and ``logit_scale``, captioning's ``mlm_head``. That is unilm's
+    task_head_lr_weight (VQA x20) with one difference: unilm boosts ``head*`` names only and leaves the freshly
+    initialized VQA pooler at the backbone's rate."""
     exempt = no_weight_decay_names(model)
     if settings.layer_decay is None:
         groups = param_groups_weight_decay(model, settings.weight_decay, no_weight_decay_list=exempt)
         if settings.head_lr_scale != 1.0:
-            head = {id(p) for name, p in model.named_parameters() if name.startswith("head.")}
+            backbone = {id(p) for p in getattr(model, "base_model", model).parameters()}
+            head = {id(p) for p in model.parameters() if id(p) not in backbone}
             if not head:
-                raise ValueError(f"head_lr_scale {settings.head_lr_scale} but {type(model).__name__} has no head.* parameters.")
+                raise ValueError(f"head_lr_scale {settings.head_lr_scale} but {type(model).__name__} has no task-specific parameters "
+                                 "(none outside beit3.*) to scale.")
             groups = [{**group, "params": params, "lr": settings.lr * scale}
                       for group in groups
                       for params, scale in (([p for p in group["params"] if id(p) not in head], 1.0),

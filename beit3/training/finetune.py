@@ -20,7 +20,9 @@ A run config has these sections (``--set`` overrides any field, e.g. ``--set tra
 Modes: ``train`` fine-tunes (a restart resumes from output_dir), exports ``output_dir/final`` (a
 ``from_pretrained`` folder) and scores it on ``data.eval``; ``evaluate`` scores ``--model`` (default
 ``output_dir/final``) on ``data.eval``; ``predict`` writes the predictions on ``data.predict`` in
-the official submission format. Scores go to ``<output>/eval_results.json``.
+the official submission format. Scores go to ``<output>/eval_results.json``; ``evaluate --blind`` scores with
+every example's image(s) swapped for another's (``<output>/blind_eval_results.json``), the control that tells a
+model reading the image from one answering from the text.
 """
 
 from __future__ import annotations
@@ -113,6 +115,9 @@ def parse_args(task_name: str, argv: list[str] | None):
     parser.add_argument("--model", help="evaluate/predict: a fine-tuned folder or official .pth (default: output_dir/final)")
     parser.add_argument("--output", help="evaluate/predict: where scores and predictions go (default: train.output_dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    parser.add_argument("--blind", action="store_true",
+                        help="evaluate: a control with every example's image(s) swapped for another example's; a model that reads "
+                             "the image falls to chance. Scores go to blind_eval_results.json")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return parser.parse_args(argv)
 
@@ -128,6 +133,9 @@ def run(task_name: str, argv: list[str] | None = None) -> dict | None:
             raise KeyError(f"{args.config} has no {section!r} section; see configs/tasks/ for complete examples.")
     task = TASKS[task_name](config["data"], config.get("eval") or {})
     output_dir = Path(args.output or config["train"]["output_dir"])
+    if args.blind and args.mode != "evaluate":
+        raise ValueError("--blind is a control for --mode evaluate.")
+    task.blind = args.blind
     if args.mode == "train":
         return train(task, config)
     model_path = args.model or str(Path(config["train"]["output_dir"]) / "final")
@@ -148,8 +156,10 @@ def run(task_name: str, argv: list[str] | None = None) -> dict | None:
 
 def evaluate_and_save(task, model, output_dir: Path) -> dict:
     scores = task.evaluate(model, output_dir)
-    write_json_atomic(output_dir / "eval_results.json", {"task": task.name, "metric": task.metric, **scores})
-    print(f"{task.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f" (in {output_dir / 'eval_results.json'})")
+    path = output_dir / ("blind_eval_results.json" if task.blind else "eval_results.json")
+    write_json_atomic(path, {"task": task.name, "metric": task.metric, **({"blind": True} if task.blind else {}), **scores})
+    print(f"{task.name}{' (blind)' if task.blind else ''}: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)) + f" (in {path})")
     return scores
 
 

@@ -3,7 +3,8 @@ step, evaluation and prediction files. The ``data`` section of a task config nam
 
     vqa:            {train|eval|predict: {questions: v2_OpenEnded_..._questions.json, annotations: v2_mscoco_..._annotations.json}
                      or {index: vqa.train.jsonl, data_root: DIR}}, image_root (holds train2014/, val2014/, test2015/),
-                    answer2label (answer2label.txt; null: built from the train annotations, min count answer_min_count)
+                    answer2label (answer2label.txt; null: built from the train annotations, min count answer_min_count),
+                    vqa_loss (bce: the official multi-label loss on soft scores; softmax: one answer per question)
     nlvr2:          {train|eval|predict: {file: train.json, images: images/train} or {index: nlvr2.train.index.jsonl, data_root: DIR}}
     retrieval:      {train|eval|predict: {karpathy: dataset_coco.json, image_root: DIR, split: train|val|test}}; train may
                     instead be {pairs: [pairs.jsonl, ...]} (the pretraining pair lists: the image-text contrastive stage)
@@ -23,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data.common import collate_trimmed, split_batch
+from ..data.common import ImagesOfOthers, collate_trimmed, split_batch
 from ..image_processing_beit3 import VL_MEAN, VL_STD, Beit3ImageProcessor
 from ..masking import mask_caption_tokens
-from ..metrics import (caption_scores, classification_accuracy, retrieval_recall, vqa_accuracy, vqa_predictions, vqa_score,
-                       write_caption_results, write_json_atomic, write_vqa_predictions)
+from ..metrics import (answer_prior, caption_scores, classification_accuracy, retrieval_recall, vqa_accuracy, vqa_accuracy_per_type,
+                       vqa_predictions, vqa_score, write_caption_results, write_json_atomic, write_vqa_predictions)
 from ..modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForVisualQuestionAnswering,
                               Beit3ForVisualReasoning)
 from .engine import to_device
@@ -45,6 +46,7 @@ class FinetuneTask:
         self.data, self.eval_options = data, eval_options
         self.tokenizer, self.model_config, self.engine = None, None, None
         self.max_text_length = data.get("max_text_length", 64)
+        self.blind = False  # evaluate with the images swapped between examples (a control; see ImagesOfOthers)
 
     def setup(self, tokenizer, model_config) -> None:
         self.tokenizer, self.model_config = tokenizer, model_config
@@ -79,7 +81,13 @@ class FinetuneTask:
     def collate(self, items: list[dict]) -> dict:
         return collate_trimmed(items)
 
+    def eval_file(self, name: str) -> str:
+        """The name of an evaluation output file; a blind control's own (``blind_<name>``) beside it."""
+        return f"blind_{name}" if self.blind else name
+
     def eval_batches(self, dataset):
+        if self.blind:
+            dataset = ImagesOfOthers(dataset, seed=0)
         return batches(dataset, self.eval_options.get("batch_size", 64), self.eval_options.get("num_workers", 0), collate_trimmed)
 
     def eval_autocast(self, model):
@@ -118,7 +126,7 @@ class VqaTask(FinetuneTask):
         return build_answer_vocabulary([train["annotations"]], min_count=self.data.get("answer_min_count", 9))
 
     def config_overrides(self) -> dict:
-        return {"id2label": {label: answer for answer, label in self.answer2label().items()}}
+        return {"id2label": {label: answer for answer, label in self.answer2label().items()}, "vqa_loss": self.data.get("vqa_loss", "bce")}
 
     def records(self, split: str):
         from ..data.vqa import read_vqa, read_vqa_index
@@ -165,12 +173,30 @@ class VqaTask(FinetuneTask):
 
     def evaluate(self, model, output_dir):
         predictions, truth, soft_scores, logits = self._answers(model, "eval")
-        write_vqa_predictions(output_dir / "vqa_eval_predictions.json", predictions)
-        if truth:  # the official accuracy against the 10 raw annotator answers
-            return {"accuracy": vqa_accuracy(predictions, truth)}
+        write_vqa_predictions(output_dir / self.eval_file("vqa_eval_predictions.json"), predictions)
+        if truth:  # the official accuracy against the 10 raw annotator answers, overall and per question type
+            return {"accuracy": vqa_accuracy(predictions, truth), **self._per_question_type(predictions, truth)}
         if soft_scores:  # index files: the soft-score proxy
             return {"accuracy": vqa_score(torch.cat(logits), torch.cat(soft_scores))}
         raise ValueError("The eval split has no answers to score against; use mode predict for test questions.")
+
+    def _per_question_type(self, predictions: dict[int, str], truth: dict[int, list[str]]) -> dict:
+        """``{"per_question_type": {type: {"accuracy", "prior", "questions"}}}`` where the annotations give question
+        types; ``prior`` is the accuracy of always giving the type's most frequent training answer (the score of a
+        model that reads the question and not the image)."""
+        records = self.records("eval")
+        types = {r.question_id: r.question_type for r in records if r.question_type}
+        if not types:
+            return {}
+        train = self.split("train")
+        prior = {}
+        if "annotations" in train:
+            most_common = answer_prior((r.question_type, r.answer) for r in self.records("train") if r.question_type and r.answer)
+            guesses = {q: most_common.get(kind, "") for q, kind in types.items()}
+            prior = vqa_accuracy_per_type(guesses, truth, types)
+        counts = {kind: sum(1 for q in truth if types.get(q) == kind) for kind in set(types.values())}
+        return {"per_question_type": {kind: {"accuracy": accuracy, "prior": prior.get(kind), "questions": counts[kind]}
+                                      for kind, accuracy in vqa_accuracy_per_type(predictions, truth, types).items()}}
 
     def predict(self, model, output_dir):
         predictions, *_ = self._answers(model, "predict")
@@ -223,7 +249,7 @@ class Nlvr2Task(FinetuneTask):
 
     def evaluate(self, model, output_dir):
         rows, labels = self._predictions(model, "eval")
-        self._write(rows, output_dir / "nlvr2_eval_predictions.csv")
+        self._write(rows, output_dir / self.eval_file("nlvr2_eval_predictions.csv"))
         return {"accuracy": 100.0 * sum(p == t for (_, p), t in zip(rows, labels)) / len(labels)}
 
     def predict(self, model, output_dir):
@@ -344,7 +370,7 @@ class CaptioningTask(_KarpathyTask):
 
         records = captioning_records(self.images("eval"), train=False)
         predictions = self._captions(model, "eval", records)
-        write_caption_results(output_dir / "captions_eval.json", predictions)
+        write_caption_results(output_dir / self.eval_file("captions_eval.json"), predictions)
         scores = caption_scores(predictions, {r.image_id: r.references for r in records})
         return {"CIDEr": scores["CIDEr"], "Bleu_4": scores["Bleu_4"]}
 

@@ -13,7 +13,8 @@ def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
     from ``visual_tokenizer`` on the fly (no grad) from each image's tokenizer view; it may be None when
     every batch brings its labels.
 
-    Returns (loss, values) with the loss and masked-token accuracy of each kind (image, text, pair).
+    Returns (loss, values) with the loss and masked-token accuracy of each kind (image, text, pair), and the
+    image-text matching loss and accuracy when the batch has an ``itm`` part (``itm_negatives``).
     """
 
     def step(module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -36,6 +37,10 @@ def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
                 out = module(**batch[kind])
                 losses.append(out.loss)
                 values.update({f"{kind}_loss": out.text_loss, f"{kind}_accuracy": out.text_accuracy})
+        if "itm" in batch:
+            out = module(**batch["itm"])
+            losses.append(out.loss)
+            values.update(itm_loss=out.itm_loss, itm_accuracy=out.itm_accuracy)
         return sum(losses), values
 
     return step
