@@ -46,10 +46,10 @@ PROFILES = {
               "vqkd_steps": 4, "pretrain_steps": 4, "contrastive_steps": 3, "finetune_steps": {t: 3 for t in FINETUNE_TASKS}, "batch": 8},
     # VQA takes batches of 16: twice the updates in the same time, and both inits sit on the answer prior for the
     # first ~100 updates (measured: 300 x 16 gave scratch 18.4 and pretrained 34.9; 150 x 32 gave 10.7 and 18.9).
-    "default": {"world": {}, "vqkd_steps": 120, "pretrain_steps": 760, "contrastive_steps": 300,
-                "finetune_steps": {"vqa": 300, "nlvr2": 60, "retrieval": 150, "captioning": 150}, "batch": 32, "task_batch": {"vqa": 16}},
+    "default": {"world": {}, "vqkd_steps": 120, "pretrain_steps": 1500, "contrastive_steps": 300,
+                "finetune_steps": {"vqa": 300, "nlvr2": 60, "retrieval": 150, "captioning": 300}, "batch": 32, "task_batch": {"vqa": 16}},
     "full": {"world": dict(pretrain_images=20000, train_images=3000, val_images=500, test_images=500, nlvr2_train=2000, nlvr2_dev=500),
-             "vqkd_steps": 400, "pretrain_steps": 1500, "contrastive_steps": 600,
+             "vqkd_steps": 400, "pretrain_steps": 2000, "contrastive_steps": 600,
              "finetune_steps": {"vqa": 600, "nlvr2": 300, "retrieval": 300, "captioning": 300, "classification": 150}, "batch": 32,
              "task_batch": {"vqa": 16}},
 }

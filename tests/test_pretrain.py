@@ -94,6 +94,25 @@ def test_two_processes_resume_exactly_after_sigkill(world, tmp_path):
         assert after[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}: {after[step]} vs {expected[step]}"
 
 
+def _deepspeed_buffers() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")} if Path("/dev/shm").is_dir() else set()
+
+
+def test_runs_leave_no_shared_memory_behind_clean_or_killed(world, tmp_path):
+    before = _deepspeed_buffers()
+    assert pretrain(world, tmp_path / "one", max_steps=1, save_every=1).returncode == 0
+    assert pretrain(world, tmp_path / "two", processes=2, max_steps=1, save_every=1).returncode == 0
+    assert _deepspeed_buffers() - before == set()
+    process = pretrain(world, tmp_path / "killed", processes=2, wait=False, max_steps=50, save_every=50)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "metrics.jsonl").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)  # mid-training: no handler of ours runs
+    process.wait()
+    assert _deepspeed_buffers() - before == set()
+
+
 def test_a_half_written_checkpoint_is_never_resumed(world, tmp_path):
     first = pretrain(world, tmp_path / "run", max_steps=2, save_every=2)
     assert first.returncode == 0, first.stderr[-2000:]

@@ -13,6 +13,7 @@ so a save that dies halfway is never the one a restart picks.
 from __future__ import annotations
 
 import json
+import importlib
 import os
 import shutil
 import socket
@@ -84,7 +85,15 @@ def setup_distributed() -> tuple[int, int, torch.device]:
             port = probe.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not dist.is_initialized():
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu and os.environ.get("WORLD_SIZE") == "1":
+            # DeepSpeed's CPU backend builds (a minute of C++ the first time) and starts a shared-memory
+            # all-reduce even for one process, which has nothing to reduce.
+            # (by module name: the package attribute deepspeed.comm.torch is the torch module it imports)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        if on_cpu and dist.get_world_size() > 1:
+            _unlink_shared_memory_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -95,6 +104,17 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _unlink_shared_memory_buffer() -> None:
+    """Removes the name of this rank's DeepSpeed CPU all-reduce buffer (``/dev/shm``), which DeepSpeed never
+    removes: 69 MB a process a run, left behind on every exit path. Initialization has mapped every rank's
+    buffer by the time all ranks pass the barrier, and a mapping outlives its name, so the run goes on as
+    before and the memory is freed when the last process exits, however it exits (SIGKILL included)."""
+    dist.barrier()
+    name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    name.unlink(missing_ok=True)
 
 
 def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
