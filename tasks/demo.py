@@ -8,12 +8,16 @@ Stages (each skips when its outputs exist, so a rerun is fast; delete a stage's 
   1. data        a seeded world of 64 px images with captions, VQA questions, NLVR2 statements and class
                  labels, in the datasets' standard formats (beit3.data.synthetic.write_task_world)
   2. tokenizers  a SentencePiece text tokenizer and a VQ-KD visual tokenizer, trained on the world
-  3. pretrain    masked data modeling on images, captions and pairs: a tiny BEiT-3 in the paper layout,
-                 through the deepspeed launcher (2 CPU processes, ZeRO-2), exported with beit3.export; then the
-                 image-text contrastive stage on the same pairs that BEiT-3's retrieval models start from
+  3. pretrain    masked data modeling on images, captions and pairs, plus image-text matching on the pairs:
+                 a tiny BEiT-3 in the paper layout, through the deepspeed launcher (2 CPU processes, ZeRO-2),
+                 exported with beit3.export; then the image-text contrastive stage on the same pairs that
+                 BEiT-3's retrieval models start from
   4. finetune    VQA, NLVR2, retrieval, captioning and classification, from the pretrained model and from
-                 random weights with the same budget, each scored on held-out data
-  5. report      results.md, results.json and PNGs in the output folder
+                 random weights with the same budget, each scored on held-out data, and again with the
+                 images swapped between examples (the blind control)
+  5. report      results.md, results.json and PNGs in the output folder: the table, the blind controls, VQA per
+                 question type against each type's prior, the captions that name exactly the scene's shapes,
+                 and a warning for any model whose predictions are constant
 Every stage runs the same command a user would (the scripts under tokenizers/ and tasks/).
 """
 

@@ -249,6 +249,15 @@ def test_matching_batches_pair_each_text_with_its_image_and_with_another_caption
     for key, value in itm.items():
         assert torch.equal(value, again["itm"][key]), key
     assert "itm" not in PretrainingBatches(sources, {"pair": 8}, tokenizer, image_size=64, patch_size=8)[0]  # off by default
+    # A caption that says everything the text says (and more) may describe the same thing: it is never its negative.
+    texts = ["a red circle", "a big red circle on the left", "a small blue square"]
+    encoded = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    one = PretrainingBatches(sources, {"pair": 2}, tokenizer, image_size=64, patch_size=8, itm_negatives=0.5)  # one matched pair a batch
+    images = torch.arange(3.0)[:, None, None, None].expand(3, 3, 2, 2)  # image i is all i
+    for step in range(5):
+        negative = one._matching_batch(images, texts, encoded, step)["pixel_values"][1]
+        assert int(negative[0, 0, 0]) == 2, "'a red circle' was paired against the big red circle's image"
+
     with pytest.raises(ValueError, match="itm_negatives 1.5"):
         PretrainingBatches(sources, {"pair": 8}, tokenizer, image_size=64, patch_size=8, itm_negatives=1.5)
     with pytest.raises(ValueError, match="pair batches of 2 or more"):

@@ -199,8 +199,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
         itm_negatives: image-text matching (for a model with ``config.itm_weight > 0``): this fraction of each
             pair batch also goes, with its text unmasked, into an ``itm`` batch, once with its own image and once
             with a hard negative: the image of another caption of the same batch, drawn with weights that grow with
-            the tokens it shares with its own (exp(Jaccard over token ids / 0.1)), never the same text. 0: no ``itm``
-            batch (the paper).
+            the tokens it shares with its own (exp(Jaccard over token ids / 0.1)), never the same text nor one that
+            has all of its tokens (it may describe the same thing). 0: no ``itm`` batch (the paper).
     Batch:
         image: pixel_values (B, 3, S, S), tokenizer_pixel_values (B, 3, s, s) in [0, 1], bool_masked_pos (B, patches);
             when the image source has ``codes`` (``load_sources(image_codes=...)``): pixel_values of the fixed
@@ -300,11 +300,13 @@ class PretrainingBatches(torch.utils.data.Dataset):
         for row, tokens in enumerate(ids):
             sets[row, tokens[tokens >= 0]] = True
         overlap = (sets[:, None] & sets[None]).sum(-1).float() / (sets[:, None] | sets[None]).sum(-1).clamp(min=1).float()
-        same_text = torch.tensor([[a == b for b in texts] for a in texts])
+        # Never the same text (the diagonal too), nor a caption with every token of this one: it may well describe
+        # the same thing ("a red circle" and "a big red circle on the left").
+        not_negative = torch.tensor([[a == b for b in texts] for a in texts]) | ~(sets[:, None] & ~sets[None]).any(-1)
         k = self.itm_pairs
         # Sampled, as ALBEF and VLMo sample theirs by similarity: mostly the nearest captions, now and then a far one.
         # Always the nearest was too hard to start from (matching stayed at chance for 760 demo steps).
-        weights = torch.exp((overlap[:k] - 1.0) / HARD_NEGATIVE_TEMPERATURE).masked_fill(same_text[:k], 0.0)
+        weights = torch.exp((overlap[:k] - 1.0) / HARD_NEGATIVE_TEMPERATURE).masked_fill(not_negative[:k], 0.0)
         usable = weights.sum(-1) > 0  # a batch of one repeated caption has no negative
         generator = torch.Generator().manual_seed(_seed(self.seed, len(KINDS), step, self.rank))
         negatives = torch.multinomial(weights.masked_fill(~usable[:, None], 1.0), 1, generator=generator).squeeze(1)
