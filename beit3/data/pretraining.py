@@ -295,8 +295,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
     def _matching_batch(self, images: torch.Tensor, texts: list[str], encoded: dict[str, torch.Tensor], step: int) -> dict:
         """The ``itm`` batch of step ``step`` from its pair batch (see the class docstring)."""
         ids = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -1)
-        vocabulary = {int(t) for t in ids.unique() if t >= 0}
-        sets = torch.zeros(len(texts), max(vocabulary) + 1, dtype=torch.bool)
+        sets = torch.zeros(len(texts), int(ids.max()) + 1, dtype=torch.bool)  # row i: the token ids text i holds
         for row, tokens in enumerate(ids):
             sets[row, tokens[tokens >= 0]] = True
         overlap = (sets[:, None] & sets[None]).sum(-1).float() / (sets[:, None] | sets[None]).sum(-1).clamp(min=1).float()

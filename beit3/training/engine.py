@@ -12,8 +12,8 @@ so a save that dies halfway is never the one a restart picks.
 
 from __future__ import annotations
 
-import json
 import importlib
+import json
 import os
 import shutil
 import socket
@@ -59,7 +59,7 @@ class TrainSettings:
     num_workers: int = 1
     gradient_checkpointing: bool = False
     layer_decay: float | None = None  # fine-tuning: lr x layer_decay ** (depth from the top), as BEiT does
-    head_lr_scale: float = 1.0  # without layer_decay: lr x this for every task-specific parameter (all but ``beit3.*``; see build_optimizer)
+    head_lr_scale: float = 1.0  # without layer_decay: lr x this for every parameter outside the backbone (see build_optimizer)
     extra: dict = field(default_factory=dict)
 
     @classmethod
