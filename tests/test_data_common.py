@@ -60,3 +60,18 @@ def test_a_blind_control_gives_every_item_another_items_image_and_keeps_the_rest
     assert "pixel_values" not in ImagesOfOthers([{"input_ids": 1}, {"input_ids": 2}])[0]  # texts alone pass through
     with pytest.raises(ValueError, match="at least 2"):
         ImagesOfOthers(items[:1])
+
+
+def test_a_decompression_bomb_is_a_clear_error_naming_the_file(tmp_path, monkeypatch):
+    import pytest
+    from PIL import Image
+
+    from beit3.data.common import load_rgb
+
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (100, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels: over twice the limit, as a 30000 x 30000 PNG is at PIL's
+    with pytest.raises(ValueError, match=r"bomb\.png.*decompression bombs"):
+        load_rgb(path)
+    with pytest.raises(ValueError, match="decompression bombs"):
+        load_rgb("in a shard", path.read_bytes())

@@ -82,6 +82,10 @@ def load_rgb(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"Image file not found: {path}.") from None
+    except Image.DecompressionBombError as error:  # neither OSError nor ValueError: a data-loader worker would die of it
+        raise ValueError(f"Cannot read the image {path}: {error} (PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS "
+                         f"= {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels as decompression bombs). Replace the file or drop its "
+                         "records.") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"Cannot read the image {path}: {error}. Replace the file or drop its records.") from error
 
