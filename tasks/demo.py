@@ -218,9 +218,8 @@ class Demo:
                                                 self.output / "finetune" / f"{task}_{init}", steps, batch)
                           for init in ("pretrained", "scratch") if not self.finetuned(task, init)], self.log)
         # The blind control: both models scored again with every example's image(s) swapped for another's.
-        run_side_by_side([[self.python, f"tasks/{task}.py", "--config", str(self.task_config(task)), "--mode", "evaluate", "--blind",
-                           "--set", f"train.output_dir={self.output / 'finetune' / f'{task}_{init}'}",
-                           "--set", f"tokenizer={self.output / 'text-tokenizer'}"] for init in ("pretrained", "scratch")], self.log)
+        run_side_by_side([self.trained_model_command(task, self.output / "finetune" / f"{task}_{init}", "evaluate", "--blind")
+                          for init in ("pretrained", "scratch")], self.log)
         scores = {init: self.score(task, init) for init in ("scratch", "pretrained")}
         return (f"{task} ({scores['pretrained'][0]}): from scratch {scores['scratch'][1]:.2f}, pretrained {scores['pretrained'][1]:.2f} "
                 f"(images swapped: {self.score(task, 'pretrained', blind=True)[1]:.2f})")
@@ -231,6 +230,11 @@ class Demo:
                 f"train.max_steps={steps}", f"train.save_every={steps}", f"train.warmup_steps={max(1, steps // 10)}",
                 f"train.micro_batch_size={batch}", *extra]
         return [self.python, f"tasks/{task}.py", "--config", str(self.task_config(task)), *[part for s in sets for part in ("--set", s)]]
+
+    def trained_model_command(self, task: str, run: Path, mode: str, *flags: str) -> list[str]:
+        """``tasks/<task>.py --mode <mode>`` on the fine-tuned model of ``run`` (its ``final`` folder), writing into ``run``."""
+        return [self.python, f"tasks/{task}.py", "--config", str(self.task_config(task)), "--mode", mode, *flags,
+                "--set", f"train.output_dir={run}", "--set", f"tokenizer={self.output / 'text-tokenizer'}"]
 
     def task_config(self, task: str) -> Path:
         """The task's demo config, pointed at this run's world (which may live elsewhere than runs/demo)."""
@@ -347,9 +351,7 @@ class Demo:
         to_tensor = lambda path: torch.from_numpy(__import__("numpy").asarray(load_rgb(path), dtype="float32") / 255).permute(2, 0, 1)
         pictures = (("captioning", "captions.png"), ("retrieval", "retrieval.png"))
         folders = {task: self.output / "finetune" / f"{task}_pretrained" for task, _ in pictures}
-        run_side_by_side([[self.python, f"tasks/{task}.py", "--config", str(self.task_config(task)), "--mode", "predict",
-                           "--set", f"train.output_dir={folders[task]}", "--set", f"tokenizer={self.output / 'text-tokenizer'}"]
-                          for task, _ in pictures], self.log)
+        run_side_by_side([self.trained_model_command(task, folders[task], "predict") for task, _ in pictures], self.log)
         references = {}
         for image in json.loads((self.output / "data" / "coco" / "dataset_coco.json").read_text())["images"]:
             references[image["cocoid"]] = (self.output / "data" / "coco" / image["filepath"] / image["filename"], image["sentences"][0]["raw"])
