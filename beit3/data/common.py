@@ -157,12 +157,12 @@ class ImagesOfOthers(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, seed: int = 0):
+        if len(dataset) < 2:
+            raise ValueError("A blind control needs at least 2 examples to swap images between.")
         self.dataset = dataset
         order = np.random.default_rng(seed).permutation(len(dataset))
         self.source = np.empty(len(dataset), dtype=np.int64)
         self.source[order] = np.roll(order, -1)  # each item takes the next one's image in a random cycle: never its own
-        if len(dataset) < 2:
-            raise ValueError("A blind control needs at least 2 examples to swap images between.")
 
     def __len__(self) -> int:
         return len(self.dataset)

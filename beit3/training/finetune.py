@@ -156,7 +156,7 @@ def run(task_name: str, argv: list[str] | None = None) -> dict | None:
 
 def evaluate_and_save(task, model, output_dir: Path) -> dict:
     scores = task.evaluate(model, output_dir)
-    path = output_dir / ("blind_eval_results.json" if task.blind else "eval_results.json")
+    path = output_dir / task.eval_file("eval_results.json")
     write_json_atomic(path, {"task": task.name, "metric": task.metric, **({"blind": True} if task.blind else {}), **scores})
     print(f"{task.name}{' (blind)' if task.blind else ''}: "
           + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)) + f" (in {path})")

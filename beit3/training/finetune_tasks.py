@@ -19,6 +19,7 @@ The ``eval`` section: batch_size, precision, num_workers; captioning also max_le
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -156,7 +157,7 @@ class VqaTask(FinetuneTask):
         return out.loss, {"vqa_score": chosen.mean()}
 
     def _answers(self, model, split: str):
-        from ..data.vqa import answers_from_records, label_to_answer
+        from ..data.vqa import label_to_answer
 
         dataset = self.dataset(split)
         answers = label_to_answer(self.answer2label())
@@ -169,22 +170,24 @@ class VqaTask(FinetuneTask):
                 if labels is not None:
                     soft_scores.append(labels)
                     logits_seen.append(logits)
-        return predictions, answers_from_records(dataset.records), soft_scores, logits_seen
+        return predictions, dataset.records, soft_scores, logits_seen
 
     def evaluate(self, model, output_dir):
-        predictions, truth, soft_scores, logits = self._answers(model, "eval")
+        from ..data.vqa import answers_from_records
+
+        predictions, records, soft_scores, logits = self._answers(model, "eval")
         write_vqa_predictions(output_dir / self.eval_file("vqa_eval_predictions.json"), predictions)
+        truth = answers_from_records(records)
         if truth:  # the official accuracy against the 10 raw annotator answers, overall and per question type
-            return {"accuracy": vqa_accuracy(predictions, truth), **self._per_question_type(predictions, truth)}
+            return {"accuracy": vqa_accuracy(predictions, truth), **self._per_question_type(predictions, truth, records)}
         if soft_scores:  # index files: the soft-score proxy
             return {"accuracy": vqa_score(torch.cat(logits), torch.cat(soft_scores))}
         raise ValueError("The eval split has no answers to score against; use mode predict for test questions.")
 
-    def _per_question_type(self, predictions: dict[int, str], truth: dict[int, list[str]]) -> dict:
+    def _per_question_type(self, predictions: dict[int, str], truth: dict[int, list[str]], records) -> dict:
         """``{"per_question_type": {type: {"accuracy", "prior", "questions"}}}`` where the annotations give question
         types; ``prior`` is the accuracy of always giving the type's most frequent training answer (the score of a
-        model that reads the question and not the image)."""
-        records = self.records("eval")
+        model that reads the question and not the image); ``records``: the eval split's."""
         types = {r.question_id: r.question_type for r in records if r.question_type}
         if not types:
             return {}
@@ -194,7 +197,7 @@ class VqaTask(FinetuneTask):
             most_common = answer_prior((r.question_type, r.answer) for r in self.records("train") if r.question_type and r.answer)
             guesses = {q: most_common.get(kind, "") for q, kind in types.items()}
             prior = vqa_accuracy_per_type(guesses, truth, types)
-        counts = {kind: sum(1 for q in truth if types.get(q) == kind) for kind in set(types.values())}
+        counts = Counter(types[q] for q in truth if q in types)
         return {"per_question_type": {kind: {"accuracy": accuracy, "prior": prior.get(kind), "questions": counts[kind]}
                                       for kind, accuracy in vqa_accuracy_per_type(predictions, truth, types).items()}}
 
