@@ -1,7 +1,8 @@
 """Checkpoint files: safe reading, loading that names what does not fit, and atomic writing.
 
-Untrusted ``.pth`` files are read with ``weights_only=True``; everything we write goes to a
-temporary name first and is moved into place, so a crash never leaves a half-written checkpoint.
+Every PyTorch pickle is read with ``weights_only=True``, DeepSpeed's checkpoints included (``check_weights_only``
+and ``weights_only_loads``); everything we write goes to a temporary name first and is moved into place, so a
+crash never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,6 +40,51 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors (top-level keys: {list(state)[:8] if isinstance(state, dict) else type(state)}).")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _deepspeed_checkpoint_types() -> list[type]:
+    """The classes besides tensors and containers that DeepSpeed pickles into its checkpoints: plain data, no code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [argparse.Namespace, LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loads():
+    """Inside, every ``torch.load`` reads weights only, also where the caller asks for ``weights_only=False``
+    (DeepSpeed's checkpoint engine and ``zero_to_fp32`` do): the classes of ``_deepspeed_checkpoint_types`` are
+    allowed, anything else in a pickle is refused instead of run."""
+    saved = {name: os.environ.pop(name, None) for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+            yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+def check_weights_only(checkpoint: str | os.PathLike) -> None:
+    """Reads the pickle of every ``.pt`` file of a DeepSpeed checkpoint folder weights-only (memory-mapped, so the
+    tensors are not read) and raises ValueError naming the first file that holds anything else. Every rank checks
+    every file before any loads, so a planted file stops all of them at once instead of leaving the others waiting."""
+    for path in sorted(Path(checkpoint).glob("*.pt")):
+        try:
+            with weights_only_loads():
+                try:
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as error:
+                    if "mmap" not in str(error):
+                        raise
+                    torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format cannot be mapped
+        except Exception as error:
+            raise ValueError(f"{path} is not a weights-only checkpoint file, so it is not loaded (unpickling it could run code). "
+                             f"The checkpoints this package writes hold only tensors and DeepSpeed's plain records; this one was "
+                             f"changed or comes from elsewhere. Remove that checkpoint folder to resume from an older one. ({error})") from error
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "checkpoint",

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .checkpoints import COMPLETE, atomic_save_folder, complete_checkpoints, load_state_dict_checked, read_checkpoint
+from .checkpoints import (COMPLETE, atomic_save_folder, check_weights_only, complete_checkpoints, load_state_dict_checked,
+                          read_checkpoint, weights_only_loads)
 from .configuration_beit3 import Beit3Config
 from .modeling_heads import Beit3ForMaskedDataModeling
 
@@ -51,8 +52,10 @@ def export(checkpoint_dir: str | Path, output: str | Path, tag: str | None = Non
 
     config = Beit3Config.from_pretrained(run / "model")
     model = architecture_class(config, default=Beit3ForMaskedDataModeling)(config)
+    check_weights_only(checkpoints / tag)
     if any((checkpoints / tag).glob("*optim_states.pt")):  # ZeRO: consolidate the fp32 partitions
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+        with weights_only_loads():  # zero_to_fp32 itself loads with weights_only=False
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
     else:  # no ZeRO (stage 0): the module's weights are whole in the model file
         state = read_checkpoint(checkpoints / tag / "mp_rank_00_model_states.pt")
     state = {k.removeprefix("module."): v for k, v in state.items()}

@@ -177,6 +177,61 @@ def test_export_writes_a_from_pretrained_folder_with_tokenizer_and_processor(wor
         export_main(["--checkpoint-dir", str(tmp_path / "run"), "--output", str(tmp_path / "x"), "--tag", "step00000099"])
 
 
+class _Payload:
+    """Unpickling this runs a shell command: what a planted checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant(path: Path, marker: Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, trusted here
+    state["planted"] = _Payload(marker)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("processes, zero_stage", [(1, 2), (2, 2), (2, 3)])
+def test_no_code_planted_in_any_checkpoint_file_runs_on_resume_or_export(world, tmp_path, processes, zero_stage):
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    from beit3.checkpoints import check_weights_only, weights_only_loads
+    from beit3.export import export
+
+    run = tmp_path / "run"
+    result = pretrain(world, run, processes=processes, max_steps=1, save_every=1, zero_stage=zero_stage)
+    assert result.returncode == 0, result.stdout[-3000:]
+    tag = run / "checkpoints/step00000001"
+    check_weights_only(tag)  # what the package writes passes
+    with weights_only_loads():  # and loads, DeepSpeed's records included
+        for path in tag.glob("*.pt"):
+            TorchCheckpointEngine().load(str(path), map_location="cpu")
+    files = sorted(tag.glob("*.pt"))
+    kinds = {path.name.replace("zero_pp_rank_1", "zero_pp_rank_0") for path in files}
+    assert len(kinds) == (1 if processes == 1 else 2)  # model states (+ optimizer states per rank with ZeRO)
+    marker = tmp_path / "ran"
+    for path in files:
+        original = path.read_bytes()
+        _plant(path, marker)
+        with pytest.raises(ValueError, match=f"{path.name} is not a weights-only checkpoint file"):
+            check_weights_only(tag)
+        with weights_only_loads(), pytest.raises(Exception, match="[Ww]eights only load failed"):
+            TorchCheckpointEngine().load(str(path), map_location="cpu")  # DeepSpeed's own load asks weights_only=False
+        with pytest.raises(ValueError, match=path.name):
+            export(run, tmp_path / "export")
+        assert not marker.exists(), f"code planted in {path.name} ran"
+        path.write_bytes(original)
+    assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None  # the forcing ends with the load
+    # End to end: the run refuses to resume from the planted checkpoint and names the file.
+    planted = files[-1]
+    _plant(planted, marker)
+    resumed = pretrain(world, run, processes=processes, max_steps=2, save_every=2, zero_stage=zero_stage)
+    assert resumed.returncode != 0 and f"{planted.name} is not a weights-only checkpoint file" in resumed.stdout + resumed.stderr
+    assert not marker.exists()
+
+
 @pytest.fixture(scope="module")
 def image_codes(world):
     """The world's images encoded once by tokenizers/encode_images.py with the world's visual tokenizer (8x8 codes, 64 of them)."""

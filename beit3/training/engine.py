@@ -31,7 +31,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from ..checkpoints import COMPLETE, complete_checkpoints, mark_complete
+from ..checkpoints import COMPLETE, check_weights_only, complete_checkpoints, mark_complete, weights_only_loads
 
 
 @dataclass
@@ -236,7 +236,9 @@ class Engine:
             raise RuntimeError(f"{complete[-1]} was written with {', '.join(f'{k}={w}' for k, (w, _) in mismatch.items())}; this run has "
                                f"{', '.join(f'{k}={n}' for k, (_, n) in mismatch.items())}. Resume it with as many processes (and the "
                                "same ZeRO stage) as wrote it, or start a new run in another output_dir.")
-        _, client_state = self.module.load_checkpoint(str(self.checkpoint_dir), tag=complete[-1].name)
+        check_weights_only(complete[-1])
+        with weights_only_loads():  # DeepSpeed itself loads with weights_only=False
+            _, client_state = self.module.load_checkpoint(str(self.checkpoint_dir), tag=complete[-1].name)
         self.step, self.counters = client_state["step"], client_state.get("counters", {})
         return True
 
