@@ -174,7 +174,9 @@ class Demo:
              "--set", f"data.images={self.output / 'data/pretrain/images'}", "--set", f"data.batch_size={batch}",
              "--set", f"train.output_dir={self.output / 'vqkd'}", "--set", f"train.max_steps={self.settings['vqkd_steps']}",
              "--set", f"train.save_every={self.settings['vqkd_steps']}"], self.log)
-        last = json.loads((self.output / "vqkd" / "metrics.jsonl").read_text().splitlines()[-1])
+        from beit3.training.engine import read_run_log
+
+        last = read_run_log(self.output / "vqkd" / "metrics.jsonl")[-1]
         return f"VQ-KD: codebook usage {last['codebook_usage']:.2f}, perplexity {last['perplexity']:.1f}"
 
     # -- 3. pretraining ----------------------------------------------------------------------------
@@ -192,7 +194,9 @@ class Demo:
              *[part for o in overrides for part in ("--set", o)]], self.log)
         run([self.python, "-m", "beit3.export", "--checkpoint-dir", str(self.output / "pretrain"), "--output", str(self.output / "pretrained")],
             self.log)
-        last = json.loads((self.output / "pretrain" / "metrics.jsonl").read_text().splitlines()[-1])
+        from beit3.training.engine import read_run_log
+
+        last = read_run_log(self.output / "pretrain" / "metrics.jsonl")[-1]
         return ("pretrained {step} steps: masked accuracy image {image_accuracy:.2f}, text {text_accuracy:.2f}, pair {pair_accuracy:.2f}; "
                 "{samples_per_s:.0f} samples/s").format(**last)
 

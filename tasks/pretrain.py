@@ -38,11 +38,11 @@ def main(argv=None) -> None:
     from beit3.data.pretraining import PretrainingBatches, load_sources
     from beit3.modeling_heads import Beit3ForMaskedDataModeling
     from beit3.training.config import load_config
-    from beit3.training.engine import Engine, TrainSettings
+    from beit3.training.engine import Engine, TrainSettings, read_run_log
     from beit3.training.pretraining import masked_data_modeling_step
     from beit3.visual_tokenizers import VisualTokenizer
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set, declared={"train": TrainSettings.field_names()})
     settings = TrainSettings.from_config(config["train"])
     data = config["data"]
     # Everything that can be wrong with the inputs is checked before the first step.
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
         try:
             from beit3.visualization import save_loss_curves
 
-            lines = [json.loads(line) for line in (engine.output_dir / "metrics.jsonl").read_text().splitlines()]
+            lines = read_run_log(engine.output_dir / "metrics.jsonl")
             save_loss_curves(lines, engine.output_dir / "loss_curves.png",
                              keys=["image_loss", "text_loss", "pair_loss"] + (["itm_loss"] if itm_negatives else []))
         except ImportError:

@@ -122,6 +122,23 @@ def test_a_half_written_checkpoint_is_never_resumed(world, tmp_path):
     assert "resumed from step 2" in again.stdout + again.stderr
 
 
+def test_resume_logs_each_step_once_and_survives_a_torn_last_line(world, tmp_path):
+    import shutil
+
+    from beit3.training.engine import read_run_log
+
+    run = tmp_path / "run"
+    assert pretrain(world, run, max_steps=3, save_every=2).returncode == 0
+    shutil.rmtree(run / "checkpoints/step00000003")  # killed after logging step 3, before its checkpoint, mid-write of a line
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 4, "loss": 1.2')
+    assert [r["step"] for r in read_run_log(run / "metrics.jsonl")] == [1, 2, 3]  # readers leave the torn line out
+    again = pretrain(world, run, max_steps=4, save_every=2)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step 2" in again.stdout + again.stderr
+    assert [r["step"] for r in read_run_log(run / "metrics.jsonl")] == [1, 2, 3, 4]  # step 3 repeated, logged once
+
+
 def test_a_checkpoint_resumes_only_in_the_layout_that_wrote_it(world, tmp_path):
     first = pretrain(world, tmp_path / "run", max_steps=2, save_every=2)
     assert first.returncode == 0, first.stderr[-2000:]

@@ -1,5 +1,6 @@
 """The training engine's pieces: run configs, optimizer groups, and what happens on a non-finite loss."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,39 @@ def test_overrides_reach_nested_fields_and_typos_are_refused(tmp_path):
         load_config(path, ["train.lr"])
     with pytest.raises(KeyError, match="Unknown train settings"):
         TrainSettings.from_config({"output_dir": "x", "max_steps": 1, "save_every": 1, "lerning_rate": 1})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("save_every", 0, "train.save_every must be an integer >= 1; got 0"),
+    ("log_every", 0, "train.log_every must be an integer >= 1"),
+    ("max_steps", "abc", "train.max_steps must be an integer >= 1; got 'abc'"),
+    ("max_steps", -3, "train.max_steps must be an integer >= 1; got -3"),
+    ("micro_batch_size", -1, "train.micro_batch_size must be an integer >= 1"),
+    ("keep_last", 0, "train.keep_last must be an integer >= 1"),
+    ("lr", 0, "train.lr must be a number > 0"),
+    ("lr", "fast", "train.lr must be a number > 0"),
+    ("min_lr_ratio", 2, "train.min_lr_ratio must be a number >= 0 and <= 1"),
+    ("layer_decay", 1.5, "train.layer_decay must be a number > 0 and <= 1 or null"),
+    ("betas", [0.9], "train.betas must be two numbers in [0, 1)"),
+    ("precision", "fp8", "train.precision must be fp32, bf16 or fp16"),
+    ("zero_stage", 4, "train.zero_stage must be 0, 1, 2 or 3"),
+    ("gradient_checkpointing", "yes", "train.gradient_checkpointing must be true or false"),
+    ("num_workers", True, "train.num_workers must be an integer >= 0"),
+])
+def test_every_train_setting_is_checked_before_any_work(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainSettings.from_config({"output_dir": "x", "max_steps": 10, "save_every": 5, field: value})
+    settings = TrainSettings.from_config({"output_dir": "x", "max_steps": 10, "save_every": 5, "lr": 3, "layer_decay": None})
+    assert settings.lr == 3.0 and isinstance(settings.lr, float)  # an integer is a number
+
+
+def test_set_accepts_every_declared_setting_the_file_does_not_list(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.001\n")
+    config = load_config(path, ["train.max_nonfinite_steps=3"], declared={"train": TrainSettings.field_names()})
+    assert config["train"]["max_nonfinite_steps"] == 3
+    with pytest.raises(KeyError, match="known here: .*max_nonfinite_steps"):
+        load_config(path, ["train.max_nonfinite_stepz=3"], declared={"train": TrainSettings.field_names()})
 
 
 def test_no_weight_decay_on_norms_biases_and_embeddings():

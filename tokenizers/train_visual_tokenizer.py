@@ -27,10 +27,10 @@ def main(argv=None) -> None:
 
     from beit3.data.pretraining import PretrainingBatches, load_sources
     from beit3.training.config import load_config
-    from beit3.training.engine import Engine, TrainSettings
+    from beit3.training.engine import Engine, TrainSettings, read_run_log
     from beit3.training.tokenizer_training import build_visual_tokenizer, visual_tokenizer_step
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set, declared={"train": TrainSettings.field_names()})
     settings = TrainSettings.from_config(config["train"])
     data = config["data"]
     sources = load_sources(images=data["images"])
@@ -79,7 +79,7 @@ def save_pictures(tokenizer, output_dir: Path, images: torch.Tensor) -> None:
         save_code_maps(images.cpu(), codes.cpu(), grid, output_dir / "code_maps.png", tokenizer.codebook_size)
         if tokenizer.kind == "dvae":
             save_reconstructions(images.cpu(), tokenizer.decode(codes).cpu(), output_dir / "reconstructions.png")
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_run_log(output_dir / "metrics.jsonl")
     save_codebook_usage([r["step"] for r in records], [r["codebook_usage"] for r in records], output_dir / "codebook_usage.png",
                         [r["perplexity"] for r in records])
 

@@ -21,10 +21,11 @@ def _numbers(value: Any) -> Any:
     return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value) else value
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+def load_config(path: str | Path, overrides: list[str] = (), declared: dict[str, set[str]] | None = None) -> dict[str, Any]:
     """Reads a YAML run config and applies ``key=value`` overrides; values are parsed as YAML (``3``, ``1e-3``, ``[1, 2]``, ``true``).
 
-    A key that the file does not have is refused, so a typo cannot silently leave a default in place.
+    A key that the file does not have is refused, so a typo cannot silently leave a default in place, unless
+    ``declared`` (section -> field names, e.g. ``{"train": TrainSettings.field_names()}``) names it as a setting.
     """
     path = Path(path)
     if not path.is_file():
@@ -39,7 +40,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
             if not isinstance(node.get(part), dict):
                 raise KeyError(f"--set {key}: {path} has no section {part!r}.")
             node = node[part]
-        if parts[-1] not in node:
-            raise KeyError(f"--set {key}: {path} has no field {key!r}; known here: {', '.join(sorted(node))}.")
+        allowed = set(node) | set((declared or {}).get(".".join(parts[:-1]), ()))
+        if parts[-1] not in allowed:
+            raise KeyError(f"--set {key}: {path} has no field {key!r}; known here: {', '.join(sorted(allowed))}.")
         node[parts[-1]] = _numbers(yaml.safe_load(value))
     return config

@@ -63,15 +63,80 @@ class TrainSettings:
     extra: dict = field(default_factory=dict)
 
     @classmethod
+    def field_names(cls) -> set[str]:
+        return {f for f in cls.__dataclass_fields__ if f != "extra"}
+
+    @classmethod
     def from_config(cls, section: dict) -> "TrainSettings":
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        known = cls.field_names()
         unknown = set(section) - known
         if unknown:
             raise KeyError(f"Unknown train settings {sorted(unknown)}; known: {sorted(known)}.")
         values = dict(section)
         if "betas" in values:
-            values["betas"] = tuple(values["betas"])
+            values["betas"] = tuple(values["betas"]) if isinstance(values["betas"], (list, tuple)) else values["betas"]
         return cls(**values)
+
+    def __post_init__(self):
+        """Every field is checked before any work: a bad value names the field, the value and what is allowed."""
+        def number(name, kind, low=None, high=None, low_open=False, optional=False):
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            fits = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+            if isinstance(value, bool) or not fits or value != value or (low is not None and (value <= low if low_open else value < low)) \
+                    or (high is not None and value > high):
+                bound = ("" if low is None else f" {'>' if low_open else '>='} {low}") + ("" if high is None else f" and <= {high}")
+                raise ValueError(f"train.{name} must be {'an integer' if kind is int else 'a number'}{bound}"
+                                 f"{' or null' if optional else ''}; got {getattr(self, name)!r}.")
+            setattr(self, name, kind(value))
+
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"train.output_dir must be a folder path; got {self.output_dir!r}.")
+        for name in ("max_steps", "save_every", "log_every", "keep_last", "gradient_accumulation_steps", "micro_batch_size",
+                     "max_nonfinite_steps"):
+            number(name, int, 1)
+        for name in ("seed", "warmup_steps", "num_workers"):
+            number(name, int, 0)
+        number("lr", float, 0, low_open=True)
+        number("eps", float, 0, low_open=True)
+        number("head_lr_scale", float, 0, low_open=True)
+        number("min_lr_ratio", float, 0, 1)
+        number("weight_decay", float, 0)
+        number("gradient_clipping", float, 0)
+        number("layer_decay", float, 0, 1, low_open=True, optional=True)
+        if not (isinstance(self.betas, tuple) and len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                                               and 0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.98]; got {self.betas!r}.")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be fp32, bf16 or fp16; got {self.precision!r}.")
+        if self.zero_stage not in (0, 1, 2, 3) or isinstance(self.zero_stage, bool):
+            raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3; got {self.zero_stage!r}.")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"train.gradient_checkpointing must be true or false; got {self.gradient_checkpointing!r}.")
+
+
+def read_run_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``; a torn last line (the run was killed while writing it) is left out."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}, is not a JSON record: {line[:80]!r}") from None
+    return records
+
+
+def _truncate_run_log(path: Path, step: int) -> None:
+    """Keeps the records up to ``step`` (the one the run resumes from): the steps it repeats are logged once."""
+    if not path.exists():
+        return
+    kept = [record for record in read_run_log(path) if record.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    tmp.replace(path)
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -86,6 +151,10 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not dist.is_initialized():
         on_cpu = not torch.cuda.is_available()
+        if on_cpu and os.access(sys.prefix, os.W_OK):
+            # DeepSpeed's CPU comm op is C++ built on first use (about a minute). torch caches it under a folder
+            # named after the interpreter path, so one environment seen through two paths rebuilt it every run.
+            os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
         if on_cpu and os.environ.get("WORLD_SIZE") == "1":
             # DeepSpeed's CPU backend builds (a minute of C++ the first time) and starts a shared-memory
             # all-reduce even for one process, which has nothing to reduce.
@@ -266,6 +335,7 @@ class Engine:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+            _truncate_run_log(metrics_path, self.step)
             if resumed:
                 print(f"resumed from step {self.step} ({self.complete_checkpoints()[-1]})", flush=True)
         if self.step >= settings.max_steps:

@@ -124,10 +124,11 @@ def parse_args(task_name: str, argv: list[str] | None):
 
 def run(task_name: str, argv: list[str] | None = None) -> dict | None:
     """The command line of ``tasks/<task_name>.py``; returns the scores (train on rank 0, evaluate) or None."""
+    from .engine import TrainSettings
     from .finetune_tasks import TASKS
 
     args = parse_args(task_name, argv)
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set, declared={"train": TrainSettings.field_names()})
     for section in ("model", "data", "train"):
         if section not in config:
             raise KeyError(f"{args.config} has no {section!r} section; see configs/tasks/ for complete examples.")
