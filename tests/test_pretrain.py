@@ -141,6 +141,23 @@ def test_resume_logs_each_step_once_and_survives_a_torn_last_line(world, tmp_pat
     assert [r["step"] for r in read_run_log(run / "metrics.jsonl")] == [1, 2, 3, 4]  # step 3 repeated, logged once
 
 
+def test_two_runs_never_share_an_output_dir_and_a_killed_runs_lock_is_taken_over(world, tmp_path):
+    run = tmp_path / "run"
+    first = pretrain(world, run, wait=False, max_steps=200, save_every=200)
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second started"
+    second = pretrain(world, run, max_steps=1, save_every=1)
+    assert second.returncode != 0 and "is in use by another run" in second.stdout + second.stderr
+    os.killpg(first.pid, signal.SIGKILL)  # its lock stays behind, naming a process that is gone
+    first.wait()
+    assert (run / "run.lock").exists()
+    third = pretrain(world, run, max_steps=1, save_every=1)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert not (run / "run.lock").exists()  # released at exit
+
+
 def test_a_checkpoint_resumes_only_in_the_layout_that_wrote_it(world, tmp_path):
     first = pretrain(world, tmp_path / "run", max_steps=2, save_every=2)
     assert first.returncode == 0, first.stderr[-2000:]

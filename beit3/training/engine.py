@@ -186,6 +186,45 @@ def _unlink_shared_memory_buffer() -> None:
     name.unlink(missing_ok=True)
 
 
+RUN_LOCK = "run.lock"
+
+
+def _lock_output_dir(output_dir: Path) -> None:
+    """Takes ``output_dir/run.lock`` (host and pid of rank 0) for this process, so that two runs cannot interleave
+    their checkpoints and logs. A lock whose process is gone (a killed run) is taken over; it goes at exit."""
+    import atexit
+
+    lock, me = output_dir / RUN_LOCK, f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = lock.read_text().strip() if lock.exists() else ""
+            host, _, pid = holder.partition(" ")
+            if holder == me:
+                return  # this process holds it already (a second engine on the same run)
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)  # stale: its run was killed
+                continue
+            raise RuntimeError(f"{output_dir} is in use by another run (process {pid or '?'} on {host or '?'}; {lock}). Two runs in one "
+                               f"output_dir would interleave their checkpoints and logs: wait for it, use another output_dir, or "
+                               f"remove {lock} if that run is gone.") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(me + "\n")
+        atexit.register(lambda: lock.exists() and lock.read_text().strip() == me and lock.unlink())
+        return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
     """Norms, biases, embeddings, position tables and special tokens: trained without weight decay."""
     exempt = ("_token", "position_embeddings", "position_embeddings.weight", "text_embeddings.weight", "logit_scale")
@@ -261,6 +300,7 @@ class Engine:
                 probe.unlink()
             except OSError as error:
                 raise PermissionError(f"Cannot write to output_dir {self.output_dir}: {error}. Choose a writable directory.") from error
+            _lock_output_dir(self.output_dir)
         if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
         for parameter in model.parameters():
