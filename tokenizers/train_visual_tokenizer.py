@@ -27,7 +27,7 @@ def main(argv=None) -> None:
 
     from beit3.data.pretraining import PretrainingBatches, load_sources
     from beit3.training.config import load_config
-    from beit3.training.engine import Engine, TrainSettings, read_run_log
+    from beit3.training.engine import Engine, TrainSettings
     from beit3.training.tokenizer_training import build_visual_tokenizer, visual_tokenizer_step
 
     config = load_config(args.config, args.set, declared={"train": TrainSettings.field_names()})
@@ -69,6 +69,7 @@ def batches_for_pictures(sources, model, seed: int) -> torch.Tensor:
 
 def save_pictures(tokenizer, output_dir: Path, images: torch.Tensor) -> None:
     """code_maps.png, codebook_usage.png and, for a dVAE, reconstructions.png in output_dir."""
+    from beit3.training.engine import read_run_log
     from beit3.visualization import save_code_maps, save_codebook_usage, save_reconstructions
 
     tokenizer.eval()
