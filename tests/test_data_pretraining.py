@@ -79,10 +79,11 @@ def test_webdataset_shards_give_pairs(world, tmp_path):
     paths, tokenizer = world
     shard = tmp_path / "pairs-000.tar"
     with tarfile.open(shard, "w") as tar:
-        for i in range(3):
+        for i in range(4):
             buffer = io.BytesIO()
             Image.new("RGB", (48, 48), (0, 80 * i, 0)).save(buffer, format="JPEG")
-            for name, data in ((f"s{i}.jpg", buffer.getvalue()), (f"s{i}.txt", f"a big green square number {i}".encode())):
+            text = f"a big green square number {i}" if i < 3 else " "  # an empty caption is left out, as in the text kind
+            for name, data in ((f"s{i}.jpg", buffer.getvalue()), (f"s{i}.txt", text.encode())):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -106,6 +107,19 @@ def test_pair_lists_are_read_from_disk_and_follow_edits(world, tmp_path):
     pairs.write_text("\n".join(lines[:7]) + "\n")
     edited = load_sources(pairs=[str(pairs)])["pair"]
     assert len(edited) == 7 and edited[6]["text"] == json.loads(lines[6])["text"]  # the edit is read, not an old cache
+
+
+def test_pair_lines_without_an_image_path_or_a_text_are_skipped_and_named(world, tmp_path, capsys):
+    paths, _ = world
+    good = paths["pairs"].read_text().splitlines()[0]
+    image = str(paths["pairs"].parent / json.loads(good)["image"])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join([json.dumps({"image": image, "text": "a red circle"}), json.dumps({"image": None, "text": "a red circle"}),
+                                json.dumps({"image": image, "text": "  "}), json.dumps({"image": image, "text": None})]) + "\n")
+    source = load_sources(pairs=[str(pairs)])["pair"]
+    assert source["text"] == ["a red circle"]  # one rule for texts and pairs: empty texts are left out
+    err = capsys.readouterr().err
+    assert f"{pairs}:2" in err and "the image is None" in err and f"{pairs}:3" in err and f"{pairs}:4" in err
 
 
 def test_empty_or_missing_sources_are_refused(world, tmp_path):

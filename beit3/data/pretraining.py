@@ -42,6 +42,11 @@ _MAX_REPLACEMENTS = 16
 HARD_NEGATIVE_TEMPERATURE = 0.1
 
 
+def _has_text(row: dict) -> bool:
+    """The one rule for the text of texts and pairs: a string with something besides whitespace."""
+    return isinstance(row["text"], str) and bool(row["text"].strip())
+
+
 def load_sources(images: str | None = None, texts: list[str] | None = None, pairs: list[str] | None = None,
                  image_codes: str | None = None) -> dict[str, Dataset]:
     """The three kinds as ``datasets.Dataset`` objects: image ``{"path"}``, text ``{"text"}``, pair ``{"path", "text"}``.
@@ -69,7 +74,7 @@ def load_sources(images: str | None = None, texts: list[str] | None = None, pair
             parts.append(load_dataset("json", data_files=structured, split="train").select_columns(["text"]))
         from datasets import concatenate_datasets
 
-        sources["text"] = concatenate_datasets(parts).filter(lambda row: bool(row["text"] and row["text"].strip()))
+        sources["text"] = concatenate_datasets(parts).filter(_has_text)
     if pairs:
         shards = [str(f) for f in pairs if str(f).endswith(".tar")]
         files = [str(f) for f in pairs if not str(f).endswith(".tar")]
@@ -142,7 +147,11 @@ def _jsonl_pairs(files: list[str]) -> Dataset:
                     try:
                         record = json.loads(line)
                         path, text = record["image"], record["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError) as error:
+                        if not isinstance(path, str) or not path:
+                            raise ValueError(f"the image is {path!r}, not a path")
+                        if not isinstance(text, str) or not text.strip():
+                            raise ValueError(f"the text is {text!r}: the pair kind, like the text kind, keeps only non-empty texts")
+                    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                         print(f"warning: {file}:{number} is not a {{\"image\", \"text\"}} line ({error}); skipped", file=sys.stderr)
                         continue
                     yield {"path": str(base / path), "text": text, "image_bytes": None}
@@ -174,7 +183,7 @@ def _webdataset_pairs(shards: list[str]) -> Dataset:
     where = shards[0] if len(shards) == 1 else "the shards"
     return raw.map(lambda batch: {"path": [f"{key} in {where}" for key in batch["__key__"]], "text": batch["txt"],
                                   "image_bytes": [item["bytes"] for item in batch[image_column]]},
-                   batched=True, remove_columns=raw.column_names, features=_PAIR_FEATURES)
+                   batched=True, remove_columns=raw.column_names, features=_PAIR_FEATURES).filter(_has_text)
 
 
 def _seed(*parts: int) -> int:
