@@ -74,7 +74,8 @@ class Beit3Embeddings(nn.Module):
 
     def embed_image(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1 + patches, D); patches where ``bool_masked_pos`` (B, patches) is True become the mask token."""
-        x = self.patch_embed(pixel_values)
+        # Pixels come as fp32 from the processor; the weights may be bf16/fp16 (DeepSpeed, .half()): cast, as transformers' ViTs do.
+        x = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype))
         if bool_masked_pos is not None:
             x = torch.where(bool_masked_pos.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
@@ -386,6 +387,12 @@ class Beit3Model(Beit3PreTrainedModel):
                 raise ValueError(f"pixel_values must be (batch, channels, height, width); got shape {tuple(pixel_values.shape)}.")
             batch, channels, height, width = pixel_values.shape
             batch_sizes.add(batch)
+            if not pixel_values.is_floating_point():
+                raise ValueError(f"pixel_values must be normalized floats; got {pixel_values.dtype} (raw pixels?). "
+                                 "Beit3ImageProcessor turns images into model inputs.")
+            # One reduction over the pixels, cheap beside the forward: NaN in would be NaN out, silently.
+            if not torch.isfinite(pixel_values).all():
+                raise ValueError("pixel_values hold NaN or infinite values; check the image pipeline.")
             if channels != config.num_channels:
                 raise ValueError(f"pixel_values have {channels} channels but the model takes {config.num_channels} "
                                  "(convert images to RGB first; Beit3ImageProcessor does).")
@@ -406,6 +413,9 @@ class Beit3Model(Beit3PreTrainedModel):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}.")
+            if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.is_complex():
+                raise ValueError(f"input_ids must be integer token ids (torch.long); got {input_ids.dtype}. Use the tokenizer's "
+                                 "output, or .long().")
             batch_sizes.add(input_ids.shape[0])
             text_length = input_ids.shape[1]
             last_position = int(position_ids.max()) if position_ids is not None and position_ids.numel() else text_length - 1

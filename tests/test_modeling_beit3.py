@@ -242,11 +242,23 @@ def test_bf16_autocast_stays_close_to_fp32():
     (lambda m, c: m(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.ones(3, 4, dtype=torch.long)), "different batch sizes"),
     (lambda m, c: m(input_ids=torch.ones(1, 4, dtype=torch.long), bool_masked_pos=torch.zeros(1, 16, dtype=torch.bool)), "no pixel_values"),
     (lambda m, c: m(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=torch.zeros(1, 15, dtype=torch.bool)), "bool_masked_pos must be"),
+    (lambda m, c: m(input_ids=torch.ones(1, 4)), "input_ids must be integer token ids .* got torch.float32"),
+    (lambda m, c: m(pixel_values=torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8)), "must be normalized floats; got torch.uint8"),
+    (lambda m, c: m(pixel_values=torch.randn(1, 3, 32, 32).index_fill_(2, torch.tensor([3]), float("nan"))), "NaN or infinite"),
 ])
 def test_bad_input_gets_a_clear_error(call, message):
     config = tiny_config()
     with pytest.raises(ValueError, match=message):
         call(Beit3Model(config), config)
+
+
+def test_pixels_of_another_float_type_are_cast_to_the_weights():
+    model = Beit3Model(tiny_config()).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    exact = model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(model(pixel_values=pixels.half()).last_hidden_state, exact, atol=1e-2, rtol=1e-2)
+    low = model.to(torch.bfloat16)(pixel_values=pixels).last_hidden_state  # bf16 weights (DeepSpeed bf16), fp32 pixels
+    assert low.dtype == torch.bfloat16 and (low.float() - exact).abs().max() < 0.1 * exact.std()
 
 
 def test_cached_decoding_without_positions_is_refused():
