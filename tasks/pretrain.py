@@ -35,14 +35,17 @@ def main(argv=None) -> None:
 
     from beit3 import Beit3Config, check_tokenizer_matches
     from beit3.data.images import read_codes_info
-    from beit3.data.pretraining import PretrainingBatches, load_sources
+    from beit3.data.pretraining import PretrainingBatches, Shards, StreamingPretrainingBatches, load_sources
     from beit3.modeling_heads import Beit3ForMaskedDataModeling
     from beit3.training.config import load_config
     from beit3.training.engine import Engine, TrainSettings, read_run_log
     from beit3.training.pretraining import masked_data_modeling_step
     from beit3.visual_tokenizers import VisualTokenizer
 
-    config = load_config(args.config, args.set, declared={"train": TrainSettings.field_names()})
+    try:
+        config = load_config(args.config, args.set, declared={"train": TrainSettings.field_names()})
+    except (KeyError, ValueError, OSError) as error:
+        sys.exit(f"error: {error.args[0] if isinstance(error, KeyError) else error}")
     settings = TrainSettings.from_config(config["train"])
     data = config["data"]
     # Everything that can be wrong with the inputs is checked before the first step.
@@ -102,7 +105,7 @@ def main(argv=None) -> None:
         sys.exit(f"error: {targets}: {code_grid[0]}x{code_grid[1]} codes per image, but the model has a "
                  f"{patch_grid[0]}x{patch_grid[1]} patch grid; masked image modeling needs one code per patch. {how}")
     try:
-        sources = load_sources(**data["sources"])
+        sources = load_sources(**data["sources"], streaming=bool(data.get("streaming", False)))
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
 
@@ -117,13 +120,18 @@ def main(argv=None) -> None:
         (engine.output_dir / "run_config.json").write_text(json.dumps(config, indent=2))
     batch_sizes = data["batch_size"]
 
+    streamed = any(isinstance(source, Shards) for source in sources.values())
+
     def make_loader(start_step: int, num_steps: int):
-        batches = PretrainingBatches(sources, batch_sizes, tokenizer, model_config.image_size, model_config.patch_size,
+        # Streamed kinds resume from the positions the checkpoint saved (engine.data_state); the rest is step-indexed.
+        kind, stream_options = ((StreamingPretrainingBatches, {"num_workers": settings.num_workers, "positions": engine.data_state})
+                                if streamed else (PretrainingBatches, {}))
+        batches = kind(sources, batch_sizes, tokenizer, model_config.image_size, model_config.patch_size,
                                      max_text_length=data.get("max_text_length", 64), tokenizer_image_size=visual_tokenizer.image_size if visual_tokenizer else None,
                                      text_mask_prob=data.get("text_mask_prob", 0.15), pair_mask_prob=data.get("pair_mask_prob", 0.5),
                                      seed=settings.seed, rank=engine.rank, world_size=engine.world_size, start_step=start_step,
                                      num_steps=num_steps, pair_crop_scale=data.get("pair_crop_scale", (0.5, 1.0)),
-                                     pair_hflip=data.get("pair_hflip", 0.5), itm_negatives=itm_negatives)
+                                     pair_hflip=data.get("pair_hflip", 0.5), itm_negatives=itm_negatives, **stream_options)
         return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=settings.num_workers,
                                            prefetch_factor=4 if settings.num_workers else None)
 

@@ -71,7 +71,7 @@ def test_corrupt_images_are_replaced_and_counted(world, tmp_path):
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     sources = load_sources(folder)
     data = PretrainingBatches(sources, {"image": 5}, tokenizer, image_size=64, patch_size=8)
-    total = sum(int(data[step]["skipped"][0]) for step in range(4))
+    total = sum(data[step]["counts"]["skipped_image"] for step in range(4))
     assert total == 4  # the broken file comes up once per pass over 5 images
 
 
@@ -90,7 +90,7 @@ def test_webdataset_shards_give_pairs(world, tmp_path):
     sources = load_sources(pairs=[str(shard), str(paths["pairs"])])
     assert len(sources["pair"]) == 3 + 24
     data = PretrainingBatches(sources, {"pair": 27}, tokenizer, image_size=64, patch_size=8)
-    assert data[0]["pair"]["pixel_values"].shape == (27, 3, 64, 64) and int(data[0]["skipped"][2]) == 0
+    assert data[0]["pair"]["pixel_values"].shape == (27, 3, 64, 64) and data[0]["counts"]["skipped_pair"] == 0
 
 
 def test_pair_lists_are_read_from_disk_and_follow_edits(world, tmp_path):
@@ -237,7 +237,7 @@ def test_corrupt_images_are_replaced_with_their_codes(world, visual_tokenizer, t
             passed += shift
             assert torch.equal(batch["image"]["image_labels"][slot], written[path.name])  # the replacement's codes came with it
             torch.testing.assert_close(batch["image"]["pixel_values"][slot], center_view(path))
-        assert int(batch["skipped"][0]) == passed
+        assert batch["counts"]["skipped_image"] == passed
         total += passed
     assert total >= 8  # each broken file comes up at least once per pass over 5 images (a replacement can be broken too)
     with pytest.raises(ValueError, match="64 codes per image .* 4x4 patches"):

@@ -28,7 +28,16 @@ def world(tmp_path_factory):
     train_sentencepiece(folder / "text-tokenizer", vocab_size=36, files=[paths["texts"]], model_max_length=32, quiet=True)
     torch.manual_seed(0)
     VQKD(VQKDConfig.from_preset("vqkd_tiny", image_size=64)).save_pretrained(folder / "visual-tokenizer")
+    for kind, source in (("pairs", ["--pairs", str(paths["pairs"])]), ("images", ["--images", str(paths["images"])])):
+        subprocess.run([sys.executable, "tasks/make_shards.py", *source, "--output", str(folder / f"shards/{kind}-%02d.tar"),
+                        "--shard-size", "8"], cwd=ROOT, check=True, capture_output=True)
     return folder
+
+
+def streaming(world: Path) -> list[str]:
+    """--set values that stream images and pairs from the world's shards (6 of each), with 2 loader workers."""
+    return ["data.streaming=true", f"data.sources.images={world / 'shards/images-{00..05}.tar'}",
+            f"data.sources.pairs=[\"{world / 'shards/pairs-{00..05}.tar'}\"]", "train.num_workers=2"]
 
 
 def overrides(world: Path, output_dir: Path, **train) -> list[str]:
@@ -66,15 +75,17 @@ def test_one_process_run_logs_every_kind_and_checkpoints(world, tmp_path):
     assert (tmp_path / "run/tensorboard").is_dir() and (tmp_path / "run/model/config.json").is_file()
 
 
-def test_two_processes_resume_exactly_after_sigkill(world, tmp_path):
+@pytest.mark.parametrize("streamed", [False, True], ids=["step-indexed", "streaming"])
+def test_two_processes_resume_exactly_after_sigkill(world, tmp_path, streamed):
     steps = 8
-    reference = pretrain(world, tmp_path / "uninterrupted", processes=2, max_steps=steps, save_every=3)
+    sets = streaming(world) if streamed else ()
+    reference = pretrain(world, tmp_path / "uninterrupted", processes=2, max_steps=steps, save_every=3, sets=sets)
     assert reference.returncode == 0, reference.stdout[-3000:]
     expected = losses(tmp_path / "uninterrupted")
     assert sorted(expected) == list(range(1, steps + 1))
 
     run = tmp_path / "killed"
-    process = pretrain(world, run, processes=2, wait=False, max_steps=steps, save_every=3)
+    process = pretrain(world, run, processes=2, wait=False, max_steps=steps, save_every=3, sets=sets)
     marker = run / "checkpoints/step00000003/COMPLETE"
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
@@ -85,7 +96,10 @@ def test_two_processes_resume_exactly_after_sigkill(world, tmp_path):
     killed_at = max(losses(run))
     assert killed_at < steps, "the run finished before it could be killed"
 
-    resumed = pretrain(world, run, processes=2, max_steps=steps, save_every=3)
+    if streamed:
+        saved = json.loads((run / "checkpoints/step00000003/COMPLETE").read_text())["data_state"]
+        assert [sorted(rank["streams"]) for rank in saved] == [["image/0", "image/1", "pair/0", "pair/1"]] * 2
+    resumed = pretrain(world, run, processes=2, max_steps=steps, save_every=3, sets=sets)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resumed from step" in resumed.stdout + resumed.stderr
     after = losses(run)  # later lines for the same step (after the restart) replace the killed run's

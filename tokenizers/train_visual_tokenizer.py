@@ -30,7 +30,10 @@ def main(argv=None) -> None:
     from beit3.training.engine import Engine, TrainSettings
     from beit3.training.tokenizer_training import build_visual_tokenizer, visual_tokenizer_step
 
-    config = load_config(args.config, args.set, declared={"train": TrainSettings.field_names()})
+    try:
+        config = load_config(args.config, args.set, declared={"train": TrainSettings.field_names()})
+    except (KeyError, ValueError, OSError) as error:
+        sys.exit(f"error: {error.args[0] if isinstance(error, KeyError) else error}")
     settings = TrainSettings.from_config(config["train"])
     data = config["data"]
     sources = load_sources(images=data["images"])

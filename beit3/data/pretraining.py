@@ -32,6 +32,8 @@ from datasets import Dataset, Features, Value, load_dataset
 
 from ..masking import BlockMaskGenerator, mask_text_tokens, text_masker
 from .common import load_rgb
+from .sampling import mixed_seed
+from .streaming import ShardStream, expand_shards, is_shard_pattern, pair_of
 from .images import list_images, read_codes, read_codes_info
 from ..views import CenterView, TwoViewTransform
 
@@ -47,19 +49,35 @@ def _has_text(row: dict) -> bool:
     return isinstance(row["text"], str) and bool(row["text"].strip())
 
 
-def load_sources(images: str | None = None, texts: list[str] | None = None, pairs: list[str] | None = None,
-                 image_codes: str | None = None) -> dict[str, Dataset]:
+class Shards(list):
+    """A kind read as a stream from these webdataset shards (``beit3.data.streaming``), not copied to Arrow."""
+
+
+def load_sources(images: str | list[str] | None = None, texts: list[str] | None = None, pairs: list[str] | None = None,
+                 image_codes: str | None = None, streaming: bool = False) -> dict[str, Dataset | Shards]:
     """The three kinds as ``datasets.Dataset`` objects: image ``{"path"}``, text ``{"text"}``, pair ``{"path", "text"}``.
 
     With ``image_codes`` (a folder written by ``tokenizers/encode_images.py`` for ``images``), image rows
     also hold ``codes``, that image's row of visual tokens (see ``image_codes_source``).
+    With ``streaming``, pairs given as webdataset shards (paths, brace patterns, URLs) and images given as
+    shards (their images; the texts are ignored) become ``Shards``, read shard by shard by
+    ``StreamingPretrainingBatches``; without it, shards are copied into the ``datasets`` cache.
     A kind without a source is left out; a source that yields nothing is an error.
     """
     sources = {}
     if image_codes and not images:
         raise ValueError(f"image_codes ({image_codes}) are the codes of an image folder, but no images source is given; "
                          "set images to the folder they were encoded from.")
-    if images:
+    image_shards = images is not None and (isinstance(images, (list, tuple)) or is_shard_pattern(images))
+    if image_shards:
+        if not streaming:
+            raise ValueError(f"images {images} are shards: reading images from shards needs data.streaming: true "
+                             "(or give an image folder).")
+        if image_codes:
+            raise ValueError("image_codes are the codes of an image folder; with images from shards, let the visual "
+                             "tokenizer compute the targets (set image_codes to null).")
+        sources["image"] = Shards(expand_shards(images))
+    elif images:
         paths = list_images(images)
         sources["image"] = (image_codes_source(images, paths, image_codes) if image_codes and paths
                             else Dataset.from_dict({"path": [str(p) for p in paths]}))
@@ -76,13 +94,29 @@ def load_sources(images: str | None = None, texts: list[str] | None = None, pair
 
         sources["text"] = concatenate_datasets(parts).filter(_has_text)
     if pairs:
-        shards = [str(f) for f in pairs if str(f).endswith(".tar")]
-        files = [str(f) for f in pairs if not str(f).endswith(".tar")]
+        shards = [str(f) for f in pairs if is_shard_pattern(f)]
+        files = [str(f) for f in pairs if not is_shard_pattern(f)]
+        if streaming:
+            if files:
+                raise ValueError(f"With data.streaming: true the pairs must be webdataset shards, but {files[:2]} are not; "
+                                 "convert them with tasks/make_shards.py, or turn streaming off.")
+            shards = []
+            sources["pair"] = Shards(expand_shards([str(f) for f in pairs]))
+        elif any("{" in f or "://" in f or f.startswith("pipe:") for f in shards):
+            raise ValueError(f"The pair shards {shards[:2]} are a pattern or URL, which only streaming reads: set data.streaming: true.")
         parts = ([_jsonl_pairs(files)] if files else []) + ([_webdataset_pairs(shards)] if shards else [])
         from datasets import concatenate_datasets
 
-        sources["pair"] = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        if parts:
+            sources["pair"] = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     for kind, dataset in sources.items():
+        if isinstance(dataset, Shards):
+            missing = [url for url in dataset if "://" not in url and not url.startswith("pipe:") and not os.path.isfile(url)]
+            if len(missing) == len(dataset):
+                raise ValueError(f"None of the {len(dataset)} {kind} shards exists (e.g. {missing[0]}); check the path or pattern.")
+            if missing:
+                print(f"warning: {len(missing)} of the {len(dataset)} {kind} shards do not exist (e.g. {missing[0]}); they are "
+                      "skipped and counted as unreadable shards when their turn comes.", file=sys.stderr)
         if len(dataset) == 0:
             raise ValueError(f"The {kind} source is empty: check the paths in the config (images: {images}, texts: {texts}, pairs: {pairs}).")
     if not sources:
@@ -186,11 +220,6 @@ def _webdataset_pairs(shards: list[str]) -> Dataset:
                    batched=True, remove_columns=raw.column_names, features=_PAIR_FEATURES).filter(_has_text)
 
 
-def _seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (numpy's SeedSequence), the same in every process."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
-
-
 class PretrainingBatches(torch.utils.data.Dataset):
     """Item ``i`` is this rank's batch for step ``start_step + i``: a dict per kind, plus skip counts.
 
@@ -218,7 +247,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
         pair: pixel_values, input_ids, attention_mask, labels
         itm (with itm_negatives): pixel_values (2K, ...), input_ids, attention_mask (2K, T) unmasked, itm_labels (2K,):
             K matched pairs (1), then the same K texts with their hard-negative images (0)
-        skipped: (3,) corrupt images replaced in this batch, per kind (image, text, pair)
+        counts: ``{"skipped_<kind>": n}``, corrupt images (and streamed samples without image or caption) replaced in
+            this batch, for the ``Engine``'s counters
     """
 
     def __init__(self, sources: dict[str, Dataset], batch_sizes: dict[str, int], tokenizer, image_size: int, patch_size: int,
@@ -230,6 +260,9 @@ class PretrainingBatches(torch.utils.data.Dataset):
         if not 0.0 <= itm_negatives <= 1.0:
             raise ValueError(f"itm_negatives {itm_negatives} must be a fraction of the pair batch in [0, 1] (0: no image-text matching).")
         self.sources = sources
+        self.streams = None  # {kind: ShardStream} of a StreamingPretrainingBatches worker
+        if any(isinstance(source, Shards) for source in sources.values()) and not isinstance(self, StreamingPretrainingBatches):
+            raise TypeError("Some kinds are streamed from shards (load_sources(streaming=True)): use StreamingPretrainingBatches.")
         self.batch_sizes = {kind: batch_sizes.get(kind, 0) for kind in KINDS if kind in sources and batch_sizes.get(kind, 0) > 0}
         if not self.batch_sizes:
             raise ValueError(f"No kind has both a source and a batch size: sources {sorted(sources)}, batch sizes {batch_sizes}.")
@@ -238,7 +271,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
         self.grid = image_size // patch_size
         self.num_masked_patches = num_masked_patches
         # Precomputed codes fix the crop: the model sees what encode_images.py gave the tokenizer (see CenterView).
-        self.codes = "image" in self.batch_sizes and "codes" in sources["image"].column_names
+        self.codes = ("image" in self.batch_sizes and not isinstance(sources["image"], Shards)
+                      and "codes" in sources["image"].column_names)
         if self.codes and sources["image"].features["codes"].length != self.grid ** 2:
             raise ValueError(f"The image codes have {sources['image'].features['codes'].length} codes per image but the model's "
                              f"{image_size} px images have {self.grid}x{self.grid} patches of {patch_size} px.")
@@ -260,7 +294,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
 
     @lru_cache(maxsize=8)
     def _permutation(self, kind: str, epoch: int) -> np.ndarray:
-        order = np.random.default_rng(_seed(self.seed, KINDS.index(kind), epoch)).permutation(len(self.sources[kind]))
+        order = np.random.default_rng(mixed_seed(self.seed, KINDS.index(kind), epoch)).permutation(len(self.sources[kind]))
         return order.astype(np.int32) if len(order) < 2 ** 31 else order  # 4 bytes a sample: the order of a big corpus stays small
 
     def _position(self, kind: str, step: int, slot: int, shift: int = 0) -> tuple[int, int]:
@@ -270,14 +304,30 @@ class PretrainingBatches(torch.utils.data.Dataset):
         epoch, offset = divmod(position, len(self.sources[kind]))
         return int(self._permutation(kind, epoch)[offset]), position
 
+    def _record(self, kind: str, step: int, slot: int, shift: int) -> tuple[dict | None, int]:
+        """(record, global position) of a sample slot; the record is None for a streamed sample without its image or text."""
+        if not self.streams or kind not in self.streams:
+            row, position = self._position(kind, step, slot, shift)
+            return self.sources[kind][row], position
+        batch = self.batch_sizes[kind]
+        position = (step * self.world_size + self.rank) * batch + slot + shift * batch * self.world_size
+        sample = next(self.streams[kind])
+        image, text = pair_of(sample)
+        if image is None or (kind == "pair" and (text is None or not _has_text({"text": text}))):
+            print(f"warning: {sample['__key__']} in {sample['__url__']} has no {'image' if image is None else 'caption'} "
+                  "(skipped: the next sample of the stream takes its place)", file=sys.stderr)
+            return None, position
+        return {"path": f"{sample['__key__']} in {sample['__url__']}", "image_bytes": image, "text": text}, position
+
     def _image_sample(self, kind: str, step: int, slot: int, view):
         """Loads one image, replacing an unreadable one by the next sample of the same stream.
 
         Returns (view(image), record, replaced, position); the record (path, text, codes) is the image's that was used.
         """
         for shift in range(_MAX_REPLACEMENTS):
-            row, position = self._position(kind, step, slot, shift)
-            record = self.sources[kind][row]
+            record, position = self._record(kind, step, slot, shift)
+            if record is None:
+                continue
             try:
                 image = load_rgb(record["path"], record.get("image_bytes"))
             except (OSError, ValueError) as error:
@@ -288,7 +338,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
                                    "reads now; run tokenizers/encode_images.py on the image folder again.")
             # torchvision draws crops from torch's CPU generator. Seed only that one: torch.manual_seed also
             # queues seeds for every accelerator backend, at about 2 ms a call on a CPU-only build.
-            torch.default_generator.manual_seed(_seed(self.seed, KINDS.index(kind), position))
+            torch.default_generator.manual_seed(mixed_seed(self.seed, KINDS.index(kind), position))
             return view(image), record, shift, position
         raise RuntimeError(f"{_MAX_REPLACEMENTS} images in a row could not be read from the {kind} source; check the data.")
 
@@ -297,7 +347,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
 
     def _masked_text(self, kind: str, encoded: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         masker = self.maskers[kind]
-        masker.generator.manual_seed(_seed(self.seed, KINDS.index(kind), step, self.rank))
+        masker.generator.manual_seed(mixed_seed(self.seed, KINDS.index(kind), step, self.rank))
         input_ids, labels = mask_text_tokens(masker, encoded["input_ids"], encoded["attention_mask"])
         return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
 
@@ -316,7 +366,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
         # Always the nearest was too hard to start from (matching stayed at chance for 760 demo steps).
         weights = torch.exp((overlap[:k] - 1.0) / HARD_NEGATIVE_TEMPERATURE).masked_fill(not_negative[:k], 0.0)
         usable = weights.sum(-1) > 0  # a batch of one repeated caption has no negative
-        generator = torch.Generator().manual_seed(_seed(self.seed, len(KINDS), step, self.rank))
+        generator = torch.Generator().manual_seed(mixed_seed(self.seed, len(KINDS), step, self.rank))
         negatives = torch.multinomial(weights.masked_fill(~usable[:, None], 1.0), 1, generator=generator).squeeze(1)
         negatives = torch.where(usable, negatives, torch.arange(k))
         labels = torch.cat([torch.ones(k, dtype=torch.long), (~usable).long()])
@@ -324,7 +374,11 @@ class PretrainingBatches(torch.utils.data.Dataset):
                 "attention_mask": encoded["attention_mask"][:k].repeat(2, 1), "itm_labels": labels}
 
     def __getitem__(self, index: int) -> dict:
-        step = self.start_step + index
+        if self.streams is not None:
+            raise TypeError("Batches with streamed kinds are read in order: iterate StreamingPretrainingBatches.")
+        return self._batch(self.start_step + index)
+
+    def _batch(self, step: int) -> dict:
         batch, skipped = {}, torch.zeros(len(KINDS), dtype=torch.long)
         if "image" in self.batch_sizes:
             model_views, tokenizer_views, labels, masks = [], [], [], []
@@ -337,7 +391,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
                 else:
                     model_views.append(views[0])
                     tokenizer_views.append(views[1])
-                masks.append(BlockMaskGenerator(self.grid, self.num_masked_patches, seed=_seed(self.seed, 7, position))())
+                masks.append(BlockMaskGenerator(self.grid, self.num_masked_patches, seed=mixed_seed(self.seed, 7, position))())
             batch["image"] = {"pixel_values": torch.stack(model_views), "bool_masked_pos": torch.stack(masks)}
             if self.codes:
                 batch["image"]["image_labels"] = torch.stack(labels)
@@ -357,5 +411,51 @@ class PretrainingBatches(torch.utils.data.Dataset):
             batch["pair"] = {"pixel_values": torch.stack(images), **self._masked_text("pair", encoded, step)}
             if self.itm_pairs:
                 batch["itm"] = self._matching_batch(batch["pair"]["pixel_values"], texts, encoded, step)
-        batch["skipped"] = skipped
+        batch["counts"] = {f"skipped_{kind}": int(count) for kind, count in zip(KINDS, skipped) if kind in self.batch_sizes}
         return batch
+
+
+class StreamingPretrainingBatches(PretrainingBatches, torch.utils.data.IterableDataset):
+    """``PretrainingBatches`` whose ``Shards`` kinds are read as streams: iterate it (a DataLoader with ``batch_size=None``).
+
+    Loader worker ``w`` of ``num_workers`` builds the steps ``start_step + w, start_step + w + num_workers, ...``;
+    the steps with one remainder modulo ``num_workers`` always come from one stream per streamed kind, stream
+    ``rank * num_workers + remainder`` of ``world_size * num_workers`` (``beit3.data.streaming``). Map-style kinds
+    and every crop, mask and hard negative stay pure functions of (seed, step, rank), as in ``PretrainingBatches``.
+
+    Each batch carries ``data_state``: ``{"workers": n, "streams": {"<kind>/<remainder>": position}}``, the position
+    of its streams after it. The ``Engine`` keeps the latest of each, saves them with every checkpoint and gives
+    them back as ``positions`` on resume: the resumed run reads what the interrupted one would have read. A
+    position saved with another number of workers (or processes: the Engine refuses those) is an error.
+    """
+
+    def __init__(self, *args, num_workers: int = 0, positions: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.workers = max(1, num_workers)
+        self.positions = (positions or {}).get("streams", {})
+        saved = (positions or {}).get("workers", self.workers)
+        if saved != self.workers:
+            raise ValueError(f"The checkpoint's stream positions were taken with {saved} data-loader workers per process; this "
+                             f"run has {self.workers}. Resume with train.num_workers={saved if saved > 1 else 0}: the streams "
+                             "are split by worker, so another count would read other samples.")
+        self.streamed = [kind for kind in self.batch_sizes if isinstance(self.sources[kind], Shards)]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        if (info.num_workers if info is not None else 1) != self.workers:
+            raise ValueError(f"StreamingPretrainingBatches(num_workers={self.workers - (self.workers == 1)}) is read by a loader "
+                             f"with {info.num_workers if info else 0} workers; give both the same number.")
+        first = self.start_step + worker
+        remainder = first % self.workers
+        self.streams = {kind: ShardStream(self.sources[kind], self.seed, KINDS.index(kind), self.rank * self.workers + remainder,
+                                          self.world_size * self.workers, self.positions.get(f"{kind}/{remainder}"))
+                        for kind in self.streamed}
+        unreadable = 0
+        for step in range(first, self.start_step + self.num_steps, self.workers):
+            batch = self._batch(step)
+            now = sum(stream.unreadable_shards for stream in self.streams.values())
+            batch["counts"]["unreadable_shards"], unreadable = now - unreadable, now
+            batch["data_state"] = {"workers": self.workers,
+                                   "streams": {f"{kind}/{remainder}": dict(stream.position) for kind, stream in self.streams.items()}}
+            yield batch

@@ -8,6 +8,11 @@ import numpy as np
 import torch
 
 
+def mixed_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy's SeedSequence), the same in every process."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Yields this rank's index batches for steps ``start_step, start_step + 1, ...`` (``num_steps`` of them).
 

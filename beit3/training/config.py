@@ -43,5 +43,9 @@ def load_config(path: str | Path, overrides: list[str] = (), declared: dict[str,
         allowed = set(node) | set((declared or {}).get(".".join(parts[:-1]), ()))
         if parts[-1] not in allowed:
             raise KeyError(f"--set {key}: {path} has no field {key!r}; known here: {', '.join(sorted(allowed))}.")
-        node[parts[-1]] = _numbers(yaml.safe_load(value))
+        try:
+            node[parts[-1]] = _numbers(yaml.safe_load(value))
+        except yaml.YAMLError as error:
+            raise ValueError(f"--set {key}: {value!r} is not a YAML value ({str(error).splitlines()[0]}). Quote strings with "
+                             "braces or colons inside a list, e.g. --set 'data.sources.pairs=[\"shards/{000..009}.tar\"]'.") from error
     return config

@@ -315,6 +315,9 @@ class Engine:
                                                                             lr_scheduler=schedule, config=self.deepspeed_config)
         self.step = 0
         self.counters: dict[str, float] = {}
+        # A streamed loader's position ({"workers", "streams"}; see StreamingPretrainingBatches): this rank's, from
+        # the batches consumed so far, or from the checkpoint resumed. make_loader reads it to start where it was.
+        self.data_state: dict = {}
 
     # -- checkpoints -------------------------------------------------------------------------
     def complete_checkpoints(self) -> list[Path]:
@@ -324,9 +327,12 @@ class Engine:
         tag = f"step{self.step:08d}"
         self.module.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state={"step": self.step, "counters": self.counters},
                                     save_latest=False)
+        data_states = [None] * self.world_size
+        dist.all_gather_object(data_states, self.data_state)  # (DeepSpeed's client_state is written by rank 0 only)
         dist.barrier()
         if self.rank == 0:
-            mark_complete(self.checkpoint_dir / tag, {"step": self.step, "time": time.time(), **self.layout})
+            extra = {"data_state": data_states} if any(data_states) else {}
+            mark_complete(self.checkpoint_dir / tag, {"step": self.step, "time": time.time(), **self.layout, **extra})
             complete = self.complete_checkpoints()
             keep = set(complete[-self.settings.keep_last:])
             for path in self.checkpoint_dir.glob("step*"):  # older complete ones and abandoned halves
@@ -349,6 +355,7 @@ class Engine:
         with weights_only_loads():  # DeepSpeed itself loads with weights_only=False
             _, client_state = self.module.load_checkpoint(str(self.checkpoint_dir), tag=complete[-1].name)
         self.step, self.counters = client_state["step"], client_state.get("counters", {})
+        self.data_state = (written.get("data_state") or [{}] * self.world_size)[self.rank] or {}
         return True
 
     # -- the loop ------------------------------------------------------------------------------
@@ -363,8 +370,10 @@ class Engine:
         """Trains from the current step (after ``resume``) to ``max_steps``; returns the logged records.
 
         A step is one optimizer update over ``gradient_accumulation_steps`` micro-batches.
-        ``make_loader(first, count)`` gives this rank's micro-batches number ``first`` to ``first + count - 1``;
-        ``samples_per_step`` counts one micro-batch of one rank.
+        ``make_loader(first, count)`` gives this rank's micro-batches number ``first`` to ``first + count - 1``
+        (a streamed loader also starts from ``self.data_state``, the position resumed); ``samples_per_step``
+        counts one micro-batch of one rank. A batch may carry ``counts`` ({name: number}, summed into the logged
+        counters) and ``data_state`` (its stream position, saved with the checkpoints).
         """
         settings = self.settings
         accumulation = settings.gradient_accumulation_steps
@@ -390,6 +399,11 @@ class Engine:
                 before = time.perf_counter()
                 batch = next(loader)
                 waited += time.perf_counter() - before
+                if "data_state" in batch:  # a streamed loader's position after this batch: saved with the next checkpoint
+                    state = batch.pop("data_state")
+                    self.data_state = {"workers": state["workers"], "streams": {**self.data_state.get("streams", {}), **state["streams"]}}
+                for key, count in batch.pop("counts", {}).items():  # the data's own counters (skipped samples, ...)
+                    self.counters[key] = self.counters.get(key, 0) + count
                 if skipped:  # the rest of a skipped step's micro-batches: consumed, so the data stays in step
                     continue
                 seed = step_seed(settings.seed, self.step * accumulation + micro, self.rank)
@@ -405,8 +419,6 @@ class Engine:
                     continue
                 self.module.backward(loss)
                 self.module.step()
-                for key, count in zip(("skipped_image", "skipped_text", "skipped_pair"), batch.get("skipped", torch.zeros(3)).tolist()):
-                    self.counters[key] = self.counters.get(key, 0) + count
                 window.append({"loss": loss.detach(), **values})
             self.step += 1
             if skipped:

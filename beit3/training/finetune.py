@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -128,7 +129,10 @@ def run(task_name: str, argv: list[str] | None = None) -> dict | None:
     from .finetune_tasks import TASKS
 
     args = parse_args(task_name, argv)
-    config = load_config(args.config, args.set, declared={"train": TrainSettings.field_names()})
+    try:
+        config = load_config(args.config, args.set, declared={"train": TrainSettings.field_names()})
+    except (KeyError, ValueError, OSError) as error:
+        sys.exit(f"error: {error.args[0] if isinstance(error, KeyError) else error}")
     for section in ("model", "data", "train"):
         if section not in config:
             raise KeyError(f"{args.config} has no {section!r} section; see configs/tasks/ for complete examples.")
