@@ -126,12 +126,16 @@ def main(argv=None) -> None:
         # Streamed kinds resume from the positions the checkpoint saved (engine.data_state); the rest is step-indexed.
         kind, stream_options = ((StreamingPretrainingBatches, {"num_workers": settings.num_workers, "positions": engine.data_state})
                                 if streamed else (PretrainingBatches, {}))
-        batches = kind(sources, batch_sizes, tokenizer, model_config.image_size, model_config.patch_size,
-                                     max_text_length=data.get("max_text_length", 64), tokenizer_image_size=visual_tokenizer.image_size if visual_tokenizer else None,
-                                     text_mask_prob=data.get("text_mask_prob", 0.15), pair_mask_prob=data.get("pair_mask_prob", 0.5),
-                                     seed=settings.seed, rank=engine.rank, world_size=engine.world_size, start_step=start_step,
-                                     num_steps=num_steps, pair_crop_scale=data.get("pair_crop_scale", (0.5, 1.0)),
-                                     pair_hflip=data.get("pair_hflip", 0.5), itm_negatives=itm_negatives, **stream_options)
+        try:
+            batches = kind(sources, batch_sizes, tokenizer, model_config.image_size, model_config.patch_size,
+                           max_text_length=data.get("max_text_length", 64),
+                           tokenizer_image_size=visual_tokenizer.image_size if visual_tokenizer else None,
+                           text_mask_prob=data.get("text_mask_prob", 0.15), pair_mask_prob=data.get("pair_mask_prob", 0.5),
+                           seed=settings.seed, rank=engine.rank, world_size=engine.world_size, start_step=start_step,
+                           num_steps=num_steps, pair_crop_scale=data.get("pair_crop_scale", (0.5, 1.0)),
+                           pair_hflip=data.get("pair_hflip", 0.5), itm_negatives=itm_negatives, **stream_options)
+        except ValueError as error:  # e.g. stream positions saved with another number of loader workers
+            sys.exit(f"error: {error}")
         return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=settings.num_workers,
                                            prefetch_factor=4 if settings.num_workers else None)
 

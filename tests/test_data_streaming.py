@@ -137,6 +137,8 @@ def test_streamed_batches_resume_exactly_from_the_positions_they_carry(world, wo
             assert torch.equal(a["pair"][key], b["pair"][key]), key
     texts = {tokenizer.decode(ids, skip_special_tokens=True) for batch in uninterrupted[:8] for ids in batch["pair"]["input_ids"]}
     assert len(texts) > 12  # 24 samples go by in 8 steps of 3: the stream moves on
+    with pytest.raises(ValueError, match=r"5 pair shards cannot feed 6 streams \(2 processes x 3 loader workers\)"):
+        make_batches(sources, tokenizer, num_workers=3, world_size=2)
     with pytest.raises(ValueError, match="taken with 2 data-loader workers"):
         make_batches(sources, tokenizer, num_workers=3, positions={"workers": 2, "streams": {}})
 

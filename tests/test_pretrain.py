@@ -106,6 +106,9 @@ def test_two_processes_resume_exactly_after_sigkill(world, tmp_path, streamed):
     assert sorted(after) == list(range(1, steps + 1))
     for step in range(1, steps + 1):
         assert after[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}: {after[step]} vs {expected[step]}"
+    if streamed:  # the streams are split by loader worker: another count would read other samples
+        other = pretrain(world, run, processes=2, max_steps=steps + 2, save_every=3, sets=[*sets, "train.num_workers=1"])
+        assert other.returncode != 0 and "taken with 2 data-loader workers" in other.stdout + other.stderr
 
 
 def _deepspeed_buffers() -> set[str]:

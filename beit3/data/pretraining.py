@@ -439,6 +439,12 @@ class StreamingPretrainingBatches(PretrainingBatches, torch.utils.data.IterableD
                              f"run has {self.workers}. Resume with train.num_workers={saved if saved > 1 else 0}: the streams "
                              "are split by worker, so another count would read other samples.")
         self.streamed = [kind for kind in self.batch_sizes if isinstance(self.sources[kind], Shards)]
+        for kind in self.streamed:
+            if len(self.sources[kind]) < self.world_size * self.workers:
+                raise ValueError(f"{len(self.sources[kind])} {kind} shards cannot feed {self.world_size * self.workers} streams "
+                                 f"({self.world_size} processes x {self.workers} loader workers): every stream reads whole shards. "
+                                 "Write more, smaller shards (tasks/make_shards.py --shard-size), or use fewer processes or "
+                                 "train.num_workers.")
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
