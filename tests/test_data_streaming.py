@@ -14,7 +14,7 @@ import torch
 
 from beit3 import train_sentencepiece
 from beit3.data.pretraining import PretrainingBatches, StreamingPretrainingBatches, load_sources
-from beit3.data.streaming import ShardStream, expand_shards, pair_of, write_shards
+from beit3.data.streaming import ShardStream, expand_shards, pair_of, text_pieces, text_samples, write_shards
 from beit3.data.synthetic import write_shapes_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,3 +174,32 @@ def test_streaming_needs_shards_and_shards_need_streaming(world, tmp_path):
     images = load_sources(images=str(shards / "pairs-{000..004}.tar"), streaming=True)  # the image kind from pair shards
     batch = next(iter(StreamingPretrainingBatches(images, {"image": 4}, None, image_size=64, patch_size=8, num_steps=1)))
     assert batch["image"]["pixel_values"].shape == (4, 3, 64, 64) and batch["counts"]["skipped_image"] == 0
+
+
+def test_text_files_stream_in_pieces_that_hold_every_line_once(tmp_path, capsys):
+    lines = [f"text number {i} " + "x" * (i % 7) for i in range(50)]
+    plain = tmp_path / "a.txt"
+    plain.write_text("\n".join(lines[:30]) + "\n")
+    structured = tmp_path / "b.jsonl"
+    structured.write_bytes(("\n".join(json.dumps({"text": t}) for t in lines[30:]) + "\n").encode() + b"\xff\xfe\n{\"text\": 3}\n")
+    pieces = text_pieces([str(plain), str(structured)], min_pieces=7)
+    assert len(pieces) >= 7
+    read = [sample["text"] for piece in pieces for sample in text_samples(piece, on_error=None)]
+    assert [t for t in read if t is not None] == lines and read.count(None) == 2  # every line once, in order; 2 bad lines
+    stream_a = ShardStream(pieces, seed=0, kind=1, stream=0, streams=2, read=text_samples)
+    stream_b = ShardStream(pieces, seed=0, kind=1, stream=1, streams=2, read=text_samples)
+    for _ in range(20):
+        next(stream_a)
+    resumed = ShardStream(pieces, seed=0, kind=1, stream=0, streams=2, read=text_samples, position=dict(stream_a.position))
+    assert [next(resumed)["text"] for _ in range(40)] == [next(stream_a)["text"] for _ in range(40)]
+    mine = [set(map(int, stream._mine(0))) for stream in (stream_a, stream_b)]
+    assert not mine[0] & mine[1] and mine[0] | mine[1] == set(range(len(pieces)))  # the two streams split the pieces
+
+
+def test_streamed_texts_fill_text_batches_and_skip_bad_lines(world, tmp_path, capsys):
+    _, tokenizer, _, _ = world
+    (tmp_path / "t.jsonl").write_bytes(b'{"text": "a red circle"}\n\xff\n{"text": "two blue squares"}\n' * 4)
+    sources = load_sources(texts=[str(tmp_path / "t.jsonl")], streaming=True)
+    batch = next(iter(StreamingPretrainingBatches(sources, {"text": 6}, tokenizer, 64, 8, num_steps=1)))
+    assert batch["text"]["input_ids"].shape[0] == 6 and batch["counts"]["skipped_text"] >= 2
+    assert "t.jsonl at byte" in capsys.readouterr().err

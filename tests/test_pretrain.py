@@ -98,7 +98,7 @@ def test_two_processes_resume_exactly_after_sigkill(world, tmp_path, streamed):
 
     if streamed:
         saved = json.loads((run / "checkpoints/step00000003/COMPLETE").read_text())["data_state"]
-        assert [sorted(rank["streams"]) for rank in saved] == [["image/0", "image/1", "pair/0", "pair/1"]] * 2
+        assert [sorted(rank["streams"]) for rank in saved] == [["image/0", "image/1", "pair/0", "pair/1", "text/0", "text/1"]] * 2
     resumed = pretrain(world, run, processes=2, max_steps=steps, save_every=3, sets=sets)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resumed from step" in resumed.stdout + resumed.stderr

@@ -33,7 +33,7 @@ from datasets import Dataset, Features, Value, load_dataset
 from ..masking import BlockMaskGenerator, mask_text_tokens, text_masker
 from .common import load_rgb
 from .sampling import mixed_seed
-from .streaming import ShardStream, expand_shards, is_shard_pattern, pair_of
+from .streaming import ShardStream, expand_shards, is_shard_pattern, pair_of, shard_samples, text_pieces, text_samples
 from .images import list_images, read_codes, read_codes_info
 from ..views import CenterView, TwoViewTransform
 
@@ -53,6 +53,10 @@ class Shards(list):
     """A kind read as a stream from these webdataset shards (``beit3.data.streaming``), not copied to Arrow."""
 
 
+class TextFiles(Shards):
+    """The text kind read as a stream from these ``.txt`` / ``.jsonl`` files, in pieces (``streaming.text_pieces``)."""
+
+
 def load_sources(images: str | list[str] | None = None, texts: list[str] | None = None, pairs: list[str] | None = None,
                  image_codes: str | None = None, streaming: bool = False) -> dict[str, Dataset | Shards]:
     """The three kinds as ``datasets.Dataset`` objects: image ``{"path"}``, text ``{"text"}``, pair ``{"path", "text"}``.
@@ -60,8 +64,8 @@ def load_sources(images: str | list[str] | None = None, texts: list[str] | None 
     With ``image_codes`` (a folder written by ``tokenizers/encode_images.py`` for ``images``), image rows
     also hold ``codes``, that image's row of visual tokens (see ``image_codes_source``).
     With ``streaming``, pairs given as webdataset shards (paths, brace patterns, URLs) and images given as
-    shards (their images; the texts are ignored) become ``Shards``, read shard by shard by
-    ``StreamingPretrainingBatches``; without it, shards are copied into the ``datasets`` cache.
+    shards (their images; the texts are ignored) become ``Shards``, and the text files ``TextFiles``, read shard
+    by shard (piece by piece) by ``StreamingPretrainingBatches``; without it, they are copied into the ``datasets`` cache.
     A kind without a source is left out; a source that yields nothing is an error.
     """
     sources = {}
@@ -81,7 +85,12 @@ def load_sources(images: str | list[str] | None = None, texts: list[str] | None 
         paths = list_images(images)
         sources["image"] = (image_codes_source(images, paths, image_codes) if image_codes and paths
                             else Dataset.from_dict({"path": [str(p) for p in paths]}))
-    if texts:
+    if texts and streaming:
+        missing = [str(f) for f in texts if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"text file(s) not found: {', '.join(missing[:3])}; check data.sources.texts.")
+        sources["text"] = TextFiles(str(f) for f in texts)
+    elif texts:
         files = [str(f) for f in texts]
         plain = [f for f in files if not f.endswith((".jsonl", ".json"))]
         structured = [f for f in files if f.endswith((".jsonl", ".json"))]
@@ -398,8 +407,20 @@ class PretrainingBatches(torch.utils.data.Dataset):
             else:
                 batch["image"]["tokenizer_pixel_values"] = torch.stack(tokenizer_views)
         if "text" in self.batch_sizes:
-            rows = [self._position("text", step, slot)[0] for slot in range(self.batch_sizes["text"])]
-            batch["text"] = self._masked_text("text", self._tokenize([self.sources["text"][row]["text"] for row in rows]), step)
+            if self.streams and "text" in self.streams:
+                texts = []
+                while len(texts) < self.batch_sizes["text"]:
+                    sample = next(self.streams["text"])
+                    if sample["text"] is not None and _has_text(sample):
+                        texts.append(sample["text"])
+                    elif sample["text"] is None:  # (empty lines are left out silently, as without streaming)
+                        skipped[1] += 1
+                        print(f"warning: {sample['__url__']} at {sample['__key__']} is not a text line (not UTF-8, or a jsonl line "
+                              "without a string text); skipped", file=sys.stderr)
+            else:
+                rows = [self._position("text", step, slot)[0] for slot in range(self.batch_sizes["text"])]
+                texts = [self.sources["text"][row]["text"] for row in rows]
+            batch["text"] = self._masked_text("text", self._tokenize(texts), step)
         if "pair" in self.batch_sizes:
             images, texts = [], []
             for slot in range(self.batch_sizes["pair"]):
@@ -439,9 +460,12 @@ class StreamingPretrainingBatches(PretrainingBatches, torch.utils.data.IterableD
                              f"run has {self.workers}. Resume with train.num_workers={saved if saved > 1 else 0}: the streams "
                              "are split by worker, so another count would read other samples.")
         self.streamed = [kind for kind in self.batch_sizes if isinstance(self.sources[kind], Shards)]
+        # The units a stream reads whole: shards, or pieces of the text files (enough of them for every stream).
+        self.units = {kind: text_pieces(self.sources[kind], self.world_size * self.workers) if kind == "text" else self.sources[kind]
+                      for kind in self.streamed}
         for kind in self.streamed:
-            if len(self.sources[kind]) < self.world_size * self.workers:
-                raise ValueError(f"{len(self.sources[kind])} {kind} shards cannot feed {self.world_size * self.workers} streams "
+            if len(self.units[kind]) < self.world_size * self.workers:
+                raise ValueError(f"{len(self.units[kind])} {kind} shards cannot feed {self.world_size * self.workers} streams "
                                  f"({self.world_size} processes x {self.workers} loader workers): every stream reads whole shards. "
                                  "Write more, smaller shards (tasks/make_shards.py --shard-size), or use fewer processes or "
                                  "train.num_workers.")
@@ -454,8 +478,10 @@ class StreamingPretrainingBatches(PretrainingBatches, torch.utils.data.IterableD
                              f"with {info.num_workers if info else 0} workers; give both the same number.")
         first = self.start_step + worker
         remainder = first % self.workers
-        self.streams = {kind: ShardStream(self.sources[kind], self.seed, KINDS.index(kind), self.rank * self.workers + remainder,
-                                          self.world_size * self.workers, self.positions.get(f"{kind}/{remainder}"))
+        streams = self.world_size * self.workers
+        self.streams = {kind: ShardStream(self.units[kind], self.seed, KINDS.index(kind), self.rank * self.workers + remainder, streams,
+                                          self.positions.get(f"{kind}/{remainder}"),
+                                          read=text_samples if kind == "text" else shard_samples)
                         for kind in self.streamed}
         unreadable = 0
         for step in range(first, self.start_step + self.num_steps, self.workers):

@@ -96,19 +96,67 @@ def pair_of(sample: dict) -> tuple[bytes | None, str | None]:
     return image, text if isinstance(text, str) else None
 
 
+# Big text files are streamed in pieces of about this many bytes (fewer bytes when the streams need more pieces).
+TEXT_PIECE_BYTES = 64 * 2 ** 20
+
+
+def text_pieces(files: list[str], min_pieces: int) -> list[tuple[str, int, int]]:
+    """(file, first byte, end byte) pieces of ``.txt`` / ``.jsonl`` files, at least ``min_pieces`` where the bytes allow.
+
+    A line belongs to the piece its first byte is in, so every line is in exactly one piece.
+    """
+    import os
+
+    sizes = [os.path.getsize(f) for f in files]
+    step = max(1, min(TEXT_PIECE_BYTES, sum(sizes) // max(1, min_pieces)))
+    return [(f, start, min(start + step, size)) for f, size in zip(files, sizes) for start in range(0, size, step)]
+
+
+def text_samples(piece: tuple[str, int, int], on_error) -> Iterator[dict]:
+    """The texts of the lines starting in ``piece``: ``{"text", "__key__", "__url__"}``, the text None for a line
+    that is not UTF-8 (or, in ``.jsonl``, not an object with a string ``text``)."""
+    import json
+
+    path, start, end = piece
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        on_error(path, error)
+        return
+    with handle:
+        if start > 0:
+            handle.seek(start - 1)
+            handle.readline()  # the line holding byte start - 1 is the previous piece's
+        structured = path.endswith((".jsonl", ".json"))
+        while (where := handle.tell()) < end:
+            line = handle.readline()
+            if not line:
+                break
+            try:
+                text = line.decode("utf-8").rstrip("\r\n")
+                if structured:
+                    record = json.loads(text) if text.strip() else {}
+                    text = record.get("text") if isinstance(record, dict) else None
+            except (UnicodeDecodeError, ValueError):
+                text = None
+            yield {"text": text if isinstance(text, str) else None, "__key__": f"byte {where}", "__url__": path}
+
+
 class ShardStream:
     """Stream ``stream`` of ``streams`` over ``shards`` (see the module docstring): ``next()`` gives the next raw
     sample, epoch after epoch, and ``position`` is what resumes it (``ShardStream(..., position=...)``).
 
-    Unreadable shards are skipped, named on stderr and counted in ``unreadable_shards``.
+    ``read(shard, on_error)`` gives a shard's samples: ``shard_samples`` for tar shards, ``text_samples`` for
+    pieces of text files. Unreadable shards are skipped, named on stderr and counted in ``unreadable_shards``.
     """
 
-    def __init__(self, shards: list[str], seed: int, kind: int, stream: int, streams: int, position: dict | None = None):
+    def __init__(self, shards: list, seed: int, kind: int, stream: int, streams: int, position: dict | None = None,
+                 read=shard_samples):
         if len(shards) < streams:
             raise ValueError(f"{len(shards)} shards cannot feed {streams} streams (processes x data-loader workers): every "
                              "stream reads whole shards. Write more, smaller shards (tasks/make_shards.py --shard-size), or use "
                              "fewer processes or train.num_workers.")
-        self.shards, self.seed, self.kind, self.stream, self.streams = shards, seed, kind, stream, streams
+        self.shards, self.seed, self.kind, self.stream, self.streams, self.read = shards, seed, kind, stream, streams, read
         self.position = dict(position or {"epoch": 0, "shard": 0, "offset": 0})
         self.unreadable_shards = 0
         self._samples: Iterator[dict] | None = None
@@ -126,7 +174,7 @@ class ShardStream:
         for _ in range(2 * len(self._mine(self.position["epoch"])) + 2):  # two whole passes without a sample: give up
             if self._samples is None:
                 url = self.shards[self._mine(self.position["epoch"])[self.position["shard"]]]
-                self._samples = shard_samples(url, self._on_error)
+                self._samples = self.read(url, self._on_error)
                 for _ in range(self.position["offset"]):  # a resumed position: skip what was taken before
                     if next(self._samples, None) is None:
                         break
