@@ -8,6 +8,7 @@ beforehand (``tokenizers/encode_images.py``): a fixed center crop, so the codes 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
@@ -42,16 +43,31 @@ class TwoViewTransform:
                                  T.RandomHorizontalFlip(hflip)])
         self.model_interpolation = _INTERPOLATION[model_interpolation]
         self.tokenizer_interpolation = _INTERPOLATION[tokenizer_interpolation]
-        self.finish_model = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
-        self.finish_tokenizer = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+        self.mean, self.std = list(mean), list(std)
 
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    def crops(self, image: Image.Image, tokenizer_view: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The two views as uint8 tensors (3, size, size), before ``finish``; the tokenizer's None when not asked for.
+
+        The float conversion and normalization are left to ``finish`` on the whole batch: per image they cost
+        more than the crop itself.
+        """
         image = self.shared(image.convert("RGB"))
         top, left, height, width = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
-        model_view = TF.resized_crop(image, top, left, height, width, [self.model_size] * 2, self.model_interpolation, antialias=True)
-        tokenizer_view = TF.resized_crop(image, top, left, height, width, [self.tokenizer_size] * 2, self.tokenizer_interpolation,
-                                         antialias=True)
-        return self.finish_model(model_view), self.finish_tokenizer(tokenizer_view)
+
+        def view(size, interpolation):
+            crop = TF.resized_crop(image, top, left, height, width, [size] * 2, interpolation, antialias=True)
+            return torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)
+
+        return (view(self.model_size, self.model_interpolation),
+                view(self.tokenizer_size, self.tokenizer_interpolation) if tokenizer_view else None)
+
+    def finish(self, model_views: torch.Tensor, tokenizer_views: torch.Tensor | None = None):
+        """uint8 views (..., 3, S, S) from ``crops`` (one or stacked) -> (model views normalized, tokenizer views in [0, 1])."""
+        model = TF.normalize(TF.to_dtype(model_views, torch.float32, scale=True), self.mean, self.std)
+        return model, None if tokenizer_views is None else TF.to_dtype(tokenizer_views, torch.float32, scale=True)
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.finish(*self.crops(image))
 
 
 class CenterView:

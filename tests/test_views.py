@@ -38,3 +38,20 @@ def test_views_repeat_under_the_torch_seed():
     torch.manual_seed(5)
     b = transform(gradient_image())
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_batched_finish_of_uint8_crops_equals_the_one_image_transform():
+    transform = TwoViewTransform(model_size=32, tokenizer_size=16, color_jitter=0.4)
+    images = [gradient_image(), gradient_image(64).rotate(90)]
+    crops, singles = [], []
+    for seed, image in enumerate(images):
+        torch.manual_seed(seed)
+        singles.append(transform(image))
+        torch.manual_seed(seed)
+        crops.append(transform.crops(image))
+        assert crops[-1][0].dtype == torch.uint8 and crops[-1][0].shape == (3, 32, 32)
+    model, tokenizer = transform.finish(torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops]))
+    assert torch.equal(model, torch.stack([s[0] for s in singles])) and torch.equal(tokenizer, torch.stack([s[1] for s in singles]))
+    torch.manual_seed(0)
+    model_only, none = transform.crops(images[0], tokenizer_view=False)
+    assert none is None and torch.equal(transform.finish(model_only)[0], singles[0][0])

@@ -270,6 +270,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
             raise ValueError(f"itm_negatives {itm_negatives} must be a fraction of the pair batch in [0, 1] (0: no image-text matching).")
         self.sources = sources
         self.streams = None  # {kind: ShardStream} of a StreamingPretrainingBatches worker
+        self._prefetched: dict[str, tuple[int, list[dict]]] = {}  # kind -> (step, its slots' records)
         if any(isinstance(source, Shards) for source in sources.values()) and not isinstance(self, StreamingPretrainingBatches):
             raise TypeError("Some kinds are streamed from shards (load_sources(streaming=True)): use StreamingPretrainingBatches.")
         self.batch_sizes = {kind: batch_sizes.get(kind, 0) for kind in KINDS if kind in sources and batch_sizes.get(kind, 0) > 0}
@@ -317,6 +318,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
         """(record, global position) of a sample slot; the record is None for a streamed sample without its image or text."""
         if not self.streams or kind not in self.streams:
             row, position = self._position(kind, step, slot, shift)
+            if shift == 0 and self._prefetched.get(kind, (None,))[0] == step:
+                return self._prefetched[kind][1][slot], position
             return self.sources[kind][row], position
         batch = self.batch_sizes[kind]
         position = (step * self.world_size + self.rank) * batch + slot + shift * batch * self.world_size
@@ -327,6 +330,13 @@ class PretrainingBatches(torch.utils.data.Dataset):
                   "(skipped: the next sample of the stream takes its place)", file=sys.stderr)
             return None, position
         return {"path": f"{sample['__key__']} in {sample['__url__']}", "image_bytes": image, "text": text}, position
+
+    def _prefetch(self, kind: str, step: int) -> None:
+        """Reads the rows of a step's slots in one call: a row at a time, Arrow costs more than the crop."""
+        if self.streams and kind in self.streams:
+            return
+        columns = self.sources[kind][[self._position(kind, step, slot)[0] for slot in range(self.batch_sizes[kind])]]
+        self._prefetched[kind] = (step, [dict(zip(columns, values)) for values in zip(*columns.values())])
 
     def _image_sample(self, kind: str, step: int, slot: int, view):
         """Loads one image, replacing an unreadable one by the next sample of the same stream.
@@ -391,8 +401,10 @@ class PretrainingBatches(torch.utils.data.Dataset):
         batch, skipped = {}, torch.zeros(len(KINDS), dtype=torch.long)
         if "image" in self.batch_sizes:
             model_views, tokenizer_views, labels, masks = [], [], [], []
+            self._prefetch("image", step)
             for slot in range(self.batch_sizes["image"]):
-                views, record, shift, position = self._image_sample("image", step, slot, self.views)
+                views, record, shift, position = self._image_sample("image", step, slot,
+                                                                    self.views if self.codes else self.views.crops)
                 skipped[0] += shift
                 if self.codes:  # the codes of the image actually used, a replacement's included
                     model_views.append(views)
@@ -401,11 +413,12 @@ class PretrainingBatches(torch.utils.data.Dataset):
                     model_views.append(views[0])
                     tokenizer_views.append(views[1])
                 masks.append(BlockMaskGenerator(self.grid, self.num_masked_patches, seed=mixed_seed(self.seed, 7, position))())
-            batch["image"] = {"pixel_values": torch.stack(model_views), "bool_masked_pos": torch.stack(masks)}
             if self.codes:
-                batch["image"]["image_labels"] = torch.stack(labels)
-            else:
-                batch["image"]["tokenizer_pixel_values"] = torch.stack(tokenizer_views)
+                batch["image"] = {"pixel_values": torch.stack(model_views), "image_labels": torch.stack(labels)}
+            else:  # uint8 crops, converted and normalized for the whole batch at once
+                pixels, tokenizer_pixels = self.views.finish(torch.stack(model_views), torch.stack(tokenizer_views))
+                batch["image"] = {"pixel_values": pixels, "tokenizer_pixel_values": tokenizer_pixels}
+            batch["image"]["bool_masked_pos"] = torch.stack(masks)
         if "text" in self.batch_sizes:
             if self.streams and "text" in self.streams:
                 texts = []
@@ -418,18 +431,20 @@ class PretrainingBatches(torch.utils.data.Dataset):
                         print(f"warning: {sample['__url__']} at {sample['__key__']} is not a text line (not UTF-8, or a jsonl line "
                               "without a string text); skipped", file=sys.stderr)
             else:
-                rows = [self._position("text", step, slot)[0] for slot in range(self.batch_sizes["text"])]
-                texts = [self.sources["text"][row]["text"] for row in rows]
+                self._prefetch("text", step)
+                texts = [record["text"] for record in self._prefetched["text"][1]]
             batch["text"] = self._masked_text("text", self._tokenize(texts), step)
         if "pair" in self.batch_sizes:
             images, texts = [], []
+            self._prefetch("pair", step)
             for slot in range(self.batch_sizes["pair"]):
-                (model_view, _), record, shift, _ = self._image_sample("pair", step, slot, self.pair_view)
+                (model_view, _), record, shift, _ = self._image_sample("pair", step, slot,
+                                                                       lambda image: self.pair_view.crops(image, tokenizer_view=False))
                 skipped[2] += shift
                 images.append(model_view)
                 texts.append(record["text"])
             encoded = self._tokenize(texts)
-            batch["pair"] = {"pixel_values": torch.stack(images), **self._masked_text("pair", encoded, step)}
+            batch["pair"] = {"pixel_values": self.pair_view.finish(torch.stack(images))[0], **self._masked_text("pair", encoded, step)}
             if self.itm_pairs:
                 batch["itm"] = self._matching_batch(batch["pair"]["pixel_values"], texts, encoded, step)
         batch["counts"] = {f"skipped_{kind}": int(count) for kind, count in zip(KINDS, skipped) if kind in self.batch_sizes}

@@ -1,0 +1,166 @@
+"""Does the pretraining data pipeline keep up with the model? Side by side in one process.
+
+For a model config and its batch sizes (the demo's by default), on a generated shapes world:
+  data      samples/s of the pipeline alone in this process, i.e. one loader worker: decode, two views,
+            block masks, tokenization, MLM masking, hard negatives (``PretrainingBatches``)
+  model     samples/s of the masked data modeling step alone (forward, backward, AdamW) on batches
+            already in memory, with the visual tokenizer's codes computed as in training
+  end2end   samples/s of the same step fed by a DataLoader with --workers workers, and the share of
+            step time spent waiting for data
+Blocks of steps alternate which of model and end2end runs first; figures are medians. The ratio
+end2end / model is the pipeline's cost: 1.0 means the model never waits.
+
+    python benchmarks/data.py                                   # the demo's model and batches
+    python benchmarks/data.py --preset beit3_base_patch16_224 --image-size 224 --batch 8,8,8 --steps 3
+    python benchmarks/data.py --streaming                       # the same world read from webdataset shards
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore")
+
+
+def world(folder: Path, images: int, size: int, streaming: bool) -> dict:
+    from beit3 import train_sentencepiece
+    from beit3.data.synthetic import write_shapes_world
+
+    paths = write_shapes_world(folder / "data", images, size=size)
+    train_sentencepiece(folder / "tok", vocab_size=36, files=[paths["texts"]], model_max_length=32, quiet=True)
+    sources = {"images": str(paths["images"]), "texts": [str(paths["texts"])], "pairs": [str(paths["pairs"])]}
+    if streaming:
+        for kind, flag, path in (("pairs", "--pairs", paths["pairs"]), ("images", "--images", paths["images"])):
+            printed = subprocess.run([sys.executable, str(ROOT / "tasks/make_shards.py"), flag, str(path), "--output",
+                                      str(folder / f"shards/{kind}-%03d.tar"), "--shard-size", "64"],
+                                     check=True, capture_output=True, text=True).stdout
+            pattern = printed.split(": ", 1)[1].split()[0]
+            sources[kind] = [pattern] if kind == "pairs" else pattern
+    return sources
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/pretrain/demo.yaml", help="model, batch sizes and data options from here")
+    parser.add_argument("--preset", help="another model preset (with --image-size)")
+    parser.add_argument("--image-size", type=int, help="the model's image size (and the generated images' with --preset)")
+    parser.add_argument("--batch", help="image,text,pair samples per step (default: the config's)")
+    parser.add_argument("--images", type=int, default=512, help="generated images")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1, help="data-loader workers of the end2end side")
+    parser.add_argument("--streaming", action="store_true", help="read images and pairs from webdataset shards")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from beit3 import Beit3Config
+    from beit3.data.pretraining import PretrainingBatches, Shards, StreamingPretrainingBatches, load_sources
+    from beit3.modeling_heads import Beit3ForMaskedDataModeling
+    from beit3.training.pretraining import masked_data_modeling_step
+    from beit3.visual_tokenizers import VQKD, VQKDConfig
+
+    config = yaml.safe_load((ROOT / args.config).read_text())
+    model_section, data = config["model"], config["data"]
+    overrides = dict(model_section.get("overrides", {})) if not args.preset else {}
+    if args.image_size:
+        overrides["image_size"] = args.image_size
+    model_config = Beit3Config.from_preset(args.preset or model_section["preset"], **overrides)
+    sizes = dict(zip(("image", "text", "pair"), map(int, args.batch.split(",")))) if args.batch else data["batch_size"]
+    itm = float(data.get("itm_negatives", 0.0)) if model_config.itm_weight else 0.0
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        sources_paths = world(tmp, args.images, max(64, model_config.image_size), args.streaming)
+        tokenizer = AutoTokenizer.from_pretrained(tmp / "tok")
+        visual = VQKD(VQKDConfig.from_preset("vqkd_tiny", image_size=model_config.image_size, patch_size=model_config.patch_size)).eval()
+        model_config.visual_vocab_size, model_config.vocab_size = visual.codebook_size, len(tokenizer)
+        model_config.mask_token_id = tokenizer.mask_token_id
+        sources = load_sources(**sources_paths, streaming=args.streaming)
+        kind = StreamingPretrainingBatches if any(isinstance(s, Shards) for s in sources.values()) else PretrainingBatches
+
+        def batches(workers: int, start: int, count: int):
+            extra = {"num_workers": workers} if kind is StreamingPretrainingBatches else {}
+            return kind(sources, sizes, tokenizer, model_config.image_size, model_config.patch_size,
+                        max_text_length=data.get("max_text_length", 64), tokenizer_image_size=visual.image_size,
+                        text_mask_prob=data.get("text_mask_prob", 0.15), pair_mask_prob=data.get("pair_mask_prob", 0.5),
+                        start_step=start, num_steps=count, pair_crop_scale=data.get("pair_crop_scale", (0.5, 1.0)),
+                        pair_hflip=data.get("pair_hflip", 0.5), itm_negatives=itm, **extra)
+
+        samples_per_step = sum(sizes.values())
+        model = Beit3ForMaskedDataModeling(model_config).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        step = masked_data_modeling_step(visual)
+
+        def train_step(batch):
+            batch = {k: v for k, v in batch.items() if k not in ("counts", "data_state")}
+            loss, _ = step(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def data_only(start):
+            source = iter(torch.utils.data.DataLoader(batches(0, start, args.steps), batch_size=None, num_workers=0))
+            begin = time.perf_counter()
+            cached = [next(source) for _ in range(args.steps)]
+            return samples_per_step * args.steps / (time.perf_counter() - begin), cached
+
+        def model_only(cached):
+            begin = time.perf_counter()
+            for batch in cached:
+                train_step(batch)
+            return samples_per_step * len(cached) / (time.perf_counter() - begin)
+
+        def end_to_end(start):
+            loader = torch.utils.data.DataLoader(batches(args.workers, start, args.steps + 2), batch_size=None,
+                                                 num_workers=args.workers, prefetch_factor=4 if args.workers else None)
+            source = iter(loader)
+            train_step(next(source))  # the workers' start-up is not a step
+            train_step(next(source))
+            waited, begin = 0.0, time.perf_counter()
+            for _ in range(args.steps):
+                before = time.perf_counter()
+                batch = next(source)
+                waited += time.perf_counter() - before
+                train_step(batch)
+            seconds = time.perf_counter() - begin
+            return samples_per_step * args.steps / seconds, waited / seconds
+
+        _, warm = data_only(0)
+        model_only(warm[:2])
+        figures = {"data": [], "model": [], "end2end": [], "wait": []}
+        for rep in range(args.reps):
+            rate, cached = data_only(1000 * (rep + 1))
+            figures["data"].append(rate)
+            sides = [("model", lambda: model_only(cached)), ("end2end", lambda: end_to_end(1000 * (rep + 1) + 500))]
+            for name, side in (sides if rep % 2 == 0 else sides[::-1]):
+                result = side()
+                if name == "end2end":
+                    figures["end2end"].append(result[0])
+                    figures["wait"].append(result[1])
+                else:
+                    figures["model"].append(result)
+    median = {name: statistics.median(values) for name, values in figures.items()}
+    print(json.dumps({"preset": args.preset or model_section["preset"], "image_size": model_config.image_size, "batch": sizes,
+                      "streaming": args.streaming, "workers": args.workers, "torch_threads": torch.get_num_threads(),
+                      **{k: round(v, 3) for k, v in median.items()}}))
+    print(f"data alone {median['data']:.0f} samples/s per worker; model alone {median['model']:.0f}; end to end "
+          f"{median['end2end']:.0f} with {args.workers} worker(s) = {median['end2end'] / median['model']:.2f} of the model-only rate, "
+          f"{100 * median['wait']:.0f}% of step time waiting for data (medians of {args.reps})")
+
+
+if __name__ == "__main__":
+    main()
