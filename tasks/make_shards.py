@@ -12,7 +12,6 @@ and counted. Each shard is written under a temporary name and renamed when compl
 """
 
 import argparse
-import json
 import random
 import re
 import sys
@@ -20,25 +19,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def pair_records(files: list[str]):
-    """(key, image path, caption) of every usable line, with a warning for each one skipped."""
-    for file in files:
-        base = Path(file).parent
-        with open(file, encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    image, text = record["image"], record["text"]
-                    if not isinstance(image, str) or not image or not isinstance(text, str) or not text.strip():
-                        raise ValueError("needs a non-empty image path and text")
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                    print(f"warning: {file}:{number} is not a {{\"image\", \"text\"}} line ({error}); skipped", file=sys.stderr)
-                    continue
-                yield base / image, text
 
 
 def main(argv=None) -> None:
@@ -52,6 +32,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from beit3.data.images import list_images
+    from beit3.data.pretraining import pair_lines
     from beit3.data.streaming import write_shards
 
     if not re.search(r"%0?\d*d", args.output) or not args.output.endswith(".tar"):
@@ -59,7 +40,7 @@ def main(argv=None) -> None:
     if args.shard_size < 1:
         parser.error(f"--shard-size must be at least 1, not {args.shard_size}")
     if args.pairs:
-        records = list(pair_records(args.pairs))
+        records = list(pair_lines(args.pairs))
     else:
         try:
             records = [(path, None) for path in list_images(args.images)]

@@ -116,10 +116,13 @@ def test_pair_lines_without_an_image_path_or_a_text_are_skipped_and_named(world,
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join([json.dumps({"image": image, "text": "a red circle"}), json.dumps({"image": None, "text": "a red circle"}),
                                 json.dumps({"image": image, "text": "  "}), json.dumps({"image": image, "text": None})]) + "\n")
+    with open(pairs, "ab") as handle:  # a Latin-1 caption: not UTF-8
+        handle.write(b'{"image": "' + image.encode() + b'", "text": "caf\xe9"}\n')
     source = load_sources(pairs=[str(pairs)])["pair"]
     assert source["text"] == ["a red circle"]  # one rule for texts and pairs: empty texts are left out
     err = capsys.readouterr().err
     assert f"{pairs}:2" in err and "the image is None" in err and f"{pairs}:3" in err and f"{pairs}:4" in err
+    assert f"{pairs}:5" in err and "utf-8" in err
 
 
 def test_empty_or_missing_sources_are_refused(world, tmp_path):

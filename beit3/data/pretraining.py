@@ -174,30 +174,38 @@ def image_codes_source(images: str, paths: list[Path], image_codes: str) -> Data
 _PAIR_FEATURES = Features({"path": Value("string"), "text": Value("string"), "image_bytes": Value("binary")})
 
 
+def pair_lines(files: list[str]):
+    """(image path, caption) of every usable jsonl line ``{"image": path, "text": caption}``, the path made relative
+    to its file's folder; a bad line (not UTF-8, not JSON, no image path, an empty text) is skipped with a warning naming
+    the file and line."""
+    for file in files:
+        base = Path(file).parent
+        with open(file, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line.decode("utf-8"))
+                    path, text = record["image"], record["text"]
+                    if not isinstance(path, str) or not path:
+                        raise ValueError(f"the image is {path!r}, not a path")
+                    if not isinstance(text, str) or not text.strip():
+                        raise ValueError(f"the text is {text!r}: the pair kind, like the text kind, keeps only non-empty texts")
+                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                    print(f"warning: {file}:{number} is not a {{\"image\", \"text\"}} line ({error}); skipped", file=sys.stderr)
+                    continue
+                yield base / path, text
+
+
 def _jsonl_pairs(files: list[str]) -> Dataset:
-    """Pairs from jsonl lines ``{"image": path, "text": caption}``, paths relative to their file.
+    """Pairs from jsonl lines ``{"image": path, "text": caption}``, paths relative to their file (``pair_lines``).
 
     The rows go to an Arrow file in the ``datasets`` cache, written once and memory-mapped: a pair list
     larger than RAM is read from disk. A bad line is skipped with a warning when the cache is written.
     """
     def rows(files: list[str], stamps: list[tuple[int, int]]):
-        for file in files:
-            base = Path(file).parent
-            with open(file) as handle:
-                for number, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                        path, text = record["image"], record["text"]
-                        if not isinstance(path, str) or not path:
-                            raise ValueError(f"the image is {path!r}, not a path")
-                        if not isinstance(text, str) or not text.strip():
-                            raise ValueError(f"the text is {text!r}: the pair kind, like the text kind, keeps only non-empty texts")
-                    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                        print(f"warning: {file}:{number} is not a {{\"image\", \"text\"}} line ({error}); skipped", file=sys.stderr)
-                        continue
-                    yield {"path": str(base / path), "text": text, "image_bytes": None}
+        for path, text in pair_lines(files):
+            yield {"path": str(path), "text": text, "image_bytes": None}
 
     files = [str(Path(f).resolve()) for f in files]
     # The cache is keyed on the arguments: size and mtime make an edited file a new key instead of a stale hit.
