@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     from beit3.data.pretraining import PretrainingBatches, Shards, StreamingPretrainingBatches, load_sources
     from beit3.modeling_heads import Beit3ForMaskedDataModeling
     from beit3.training.config import load_config
-    from beit3.training.engine import Engine, TrainSettings, read_run_log
+    from beit3.training.engine import Engine, TrainSettings, read_run_log, record_run_config
     from beit3.training.pretraining import masked_data_modeling_step
     from beit3.visual_tokenizers import VisualTokenizer
 
@@ -114,10 +114,13 @@ def main(argv=None) -> None:
     engine = Engine(model, settings, json.loads((ROOT / data.get("deepspeed", f"configs/deepspeed/zero{settings.zero_stage}.json")).read_text()))
     if visual_tokenizer is not None:
         visual_tokenizer.to(engine.device)
+    try:
+        record_run_config(engine, config)  # a resume with another config stops here, before anything is rewritten
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     if engine.rank == 0:
         model_config.save_pretrained(engine.output_dir / "model")
         tokenizer.save_pretrained(engine.output_dir / "model")
-        (engine.output_dir / "run_config.json").write_text(json.dumps(config, indent=2))
     batch_sizes = data["batch_size"]
 
     streamed = any(isinstance(source, Shards) for source in sources.values())

@@ -187,6 +187,23 @@ def test_a_checkpoint_resumes_only_in_the_layout_that_wrote_it(world, tmp_path):
     assert "written with world_size=1, zero_stage=0" in output and "as many processes" in output
 
 
+def test_a_resume_with_another_config_is_refused_before_any_file_is_rewritten(world, tmp_path):
+    run = tmp_path / "run"
+    first = pretrain(world, run, max_steps=2, save_every=2)
+    assert first.returncode == 0, first.stderr[-2000:]
+    kept = {name: (run / name).read_bytes() for name in ("run_config.json", "model/config.json")}
+    changed = pretrain(world, run, max_steps=4, save_every=2, lr=5e-4,
+                       sets=["model.overrides={image_size: 64, patch_size: 8, max_position_embeddings: 66, hidden_size: 32}"])
+    assert changed.returncode != 0
+    output = changed.stdout + changed.stderr
+    assert "train.lr: 0.001 -> 0.0005" in output and "model.overrides.hidden_size: '(not set)' -> 32" in output
+    assert "Traceback" not in output and {name: (run / name).read_bytes() for name in kept} == kept  # export still reads them
+    longer = pretrain(world, run, max_steps=4, save_every=2)  # what may change: how long it runs, how often it saves...
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "changed settings: train.max_steps: 2 -> 4" in longer.stderr and "resumed from step 2" in longer.stdout
+    assert json.loads((run / "run_config.json").read_text())["train"]["max_steps"] == 4
+
+
 @pytest.mark.parametrize("setting, message", [
     ("text_tokenizer=/nonexistent/tokenizer", "text_tokenizer /nonexistent/tokenizer does not exist"),
     ("data.sources.images=/nonexistent/images", "No image folder at /nonexistent/images"),

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
 
     from beit3.data.pretraining import PretrainingBatches, load_sources
     from beit3.training.config import load_config
-    from beit3.training.engine import Engine, TrainSettings
+    from beit3.training.engine import Engine, TrainSettings, record_run_config
     from beit3.training.tokenizer_training import build_visual_tokenizer, visual_tokenizer_step
 
     try:
@@ -40,6 +40,10 @@ def main(argv=None) -> None:
     torch.manual_seed(settings.seed)
     model = build_visual_tokenizer(args.kind, config["preset"], config.get("overrides"), config.get("teacher_checkpoint"))
     engine = Engine(model, settings, json.loads((ROOT / data.get("deepspeed", "configs/deepspeed/zero1.json")).read_text()))
+    try:
+        record_run_config(engine, config)  # a resume with another config stops here
+    except ValueError as error:
+        sys.exit(f"error: {error}")
 
     def make_loader(start_step: int, num_steps: int):
         batches = PretrainingBatches(sources, {"image": data["batch_size"]}, None, model.image_size, model.patch_size,

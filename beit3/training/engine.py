@@ -139,6 +139,50 @@ def _truncate_run_log(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
+# What a resumed run may change: how long it runs, how often it logs and saves, what it keeps, its loader workers,
+# and the spelling of its output_dir. Anything else would make the resumed steps those of another run.
+RESUMABLE_CHANGES = frozenset({"train.max_steps", "train.save_every", "train.log_every", "train.keep_last",
+                               "train.max_nonfinite_steps", "train.num_workers", "train.output_dir"})
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict) and node:
+        return {key: value for name, child in node.items() for key, value in _flatten(child, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: node}
+
+
+def record_run_config(engine: "Engine", config: dict, may_change: frozenset = RESUMABLE_CHANGES) -> list[str]:
+    """Writes ``output_dir/run_config.json`` (rank 0, atomically), after checking ``config`` against the one of
+    the run it will resume, if any: a changed field outside ``may_change`` raises ValueError naming each field
+    with its old and new value, and nothing is written. Returns the allowed changes taken ("field: old -> new").
+
+    Call it before writing anything else into output_dir (``model/config.json``...), so that a refused
+    resume leaves the run's files as the checkpoints need them.
+    """
+    path = engine.output_dir / "run_config.json"
+    resolved = json.loads(json.dumps(config))  # tuples as lists, as the file has them
+    taken = []
+    if engine.complete_checkpoints() and path.is_file():
+        old, new = _flatten(json.loads(path.read_text())), _flatten(resolved)
+        missing = "(not set)"
+        changed = {key: (old.get(key, missing), new.get(key, missing)) for key in sorted(old.keys() | new.keys())
+                   if old.get(key, missing) != new.get(key, missing)}
+        refused = {key: change for key, change in changed.items() if key not in may_change}
+        if refused:
+            raise ValueError(f"{engine.output_dir} holds checkpoints of a run with another config: "
+                             + "; ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in refused.items())
+                             + f". A resumed run may change only {', '.join(sorted(may_change))}. Restore those fields to "
+                             "resume, or give the new run another train.output_dir.")
+        taken = [f"{key}: {a!r} -> {b!r}" for key, (a, b) in changed.items()]
+        if taken and engine.rank == 0:
+            print(f"note: resuming {engine.output_dir} with changed settings: {'; '.join(taken)}", file=sys.stderr)
+    if engine.rank == 0:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(resolved, indent=2))
+        os.replace(tmp, path)
+    return taken
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """Initializes torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); a plain
     ``python script.py`` becomes a world of one. Returns (rank, world size, device)."""

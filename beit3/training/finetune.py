@@ -170,7 +170,7 @@ def evaluate_and_save(task, model, output_dir: Path) -> dict:
 
 def train(task, config: dict) -> dict | None:
     from ..export import export
-    from .engine import Engine, TrainSettings
+    from .engine import Engine, TrainSettings, record_run_config
 
     settings = TrainSettings.from_config(config["train"])
     model_section = config["model"]
@@ -189,11 +189,14 @@ def train(task, config: dict) -> dict | None:
     ds_file = config["data"].get("deepspeed") or f"configs/deepspeed/zero{settings.zero_stage}.json"
     engine = Engine(model, settings, json.loads((ROOT / ds_file).read_text()) if (ROOT / ds_file).is_file() else None)
     task.engine = engine
+    try:
+        record_run_config(engine, config)  # a resume with another config stops here, before anything is rewritten
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     if engine.rank == 0:  # what export reads to rebuild the model from the checkpoint
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(engine.output_dir / "model")
         tokenizer.save_pretrained(engine.output_dir / "model")
-        (engine.output_dir / "run_config.json").write_text(json.dumps(config, indent=2))
 
     def make_loader(first: int, count: int):
         sampler = StepBatchSampler(len(dataset), settings.micro_batch_size, seed=settings.seed, rank=engine.rank,
