@@ -120,6 +120,9 @@ def _open_image(path) -> Image.Image:
             image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"No image file at {path}.") from None
+    except Image.DecompressionBombError as error:  # neither OSError nor ValueError
+        raise ValueError(f"{path} has more pixels than PIL reads by default (2 x PIL.Image.MAX_IMAGE_PIXELS, a guard "
+                         f"against decompression bombs): {error}. Raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted.") from error
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path} is not an image file PIL can read ({error}).") from error
     return image

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
+from .data.common import load_rgb
 from .image_processing_beit3 import Beit3ImageProcessor
 from .modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForVisualQuestionAnswering,
                              Beit3ForVisualReasoning)
@@ -33,8 +34,7 @@ def load_images(paths: list[str]) -> list[Image.Image]:
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
+            images.append(load_rgb(path))  # (a decompression bomb too: a clear error, not a traceback)
         except (OSError, ValueError) as error:
             raise SystemExit(f"error: cannot read image {path}: {error}") from error
     return images

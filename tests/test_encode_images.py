@@ -125,3 +125,20 @@ def test_write_codes_replaces_and_checks(tmp_path):
     with pytest.raises(FileNotFoundError, match="no codes.safetensors"):
         read_codes(tmp_path)
 
+
+
+def test_dangling_links_and_linked_folders_are_counted_not_silently_left_out(tmp_path, capsys):
+    folder = tmp_path / "images"
+    (folder / "real").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "real" / "a.png")
+    os.symlink(tmp_path / "gone.png", folder / "dangling.png")
+    os.symlink(folder / "loop-b.jpg", folder / "loop-a.jpg")
+    os.symlink(folder / "loop-a.jpg", folder / "loop-b.jpg")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(elsewhere / "b.png")
+    os.symlink(elsewhere, folder / "linked")
+    os.symlink(folder / "real" / "a.png", folder / "good-link.png")
+    assert [p.name for p in list_images(folder)] == ["good-link.png", "a.png"]
+    err = capsys.readouterr().err
+    assert "3 image links below" in err and "lead nowhere" in err and "1 linked folders" in err and "linked" in err

@@ -155,3 +155,11 @@ def test_save_and_load_through_auto_image_processor(tmp_path):
     loaded = AutoImageProcessor.from_pretrained(tmp_path / "imagenet", backend="pil")
     image = random_image(50, 70)
     assert loaded.do_center_crop and torch.equal(pixels(loaded, image)[0], unilm_imagenet(image))
+
+
+def test_a_decompression_bomb_path_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (100, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match=r"bomb\.png has more pixels than PIL reads by default"):
+        Beit3ImageProcessor(size=32)(str(path))

@@ -54,3 +54,12 @@ def test_bad_input_is_refused_with_a_message(setup, tmp_path):
         main(["nlvr2", "--model", str(folder / "nlvr2"), "--images", images[0], "--text", "x"])
     with pytest.raises(SystemExit, match="no model folder"):
         main(["caption", "--model", str(tmp_path / "missing"), "--images", images[0]])
+
+
+def test_a_decompression_bomb_is_a_clear_error(setup, monkeypatch):
+    from PIL import Image
+
+    folder, images = setup
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 64 px test images are then over twice the limit
+    with pytest.raises(SystemExit, match=f"cannot read image {images[0]}.*decompression bombs"):
+        main(["classify", "--model", str(folder / "classify"), "--images", images[0]])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,27 @@ INDEX_NAME = "index.jsonl"
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Every file below ``folder`` (recursively) with an image suffix (any case), sorted."""
+    """Every file below ``folder`` (recursively) with an image suffix (any case), sorted.
+
+    Links that lead nowhere (dangling, or a loop) and linked folders (not followed) are left out and
+    counted in a warning on stderr, with an example of each.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"No image folder at {folder}.")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images, broken, linked_folders = [], [], []
+    for path in folder.rglob("*"):
+        if path.is_symlink() and path.is_dir():
+            linked_folders.append(path)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            (images if path.is_file() else broken if path.is_symlink() else []).append(path)
+    if broken:
+        print(f"warning: {len(broken)} image links below {folder} lead nowhere (dangling, or a loop), e.g. {sorted(broken)[0]}; "
+              "left out", file=sys.stderr)
+    if linked_folders:
+        print(f"warning: {len(linked_folders)} linked folders below {folder} are not followed, e.g. {sorted(linked_folders)[0]}; "
+              "link or copy their images in, or list their target folder", file=sys.stderr)
+    return sorted(images)
 
 
 def tokenizer_transform(image_size: int) -> T.Compose:
