@@ -103,6 +103,34 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_last_good_chec
     assert not (tmp_path / "run/checkpoints/step00000006").exists()
 
 
+def test_weights_blown_up_by_an_update_are_never_saved_as_a_checkpoint(tmp_path):
+    script = textwrap.dedent(f"""
+        import torch
+        from beit3 import Beit3Model
+        from beit3.training.engine import Engine, TrainSettings
+        import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})
+        from conftest import tiny_config
+        torch.manual_seed(0)
+        model = Beit3Model(tiny_config())
+        settings = TrainSettings(output_dir={str(tmp_path / 'run')!r}, max_steps=8, save_every=2, log_every=1, num_workers=0)
+        engine = Engine(model, settings)
+        def step_fn(module, batch):
+            if engine.step == 3:  # an update that overflows weights this loss does not read: the loss stays finite
+                with torch.no_grad():
+                    module.module.embeddings.text_embeddings.weight[5].fill_(float("inf"))
+            return module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean(), {{}}
+        def make_loader(start, count):
+            return iter([{{"pixel_values": torch.randn(2, 3, 32, 32)}} for _ in range(100)])
+        engine.fit(step_fn, make_loader, samples_per_step=2)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "step 4: the weights are no longer finite" in output and "The last good checkpoint is" in output and "step00000002" in output
+    assert (tmp_path / "run/checkpoints/step00000002/COMPLETE").exists()
+    assert not (tmp_path / "run/checkpoints/step00000004/COMPLETE").exists()
+
+
 def test_shipped_pretraining_configs_parse():
     for name in ("tiny", "beit3_base_paper"):
         config = load_config(ROOT / "configs/pretrain" / f"{name}.yaml")

@@ -369,6 +369,15 @@ class Engine:
 
     def save(self) -> None:
         tag = f"step{self.step:08d}"
+        # A checkpoint of blown-up weights (a finite loss, then an update to inf) would be "the last good one".
+        finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in self.module.module.parameters())
+        flag = torch.tensor([float(finite)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() == 0:
+            last = self.complete_checkpoints()
+            raise RuntimeError(f"step {self.step}: the weights are no longer finite (an update blew them up), so this checkpoint "
+                               f"is not saved. The last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}. "
+                               "Lower the learning rate, check the data, or use fp32.")
         self.module.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state={"step": self.step, "counters": self.counters},
                                     save_latest=False)
         data_states = [None] * self.world_size
