@@ -76,25 +76,32 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert sum(decays.values()) == sum(p.numel() for p in model.parameters())
 
 
-def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_last_good_checkpoint(tmp_path):
-    script = textwrap.dedent(f"""
-        import torch, warnings
+def train_tiny_engine(tmp_path, settings: str, step_fn: str) -> subprocess.CompletedProcess:
+    """Engine.fit on a tiny backbone in a fresh process, with ``settings`` (TrainSettings arguments) and the body
+    of ``step_fn(module, batch)``, which sees ``engine``; returns the finished process."""
+    script = textwrap.dedent("""
+        import torch
         from beit3 import Beit3Model
         from beit3.training.engine import Engine, TrainSettings
-        import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})
+        import sys; sys.path.insert(0, {tests!r})
         from conftest import tiny_config
         torch.manual_seed(0)
-        model = Beit3Model(tiny_config())
-        settings = TrainSettings(output_dir={str(tmp_path / 'run')!r}, max_steps=20, save_every=2, log_every=1, max_nonfinite_steps=3, num_workers=0)
-        engine = Engine(model, settings)
+        engine = Engine(Beit3Model(tiny_config()), TrainSettings(output_dir={run!r}, log_every=1, num_workers=0, {settings}))
         def step_fn(module, batch):
-            loss = module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean()
-            return (loss * float("nan") if engine.step >= 4 else loss), {{}}
+        {body}
         def make_loader(start, count):
             return iter([{{"pixel_values": torch.randn(2, 3, 32, 32)}} for _ in range(100)])
         engine.fit(step_fn, make_loader, samples_per_step=2)
+    """).format(tests=str(ROOT / "tests"), run=str(tmp_path / "run"), settings=settings,
+                body=textwrap.indent(textwrap.dedent(step_fn).strip(), "    "))
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_last_good_checkpoint(tmp_path):
+    result = train_tiny_engine(tmp_path, "max_steps=20, save_every=2, max_nonfinite_steps=3", """
+        loss = module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean()
+        return (loss * float("nan") if engine.step >= 4 else loss), {}
     """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "step 4: the loss is not finite" in output and "step 5: the loss is not finite" in output
@@ -104,26 +111,12 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_last_good_chec
 
 
 def test_weights_blown_up_by_an_update_are_never_saved_as_a_checkpoint(tmp_path):
-    script = textwrap.dedent(f"""
-        import torch
-        from beit3 import Beit3Model
-        from beit3.training.engine import Engine, TrainSettings
-        import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})
-        from conftest import tiny_config
-        torch.manual_seed(0)
-        model = Beit3Model(tiny_config())
-        settings = TrainSettings(output_dir={str(tmp_path / 'run')!r}, max_steps=8, save_every=2, log_every=1, num_workers=0)
-        engine = Engine(model, settings)
-        def step_fn(module, batch):
-            if engine.step == 3:  # an update that overflows weights this loss does not read: the loss stays finite
-                with torch.no_grad():
-                    module.module.embeddings.text_embeddings.weight[5].fill_(float("inf"))
-            return module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean(), {{}}
-        def make_loader(start, count):
-            return iter([{{"pixel_values": torch.randn(2, 3, 32, 32)}} for _ in range(100)])
-        engine.fit(step_fn, make_loader, samples_per_step=2)
+    result = train_tiny_engine(tmp_path, "max_steps=8, save_every=2", """
+        if engine.step == 3:  # an update that overflows weights this loss does not read: the loss stays finite
+            with torch.no_grad():
+                module.module.embeddings.text_embeddings.weight[5].fill_(float("inf"))
+        return module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean(), {}
     """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "step 4: the weights are no longer finite" in output and "The last good checkpoint is" in output and "step00000002" in output
