@@ -105,18 +105,17 @@ def load_sources(images: str | list[str] | None = None, texts: list[str] | None 
     if pairs:
         shards = [str(f) for f in pairs if is_shard_pattern(f)]
         files = [str(f) for f in pairs if not is_shard_pattern(f)]
+        if streaming and files:
+            raise ValueError(f"With data.streaming: true the pairs must be webdataset shards, but {files[:2]} are not; "
+                             "convert them with tasks/make_shards.py, or turn streaming off.")
         if streaming:
-            if files:
-                raise ValueError(f"With data.streaming: true the pairs must be webdataset shards, but {files[:2]} are not; "
-                                 "convert them with tasks/make_shards.py, or turn streaming off.")
-            shards = []
-            sources["pair"] = Shards(expand_shards([str(f) for f in pairs]))
+            sources["pair"] = Shards(expand_shards(shards))
         elif any("{" in f or "://" in f or f.startswith("pipe:") for f in shards):
             raise ValueError(f"The pair shards {shards[:2]} are a pattern or URL, which only streaming reads: set data.streaming: true.")
-        parts = ([_jsonl_pairs(files)] if files else []) + ([_webdataset_pairs(shards)] if shards else [])
-        from datasets import concatenate_datasets
+        else:
+            from datasets import concatenate_datasets
 
-        if parts:
+            parts = ([_jsonl_pairs(files)] if files else []) + ([_webdataset_pairs(shards)] if shards else [])
             sources["pair"] = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     for kind, dataset in sources.items():
         if isinstance(dataset, Shards):
