@@ -345,8 +345,10 @@ class Engine:
             except OSError as error:
                 raise PermissionError(f"Cannot write to output_dir {self.output_dir}: {error}. Choose a writable directory.") from error
             _lock_output_dir(self.output_dir)
-        if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
+        # transformers 5.24 renamed it (the old name warns and goes in v6); older releases have only the old one
+        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+        if settings.gradient_checkpointing and enable is not None:
+            enable()
         for parameter in model.parameters():
             if parameter.dim() == 0:  # (retrieval's logit_scale) DeepSpeed broadcasts parameters viewed as bytes, impossible for 0-dim
                 parameter.data = parameter.data.reshape(1)  # beit3.export gives it back its shape
