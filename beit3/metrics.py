@@ -238,14 +238,14 @@ def caption_scores(predictions: Mapping[int, str], references: Mapping[int, Sequ
 # -------------------------------------------------------------------------------- prediction files
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
+def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = None) -> None:
     """Writes JSON to a temporary file beside ``path`` and moves it into place: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(obj, out)
+            json.dump(obj, out, indent=indent)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)

@@ -33,7 +33,8 @@ from datasets import Dataset, Features, Value, load_dataset
 from ..masking import BlockMaskGenerator, mask_text_tokens, text_masker
 from .common import load_rgb
 from .sampling import mixed_seed
-from .streaming import ShardStream, expand_shards, is_shard_pattern, pair_of, shard_samples, text_pieces, text_samples
+from .streaming import (ShardStream, check_stream_count, expand_shards, is_shard_pattern, is_url, pair_of, shard_samples,
+                        text_pieces, text_samples)
 from .images import list_images, read_codes, read_codes_info
 from ..views import CenterView, TwoViewTransform
 
@@ -110,7 +111,7 @@ def load_sources(images: str | list[str] | None = None, texts: list[str] | None 
                              "convert them with tasks/make_shards.py, or turn streaming off.")
         if streaming:
             sources["pair"] = Shards(expand_shards(shards))
-        elif any("{" in f or "://" in f or f.startswith("pipe:") for f in shards):
+        elif any("{" in f or is_url(f) for f in shards):
             raise ValueError(f"The pair shards {shards[:2]} are a pattern or URL, which only streaming reads: set data.streaming: true.")
         else:
             from datasets import concatenate_datasets
@@ -119,7 +120,7 @@ def load_sources(images: str | list[str] | None = None, texts: list[str] | None 
             sources["pair"] = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     for kind, dataset in sources.items():
         if isinstance(dataset, Shards):
-            missing = [url for url in dataset if "://" not in url and not url.startswith("pipe:") and not os.path.isfile(url)]
+            missing = [url for url in dataset if not is_url(url) and not os.path.isfile(url)]
             if len(missing) == len(dataset):
                 raise ValueError(f"None of the {len(dataset)} {kind} shards exists (e.g. {missing[0]}); check the path or pattern.")
             if missing:
@@ -314,10 +315,14 @@ class PretrainingBatches(torch.utils.data.Dataset):
         order = np.random.default_rng(mixed_seed(self.seed, KINDS.index(kind), epoch)).permutation(len(self.sources[kind]))
         return order.astype(np.int32) if len(order) < 2 ** 31 else order  # 4 bytes a sample: the order of a big corpus stays small
 
-    def _position(self, kind: str, step: int, slot: int, shift: int = 0) -> tuple[int, int]:
-        """(dataset row, global position) of a sample slot; ``shift`` walks on to replace corrupt images."""
+    def _global_position(self, kind: str, step: int, slot: int, shift: int = 0) -> int:
+        """The slot's place in the kind's global order; ``shift`` walks on to replace corrupt images."""
         batch = self.batch_sizes[kind]
-        position = (step * self.world_size + self.rank) * batch + slot + shift * batch * self.world_size
+        return (step * self.world_size + self.rank) * batch + slot + shift * batch * self.world_size
+
+    def _position(self, kind: str, step: int, slot: int, shift: int = 0) -> tuple[int, int]:
+        """(dataset row, global position) of a sample slot."""
+        position = self._global_position(kind, step, slot, shift)
         epoch, offset = divmod(position, len(self.sources[kind]))
         return int(self._permutation(kind, epoch)[offset]), position
 
@@ -328,8 +333,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
             if shift == 0 and self._prefetched.get(kind, (None,))[0] == step:
                 return self._prefetched[kind][1][slot], position
             return self.sources[kind][row], position
-        batch = self.batch_sizes[kind]
-        position = (step * self.world_size + self.rank) * batch + slot + shift * batch * self.world_size
+        position = self._global_position(kind, step, slot, shift)
         sample = next(self.streams[kind])
         image, text = pair_of(sample)
         if image is None or (kind == "pair" and (text is None or not _has_text({"text": text}))):
@@ -474,7 +478,7 @@ class StreamingPretrainingBatches(PretrainingBatches, torch.utils.data.IterableD
 
     def __init__(self, *args, num_workers: int = 0, positions: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.workers = max(1, num_workers)
+        self.num_workers, self.workers = num_workers, max(1, num_workers)  # (0 workers: one stream, read in this process)
         self.positions = (positions or {}).get("streams", {})
         saved = (positions or {}).get("workers", self.workers)
         if saved != self.workers:
@@ -485,18 +489,15 @@ class StreamingPretrainingBatches(PretrainingBatches, torch.utils.data.IterableD
         # The units a stream reads whole: shards, or pieces of the text files (enough of them for every stream).
         self.units = {kind: text_pieces(self.sources[kind], self.world_size * self.workers) if kind == "text" else self.sources[kind]
                       for kind in self.streamed}
-        for kind in self.streamed:
-            if len(self.units[kind]) < self.world_size * self.workers:
-                raise ValueError(f"{len(self.units[kind])} {kind} shards cannot feed {self.world_size * self.workers} streams "
-                                 f"({self.world_size} processes x {self.workers} loader workers): every stream reads whole shards. "
-                                 "Write more, smaller shards (tasks/make_shards.py --shard-size), or use fewer processes or "
-                                 "train.num_workers.")
+        for kind in self.streamed:  # here, before training, rather than in the loader workers
+            check_stream_count(len(self.units[kind]), self.world_size * self.workers, kind,
+                               f"{self.world_size} processes x {self.workers} loader workers")
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         if (info.num_workers if info is not None else 1) != self.workers:
-            raise ValueError(f"StreamingPretrainingBatches(num_workers={self.workers - (self.workers == 1)}) is read by a loader "
+            raise ValueError(f"StreamingPretrainingBatches(num_workers={self.num_workers}) is read by a loader "
                              f"with {info.num_workers if info else 0} workers; give both the same number.")
         first = self.start_step + worker
         remainder = first % self.workers

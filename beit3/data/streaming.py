@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,19 @@ def is_shard_pattern(path) -> bool:
     """A ``.tar`` path, brace pattern or URL (what ``expand_shards`` takes), as opposed to a folder or a jsonl."""
     name = str(path)
     return name.endswith(".tar") or (name.endswith("}") and ".tar" in name)
+
+
+def is_url(shard: str) -> bool:
+    """A ``scheme://`` or ``pipe:`` URL, as opposed to a path on this machine."""
+    return "://" in shard or shard.startswith("pipe:")
+
+
+def check_stream_count(units: int, streams: int, kind: str = "", split: str = "processes x data-loader workers") -> None:
+    """Every stream reads whole shards: ``units`` shards (or text pieces) must feed ``streams`` streams (``split``)."""
+    if units < streams:
+        raise ValueError(f"{units} {kind + ' ' if kind else ''}shards cannot feed {streams} streams ({split}): every stream "
+                         "reads whole shards. Write more, smaller shards (tasks/make_shards.py --shard-size), or use fewer "
+                         "processes or train.num_workers.")
 
 
 def open_shard(url: str):
@@ -152,15 +166,13 @@ class ShardStream:
 
     def __init__(self, shards: list, seed: int, kind: int, stream: int, streams: int, position: dict | None = None,
                  read=shard_samples):
-        if len(shards) < streams:
-            raise ValueError(f"{len(shards)} shards cannot feed {streams} streams (processes x data-loader workers): every "
-                             "stream reads whole shards. Write more, smaller shards (tasks/make_shards.py --shard-size), or use "
-                             "fewer processes or train.num_workers.")
+        check_stream_count(len(shards), streams)
         self.shards, self.seed, self.kind, self.stream, self.streams, self.read = shards, seed, kind, stream, streams, read
         self.position = dict(position or {"epoch": 0, "shard": 0, "offset": 0})
         self.unreadable_shards = 0
         self._samples: Iterator[dict] | None = None
 
+    @lru_cache(maxsize=2)  # asked for every sample: a permutation of every shard is not free at 100k shards
     def _mine(self, epoch: int) -> np.ndarray:
         order = np.random.default_rng(mixed_seed(self.seed, self.kind, epoch)).permutation(len(self.shards))
         return order[self.stream::self.streams]

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..checkpoints import COMPLETE, check_weights_only, complete_checkpoints, mark_complete, weights_only_loads
+from ..metrics import write_json_atomic
 
 
 @dataclass
@@ -177,9 +178,7 @@ def record_run_config(engine: "Engine", config: dict, may_change: frozenset = RE
         if taken and engine.rank == 0:
             print(f"note: resuming {engine.output_dir} with changed settings: {'; '.join(taken)}", file=sys.stderr)
     if engine.rank == 0:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(resolved, indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(path, resolved, indent=2)
     return taken
 
 
