@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.modeling_outputs import ImageClassifierOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import CausalLMOutput, ImageClassifierOutput, SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
 from .configuration_beit3 import Beit3Config
@@ -31,6 +31,16 @@ from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
 
 # The official code starts these heads at a thousandth of the usual initialization.
 SMALL_HEAD_INIT = 0.001
+
+
+def _passed_on(out) -> dict:
+    """The backbone's optional outputs every head hands on: hidden_states and attentions (None unless asked for)."""
+    return {"hidden_states": out.hidden_states, "attentions": out.attentions}
+
+
+def _as_asked(output: ModelOutput, return_dict: bool | None, config: Beit3Config) -> ModelOutput | tuple:
+    """``output``, or its tuple of the fields that are set when ``return_dict`` (default: ``config.return_dict``) is False."""
+    return output if (config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 def _soft_or_hard_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -56,14 +66,16 @@ class Beit3ForImageClassification(Beit3PreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
-                **kwargs) -> ImageClassifierOutput:
+                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool | None = None
+                ) -> ImageClassifierOutput | tuple:
         """pixel_values (B, C, H, W); labels (B,) class ids or (B, num_labels) soft targets -> logits (B, num_labels)."""
-        hidden = self.beit3(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs).last_hidden_state
-        logits = self.head(self.fc_norm(hidden[:, 1:].mean(dim=1)))
+        out = self.beit3(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, output_attentions=output_attentions,
+                         output_hidden_states=output_hidden_states)
+        logits = self.head(self.fc_norm(out.last_hidden_state[:, 1:].mean(dim=1)))
         loss = None
         if labels is not None:
             loss = _soft_or_hard_cross_entropy(logits, labels, getattr(self.config, "label_smoothing", 0.0))
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return _as_asked(ImageClassifierOutput(loss=loss, logits=logits, **_passed_on(out)), return_dict, self.config)
 
 
 class Beit3Pooler(nn.Module):
@@ -97,14 +109,17 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+                labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
+                output_hidden_states: bool = False, return_dict: bool | None = None) -> SequenceClassifierOutput | tuple:
         """pixel_values (B, C, H, W), input_ids (B, T); labels (B, num_labels) soft scores in [0, 1] -> logits (B, num_labels).
 
         The loss follows ``config.vqa_loss``: ``bce`` is binary cross-entropy summed over answers and averaged over
         questions, as in the official recipe; ``softmax`` is cross-entropy against the scores normalized per question.
         """
-        hidden = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        logits = self.head(self.pooler(hidden[:, 0]))
+        out = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                         interpolate_pos_encoding=interpolate_pos_encoding, output_attentions=output_attentions,
+                         output_hidden_states=output_hidden_states)
+        logits = self.head(self.pooler(out.last_hidden_state[:, 0]))
         loss = None
         if labels is not None:
             labels = labels.float()
@@ -113,7 +128,7 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
                 loss = _soft_or_hard_cross_entropy(logits, targets, 0.0)
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels) * labels.shape[-1]
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return _as_asked(SequenceClassifierOutput(loss=loss, logits=logits, **_passed_on(out)), return_dict, self.config)
 
 
 class Beit3ReasoningHead(nn.Module):
@@ -144,28 +159,36 @@ class Beit3ForVisualReasoning(Beit3PreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
-        """pixel_values (B, 2, C, H, W), input_ids (B, T); labels (B,) with 1 = true -> logits (B, num_labels)."""
+                labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
+                output_hidden_states: bool = False, return_dict: bool | None = None) -> SequenceClassifierOutput | tuple:
+        """pixel_values (B, 2, C, H, W), input_ids (B, T); labels (B,) with 1 = true -> logits (B, num_labels).
+
+        hidden_states and attentions, when asked for, are the backbone's over 2B sequences: every example's first
+        image with the statement, then every example's second image with it.
+        """
         if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
             raise ValueError(f"Visual reasoning takes a pair of images per example, pixel_values (batch, 2, C, H, W); got {tuple(pixel_values.shape)}.")
         batch = pixel_values.shape[0]
         images = pixel_values.transpose(0, 1).flatten(0, 1)  # all first images, then all second images
         out = self.beit3(pixel_values=images, input_ids=input_ids.repeat(2, 1),
-                         attention_mask=None if attention_mask is None else attention_mask.repeat(2, 1), **kwargs)
+                         attention_mask=None if attention_mask is None else attention_mask.repeat(2, 1),
+                         interpolate_pos_encoding=interpolate_pos_encoding, output_attentions=output_attentions,
+                         output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
         pairs = torch.cat([hidden[:, 0], hidden[:, out.text_start]], dim=-1)
         logits = self.head(torch.cat([pairs[:batch], pairs[batch:]], dim=-1))
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return _as_asked(SequenceClassifierOutput(loss=loss, logits=logits, **_passed_on(out)), return_dict, self.config)
 
 
 @dataclass
 class Beit3RetrievalOutput(ModelOutput):
     """
     Args:
-        loss: symmetric contrastive loss, when both modalities and ``return_loss``.
-        logits_per_image: (B_images, B_texts) scaled cosine similarities; logits_per_text is its transpose.
-        image_embeds, text_embeds: (B, D), L2-normalized.
+        loss: symmetric contrastive loss, when both modalities are given and ``return_loss=True``.
+        logits_per_image: (N_images, N_texts) scaled cosine similarities; logits_per_text is its transpose.
+        image_embeds: (N_images, D), text_embeds: (N_texts, D), L2-normalized.
+        vision_model_output, text_model_output: the backbone's outputs on the images alone and the texts alone.
     """
 
     loss: torch.Tensor | None = None
@@ -173,12 +196,14 @@ class Beit3RetrievalOutput(ModelOutput):
     logits_per_text: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
+    vision_model_output: ModelOutput | None = None
+    text_model_output: ModelOutput | None = None
 
 
 class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
-    """Dual encoder for image-text retrieval: the image and the text are encoded separately (never fused),
-    their CLS/BOS tokens projected without bias and L2-normalized; a learned temperature scales the
-    similarities for the CLIP-style contrastive loss."""
+    """Dual encoder for image-text retrieval, called as CLIP is: the image and the text are encoded separately
+    (never fused), their CLS/BOS tokens projected without bias and L2-normalized; a learned temperature scales
+    the similarities for the contrastive loss, computed only when ``return_loss=True``."""
 
     def __init__(self, config: Beit3Config):
         super().__init__(config)
@@ -193,34 +218,51 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
         if module is self:
             init.constant_(self.logit_scale, math.log(1 / 0.07))
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """(B, C, H, W) -> (B, D), unit norm."""
-        hidden = self.beit3(pixel_values=pixel_values, **kwargs).last_hidden_state
-        return F.normalize(self.vision_head(hidden[:, 0]), dim=-1)
+        return self._embed_images(pixel_values, interpolate_pos_encoding)[0]
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) -> (B, D), unit norm."""
-        hidden = self.beit3(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(self.language_head(hidden[:, 0]), dim=-1)
+        return self._embed_texts(input_ids, attention_mask)[0]
+
+    def _embed_images(self, pixel_values, interpolate_pos_encoding=False, **outputs):
+        out = self.beit3(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **outputs)
+        return F.normalize(self.vision_head(out.last_hidden_state[:, 0]), dim=-1), out
+
+    def _embed_texts(self, input_ids, attention_mask=None, **outputs):
+        out = self.beit3(input_ids=input_ids, attention_mask=attention_mask, **outputs)
+        return F.normalize(self.language_head(out.last_hidden_state[:, 0]), dim=-1), out
 
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, return_loss: bool = True) -> Beit3RetrievalOutput:
-        """Embeds whatever is given; with both, also the (B, B) similarities and, if ``return_loss``, the loss
-        for matching pairs (image i goes with text i)."""
-        image = self.get_image_features(pixel_values) if pixel_values is not None else None
-        text = self.get_text_features(input_ids, attention_mask) if input_ids is not None else None
-        if image is None or text is None:
-            return Beit3RetrievalOutput(image_embeds=image, text_embeds=text)
+                attention_mask: torch.Tensor | None = None, return_loss: bool = False, interpolate_pos_encoding: bool = False,
+                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool | None = None
+                ) -> Beit3RetrievalOutput | tuple:
+        """Embeds whatever is given: N images (N, C, H, W) and/or M texts (M, T). With both, also the (N, M)
+        similarities; with ``return_loss=True`` (N == M, image i goes with text i) the contrastive loss."""
+        if pixel_values is None and input_ids is None:
+            raise ValueError("Retrieval embeds images (pixel_values), texts (input_ids) or both; it got neither.")
+        outputs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        image, vision_out = self._embed_images(pixel_values, interpolate_pos_encoding, **outputs) if pixel_values is not None else (None, None)
+        text, text_out = self._embed_texts(input_ids, attention_mask, **outputs) if input_ids is not None else (None, None)
+        result = {"image_embeds": image, "text_embeds": text, "vision_model_output": vision_out, "text_model_output": text_out}
+        if image is not None and text is not None:
+            logits_per_image = self.logit_scale.exp() * image @ text.t()
+            result.update(logits_per_image=logits_per_image, logits_per_text=logits_per_image.t())
+        if return_loss:
+            if image is None or text is None or len(image) != len(text):
+                raise ValueError("return_loss=True needs as many images as texts, image i with its text i; got "
+                                 f"{0 if image is None else len(image)} images and {0 if text is None else len(text)} texts.")
+            result["loss"] = self._contrastive_loss(image, text)
+        return _as_asked(Beit3RetrievalOutput(**result), return_dict, self.config)
+
+    def _contrastive_loss(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """In training under torch.distributed every rank's pairs are negatives too, as in the official recipe."""
         scale = self.logit_scale.exp()
-        logits_per_image = scale * image @ text.t()
-        loss = None
-        if return_loss:  # in training under torch.distributed, every rank's pairs are negatives too, as in the official recipe
-            all_images, all_texts, offset = _gather_across_ranks(image, text) if self.training else (image, text, 0)
-            targets = torch.arange(len(image), device=image.device) + offset
-            loss = (F.cross_entropy((scale * image @ all_texts.t()).float(), targets)
-                    + F.cross_entropy((scale * text @ all_images.t()).float(), targets)) / 2
-        return Beit3RetrievalOutput(loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_image.t(),
-                                    image_embeds=image, text_embeds=text)
+        all_images, all_texts, offset = _gather_across_ranks(image, text) if self.training else (image, text, 0)
+        targets = torch.arange(len(image), device=image.device) + offset
+        return (F.cross_entropy((scale * image @ all_texts.t()).float(), targets)
+                + F.cross_entropy((scale * text @ all_images.t()).float(), targets)) / 2
 
 
 def _gather_across_ranks(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -265,7 +307,8 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+                labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
+                output_hidden_states: bool = False, return_dict: bool | None = None) -> CausalLMOutput | tuple:
         """pixel_values (B, C, H, W), input_ids (B, T) (corrupted caption), attention_mask (B, T);
         labels (B, T), the original ids at the predicted positions and -100 elsewhere -> logits (B, T, vocab).
 
@@ -275,13 +318,14 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         image_tokens = 1 + (pixel_values.shape[-2] // self.config.patch_size) * (pixel_values.shape[-1] // self.config.patch_size)
         mask = caption_attention_mask(image_tokens, attention_mask)
-        out = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask, **kwargs)
+        out = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask, interpolate_pos_encoding=interpolate_pos_encoding,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         logits = self.mlm_head(out.last_hidden_state[:, out.text_start:])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                    label_smoothing=getattr(self.config, "label_smoothing", 0.1))
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return _as_asked(CausalLMOutput(loss=loss, logits=logits, **_passed_on(out)), return_dict, self.config)
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, max_length: int = 32, num_beams: int = 1, length_penalty: float = 0.6,
@@ -375,6 +419,7 @@ class Beit3MaskedDataModelingOutput(ModelOutput):
         image_logits: (masked patches, visual_vocab_size); text_logits: (masked tokens, vocab_size).
         itm_loss, itm_accuracy, itm_logits (B, 2): image-text matching, when ``itm_labels`` are given
             (``loss`` holds ``config.itm_weight * itm_loss``).
+        hidden_states, attentions: the backbone's, when asked for.
     """
 
     loss: torch.Tensor | None = None
@@ -387,6 +432,8 @@ class Beit3MaskedDataModelingOutput(ModelOutput):
     itm_loss: torch.Tensor | None = None
     itm_accuracy: torch.Tensor | None = None
     itm_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
@@ -417,7 +464,8 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, bool_masked_pos: torch.Tensor | None = None,
                 image_labels: torch.Tensor | None = None, labels: torch.Tensor | None = None, itm_labels: torch.Tensor | None = None,
-                **kwargs) -> Beit3MaskedDataModelingOutput:
+                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool | None = None
+                ) -> Beit3MaskedDataModelingOutput | tuple:
         """
         Args:
             pixel_values (B, C, H, W); input_ids (B, T) with masked words already replaced; attention_mask (B, T).
@@ -435,7 +483,8 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
         if image_labels is not None and int(image_labels.max()) >= self.config.visual_vocab_size:
             raise ValueError(f"image_labels hold visual token {int(image_labels.max())}, but the model predicts "
                              f"{self.config.visual_vocab_size} (config.visual_vocab_size); use the visual tokenizer it was built for.")
-        out = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, bool_masked_pos=bool_masked_pos, **kwargs)
+        out = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, bool_masked_pos=bool_masked_pos,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
         result = {}
         if bool_masked_pos is not None and bool(bool_masked_pos.any()):
@@ -449,7 +498,8 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
         if itm_labels is not None:
             result.update(_masked_prediction("itm", self.itm_head(self.itm_pooler(hidden[:, 0])), itm_labels))
             losses.append(self.config.itm_weight * result["itm_loss"])
-        return Beit3MaskedDataModelingOutput(loss=sum(losses) if losses else None, **result)
+        output = Beit3MaskedDataModelingOutput(loss=sum(losses) if losses else None, **result, **_passed_on(out))
+        return _as_asked(output, return_dict, self.config)
 
 
 def _masked_prediction(kind: str, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:

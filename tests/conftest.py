@@ -50,6 +50,23 @@ def word_tokenizer(folder, words: list[str], vocab_size: int, **kwargs):
     return train_sentencepiece(folder, vocab_size, files=[folder / "corpus.txt"], quiet=True, **kwargs)
 
 
+def train_with_transformers_trainer(model, dataset, output_dir, steps: int = 2) -> list[float]:
+    """Trains ``model`` on ``dataset`` for ``steps`` steps with a plain ``transformers.Trainer``, as a user
+    would; asserts the weights moved and returns the logged training losses."""
+    from transformers import Trainer, TrainingArguments
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-3,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == steps and all(loss == loss and loss < float("inf") for loss in losses)
+    assert any(not torch.equal(before[name], p.detach()) for name, p in model.named_parameters() if name.startswith("beit3."))
+    return losses
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """The demo pipeline at its smoke size (tiny world, a few steps per stage), run once for the session:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, train_with_transformers_trainer
 from PIL import Image
 
 from beit3 import Beit3ImageProcessor
@@ -71,3 +71,10 @@ def test_any_callable_transform_works_and_a_wrong_one_is_named(tmp_path):
     assert ImageClassificationDataset(records, training)[0]["pixel_values"].shape == (3, 32, 32)
     with pytest.raises(TypeError, match=r"must give a \(C, H, W\) tensor; it gave Image"):
         ImageClassificationDataset(records, lambda image: image)[0]
+
+
+def test_transformers_trainer_trains_the_classification_head_on_the_dataset(tmp_path):
+    write_folders(tmp_path)
+    split = read_image_folder(tmp_path / "train")
+    data = ImageClassificationDataset(split.records, Beit3ImageProcessor.for_imagenet(size=32))
+    train_with_transformers_trainer(Beit3ForImageClassification(tiny_config(num_labels=len(split.classes))), data, tmp_path / "trainer")

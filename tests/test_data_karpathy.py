@@ -86,7 +86,7 @@ def test_retrieval_items_feed_the_dual_encoder(tmp_path, tokenizer):
     assert inputs["pixel_values"].shape == (4, 3, 32, 32) and inputs["input_ids"].shape == (4, 16)
     assert metadata["image_id"].tolist() == [0, 0, 1, 2]
     model = Beit3ForImageTextRetrieval(tiny_config(vocab_size=len(tokenizer)))
-    out = model(**inputs)
+    out = model(**inputs, return_loss=True)
     assert out.logits_per_image.shape == (4, 4) and torch.isfinite(out.loss)
 
     images = next(iter(torch.utils.data.DataLoader(ImageOnlyDataset(train, processor), batch_size=3)))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config, word_tokenizer
+from conftest import tiny_config, train_with_transformers_trainer, word_tokenizer
 from PIL import Image
 
 from beit3 import Beit3ImageProcessor
@@ -154,3 +154,12 @@ def test_official_index_files(tmp_path, tokenizer):
     (tmp_path / "vqa.bad.jsonl").write_text(json.dumps({**rows[0], "text_segment": []}) + "\n")
     with pytest.raises(ValueError, match="empty text_segment"):
         read_vqa_index(tmp_path / "vqa.bad.jsonl", tmp_path)
+
+
+def test_transformers_trainer_trains_the_vqa_head_on_the_dataset(tmp_path, tokenizer):
+    paths = write_vqa(tmp_path)
+    vocabulary = build_answer_vocabulary([paths["train_a"], paths["val_a"]], min_count=2)
+    records = read_vqa(paths["train_q"], tmp_path, paths["train_a"], vocabulary).records
+    data = VqaDataset(records, Beit3ImageProcessor(size=32), tokenizer, num_labels=len(vocabulary), max_length=16)
+    model = Beit3ForVisualQuestionAnswering(tiny_config(vocab_size=len(tokenizer), num_labels=len(vocabulary)))
+    train_with_transformers_trainer(model, data, tmp_path / "trainer")  # question_id is dropped as a column the model does not take

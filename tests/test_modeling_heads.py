@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import REFERENCE, tiny_config, torchscale_reference
 
 from beit3.convert import main
-from beit3.modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval,
+from beit3.modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForMaskedDataModeling,
                                   Beit3ForVisualQuestionAnswering, Beit3ForVisualReasoning, caption_attention_mask)
 
 IMAGE, PATCH, HIDDEN, VOCAB = (REFERENCE[k] for k in ("image_size", "patch_size", "hidden_size", "vocab_size"))
@@ -135,7 +135,7 @@ def test_every_head_trains_a_step():
                labels=torch.rand(4, LABELS))
     train_step(Beit3ForVisualReasoning(tiny_config(num_labels=2)),
                pixel_values=torch.randn(4, 2, 3, 32, 32), input_ids=ids, attention_mask=mask, labels=torch.randint(0, 2, (4,)))
-    train_step(Beit3ForImageTextRetrieval(head_config()), pixel_values=images, input_ids=ids, attention_mask=mask)
+    train_step(Beit3ForImageTextRetrieval(head_config()), pixel_values=images, input_ids=ids, attention_mask=mask, return_loss=True)
     labels = torch.full_like(ids, -100)
     labels[:, 2] = ids[:, 2]
     train_step(Beit3ForCaptioning(head_config()), pixel_values=images, input_ids=ids, attention_mask=mask, labels=labels)
@@ -157,6 +157,48 @@ def test_retrieval_embeddings_are_unit_vectors_and_match_matching_pairs():
     torch.testing.assert_close(out.logits_per_text, out.logits_per_image.t())
     only_images = model(pixel_values=images)
     assert only_images.text_embeds is None and only_images.loss is None
+
+
+def test_retrieval_scores_one_image_against_many_texts_and_computes_a_loss_only_when_asked_as_clip_does():
+    model = Beit3ForImageTextRetrieval(head_config()).eval()
+    image, ids = torch.randn(1, 3, 32, 32), torch.randint(3, 99, (5, 6))
+    out = model(pixel_values=image, input_ids=ids)
+    assert out.loss is None and out.logits_per_image.shape == (1, 5) and out.logits_per_text.shape == (5, 1)
+    torch.testing.assert_close(out.logits_per_image[0], model.logit_scale.exp() * model.get_text_features(ids) @ model.get_image_features(image)[0])
+    with pytest.raises(ValueError, match="as many images as texts.*1 images and 5 texts"):
+        model(pixel_values=image, input_ids=ids, return_loss=True)
+    assert torch.isfinite(model(pixel_values=image.repeat(5, 1, 1, 1), input_ids=ids, return_loss=True).loss)
+
+
+def _head_call(task):
+    """A model of ``task``'s head and the keyword arguments of one small batch for it."""
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(3, 99, (2, 6))
+    pair = {"pixel_values": images, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {
+        "classification": (Beit3ForImageClassification(head_config()), {"pixel_values": images, "labels": torch.tensor([0, 1])}),
+        "vqa": (Beit3ForVisualQuestionAnswering(head_config()), {**pair, "labels": torch.rand(2, LABELS)}),
+        "nlvr2": (Beit3ForVisualReasoning(tiny_config(num_labels=2)),
+                  {**pair, "pixel_values": torch.randn(2, 2, 3, 32, 32), "labels": torch.tensor([0, 1])}),
+        "retrieval": (Beit3ForImageTextRetrieval(head_config()), {**pair, "return_loss": True}),
+        "captioning": (Beit3ForCaptioning(head_config()), {**pair, "labels": ids}),
+        "mdm": (Beit3ForMaskedDataModeling(tiny_config()), {"input_ids": ids, "labels": ids}),
+    }[task]
+
+
+@pytest.mark.parametrize("task", ["classification", "vqa", "nlvr2", "retrieval", "captioning", "mdm"])
+def test_every_head_passes_hidden_states_and_attentions_on_and_honours_return_dict_false(task):
+    model, batch = _head_call(task)
+    model.eval()
+    plain = model(**batch)
+    assert plain.loss is not None and all(getattr(plain, name, None) is None for name in ("hidden_states", "attentions"))
+    out = model(**batch, output_hidden_states=True, output_attentions=True)
+    backbone = out.text_model_output if task == "retrieval" else out
+    layers = model.config.num_hidden_layers
+    assert len(backbone.hidden_states) == layers + 1 and len(backbone.attentions) == layers
+    as_tuple = model(**batch, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], plain.loss)
+    torch.testing.assert_close(as_tuple[1], plain[1])
 
 
 def test_caption_mask_blocks_image_to_text_and_future_text():

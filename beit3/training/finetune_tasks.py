@@ -285,7 +285,7 @@ class RetrievalTask(_KarpathyTask):
 
     def step(self, module, batch):
         inputs, _ = split_batch(batch)
-        out = module(**inputs)
+        out = module(**inputs, return_loss=True)
         targets = torch.arange(len(out.logits_per_image), device=out.logits_per_image.device)
         return out.loss, {"accuracy": (out.logits_per_image.argmax(-1) == targets).float().mean()}
 
