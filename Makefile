@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,onnx]'
 	# torchscale (reference implementation; tests and benchmarks only) pins an old timm: no deps.
 	$(PY) -m pip install --quiet --no-deps torchscale==0.3.0
 	touch $(STAMP)

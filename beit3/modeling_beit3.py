@@ -371,27 +371,31 @@ class Beit3Model(Beit3PreTrainedModel):
             return None
         if attention_mask.dim() == 3:
             return attention_mask.bool().unsqueeze(1)
-        if bool(attention_mask.all()):
+        if _values_checkable(attention_mask) and bool(attention_mask.all()):  # no mask lets SDPA take its fastest kernel
             return None
         keys = F.pad(attention_mask.bool(), (num_keys_before_text, 0), value=True)
         return keys[:, None, None, :]
 
     def _check_inputs(self, pixel_values, input_ids, attention_mask, bool_masked_pos, position_ids, cache, interpolate_pos_encoding):
-        """Raises a ValueError that says what is wrong and what to do, before any compute."""
+        """Raises a ValueError that says what is wrong and what to do, before any compute.
+
+        Shapes and dtypes are always checked (free, and static under torch.compile / torch.export). Values
+        (NaN pixels, ids outside the vocabulary, positions past the table) are checked on CPU tensors in eager
+        mode only: reading a value means a host sync on a GPU and a graph break when compiling.
+        """
         config = self.config
         if pixel_values is None and input_ids is None:
             raise ValueError("Beit3Model needs pixel_values (an image), input_ids (a text) or both; it got neither.")
-        batch_sizes = set()
+        batch = None
         if pixel_values is not None:
             if pixel_values.dim() != 4:
                 raise ValueError(f"pixel_values must be (batch, channels, height, width); got shape {tuple(pixel_values.shape)}.")
             batch, channels, height, width = pixel_values.shape
-            batch_sizes.add(batch)
             if not pixel_values.is_floating_point():
                 raise ValueError(f"pixel_values must be normalized floats; got {pixel_values.dtype} (raw pixels?). "
                                  "Beit3ImageProcessor turns images into model inputs.")
             # One reduction over the pixels, cheap beside the forward: NaN in would be NaN out, silently.
-            if not torch.isfinite(pixel_values).all():
+            if _values_checkable(pixel_values) and not torch.isfinite(pixel_values).all():
                 raise ValueError("pixel_values hold NaN or infinite values; check the image pipeline.")
             if channels != config.num_channels:
                 raise ValueError(f"pixel_values have {channels} channels but the model takes {config.num_channels} "
@@ -416,22 +420,23 @@ class Beit3Model(Beit3PreTrainedModel):
             if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.is_complex():
                 raise ValueError(f"input_ids must be integer token ids (torch.long); got {input_ids.dtype}. Use the tokenizer's "
                                  "output, or .long().")
-            batch_sizes.add(input_ids.shape[0])
-            text_length = input_ids.shape[1]
-            last_position = int(position_ids.max()) if position_ids is not None and position_ids.numel() else text_length - 1
+            if batch is not None and input_ids.shape[0] != batch:
+                raise ValueError(f"pixel_values and input_ids have different batch sizes: {batch} and {input_ids.shape[0]}.")
+            batch, text_length = input_ids.shape
             if position_ids is None and cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("Decoding with a non-empty cache needs position_ids: the text positions of the new tokens, counted from 0.")
+            if position_ids is not None and _values_checkable(position_ids) and position_ids.numel():
+                last_position = int(position_ids.max())
+            else:
+                last_position = text_length - 1
             if last_position >= config.max_text_length:
                 raise ValueError(f"Text position {last_position} is past the position table, which holds {config.max_text_length} "
                                  f"positions (max_position_embeddings {config.max_position_embeddings} minus the offset "
                                  f"{config.position_offset}). Truncate the text (tokenizer truncation=True, max_length=...).")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+            if _values_checkable(input_ids) and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
                 raise ValueError(f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}], outside the vocabulary "
                                  f"[0, {config.vocab_size}). Use the tokenizer that matches this model.")
-        if len(batch_sizes) > 1:
-            raise ValueError(f"pixel_values and input_ids have different batch sizes: {sorted(batch_sizes)}.")
         if attention_mask is not None:
-            batch = batch_sizes.pop()
             num_image = 0 if pixel_values is None else 1 + (pixel_values.shape[-2] // config.patch_size) * (pixel_values.shape[-1] // config.patch_size)
             length = num_image + text_length
             keys = length + (cache.get_seq_length() if cache is not None else 0)
@@ -445,6 +450,11 @@ class Beit3Model(Beit3PreTrainedModel):
             elif attention_mask.dim() != 3 or tuple(attention_mask.shape) != (batch, length, keys):
                 raise ValueError(f"attention_mask must be (batch, text length) = ({batch}, {text_length}) or a full "
                                  f"(batch, sequence, keys) = ({batch}, {length}, {keys}) mask; got {tuple(attention_mask.shape)}.")
+
+
+def _values_checkable(tensor: torch.Tensor) -> bool:
+    """Whether reading this tensor's values is free: a CPU tensor in eager mode (no host sync, no graph break)."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _shape_mismatches(folder: str, model_class: type, config: Beit3Config) -> list[str]:

@@ -11,6 +11,7 @@ The same run measures this machine's matmul peak with a model-shaped matmul (208
 
     python benchmarks/backbone.py [--reps 5] [--preset beit3_base_patch16_224] [--device cpu|cuda]
     python benchmarks/backbone.py --profile bf16,inference   # where our model's time goes (torch.profiler)
+    python benchmarks/backbone.py --compile                  # torch.compile(ours) against eager ours, inference
 """
 
 from __future__ import annotations
@@ -68,6 +69,34 @@ def model_flops(config: Beit3Config, batch: int, seq: int, training: bool) -> fl
     return per_token_layer * batch * seq * config.num_hidden_layers * (3 if training else 1)
 
 
+def compare_compiled(ours: Beit3Model, inputs: dict, device: str, reps: int, precisions: list[str]) -> None:
+    """Inference of torch.compile(ours) against eager ours on the same input, interleaved, alternating the order."""
+    ours.eval()
+    compiled = torch.compile(ours, fullgraph=True)  # fullgraph: a graph break in the backbone is an error, not a slowdown
+    autocast_device = "cuda" if device == "cuda" else "cpu"
+    print(f"{'precision':9} {'eager s':>8} {'compiled s':>11} {'speedup':>8} {'compile s':>10} {'max |diff|':>11}")
+    for precision in precisions:
+        context = lambda: torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
+
+        def step(model):
+            sync(device)
+            start = time.perf_counter()
+            with torch.no_grad(), context():
+                out = model(**inputs).last_hidden_state
+            sync(device)
+            return time.perf_counter() - start, out
+
+        compile_s, compiled_out = step(compiled)  # the first call compiles
+        _, eager_out = step(ours)
+        times = {"eager": [], "compiled": []}
+        for rep in range(reps):
+            for name in (("eager", "compiled") if rep % 2 == 0 else ("compiled", "eager")):
+                times[name].append(step(ours if name == "eager" else compiled)[0])
+        eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
+        diff = (compiled_out.float() - eager_out.float()).abs().max().item()
+        print(f"{precision:9} {eager_s:8.3f} {compiled_s:11.3f} {eager_s / compiled_s:7.2f}x {compile_s:10.1f} {diff:11.2e}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="beit3_base_patch16_224")
@@ -78,6 +107,7 @@ def main() -> None:
     parser.add_argument("--modes", default="inference,training")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--profile", metavar="PRECISION,MODE", help="profile one forward of our model instead of timing")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile(ours) against eager ours (inference) instead of torchscale")
     args = parser.parse_args()
     device = args.device
     torch.manual_seed(0)
@@ -105,6 +135,12 @@ def main() -> None:
         return reference(textual_tokens=input_ids, visual_tokens=pixel_values, text_padding_position=padding)["encoder_out"]
 
     autocast_device = "cuda" if device == "cuda" else "cpu"
+    if args.compile:
+        print(f"device: {device}, threads: {torch.get_num_threads()}, torch {torch.__version__}; batch {batch}, "
+              f"{config.num_patches + 1} image tokens + {text} text tokens, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
+        compare_compiled(ours, {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}, device, args.reps,
+                         args.precisions.split(","))
+        return
     if args.profile:
         precision, mode = args.profile.split(",")
         ours.train(mode == "training")

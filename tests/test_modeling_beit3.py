@@ -288,3 +288,36 @@ def test_initialization_truncates_at_two_std_and_applies_magneto_gain_to_fresh_w
     assert plain.layers[0].ffn["vision"].fc1.weight.abs().max() <= 0.04
     model.save_pretrained(tmp_path)  # loaded weights are not scaled again
     assert torch.equal(Beit3Model.from_pretrained(tmp_path).layers[0].ffn["vision"].fc1.weight, ffn.fc1.weight)
+
+
+def _padded_pair(batch: int, length: int) -> dict:
+    input_ids = torch.randint(3, 99, (batch, length))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[-1, length // 2:] = 0
+    return {"pixel_values": torch.randn(batch, 3, 32, 32), "input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def test_torch_export_with_dynamic_batch_and_text_length_matches_eager_at_other_shapes():
+    model = Beit3Model(tiny_config()).eval()
+    batch, length = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=2, max=30)
+    program = torch.export.export(model, (), _padded_pair(3, 6), dynamic_shapes={
+        "pixel_values": {0: batch}, "input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}})
+    for shape in ((1, 2), (5, 11)):
+        inputs = _padded_pair(*shape)
+        torch.testing.assert_close(program.module()(**inputs).last_hidden_state, model(**inputs).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_traces_the_backbone_without_a_graph_break():
+    model = Beit3Model(tiny_config()).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: any graph break raises
+    inputs = _padded_pair(2, 7)
+    torch.testing.assert_close(compiled(**inputs).last_hidden_state, model(**inputs).last_hidden_state, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="different batch sizes"):  # shape checks still speak under torch.compile
+        torch.compile(model, backend="eager")(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.ones(3, 4, dtype=torch.long))
+
+
+def test_value_checks_read_only_cpu_tensors_in_eager_mode():
+    from beit3.modeling_beit3 import _values_checkable
+
+    assert _values_checkable(torch.ones(2))
+    assert not _values_checkable(torch.ones(2, device="meta"))  # a GPU tensor likewise: reading it would be a host sync

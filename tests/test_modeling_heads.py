@@ -350,3 +350,35 @@ def test_vqa_loss_is_bce_on_soft_scores_by_default_or_one_softmax():
     torch.testing.assert_close(out.loss, expected)
     with pytest.raises(ValueError, match="vqa_loss 'hinge' must be one of bce, softmax"):
         tiny_config(vqa_loss="hinge")
+
+
+@pytest.mark.parametrize("task", ["classification", "vqa", "nlvr2", "retrieval", "captioning"])
+def test_every_head_exports_with_dynamic_batch_and_text_length_and_matches_eager(task):
+    model, batch = _head_call(task)
+    model.eval()
+    batch = {k: v for k, v in batch.items() if k in ("pixel_values", "input_ids", "attention_mask")}
+    batch_dim, length_dim = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=2, max=30)
+    dynamic = {"pixel_values": {0: batch_dim}, "input_ids": {0: batch_dim, 1: length_dim}, "attention_mask": {0: batch_dim, 1: length_dim}}
+    program = torch.export.export(model, (), batch, dynamic_shapes={k: dynamic[k] for k in batch})
+    images = torch.randn(3, *batch["pixel_values"].shape[1:])
+    other = {"pixel_values": images, "input_ids": torch.randint(3, 99, (3, 9)), "attention_mask": torch.tensor([[1] * 9] * 2 + [[1] * 4 + [0] * 5])}
+    other = {k: other[k] for k in batch}
+    first = "logits_per_image" if task == "retrieval" else "logits"
+    torch.testing.assert_close(program.module()(**other)[first], getattr(model(**other), first), atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_export_runs_in_onnxruntime_and_matches_eager(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")  # the [onnx] extra; `make test` installs it
+    model, _ = _head_call("vqa")
+    model.eval()
+    pixel_values, input_ids = torch.randn(2, 3, 32, 32), torch.randint(3, 99, (2, 6))
+    attention_mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    batch, length = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=2, max=30)
+    torch.onnx.export(model, (pixel_values, input_ids, attention_mask), tmp_path / "vqa.onnx", dynamo=True,
+                      input_names=["pixel_values", "input_ids", "attention_mask"], output_names=["logits"],
+                      dynamic_shapes=({0: batch}, {0: batch, 1: length}, {0: batch, 1: length}))
+    session = onnxruntime.InferenceSession(str(tmp_path / "vqa.onnx"), providers=["CPUExecutionProvider"])
+    other = {"pixel_values": torch.randn(3, 3, 32, 32), "input_ids": torch.randint(3, 99, (3, 9)),
+             "attention_mask": torch.tensor([[1] * 9] * 2 + [[1] * 4 + [0] * 5])}
+    logits = session.run(["logits"], {k: v.numpy() for k, v in other.items()})[0]
+    torch.testing.assert_close(torch.from_numpy(logits), model(**other).logits, atol=1e-5, rtol=1e-5)
