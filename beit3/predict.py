@@ -43,7 +43,7 @@ def load_images(paths: list[str]) -> list[Image.Image]:
 def predict(task: str, model_dir: str, images: list[str], texts: list[str] | None = None, tokenizer_dir: str | None = None,
             num_beams: int = 1, max_length: int = 32, top: int = 5) -> list[str]:
     """Runs one task and returns the lines it would print."""
-    model = TASKS[task].from_pretrained(model_dir).eval()
+    model = load_task_model(task, model_dir)
     size = model.config.image_size
     image_processor = Beit3ImageProcessor.for_imagenet(size=size) if task == "classify" else Beit3ImageProcessor(size=size)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir) if task != "classify" else None
@@ -64,7 +64,8 @@ def predict(task: str, model_dir: str, images: list[str], texts: list[str] | Non
         elif task == "vqa":
             _need_text(texts, len(pictures))
             inputs = processor(images=pictures, text=_repeat(texts, len(pictures)), return_tensors="pt")
-            probs = model(**inputs).logits.sigmoid()
+            logits = model(**inputs).logits
+            probs = logits.softmax(-1) if model.config.vqa_loss == "softmax" else logits.sigmoid()
             for path, question, row in zip(images, _repeat(texts, len(pictures)), probs):
                 best = row.topk(min(top, row.numel()))
                 lines.append(f"{path} | {question}: " + ", ".join(f"{names.get(int(i), i)} {p:.3f}" for p, i in zip(best.values, best.indices)))
@@ -83,6 +84,24 @@ def predict(task: str, model_dir: str, images: list[str], texts: list[str] | Non
             for path, row in zip(images, scores):
                 lines.append(f"{path}: best match {texts[int(row.argmax())]!r} (" + ", ".join(f"{s:.3f}" for s in row.tolist()) + ")")
     return lines
+
+
+def load_task_model(task: str, model_dir: str):
+    """The folder's model as ``task``'s head, refused when the folder holds another task's model (or none): its
+    head would start from random weights and print confident nonsense."""
+    model_class = TASKS[task]
+    saved = getattr(model_class.config_class.from_pretrained(model_dir), "architectures", None) or []
+    model, info = model_class.from_pretrained(model_dir, output_loading_info=True)
+    missing = sorted(key for key in info["missing_keys"] if not key.startswith(model_class.base_model_prefix + "."))
+    if missing or (saved and model_class.__name__ not in saved):
+        holds = " / ".join(saved) if saved else "a model without this head"
+        wanted = {name: cls.__name__ for name, cls in TASKS.items()}
+        fitting = [name for name, cls_name in wanted.items() if cls_name in saved]
+        hint = f" (try `{fitting[0]}`)" if fitting else ""
+        raise SystemExit(f"error: {model_dir} holds {holds}{hint}, but `{task}` needs a {model_class.__name__}: "
+                         f"{len(missing)} of its head's tensors are not in the folder ({', '.join(missing[:3]) or 'none'}"
+                         f"{', ...' if len(missing) > 3 else ''}). Fine-tune one or convert one with python -m beit3.convert --task ...")
+    return model.eval()
 
 
 def _repeat(texts: list[str], count: int) -> list[str]:

@@ -56,6 +56,15 @@ def test_bad_input_is_refused_with_a_message(setup, tmp_path):
         main(["caption", "--model", str(tmp_path / "missing"), "--images", images[0]])
 
 
+def test_a_folder_of_another_task_is_refused_naming_both_heads(setup):
+    folder, images = setup
+    with pytest.raises(SystemExit, match=r"holds Beit3ForCaptioning \(try `caption`\), but `vqa` needs a Beit3ForVisualQuestionAnswering: "
+                                         r"\d+ of its head's tensors are not in the folder \(head\.0\.bias"):
+        main(["vqa", "--model", str(folder / "caption"), "--images", images[0], "--text", "what color?"])
+    with pytest.raises(SystemExit, match="`classify` needs a Beit3ForImageClassification"):
+        main(["classify", "--model", str(folder / "retrieve"), "--images", images[0]])
+
+
 def test_a_decompression_bomb_is_a_clear_error(setup, monkeypatch):
     from PIL import Image
 
