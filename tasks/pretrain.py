@@ -14,7 +14,6 @@ the image targets are those precomputed codes and visual_tokenizer may be null:
 """
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ def main(argv=None) -> None:
     from beit3.data.pretraining import PretrainingBatches, Shards, StreamingPretrainingBatches, load_sources
     from beit3.modeling_heads import Beit3ForMaskedDataModeling
     from beit3.training.config import load_config
-    from beit3.training.engine import Engine, TrainSettings, read_run_log, record_run_config
+    from beit3.training.engine import Engine, TrainSettings, load_deepspeed_json, read_run_log, record_run_config
     from beit3.training.pretraining import masked_data_modeling_step
     from beit3.visual_tokenizers import VisualTokenizer
 
@@ -109,9 +108,13 @@ def main(argv=None) -> None:
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
 
+        deepspeed_json = load_deepspeed_json(data.get("deepspeed"), settings, ROOT)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
     torch.manual_seed(settings.seed)  # the same initial weights on every rank
     model = Beit3ForMaskedDataModeling(model_config)
-    engine = Engine(model, settings, json.loads((ROOT / data.get("deepspeed", f"configs/deepspeed/zero{settings.zero_stage}.json")).read_text()))
+    engine = Engine(model, settings, deepspeed_json)
     if visual_tokenizer is not None:
         visual_tokenizer.to(engine.device)
     try:

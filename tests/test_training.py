@@ -198,3 +198,18 @@ def test_gradient_accumulation_takes_micro_batches_per_step(tmp_path):
     report = __import__("json").loads(result.stdout.strip().splitlines()[-1])
     assert report["asked"] == [[0, 6]] and report["seen"] == list(range(6))
     assert report["step"] == 3 and report["steps"] == 3  # three optimizer updates for six micro-batches
+
+
+def test_the_zero_stage_has_one_source_a_deepspeed_json_of_another_stage_is_refused(tmp_path):
+    from beit3.training.engine import load_deepspeed_json
+
+    root = Path(__file__).resolve().parent.parent
+    settings = TrainSettings(output_dir=str(tmp_path), max_steps=1, save_every=1, zero_stage=3)
+    assert load_deepspeed_json(None, settings, root)["zero_optimization"]["stage"] == 3  # configs/deepspeed/zero3.json
+    with pytest.raises(ValueError, match=r"train.zero_stage is 3, but the DeepSpeed config .*zero2.json says stage 2: set train.zero_stage=2"):
+        load_deepspeed_json("configs/deepspeed/zero2.json", settings, root)
+    (tmp_path / "broken.json").write_text("{stage: 3")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        load_deepspeed_json(str(tmp_path / "broken.json"), settings, root)
+    with pytest.raises(ValueError, match="No DeepSpeed config at missing.json"):
+        load_deepspeed_json("missing.json", settings, root)

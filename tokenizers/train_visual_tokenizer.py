@@ -8,7 +8,6 @@ shared engine; the trained tokenizer is written to output_dir/tokenizer (VisualT
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ def main(argv=None) -> None:
 
     from beit3.data.pretraining import PretrainingBatches, load_sources
     from beit3.training.config import load_config
-    from beit3.training.engine import Engine, TrainSettings, record_run_config
+    from beit3.training.engine import Engine, TrainSettings, load_deepspeed_json, record_run_config
     from beit3.training.tokenizer_training import build_visual_tokenizer, visual_tokenizer_step
 
     try:
@@ -39,7 +38,11 @@ def main(argv=None) -> None:
     sources = load_sources(images=data["images"])
     torch.manual_seed(settings.seed)
     model = build_visual_tokenizer(args.kind, config["preset"], config.get("overrides"), config.get("teacher_checkpoint"))
-    engine = Engine(model, settings, json.loads((ROOT / data.get("deepspeed", "configs/deepspeed/zero1.json")).read_text()))
+    try:
+        deepspeed_json = load_deepspeed_json(data.get("deepspeed"), settings, ROOT)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    engine = Engine(model, settings, deepspeed_json)
     try:
         record_run_config(engine, config)  # a resume with another config stops here
     except ValueError as error:

@@ -303,6 +303,27 @@ def build_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.op
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps)
 
 
+def load_deepspeed_json(name: str | None, settings: TrainSettings, root: Path) -> dict:
+    """The DeepSpeed JSON a run names (``data.deepspeed``; relative to the working directory or ``root``), or
+    ``root/configs/deepspeed/zero<train.zero_stage>.json``. ``train.zero_stage`` is the one source of the ZeRO
+    stage: a JSON that names another stage is refused, never silently preferred."""
+    path = Path(name or f"configs/deepspeed/zero{settings.zero_stage}.json")
+    path = next((p for p in (path, root / path) if p.is_file()), None) if not path.is_absolute() else path
+    if path is None or not path.is_file():
+        raise ValueError(f"No DeepSpeed config at {name or f'configs/deepspeed/zero{settings.zero_stage}.json'} "
+                         f"(looked in {Path.cwd()} and {root}).")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage != settings.zero_stage:
+        raise ValueError(f"train.zero_stage is {settings.zero_stage}, but the DeepSpeed config {path} says stage {stage}: set "
+                         f"train.zero_stage={stage}, or name a JSON of stage {settings.zero_stage} in data.deepspeed "
+                         f"(configs/deepspeed/zero{settings.zero_stage}.json).")
+    return config
+
+
 def deepspeed_config(settings: TrainSettings, world_size: int, base: dict | None = None) -> dict:
     """DeepSpeed's config: a file from configs/deepspeed/ (``base``) with the run's batch, clipping and precision filled in."""
     config = json.loads(json.dumps(base or {"zero_optimization": {"stage": settings.zero_stage}}))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -170,7 +169,7 @@ def evaluate_and_save(task, model, output_dir: Path) -> dict:
 
 def train(task, config: dict) -> dict | None:
     from ..export import export
-    from .engine import Engine, TrainSettings, record_run_config
+    from .engine import Engine, TrainSettings, load_deepspeed_json, record_run_config
 
     settings = TrainSettings.from_config(config["train"])
     model_section = config["model"]
@@ -186,8 +185,11 @@ def train(task, config: dict) -> dict | None:
 
     check_tokenizer_matches(tokenizer, model.config)
     dataset = task.train_dataset()
-    ds_file = config["data"].get("deepspeed") or f"configs/deepspeed/zero{settings.zero_stage}.json"
-    engine = Engine(model, settings, json.loads((ROOT / ds_file).read_text()) if (ROOT / ds_file).is_file() else None)
+    try:
+        deepspeed_json = load_deepspeed_json(config["data"].get("deepspeed"), settings, ROOT)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    engine = Engine(model, settings, deepspeed_json)
     task.engine = engine
     try:
         record_run_config(engine, config)  # a resume with another config stops here, before anything is rewritten
