@@ -14,6 +14,7 @@ dimension on the vision position table.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from pathlib import Path
@@ -176,14 +177,31 @@ def beit3_to_timm(state: dict[str, torch.Tensor], config: Beit3Config) -> dict[s
     return {k: v.contiguous() for k, v in {**out, **heads}.items()}
 
 
+def timm_pretrained_cfg(config: Beit3Config, classifier: bool = False) -> dict:
+    """The preprocessing timm should resolve for a file written by ``beit3_to_timm``: the vision-language models'
+    mean = std = 0.5 and squashed bicubic resize, or, for an ImageNet classifier, the ImageNet statistics and
+    a crop_pct 1.0 center crop, as the official fine-tuning code reads its images."""
+    stats = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_mode": "center"} if classifier else \
+        {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_mode": "squash"}
+    return {"input_size": (config.num_channels, config.image_size, config.image_size), "interpolation": "bicubic", "crop_pct": 1.0,
+            **stats, "num_classes": config.num_labels if classifier else 0}
+
+
 def timm_create_model_hint(config: Beit3Config, path: str, classifier: bool = False) -> str:
-    """The ``timm.create_model`` call that loads a file written by ``beit3_to_timm``."""
-    size = {768: "base", 1024: "large", 1408: "giant"}.get(config.hidden_size, "base")
+    """The ``timm.create_model`` call that loads a file written by ``beit3_to_timm`` at any size: the architecture
+    spelled out (a tiny or custom model is not timm's base), the preprocessing in ``pretrained_cfg_overlay`` so that
+    ``timm.data.resolve_data_config(model=model)`` gives it."""
+    name = {1024: "beit3_large_patch16_224.pt", 1408: "beit3_giant_patch14_224.untrained"}.get(config.hidden_size, "beit3_base_patch16_224.pt")
     if classifier:
-        heads = f"num_classes={config.num_labels}"
-    else:
-        heads = "num_classes=0, " + ("fc_norm=False" if config.final_layernorm else "final_norm=False")
-    return f"timm.create_model('beit3_{size}_patch{config.patch_size}_224', img_size={config.image_size}, {heads}, checkpoint_path='{path}')"
+        name = name.replace(".pt", ".in22k_ft_in1k")
+    overlay = {"file": path, **timm_pretrained_cfg(config, classifier)}
+    architecture = {"img_size": config.image_size, "patch_size": config.patch_size, "embed_dim": config.hidden_size,
+                    "depth": config.num_hidden_layers, "num_heads": config.num_attention_heads,
+                    "mlp_ratio": config.intermediate_size / config.hidden_size}
+    heads = {"num_classes": config.num_labels} if classifier else \
+        {"num_classes": 0, **({"fc_norm": False} if config.final_layernorm else {"final_norm": False})}
+    arguments = ", ".join(f"{k}={v!r}" for k, v in {**architecture, **heads}.items())
+    return f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, {arguments})"
 
 
 def model_from_official(path: str | os.PathLike, config: Beit3Config | None = None, task: str | None = None) -> Beit3PreTrainedModel:
@@ -255,8 +273,13 @@ def main(argv: list[str] | None = None) -> None:
         atomic_save_file(beit3_to_official(model.state_dict(), model.config), args.output)
     else:
         state = model.state_dict()
-        atomic_save_file(beit3_to_timm(state, model.config), args.output, metadata={"format": "pt"})
-        print("load it with:", timm_create_model_hint(model.config, args.output, classifier="head.weight" in state))
+        classifier = "head.weight" in state
+        if classifier and model.config.final_layernorm:
+            raise SystemExit("error: this classifier has a final backbone LayerNorm before its fc_norm; timm's VisionTransformer has "
+                             "one or the other, so it cannot hold it (the released ImageNet models have none: final_layernorm=False).")
+        metadata = {"format": "pt", "pretrained_cfg": json.dumps(timm_pretrained_cfg(model.config, classifier))}
+        atomic_save_file(beit3_to_timm(state, model.config), args.output, metadata=metadata)
+        print("load it with:", timm_create_model_hint(model.config, args.output, classifier=classifier))
     print(f"wrote {args.output} ({type(model).__name__} as {args.to}; {model.config.num_hidden_layers} layers, hidden "
           f"{model.config.hidden_size}, image {model.config.image_size}, final LayerNorm {'yes' if model.config.final_layernorm else 'no'})")
 

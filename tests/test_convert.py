@@ -1,13 +1,19 @@
 """Official checkpoints: equality with torchscale (the reference) and timm (an independent second reference)."""
 
+import contextlib
+import io
+import json
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from conftest import REFERENCE, tiny_config, torchscale_reference
+from safetensors import safe_open
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from beit3 import Beit3Model
+from beit3.modeling_heads import Beit3ForImageClassification
 from beit3.checkpoints import load_state_dict_checked, read_checkpoint
 from beit3.convert import beit3_to_official, main, model_from_official
 
@@ -74,22 +80,44 @@ def test_image_output_equals_timm_on_the_same_official_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(pixel_values=images).last_hidden_state, theirs.forward_features(images), atol=1e-5, rtol=1e-5)
 
-    # and our --to timm file loads strictly into timm with the call the converter prints
-    main(["--checkpoint", str(tmp_path / "official.pth"), "--to", "timm", "--output", str(tmp_path / "vision.safetensors")])
-    loaded = timm.create_model("beit3_base_patch16_224", final_norm=False, checkpoint_path=str(tmp_path / "vision.safetensors"), **timm_kwargs)
+    # and our --to timm file loads into timm with the call the converter prints
+    loaded = timm_model_as_printed(["--checkpoint", str(tmp_path / "official.pth"), "--to", "timm", "--output", str(tmp_path / "vision.safetensors")])
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval().forward_features(images), theirs.forward_features(images))
 
 
-def test_timm_export_keeps_the_final_layernorm(tmp_path):
-    ours = Beit3Model(tiny_config(hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=256)).eval()
+def timm_model_as_printed(argv: list[str]):
+    """Runs the converter, then the ``timm.create_model(...)`` call it prints, exactly as printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(argv)
+    call = next(line for line in printed.getvalue().splitlines() if line.startswith("load it with: ")).removeprefix("load it with: ")
+    return eval(call, {"timm": timm})  # the line the converter printed for the user to paste
+
+
+@pytest.mark.parametrize("head", ["backbone", "classifier"])
+def test_the_printed_timm_call_loads_any_size_with_its_preprocessing(tmp_path, head):
+    config = tiny_config(hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=256, num_hidden_layers=3, num_labels=5,
+                         final_layernorm=head == "backbone")  # as released: the ImageNet classifiers have no final LayerNorm
+    ours = (Beit3Model(config) if head == "backbone" else Beit3ForImageClassification(config)).eval()
     ours.save_pretrained(tmp_path / "ours")
-    main(["--checkpoint", str(tmp_path / "ours"), "--to", "timm", "--output", str(tmp_path / "vision.safetensors")])
-    timm_kwargs = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=HIDDEN, depth=2, num_heads=2, mlp_ratio=2, num_classes=0)
-    theirs = timm.create_model("beit3_base_patch16_224", fc_norm=False, checkpoint_path=str(tmp_path / "vision.safetensors"), **timm_kwargs)
+    theirs = timm_model_as_printed(["--checkpoint", str(tmp_path / "ours"), "--to", "timm", "--output", str(tmp_path / "vision.safetensors")]).eval()
     images = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
-        torch.testing.assert_close(theirs.eval().forward_features(images), ours(pixel_values=images).last_hidden_state, atol=1e-5, rtol=1e-5)
+        if head == "backbone":  # with its final LayerNorm
+            torch.testing.assert_close(theirs.forward_features(images), ours(pixel_values=images).last_hidden_state, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(theirs(images), ours(pixel_values=images).logits, atol=1e-5, rtol=1e-5)
+    data = timm.data.resolve_data_config(model=theirs)
+    expected = (0.485, 0.456, 0.406) if head == "classifier" else (0.5, 0.5, 0.5)
+    assert data["mean"] == expected and data["input_size"] == (3, IMAGE, IMAGE) and data["interpolation"] == "bicubic"
+    with safe_open(str(tmp_path / "vision.safetensors"), "pt") as handle:
+        assert json.loads(handle.metadata()["pretrained_cfg"])["mean"] == list(expected)
+    if head == "classifier":  # timm's VisionTransformer holds a final LayerNorm or an fc_norm, not both
+        config.final_layernorm = True
+        Beit3ForImageClassification(config).save_pretrained(tmp_path / "both")
+        with pytest.raises(SystemExit, match="final backbone LayerNorm before its fc_norm"):
+            main(["--checkpoint", str(tmp_path / "both"), "--to", "timm", "--output", str(tmp_path / "both.safetensors")])
 
 
 def test_fp16_checkpoint_is_read_in_fp32_and_interpolated_like_unilm(tmp_path):
