@@ -206,6 +206,8 @@ def test_the_zero_stage_has_one_source_a_deepspeed_json_of_another_stage_is_refu
     root = Path(__file__).resolve().parent.parent
     settings = TrainSettings(output_dir=str(tmp_path), max_steps=1, save_every=1, zero_stage=3)
     assert load_deepspeed_json(None, settings, root)["zero_optimization"]["stage"] == 3  # configs/deepspeed/zero3.json
+    assert load_deepspeed_json(None, TrainSettings(output_dir=str(tmp_path), max_steps=1, save_every=1, zero_stage=0), root) == {
+        "zero_optimization": {"stage": 0}}
     with pytest.raises(ValueError, match=r"train.zero_stage is 3, but the DeepSpeed config .*zero2.json says stage 2: set train.zero_stage=2"):
         load_deepspeed_json("configs/deepspeed/zero2.json", settings, root)
     (tmp_path / "broken.json").write_text("{stage: 3")

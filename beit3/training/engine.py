@@ -306,7 +306,9 @@ def build_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.op
 def load_deepspeed_json(name: str | None, settings: TrainSettings, root: Path) -> dict:
     """The DeepSpeed JSON a run names (``data.deepspeed``; relative to the working directory or ``root``), or
     ``root/configs/deepspeed/zero<train.zero_stage>.json``. ``train.zero_stage`` is the one source of the ZeRO
-    stage: a JSON that names another stage is refused, never silently preferred."""
+    stage: a JSON that names another stage is refused, never silently preferred. Stage 0 needs no file."""
+    if name is None and settings.zero_stage == 0:
+        return {"zero_optimization": {"stage": 0}}
     path = Path(name or f"configs/deepspeed/zero{settings.zero_stage}.json")
     path = next((p for p in (path, root / path) if p.is_file()), None) if not path.is_absolute() else path
     if path is None or not path.is_file():
