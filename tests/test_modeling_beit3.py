@@ -197,6 +197,25 @@ def test_save_pretrained_writes_safetensors_and_auto_model_loads_it(tmp_path):
                            model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state)
 
 
+def test_import_beit3_is_what_registers_the_auto_classes(tmp_path):
+    import subprocess
+    import sys
+
+    Beit3Model(tiny_config()).save_pretrained(tmp_path)
+    script = f"""
+from transformers import AutoModel
+try:
+    AutoModel.from_pretrained({str(tmp_path)!r})
+except (ValueError, KeyError) as error:
+    print("before import beit3:", type(error).__name__)
+import beit3
+print("after import beit3:", type(AutoModel.from_pretrained({str(tmp_path)!r})).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "before import beit3: " in out.stdout and "after import beit3: Beit3Model" in out.stdout
+
+
 def test_loading_at_another_image_size_resamples_the_position_table(tmp_path):
     config = tiny_config()
     Beit3Model(config).save_pretrained(tmp_path)
