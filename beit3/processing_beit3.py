@@ -14,7 +14,8 @@ class Beit3Processor(ProcessorMixin):
     Texts are truncated and right-padded to the tokenizer's ``model_max_length`` (64), as unilm feeds
     the released models; pass ``padding=True`` (pad to the longest text), ``max_length=...`` or
     ``truncation=False`` to change that. Images and texts are paired by position, so a call with both
-    needs as many of each.
+    needs as many of each, or one image with N texts (as CLIP's processor: the retrieval head scores the
+    image against each text; a fused head needs the image repeated, ``pixel_values.expand(N, -1, -1, -1)``).
     """
 
     # Lowest-priority defaults (a call's own arguments win): unilm's fixed-length text format.
@@ -45,7 +46,7 @@ class Beit3Processor(ProcessorMixin):
     def __call__(self, images=None, text=None, **kwargs):
         text = list(text) if isinstance(text, tuple) else text  # transformers takes lists only
         outputs = super().__call__(images=images, text=text, **kwargs)
-        if "pixel_values" in outputs and "input_ids" in outputs and len(outputs["pixel_values"]) != len(outputs["input_ids"]):
+        if ("pixel_values" in outputs and "input_ids" in outputs and len(outputs["pixel_values"]) not in (1, len(outputs["input_ids"]))):
             raise ValueError(f"Got {len(outputs['pixel_values'])} images and {len(outputs['input_ids'])} texts; an image+text "
-                             "batch pairs them by position, so pass as many of each.")
+                             "batch pairs them by position, so pass as many of each (or one image to score against every text).")
         return outputs

@@ -382,3 +382,26 @@ def test_onnx_export_runs_in_onnxruntime_and_matches_eager(tmp_path):
              "attention_mask": torch.tensor([[1] * 9] * 2 + [[1] * 4 + [0] * 5])}
     logits = session.run(["logits"], {k: v.numpy() for k, v in other.items()})[0]
     torch.testing.assert_close(torch.from_numpy(logits), model(**other).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_shot_image_classification_pipeline_ranks_labels_with_the_retrieval_head(tmp_path):
+    from conftest import word_tokenizer
+    from PIL import Image
+    from transformers import AutoModelForZeroShotImageClassification, pipeline
+
+    from beit3 import Beit3ImageProcessor
+
+    tokenizer = word_tokenizer(tmp_path, "this is a photo of red blue circle square".split(), 28, model_max_length=16)
+    model = Beit3ForImageTextRetrieval(tiny_config(vocab_size=len(tokenizer))).eval()
+    for part in (model, tokenizer, Beit3ImageProcessor(size=32)):
+        part.save_pretrained(tmp_path / "retrieval")
+    assert type(AutoModelForZeroShotImageClassification.from_pretrained(tmp_path / "retrieval")) is Beit3ForImageTextRetrieval
+    image, labels = Image.new("RGB", (40, 40), (200, 10, 10)), ["red circle", "blue square", "red square"]
+    ranked = pipeline("zero-shot-image-classification", model=str(tmp_path / "retrieval"))(image, candidate_labels=labels)
+    assert sorted(r["label"] for r in ranked) == sorted(labels) and abs(sum(r["score"] for r in ranked) - 1) < 1e-5
+    processor = Beit3ImageProcessor(size=32)
+    texts = tokenizer([f"This is a photo of {label}." for label in labels], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(pixel_values=processor(image, return_tensors="pt")["pixel_values"], **texts).logits_per_image[0].softmax(-1)
+    assert [r["label"] for r in ranked] == [labels[i] for i in expected.argsort(descending=True)]
+    assert [r["score"] for r in ranked] == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-5)

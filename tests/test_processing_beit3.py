@@ -83,3 +83,5 @@ def test_empty_or_missing_input_gets_a_clear_error(processor):
         processor()
     with pytest.raises(ValueError, match="2 images and 3 texts"):
         processor(images=images(2), text=["a", "b", "c"], return_tensors="pt")
+    one_image = processor(images=images(1), text=["a", "b", "c"], return_tensors="pt")  # one image against N texts, as CLIP's
+    assert one_image["pixel_values"].shape[0] == 1 and one_image["input_ids"].shape[0] == 3
