@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutput, ImageClassifierOutput, SequenceClassifierOutput
+from transformers import Cache, GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast, ImageClassifierOutput, SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
 from .configuration_beit3 import Beit3Config
@@ -292,13 +293,18 @@ def caption_attention_mask(num_image_tokens: int, text_attention_mask: torch.Ten
     return mask
 
 
-class Beit3ForCaptioning(Beit3PreTrainedModel):
+class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
     """Captioning inside the one encoder: the image is attended bidirectionally and the caption causally.
 
     Training is the official "causal masked LM": some caption tokens are replaced (by ``<mask>``
     mostly) and predicted from the image and the tokens before them. Decoding feeds
-    ``[previous word, <mask>]`` and reads the prediction at ``<mask>``.
+    ``[previous word, <mask>]`` and reads the prediction at ``<mask>``: that is what
+    ``prepare_inputs_for_generation`` builds for transformers' ``generate`` (greedy, beam search,
+    sampling, ``GenerationConfig``, ``max_new_tokens``); with the cache, each step runs only those two
+    tokens and the ``<mask>``'s keys and values are dropped again before the next step.
     """
+
+    main_input_name = "input_ids"  # generate(pixel_values=...) starts the caption at <s>
 
     def __init__(self, config: Beit3Config):
         super().__init__(config)
@@ -306,106 +312,76 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         self.mlm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
-                output_hidden_states: bool = False, return_dict: bool | None = None) -> CausalLMOutput | tuple:
-        """pixel_values (B, C, H, W), input_ids (B, T) (corrupted caption), attention_mask (B, T);
-        labels (B, T), the original ids at the predicted positions and -100 elsewhere -> logits (B, T, vocab).
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: Cache | None = None, use_cache: bool = False, interpolate_pos_encoding: bool = False,
+                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool | None = None
+                ) -> CausalLMOutputWithPast | tuple:
+        """pixel_values (B, C, H, W), input_ids (B, T) (corrupted caption), attention_mask (B, T) or a full
+        (B, L, L_keys) mask; labels (B, T), the original ids at the predicted positions and -100 elsewhere
+        -> logits (B, T, vocab).
 
+        With a non-empty ``cache`` (decoding) the image is in the cache: pass input_ids, position_ids
+        and the full mask of the new tokens only, no pixel_values.
         The loss is cross-entropy with label smoothing ``config.label_smoothing`` (0.1 by default, as the recipe).
         """
+        if input_ids is None:
+            raise ValueError("Captioning reads a caption: pass input_ids (to generate from an image, call generate(pixel_values=...)).")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        image_tokens = 1 + (pixel_values.shape[-2] // self.config.patch_size) * (pixel_values.shape[-1] // self.config.patch_size)
-        mask = caption_attention_mask(image_tokens, attention_mask)
-        out = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask, interpolate_pos_encoding=interpolate_pos_encoding,
+        if attention_mask.dim() == 2:
+            if pixel_values is None:
+                raise ValueError("Captioning needs pixel_values, unless decoding from a cache with a full (B, L, L_keys) attention_mask.")
+            image_tokens = 1 + (pixel_values.shape[-2] // self.config.patch_size) * (pixel_values.shape[-1] // self.config.patch_size)
+            attention_mask = caption_attention_mask(image_tokens, attention_mask)
+        out = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, use_cache=use_cache, interpolate_pos_encoding=interpolate_pos_encoding,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         logits = self.mlm_head(out.last_hidden_state[:, out.text_start:])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                    label_smoothing=getattr(self.config, "label_smoothing", 0.1))
-        return _as_asked(CausalLMOutput(loss=loss, logits=logits, **_passed_on(out)), return_dict, self.config)
+        return _as_asked(CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, **_passed_on(out)),
+                         return_dict, self.config)
 
-    @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, max_length: int = 32, num_beams: int = 1, length_penalty: float = 0.6,
-                 use_cache: bool = True) -> torch.Tensor:
-        """Captions for a batch of images, as token ids (B, <= max_length): ``<s>``, words, ``</s>``, then padding.
+    def generate(self, pixel_values: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """transformers' ``generate`` with the image first: ``generate(pixel_values, max_new_tokens=20, num_beams=3,
+        length_penalty=0.6)`` (the official beam scoring) or ``generate(**processor(images=..., return_tensors="pt"))``.
+        Returns token ids (B, <= max_length): ``<s>``, the words, ``</s>`` (when reached), then padding."""
+        if self.config.mask_token_id is None:
+            raise ValueError("Captioning decodes through the <mask> token: set config.mask_token_id to the tokenizer's mask id.")
+        return super().generate(pixel_values=pixel_values, **kwargs)
 
-        Greedy when ``num_beams == 1``, else beam search with the official length penalty
-        (score = sum of log-probabilities / length ** length_penalty). ``use_cache`` keeps the keys
-        and values of the image and the words already chosen; without it every step recomputes the
-        whole sequence (same output, much slower).
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                                      cache: Cache | None = None, use_cache: bool = True, **kwargs) -> dict:
+        """One decoding step's inputs: the caption so far (B, t) plus ``<mask>``, whose prediction is the next word.
+
+        Without a cache (or at the first step) that is the image, the whole caption and ``<mask>``; with one, only
+        the newest word and ``<mask>``, after the previous step's ``<mask>`` is cropped from the cache.
         """
         config = self.config
-        if config.mask_token_id is None:
-            raise ValueError("Captioning decodes through the <mask> token: set config.mask_token_id to the tokenizer's mask id.")
-        if max_length < 3:
-            raise ValueError(f"max_length {max_length} leaves no room for a word between <s> and </s>.")
-        batch, device = pixel_values.shape[0], pixel_values.device
-        beams = max(1, num_beams)
-        images = pixel_values.repeat_interleave(beams, dim=0)
-        image_tokens = 1 + (images.shape[-2] // config.patch_size) * (images.shape[-1] // config.patch_size)
-        sequences = torch.full((batch * beams, 1), config.bos_token_id, dtype=torch.long, device=device)
-        scores = torch.zeros(batch, beams, device=device)
-        scores[:, 1:] = float("-inf")  # all beams start identical: expand from the first only
-        finished = torch.zeros(batch * beams, dtype=torch.bool, device=device)
-        cache = None
-        for _ in range(max_length - 2):
-            log_probs, cache = self._next_token_log_probs(images, sequences, image_tokens, cache if use_cache else None, use_cache)
-            vocab = log_probs.shape[-1]
-            # A finished hypothesis only extends with padding at no cost.
-            log_probs[finished] = float("-inf")
-            log_probs[finished, config.pad_token_id] = 0.0
-            lengths = (sequences != config.pad_token_id).sum(-1, keepdim=True).float() + 1
-            candidate = (scores.view(-1, 1) + log_probs).view(batch, beams * vocab)
-            if beams == 1:
-                best_score, best = candidate.max(dim=-1, keepdim=True)
-            else:
-                normalized = candidate / (lengths.view(batch, beams).repeat_interleave(vocab, dim=1) ** length_penalty)
-                _, best = normalized.topk(beams, dim=-1)
-                best_score = candidate.gather(1, best)
-            source_beam = (best // vocab) + torch.arange(batch, device=device)[:, None] * beams
-            token = (best % vocab).view(-1, 1)
-            sequences = torch.cat([sequences[source_beam.view(-1)], token], dim=1)
-            scores = best_score
-            finished = finished[source_beam.view(-1)] | (token.view(-1) == config.eos_token_id) | (token.view(-1) == config.pad_token_id)
-            if cache is not None:
-                cache.reorder_cache(source_beam.view(-1))
-            if finished.all():
-                break
-        last = sequences[:, -1]
-        unfinished_end = (last != config.eos_token_id) & (last != config.pad_token_id)
-        sequences = torch.cat([sequences, torch.where(unfinished_end, config.eos_token_id, config.pad_token_id)[:, None]], dim=1)
-        if beams > 1:  # keep the best hypothesis by length-normalized score
-            lengths = (sequences != config.pad_token_id).sum(-1).float().view(batch, beams)
-            choice = (scores.view(batch, beams) / lengths ** length_penalty).argmax(dim=-1)
-            sequences = sequences.view(batch, beams, -1)[torch.arange(batch, device=device), choice]
-        return sequences
-
-    def _next_token_log_probs(self, images, sequences, image_tokens, cache, use_cache):
-        """Log-probabilities (B, vocab) of the word after ``sequences`` (B, t), read at an appended ``<mask>``."""
-        batch, length = sequences.shape
-        mask_column = torch.full((batch, 1), self.config.mask_token_id, dtype=torch.long, device=sequences.device)
-        text_mask = (sequences != self.config.pad_token_id).long()
+        batch, length = input_ids.shape
+        device = input_ids.device
+        mask_column = torch.full((batch, 1), config.mask_token_id, dtype=torch.long, device=device)
+        text_mask = (input_ids != config.pad_token_id).long()  # finished hypotheses go on with padding, never a key
         text_mask[:, 0] = 1
-        if cache is None:  # the whole sequence: image, words so far, <mask>
-            input_ids = torch.cat([sequences, mask_column], dim=1)
-            full_mask = caption_attention_mask(image_tokens, torch.cat([text_mask, torch.ones_like(mask_column)], dim=1))
-            out = self.beit3(pixel_values=images, input_ids=input_ids, attention_mask=full_mask, use_cache=use_cache)
-        else:  # only the newest word and <mask>; the cache holds the image and the earlier words
-            input_ids = torch.cat([sequences[:, -1:], mask_column], dim=1)
-            keys = torch.cat([torch.ones(batch, image_tokens, dtype=torch.bool, device=sequences.device), text_mask.bool(),
-                              torch.ones(batch, 1, dtype=torch.bool, device=sequences.device)], dim=1)
-            rows = keys[:, None, :].repeat(1, 2, 1)
-            rows[:, 0, -1] = False  # the newest word does not see the <mask> after it
-            positions = torch.tensor([length - 1, length], device=sequences.device).expand(batch, 2)
-            out = self.beit3(input_ids=input_ids, attention_mask=rows, position_ids=positions, cache=cache, use_cache=True)
-        new_cache = out.cache
-        if new_cache is not None:
-            new_cache.crop(-1)  # drop the <mask>'s keys and values; the chosen word replaces it next step
-        logits = self.mlm_head(out.last_hidden_state[:, -1])
-        return F.log_softmax(logits.float(), dim=-1), new_cache
+        passed = {k: v for k, v in kwargs.items() if k in ("output_attentions", "output_hidden_states", "interpolate_pos_encoding")}
+        if cache is None or cache.get_seq_length() == 0:
+            if pixel_values is None:
+                raise ValueError("Captioning generates from an image: pass pixel_values (B, C, H, W) to generate().")
+            return {"pixel_values": pixel_values, "input_ids": torch.cat([input_ids, mask_column], dim=1),
+                    "attention_mask": torch.cat([text_mask, torch.ones_like(mask_column)], dim=1),
+                    "cache": cache if use_cache else None, "use_cache": use_cache, **passed}
+        cache.crop(-1)  # the previous step's <mask>; its word replaces it
+        image_tokens = cache.get_seq_length() - (length - 1)
+        keys = torch.cat([torch.ones(batch, image_tokens, dtype=torch.bool, device=device), text_mask.bool(),
+                          torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+        rows = keys[:, None, :].repeat(1, 2, 1)
+        rows[:, 0, -1] = False  # the newest word does not see the <mask> after it
+        positions = torch.tensor([length - 1, length], device=device).expand(batch, 2)
+        return {"input_ids": torch.cat([input_ids[:, -1:], mask_column], dim=1), "attention_mask": rows, "position_ids": positions,
+                "cache": cache, "use_cache": True, **passed}
 
 
 @dataclass

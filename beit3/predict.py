@@ -59,7 +59,7 @@ def predict(task: str, model_dir: str, images: list[str], texts: list[str] | Non
                 lines.append(f"{path}: " + ", ".join(f"{names.get(int(i), i)} {p:.3f}" for p, i in zip(best.values, best.indices)))
         elif task == "caption":
             pixel_values = image_processor(pictures, return_tensors="pt")["pixel_values"]
-            ids = model.generate(pixel_values, max_length=max_length, num_beams=num_beams)
+            ids = model.generate(pixel_values, max_length=max_length, num_beams=num_beams, length_penalty=0.6)  # the official beam scoring
             lines += [f"{path}: {caption}" for path, caption in zip(images, tokenizer.batch_decode(ids, skip_special_tokens=True))]
         elif task == "vqa":
             _need_text(texts, len(pictures))

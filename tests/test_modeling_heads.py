@@ -210,34 +210,54 @@ def test_caption_mask_blocks_image_to_text_and_future_text():
 
 
 @pytest.mark.parametrize("layout", [dict(), dict(multiway_attention=False, vl_ffn_layers=1)])
-def test_cached_greedy_decoding_equals_recomputing(layout):
+def test_cached_greedy_decoding_equals_recomputing_and_runs_two_tokens_a_step(layout):
     model = Beit3ForCaptioning(head_config(**layout)).eval()
     with torch.no_grad():
         model.mlm_head.bias[2] = -1e4  # keep </s> from ending captions at once, so there is something to compare
     images = torch.randn(3, 3, 32, 32)
-    cached = model.generate(images, max_length=12)
-    recomputed = model.generate(images, max_length=12, use_cache=False)
+    lengths = []
+    hook = model.beit3.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    cached = model.generate(images, max_new_tokens=11)
+    hook.remove()
+    recomputed = model.generate(pixel_values=images, max_new_tokens=11, use_cache=False)
     assert cached.shape == (3, 12) and (cached[:, 0] == 0).all()
     assert torch.equal(cached, recomputed)
+    assert lengths == [2] + [2] * 10  # <s> + <mask>, then [newest word, <mask>] against the cache
 
 
-def test_beam_search_returns_one_caption_per_image_and_scores_at_least_greedy():
+def test_captioning_speaks_transformers_generate():
     model = Beit3ForCaptioning(head_config()).eval()
+    assert model.can_generate() and model.generation_config.bos_token_id == 0 and model.generation_config.eos_token_id == 2
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         model.mlm_head.bias[2] = -1e4
-    greedy = model.generate(images, max_length=8)
-    beams = model.generate(images, max_length=8, num_beams=3)
+    greedy = model.generate(pixel_values=images, max_new_tokens=7)
+    beams = model.generate(pixel_values=images, max_new_tokens=7, num_beams=3, length_penalty=0.6)
     assert beams.shape[0] == 2 and (beams[:, 0] == 0).all()
-    assert torch.equal(model.generate(images, max_length=8, num_beams=3, use_cache=False), beams)
-    assert greedy.shape[0] == 2
+    assert torch.equal(model.generate(pixel_values=images, max_new_tokens=7, num_beams=3, length_penalty=0.6, use_cache=False), beams)
+    from transformers import GenerationConfig
+
+    assert torch.equal(model.generate(pixel_values=images, generation_config=GenerationConfig(max_new_tokens=7, bos_token_id=0, eos_token_id=2,
+                                                                                                pad_token_id=1)), greedy)
+    torch.manual_seed(0)
+    sampled = model.generate(pixel_values=images, max_new_tokens=7, do_sample=True, top_k=5)
+    torch.manual_seed(0)
+    assert torch.equal(sampled, model.generate(pixel_values=images, max_new_tokens=7, do_sample=True, top_k=5, use_cache=False))
+    output = model(pixel_values=images, input_ids=greedy, labels=greedy)
+    assert type(output).__name__ == "CausalLMOutputWithPast" and output.logits.shape == (*greedy.shape, model.config.vocab_size)
+
+
+def test_a_preset_config_knows_the_released_mask_token():
+    from beit3 import Beit3Config
+
+    assert Beit3Config.from_preset("beit3_base_patch16_224").mask_token_id == 64001
 
 
 @pytest.mark.parametrize("call, message", [
     (lambda: Beit3ForVisualReasoning(tiny_config(num_labels=2))(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.ones(2, 3, dtype=torch.long)),
      "pair of images"),
     (lambda: Beit3ForCaptioning(tiny_config()).generate(torch.randn(1, 3, 32, 32)), "mask_token_id"),
-    (lambda: Beit3ForCaptioning(head_config()).generate(torch.randn(1, 3, 32, 32), max_length=2), "no room for a word"),
+    (lambda: Beit3ForCaptioning(head_config()).generate(max_new_tokens=3), "generates from an image: pass pixel_values"),
 ])
 def test_bad_head_input_gets_a_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
