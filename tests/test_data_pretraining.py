@@ -93,6 +93,35 @@ def test_webdataset_shards_give_pairs(world, tmp_path):
     assert data[0]["pair"]["pixel_values"].shape == (27, 3, 64, 64) and data[0]["counts"]["skipped_pair"] == 0
 
 
+def test_a_users_saved_datasets_dataset_is_a_source_of_every_kind(world, tmp_path):
+    from datasets import Dataset, DatasetDict
+    from datasets import Image as ImageFeature
+
+    paths, tokenizer = world
+    colors = [(200, 0, 0), (0, 200, 0), (0, 0, 200)]
+    images = [Image.new("RGB", (40, 40), color) for color in colors]
+    captions = ["a red square", "a green square", "  "]  # an empty caption is left out, as everywhere
+    data = Dataset.from_dict({"picture": images, "caption": captions}).cast_column("picture", ImageFeature())
+    DatasetDict({"train": data}).save_to_disk(tmp_path / "mine")
+    before = sorted(p.name for p in (tmp_path / "mine").rglob("*"))
+    spec = {"dataset": str(tmp_path / "mine"), "image": "picture", "text": "caption"}
+    sources = load_sources(images=spec, texts=spec, pairs=spec)
+    assert (len(sources["image"]), len(sources["text"]), len(sources["pair"])) == (3, 2, 2)
+    assert set(sources["pair"].column_names) == {"path", "image_bytes", "text"} and sources["text"][1]["text"] == "a green square"
+    batch = PretrainingBatches(sources, {"image": 3, "text": 2, "pair": 2}, tokenizer, image_size=64, patch_size=8, max_text_length=32)[0]
+    assert batch["pair"]["pixel_values"].shape == (2, 3, 64, 64) and batch["counts"]["skipped_pair"] == 0
+    assert batch["image"]["pixel_values"].shape[0] == 3
+    pixels = load_rgb(None, sources["pair"][0]["image_bytes"]).getpixel((20, 20))
+    assert pixels == colors[0]  # the saved image's own bytes
+    assert sorted(p.name for p in (tmp_path / "mine").rglob("*")) == before  # nothing written into the user's folder
+    with pytest.raises(ValueError, match=r"has no column 'text' for the pair source; its columns are \['picture', 'caption'\]"):
+        load_sources(pairs={"dataset": str(tmp_path / "mine"), "image": "picture"})
+    with pytest.raises(ValueError, match=r"holds the splits \['train'\], not 'validation'"):
+        load_sources(pairs={**spec, "split": "validation"})
+    with pytest.raises(ValueError, match="No dataset saved with save_to_disk"):
+        load_sources(pairs={**spec, "dataset": str(tmp_path / "nothing")})
+
+
 def test_pair_lists_are_read_from_disk_and_follow_edits(world, tmp_path):
     paths, _ = world
     lines = paths["pairs"].read_text().splitlines()

@@ -58,9 +58,12 @@ class TextFiles(Shards):
     """The text kind read as a stream from these ``.txt`` / ``.jsonl`` files, in pieces (``streaming.text_pieces``)."""
 
 
-def load_sources(images: str | list[str] | None = None, texts: list[str] | None = None, pairs: list[str] | None = None,
+def load_sources(images: str | list[str] | dict | None = None, texts: list[str] | dict | None = None, pairs: list[str] | dict | None = None,
                  image_codes: str | None = None, streaming: bool = False) -> dict[str, Dataset | Shards]:
     """The three kinds as ``datasets.Dataset`` objects: image ``{"path"}``, text ``{"text"}``, pair ``{"path", "text"}``.
+
+    Any kind may instead be a ``datasets`` dataset of the user's, saved with ``save_to_disk``:
+    ``{"dataset": folder, "image": column, "text": column, "split": name}`` (see ``saved_dataset_source``).
 
     With ``image_codes`` (a folder written by ``tokenizers/encode_images.py`` for ``images``), image rows
     also hold ``codes``, that image's row of visual tokens (see ``image_codes_source``).
@@ -70,7 +73,14 @@ def load_sources(images: str | list[str] | None = None, texts: list[str] | None 
     A kind without a source is left out; a source that yields nothing is an error.
     """
     sources = {}
-    if image_codes and not images:
+    saved = {kind: spec for kind, spec in (("image", images), ("text", texts), ("pair", pairs)) if isinstance(spec, dict)}
+    for kind, spec in saved.items():
+        if image_codes and kind == "image":
+            raise ValueError("image_codes are the codes of an image folder; with images from a saved dataset, let the visual "
+                             "tokenizer compute the targets (set image_codes to null).")
+        sources[kind] = saved_dataset_source(spec, kind)
+    images, texts, pairs = (None if isinstance(x, dict) else x for x in (images, texts, pairs))
+    if image_codes and not images and "image" not in saved:
         raise ValueError(f"image_codes ({image_codes}) are the codes of an image folder, but no images source is given; "
                          "set images to the folder they were encoded from.")
     image_shards = images is not None and (isinstance(images, (list, tuple)) or is_shard_pattern(images))
@@ -216,6 +226,54 @@ def _jsonl_pairs(files: list[str]) -> Dataset:
         if "no data" not in str(error):
             raise
         return Dataset.from_dict({name: [] for name in _PAIR_FEATURES}, features=_PAIR_FEATURES)  # no good line: load_sources says so
+
+
+def saved_dataset_source(spec: dict, kind: str) -> Dataset:
+    """The rows of one kind from a user's ``datasets`` dataset written by ``save_to_disk`` (memory-mapped, not copied).
+
+    ``spec``: ``{"dataset": folder, "image": column (default "image"), "text": column (default "text"), "split": name}``;
+    the split is needed only for a saved ``DatasetDict`` (default "train"). The image column is an ``Image()`` feature
+    (as ``load_dataset("imagefolder")`` gives; its bytes or path are read, decoded here) or a column of file paths.
+    Rows come out as image ``{"path", "image_bytes"}``, text ``{"text"}``, pair ``{"path", "image_bytes", "text"}``.
+    """
+    from datasets import DatasetDict, load_from_disk
+    from datasets import Image as ImageFeature
+
+    unknown = set(spec) - {"dataset", "image", "text", "split"}
+    if "dataset" not in spec or unknown:
+        raise ValueError(f"A saved-dataset {kind} source is {{dataset: <save_to_disk folder>, image: <column>, text: <column>, "
+                         f"split: <name>}}; got {spec}.")
+    folder = str(spec["dataset"])
+    try:
+        data = load_from_disk(folder)
+    except FileNotFoundError as error:
+        raise ValueError(f"No dataset saved with save_to_disk at {folder} ({error}).") from error
+    if isinstance(data, DatasetDict):
+        split = spec.get("split", "train")
+        if split not in data:
+            raise ValueError(f"{folder} holds the splits {sorted(data)}, not {split!r}; set split: to one of them.")
+        data = data[split]
+    roles = {"image": ["image"], "text": ["text"], "pair": ["image", "text"]}[kind]
+    columns = {role: spec.get(role, role) for role in roles}
+    missing = [column for column in columns.values() if column not in data.column_names]
+    if missing:
+        raise ValueError(f"{folder} has no column {', '.join(map(repr, missing))} for the {kind} source; its columns are "
+                         f"{data.column_names}. Name yours with image: and text:.")
+    out = {}
+    if "image" in columns:
+        column, feature = columns["image"], data.features[columns["image"]]
+        if isinstance(feature, ImageFeature):
+            data = data.cast_column(column, ImageFeature(decode=False)).flatten()  # a view of its bytes and path columns
+            out.update({f"{column}.path": "path", f"{column}.bytes": "image_bytes"})
+        elif getattr(feature, "dtype", None) == "string":
+            out[column] = "path"
+        else:
+            raise ValueError(f"The image column {column!r} of {folder} is {feature}; it must be an Image() feature or file paths.")
+    if "text" in columns:
+        out[columns["text"]] = "text"
+    data = data.select_columns(list(out)).rename_columns(out)
+    # In memory: a filter of a memory-mapped dataset would otherwise write its index into the user's folder.
+    return data.filter(_has_text, keep_in_memory=True) if "text" in columns else data
 
 
 def _webdataset_pairs(shards: list[str]) -> Dataset:
