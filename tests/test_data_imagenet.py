@@ -78,3 +78,17 @@ def test_transformers_trainer_trains_the_classification_head_on_the_dataset(tmp_
     split = read_image_folder(tmp_path / "train")
     data = ImageClassificationDataset(split.records, Beit3ImageProcessor.for_imagenet(size=32))
     train_with_transformers_trainer(Beit3ForImageClassification(tiny_config(num_labels=len(split.classes))), data, tmp_path / "trainer")
+
+
+def test_a_datasets_imagefolder_dataset_is_taken_as_it_is(tmp_path):
+    from datasets import load_dataset
+
+    write_folders(tmp_path)
+    (tmp_path / "train" / "n01440764" / "notes.txt").unlink()
+    data = load_dataset("imagefolder", data_dir=str(tmp_path / "train"), split="train")
+    items = ImageClassificationDataset(data, Beit3ImageProcessor.for_imagenet(size=32))
+    assert len(items) == 9 and items[0]["pixel_values"].shape == (3, 32, 32)
+    assert sorted(int(items[i]["labels"]) for i in range(9)) == sorted(data["label"])
+    train_with_transformers_trainer(Beit3ForImageClassification(tiny_config(num_labels=3)), items, tmp_path / "trainer")
+    with pytest.raises(ValueError, match=r"no column 'category'; its columns are \['image', 'label'\]"):
+        ImageClassificationDataset(data, Beit3ImageProcessor.for_imagenet(size=32), label_column="category")

@@ -147,3 +147,21 @@ def test_pair_lists_give_contrastive_records_with_one_id_per_image(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "images/a.png", "caption": "wrong field"}) + "\n")
     with pytest.raises(ValueError, match="no field"):
         pair_list_records([tmp_path / "bad.jsonl"])
+
+
+def test_a_users_datasets_dataset_of_images_and_captions_feeds_retrieval(tokenizer):
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    data = Dataset.from_dict({"image": [Image.new("RGB", (40, 30), (60 * i, 90, 30)) for i in range(3)],
+                              "text": ["a dog on a table", "two cats", "a red bus"]}).cast_column("image", ImageFeature())
+    pairs = ImageTextDataset(data, Beit3ImageProcessor(size=32), tokenizer, max_length=16, text_column="text")
+    batch = next(iter(torch.utils.data.DataLoader(pairs, batch_size=3)))
+    inputs, metadata = split_batch(batch)
+    assert inputs["pixel_values"].shape == (3, 3, 32, 32) and metadata["image_id"].tolist() == [0, 1, 2]
+    assert inputs["input_ids"][2].tolist() == tokenizer("a red bus", padding="max_length", max_length=16)["input_ids"]
+    out = Beit3ForImageTextRetrieval(tiny_config(vocab_size=len(tokenizer)))(**inputs, return_loss=True)
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="The record of image 1 has an empty text"):
+        ImageTextDataset(data.map(lambda row, i: {"text": " " if i == 1 else row["text"]}, with_indices=True),
+                         Beit3ImageProcessor(size=32), tokenizer, text_column="text")

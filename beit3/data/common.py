@@ -71,9 +71,12 @@ def require_text(text, where: str) -> str:
     return text
 
 
-def load_rgb(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
+def load_rgb(path: str | os.PathLike | dict | None, data: bytes | None = None) -> Image.Image:
     """Reads an image fully into memory as RGB, from ``path`` or, when given, from its encoded ``data``
-    (``path`` then only names it); an unreadable image raises an error naming its path."""
+    (``path`` then only names it); an unreadable image raises an error naming its path. ``path`` may also be
+    what a ``datasets`` ``Image(decode=False)`` column holds, ``{"bytes": ..., "path": ...}``."""
+    if isinstance(path, dict):
+        path, data = path.get("path") or "an image of the dataset", path.get("bytes")
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
             image.load()
@@ -88,6 +91,45 @@ def load_rgb(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
                          "records.") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"Cannot read the image {path}: {error}. Replace the file or drop its records.") from error
+
+
+class DatasetRecords(Sequence):
+    """A user's ``datasets.Dataset`` seen as a reader's records, one row at a time (nothing copied or decoded ahead).
+
+    ``columns`` maps each record field to its column, e.g. ``DatasetRecords(data, ImageRecord, image_path="image",
+    label="label")``: an ``Image()`` column is read undecoded (``{"bytes", "path"}``, which ``load_rgb`` takes). A
+    record field ``image_id`` that no column gives is the row number.
+    """
+
+    def __init__(self, dataset, record_class, **columns: str):
+        from datasets import Image as ImageFeature
+
+        missing = [column for column in columns.values() if column not in dataset.column_names]
+        if missing:
+            raise ValueError(f"The dataset has no column {', '.join(map(repr, missing))}; its columns are {dataset.column_names}. "
+                             f"Name the columns that hold {', '.join(columns)}.")
+        for column in set(columns.values()):
+            if isinstance(dataset.features[column], ImageFeature):
+                dataset = dataset.cast_column(column, ImageFeature(decode=False))
+        self.dataset, self.record_class, self.columns = dataset.select_columns(sorted(set(columns.values()))), record_class, columns
+        self.row_as_id = "image_id" in getattr(record_class, "__dataclass_fields__", {}) and "image_id" not in columns
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        row = self.dataset[index]
+        return self.record_class(**{field: row[column] for field, column in self.columns.items()},
+                                 **({"image_id": index} if self.row_as_id else {}))
+
+
+def as_records(records, record_class, **columns: str) -> Sequence:
+    """``records`` as they are (a list), or, for a ``datasets.Dataset``, a ``DatasetRecords`` view of it with ``columns``."""
+    from datasets import Dataset
+
+    return DatasetRecords(records, record_class, **columns) if isinstance(records, Dataset) else list(records)
 
 
 def transform_image(transform, image: Image.Image) -> torch.Tensor:

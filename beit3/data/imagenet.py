@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .common import check_images_exist, load_rgb, transform_image
+from .common import as_records, check_images_exist, load_rgb, transform_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 
@@ -79,12 +79,15 @@ def read_hf_imagefolder(root: str | os.PathLike, split: str = "train") -> ImageF
 class ImageClassificationDataset(torch.utils.data.Dataset):
     """Items for ``Beit3ForImageClassification``: pixel_values (C, H, W), labels () long.
 
+    ``records``: ``ImageRecord``s, or a ``datasets.Dataset`` with an image column (``Image()`` or file paths) and an
+    integer label column, e.g. ``load_dataset("imagefolder", ...)["train"]`` (``image_column``, ``label_column``).
     ``image_transform``: e.g. ``Beit3ImageProcessor.for_imagenet()`` for evaluation, or timm's
     ``create_transform(..., is_training=True)`` for training.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], image_transform):
-        self.records, self.image_transform = list(records), image_transform
+    def __init__(self, records, image_transform, image_column: str = "image", label_column: str = "label"):
+        self.records = as_records(records, ImageRecord, image_path=image_column, label=label_column)
+        self.image_transform = image_transform
 
     def __len__(self) -> int:
         return len(self.records)

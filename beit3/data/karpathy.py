@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .common import check_images_exist, encode_text, load_rgb, read_json, read_jsonl, require_text, transform_image
+from .common import as_records, check_images_exist, encode_text, load_rgb, read_json, read_jsonl, require_text, transform_image
 
 SPLITS = ("train", "val", "test")
 
@@ -109,12 +109,18 @@ class ImageTextDataset(torch.utils.data.Dataset):
     (``Beit3ForCaptioning``, after a collator masks the caption):
 
         pixel_values (C, H, W), input_ids (T,), attention_mask (T,), image_id () long.
+
+    ``records``: ``CaptionRecord``s, or a ``datasets.Dataset`` with an image column (``Image()`` or file paths) and a
+    caption column (``image_column``, ``text_column``); its row number is the image id.
     """
 
-    def __init__(self, records: Sequence[CaptionRecord], image_transform, tokenizer, max_length: int = 64):
-        self.records, self.image_transform, self.tokenizer, self.max_length = list(records), image_transform, tokenizer, max_length
+    def __init__(self, records, image_transform, tokenizer, max_length: int = 64, image_column: str = "image",
+                 text_column: str = "caption"):
+        self.records = as_records(records, CaptionRecord, image_path=image_column, caption=text_column)
+        self.image_transform, self.tokenizer, self.max_length = image_transform, tokenizer, max_length
         for record in self.records:
-            require_text(record.caption, f"The record of image {record.image_id} ({record.image_path})")
+            where = f" ({record.image_path})" if isinstance(record.image_path, str) else ""
+            require_text(record.caption, f"The record of image {record.image_id}{where}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -149,7 +155,8 @@ class TextOnlyDataset(torch.utils.data.Dataset):
     def __init__(self, records: Sequence[CaptionRecord], tokenizer, max_length: int = 64):
         self.records, self.tokenizer, self.max_length = list(records), tokenizer, max_length
         for record in self.records:
-            require_text(record.caption, f"The record of image {record.image_id} ({record.image_path})")
+            where = f" ({record.image_path})" if isinstance(record.image_path, str) else ""
+            require_text(record.caption, f"The record of image {record.image_id}{where}")
 
     def __len__(self) -> int:
         return len(self.records)
