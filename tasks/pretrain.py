@@ -105,9 +105,6 @@ def main(argv=None) -> None:
                  f"{patch_grid[0]}x{patch_grid[1]} patch grid; masked image modeling needs one code per patch. {how}")
     try:
         sources = load_sources(**data["sources"], streaming=bool(data.get("streaming", False)))
-    except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
-
         deepspeed_json = load_deepspeed_json(data.get("deepspeed"), settings, ROOT)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
