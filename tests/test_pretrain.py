@@ -46,6 +46,8 @@ def overrides(world: Path, output_dir: Path, **train) -> list[str]:
             f"data.sources.pairs=[{world / 'data/pairs.jsonl'}]", "data.batch_size={image: 4, text: 4, pair: 4}",
             f"train.output_dir={output_dir}", "train.num_workers=0", "train.log_every=1",
             *(f"train.{k}={v}" for k, v in train.items())]
+    if "zero_stage" in train:  # the stage's own DeepSpeed JSON: tiny.yaml names zero2.json, and another stage is refused
+        sets.append(f"data.deepspeed=configs/deepspeed/zero{train['zero_stage']}.json")
     return [arg for s in sets for arg in ("--set", s)]
 
 
