@@ -90,8 +90,8 @@ def load_task_model(task: str, model_dir: str):
     """The folder's model as ``task``'s head, refused when the folder holds another task's model (or none): its
     head would start from random weights and print confident nonsense."""
     model_class = TASKS[task]
-    saved = getattr(model_class.config_class.from_pretrained(model_dir), "architectures", None) or []
     model, info = model_class.from_pretrained(model_dir, output_loading_info=True)
+    saved = getattr(model.config, "architectures", None) or []  # as the folder's config.json has them
     missing = sorted(key for key in info["missing_keys"] if not key.startswith(model_class.base_model_prefix + "."))
     if missing or (saved and model_class.__name__ not in saved):
         holds = " / ".join(saved) if saved else "a model without this head"

@@ -93,6 +93,20 @@ def load_rgb(path: str | os.PathLike | dict | None, data: bytes | None = None) -
         raise ValueError(f"Cannot read the image {path}: {error}. Replace the file or drop its records.") from error
 
 
+def undecoded_columns(dataset, columns: Sequence[str], what: str, purpose: str = "", hint: str = ""):
+    """``dataset`` with only ``columns``, each checked to exist (the error names the columns there), an ``Image()``
+    column left undecoded (``{"bytes", "path"}``, which ``load_rgb`` takes)."""
+    from datasets import Image as ImageFeature
+
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what} has no column {', '.join(map(repr, missing))}{purpose}; its columns are {dataset.column_names}. {hint}".rstrip())
+    for column in set(columns):
+        if isinstance(dataset.features[column], ImageFeature):
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    return dataset.select_columns(sorted(set(columns)))
+
+
 class DatasetRecords(Sequence):
     """A user's ``datasets.Dataset`` seen as a reader's records, one row at a time (nothing copied or decoded ahead).
 
@@ -102,16 +116,8 @@ class DatasetRecords(Sequence):
     """
 
     def __init__(self, dataset, record_class, **columns: str):
-        from datasets import Image as ImageFeature
-
-        missing = [column for column in columns.values() if column not in dataset.column_names]
-        if missing:
-            raise ValueError(f"The dataset has no column {', '.join(map(repr, missing))}; its columns are {dataset.column_names}. "
-                             f"Name the columns that hold {', '.join(columns)}.")
-        for column in set(columns.values()):
-            if isinstance(dataset.features[column], ImageFeature):
-                dataset = dataset.cast_column(column, ImageFeature(decode=False))
-        self.dataset, self.record_class, self.columns = dataset.select_columns(sorted(set(columns.values()))), record_class, columns
+        self.dataset = undecoded_columns(dataset, list(columns.values()), "The dataset", hint=f"Name the columns that hold {', '.join(columns)}.")
+        self.record_class, self.columns = record_class, columns
         self.row_as_id = "image_id" in getattr(record_class, "__dataclass_fields__", {}) and "image_id" not in columns
 
     def __len__(self) -> int:
@@ -123,6 +129,10 @@ class DatasetRecords(Sequence):
         row = self.dataset[index]
         return self.record_class(**{field: row[column] for field, column in self.columns.items()},
                                  **({"image_id": index} if self.row_as_id else {}))
+
+    def values(self, field: str) -> list:
+        """Every record's ``field``, read from its column alone (the images stay unread)."""
+        return self.dataset[self.columns[field]]
 
 
 def as_records(records, record_class, **columns: str) -> Sequence:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .common import as_records, check_images_exist, encode_text, load_rgb, read_json, read_jsonl, require_text, transform_image
+from .common import DatasetRecords, as_records, check_images_exist, encode_text, load_rgb, read_json, read_jsonl, require_text, transform_image
 
 SPLITS = ("train", "val", "test")
 
@@ -118,9 +118,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
                  text_column: str = "caption"):
         self.records = as_records(records, CaptionRecord, image_path=image_column, caption=text_column)
         self.image_transform, self.tokenizer, self.max_length = image_transform, tokenizer, max_length
-        for record in self.records:
-            where = f" ({record.image_path})" if isinstance(record.image_path, str) else ""
-            require_text(record.caption, f"The record of image {record.image_id}{where}")
+        if isinstance(self.records, DatasetRecords):  # the captions column alone: reading rows would read every image
+            for row, caption in enumerate(self.records.values("caption")):
+                require_text(caption, f"The record of image {row}")
+        else:
+            for record in self.records:
+                require_text(record.caption, f"The record of image {record.image_id} ({record.image_path})")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -154,9 +157,12 @@ class TextOnlyDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: Sequence[CaptionRecord], tokenizer, max_length: int = 64):
         self.records, self.tokenizer, self.max_length = list(records), tokenizer, max_length
-        for record in self.records:
-            where = f" ({record.image_path})" if isinstance(record.image_path, str) else ""
-            require_text(record.caption, f"The record of image {record.image_id}{where}")
+        if isinstance(self.records, DatasetRecords):  # the captions column alone: reading rows would read every image
+            for row, caption in enumerate(self.records.values("caption")):
+                require_text(caption, f"The record of image {row}")
+        else:
+            for record in self.records:
+                require_text(record.caption, f"The record of image {record.image_id} ({record.image_path})")
 
     def __len__(self) -> int:
         return len(self.records)

@@ -31,7 +31,7 @@ import torch
 from datasets import Dataset, Features, Value, load_dataset
 
 from ..masking import BlockMaskGenerator, mask_text_tokens, text_masker
-from .common import load_rgb
+from .common import load_rgb, undecoded_columns
 from .sampling import mixed_seed
 from .streaming import (ShardStream, check_stream_count, expand_shards, is_shard_pattern, is_url, pair_of, shard_samples,
                         text_pieces, text_samples)
@@ -255,15 +255,12 @@ def saved_dataset_source(spec: dict, kind: str) -> Dataset:
         data = data[split]
     roles = {"image": ["image"], "text": ["text"], "pair": ["image", "text"]}[kind]
     columns = {role: spec.get(role, role) for role in roles}
-    missing = [column for column in columns.values() if column not in data.column_names]
-    if missing:
-        raise ValueError(f"{folder} has no column {', '.join(map(repr, missing))} for the {kind} source; its columns are "
-                         f"{data.column_names}. Name yours with image: and text:.")
+    data = undecoded_columns(data, list(columns.values()), folder, purpose=f" for the {kind} source", hint="Name yours with image: and text:.")
     out = {}
     if "image" in columns:
         column, feature = columns["image"], data.features[columns["image"]]
         if isinstance(feature, ImageFeature):
-            data = data.cast_column(column, ImageFeature(decode=False)).flatten()  # a view of its bytes and path columns
+            data = data.flatten()  # a view of the undecoded image's bytes and path columns
             out.update({f"{column}.path": "path", f"{column}.bytes": "image_bytes"})
         elif getattr(feature, "dtype", None) == "string":
             out[column] = "path"
