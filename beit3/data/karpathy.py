@@ -104,6 +104,16 @@ def captioning_records(images: Sequence[KarpathyImage], train: bool) -> list[Cap
     return [CaptionRecord(image_id=im.source_id, image_path=im.image_path, references=list(im.captions)) for im in images]
 
 
+def _require_captions(records: Sequence[CaptionRecord]) -> None:
+    """Every record has a caption with a word in it (an error names the first that has none)."""
+    if isinstance(records, DatasetRecords):  # the captions column alone: reading rows would read every image
+        for row, caption in enumerate(records.values("caption")):
+            require_text(caption, f"The record of image {row}")
+    else:
+        for record in records:
+            require_text(record.caption, f"The record of image {record.image_id} ({record.image_path})")
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
     """Image-caption pairs, for retrieval training (``Beit3ForImageTextRetrieval``) and captioning training
     (``Beit3ForCaptioning``, after a collator masks the caption):
@@ -118,12 +128,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
                  text_column: str = "caption"):
         self.records = as_records(records, CaptionRecord, image_path=image_column, caption=text_column)
         self.image_transform, self.tokenizer, self.max_length = image_transform, tokenizer, max_length
-        if isinstance(self.records, DatasetRecords):  # the captions column alone: reading rows would read every image
-            for row, caption in enumerate(self.records.values("caption")):
-                require_text(caption, f"The record of image {row}")
-        else:
-            for record in self.records:
-                require_text(record.caption, f"The record of image {record.image_id} ({record.image_path})")
+        _require_captions(self.records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -157,12 +162,7 @@ class TextOnlyDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: Sequence[CaptionRecord], tokenizer, max_length: int = 64):
         self.records, self.tokenizer, self.max_length = list(records), tokenizer, max_length
-        if isinstance(self.records, DatasetRecords):  # the captions column alone: reading rows would read every image
-            for row, caption in enumerate(self.records.values("caption")):
-                require_text(caption, f"The record of image {row}")
-        else:
-            for record in self.records:
-                require_text(record.caption, f"The record of image {record.image_id} ({record.image_path})")
+        _require_captions(self.records)
 
     def __len__(self) -> int:
         return len(self.records)
