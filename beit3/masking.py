@@ -94,8 +94,10 @@ def text_masker(tokenizer: PreTrainedTokenizerBase, mask_prob: float = TEXT_MASK
         raise ValueError("The text tokenizer has no mask token; masked language modeling needs one (BEiT-3's is <mask>).")
     masker = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mask_prob, mask_replace_prob=0.8,
                                              random_replace_prob=0.1, seed=seed, return_tensors="pt")
-    if seed is not None:  # the collator seeds lazily, on its first __call__; mask_text_tokens bypasses that
-        masker.create_rng("pt")
+    if seed is not None:
+        # Our own generator, seeded here: mask_text_tokens bypasses the collator's lazy seeding, which also
+        # refuses any process but the main one and DataLoader workers (ranks started by torch.multiprocessing).
+        masker.generator = torch.Generator().manual_seed(seed)
     return masker
 
 

@@ -8,6 +8,9 @@ beforehand (``tokenizers/encode_images.py``): a fixed center crop, so the codes 
 
 from __future__ import annotations
 
+import math
+import random
+
 import numpy as np
 import torch
 from PIL import Image
@@ -31,6 +34,12 @@ class TwoViewTransform:
     Returns:
         model view (3, model_size, model_size), normalized; tokenizer view (3, tokenizer_size,
         tokenizer_size) in [0, 1] (each visual tokenizer applies its own input mapping).
+
+    The random draws (jitter factors and their order, flip, crop box) come from ``rng``, a ``random.Random``
+    (default: the ``random`` module, which DataLoader workers seed apart). They are Python draws rather than
+    torchvision's transforms because those draw from torch's generator one tensor at a time: for the demo's
+    small images the draws cost more than the pixels (a crop box with scale (1, 1) took 124 us, the resize 70).
+    The distributions are torchvision's: ``RandomResizedCrop``'s box, ``ColorJitter`` in random order.
     """
 
     def __init__(self, model_size: int = 224, tokenizer_size: int = 224, scale: tuple[float, float] = (0.2, 1.0),
@@ -38,21 +47,24 @@ class TwoViewTransform:
                  model_interpolation: str = "bicubic", tokenizer_interpolation: str = "bicubic",
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)):
         self.model_size, self.tokenizer_size = model_size, tokenizer_size
-        self.scale, self.ratio = scale, ratio
-        self.shared = T.Compose([T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else T.Identity(),
-                                 T.RandomHorizontalFlip(hflip)])
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.color_jitter, self.hflip = color_jitter, hflip
         self.model_interpolation = _INTERPOLATION[model_interpolation]
         self.tokenizer_interpolation = _INTERPOLATION[tokenizer_interpolation]
         self.mean, self.std = list(mean), list(std)
 
-    def crops(self, image: Image.Image, tokenizer_view: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def crops(self, image: Image.Image, tokenizer_view: bool = True,
+              rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The two views as uint8 tensors (3, size, size), before ``finish``; the tokenizer's None when not asked for.
 
         The float conversion and normalization are left to ``finish`` on the whole batch: per image they cost
         more than the crop itself.
         """
-        image = self.shared(image.convert("RGB"))
-        top, left, height, width = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        rng = random if rng is None else rng
+        image = jitter_colors(image.convert("RGB"), self.color_jitter, rng)
+        if self.hflip and rng.random() < self.hflip:
+            image = TF.horizontal_flip(image)
+        top, left, height, width = crop_box(image.width, image.height, self.scale, self.ratio, rng)
 
         def view(size, interpolation):
             crop = TF.resized_crop(image, top, left, height, width, [size] * 2, interpolation, antialias=True)
@@ -66,8 +78,41 @@ class TwoViewTransform:
         model = TF.normalize(TF.to_dtype(model_views, torch.float32, scale=True), self.mean, self.std)
         return model, None if tokenizer_views is None else TF.to_dtype(tokenizer_views, torch.float32, scale=True)
 
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.finish(*self.crops(image))
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.finish(*self.crops(image, rng=rng))
+
+
+def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+             rng: random.Random) -> tuple[int, int, int, int]:
+    """A random resized crop's (top, left, height, width), distributed as ``T.RandomResizedCrop.get_params``'s:
+    up to 10 draws of an area fraction in ``scale`` and a log-uniform aspect in ``ratio`` that fit the image,
+    else the largest centered box within ``ratio``."""
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area = width * height * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    w, h = width, height
+    if width / height < min(ratio):
+        h = round(width / min(ratio))
+    elif width / height > max(ratio):
+        w = round(height * max(ratio))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+_ADJUSTMENTS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+
+
+def jitter_colors(image: Image.Image, strength: float, rng: random.Random) -> Image.Image:
+    """``T.ColorJitter(strength, strength, strength)``: brightness, contrast and saturation, each by a factor
+    uniform in [max(0, 1 - strength), 1 + strength], in random order; the image itself at strength 0."""
+    if not strength:
+        return image
+    for adjust in rng.sample(_ADJUSTMENTS, len(_ADJUSTMENTS)):
+        image = adjust(image, rng.uniform(max(0.0, 1 - strength), 1 + strength))
+    return image
 
 
 class CenterView:
@@ -85,10 +130,10 @@ class CenterView:
 
     def __init__(self, size: int = 224, color_jitter: float = 0.4, interpolation: str = "bicubic",
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)):
-        self.size = size
-        self.transform = T.Compose([T.Resize(size, interpolation=_INTERPOLATION[interpolation], antialias=True), T.CenterCrop(size),
-                                    T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else T.Identity(),
-                                    T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+        self.size, self.color_jitter = size, color_jitter
+        self.resize = T.Compose([T.Resize(size, interpolation=_INTERPOLATION[interpolation], antialias=True), T.CenterCrop(size)])
+        self.finish = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image.convert("RGB"))
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """``rng`` draws the jitter (default: the ``random`` module), as in ``TwoViewTransform``."""
+        return self.finish(jitter_colors(self.resize(image.convert("RGB")), self.color_jitter, random if rng is None else rng))

@@ -142,3 +142,20 @@ def test_caption_masking_refuses_an_empty_caption():
 
     with pytest.raises(ValueError, match="empty"):
         mask_caption_tokens(torch.tensor([[0, 1, 1]]), torch.tensor([[1, 0, 0]]), mask_token_id=99)
+
+
+
+def _mask_in_this_process(ids, attention_mask, seed):
+    return mask_text_tokens(text_masker(word_tokenizer(), seed=seed), ids, attention_mask)
+
+
+def test_seeded_text_masking_works_in_a_process_that_is_not_a_dataloader_worker():
+    # Ranks started by torch.multiprocessing (or any multiprocessing child) are neither the main process nor a
+    # DataLoader worker: transformers' collator refuses to seed itself there.
+    import multiprocessing
+
+    ids, attention_mask = text_batch(rows=20)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        corrupted, labels = pool.apply(_mask_in_this_process, (ids, attention_mask, 7))
+    here = _mask_in_this_process(ids, attention_mask, 7)
+    assert (labels != -100).any() and torch.equal(corrupted, here[0]) and torch.equal(labels, here[1])

@@ -1,9 +1,12 @@
+import random
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms import v2 as T
 
-from beit3.views import TwoViewTransform
+from beit3.views import TwoViewTransform, crop_box, jitter_colors
 
 
 def gradient_image(size=96) -> Image.Image:
@@ -31,13 +34,28 @@ def test_grayscale_and_rgba_images_become_rgb():
         assert model_view.shape == (3, 32, 32) and tokenizer_view.shape == (3, 16, 16)
 
 
-def test_views_repeat_under_the_torch_seed():
+def test_views_repeat_under_a_seeded_generator_and_differ_under_another():
     transform = TwoViewTransform(model_size=32, tokenizer_size=32)
-    torch.manual_seed(5)
-    a = transform(gradient_image())
-    torch.manual_seed(5)
-    b = transform(gradient_image())
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    a, b, c = (transform(gradient_image(), rng=random.Random(seed)) for seed in (5, 5, 6))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+def test_crop_boxes_and_jitter_follow_torchvisions_distributions():
+    # Our Python-generator draws replace torchvision's (cheaper on small images): same box statistics as
+    # RandomResizedCrop.get_params, same jitter as ColorJitter (each factor in [0.6, 1.4], in a random order).
+    rng, image = random.Random(0), gradient_image(96)
+    for scale, ratio in (((0.2, 1.0), (3 / 4, 4 / 3)), ((1.0, 1.0), (3 / 4, 4 / 3)), ((0.08, 1.0), (0.5, 2.0))):
+        ours = np.array([crop_box(96, 64, scale, ratio, rng) for _ in range(3000)], dtype=float)
+        torch.manual_seed(0)
+        theirs = np.array([T.RandomResizedCrop.get_params(Image.new("RGB", (96, 64)), list(scale), list(ratio)) for _ in range(3000)], dtype=float)
+        assert (ours[:, 0] + ours[:, 2] <= 64).all() and (ours[:, 1] + ours[:, 3] <= 96).all() and (ours >= 0).all()
+        area_ours, area_theirs = ours[:, 2] * ours[:, 3], theirs[:, 2] * theirs[:, 3]
+        assert abs(area_ours.mean() - area_theirs.mean()) < 0.03 * 96 * 64
+        assert abs(np.log(ours[:, 3] / ours[:, 2]).mean() - np.log(theirs[:, 3] / theirs[:, 2]).mean()) < 0.03
+    jittered = [np.asarray(jitter_colors(image, 0.4, rng), dtype=float) for _ in range(200)]
+    brightness = np.array([j.mean() / np.asarray(image, dtype=float).mean() for j in jittered])
+    assert 0.5 < brightness.min() < 0.75 and 1.25 < brightness.max() < 1.5  # roughly the brightness range 0.6-1.4
+    assert jitter_colors(image, 0.0, rng) is image
 
 
 def test_batched_finish_of_uint8_crops_equals_the_one_image_transform():
@@ -45,13 +63,10 @@ def test_batched_finish_of_uint8_crops_equals_the_one_image_transform():
     images = [gradient_image(), gradient_image(64).rotate(90)]
     crops, singles = [], []
     for seed, image in enumerate(images):
-        torch.manual_seed(seed)
-        singles.append(transform(image))
-        torch.manual_seed(seed)
-        crops.append(transform.crops(image))
+        singles.append(transform(image, rng=random.Random(seed)))
+        crops.append(transform.crops(image, rng=random.Random(seed)))
         assert crops[-1][0].dtype == torch.uint8 and crops[-1][0].shape == (3, 32, 32)
     model, tokenizer = transform.finish(torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops]))
     assert torch.equal(model, torch.stack([s[0] for s in singles])) and torch.equal(tokenizer, torch.stack([s[1] for s in singles]))
-    torch.manual_seed(0)
-    model_only, none = transform.crops(images[0], tokenizer_view=False)
+    model_only, none = transform.crops(images[0], tokenizer_view=False, rng=random.Random(0))
     assert none is None and torch.equal(transform.finish(model_only)[0], singles[0][0])

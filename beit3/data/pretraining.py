@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -421,10 +422,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
             if "codes" in record and record["codes"][0] < 0:
                 raise RuntimeError(f"{record['path']} has no precomputed codes (it could not be read when training started) but "
                                    "reads now; run tokenizers/encode_images.py on the image folder again.")
-            # torchvision draws crops from torch's CPU generator. Seed only that one: torch.manual_seed also
-            # queues seeds for every accelerator backend, at about 2 ms a call on a CPU-only build.
-            torch.default_generator.manual_seed(mixed_seed(self.seed, KINDS.index(kind), position))
-            return view(image), record, shift, position
+            return view(image, rng=random.Random(mixed_seed(self.seed, KINDS.index(kind), position))), record, shift, position
         raise RuntimeError(f"{_MAX_REPLACEMENTS} images in a row could not be read from the {kind} source; check the data.")
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -505,7 +503,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
             self._prefetch("pair", step)
             for slot in range(self.batch_sizes["pair"]):
                 (model_view, _), record, shift, _ = self._image_sample("pair", step, slot,
-                                                                       lambda image: self.pair_view.crops(image, tokenizer_view=False))
+                                                                       lambda image, rng: self.pair_view.crops(image, tokenizer_view=False, rng=rng))
                 skipped[2] += shift
                 images.append(model_view)
                 texts.append(record["text"])
