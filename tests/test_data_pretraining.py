@@ -154,6 +154,24 @@ def test_pair_lines_without_an_image_path_or_a_text_are_skipped_and_named(world,
     assert f"{pairs}:5" in err and "utf-8" in err
 
 
+def test_text_lines_that_are_not_utf8_are_skipped_and_named_instead_of_failing_the_cache(tmp_path, capsys):
+    plain, structured = tmp_path / "texts.txt", tmp_path / "texts.jsonl"
+    plain.write_bytes(b"a red circle\n\xff\xfe latin-1 \xe9\n\na blue square\n")
+    structured.write_bytes(b'{"text": "a green shape"}\n\n{"caption": "no text field"}\n{"text": "caf\xe9"}\n')
+    source = load_sources(texts=[str(plain), str(structured)])["text"]
+    assert source["text"] == ["a red circle", "a blue square", "a green shape"] and source.cache_files
+    err = capsys.readouterr().err
+    assert f"{plain} at byte 13" in err and f"{structured} at byte 27" in err and f"{structured} at byte 56" in err
+    assert "at byte 26" not in err  # a blank line is left out, not reported
+    many = tmp_path / "many.txt"
+    many.write_bytes(b"ok\n" + b"\xff\n" * 8)
+    assert load_sources(texts=[str(many)])["text"]["text"] == ["ok"]
+    err = capsys.readouterr().err
+    assert err.count(f"{many} at byte") == 5 and f"{many}: 8 lines skipped in all" in err
+    with pytest.raises(FileNotFoundError, match="missing.txt not found"):
+        load_sources(texts=[str(tmp_path / "missing.txt")])
+
+
 def test_empty_or_missing_sources_are_refused(world, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="image source is empty"):

@@ -103,17 +103,7 @@ def load_sources(images: str | list[str] | dict | None = None, texts: list[str] 
             raise FileNotFoundError(f"text file(s) not found: {', '.join(missing[:3])}; check data.sources.texts.")
         sources["text"] = TextFiles(str(f) for f in texts)
     elif texts:
-        files = [str(f) for f in texts]
-        plain = [f for f in files if not f.endswith((".jsonl", ".json"))]
-        structured = [f for f in files if f.endswith((".jsonl", ".json"))]
-        parts = []
-        if plain:
-            parts.append(load_dataset("text", data_files=plain, split="train"))
-        if structured:
-            parts.append(load_dataset("json", data_files=structured, split="train").select_columns(["text"]))
-        from datasets import concatenate_datasets
-
-        sources["text"] = concatenate_datasets(parts).filter(_has_text)
+        sources["text"] = _text_files([str(f) for f in texts]).filter(_has_text)
     if pairs:
         shards = [str(f) for f in pairs if is_shard_pattern(f)]
         files = [str(f) for f in pairs if not is_shard_pattern(f)]
@@ -208,25 +198,58 @@ def pair_lines(files: list[str]):
                 yield base / path, text
 
 
-def _jsonl_pairs(files: list[str]) -> Dataset:
-    """Pairs from jsonl lines ``{"image": path, "text": caption}``, paths relative to their file (``pair_lines``).
+def _cached_rows(rows, features: Features, files: list[str]) -> Dataset:
+    """``rows(files, stamps)``'s dicts in an Arrow file of the ``datasets`` cache, written once and memory-mapped:
+    a corpus larger than RAM is read from disk. The cache is keyed on the arguments, and the files' size and mtime
+    make an edited file a new key instead of a stale hit."""
+    for file in files:
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} not found; check data.sources.")
+    stamps = [(stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, files)]
+    try:
+        return Dataset.from_generator(rows, features=features, gen_kwargs={"files": files, "stamps": stamps})
+    except ValueError as error:
+        if "no data" not in str(error):
+            raise
+        return Dataset.from_dict({name: [] for name in features}, features=features)  # no good line: load_sources says so
 
-    The rows go to an Arrow file in the ``datasets`` cache, written once and memory-mapped: a pair list
-    larger than RAM is read from disk. A bad line is skipped with a warning when the cache is written.
-    """
+
+def _jsonl_pairs(files: list[str]) -> Dataset:
+    """Pairs from jsonl lines ``{"image": path, "text": caption}``, paths relative to their file (``pair_lines``);
+    a bad line is skipped with a warning when the cache is written."""
     def rows(files: list[str], stamps: list[tuple[int, int]]):
         for path, text in pair_lines(files):
             yield {"path": str(path), "text": text, "image_bytes": None}
 
-    files = [str(Path(f).resolve()) for f in files]
-    # The cache is keyed on the arguments: size and mtime make an edited file a new key instead of a stale hit.
-    stamps = [(stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, files)]
-    try:
-        return Dataset.from_generator(rows, features=_PAIR_FEATURES, gen_kwargs={"files": files, "stamps": stamps})
-    except ValueError as error:
-        if "no data" not in str(error):
-            raise
-        return Dataset.from_dict({name: [] for name in _PAIR_FEATURES}, features=_PAIR_FEATURES)  # no good line: load_sources says so
+    return _cached_rows(rows, _PAIR_FEATURES, [str(Path(f).resolve()) for f in files])
+
+
+_NAMED_BAD_LINES = 5  # per file; the rest are counted
+
+
+def _text_files(files: list[str]) -> Dataset:
+    """Texts from ``.txt`` lines and ``.jsonl`` lines' ``text`` field, read as the streamed texts are
+    (``text_samples``): a line that is not UTF-8, or a jsonl line without a string ``text``, is skipped with a
+    warning naming its file and byte (the first few of a file; then how many in all)."""
+    def rows(files: list[str], stamps: list[tuple[int, int]]):
+        for file, (size, _) in zip(files, stamps):
+            bad = 0
+            for sample in text_samples((file, 0, size), on_error=_reraise):
+                if sample["text"] is not None:
+                    yield {"text": sample["text"]}
+                    continue
+                bad += 1
+                if bad <= _NAMED_BAD_LINES:
+                    print(f"warning: {file} at {sample['__key__']} is not a text line (not UTF-8, or a jsonl line without a "
+                          "string text); skipped", file=sys.stderr)
+            if bad > _NAMED_BAD_LINES:
+                print(f"warning: {file}: {bad} lines skipped in all", file=sys.stderr)
+
+    return _cached_rows(rows, Features({"text": Value("string")}), [str(Path(f).resolve()) for f in files])
+
+
+def _reraise(path: str, error: Exception):
+    raise error  # a text file that cannot be opened while the cache is written: an error, not a skip
 
 
 def saved_dataset_source(spec: dict, kind: str) -> Dataset:

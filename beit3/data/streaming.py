@@ -149,7 +149,7 @@ def text_samples(piece: tuple[str, int, int], on_error) -> Iterator[dict]:
             try:
                 text = line.decode("utf-8").rstrip("\r\n")
                 if structured:
-                    record = json.loads(text) if text.strip() else {}
+                    record = json.loads(text) if text.strip() else {"text": ""}  # (a blank line: left out, not bad)
                     text = record.get("text") if isinstance(record, dict) else None
             except (UnicodeDecodeError, ValueError):
                 text = None
