@@ -1,5 +1,6 @@
 """The training engine's pieces: run configs, optimizer groups, and what happens on a non-finite loss."""
 
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from conftest import tiny_config
 
 from beit3 import Beit3Model
 from beit3.training.config import load_config
-from beit3.training.engine import TrainSettings, build_optimizer, no_weight_decay_names
+from beit3.training.engine import TrainSettings, build_optimizer, no_weight_decay_names, sweep_stale_shared_memory_buffers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -215,3 +216,22 @@ def test_the_zero_stage_has_one_source_a_deepspeed_json_of_another_stage_is_refu
         load_deepspeed_json(str(tmp_path / "broken.json"), settings, root)
     with pytest.raises(ValueError, match="No DeepSpeed config at missing.json"):
         load_deepspeed_json("missing.json", settings, root)
+
+
+def test_stale_deepspeed_buffers_are_swept_but_not_those_in_use_fresh_or_another_users(tmp_path):
+    # Buffers of runs from before the unlink (or killed inside DeepSpeed's init) stay in /dev/shm forever.
+    name = lambda user, port: tmp_path / f"deepspeed_allreduce_buffer_{user}_127.0.0.1_{port}_0"
+    stale, in_use, fresh, others = name(os.getuid(), 1), name(os.getuid(), 2), name(os.getuid(), 3), name(os.getuid() + 1, 4)
+    for path in (stale, in_use, fresh, others):
+        path.write_bytes(b"\0" * 4096)
+    for path in (stale, in_use, others):
+        os.utime(path, (0, 0))
+    holder = subprocess.Popen([sys.executable, "-c", "import mmap, sys; f = open(sys.argv[1], 'r+b'); m = mmap.mmap(f.fileno(), 0); "
+                               "print('mapped', flush=True); sys.stdin.read()", str(in_use)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "mapped"
+        assert sweep_stale_shared_memory_buffers(tmp_path) == [stale]
+    finally:
+        holder.communicate("")
+    assert not stale.exists() and in_use.exists() and fresh.exists() and others.exists()
+    assert sweep_stale_shared_memory_buffers(tmp_path) == [in_use]  # no longer mapped by anyone

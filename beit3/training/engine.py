@@ -203,6 +203,8 @@ def setup_distributed() -> tuple[int, int, torch.device]:
             # all-reduce even for one process, which has nothing to reduce.
             # (by module name: the package attribute deepspeed.comm.torch is the torch module it imports)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        if on_cpu and os.environ.get("LOCAL_RANK", "0") == "0":
+            sweep_stale_shared_memory_buffers()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
         if on_cpu and dist.get_world_size() > 1:
             _unlink_shared_memory_buffer()
@@ -227,6 +229,30 @@ def _unlink_shared_memory_buffer() -> None:
     name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
                                f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
     name.unlink(missing_ok=True)
+
+
+def sweep_stale_shared_memory_buffers(folder: str | os.PathLike = "/dev/shm", min_age_s: float = 60.0) -> list[Path]:
+    """Removes this user's DeepSpeed all-reduce buffers in ``folder`` that no process maps and that are older than
+    ``min_age_s`` (a starting run may have created its buffer and not mapped it yet), and returns them: what runs of
+    before the unlink above left behind, or a run killed inside DeepSpeed's initialization. Linux; elsewhere a no-op."""
+    folder = Path(folder)
+    candidates = [p for p in folder.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")
+                  if time.time() - p.stat().st_mtime > min_age_s] if folder.is_dir() else []
+    if not candidates or not Path("/proc/self/maps").exists():
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split(maxsplit=5)[-1] for line in maps.read_text().splitlines() if str(folder) in line)
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    stale = [p for p in candidates if str(p) not in mapped]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        print(f"note: removed {len(stale)} stale DeepSpeed shared-memory buffer(s) from {folder}, left by earlier runs "
+              f"(e.g. {stale[0].name})", file=sys.stderr)
+    return stale
 
 
 RUN_LOCK = "run.lock"
