@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from .io import atomic_folder, atomic_path, write_text_atomic
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -112,28 +112,18 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
 
 def atomic_save_folder(model, output: str | os.PathLike) -> None:
     """``save_pretrained`` into a temporary sibling folder, then move it into place: a crash leaves no half folder."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_folder(output) as tmp:
         model.save_pretrained(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_save_file(state: dict[str, torch.Tensor], output: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Writes a state dict as safetensors (``.safetensors``) or as ``{"model": state}`` (``.pth``, the official format), atomically."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    if output.suffix == ".safetensors":
-        save_file(state, str(tmp), metadata=metadata)
-    else:
-        torch.save({"model": state}, tmp)
-    os.replace(tmp, output)
+    with atomic_path(output) as tmp:
+        if output.suffix == ".safetensors":
+            save_file(state, str(tmp), metadata=metadata)
+        else:
+            torch.save({"model": state}, tmp)
 
 
 # A training checkpoint folder counts only once this marker exists: it is written after every rank saved.
@@ -142,10 +132,7 @@ COMPLETE = "COMPLETE"
 
 def mark_complete(checkpoint: str | os.PathLike, info: dict) -> None:
     """Writes the ``COMPLETE`` marker of a checkpoint folder, atomically."""
-    marker = Path(checkpoint) / COMPLETE
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, marker)
+    write_text_atomic(Path(checkpoint) / COMPLETE, json.dumps(info))
 
 
 def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .data.vqa import normalize_answer, process_punctuation
+from .io import write_json_atomic  # noqa: F401  (its home is beit3.io; imported from here by others)
 
 # --------------------------------------------------------------------------------------------- VQA
 
@@ -236,23 +236,6 @@ def caption_scores(predictions: Mapping[int, str], references: Mapping[int, Sequ
 
 
 # -------------------------------------------------------------------------------- prediction files
-
-
-def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = None) -> None:
-    """Writes JSON to a temporary file beside ``path`` and moves it into place: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(obj, out, indent=indent)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_vqa_predictions(path: str | os.PathLike, predictions: Mapping[int, str] | Sequence[dict]) -> None:

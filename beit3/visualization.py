@@ -3,7 +3,7 @@ images with texts under them (generated captions, retrieved captions).
 
 Every function draws on a matplotlib ``Figure`` with the non-interactive Agg canvas (no pyplot, no
 display, safe in a training process) and writes its PNG atomically: a temporary file in the target
-folder, then ``os.replace``, so a reader never sees half a picture.
+folder, then ``os.replace`` (``beit3.io.atomic_path``), so a reader never sees half a picture.
 
 Images are float tensors (B, 3, H, W) in [0, 1]; codes are LongTensors (B, patches) in raster order.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import colorsys
 import math
 import os
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .io import atomic_path
 
 _GOLDEN = (math.sqrt(5) - 1) / 2
 _PANEL_INCHES = 2.4
@@ -246,13 +247,7 @@ def _numbers(values, name: str) -> np.ndarray:
 def _save(figure: Figure, path: str | os.PathLike) -> Path:
     """Renders with Agg into a temporary file beside ``path`` (named per process and thread), then moves it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=_DPI)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

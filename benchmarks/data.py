@@ -98,7 +98,7 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
 
     def train_step(batch):
         batch = {k: v for k, v in batch.items() if k not in ("counts", "data_state")}
-        loss, _ = step(model, batch)
+        loss, _ = step(model, batch, 0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ import torch
 
 from beit3 import Beit3Config
 from beit3.modeling_heads import Beit3ForMaskedDataModeling
-from beit3.training.engine import Engine, TrainSettings, build_optimizer
+from beit3.training.engine import Engine, TrainSettings, build_optimizer, setup_distributed
 
 warnings.filterwarnings("ignore")
 
@@ -59,7 +59,7 @@ def main() -> None:
     base = Beit3ForMaskedDataModeling(config)
     plain_model = copy.deepcopy(base)
     plain_optimizer = build_optimizer(plain_model, settings)
-    engine = Engine(copy.deepcopy(base), settings)
+    engine = Engine(copy.deepcopy(base), settings, None, setup_distributed())
 
     def plain_step(precision: str) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):

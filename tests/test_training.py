@@ -83,12 +83,13 @@ def train_tiny_engine(tmp_path, settings: str, step_fn: str) -> subprocess.Compl
     script = textwrap.dedent("""
         import torch
         from beit3 import Beit3Model
-        from beit3.training.engine import Engine, TrainSettings
+        from beit3.training.engine import Engine, TrainSettings, setup_distributed
         import sys; sys.path.insert(0, {tests!r})
         from conftest import tiny_config
         torch.manual_seed(0)
-        engine = Engine(Beit3Model(tiny_config()), TrainSettings(output_dir={run!r}, log_every=1, num_workers=0, {settings}))
-        def step_fn(module, batch):
+        engine = Engine(Beit3Model(tiny_config()), TrainSettings(output_dir={run!r}, log_every=1, num_workers=0, {settings}), None,
+                        setup_distributed())
+        def step_fn(module, batch, step):
         {body}
         def make_loader(start, count):
             return iter([{{"pixel_values": torch.randn(2, 3, 32, 32)}} for _ in range(100)])
@@ -179,13 +180,13 @@ def test_gradient_accumulation_takes_micro_batches_per_step(tmp_path):
         sys.path.insert(0, {str(ROOT / 'tests')!r})
         from conftest import tiny_config
         from beit3 import Beit3Model
-        from beit3.training.engine import Engine, TrainSettings
+        from beit3.training.engine import Engine, TrainSettings, setup_distributed
         torch.manual_seed(0)
         settings = TrainSettings(output_dir={str(tmp_path / 'run')!r}, max_steps=3, save_every=3, log_every=1, num_workers=0,
                                  gradient_accumulation_steps=2, warmup_steps=0, lr=1e-3)
-        engine = Engine(Beit3Model(tiny_config()), settings)
+        engine = Engine(Beit3Model(tiny_config()), settings, None, setup_distributed())
         asked, seen = [], []
-        def step_fn(module, batch):
+        def step_fn(module, batch, step):
             seen.append(int(batch["index"]))
             return module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean(), {{}}
         def make_loader(first, count):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
+from ..io import write_bytes_atomic, write_text_atomic
 from .common import load_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -151,22 +151,16 @@ def encode_images(tokenizer, paths: Sequence[str | os.PathLike], image_size: int
 
 def write_codes(output: str | os.PathLike, codes: torch.Tensor, paths: Sequence[str], metadata: dict[str, str] | None = None) -> None:
     """Writes ``output/codes.safetensors`` (tensor ``codes`` (N, patches), int16 when the ids fit, else int32)
-    and ``output/index.jsonl`` (``{"path": ..., "row": i}`` per line), each through a temporary file and ``os.replace``."""
+    and ``output/index.jsonl`` (``{"path": ..., "row": i}`` per line), each atomically (``beit3.io``)."""
     if codes.dim() != 2 or codes.shape[0] != len(paths):
         raise ValueError(f"codes must be (N, patches) with one row per path; got {tuple(codes.shape)} for {len(paths)} paths.")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.mkdir(exist_ok=True)
     dtype = torch.int16 if codes.numel() == 0 or codes.max() < 2 ** 15 else torch.int32
-    tmp = _tmp(output / CODES_NAME)
-    try:
-        tmp.write_bytes(save({"codes": codes.to(dtype).contiguous()}, metadata={k: str(v) for k, v in (metadata or {}).items()}))
-        os.replace(tmp, output / CODES_NAME)
-        tmp = _tmp(output / INDEX_NAME)
-        tmp.write_text("".join(json.dumps({"path": str(p), "row": row}) + "\n" for row, p in enumerate(paths)))
-        os.replace(tmp, output / INDEX_NAME)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(output / CODES_NAME,
+                       save({"codes": codes.to(dtype).contiguous()}, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    write_text_atomic(output / INDEX_NAME, "".join(json.dumps({"path": str(p), "row": row}) + "\n" for row, p in enumerate(paths)))
 
 
 def read_codes(folder: str | os.PathLike) -> tuple[torch.Tensor, list[dict]]:
@@ -212,6 +206,3 @@ def read_codes_info(folder: str | os.PathLike) -> dict:
     return {"rows": rows, "patches": patches, "grid": (height, width), "codebook_size": int(codebook) if codebook else None,
             "metadata": metadata}
 
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")

@@ -1,7 +1,9 @@
 """The training loop, through DeepSpeed, from one CPU process to many GPU nodes.
 
-    engine = Engine(model, settings, deepspeed_config)      # DeepSpeed engine, optimizer and schedule
-    engine.fit(step_fn, make_loader)                        # resumes from output_dir, trains, checkpoints
+    engine = Engine(model, settings, deepspeed_config, setup_distributed())   # DeepSpeed engine, optimizer, schedule
+    engine.fit(step_fn, make_loader, samples_per_step)                         # resumes from output_dir, trains, checkpoints
+
+The programs build it through ``beit3.training.runner``, which every training program shares.
 
 Exact resume: batches are a pure function of the step (see ``beit3.data.pretraining``), and the
 global RNG is re-seeded from (seed, step, rank) before every step, so dropout and drop path repeat
@@ -20,7 +22,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -61,11 +63,10 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     layer_decay: float | None = None  # fine-tuning: lr x layer_decay ** (depth from the top), as BEiT does
     head_lr_scale: float = 1.0  # without layer_decay: lr x this for every parameter outside the backbone (see build_optimizer)
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def field_names(cls) -> set[str]:
-        return {f for f in cls.__dataclass_fields__ if f != "extra"}
+        return set(cls.__dataclass_fields__)
 
     @classmethod
     def from_config(cls, section: dict) -> "TrainSettings":
@@ -134,10 +135,10 @@ def _truncate_run_log(path: Path, step: int) -> None:
     """Keeps the records up to ``step`` (the one the run resumes from): the steps it repeats are logged once."""
     if not path.exists():
         return
+    from ..io import write_text_atomic
+
     kept = [record for record in read_run_log(path) if record.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 # What a resumed run may change: how long it runs, how often it logs and saves, what it keeps, its loader workers,
@@ -375,13 +376,17 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 class Engine:
-    """DeepSpeed engine + the loop around it. ``step_fn(module, batch) -> (loss, {name: float tensor})``."""
+    """DeepSpeed engine + the loop around it. ``step_fn(module, batch, step) -> (loss, {name: float tensor})``.
 
-    def __init__(self, model: torch.nn.Module, settings: TrainSettings, base_deepspeed_config: dict | None = None):
+    ``distributed``: (rank, world size, device), from ``setup_distributed()``.
+    """
+
+    def __init__(self, model: torch.nn.Module, settings: TrainSettings, base_deepspeed_config: dict | None,
+                 distributed: tuple[int, int, torch.device]):
         import deepspeed
 
         self.settings = settings
-        self.rank, self.world_size, self.device = setup_distributed()
+        self.rank, self.world_size, self.device = distributed
         self.output_dir = Path(settings.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if self.rank == 0:
@@ -469,10 +474,11 @@ class Engine:
         return {n: v / self.world_size for n, v in zip(names, stacked.tolist())}
 
     def fit(self, step_fn: Callable, make_loader: Callable[[int, int], torch.utils.data.DataLoader],
-            samples_per_step: int, on_log: Callable[[dict], None] | None = None) -> list[dict]:
+            samples_per_step: int) -> list[dict]:
         """Trains from the current step (after ``resume``) to ``max_steps``; returns the logged records.
 
-        A step is one optimizer update over ``gradient_accumulation_steps`` micro-batches.
+        A step is one optimizer update over ``gradient_accumulation_steps`` micro-batches; ``step_fn`` gets the
+        number of the step it is part of (0-based: the updates done before it).
         ``make_loader(first, count)`` gives this rank's micro-batches number ``first`` to ``first + count - 1``
         (a streamed loader also starts from ``self.data_state``, the position resumed); ``samples_per_step``
         counts one micro-batch of one rank. A batch may carry ``counts`` ({name: number}, summed into the logged
@@ -480,20 +486,12 @@ class Engine:
         """
         settings = self.settings
         accumulation = settings.gradient_accumulation_steps
-        resumed = self.resume()
-        metrics_path = self.output_dir / "metrics.jsonl"
-        writer = None
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(self.output_dir / "tensorboard"))
-            _truncate_run_log(metrics_path, self.step)
-            if resumed:
-                print(f"resumed from step {self.step} ({self.complete_checkpoints()[-1]})", flush=True)
+        if self.resume() and self.rank == 0:
+            print(f"resumed from step {self.step} ({self.complete_checkpoints()[-1]})", flush=True)
         if self.step >= settings.max_steps:
             return []
         loader = iter(make_loader(self.step * accumulation, (settings.max_steps - self.step) * accumulation))
-        progress = tqdm(total=settings.max_steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
+        log = RunLog(self.output_dir, self.rank == 0, self.step, settings.max_steps)
         records, window, times, nonfinite = [], [], [], 0  # window: values of each micro-batch; times: (seconds, data wait) per step
         self.module.train()
         while self.step < settings.max_steps:
@@ -512,7 +510,7 @@ class Engine:
                 seed = step_seed(settings.seed, self.step * accumulation + micro, self.rank)
                 torch.manual_seed(seed)
                 np.random.seed(seed % 2**32)  # numpy-based augmentations (timm's mixup) repeat on resume too
-                loss, values = step_fn(self.module, to_device(batch, self.device))
+                loss, values = step_fn(self.module, to_device(batch, self.device), self.step)
                 finite = torch.tensor([float(torch.isfinite(loss))], device=self.device)
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                 if finite.item() == 0:
@@ -534,20 +532,11 @@ class Engine:
                 window, times = [], []
                 if self.rank == 0:
                     records.append(record)
-                    with open(metrics_path, "a") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                    for key, value in record.items():
-                        if key != "step":
-                            writer.add_scalar(key, value, record["step"])
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", samples_per_s=f"{record['samples_per_s']:.1f}")
-                    if on_log:
-                        on_log(record)
-            progress.update(1)
+                    log.write(record)
+            log.advance()
             if self.step % settings.save_every == 0 or self.step == settings.max_steps:
                 self.save()
-        progress.close()
-        if writer:
-            writer.close()
+        log.close()
         return records
 
     def _on_nonfinite(self, loss: torch.Tensor, count: int, accumulation: int, micro: int) -> None:
@@ -575,6 +564,37 @@ class Engine:
                   "samples_per_s": samples_per_step * self.world_size * len(times) / seconds,
                   "data_wait_share": sum(t[1] for t in times) / seconds, **self.counters}
         return record
+
+
+class RunLog:
+    """What a run reports while it trains, from rank 0 (``active``; elsewhere it stays quiet): ``metrics.jsonl`` (one
+    JSON record per logged step, cut back to the step a resumed run starts from, so repeated steps are logged
+    once), TensorBoard scalars (``output_dir/tensorboard``) and the tqdm bar."""
+
+    def __init__(self, output_dir: Path, active: bool, step: int, max_steps: int):
+        self.path, self.writer = output_dir / "metrics.jsonl", None
+        if active:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+            _truncate_run_log(self.path, step)
+        self.progress = tqdm(total=max_steps, initial=step, desc="train", disable=not active, dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step":
+                self.writer.add_scalar(key, value, record["step"])
+        self.progress.set_postfix(loss=f"{record['loss']:.3f}", samples_per_s=f"{record['samples_per_s']:.1f}")
+
+    def advance(self) -> None:
+        self.progress.update(1)
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def to_device(batch, device: torch.device):

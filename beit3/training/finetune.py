@@ -27,20 +27,17 @@ model reading the image from one answering from the text.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import sys
 from pathlib import Path
 
 import torch
 
 from ..configuration_beit3 import Beit3Config
-from ..data.common import split_batch
 from ..data.sampling import StepBatchSampler
 from ..metrics import write_json_atomic
-from .config import load_config
+from ..tokenization_beit3 import check_tokenizer_matches
+from .finetune_tasks import TASKS
+from .runner import command_line, read_run_config, save_model_folder, start_engine, step_loader
 
-ROOT = Path(__file__).resolve().parents[2]
 MODES = ("train", "evaluate", "predict")
 
 
@@ -95,53 +92,26 @@ def initial_model(model_class: type, section: dict, tokenizer, task_overrides: d
     return model
 
 
-def autocast(precision: str, device: torch.device):
-    if precision in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
-
-
-def batches(dataset, batch_size: int, num_workers: int = 0, collate_fn=None):
-    """One ordered pass over ``dataset`` for evaluation: (model inputs, metadata) per batch."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
-    for batch in loader:
-        yield split_batch(batch)
-
-
-def parse_args(task_name: str, argv: list[str] | None):
-    parser = argparse.ArgumentParser(prog=f"tasks/{task_name}.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help=f"a run config, e.g. configs/tasks/{task_name}_base.yaml")
+def _task_options(parser) -> None:
     parser.add_argument("--mode", choices=MODES, default="train")
     parser.add_argument("--model", help="evaluate/predict: a fine-tuned folder or official .pth (default: output_dir/final)")
     parser.add_argument("--output", help="evaluate/predict: where scores and predictions go (default: train.output_dir)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
     parser.add_argument("--blind", action="store_true",
                         help="evaluate: a control with every example's image(s) swapped for another example's; a model that reads "
                              "the image falls to chance. Scores go to blind_eval_results.json")
-    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    return parser.parse_args(argv)
 
 
 def run(task_name: str, argv: list[str] | None = None) -> dict | None:
     """The command line of ``tasks/<task_name>.py``; returns the scores (train on rank 0, evaluate) or None."""
-    from .engine import TrainSettings
-    from .finetune_tasks import TASKS
-
-    args = parse_args(task_name, argv)
-    try:
-        config = load_config(args.config, args.set, declared={"train": TrainSettings.field_names()})
-    except (KeyError, ValueError, OSError) as error:
-        sys.exit(f"error: {error.args[0] if isinstance(error, KeyError) else error}")
-    for section in ("model", "data", "train"):
-        if section not in config:
-            raise KeyError(f"{args.config} has no {section!r} section; see configs/tasks/ for complete examples.")
+    args = command_line(__doc__, argv, prog=f"tasks/{task_name}.py", add_arguments=_task_options)
+    config, settings = read_run_config(args.config, args.set, sections=("model", "data", "train"))
     task = TASKS[task_name](config["data"], config.get("eval") or {})
     output_dir = Path(args.output or config["train"]["output_dir"])
     if args.blind and args.mode != "evaluate":
         raise ValueError("--blind is a control for --mode evaluate.")
     task.blind = args.blind
     if args.mode == "train":
-        return train(task, config)
+        return train(task, config, settings)
     model_path = args.model or str(Path(config["train"]["output_dir"]) / "final")
     model = initial_model(task.model_class, {"init": model_path}, None, {}, with_head=True)
     tokenizer_path = config.get("tokenizer") or (model_path if Path(model_path).is_dir() else None)
@@ -167,44 +137,26 @@ def evaluate_and_save(task, model, output_dir: Path) -> dict:
     return scores
 
 
-def train(task, config: dict) -> dict | None:
+def train(task, config: dict, settings) -> dict | None:
     from ..export import export
-    from .engine import Engine, TrainSettings, load_deepspeed_json, record_run_config
 
-    settings = TrainSettings.from_config(config["train"])
     model_section = config["model"]
     tokenizer_path = config.get("tokenizer") or model_section.get("init")
     if tokenizer_path is None:
         raise ValueError("Training from random weights needs tokenizer: (a tokenizer folder or beit3.spm).")
     tokenizer = load_tokenizer(tokenizer_path)
-    task.setup(tokenizer, None)
     torch.manual_seed(settings.seed)  # the same initial head on every rank
     model = initial_model(task.model_class, model_section, tokenizer, task.config_overrides())
-    task.setup(tokenizer, model.config)
-    from ..tokenization_beit3 import check_tokenizer_matches
-
+    task.setup(tokenizer, model.config)  # (the config_overrides, labels and label smoothing, come from the data alone)
     check_tokenizer_matches(tokenizer, model.config)
     dataset = task.train_dataset()
-    try:
-        deepspeed_json = load_deepspeed_json(config["data"].get("deepspeed"), settings, ROOT)
-    except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    engine = Engine(model, settings, deepspeed_json)
-    task.engine = engine
-    try:
-        record_run_config(engine, config)  # a resume with another config stops here, before anything is rewritten
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    if engine.rank == 0:  # what export reads to rebuild the model from the checkpoint
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(engine.output_dir / "model")
-        tokenizer.save_pretrained(engine.output_dir / "model")
+    engine = start_engine(model, config, settings)
+    save_model_folder(engine, model.config, tokenizer)
 
     def make_loader(first: int, count: int):
         sampler = StepBatchSampler(len(dataset), settings.micro_batch_size, seed=settings.seed, rank=engine.rank,
                                    world_size=engine.world_size, start_step=first, num_steps=count)
-        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=settings.num_workers, collate_fn=task.collate,
-                                           prefetch_factor=4 if settings.num_workers else None)
+        return step_loader(settings, dataset, batch_sampler=sampler, collate_fn=task.collate)
 
     records = engine.fit(task.step, make_loader, samples_per_step=settings.micro_batch_size)
     if engine.rank != 0:

@@ -33,11 +33,12 @@ from ..metrics import (answer_prior, caption_scores, classification_accuracy, re
 from ..modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForVisualQuestionAnswering,
                               Beit3ForVisualReasoning)
 from .engine import to_device
-from .finetune import autocast, batches
+from .runner import autocast, ordered_batches
 
 
 class FinetuneTask:
-    """A task's pieces. ``setup`` gives it the tokenizer and (once built) the model config."""
+    """A task's pieces. ``config_overrides`` read the data alone; ``setup`` then gives the task the tokenizer and
+    the model's config, once the model is built (or loaded, to evaluate or predict)."""
 
     name: str
     model_class: type
@@ -45,7 +46,7 @@ class FinetuneTask:
 
     def __init__(self, data: dict, eval_options: dict):
         self.data, self.eval_options = data, eval_options
-        self.tokenizer, self.model_config, self.engine = None, None, None
+        self.tokenizer, self.model_config = None, None
         self.max_text_length = data.get("max_text_length", 64)
         self.blind = False  # evaluate with the images swapped between examples (a control; see ImagesOfOthers)
 
@@ -89,13 +90,13 @@ class FinetuneTask:
     def eval_batches(self, dataset):
         if self.blind:
             dataset = ImagesOfOthers(dataset, seed=0)
-        return batches(dataset, self.eval_options.get("batch_size", 64), self.eval_options.get("num_workers", 0), collate_trimmed)
+        return ordered_batches(dataset, self.eval_options.get("batch_size", 64), self.eval_options.get("num_workers", 0), collate_trimmed)
 
     def eval_autocast(self, model):
         return autocast(self.eval_options.get("precision", "fp32"), next(model.parameters()).device)
 
-    def step(self, module, batch: dict):
-        """``Engine.fit``'s step: (loss, {name: value}) of one micro-batch."""
+    def step(self, module, batch: dict, step: int):
+        """``Engine.fit``'s step: (loss, {name: value}) of one micro-batch of step number ``step``."""
         raise NotImplementedError
 
     def train_dataset(self):
@@ -150,7 +151,7 @@ class VqaTask(FinetuneTask):
     def train_dataset(self):
         return self.dataset("train", train=True)
 
-    def step(self, module, batch):
+    def step(self, module, batch, step: int):
         inputs, _ = split_batch(batch)
         out = module(**inputs)
         chosen = inputs["labels"].gather(1, out.logits.argmax(dim=-1, keepdim=True))
@@ -227,7 +228,7 @@ class Nlvr2Task(FinetuneTask):
     def train_dataset(self):
         return self.dataset("train", train=True)
 
-    def step(self, module, batch):
+    def step(self, module, batch, step: int):
         inputs, _ = split_batch(batch)
         out = module(**inputs)
         return out.loss, {"accuracy": (out.logits.argmax(-1) == inputs["labels"]).float().mean()}
@@ -244,10 +245,10 @@ class Nlvr2Task(FinetuneTask):
     @staticmethod
     def _write(rows, path: Path) -> Path:
         """lil-lab's evaluation format: ``identifier,True|False`` per line."""
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as handle:
+        from ..io import atomic_file
+
+        with atomic_file(path, "w", newline="") as handle:
             csv.writer(handle).writerows((identifier, "True" if label else "False") for identifier, label in rows)
-        tmp.replace(path)
         return path
 
     def evaluate(self, model, output_dir):
@@ -283,7 +284,7 @@ class RetrievalTask(_KarpathyTask):
             records = retrieval_records(self.images("train"))
         return ImageTextDataset(records, self.image_transform(True), self.tokenizer, self.max_text_length)
 
-    def step(self, module, batch):
+    def step(self, module, batch, step: int):
         inputs, _ = split_batch(batch)
         out = module(**inputs, return_loss=True)
         targets = torch.arange(len(out.logits_per_image), device=out.logits_per_image.device)
@@ -341,7 +342,7 @@ class CaptioningTask(_KarpathyTask):
         return ImageTextDataset(captioning_records(self.images("train"), train=True), self.image_transform(True), self.tokenizer,
                                 self.max_text_length)
 
-    def step(self, module, batch):
+    def step(self, module, batch, step: int):
         """The official causal masked LM: corrupt some caption tokens, predict them with label smoothing;
         after ``drop_worst_after`` steps the worst ``drop_worst_ratio`` of the masked tokens are left out."""
         inputs, _ = split_batch(batch)
@@ -350,7 +351,7 @@ class CaptioningTask(_KarpathyTask):
         chosen = labels != -100
         logits, targets = logits[chosen].float(), labels[chosen]
         losses = F.cross_entropy(logits, targets, reduction="none", label_smoothing=self.label_smoothing)
-        if self.engine is not None and self.engine.step >= self.drop_worst_after:
+        if step >= self.drop_worst_after:
             keep = max(1, int(len(losses) * (1 - self.drop_worst_ratio)))
             losses = losses.topk(keep, largest=False).values
         return losses.mean(), {"accuracy": (logits.argmax(-1) == targets).float().mean()}
@@ -428,7 +429,7 @@ class ClassificationTask(FinetuneTask):
     def train_dataset(self):
         return self.dataset("train", train=True)
 
-    def step(self, module, batch):
+    def step(self, module, batch, step: int):
         inputs, _ = split_batch(batch)
         hard = inputs["labels"]
         if self.mixup is not None:  # soft targets (B, classes); timm's mixup draws from numpy, which the engine seeds per step

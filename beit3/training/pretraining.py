@@ -1,10 +1,37 @@
-"""The step of masked data modeling: one forward per kind of input, one backward for their sum."""
+"""Pretraining BEiT-3: masked data modeling on images, texts and image-text pairs (the runner behind
+``tasks/pretrain.py``), and its step: one forward per kind of input, one backward for their sum.
+
+    python tasks/pretrain.py --config configs/pretrain/tiny.yaml [--set train.max_steps=100 ...]
+    deepspeed --num_gpus 2 tasks/pretrain.py --config configs/pretrain/tiny.yaml      # 2 processes (CPU or GPU)
+
+The YAML describes the whole run; --set overrides any field. A restart with the same output_dir
+resumes from its newest complete checkpoint.
+
+With data.sources.image_codes (the folder tokenizers/encode_images.py wrote for data.sources.images),
+the image targets are those precomputed codes and visual_tokenizer may be null:
+
+    python tokenizers/encode_images.py --tokenizer runs/tiny/visual-tokenizer --images runs/tiny/data/images --output runs/tiny/data/image-codes
+    python tasks/pretrain.py --config configs/pretrain/tiny.yaml --set data.sources.image_codes=runs/tiny/data/image-codes --set visual_tokenizer=null
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers import AutoTokenizer
+
+from ..configuration_beit3 import Beit3Config
+from ..data.images import read_codes_info
+from ..data.pretraining import PretrainingBatches, Shards, StreamingPretrainingBatches, load_sources
+from ..modeling_heads import Beit3ForMaskedDataModeling
+from ..tokenization_beit3 import check_tokenizer_matches
+from ..visual_tokenizers import VisualTokenizer
+from .engine import read_run_log
+from .runner import command_line, fail, read_run_config, save_model_folder, start_engine, step_loader
 
 
 def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
@@ -17,7 +44,7 @@ def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
     image-text matching loss and accuracy when the batch has an ``itm`` part (``itm_negatives``).
     """
 
-    def step(module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def step_fn(module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         losses, values = [], {}
         if "image" in batch:
             image = batch["image"]
@@ -43,4 +70,112 @@ def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
             values.update(itm_loss=out.itm_loss, itm_accuracy=out.itm_accuracy)
         return sum(losses), values
 
-    return step
+    return step_fn
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The command line of ``tasks/pretrain.py`` (see the module docstring)."""
+    args = command_line(__doc__, argv)
+    config, settings = read_run_config(args.config, args.set)
+    data = config["data"]
+    # Everything that can be wrong with the inputs is checked before the first step.
+    # Visual targets: precomputed codes (data.sources.image_codes) when given, else the visual tokenizer on the fly.
+    codes_dir = data["sources"].get("image_codes")
+    tokenizer_path = Path(config["text_tokenizer"])
+    visual_path = Path(config["visual_tokenizer"]) if config.get("visual_tokenizer") and not codes_dir else None
+    if codes_dir and config.get("visual_tokenizer") and os.environ.get("RANK", "0") == "0":
+        print(f"note: data.sources.image_codes is set, so the image targets are the codes in {codes_dir}; "
+              f"the visual_tokenizer {config['visual_tokenizer']} is not used.", file=sys.stderr)
+    if not codes_dir and not config.get("visual_tokenizer"):
+        fail("no visual targets: visual_tokenizer is not set and neither is data.sources.image_codes. Give a visual "
+             "tokenizer, or encode the images once with tokenizers/encode_images.py and set data.sources.image_codes.")
+    for what, path in (("text_tokenizer", tokenizer_path), ("visual_tokenizer", visual_path)):
+        if path is not None and not path.exists():
+            fail(f"{what} {path} does not exist. Train one (tokenizers/train_text_tokenizer.py, "
+                 "tokenizers/train_visual_tokenizer.py) or point the config at yours.")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if codes_dir:
+        visual_tokenizer = None
+        try:
+            codes_info = read_codes_info(codes_dir)
+        except (OSError, ValueError) as error:
+            fail(f"data.sources.image_codes: {error}")
+        if codes_info["codebook_size"] is None:
+            fail(f"{codes_dir}/codes.safetensors does not record its codebook_size, so the model's visual head cannot "
+                 "be sized; write the codes with tokenizers/encode_images.py, which records it.")
+        targets, codebook_size, code_grid = f"image_codes {codes_dir}", codes_info["codebook_size"], codes_info["grid"]
+        how = ("Encode the images again (tokenizers/encode_images.py) with a tokenizer and --image-size that give one code per "
+               "model patch, or change model.overrides (image_size, patch_size) to fit the codes.")
+    else:
+        visual_tokenizer = VisualTokenizer.from_pretrained(visual_path).eval()
+        targets, codebook_size = f"visual_tokenizer {visual_path}", visual_tokenizer.codebook_size
+        code_grid = (visual_tokenizer.image_size // visual_tokenizer.patch_size,) * 2
+        how = "Use a visual tokenizer whose grid fits, or change model.overrides (image_size, patch_size)."
+    model_section = config["model"]
+    model_config = Beit3Config.from_preset(model_section["preset"], **model_section.get("overrides", {}))
+    if model_config.visual_vocab_size != codebook_size:
+        if "visual_vocab_size" in model_section.get("overrides", {}):
+            fail(f"the model predicts {model_config.visual_vocab_size} visual tokens but the codebook of {targets} "
+                 f"has {codebook_size} codes. Drop visual_vocab_size from model.overrides (it is then set from the codebook) "
+                 "or set it to the codebook size.")
+        model_config.visual_vocab_size = codebook_size
+    if "vocab_size" not in model_section.get("overrides", {}):  # a vocabulary of our own: size the text head to it
+        model_config.vocab_size = len(tokenizer)
+    model_config.mask_token_id = tokenizer.mask_token_id
+    check_tokenizer_matches(tokenizer, model_config)
+    itm_negatives = data.get("itm_negatives", 0.0)
+    if bool(itm_negatives) != bool(model_config.itm_weight):
+        fail(f"image-text matching needs both data.itm_negatives (a fraction of the pair batch, now {itm_negatives}) and "
+             f"model.overrides.itm_weight (the loss weight, now {model_config.itm_weight}) above 0, or both 0 (the paper's "
+             "pure masked data modeling).")
+    if itm_negatives and not data["batch_size"].get("pair"):
+        fail("data.itm_negatives is set, but there are no pair batches (data.batch_size.pair) to match.")
+    patch_grid = (model_config.image_size // model_config.patch_size,) * 2
+    if tuple(code_grid) != patch_grid:
+        fail(f"{targets}: {code_grid[0]}x{code_grid[1]} codes per image, but the model has a "
+             f"{patch_grid[0]}x{patch_grid[1]} patch grid; masked image modeling needs one code per patch. {how}")
+    try:
+        sources = load_sources(**data["sources"], streaming=bool(data.get("streaming", False)))
+    except (OSError, ValueError) as error:
+        fail(error)
+
+    torch.manual_seed(settings.seed)  # the same initial weights on every rank
+    model = Beit3ForMaskedDataModeling(model_config)
+    engine = start_engine(model, config, settings)
+    if visual_tokenizer is not None:
+        visual_tokenizer.to(engine.device)
+    save_model_folder(engine, model_config, tokenizer)
+    batch_sizes = data["batch_size"]
+
+    streamed = any(isinstance(source, Shards) for source in sources.values())
+
+    def make_loader(start_step: int, num_steps: int):
+        # Streamed kinds resume from the positions the checkpoint saved (engine.data_state); the rest is step-indexed.
+        kind, stream_options = ((StreamingPretrainingBatches, {"num_workers": settings.num_workers, "positions": engine.data_state})
+                                if streamed else (PretrainingBatches, {}))
+        try:
+            batches = kind(sources, batch_sizes, tokenizer, model_config.image_size, model_config.patch_size,
+                           max_text_length=data.get("max_text_length", 64),
+                           tokenizer_image_size=visual_tokenizer.image_size if visual_tokenizer else None,
+                           text_mask_prob=data.get("text_mask_prob", 0.15), pair_mask_prob=data.get("pair_mask_prob", 0.5),
+                           seed=settings.seed, rank=engine.rank, world_size=engine.world_size, start_step=start_step,
+                           num_steps=num_steps, pair_crop_scale=data.get("pair_crop_scale", (0.5, 1.0)),
+                           pair_hflip=data.get("pair_hflip", 0.5), itm_negatives=itm_negatives, **stream_options)
+        except ValueError as error:  # e.g. stream positions saved with another number of loader workers
+            fail(error)
+        return step_loader(settings, batches, batch_size=None)
+
+    records = engine.fit(masked_data_modeling_step(visual_tokenizer), make_loader, samples_per_step=sum(batch_sizes.values()))
+    if engine.rank == 0 and records:
+        try:
+            from beit3.visualization import save_loss_curves
+
+            lines = read_run_log(engine.output_dir / "metrics.jsonl")
+            save_loss_curves(lines, engine.output_dir / "loss_curves.png",
+                             keys=["image_loss", "text_loss", "pair_loss"] + (["itm_loss"] if itm_negatives else []))
+        except ImportError:
+            pass
+        last = records[-1]
+        print("pretraining done: step {step}, loss {loss:.3f}, ".format(**last)
+              + ", ".join(f"{k} {last[k]:.3f}" for k in ("image_accuracy", "text_accuracy", "pair_accuracy", "itm_accuracy") if k in last)
+              + f", {last['samples_per_s']:.1f} samples/s; checkpoints in {engine.checkpoint_dir}")

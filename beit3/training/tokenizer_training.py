@@ -1,12 +1,27 @@
-"""Training a visual tokenizer (VQ-KD or dVAE) with the same engine as pretraining."""
+"""Training a visual tokenizer (VQ-KD of BEiT v2, or a BEiT v1 style dVAE) on a folder of images, with the same
+engine and run shape as pretraining (``beit3.training.runner``): the runner behind ``tokenizers/train_visual_tokenizer.py``.
+
+    python tokenizers/train_visual_tokenizer.py --kind vqkd --config configs/tokenizers/vqkd_tiny.yaml [--set train.max_steps=500]
+    deepspeed --num_gpus 8 tokenizers/train_visual_tokenizer.py --kind vqkd --config configs/tokenizers/vqkd_base.yaml
+
+Progress bar, metrics.jsonl (loss, codebook usage, perplexity), checkpoints and resume come from the
+shared engine; the trained tokenizer is written to output_dir/tokenizer (VisualTokenizer.from_pretrained).
+"""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..data.common import load_rgb
+from ..data.images import tokenizer_transform
+from ..data.pretraining import PretrainingBatches, load_sources
 from ..visual_tokenizers import DVAE, VQKD, DVAEConfig, VQKDConfig, VisualTokenizer
+from .engine import read_run_log
+from .runner import command_line, fail, read_run_config, start_engine, step_loader
 
 KINDS = {"vqkd": (VQKD, VQKDConfig), "dvae": (DVAE, DVAEConfig)}
 
@@ -25,9 +40,65 @@ def build_visual_tokenizer(kind: str, preset: str, overrides: dict | None = None
 def visual_tokenizer_step() -> Callable:
     """A ``step_fn`` for ``Engine.fit`` over image-only ``PretrainingBatches`` (the [0, 1] tokenizer view)."""
 
-    def step(module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def step_fn(module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = module(batch["image"]["tokenizer_pixel_values"])
         values = {"codebook_usage": out.codebook_usage, "perplexity": out.perplexity, "reconstruction_loss": out.reconstruction_loss}
         return out.loss, {k: v.detach().float() for k, v in values.items() if v is not None}
 
-    return step
+    return step_fn
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The command line of ``tokenizers/train_visual_tokenizer.py`` (see the module docstring)."""
+    args = command_line(__doc__, argv, add_arguments=lambda parser: parser.add_argument("--kind", choices=tuple(KINDS), required=True))
+    config, settings = read_run_config(args.config, args.set)
+    data = config["data"]
+    try:
+        sources = load_sources(images=data["images"])
+    except (OSError, ValueError) as error:
+        fail(error)
+    torch.manual_seed(settings.seed)
+    model = build_visual_tokenizer(args.kind, config["preset"], config.get("overrides"), config.get("teacher_checkpoint"))
+    engine = start_engine(model, config, settings)
+
+    def make_loader(start_step: int, num_steps: int):
+        batches = PretrainingBatches(sources, {"image": data["batch_size"]}, None, model.image_size, model.patch_size,
+                                     crop_scale=tuple(data.get("crop_scale", (0.08, 1.0))), seed=settings.seed, rank=engine.rank,
+                                     world_size=engine.world_size, start_step=start_step, num_steps=num_steps)
+        return step_loader(settings, batches, batch_size=None)
+
+    records = engine.fit(visual_tokenizer_step(), make_loader, samples_per_step=data["batch_size"])
+    if engine.rank != 0:
+        return
+    tokenizer = engine.module.module
+    tokenizer.save_pretrained(engine.output_dir / "tokenizer")
+    save_pictures(tokenizer, engine.output_dir, pictured_images(sources, model))
+    if not records:
+        print(f"nothing to do: {engine.output_dir} already holds a run of {settings.max_steps} steps", file=sys.stderr)
+        return
+    last = records[-1]
+    print(f"visual tokenizer done: step {last['step']}, loss {last['loss']:.4f}, codebook usage {last['codebook_usage']:.3f}, "
+          f"perplexity {last['perplexity']:.1f}; saved to {engine.output_dir / 'tokenizer'}")
+
+
+def pictured_images(sources, model) -> torch.Tensor:
+    """Eight center views (the tokenizer's [0, 1] input) of the first training images."""
+    transform = tokenizer_transform(model.image_size)
+    return torch.stack([transform(load_rgb(path)) for path in sources["image"]["path"][:8]])
+
+
+def save_pictures(tokenizer, output_dir: Path, images: torch.Tensor) -> None:
+    """code_maps.png, codebook_usage.png and, for a dVAE, reconstructions.png in output_dir."""
+    from ..visualization import save_code_maps, save_codebook_usage, save_reconstructions  # (matplotlib: only here)
+
+    tokenizer.eval()
+    images = images.to(next(tokenizer.parameters()).device)
+    with torch.no_grad():
+        codes = tokenizer.get_codebook_indices(images)
+        grid = images.shape[-1] // tokenizer.patch_size
+        save_code_maps(images.cpu(), codes.cpu(), grid, output_dir / "code_maps.png", tokenizer.codebook_size)
+        if tokenizer.kind == "dvae":
+            save_reconstructions(images.cpu(), tokenizer.decode(codes).cpu(), output_dir / "reconstructions.png")
+    records = read_run_log(output_dir / "metrics.jsonl")
+    save_codebook_usage([r["step"] for r in records], [r["codebook_usage"] for r in records], output_dir / "codebook_usage.png",
+                        [r["perplexity"] for r in records])

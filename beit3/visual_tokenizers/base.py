@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoints import load_state_dict_checked
+from ..io import atomic_folder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -116,21 +115,10 @@ class VisualTokenizer(nn.Module):
     # -- saving and loading ---------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Writes ``config.json`` and ``model.safetensors`` into a temporary sibling folder, then moves it into place."""
-        output = Path(save_directory)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-        old = output.with_name(f".{output.name}.old")
-        try:
+        with atomic_folder(save_directory) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "kind": self.kind})
-            if output.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(output, old)
-            os.replace(tmp, output)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "VisualTokenizer":

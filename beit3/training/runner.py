@@ -1,0 +1,106 @@
+"""The one shape of every training program here (pretraining, fine-tuning, the visual tokenizer):
+
+    args = command_line(__doc__, argv)                       # --config, --set (and a program's own options)
+    config, settings = read_run_config(args.config, args.set)
+    ...build the model...                                     # after torch.manual_seed(settings.seed): same weights on every rank
+    engine = start_engine(model, config, settings)           # processes, DeepSpeed, the resume check
+    save_model_folder(engine, model.config, tokenizer)       # rank 0: what beit3.export rebuilds the model from
+    records = engine.fit(step, lambda first, count: step_loader(settings, batches(first, count)), samples_per_step)
+
+A bad config or input ends the program with ``error: <what was wrong and what to do>`` (``fail``), not a traceback.
+Below the runners and the tasks: ``autocast`` and ``ordered_batches``, which evaluation shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+from ..data.common import split_batch
+from .config import load_config
+from .engine import Engine, TrainSettings, load_deepspeed_json, record_run_config, setup_distributed
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/deepspeed/ is found from here too
+
+
+def fail(error: BaseException | str) -> NoReturn:
+    """Ends the program with ``error: ...`` (exit status 1)."""
+    sys.exit(f"error: {error.args[0] if isinstance(error, KeyError) and error.args else error}")
+
+
+def command_line(description: str, argv: list[str] | None, prog: str | None = None,
+                 add_arguments=None) -> argparse.Namespace:
+    """The options every training program takes (``--config``, ``--set``, the deepspeed launcher's ``--local_rank``),
+    plus those ``add_arguments(parser)`` adds."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the run's YAML")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    if add_arguments is not None:
+        add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def read_run_config(path: str | Path, overrides: list[str], sections: tuple[str, ...] = ("data", "train")) -> tuple[dict, TrainSettings]:
+    """The YAML with its ``--set`` overrides (every ``train`` setting may be set, listed in the file or not) and its
+    checked ``train`` settings; a config that cannot run ends the program here, before any work."""
+    try:
+        config = load_config(path, overrides, declared={"train": TrainSettings.field_names()})
+        missing = [section for section in sections if section not in config]
+        if missing:
+            raise ValueError(f"{path} has no {', '.join(map(repr, missing))} section; see configs/ for complete examples.")
+        return config, TrainSettings.from_config(config["train"])
+    except (KeyError, ValueError, OSError) as error:
+        fail(error)
+
+
+def start_engine(model: torch.nn.Module, config: dict, settings: TrainSettings) -> Engine:
+    """The engine of a run: the processes (``setup_distributed``), the DeepSpeed JSON of ``data.deepspeed`` (or
+    of ``train.zero_stage``), and the resume check, which refuses another config before anything is rewritten."""
+    try:
+        deepspeed_json = load_deepspeed_json(config.get("data", {}).get("deepspeed"), settings, ROOT)
+    except (OSError, ValueError) as error:
+        fail(error)
+    engine = Engine(model, settings, deepspeed_json, distributed=setup_distributed())
+    try:
+        record_run_config(engine, config)
+    except ValueError as error:
+        fail(error)
+    return engine
+
+
+def save_model_folder(engine: Engine, model_config, tokenizer=None) -> None:
+    """Rank 0 writes ``output_dir/model``: the model's config (with its class in ``architectures``) and the
+    tokenizer, which ``beit3.export`` puts beside the weights of a checkpoint."""
+    if engine.rank != 0:
+        return
+    model_config.architectures = [type(engine.module.module).__name__]
+    model_config.save_pretrained(engine.output_dir / "model")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(engine.output_dir / "model")
+
+
+def step_loader(settings: TrainSettings, dataset, **options) -> torch.utils.data.DataLoader:
+    """The DataLoader of a run's steps, with its ``train.num_workers`` (4 batches ahead per worker); ``options`` say
+    how ``dataset`` gives batches (``batch_size=None`` for step-indexed batches, or a ``batch_sampler``)."""
+    return torch.utils.data.DataLoader(dataset, num_workers=settings.num_workers, prefetch_factor=4 if settings.num_workers else None,
+                                       **options)
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16/fp16 autocast on ``device``, or nothing for fp32."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
+def ordered_batches(dataset, batch_size: int, num_workers: int = 0, collate_fn=None):
+    """One ordered pass over ``dataset`` for evaluation: (model inputs, metadata) per batch."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
+    for batch in loader:
+        yield split_batch(batch)
