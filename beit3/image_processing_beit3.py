@@ -15,6 +15,7 @@ bit-exact reproduction of the official numbers (``AutoImageProcessor.from_pretra
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -25,7 +26,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 # timm's IMAGENET_INCEPTION_MEAN / STD, which unilm uses for every vision-language task
 VL_MEAN = (0.5, 0.5, 0.5)
 VL_STD = (0.5, 0.5, 0.5)
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # (PIL opens 16-bit PNGs as I or I;16)
 
 
 class _Beit3ImageProcessing:
@@ -58,7 +59,7 @@ class _Beit3ImageProcessing:
         if isinstance(images, (str, os.PathLike)):
             if str(images).startswith(("http://", "https://")):
                 return super().fetch_images(str(images))
-            return _open_image(images)
+            return open_image(images)
         if isinstance(images, Image.Image):
             return images
         if is_valid_image(images):
@@ -69,7 +70,7 @@ class _Beit3ImageProcessing:
     def process_image(self, image, *args, **kwargs):
         """One image -> channels-first RGB in the backend's format; 16-bit images are scaled to 8 bits first."""
         if isinstance(image, Image.Image):
-            image = _eight_bit(image)
+            image = eight_bit(image)
         return super().process_image(image, *args, **kwargs)
 
     def center_crop(self, image, size, **kwargs):
@@ -113,26 +114,30 @@ def _checked_array(image):
     return image
 
 
-def _open_image(path) -> Image.Image:
-    """Reads an image file fully into memory, with errors that name the file."""
+def open_image(path, data: bytes | None = None) -> Image.Image:
+    """Reads an image fully into memory, from ``path`` or, when given, from its encoded ``data`` (``path`` then
+    only names it), with errors that name it. The one opener of the package: the processors, the datasets and
+    ``beit3.predict`` read through it (``beit3.data.common.load_rgb`` adds RGB)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
             image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"No image file at {path}.") from None
-    except Image.DecompressionBombError as error:  # neither OSError nor ValueError
-        raise ValueError(f"{path} has more pixels than PIL reads by default (2 x PIL.Image.MAX_IMAGE_PIXELS, a guard "
-                         f"against decompression bombs): {error}. Raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted.") from error
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{path} is not an image file PIL can read ({error}).") from error
+    except Image.DecompressionBombError as error:  # neither OSError nor ValueError: a data-loader worker would die of it
+        raise ValueError(f"{path} has more pixels than PIL reads by default (2 x PIL.Image.MAX_IMAGE_PIXELS = "
+                         f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, a guard against decompression bombs): {error}. Raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted.") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"Cannot read the image {path} ({error}): {path} is not an image file PIL can read. Replace the file, "
+                         "or leave it out.") from error
     return image
 
 
-def _eight_bit(image: Image.Image) -> Image.Image:
-    """16-bit grayscale -> 8-bit grayscale by its top byte; other modes pass unchanged.
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit integer) grayscale -> 8-bit grayscale by its top byte of 16; other modes pass unchanged.
 
-    PIL's own conversion clips 16-bit values to 255, which turns most 16-bit images white.
+    PIL's own conversion clips such values to 255, which turns most 16-bit images white.
     """
-    if image.mode not in _SIXTEEN_BIT_MODES:
+    if image.mode not in _WIDE_INTEGER_MODES:
         return image
-    return Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
+    return Image.fromarray((np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))

@@ -6,7 +6,7 @@ from conftest import tiny_config, train_with_transformers_trainer
 from PIL import Image
 
 from beit3 import Beit3ImageProcessor
-from beit3.data.imagenet import ImageClassificationDataset, read_hf_imagefolder, read_image_folder
+from beit3.data.imagenet import ImageClassificationDataset, ImageFolderSplit, ImageRecord, read_image_folder
 from beit3.modeling_heads import Beit3ForImageClassification
 
 CLASSES = ["n02085620", "n01440764", "n01443537"]  # written out of order; labels follow the sorted names
@@ -37,6 +37,15 @@ def test_labels_are_sorted_training_folders_and_val_reuses_them(tmp_path):
         read_image_folder(tmp_path / "val", classes=["n01440764"])
     with pytest.raises(FileNotFoundError, match="No image folder"):
         read_image_folder(tmp_path / "nowhere")
+
+
+def read_hf_imagefolder(root, split="train") -> ImageFolderSplit:
+    """The records of datasets' imagefolder builder on the same folder: the oracle for read_image_folder."""
+    from datasets import Image as ImageFeature
+    from datasets import load_dataset
+
+    data = load_dataset("imagefolder", data_dir=str(root), split=split).cast_column("image", ImageFeature(decode=False))
+    return ImageFolderSplit([ImageRecord(row["image"]["path"], row["label"]) for row in data], list(data.features["label"].names))
 
 
 def test_datasets_imagefolder_gives_the_same_records(tmp_path):

@@ -4,7 +4,6 @@ text encoding to the fixed-length ids the heads take, and splitting a batch into
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from ..image_processing_beit3 import eight_bit, open_image
 
 # Keys a task dataset returns beside the model inputs, to write predictions or score them; the heads
 # do not take them, so ``split_batch`` sets them apart.
@@ -77,20 +78,7 @@ def load_rgb(path: str | os.PathLike | dict | None, data: bytes | None = None) -
     what a ``datasets`` ``Image(decode=False)`` column holds, ``{"bytes": ..., "path": ...}``."""
     if isinstance(path, dict):
         path, data = path.get("path") or "an image of the dataset", path.get("bytes")
-    try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as image:
-            image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits rather than clip at 255
-                image = Image.fromarray((np.asarray(image, dtype=np.float32) / 256).clip(0, 255).astype(np.uint8))
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Image file not found: {path}.") from None
-    except Image.DecompressionBombError as error:  # neither OSError nor ValueError: a data-loader worker would die of it
-        raise ValueError(f"Cannot read the image {path}: {error} (PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS "
-                         f"= {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels as decompression bombs). Replace the file or drop its "
-                         "records.") from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"Cannot read the image {path}: {error}. Replace the file or drop its records.") from error
+    return eight_bit(open_image(path, data)).convert("RGB")
 
 
 def undecoded_columns(dataset, columns: Sequence[str], what: str, purpose: str = "", hint: str = ""):

@@ -2,8 +2,8 @@
 
 The class index is the position of the folder name in the sorted list of the *training* folders,
 as the official index does; read the validation folder with the training ``classes`` so that both
-agree even if a class is absent from one of them. ``read_hf_imagefolder`` reads the same layout
-(or one with ``train/`` and ``val/`` split folders) through ``datasets``.
+agree even if a class is absent from one of them. A ``datasets`` dataset (``load_dataset("imagefolder")``,
+or any with an image and a label column) feeds ``ImageClassificationDataset`` as well.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .common import as_records, check_images_exist, load_rgb, transform_image
+from .common import as_records, load_rgb, transform_image
+from .images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 
 
 @dataclass
@@ -53,26 +53,6 @@ def read_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
                for path in sorted((root / name).rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
     if not records:
         raise ValueError(f"No images in class folders under {root} (expected <root>/<class>/<image> with suffixes {IMAGE_SUFFIXES}).")
-    return ImageFolderSplit(records, classes)
-
-
-def read_hf_imagefolder(root: str | os.PathLike, split: str = "train") -> ImageFolderSplit:
-    """The same records from ``datasets``' ``imagefolder`` builder on a local folder: class folders directly
-    under ``root`` (split "train"), or split folders holding class folders (``train/``; ``val/`` or
-    ``validation/`` -> split "validation"; ``test/``). The labels are the builder's: the sorted class
-    names over all splits. Images are not decoded here."""
-    from datasets import Image as ImageFeature
-    from datasets import load_dataset
-
-    if not Path(root).is_dir():
-        raise FileNotFoundError(f"No image folder at {root}.")
-    data = load_dataset("imagefolder", data_dir=str(root), split=split)
-    if "label" not in data.column_names:
-        raise ValueError(f"{root} has no class folders, so imagefolder found no labels; expected <root>/<class>/<image>.")
-    classes = list(data.features["label"].names)
-    data = data.cast_column("image", ImageFeature(decode=False))
-    records = [ImageRecord(row["image"]["path"], row["label"]) for row in data]
-    check_images_exist((r.image_path for r in records), f"images of {root}")
     return ImageFolderSplit(records, classes)
 
 

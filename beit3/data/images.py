@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..io import write_bytes_atomic, write_text_atomic
 from .common import load_rgb
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")  # what an image folder holds, everywhere
 CODES_NAME = "codes.safetensors"
 INDEX_NAME = "index.jsonl"
 

@@ -31,10 +31,10 @@ import pyarrow as pa
 import torch
 from datasets import Dataset, Features, Value, load_dataset
 
-from ..masking import BlockMaskGenerator, mask_text_tokens, text_masker
+from ..masking import PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB, BlockMaskGenerator, mask_text_tokens, text_masker
 from .common import load_rgb, undecoded_columns
 from .sampling import mixed_seed
-from .streaming import (ShardStream, check_stream_count, expand_shards, is_shard_pattern, is_url, pair_of, shard_samples,
+from .streaming import (IMAGE_EXTENSIONS, ShardStream, check_stream_count, expand_shards, is_shard_pattern, is_url, pair_of, shard_samples,
                         text_pieces, text_samples)
 from .images import list_images, read_codes, read_codes_info
 from ..views import CenterView, TwoViewTransform
@@ -298,16 +298,16 @@ def saved_dataset_source(spec: dict, kind: str) -> Dataset:
 
 
 def _webdataset_pairs(shards: list[str]) -> Dataset:
-    """Image-text pairs from webdataset tar shards: one image (jpg, jpeg, png, webp) and one ``txt`` per key.
+    """Image-text pairs from webdataset tar shards: one image (``IMAGE_EXTENSIONS``) and one ``txt`` per key.
 
     ``datasets`` writes the shards to Arrow files in its cache; the rows here are a memory-mapped view of them.
     """
     from datasets import Image as ImageFeature
 
     raw = load_dataset("webdataset", data_files=shards, split="train")
-    image_column = next((c for c in ("jpg", "jpeg", "png", "webp") if c in raw.column_names), None)
+    image_column = next((c for c in IMAGE_EXTENSIONS if c in raw.column_names), None)
     if image_column is None or "txt" not in raw.column_names:
-        raise ValueError(f"The webdataset shards {shards[:2]} need an image (jpg/jpeg/png/webp) and a txt file per sample; "
+        raise ValueError(f"The webdataset shards {shards[:2]} need an image ({'/'.join(IMAGE_EXTENSIONS)}) and a txt file per sample; "
                          f"they have {raw.column_names}.")
     raw = raw.cast_column(image_column, ImageFeature(decode=False))  # keep the bytes; decode (and skip if corrupt) ourselves
     where = shards[0] if len(shards) == 1 else "the shards"
@@ -348,8 +348,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, sources: dict[str, Dataset], batch_sizes: dict[str, int], tokenizer, image_size: int, patch_size: int,
-                 max_text_length: int = 64, tokenizer_image_size: int | None = None, text_mask_prob: float = 0.15,
-                 pair_mask_prob: float = 0.5, num_masked_patches: int | None = None, seed: int = 0, rank: int = 0,
+                 max_text_length: int = 64, tokenizer_image_size: int | None = None, text_mask_prob: float = TEXT_MASK_PROB,
+                 pair_mask_prob: float = PAIR_TEXT_MASK_PROB, num_masked_patches: int | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, start_step: int = 0, num_steps: int = 10**9, crop_scale: tuple[float, float] = (0.2, 1.0),
                  color_jitter: float = 0.4, pair_crop_scale: tuple[float, float] = (0.5, 1.0), pair_hflip: float = 0.5,
                  itm_negatives: float = 0.0):

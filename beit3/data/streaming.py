@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .images import IMAGE_SUFFIXES
 from .sampling import mixed_seed
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_EXTENSIONS = tuple(suffix[1:] for suffix in IMAGE_SUFFIXES)  # a shard's image member: <key>.<extension>
 
 
 def expand_shards(patterns: list[str] | str) -> list[str]:
