@@ -54,6 +54,8 @@ class Beit3Config(PretrainedConfig):
         vqa_loss: the loss of ``Beit3ForVisualQuestionAnswering``: ``bce`` (binary cross-entropy per answer against
             the soft scores, the official recipe for VQAv2's ten annotator answers) or ``softmax`` (cross-entropy over
             the answers against the scores normalized to sum to 1: for data with one answer per question).
+        label_smoothing: of the classification and captioning losses; None: each head's recipe default
+            (captioning 0.1, classification 0.0).
     """
 
     model_type = "beit3"
@@ -88,6 +90,7 @@ class Beit3Config(PretrainedConfig):
         mask_token_id: int | None = None,
         itm_weight: float = 0.0,
         vqa_loss: str = "bce",
+        label_smoothing: float | None = None,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -114,6 +117,7 @@ class Beit3Config(PretrainedConfig):
         self.visual_vocab_size = visual_vocab_size
         self.itm_weight = itm_weight
         self.vqa_loss = vqa_loss
+        self.label_smoothing = label_smoothing
         # The released vocabulary puts <mask> at 64001 (len(spm) + 1); other vocabularies say where theirs is.
         self.mask_token_id = 64001 if mask_token_id is None and vocab_size == 64010 else mask_token_id
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
@@ -131,6 +135,8 @@ class Beit3Config(PretrainedConfig):
             problems.append(f"max_position_embeddings {self.max_position_embeddings} leaves no row after position_offset {self.position_offset}")
         if not (isinstance(self.itm_weight, (int, float)) and self.itm_weight >= 0):
             problems.append(f"itm_weight {self.itm_weight!r} must be a number >= 0 (0: no image-text matching loss)")
+        if self.label_smoothing is not None and not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
+            problems.append(f"label_smoothing {self.label_smoothing!r} must be a number in [0, 1), or None (the head's default)")
         if self.vqa_loss not in VQA_LOSSES:
             problems.append(f"vqa_loss {self.vqa_loss!r} must be one of {', '.join(VQA_LOSSES)}")
         if problems:

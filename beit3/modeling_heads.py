@@ -44,6 +44,11 @@ def _as_asked(output: ModelOutput, return_dict: bool | None, config: Beit3Config
     return output if (config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
+def _smoothing(config, default: float) -> float:
+    """``config.label_smoothing``, or the head's recipe ``default`` when it is None."""
+    return default if config.label_smoothing is None else config.label_smoothing
+
+
 def _soft_or_hard_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Cross-entropy against class ids (B,) or against soft targets (B, C), e.g. from mixup."""
     if labels.dim() == logits.dim():
@@ -75,7 +80,7 @@ class Beit3ForImageClassification(Beit3PreTrainedModel):
         logits = self.head(self.fc_norm(out.last_hidden_state[:, 1:].mean(dim=1)))
         loss = None
         if labels is not None:
-            loss = _soft_or_hard_cross_entropy(logits, labels, getattr(self.config, "label_smoothing", 0.0))
+            loss = _soft_or_hard_cross_entropy(logits, labels, _smoothing(self.config, 0.0))
         return _as_asked(ImageClassifierOutput(loss=loss, logits=logits, **_passed_on(out)), return_dict, self.config)
 
 
@@ -341,7 +346,7 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                   label_smoothing=getattr(self.config, "label_smoothing", 0.1))
+                                   label_smoothing=_smoothing(self.config, 0.1))
         return _as_asked(CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, **_passed_on(out)),
                          return_dict, self.config)
 

@@ -5,15 +5,38 @@ from beit3.training.runner import autocast, command_line, ordered_batches, read_
 from beit3.training.engine import TrainSettings
 
 
-def _config(tmp_path, train="{output_dir: out, max_steps: 2, save_every: 1}", data="{}"):
-    path = tmp_path / "run.yaml"
+def _config(tmp_path, train="{output_dir: out, max_steps: 2, save_every: 1}", data="{}", name="run.yaml"):
+    path = tmp_path / name
     path.write_text(f"data: {data}\ntrain: {train}\n")
     return path
 
 
 def test_a_run_config_is_read_with_its_overrides_and_every_declared_train_setting(tmp_path):
-    config, settings = read_run_config(_config(tmp_path), ["train.max_steps=5", "train.max_nonfinite_steps=3"])
+    config, settings, _ = read_run_config(_config(tmp_path), ["train.max_steps=5", "train.max_nonfinite_steps=3"])
     assert settings.max_steps == 5 and settings.max_nonfinite_steps == 3 and config["train"]["max_steps"] == 5
+
+
+def test_typed_sections_take_every_declared_field_refuse_unknown_ones_and_print_resolved(tmp_path, capsys):
+    from beit3.training.finetune_tasks import CaptioningData, EvalOptions
+
+    path = _config(tmp_path, data="{train: {karpathy: k.json}, mask_prob: 0.7}")
+    # eval is not in the file and num_beams/drop_worst_after are not listed: declared fields can still be set
+    config, _, sections = read_run_config(path, ["eval.num_beams=5", "data.drop_worst_after=10"],
+                                          typed={"data": CaptioningData, "eval": EvalOptions})
+    data, options = sections["data"], sections["eval"]
+    assert (data.mask_prob, data.drop_worst_after, data.max_text_length, data.label_smoothing) == (0.7, 10, 32, 0.1)
+    assert (options.num_beams, options.batch_size, options.length_penalty) == (5, 64, 0.6)
+    assert config["eval"] == {"num_beams": 5} and "max_text_length" not in config["data"]  # what was written and set, no defaults
+    with pytest.raises(SystemExit, match=r"has no field 'data.mask_probability'; known here: .*drop_worst_after"):
+        read_run_config(path, ["data.mask_probability=0.7"], typed={"data": CaptioningData, "eval": EvalOptions})
+    unknown = _config(tmp_path, data="{train: {karpathy: k.json}, mask_probability: 0.7}", name="unknown.yaml")
+    with pytest.raises(SystemExit, match=r"Unknown data settings \['mask_probability'\]; known: \[.*'mask_prob'"):
+        read_run_config(unknown, [], typed={"data": CaptioningData})
+    with pytest.raises(SystemExit) as stopped:
+        read_run_config(path, [], typed={"data": CaptioningData, "eval": EvalOptions}, show=True)
+    printed = capsys.readouterr().out
+    assert stopped.value.code == 0 and "drop_worst_after: 12000" in printed and "num_beams: 3" in printed
+    assert "#   length_penalty: captioning: beam search's length penalty" in printed and "max_steps: 2" in printed
 
 
 @pytest.mark.parametrize("train, overrides, message", [

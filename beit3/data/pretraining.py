@@ -40,6 +40,9 @@ from .images import list_images, read_codes, read_codes_info
 from ..views import CenterView, TwoViewTransform
 
 KINDS = ("image", "text", "pair")
+# The pairs' crop and flip by default: mild, since a caption may name what a tight crop cuts out.
+PAIR_CROP_SCALE = (0.5, 1.0)
+PAIR_HFLIP = 0.5
 _MAX_REPLACEMENTS = 16
 # Hard negatives for image-text matching are drawn with weights exp(token overlap / this): at 0.1 a caption sharing
 # 0.1 more of its tokens is e times as likely.
@@ -351,7 +354,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
                  max_text_length: int = 64, tokenizer_image_size: int | None = None, text_mask_prob: float = TEXT_MASK_PROB,
                  pair_mask_prob: float = PAIR_TEXT_MASK_PROB, num_masked_patches: int | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, start_step: int = 0, num_steps: int = 10**9, crop_scale: tuple[float, float] = (0.2, 1.0),
-                 color_jitter: float = 0.4, pair_crop_scale: tuple[float, float] = (0.5, 1.0), pair_hflip: float = 0.5,
+                 color_jitter: float = 0.4, pair_crop_scale: tuple[float, float] = PAIR_CROP_SCALE, pair_hflip: float = PAIR_HFLIP,
                  itm_negatives: float = 0.0):
         if not 0.0 <= itm_negatives <= 1.0:
             raise ValueError(f"itm_negatives {itm_negatives} must be a fraction of the pair batch in [0, 1] (0: no image-text matching).")

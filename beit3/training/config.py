@@ -1,10 +1,12 @@
-"""Run configs: a YAML file, with ``--set key=value`` overrides on any field (dotted keys reach nested ones)."""
+"""Run configs: a YAML file, with ``--set key=value`` overrides on any field (dotted keys reach nested ones), and the
+typed sections a program reads from it (``Section``: each field with its default and a one-line doc)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -36,7 +38,9 @@ def load_config(path: str | Path, overrides: list[str] = (), declared: dict[str,
         if not sep:
             raise ValueError(f"--set takes key=value, got {override!r}.")
         node, parts = config, key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
+            if depth == 0 and part in (declared or {}) and node.get(part) is None:
+                node[part] = {}  # a declared section the file leaves out: its fields can still be set
             if not isinstance(node.get(part), dict):
                 raise KeyError(f"--set {key}: {path} has no section {part!r}.")
             node = node[part]
@@ -49,3 +53,58 @@ def load_config(path: str | Path, overrides: list[str] = (), declared: dict[str,
             raise ValueError(f"--set {key}: {value!r} is not a YAML value ({str(error).splitlines()[0]}). Quote strings with "
                              "braces or colons inside a list, e.g. --set 'data.sources.pairs=[\"shards/{000..009}.tar\"]'.") from error
     return config
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    """A ``Section`` field with its one-line doc (shown by ``--print-config``)."""
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"doc": text})
+    return dataclasses.field(default=default, metadata={"doc": text})
+
+
+@dataclasses.dataclass
+class Section:
+    """A typed section of a run config: the fields a program reads, with their defaults. ``from_config`` refuses a
+    key the section does not declare (naming the known ones), and every declared field may be ``--set`` whether or
+    not the YAML lists it. Subclasses name their section in ``section`` and check values in ``__post_init__``."""
+
+    section: ClassVar[str] = ""
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_config(cls, values: dict | None):
+        values = dict(values or {})
+        known = cls.field_names()
+        unknown = set(values) - known
+        if unknown:
+            raise KeyError(f"Unknown {cls.section} settings {sorted(unknown)}; known: {sorted(known)}.")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"The {cls.section} section needs {', '.join(f'{cls.section}.{name}' for name in missing)} "
+                             "(there is no default).")
+        return cls(**values)
+
+    def resolved(self) -> dict:
+        """The section with every default filled in, as YAML would hold it (tuples as lists)."""
+        def plain(value):
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def print_config(config: dict, sections: dict[str, Section]) -> str:
+    """The resolved config as YAML: the file and its ``--set`` overrides, each typed section with its defaults, and a
+    comment line per declared field saying what it is."""
+    resolved = {**config, **{name: section.resolved() for name, section in sections.items()}}
+    lines = [yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None, width=120).rstrip()]
+    for name, section in sections.items():
+        lines.append(f"# {name}:")
+        lines += [f"#   {f.name}: {f.metadata.get('doc', '')}" for f in dataclasses.fields(section)]
+    return "\n".join(lines)

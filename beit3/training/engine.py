@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -35,49 +35,43 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..checkpoints import COMPLETE, check_weights_only, complete_checkpoints, mark_complete, weights_only_loads
 from ..metrics import write_json_atomic
+from .config import Section, doc
 
 
 @dataclass
-class TrainSettings:
+class TrainSettings(Section):
     """What the loop needs from a run config (field names as in the YAML ``train`` section)."""
 
-    output_dir: str
-    max_steps: int
-    save_every: int
-    seed: int = 0
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.0  # the cosine ends at lr x this (unilm's fine-tuning: min_lr 1e-6)
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    gradient_clipping: float = 3.0
-    gradient_accumulation_steps: int = 1
-    micro_batch_size: int = 1  # what DeepSpeed counts as the batch; our batches are dicts of kinds
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    zero_stage: int = 2
-    keep_last: int = 2
-    log_every: int = 10
-    max_nonfinite_steps: int = 5
-    num_workers: int = 1
-    gradient_checkpointing: bool = False
-    layer_decay: float | None = None  # fine-tuning: lr x layer_decay ** (depth from the top), as BEiT does
-    head_lr_scale: float = 1.0  # without layer_decay: lr x this for every parameter outside the backbone (see build_optimizer)
-
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return set(cls.__dataclass_fields__)
+    section: ClassVar[str] = "train"
+    output_dir: str = doc("the run's folder: checkpoints, metrics.jsonl, run_config.json, model/ (a restart resumes from it)")
+    max_steps: int = doc("optimizer updates in all")
+    save_every: int = doc("a checkpoint every this many steps (and at the end)")
+    seed: int = doc("weights, data order, crops, masks and dropout all follow from it", 0)
+    lr: float = doc("peak learning rate (after warmup; a cosine down to lr x min_lr_ratio)", 1e-3)
+    min_lr_ratio: float = doc("the cosine ends at lr x this (unilm's fine-tuning: min_lr 1e-6)", 0.0)
+    warmup_steps: int = doc("linear warmup from 0", 0)
+    weight_decay: float = doc("AdamW's, none on norms, biases, embeddings and special tokens", 0.05)
+    betas: tuple[float, float] = doc("AdamW's", (0.9, 0.98))
+    eps: float = doc("AdamW's", 1e-6)
+    gradient_clipping: float = doc("global norm; 0 turns it off", 3.0)
+    gradient_accumulation_steps: int = doc("micro-batches per update", 1)
+    micro_batch_size: int = doc("what DeepSpeed counts as the batch; pretraining's batches are dicts of kinds", 1)
+    precision: str = doc("fp32 | bf16 | fp16", "fp32")
+    zero_stage: int = doc("DeepSpeed ZeRO stage 0-3 (the one source of it: a DeepSpeed JSON of another stage is refused)", 2)
+    keep_last: int = doc("complete checkpoints kept", 2)
+    log_every: int = doc("a metrics.jsonl record every this many steps", 10)
+    max_nonfinite_steps: int = doc("non-finite losses in a row before the run stops (each is skipped)", 5)
+    num_workers: int = doc("data-loader workers per process", 1)
+    gradient_checkpointing: bool = doc("recompute activations in the backward pass", False)
+    layer_decay: float | None = doc("fine-tuning: lr x layer_decay ** (depth from the top), as BEiT does", None)
+    head_lr_scale: float = doc("without layer_decay: lr x this for every parameter outside the backbone (see build_optimizer)", 1.0)
 
     @classmethod
     def from_config(cls, section: dict) -> "TrainSettings":
-        known = cls.field_names()
-        unknown = set(section) - known
-        if unknown:
-            raise KeyError(f"Unknown train settings {sorted(unknown)}; known: {sorted(known)}.")
         values = dict(section)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"]) if isinstance(values["betas"], (list, tuple)) else values["betas"]
-        return cls(**values)
+        if isinstance(values.get("betas"), list):
+            values["betas"] = tuple(values["betas"])
+        return super().from_config(values)
 
     def __post_init__(self):
         """Every field is checked before any work: a bad value names the field, the value and what is allowed."""

@@ -12,10 +12,14 @@ A run config has these sections (``--set`` overrides any field, e.g. ``--set tra
                      position table; drop_path_rate; ...).
     tokenizer: a tokenizer folder or ``beit3.spm``; null: the init folder's.
     data:      train / eval / predict: where each split is (the task's readers; see ``finetune_tasks``),
-               and the task's options (max_text_length, augment, ...).
+               and the task's options (max_text_length, augment, ...): ``finetune_tasks.TaskData`` and the
+               task's own (``VqaData``, ``CaptioningData``, ``ClassificationData``).
     train:     the engine's settings (``beit3.training.engine.TrainSettings``): output_dir, max_steps,
                save_every, seed, lr, warmup_steps, layer_decay, micro_batch_size, precision, zero_stage, ...
-    eval:      batch_size, precision, and the task's decoding options.
+    eval:      batch_size, precision, and the task's decoding options (``finetune_tasks.EvalOptions``).
+
+Every declared field of these sections may be ``--set``, listed in the YAML or not; ``--print-config`` shows the
+resolved config with each field's default and doc.
 
 Modes: ``train`` fine-tunes (a restart resumes from output_dir), exports ``output_dir/final`` (a
 ``from_pretrained`` folder) and scores it on ``data.eval``; ``evaluate`` scores ``--model`` (default
@@ -35,7 +39,7 @@ from ..configuration_beit3 import Beit3Config
 from ..data.sampling import StepBatchSampler
 from ..metrics import write_json_atomic
 from ..tokenization_beit3 import check_tokenizer_matches
-from .finetune_tasks import TASKS
+from .finetune_tasks import TASKS, EvalOptions
 from .runner import command_line, read_run_config, save_model_folder, start_engine, step_loader
 
 MODES = ("train", "evaluate", "predict")
@@ -75,7 +79,7 @@ def initial_model(model_class: type, section: dict, tokenizer, task_overrides: d
         return model_class(config)
     if Path(init).is_dir():
         config = Beit3Config.from_pretrained(init)
-        for key, value in overrides.items():  # also fields the config class does not declare (label_smoothing)
+        for key, value in overrides.items():  # the task's fields (labels, label smoothing) on the loaded config
             setattr(config, key, value)
         return model_class.from_pretrained(init, config=config, image_size=image_size)
     if not Path(init).is_file():
@@ -104,8 +108,10 @@ def _task_options(parser) -> None:
 def run(task_name: str, argv: list[str] | None = None) -> dict | None:
     """The command line of ``tasks/<task_name>.py``; returns the scores (train on rank 0, evaluate) or None."""
     args = command_line(__doc__, argv, prog=f"tasks/{task_name}.py", add_arguments=_task_options)
-    config, settings = read_run_config(args.config, args.set, sections=("model", "data", "train"))
-    task = TASKS[task_name](config["data"], config.get("eval") or {})
+    task_class = TASKS[task_name]
+    config, settings, sections = read_run_config(args.config, args.set, sections=("model", "data", "train"),
+                                                 typed={"data": task_class.Data, "eval": EvalOptions}, show=args.print_config)
+    task = task_class(sections["data"], sections["eval"])
     output_dir = Path(args.output or config["train"]["output_dir"])
     if args.blind and args.mode != "evaluate":
         raise ValueError("--blind is a control for --mode evaluate.")
@@ -166,7 +172,7 @@ def train(task, config: dict, settings) -> dict | None:
         last = records[-1]
         print(f"{task.name}: trained to step {last['step']}, loss {last['loss']:.4f}, {last['samples_per_s']:.1f} samples/s; "
               f"model in {final}")
-    if not config["data"].get("eval"):
+    if not task.data.eval:
         return {}
     model = initial_model(task.model_class, {"init": str(final)}, None, {}).to(engine.device).eval()
     return evaluate_and_save(task, model, engine.output_dir)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +34,60 @@ from ..metrics import (answer_prior, caption_scores, classification_accuracy, re
                        vqa_predictions, vqa_score, write_caption_results, write_json_atomic, write_vqa_predictions)
 from ..modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForVisualQuestionAnswering,
                               Beit3ForVisualReasoning)
+from .config import Section, doc
 from .engine import to_device
 from .runner import autocast, ordered_batches
+
+
+@dataclass
+class EvalOptions(Section):
+    """The ``eval`` section of a task config."""
+
+    section: ClassVar[str] = "eval"
+    batch_size: int = doc("examples per evaluation batch", 64)
+    precision: str = doc("fp32 | bf16 | fp16: autocast of evaluation", "fp32")
+    num_workers: int = doc("data-loader workers of evaluation", 0)
+    max_length: int | None = doc("captioning: most tokens a caption gets (null: data.max_text_length)", None)
+    num_beams: int = doc("captioning: beam width (1: greedy)", 3)
+    length_penalty: float = doc("captioning: beam search's length penalty (the official 0.6; transformers' default is 1.0)", 0.6)
+
+
+@dataclass
+class TaskData(Section):
+    """The ``data`` section every task config has; each task adds its own options (``VqaData``, ...)."""
+
+    section: ClassVar[str] = "data"
+    train: dict | None = doc("the training split (its keys per task: see the module docstring)", None)
+    eval: dict | None = doc("the held-out split scored after training and by --mode evaluate", None)
+    predict: dict | None = doc("the split --mode predict writes predictions for", None)
+    deepspeed: str | None = doc("a DeepSpeed JSON (null: configs/deepspeed/zero<train.zero_stage>.json)", None)
+    max_text_length: int = doc("tokens per text, <s> and </s> included", 64)
+    augment: str = doc("training images: none (the evaluation transform) | randaug | imagenet", "none")
+    hflip: float = doc("flip probability of the randaug and imagenet augmentations", 0.0)
+
+
+@dataclass
+class VqaData(TaskData):
+    image_root: str | None = doc("the folder holding train2014/, val2014/, test2015/ (a split may give its own)", None)
+    answer2label: str | None = doc("answer2label.txt (null: built from the train annotations)", None)
+    answer_min_count: int = doc("an answer given this often in the train annotations becomes a label", 9)
+    vqa_loss: str = doc("bce: the official multi-label loss on soft scores | softmax: one answer per question", "bce")
+
+
+@dataclass
+class CaptioningData(TaskData):
+    max_text_length: int = doc("tokens per caption, <s> and </s> included", 32)
+    mask_prob: float = doc("share of a caption's tokens masked (the official 0.6; the COCO recipe 0.7)", 0.6)
+    label_smoothing: float = doc("of the masked-token cross-entropy", 0.1)
+    drop_worst_after: int = doc("from this step on, the worst drop_worst_ratio of the masked tokens are left out", 12000)
+    drop_worst_ratio: float = doc("see drop_worst_after", 0.2)
+
+
+@dataclass
+class ClassificationData(TaskData):
+    mixup: float = doc("timm Mixup's mixup alpha (0: off)", 0.0)
+    cutmix: float = doc("timm Mixup's cutmix alpha (0: off)", 0.0)
+    label_smoothing: float = doc("of the targets: timm Mixup's with mixup or cutmix on, the loss's otherwise", 0.1)
 
 
 class FinetuneTask:
@@ -44,17 +98,20 @@ class FinetuneTask:
     model_class: type
     metric: str  # the headline score (a key of ``evaluate``'s result; higher is better)
 
-    def __init__(self, data: dict, eval_options: dict):
-        self.data, self.eval_options = data, eval_options
+    Data: ClassVar[type[TaskData]] = TaskData  # the task's data section
+
+    def __init__(self, data: TaskData | dict, eval_options: EvalOptions | dict | None = None):
+        self.data = data if isinstance(data, Section) else self.Data.from_config(data)
+        self.eval_options = eval_options if isinstance(eval_options, Section) else EvalOptions.from_config(eval_options)
         self.tokenizer, self.model_config = None, None
-        self.max_text_length = data.get("max_text_length", 64)
+        self.max_text_length = self.data.max_text_length
         self.blind = False  # evaluate with the images swapped between examples (a control; see ImagesOfOthers)
 
     def setup(self, tokenizer, model_config) -> None:
         self.tokenizer, self.model_config = tokenizer, model_config
 
     def split(self, name: str) -> dict:
-        spec = self.data.get(name)
+        spec = getattr(self.data, name, None)
         if not spec:
             raise KeyError(f"The config's data section has no {name!r} split; add data.{name} (see beit3/training/finetune_tasks.py).")
         return spec
@@ -68,15 +125,15 @@ class FinetuneTask:
         """Evaluation: the released models' processor (bicubic resize, mean = std = 0.5). Training: the same,
         or with ``data.augment: randaug`` timm's random resized crop (scale 0.5-1) and RandAugment, as unilm."""
         size = self.model_config.image_size
-        if not train or self.data.get("augment", "none") == "none":
+        if not train or self.data.augment == "none":
             return Beit3ImageProcessor(size={"height": size, "width": size})
         from timm.data import create_transform
 
-        augment = self.data["augment"]
+        augment = self.data.augment
         if augment not in ("randaug", "imagenet"):
             raise ValueError(f"data.augment must be none, randaug or imagenet; got {augment!r}.")
         imagenet = augment == "imagenet"
-        return create_transform(size, is_training=True, scale=(0.08, 1.0) if imagenet else (0.5, 1.0), hflip=self.data.get("hflip", 0.0),
+        return create_transform(size, is_training=True, scale=(0.08, 1.0) if imagenet else (0.5, 1.0), hflip=self.data.hflip,
                                 auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25 if imagenet else 0.0,
                                 mean=None if imagenet else VL_MEAN, std=None if imagenet else VL_STD)
 
@@ -90,10 +147,10 @@ class FinetuneTask:
     def eval_batches(self, dataset):
         if self.blind:
             dataset = ImagesOfOthers(dataset, seed=0)
-        return ordered_batches(dataset, self.eval_options.get("batch_size", 64), self.eval_options.get("num_workers", 0), collate_trimmed)
+        return ordered_batches(dataset, self.eval_options.batch_size, self.eval_options.num_workers, collate_trimmed)
 
     def eval_autocast(self, model):
-        return autocast(self.eval_options.get("precision", "fp32"), next(model.parameters()).device)
+        return autocast(self.eval_options.precision, next(model.parameters()).device)
 
     def step(self, module, batch: dict, step: int):
         """``Engine.fit``'s step: (loss, {name: value}) of one micro-batch of step number ``step``."""
@@ -114,21 +171,22 @@ class FinetuneTask:
 
 class VqaTask(FinetuneTask):
     name, model_class, metric = "vqa", Beit3ForVisualQuestionAnswering, "accuracy"
+    Data = VqaData
 
     def answer2label(self) -> dict[str, int]:
         from ..data.vqa import build_answer_vocabulary, read_answer2label
 
         if self.model_config is not None and self.model_config.id2label and len(self.model_config.id2label) > 2:
             return {answer: int(label) for label, answer in self.model_config.id2label.items()}
-        if self.data.get("answer2label"):
-            return read_answer2label(self.data["answer2label"])
+        if self.data.answer2label:
+            return read_answer2label(self.data.answer2label)
         train = self.split("train")
         if "annotations" not in train:
             raise ValueError("The official index files hold labels, not answers: set data.answer2label to their answer2label.txt.")
-        return build_answer_vocabulary([train["annotations"]], min_count=self.data.get("answer_min_count", 9))
+        return build_answer_vocabulary([train["annotations"]], min_count=self.data.answer_min_count)
 
     def config_overrides(self) -> dict:
-        return {"id2label": {label: answer for answer, label in self.answer2label().items()}, "vqa_loss": self.data.get("vqa_loss", "bce")}
+        return {"id2label": {label: answer for answer, label in self.answer2label().items()}, "vqa_loss": self.data.vqa_loss}
 
     def records(self, split: str):
         from ..data.vqa import read_vqa, read_vqa_index
@@ -136,7 +194,7 @@ class VqaTask(FinetuneTask):
         spec = self.split(split)
         if "index" in spec:
             return read_vqa_index(spec["index"], spec["data_root"])
-        result = read_vqa(spec["questions"], spec.get("image_root", self.data.get("image_root")), spec.get("annotations"),
+        result = read_vqa(spec["questions"], spec.get("image_root", self.data.image_root), spec.get("annotations"),
                           self.answer2label() if spec.get("annotations") else None, drop_unlabeled=split == "train")
         if result.out_of_vocabulary_answers:
             print(f"vqa {split}: {result.out_of_vocabulary_answers} annotator answers are outside the answer vocabulary and were ignored"
@@ -325,13 +383,12 @@ class RetrievalTask(_KarpathyTask):
 
 class CaptioningTask(_KarpathyTask):
     name, model_class, metric = "captioning", Beit3ForCaptioning, "CIDEr"
+    Data = CaptioningData
 
-    def __init__(self, data: dict, eval_options: dict):
+    def __init__(self, data: CaptioningData | dict, eval_options: EvalOptions | dict | None = None):
         super().__init__(data, eval_options)
-        self.max_text_length = data.get("max_text_length", 32)
-        self.mask_prob = data.get("mask_prob", 0.6)
-        self.label_smoothing = data.get("label_smoothing", 0.1)
-        self.drop_worst_after, self.drop_worst_ratio = data.get("drop_worst_after", 12000), data.get("drop_worst_ratio", 0.2)
+        self.mask_prob, self.label_smoothing = self.data.mask_prob, self.data.label_smoothing
+        self.drop_worst_after, self.drop_worst_ratio = self.data.drop_worst_after, self.data.drop_worst_ratio
 
     def config_overrides(self) -> dict:
         return {"label_smoothing": self.label_smoothing}
@@ -359,8 +416,8 @@ class CaptioningTask(_KarpathyTask):
     def _captions(self, model, split: str, records) -> dict[int, str]:
         from ..data.karpathy import ImageOnlyDataset
 
-        options = {"max_length": self.eval_options.get("max_length", self.max_text_length), "num_beams": self.eval_options.get("num_beams", 3),
-                   "length_penalty": self.eval_options.get("length_penalty", 0.6)}
+        options = {"max_length": self.eval_options.max_length or self.max_text_length, "num_beams": self.eval_options.num_beams,
+                   "length_penalty": self.eval_options.length_penalty}
         predictions = {}
         with torch.no_grad(), self.eval_autocast(model):
             for inputs, meta in self.eval_batches(ImageOnlyDataset(records, self.image_transform(False))):
@@ -391,15 +448,16 @@ class CaptioningTask(_KarpathyTask):
 
 class ClassificationTask(FinetuneTask):
     name, model_class, metric = "classification", Beit3ForImageClassification, "top1"
+    Data = ClassificationData
 
-    def __init__(self, data: dict, eval_options: dict):
+    def __init__(self, data: ClassificationData | dict, eval_options: EvalOptions | dict | None = None):
         super().__init__(data, eval_options)
         self.mixup = None
-        if data.get("mixup", 0) > 0 or data.get("cutmix", 0) > 0:
+        if self.data.mixup > 0 or self.data.cutmix > 0:
             from timm.data import Mixup
 
-            self.mixup = Mixup(mixup_alpha=data.get("mixup", 0.0), cutmix_alpha=data.get("cutmix", 0.0),
-                               label_smoothing=data.get("label_smoothing", 0.1), num_classes=1)  # num_classes set in setup
+            self.mixup = Mixup(mixup_alpha=self.data.mixup, cutmix_alpha=self.data.cutmix, label_smoothing=self.data.label_smoothing,
+                               num_classes=1)  # num_classes set in setup
 
     def classes(self) -> list[str]:
         if self.model_config is not None and self.model_config.id2label and "LABEL_0" not in self.model_config.id2label.values():
@@ -414,10 +472,10 @@ class ClassificationTask(FinetuneTask):
             self.mixup.num_classes = model_config.num_labels
 
     def config_overrides(self) -> dict:
-        return {"id2label": dict(enumerate(self.classes())), "label_smoothing": self.data.get("label_smoothing", 0.0)}
+        return {"id2label": dict(enumerate(self.classes())), "label_smoothing": self.data.label_smoothing}
 
     def image_transform(self, train: bool):
-        if not train and self.data.get("augment") == "imagenet":
+        if not train and self.data.augment == "imagenet":
             return Beit3ImageProcessor.for_imagenet(self.model_config.image_size)
         return super().image_transform(train)
 
@@ -452,7 +510,7 @@ class ClassificationTask(FinetuneTask):
         paths = list_images(self.split("predict")["folder"])
         classes, transform, rows = self.classes(), self.image_transform(False), []
         device = next(model.parameters()).device
-        size = self.eval_options.get("batch_size", 64)
+        size = self.eval_options.batch_size
         with torch.no_grad(), self.eval_autocast(model):
             for start in range(0, len(paths), size):
                 chunk = paths[start:start + size]

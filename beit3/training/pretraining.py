@@ -18,20 +18,45 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from transformers import AutoTokenizer
 
 from ..configuration_beit3 import Beit3Config
 from ..data.images import read_codes_info
-from ..data.pretraining import PretrainingBatches, Shards, StreamingPretrainingBatches, load_sources
+from ..data.pretraining import PAIR_CROP_SCALE, PAIR_HFLIP, PretrainingBatches, Shards, StreamingPretrainingBatches, load_sources
+from ..masking import PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB
 from ..modeling_heads import Beit3ForMaskedDataModeling
 from ..tokenization_beit3 import check_tokenizer_matches
 from ..visual_tokenizers import VisualTokenizer
 from .engine import read_run_log
+from .config import Section, doc
 from .runner import command_line, fail, read_run_config, save_model_folder, start_engine, step_loader
+
+
+@dataclass
+class PretrainingData(Section):
+    """The ``data`` section of a pretraining config."""
+
+    section: ClassVar[str] = "data"
+    sources: dict = doc("images (a folder or shards), texts ([.txt, .jsonl]), pairs ([.jsonl or shards]), image_codes; or "
+                        "{dataset: a save_to_disk folder, ...} per kind (README, Pretraining)")
+    batch_size: dict = doc("samples of each kind per process and step: {image: N, text: N, pair: N}")
+    streaming: bool = doc("read shards and text files as streams, shard by shard, never copied", False)
+    max_text_length: int = doc("tokens per text, <s> and </s> included", 64)
+    text_mask_prob: float = doc("masked share of a text's tokens (the paper: 0.15)", TEXT_MASK_PROB)
+    pair_mask_prob: float = doc("masked share of a pair's text (the paper: 0.5)", PAIR_TEXT_MASK_PROB)
+    itm_negatives: float = doc("image-text matching on this share of each pair batch, against hard negatives (0: the paper); "
+                               "with model.overrides.itm_weight", 0.0)
+    pair_crop_scale: tuple[float, float] = doc("area range of the pairs' random resized crop", PAIR_CROP_SCALE)
+    pair_hflip: float = doc("the pairs' flip probability (0 when captions say left and right)", PAIR_HFLIP)
+    deepspeed: str | None = doc("a DeepSpeed JSON (null: configs/deepspeed/zero<train.zero_stage>.json)", None)
+
+    def __post_init__(self):
+        self.pair_crop_scale = tuple(self.pair_crop_scale)
 
 
 def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
@@ -76,11 +101,11 @@ def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
 def run(argv: list[str] | None = None) -> None:
     """The command line of ``tasks/pretrain.py`` (see the module docstring)."""
     args = command_line(__doc__, argv)
-    config, settings = read_run_config(args.config, args.set)
-    data = config["data"]
+    config, settings, sections = read_run_config(args.config, args.set, typed={"data": PretrainingData}, show=args.print_config)
+    data = sections["data"]
     # Everything that can be wrong with the inputs is checked before the first step.
     # Visual targets: precomputed codes (data.sources.image_codes) when given, else the visual tokenizer on the fly.
-    codes_dir = data["sources"].get("image_codes")
+    codes_dir = data.sources.get("image_codes")
     tokenizer_path = Path(config["text_tokenizer"])
     visual_path = Path(config["visual_tokenizer"]) if config.get("visual_tokenizer") and not codes_dir else None
     if codes_dir and config.get("visual_tokenizer") and os.environ.get("RANK", "0") == "0":
@@ -123,19 +148,19 @@ def run(argv: list[str] | None = None) -> None:
         model_config.vocab_size = len(tokenizer)
     model_config.mask_token_id = tokenizer.mask_token_id
     check_tokenizer_matches(tokenizer, model_config)
-    itm_negatives = data.get("itm_negatives", 0.0)
+    itm_negatives = data.itm_negatives
     if bool(itm_negatives) != bool(model_config.itm_weight):
         fail(f"image-text matching needs both data.itm_negatives (a fraction of the pair batch, now {itm_negatives}) and "
              f"model.overrides.itm_weight (the loss weight, now {model_config.itm_weight}) above 0, or both 0 (the paper's "
              "pure masked data modeling).")
-    if itm_negatives and not data["batch_size"].get("pair"):
+    if itm_negatives and not data.batch_size.get("pair"):
         fail("data.itm_negatives is set, but there are no pair batches (data.batch_size.pair) to match.")
     patch_grid = (model_config.image_size // model_config.patch_size,) * 2
     if tuple(code_grid) != patch_grid:
         fail(f"{targets}: {code_grid[0]}x{code_grid[1]} codes per image, but the model has a "
              f"{patch_grid[0]}x{patch_grid[1]} patch grid; masked image modeling needs one code per patch. {how}")
     try:
-        sources = load_sources(**data["sources"], streaming=bool(data.get("streaming", False)))
+        sources = load_sources(**data.sources, streaming=data.streaming)
     except (OSError, ValueError) as error:
         fail(error)
 
@@ -145,7 +170,7 @@ def run(argv: list[str] | None = None) -> None:
     if visual_tokenizer is not None:
         visual_tokenizer.to(engine.device)
     save_model_folder(engine, model_config, tokenizer)
-    batch_sizes = data["batch_size"]
+    batch_sizes = data.batch_size
 
     streamed = any(isinstance(source, Shards) for source in sources.values())
 
@@ -155,12 +180,12 @@ def run(argv: list[str] | None = None) -> None:
                                 if streamed else (PretrainingBatches, {}))
         try:
             batches = kind(sources, batch_sizes, tokenizer, model_config.image_size, model_config.patch_size,
-                           max_text_length=data.get("max_text_length", 64),
+                           max_text_length=data.max_text_length,
                            tokenizer_image_size=visual_tokenizer.image_size if visual_tokenizer else None,
-                           text_mask_prob=data.get("text_mask_prob", 0.15), pair_mask_prob=data.get("pair_mask_prob", 0.5),
+                           text_mask_prob=data.text_mask_prob, pair_mask_prob=data.pair_mask_prob,
                            seed=settings.seed, rank=engine.rank, world_size=engine.world_size, start_step=start_step,
-                           num_steps=num_steps, pair_crop_scale=data.get("pair_crop_scale", (0.5, 1.0)),
-                           pair_hflip=data.get("pair_hflip", 0.5), itm_negatives=itm_negatives, **stream_options)
+                           num_steps=num_steps, pair_crop_scale=data.pair_crop_scale, pair_hflip=data.pair_hflip,
+                           itm_negatives=itm_negatives, **stream_options)
         except ValueError as error:  # e.g. stream positions saved with another number of loader workers
             fail(error)
         return step_loader(settings, batches, batch_size=None)

@@ -1,7 +1,7 @@
 """The one shape of every training program here (pretraining, fine-tuning, the visual tokenizer):
 
-    args = command_line(__doc__, argv)                       # --config, --set (and a program's own options)
-    config, settings = read_run_config(args.config, args.set)
+    args = command_line(__doc__, argv)                       # --config, --set, --print-config (and a program's own)
+    config, settings, sections = read_run_config(args.config, args.set, typed={"data": Data}, show=args.print_config)
     ...build the model...                                     # after torch.manual_seed(settings.seed): same weights on every rank
     engine = start_engine(model, config, settings)           # processes, DeepSpeed, the resume check
     save_model_folder(engine, model.config, tokenizer)       # rank 0: what beit3.export rebuilds the model from
@@ -22,7 +22,7 @@ from typing import NoReturn
 import torch
 
 from ..data.common import split_batch
-from .config import load_config
+from .config import Section, load_config, print_config
 from .engine import Engine, TrainSettings, load_deepspeed_json, record_run_config, setup_distributed
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/deepspeed/ is found from here too
@@ -40,23 +40,38 @@ def command_line(description: str, argv: list[str] | None, prog: str | None = No
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the run's YAML")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (every section's fields, defaults filled in, each with its doc) and exit")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     if add_arguments is not None:
         add_arguments(parser)
     return parser.parse_args(argv)
 
 
-def read_run_config(path: str | Path, overrides: list[str], sections: tuple[str, ...] = ("data", "train")) -> tuple[dict, TrainSettings]:
-    """The YAML with its ``--set`` overrides (every ``train`` setting may be set, listed in the file or not) and its
-    checked ``train`` settings; a config that cannot run ends the program here, before any work."""
+def read_run_config(path: str | Path, overrides: list[str], sections: tuple[str, ...] = ("data", "train"),
+                    typed: dict[str, type[Section]] | None = None, show: bool = False) -> tuple[dict, TrainSettings, dict[str, Section]]:
+    """The YAML with its ``--set`` overrides, its checked ``train`` settings and its ``typed`` sections ({name: Section
+    class}, e.g. ``{"data": PretrainingData}``: their defaults filled in, unknown keys refused). Every declared field
+    may be ``--set``, listed in the file or not. A config that cannot run ends the program here, before any work;
+    ``show`` (``--print-config``) prints the resolved config with each field's doc and ends it.
+
+    Returns (the config as written plus its overrides: what ``record_run_config`` compares on resume, the train
+    settings, {name: typed section})."""
+    typed = typed or {}
     try:
-        config = load_config(path, overrides, declared={"train": TrainSettings.field_names()})
+        config = load_config(path, overrides, declared={"train": TrainSettings.field_names(),
+                                                        **{name: cls.field_names() for name, cls in typed.items()}})
         missing = [section for section in sections if section not in config]
         if missing:
             raise ValueError(f"{path} has no {', '.join(map(repr, missing))} section; see configs/ for complete examples.")
-        return config, TrainSettings.from_config(config["train"])
-    except (KeyError, ValueError, OSError) as error:
+        settings = TrainSettings.from_config(config["train"])
+        parsed = {name: cls.from_config(config.get(name)) for name, cls in typed.items()}
+    except (KeyError, ValueError, OSError, TypeError) as error:
         fail(error)
+    if show:
+        print(print_config(config, {"train": settings, **parsed}))
+        sys.exit(0)
+    return config, settings, parsed
 
 
 def start_engine(model: torch.nn.Module, config: dict, settings: TrainSettings) -> Engine:

@@ -11,8 +11,9 @@ shared engine; the trained tokenizer is written to output_dir/tokenizer (VisualT
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -21,9 +22,21 @@ from ..data.images import tokenizer_transform
 from ..data.pretraining import PretrainingBatches, load_sources
 from ..visual_tokenizers import DVAE, VQKD, DVAEConfig, VQKDConfig, VisualTokenizer
 from .engine import read_run_log
+from .config import Section, doc
 from .runner import command_line, fail, read_run_config, start_engine, step_loader
 
 KINDS = {"vqkd": (VQKD, VQKDConfig), "dvae": (DVAE, DVAEConfig)}
+
+
+@dataclass
+class TokenizerData(Section):
+    """The ``data`` section of a visual tokenizer config."""
+
+    section: ClassVar[str] = "data"
+    images: str = doc("a folder of images (searched recursively)")
+    batch_size: int = doc("images per process and step")
+    crop_scale: tuple[float, float] = doc("area range of the random resized crop", (0.08, 1.0))
+    deepspeed: str | None = doc("a DeepSpeed JSON (null: configs/deepspeed/zero<train.zero_stage>.json)", None)
 
 
 def build_visual_tokenizer(kind: str, preset: str, overrides: dict | None = None, teacher_checkpoint: str | None = None) -> VisualTokenizer:
@@ -51,10 +64,10 @@ def visual_tokenizer_step() -> Callable:
 def run(argv: list[str] | None = None) -> None:
     """The command line of ``tokenizers/train_visual_tokenizer.py`` (see the module docstring)."""
     args = command_line(__doc__, argv, add_arguments=lambda parser: parser.add_argument("--kind", choices=tuple(KINDS), required=True))
-    config, settings = read_run_config(args.config, args.set)
-    data = config["data"]
+    config, settings, sections = read_run_config(args.config, args.set, typed={"data": TokenizerData}, show=args.print_config)
+    data = sections["data"]
     try:
-        sources = load_sources(images=data["images"])
+        sources = load_sources(images=data.images)
     except (OSError, ValueError) as error:
         fail(error)
     torch.manual_seed(settings.seed)
@@ -62,12 +75,12 @@ def run(argv: list[str] | None = None) -> None:
     engine = start_engine(model, config, settings)
 
     def make_loader(start_step: int, num_steps: int):
-        batches = PretrainingBatches(sources, {"image": data["batch_size"]}, None, model.image_size, model.patch_size,
-                                     crop_scale=tuple(data.get("crop_scale", (0.08, 1.0))), seed=settings.seed, rank=engine.rank,
+        batches = PretrainingBatches(sources, {"image": data.batch_size}, None, model.image_size, model.patch_size,
+                                     crop_scale=tuple(data.crop_scale), seed=settings.seed, rank=engine.rank,
                                      world_size=engine.world_size, start_step=start_step, num_steps=num_steps)
         return step_loader(settings, batches, batch_size=None)
 
-    records = engine.fit(visual_tokenizer_step(), make_loader, samples_per_step=data["batch_size"])
+    records = engine.fit(visual_tokenizer_step(), make_loader, samples_per_step=data.batch_size)
     if engine.rank != 0:
         return
     tokenizer = engine.module.module
