@@ -114,6 +114,10 @@ def _checked_array(image):
     return image
 
 
+class UnreadableImageError(ValueError):
+    """An image file that exists but does not decode (corrupt, truncated, empty, not an image, over the pixel limit)."""
+
+
 def open_image(path, data: bytes | None = None) -> Image.Image:
     """Reads an image fully into memory, from ``path`` or, when given, from its encoded ``data`` (``path`` then
     only names it), with errors that name it. The one opener of the package: the processors, the datasets and
@@ -124,11 +128,11 @@ def open_image(path, data: bytes | None = None) -> Image.Image:
     except FileNotFoundError:
         raise FileNotFoundError(f"No image file at {path}.") from None
     except Image.DecompressionBombError as error:  # neither OSError nor ValueError: a data-loader worker would die of it
-        raise ValueError(f"{path} has more pixels than PIL reads by default (2 x PIL.Image.MAX_IMAGE_PIXELS = "
+        raise UnreadableImageError(f"{path} has more pixels than PIL reads by default (2 x PIL.Image.MAX_IMAGE_PIXELS = "
                          f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, a guard against decompression bombs): {error}. Raise "
                          "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted.") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"Cannot read the image {path} ({error}): {path} is not an image file PIL can read. Replace the file, "
+        raise UnreadableImageError(f"Cannot read the image {path} ({error}): {path} is not an image file PIL can read. Replace the file, "
                          "or leave it out.") from error
     return image
 

@@ -75,3 +75,36 @@ def test_a_decompression_bomb_is_a_clear_error_naming_the_file(tmp_path, monkeyp
         load_rgb(path)
     with pytest.raises(ValueError, match="decompression bombs"):
         load_rgb("in a shard", path.read_bytes())
+
+
+def test_unreadable_training_images_are_replaced_by_the_next_example_and_counted(tmp_path, capsys):
+    import pytest
+    import torch
+    from PIL import Image
+
+    from beit3.data.common import ReplaceUnreadable, collate_trimmed, counted, load_rgb
+
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (4, 4), (i * 60, 0, 0)).save(paths[-1])
+    paths[1].write_bytes(b"")  # empty
+    paths[2].write_bytes(b"\x89PNG\r\n")  # truncated
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(paths)
+
+        def __getitem__(self, index):
+            return {"pixel_values": torch.tensor(list(load_rgb(paths[index]).getpixel((0, 0)))), "index": index}
+
+    items = ReplaceUnreadable(Items())
+    assert [items[i]["index"] for i in range(4)] == [0, 3, 3, 3] and [items[i]["skipped_images"] for i in range(4)] == [0, 2, 1, 0]
+    err = capsys.readouterr().err
+    assert f"Cannot read the image {paths[1]}" in err and f"Cannot read the image {paths[2]}" in err
+    batch = counted(collate_trimmed)([items[i] for i in range(4)])
+    assert batch["counts"] == {"skipped_images": 3} and batch["pixel_values"].shape == (4, 3) and "skipped_images" not in batch
+    for path in paths:
+        path.write_bytes(b"")
+    with pytest.raises(RuntimeError, match="16 examples in a row"):
+        ReplaceUnreadable(Items())[0]

@@ -166,3 +166,22 @@ def test_captioning_step_predicts_only_masked_tokens_and_drops_the_worst(demo_ru
     loss_kept, values = task.step(model, batch, 10)  # the step number the engine passes
     assert loss_kept < loss_all  # the worst half of the masked tokens is left out
     assert 0.0 <= values["accuracy"].item() <= 1.0
+
+
+def test_an_unreadable_training_image_is_replaced_named_and_counted_or_stops_the_run_when_asked(demo_run, tmp_path):
+    output, _ = demo_run
+    images = tmp_path / "coco"
+    shutil.copytree(output / "data" / "coco", images)
+    broken = sorted((images / "train2014").iterdir())[0]
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated JPEG: it exists, so only reading it fails
+    command = [sys.executable, "tasks/vqa.py", *_args(output, "vqa", folder=tmp_path / "run"), "--set", "model.init=null",
+               "--set", "train.max_steps=12", "--set", "train.save_every=12", "--set", "train.log_every=12", "--set", "train.micro_batch_size=16",
+               "--set", f"data.image_root={images}", "--set", "data.eval=null"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"Cannot read the image {broken}" in result.stderr and "the next example takes its place" in result.stderr
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["skipped_images"] == result.stderr.count("the next example takes its place") > 0
+    stopped = subprocess.run([*command[:-2], "--set", "data.eval=null", "--set", "data.skip_unreadable_images=false",
+                              "--set", f"train.output_dir={tmp_path / 'strict'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert stopped.returncode != 0 and f"Cannot read the image {broken}" in stopped.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..image_processing_beit3 import eight_bit, open_image
+from ..image_processing_beit3 import UnreadableImageError, eight_bit, open_image
 
 # Keys a task dataset returns beside the model inputs, to write predictions or score them; the heads
 # do not take them, so ``split_batch`` sets them apart.
@@ -182,6 +183,44 @@ def collate_trimmed(items: list[dict]) -> dict:
         return batch
     shape = mask.shape
     return {key: value[:, :length] if isinstance(value, torch.Tensor) and value.shape == shape else value for key, value in batch.items()}
+
+
+_MAX_REPLACEMENTS = 16
+SKIPPED = "skipped_images"  # the count an item of ReplaceUnreadable carries, and the counter it becomes
+
+
+class ReplaceUnreadable(torch.utils.data.Dataset):
+    """Training items of ``dataset`` where an item whose image does not decode is replaced by the next item that
+    does, as pretraining replaces its unreadable images: the image is named on stderr and each item carries how
+    many it replaced (``skipped_images``), which ``counted`` turns into the batch's ``counts`` for the engine.
+    Sixteen unreadable items in a row are an error (the data is broken, not a file)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        for shift in range(_MAX_REPLACEMENTS):
+            try:
+                item = self.dataset[(index + shift) % len(self.dataset)]
+            except UnreadableImageError as error:
+                print(f"warning: {error} (skipped: the next example takes its place)", file=sys.stderr)
+                continue
+            return {**item, SKIPPED: shift}
+        raise RuntimeError(f"{_MAX_REPLACEMENTS} examples in a row from {index} have an unreadable image; check the data.")
+
+
+def counted(collate):
+    """``collate`` for items of ``ReplaceUnreadable``: their ``skipped_images`` summed into the batch's ``counts``."""
+    def collate_counted(items: list[dict]) -> dict:
+        skipped = sum(item.pop(SKIPPED, 0) for item in items)
+        batch = collate(items)
+        batch["counts"] = {SKIPPED: skipped}
+        return batch
+
+    return collate_counted
 
 
 def split_batch(batch: Mapping) -> tuple[dict, dict]:

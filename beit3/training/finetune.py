@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..configuration_beit3 import Beit3Config
+from ..data.common import ReplaceUnreadable, counted
 from ..data.sampling import StepBatchSampler
 from ..metrics import write_json_atomic
 from ..tokenization_beit3 import check_tokenizer_matches
@@ -155,14 +156,16 @@ def train(task, config: dict, settings) -> dict | None:
     model = initial_model(task.model_class, model_section, tokenizer, task.config_overrides())
     task.setup(tokenizer, model.config)  # (the config_overrides, labels and label smoothing, come from the data alone)
     check_tokenizer_matches(tokenizer, model.config)
-    dataset = task.train_dataset()
+    dataset, collate = task.train_dataset(), task.collate
+    if task.data.skip_unreadable_images:
+        dataset, collate = ReplaceUnreadable(dataset), counted(collate)
     engine = start_engine(model, config, settings)
     save_model_folder(engine, model.config, tokenizer)
 
     def make_loader(first: int, count: int):
         sampler = StepBatchSampler(len(dataset), settings.micro_batch_size, seed=settings.seed, rank=engine.rank,
                                    world_size=engine.world_size, start_step=first, num_steps=count)
-        return step_loader(settings, dataset, batch_sampler=sampler, collate_fn=task.collate)
+        return step_loader(settings, dataset, batch_sampler=sampler, collate_fn=collate)
 
     records = engine.fit(task.step, make_loader, samples_per_step=settings.micro_batch_size)
     if engine.rank != 0:

@@ -64,6 +64,8 @@ class TaskData(Section):
     max_text_length: int = doc("tokens per text, <s> and </s> included", 64)
     augment: str = doc("training images: none (the evaluation transform) | randaug | imagenet", "none")
     hflip: float = doc("flip probability of the randaug and imagenet augmentations", 0.0)
+    skip_unreadable_images: bool = doc("training: an example whose image does not decode is replaced by the next one, named "
+                                       "and counted (skipped_images in metrics.jsonl); false: the run stops at it", True)
 
 
 @dataclass
