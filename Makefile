@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test benchmark clean-venv
+.PHONY: demo test lint benchmark clean-venv
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,7 +18,11 @@ demo: $(STAMP)
 	$(PY) tasks/demo.py $(if $(FULL),--profile full,)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/backbone.py

@@ -160,7 +160,7 @@ class Beit3Config(PretrainedConfig):
         return "custom"
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "Beit3Config":
+    def from_preset(cls, name: str, **overrides) -> Beit3Config:
         """Builds a preset by name (see ``list_presets()``), or from a ``.json``/``.yaml`` file path.
 
         ``overrides`` replace any field, e.g. ``from_preset("beit3_base_patch16_224", final_layernorm=False)``.

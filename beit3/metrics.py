@@ -13,14 +13,12 @@ Every score is a percentage (0..100), as papers and the official logs report the
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 

@@ -52,7 +52,7 @@ class Beit3Tokenizer(XLMRobertaTokenizer):
 
     @classmethod
     def from_spm(cls, spm_path: str | os.PathLike, model_max_length: int = 64,
-                 check_texts: Iterable[str] = CHECK_TEXTS, **kwargs) -> "Beit3Tokenizer":
+                 check_texts: Iterable[str] = CHECK_TEXTS, **kwargs) -> Beit3Tokenizer:
         """Converts a SentencePiece model (``beit3.spm``) and checks the result against ``sentencepiece``.
 
         Args:

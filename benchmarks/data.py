@@ -59,7 +59,6 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
     ``args.processes`` ranks that start every timed block together, so that they share the cores as training does."""
     from transformers import AutoTokenizer
 
-    from beit3 import Beit3Config
     from beit3.data.pretraining import PretrainingBatches, Shards, StreamingPretrainingBatches, load_sources
     from beit3.modeling_heads import Beit3ForMaskedDataModeling
     from beit3.training.pretraining import masked_data_modeling_step

@@ -1,7 +1,6 @@
 """Streaming webdataset shards: patterns, streams that split the shards by (rank, worker) and resume from a
 position, unreadable shards and samples skipped and counted, tasks/make_shards.py, and streamed batches."""
 
-import io
 import json
 import subprocess
 import sys
@@ -108,7 +107,7 @@ def test_unreadable_shards_are_named_counted_and_skipped(tmp_path, capsys):
 
 
 def test_pairs_come_from_txt_or_a_json_caption_and_bad_text_is_none():
-    assert pair_of({"png": b"x", "txt": "a red circle".encode()}) == (b"x", "a red circle")
+    assert pair_of({"png": b"x", "txt": b"a red circle"}) == (b"x", "a red circle")
     assert pair_of({"jpg": b"y", "json": json.dumps({"caption": "two squares"}).encode()}) == (b"y", "two squares")
     assert pair_of({"webp": b"z", "json": b'{"text": "hi"}'}) == (b"z", "hi")
     assert pair_of({"png": b"x", "txt": b"\xff\xfe not utf-8"}) == (b"x", None)

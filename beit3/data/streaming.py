@@ -203,7 +203,7 @@ class ShardStream:
         raise RuntimeError(f"stream {self.stream} of {self.streams} read no sample from its shards in two passes "
                            f"(e.g. {self.shards[self._mine(self.position['epoch'])[0]]}); check that the shards exist and hold samples.")
 
-    def __iter__(self) -> "ShardStream":
+    def __iter__(self) -> ShardStream:
         return self
 
 

@@ -22,9 +22,10 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ class TrainSettings(Section):
     head_lr_scale: float = doc("without layer_decay: lr x this for every parameter outside the backbone (see build_optimizer)", 1.0)
 
     @classmethod
-    def from_config(cls, section: dict) -> "TrainSettings":
+    def from_config(cls, section: dict) -> TrainSettings:
         values = dict(section)
         if isinstance(values.get("betas"), list):
             values["betas"] = tuple(values["betas"])
@@ -147,7 +148,7 @@ def _flatten(node, prefix: str = "") -> dict:
     return {prefix[:-1]: node}
 
 
-def record_run_config(engine: "Engine", config: dict, may_change: frozenset = RESUMABLE_CHANGES) -> list[str]:
+def record_run_config(engine: Engine, config: dict, may_change: frozenset = RESUMABLE_CHANGES) -> list[str]:
     """Writes ``output_dir/run_config.json`` (rank 0, atomically), after checking ``config`` against the one of
     the run it will resume, if any: a changed field outside ``may_change`` raises ValueError naming each field
     with its old and new value, and nothing is written. Returns the allowed changes taken ("field: old -> new").

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from transformers import AutoTokenizer
@@ -32,8 +33,8 @@ from ..masking import PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB
 from ..modeling_heads import Beit3ForMaskedDataModeling
 from ..tokenization_beit3 import check_tokenizer_matches
 from ..visual_tokenizers import VisualTokenizer
-from .engine import read_run_log
 from .config import Section, doc
+from .engine import read_run_log
 from .runner import command_line, fail, read_run_config, save_model_folder, start_engine, step_loader
 
 

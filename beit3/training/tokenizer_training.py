@@ -11,9 +11,10 @@ shared engine; the trained tokenizer is written to output_dir/tokenizer (VisualT
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -21,8 +22,8 @@ from ..data.common import load_rgb
 from ..data.images import tokenizer_transform
 from ..data.pretraining import PretrainingBatches, load_sources
 from ..visual_tokenizers import DVAE, VQKD, DVAEConfig, VQKDConfig, VisualTokenizer
-from .engine import read_run_log
 from .config import Section, doc
+from .engine import read_run_log
 from .runner import command_line, fail, read_run_config, start_engine, step_loader
 
 KINDS = {"vqkd": (VQKD, VQKDConfig), "dvae": (DVAE, DVAEConfig)}

@@ -60,7 +60,7 @@ class VisualTokenizer(nn.Module):
 
     kind: ClassVar[str] = ""
     config_class: ClassVar[type] = TokenizerConfig
-    _kinds: ClassVar[dict[str, type["VisualTokenizer"]]] = {}
+    _kinds: ClassVar[dict[str, type[VisualTokenizer]]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -121,7 +121,7 @@ class VisualTokenizer(nn.Module):
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "kind": self.kind})
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "VisualTokenizer":
+    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> VisualTokenizer:
         """Loads a folder written by ``save_pretrained`` or a released checkpoint file; returns it in eval mode.
 
         ``overrides`` replace config fields, e.g. a teacher to continue training a VQ-KD:
@@ -153,7 +153,7 @@ class VisualTokenizer(nn.Module):
         return config
 
     @classmethod
-    def _resolve_kind(cls, kind: str | None, what: str) -> type["VisualTokenizer"]:
+    def _resolve_kind(cls, kind: str | None, what: str) -> type[VisualTokenizer]:
         if kind not in VisualTokenizer._kinds:
             raise ValueError(f"{what} holds a tokenizer of unknown kind {kind!r}; known kinds: {sorted(VisualTokenizer._kinds)}.")
         target = VisualTokenizer._kinds[kind]

@@ -67,7 +67,7 @@ class DVAEConfig(TokenizerConfig):
             raise ValueError(f"Invalid DVAEConfig: image_size {self.image_size} is not a multiple of the stride {STRIDE}.")
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "DVAEConfig":
+    def from_preset(cls, name: str, **overrides) -> DVAEConfig:
         """``dvae_tiny`` (tests: 32 codes, width 8) or ``dvae_base`` (8192 codes, width 64, 112 px)."""
         presets = {"dvae_tiny": dict(image_size=32, codebook_size=32, hidden_dim=8, codebook_dim=16), "dvae_base": {}}
         if name not in presets:

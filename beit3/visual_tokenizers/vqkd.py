@@ -102,7 +102,7 @@ class VQKDConfig(TokenizerConfig):
             raise ValueError("Invalid VQKDConfig: " + "; ".join(problems))
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "VQKDConfig":
+    def from_preset(cls, name: str, **overrides) -> VQKDConfig:
         """``vqkd_tiny`` (a test-sized model with a HOG teacher) or a released layout:
         ``vqkd_encoder_base_decoder_{1,3}x768x12_clip`` (CLIP ViT-B/16 teacher, 512-d targets) and
         ``vqkd_encoder_base_decoder_1x768x12_dino`` (DINO ViT-B/16, 768-d)."""
@@ -433,7 +433,7 @@ class VQKD(VisualTokenizer):
 
     # -- released checkpoints -----------------------------------------------------------------
     @classmethod
-    def from_released(cls, path: str | os.PathLike, **overrides) -> "VQKD":
+    def from_released(cls, path: str | os.PathLike, **overrides) -> VQKD:
         """Loads a BEiT v2 VQ-KD ``.pth`` (``{"model": state}``); sizes are read from the tensor shapes.
 
         The teacher's weights in the file (``teacher*``, ``scaling*``, ``loss*``) are dropped, and the
