@@ -9,6 +9,17 @@ from beit3 import Beit3Config
 REFERENCE = dict(image_size=32, patch_size=8, hidden_size=128, vocab_size=100)
 
 
+# End-to-end tests: they run the programs as a user does (the demo at smoke size, DeepSpeed processes, the
+# tokenizer and fine-tuning scripts). `pytest -m "not e2e"` runs the rest, the fast tier, in a few minutes.
+END_TO_END_MODULES = {"test_demo", "test_pretrain", "test_train_visual_tokenizer"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in END_TO_END_MODULES or "demo_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
