@@ -185,7 +185,7 @@ def collate_trimmed(items: list[dict]) -> dict:
     return {key: value[:, :length] if isinstance(value, torch.Tensor) and value.shape == shape else value for key, value in batch.items()}
 
 
-_MAX_REPLACEMENTS = 16
+MAX_REPLACEMENTS = 16  # unreadable samples in a row that one slot may skip before the data counts as broken
 SKIPPED = "skipped_images"  # the count an item of ReplaceUnreadable carries, and the counter it becomes
 
 
@@ -202,14 +202,14 @@ class ReplaceUnreadable(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        for shift in range(_MAX_REPLACEMENTS):
+        for shift in range(MAX_REPLACEMENTS):
             try:
                 item = self.dataset[(index + shift) % len(self.dataset)]
             except UnreadableImageError as error:
                 print(f"warning: {error} (skipped: the next example takes its place)", file=sys.stderr)
                 continue
             return {**item, SKIPPED: shift}
-        raise RuntimeError(f"{_MAX_REPLACEMENTS} examples in a row from {index} have an unreadable image; check the data.")
+        raise RuntimeError(f"{MAX_REPLACEMENTS} examples in a row from {index} have an unreadable image; check the data.")
 
 
 def counted(collate):

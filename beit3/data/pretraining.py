@@ -32,7 +32,7 @@ import torch
 from datasets import Dataset, Features, Value, load_dataset
 
 from ..masking import PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB, BlockMaskGenerator, mask_text_tokens, text_masker
-from .common import load_rgb, undecoded_columns
+from .common import MAX_REPLACEMENTS, load_rgb, undecoded_columns
 from .sampling import mixed_seed
 from .streaming import (IMAGE_EXTENSIONS, ShardStream, check_stream_count, expand_shards, is_shard_pattern, is_url, pair_of, shard_samples,
                         text_pieces, text_samples)
@@ -43,7 +43,6 @@ KINDS = ("image", "text", "pair")
 # The pairs' crop and flip by default: mild, since a caption may name what a tight crop cuts out.
 PAIR_CROP_SCALE = (0.5, 1.0)
 PAIR_HFLIP = 0.5
-_MAX_REPLACEMENTS = 16
 # Hard negatives for image-text matching are drawn with weights exp(token overlap / this): at 0.1 a caption sharing
 # 0.1 more of its tokens is e times as likely.
 HARD_NEGATIVE_TEMPERATURE = 0.1
@@ -436,7 +435,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
 
         Returns (view(image), record, replaced, position); the record (path, text, codes) is the image's that was used.
         """
-        for shift in range(_MAX_REPLACEMENTS):
+        for shift in range(MAX_REPLACEMENTS):
             record, position = self._record(kind, step, slot, shift)
             if record is None:
                 continue
@@ -449,7 +448,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
                 raise RuntimeError(f"{record['path']} has no precomputed codes (it could not be read when training started) but "
                                    "reads now; run tokenizers/encode_images.py on the image folder again.")
             return view(image, rng=random.Random(mixed_seed(self.seed, KINDS.index(kind), position))), record, shift, position
-        raise RuntimeError(f"{_MAX_REPLACEMENTS} images in a row could not be read from the {kind} source; check the data.")
+        raise RuntimeError(f"{MAX_REPLACEMENTS} images in a row could not be read from the {kind} source; check the data.")
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"))  # to the longest
