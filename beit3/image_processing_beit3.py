@@ -129,11 +129,11 @@ def open_image(path, data: bytes | None = None) -> Image.Image:
         raise FileNotFoundError(f"No image file at {path}.") from None
     except Image.DecompressionBombError as error:  # neither OSError nor ValueError: a data-loader worker would die of it
         raise UnreadableImageError(f"{path} has more pixels than PIL reads by default (2 x PIL.Image.MAX_IMAGE_PIXELS = "
-                         f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, a guard against decompression bombs): {error}. Raise "
-                         "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted.") from error
+                                   f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, a guard against decompression bombs): {error}. "
+                                   "Raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted.") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise UnreadableImageError(f"Cannot read the image {path} ({error}): {path} is not an image file PIL can read. Replace the file, "
-                         "or leave it out.") from error
+        raise UnreadableImageError(f"Cannot read the image {path} ({error}): {path} is not an image file PIL can read. "
+                                   "Replace the file, or leave it out.") from error
     return image
 
 

@@ -55,10 +55,8 @@ def load_config(path: str | Path, overrides: list[str] = (), declared: dict[str,
     return config
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    """A ``Section`` field with its one-line doc (shown by ``--print-config``)."""
-    if factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=factory, metadata={"doc": text})
+def doc(text: str, default: Any = dataclasses.MISSING):
+    """A ``Section`` field with its one-line doc (shown by ``--print-config``); without ``default`` it is required."""
     return dataclasses.field(default=default, metadata={"doc": text})
 
 
