@@ -16,7 +16,9 @@ from pathlib import Path
 import yaml
 from transformers import PretrainedConfig
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+from .package_files import CONFIG_DIR
+
+PRESET_DIR = CONFIG_DIR / "models"
 VQA_LOSSES = ("bce", "softmax")
 _PRESET_NAME = re.compile(r"beit3_(?P<size>[a-z]+)(?P<paper>_paper)?_patch(?P<patch>\d+)_(?P<image>\d+)")
 

@@ -202,21 +202,21 @@ def test_gradient_accumulation_takes_micro_batches_per_step(tmp_path):
     assert report["step"] == 3 and report["steps"] == 3  # three optimizer updates for six micro-batches
 
 
-def test_the_zero_stage_has_one_source_a_deepspeed_json_of_another_stage_is_refused(tmp_path):
+def test_the_zero_stage_has_one_source_a_deepspeed_json_of_another_stage_is_refused(tmp_path, monkeypatch):
     from beit3.training.engine import load_deepspeed_json
 
-    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)  # the packaged configs are found from any directory
     settings = TrainSettings(output_dir=str(tmp_path), max_steps=1, save_every=1, zero_stage=3)
-    assert load_deepspeed_json(None, settings, root)["zero_optimization"]["stage"] == 3  # configs/deepspeed/zero3.json
-    assert load_deepspeed_json(None, TrainSettings(output_dir=str(tmp_path), max_steps=1, save_every=1, zero_stage=0), root) == {
+    assert load_deepspeed_json(None, settings)["zero_optimization"]["stage"] == 3  # configs/deepspeed/zero3.json
+    assert load_deepspeed_json(None, TrainSettings(output_dir=str(tmp_path), max_steps=1, save_every=1, zero_stage=0)) == {
         "zero_optimization": {"stage": 0}}
     with pytest.raises(ValueError, match=r"train.zero_stage is 3, but the DeepSpeed config .*zero2.json says stage 2: set train.zero_stage=2"):
-        load_deepspeed_json("configs/deepspeed/zero2.json", settings, root)
+        load_deepspeed_json("configs/deepspeed/zero2.json", settings)
     (tmp_path / "broken.json").write_text("{stage: 3")
     with pytest.raises(ValueError, match="broken.json is not valid JSON"):
-        load_deepspeed_json(str(tmp_path / "broken.json"), settings, root)
-    with pytest.raises(ValueError, match="No DeepSpeed config at missing.json"):
-        load_deepspeed_json("missing.json", settings, root)
+        load_deepspeed_json(str(tmp_path / "broken.json"), settings)
+    with pytest.raises(FileNotFoundError, match="No config file at missing.json"):
+        load_deepspeed_json("missing.json", settings)
 
 
 def test_stale_deepspeed_buffers_are_swept_but_not_those_in_use_fresh_or_another_users(tmp_path):

@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from ..package_files import find_config_file
+
 # YAML 1.1 (PyYAML) reads "3e-4" as a string (it wants "3.0e-4"); a learning rate should not depend on that.
 _SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
@@ -29,9 +31,7 @@ def load_config(path: str | Path, overrides: list[str] = (), declared: dict[str,
     A key that the file does not have is refused, so a typo cannot silently leave a default in place, unless
     ``declared`` (section -> field names, e.g. ``{"train": TrainSettings.field_names()}``) names it as a setting.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No config file at {path}.")
+    path = find_config_file(path)
     config = _numbers(yaml.safe_load(path.read_text()) or {})
     for override in overrides:
         key, sep, value = override.partition("=")

@@ -36,6 +36,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..checkpoints import COMPLETE, check_weights_only, complete_checkpoints, mark_complete, weights_only_loads
 from ..metrics import write_json_atomic
+from ..package_files import find_config_file
 from .config import Section, doc
 
 
@@ -325,17 +326,14 @@ def build_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.op
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps)
 
 
-def load_deepspeed_json(name: str | None, settings: TrainSettings, root: Path) -> dict:
-    """The DeepSpeed JSON a run names (``data.deepspeed``; relative to the working directory or ``root``), or
-    ``root/configs/deepspeed/zero<train.zero_stage>.json``. ``train.zero_stage`` is the one source of the ZeRO
-    stage: a JSON that names another stage is refused, never silently preferred. Stage 0 needs no file."""
+def load_deepspeed_json(name: str | None, settings: TrainSettings) -> dict:
+    """The DeepSpeed JSON a run names (``data.deepspeed``: a path, or the name of a packaged one such as
+    ``configs/deepspeed/zero2.json``), or the packaged ``configs/deepspeed/zero<train.zero_stage>.json``.
+    ``train.zero_stage`` is the one source of the ZeRO stage: a JSON that names another stage is refused, never
+    silently preferred. Stage 0 needs no file."""
     if name is None and settings.zero_stage == 0:
         return {"zero_optimization": {"stage": 0}}
-    path = Path(name or f"configs/deepspeed/zero{settings.zero_stage}.json")
-    path = next((p for p in (path, root / path) if p.is_file()), None) if not path.is_absolute() else path
-    if path is None or not path.is_file():
-        raise ValueError(f"No DeepSpeed config at {name or f'configs/deepspeed/zero{settings.zero_stage}.json'} "
-                         f"(looked in {Path.cwd()} and {root}).")
+    path = find_config_file(name or f"configs/deepspeed/zero{settings.zero_stage}.json")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:

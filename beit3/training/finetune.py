@@ -106,9 +106,9 @@ def _task_options(parser) -> None:
                              "the image falls to chance. Scores go to blind_eval_results.json")
 
 
-def run(task_name: str, argv: list[str] | None = None) -> dict | None:
-    """The command line of ``tasks/<task_name>.py``; returns the scores (train on rank 0, evaluate) or None."""
-    args = command_line(__doc__, argv, prog=f"tasks/{task_name}.py", add_arguments=_task_options)
+def run(task_name: str, argv: list[str] | None = None, prog: str | None = None) -> dict | None:
+    """The command line of ``tasks/<task_name>.py`` (or ``prog``); returns the scores (train on rank 0, evaluate) or None."""
+    args = command_line(__doc__, argv, prog=prog or f"tasks/{task_name}.py", add_arguments=_task_options)
     task_class = TASKS[task_name]
     config, settings, sections = read_run_config(args.config, args.set, sections=("model", "data", "train"),
                                                  typed={"data": task_class.Data, "eval": EvalOptions}, show=args.print_config)

@@ -25,9 +25,6 @@ from ..data.common import split_batch
 from .config import Section, load_config, print_config
 from .engine import Engine, TrainSettings, load_deepspeed_json, record_run_config, setup_distributed
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/deepspeed/ is found from here too
-
-
 def fail(error: BaseException | str) -> NoReturn:
     """Ends the program with ``error: ...`` (exit status 1)."""
     sys.exit(f"error: {error.args[0] if isinstance(error, KeyError) and error.args else error}")
@@ -78,7 +75,7 @@ def start_engine(model: torch.nn.Module, config: dict, settings: TrainSettings) 
     """The engine of a run: the processes (``setup_distributed``), the DeepSpeed JSON of ``data.deepspeed`` (or
     of ``train.zero_stage``), and the resume check, which refuses another config before anything is rewritten."""
     try:
-        deepspeed_json = load_deepspeed_json(config.get("data", {}).get("deepspeed"), settings, ROOT)
+        deepspeed_json = load_deepspeed_json(config.get("data", {}).get("deepspeed"), settings)
     except (OSError, ValueError) as error:
         fail(error)
     engine = Engine(model, settings, deepspeed_json, distributed=setup_distributed())
