@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,6 +41,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors (top-level keys: {list(state)[:8] if isinstance(state, dict) else type(state)}).")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def read_folder_tensors(folder: str | os.PathLike, names: Sequence[str]) -> dict[str, torch.Tensor] | None:
+    """The tensors ``names`` of a ``save_pretrained`` folder (``model.safetensors``, or its shards), read alone; None
+    when the folder lacks any of them."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        where = json.loads(index.read_text())["weight_map"]
+    elif (folder / "model.safetensors").is_file():
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+            where = dict.fromkeys(handle.keys(), "model.safetensors")
+    else:
+        return None
+    if any(name not in where for name in names):
+        return None
+    tensors = {}
+    for name in names:
+        with safe_open(str(folder / where[name]), framework="pt") as handle:
+            tensors[name] = handle.get_tensor(name).float()
+    return tensors
 
 
 def _deepspeed_checkpoint_types() -> list[type]:

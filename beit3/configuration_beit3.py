@@ -20,6 +20,7 @@ from .package_files import CONFIG_DIR
 
 PRESET_DIR = CONFIG_DIR / "models"
 VQA_LOSSES = ("bce", "softmax")
+VQA_HEADS = ("pooler", "answer_slot")
 _PRESET_NAME = re.compile(r"beit3_(?P<size>[a-z]+)(?P<paper>_paper)?_patch(?P<patch>\d+)_(?P<image>\d+)")
 
 
@@ -56,6 +57,10 @@ class Beit3Config(PretrainedConfig):
         vqa_loss: the loss of ``Beit3ForVisualQuestionAnswering``: ``bce`` (binary cross-entropy per answer against
             the soft scores, the official recipe for VQAv2's ten annotator answers) or ``softmax`` (cross-entropy over
             the answers against the scores normalized to sum to 1: for data with one answer per question).
+        vqa_head: what ``Beit3ForVisualQuestionAnswering`` reads: ``pooler`` (the official head: the pooled image CLS
+            -> MLP) or ``answer_slot`` (the hidden state of a ``<mask>`` after the question -> one linear layer,
+            which a fine-tuning from a masked data modeling model starts from the MLM head's rows of the answers'
+            pieces: the answer is read where pretraining already learned to fill words in from the image).
         label_smoothing: of the classification and captioning losses; None: each head's recipe default
             (captioning 0.1, classification 0.0).
     """
@@ -92,6 +97,7 @@ class Beit3Config(PretrainedConfig):
         mask_token_id: int | None = None,
         itm_weight: float = 0.0,
         vqa_loss: str = "bce",
+        vqa_head: str = "pooler",
         label_smoothing: float | None = None,
         **kwargs,
     ):
@@ -119,6 +125,7 @@ class Beit3Config(PretrainedConfig):
         self.visual_vocab_size = visual_vocab_size
         self.itm_weight = itm_weight
         self.vqa_loss = vqa_loss
+        self.vqa_head = vqa_head
         self.label_smoothing = label_smoothing
         # The released vocabulary puts <mask> at 64001 (len(spm) + 1); other vocabularies say where theirs is.
         self.mask_token_id = 64001 if mask_token_id is None and vocab_size == 64010 else mask_token_id
@@ -141,6 +148,8 @@ class Beit3Config(PretrainedConfig):
             problems.append(f"label_smoothing {self.label_smoothing!r} must be a number in [0, 1), or None (the head's default)")
         if self.vqa_loss not in VQA_LOSSES:
             problems.append(f"vqa_loss {self.vqa_loss!r} must be one of {', '.join(VQA_LOSSES)}")
+        if self.vqa_head not in VQA_HEADS:
+            problems.append(f"vqa_head {self.vqa_head!r} must be one of {', '.join(VQA_HEADS)}")
         if problems:
             raise ValueError("Invalid Beit3Config: " + "; ".join(problems))
 

@@ -371,7 +371,7 @@ class Beit3Model(Beit3PreTrainedModel):
             return None
         if attention_mask.dim() == 3:
             return attention_mask.bool().unsqueeze(1)
-        if _values_checkable(attention_mask) and bool(attention_mask.all()):  # no mask lets SDPA take its fastest kernel
+        if values_checkable(attention_mask) and bool(attention_mask.all()):  # no mask lets SDPA take its fastest kernel
             return None
         keys = F.pad(attention_mask.bool(), (num_keys_before_text, 0), value=True)
         return keys[:, None, None, :]
@@ -395,7 +395,7 @@ class Beit3Model(Beit3PreTrainedModel):
                 raise ValueError(f"pixel_values must be normalized floats; got {pixel_values.dtype} (raw pixels?). "
                                  "Beit3ImageProcessor turns images into model inputs.")
             # One reduction over the pixels, cheap beside the forward: NaN in would be NaN out, silently.
-            if _values_checkable(pixel_values) and not torch.isfinite(pixel_values).all():
+            if values_checkable(pixel_values) and not torch.isfinite(pixel_values).all():
                 raise ValueError("pixel_values hold NaN or infinite values; check the image pipeline.")
             if channels != config.num_channels:
                 raise ValueError(f"pixel_values have {channels} channels but the model takes {config.num_channels} "
@@ -425,7 +425,7 @@ class Beit3Model(Beit3PreTrainedModel):
             batch, text_length = input_ids.shape
             if position_ids is None and cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("Decoding with a non-empty cache needs position_ids: the text positions of the new tokens, counted from 0.")
-            if position_ids is not None and _values_checkable(position_ids) and position_ids.numel():
+            if position_ids is not None and values_checkable(position_ids) and position_ids.numel():
                 last_position = int(position_ids.max())
             else:
                 last_position = text_length - 1
@@ -433,7 +433,7 @@ class Beit3Model(Beit3PreTrainedModel):
                 raise ValueError(f"Text position {last_position} is past the position table, which holds {config.max_text_length} "
                                  f"positions (max_position_embeddings {config.max_position_embeddings} minus the offset "
                                  f"{config.position_offset}). Truncate the text (tokenizer truncation=True, max_length=...).")
-            if _values_checkable(input_ids) and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+            if values_checkable(input_ids) and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
                 raise ValueError(f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}], outside the vocabulary "
                                  f"[0, {config.vocab_size}). Use the tokenizer that matches this model.")
         if attention_mask is not None:
@@ -452,7 +452,7 @@ class Beit3Model(Beit3PreTrainedModel):
                                  f"(batch, sequence, keys) = ({batch}, {length}, {keys}) mask; got {tuple(attention_mask.shape)}.")
 
 
-def _values_checkable(tensor: torch.Tensor) -> bool:
+def values_checkable(tensor: torch.Tensor) -> bool:
     """Whether reading this tensor's values is free: a CPU tensor in eager mode (no host sync, no graph break)."""
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 

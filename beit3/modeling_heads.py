@@ -28,7 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, ImageClassifie
 from transformers.utils import ModelOutput
 
 from .configuration_beit3 import Beit3Config
-from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
+from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel, values_checkable
 
 # The official code starts these heads at a thousandth of the usual initialization.
 SMALL_HEAD_INIT = 0.001
@@ -100,19 +100,48 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
     """VQA as classification over an answer vocabulary (3129 for VQAv2), trained on soft scores: multi-label
     (``config.vqa_loss="bce"``, the default and the official recipe) or one softmax (``"softmax"``).
 
-    The image CLS of the fused image+question sequence is pooled; the released VQA models have no
-    final backbone LayerNorm.
+    ``config.vqa_head="pooler"`` (the official head) pools the image CLS of the fused image+question sequence
+    (task-specific parameters: ``pooler.*``, ``head.*``). ``"answer_slot"`` reads the hidden state of the one
+    ``<mask>`` each question carries (``beit3.data.vqa.insert_answer_slot``; ``VqaDataset`` puts it there) through
+    one linear layer (``head.*``), which ``init_answer_head_from_mlm`` starts from a pretrained MLM head. The
+    released VQA models have no final backbone LayerNorm.
     """
 
     def __init__(self, config: Beit3Config):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.beit3 = Beit3Model(config)
-        self.pooler = Beit3Pooler(config)
         hidden = config.hidden_size
-        self.head = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden, eps=config.layer_norm_eps), nn.GELU(),
-                                  nn.Linear(2 * hidden, config.num_labels))
+        if config.vqa_head == "answer_slot":
+            if config.mask_token_id is None:
+                raise ValueError("vqa_head='answer_slot' reads the answer at the <mask> token: set config.mask_token_id to the tokenizer's mask id.")
+            self.head = nn.Linear(hidden, config.num_labels)
+        else:
+            self.pooler = Beit3Pooler(config)
+            self.head = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden, eps=config.layer_norm_eps), nn.GELU(),
+                                      nn.Linear(2 * hidden, config.num_labels))
         self.post_init()
+
+    @torch.no_grad()
+    def init_answer_head_from_mlm(self, mlm_weight: torch.Tensor, mlm_bias: torch.Tensor, answer_pieces: list[list[int]]) -> None:
+        """Starts the answer-slot head from a masked language modeling head (vocab, hidden) + (vocab,): answer i's row is
+        the mean of the rows of its pieces ``answer_pieces[i]`` (its token ids without specials)."""
+        if self.config.vqa_head != "answer_slot":
+            raise ValueError("init_answer_head_from_mlm is for config.vqa_head='answer_slot'.")
+        if len(answer_pieces) != self.config.num_labels or any(not pieces for pieces in answer_pieces):
+            raise ValueError(f"answer_pieces needs a non-empty list of token ids for each of the {self.config.num_labels} answers.")
+        self.head.weight.copy_(torch.stack([mlm_weight[pieces].mean(0) for pieces in answer_pieces]))
+        self.head.bias.copy_(torch.stack([mlm_bias[pieces].mean() for pieces in answer_pieces]))
+
+    def _answer_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The text position of each row's ``<mask>`` (B,)."""
+        slots = input_ids == self.config.mask_token_id
+        if values_checkable(input_ids) and not bool((slots.sum(-1) == 1).all()):
+            counts = sorted(set(slots.sum(-1).tolist()))
+            raise ValueError(f"vqa_head='answer_slot' reads the answer at one <mask> (id {self.config.mask_token_id}) per question; rows "
+                             f"here have {counts}. Add it with beit3.data.vqa.insert_answer_slot (VqaDataset does when built "
+                             "with answer_slot=True).")
+        return slots.int().argmax(-1)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
@@ -125,7 +154,11 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
         out = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
                          interpolate_pos_encoding=interpolate_pos_encoding, output_attentions=output_attentions,
                          output_hidden_states=output_hidden_states)
-        logits = self.head(self.pooler(out.last_hidden_state[:, 0]))
+        if self.config.vqa_head == "answer_slot":
+            text = out.last_hidden_state[:, out.text_start:]
+            logits = self.head(text[torch.arange(text.shape[0], device=text.device), self._answer_slots(input_ids)])
+        else:
+            logits = self.head(self.pooler(out.last_hidden_state[:, 0]))
         loss = None
         if labels is not None:
             labels = labels.float()

@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from .data.common import load_rgb
+from .data.vqa import insert_answer_slot
 from .image_processing_beit3 import Beit3ImageProcessor
 from .modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForVisualQuestionAnswering,
                              Beit3ForVisualReasoning)
@@ -64,6 +65,8 @@ def predict(task: str, model_dir: str, images: list[str], texts: list[str] | Non
         elif task == "vqa":
             _need_text(texts, len(pictures))
             inputs = processor(images=pictures, text=_repeat(texts, len(pictures)), return_tensors="pt")
+            if model.config.vqa_head == "answer_slot":
+                inputs.update(insert_answer_slot(inputs["input_ids"], inputs["attention_mask"], model.config.mask_token_id))
             logits = model(**inputs).logits
             probs = logits.softmax(-1) if model.config.vqa_loss == "softmax" else logits.sigmoid()
             for path, question, row in zip(images, _repeat(texts, len(pictures)), probs):

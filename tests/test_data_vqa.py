@@ -9,7 +9,7 @@ from PIL import Image
 
 from beit3 import Beit3ImageProcessor
 from beit3.data.common import split_batch
-from beit3.data.vqa import (VqaDataset, answer_score, answers_from_records, build_answer_vocabulary, label_to_answer, normalize_answer,
+from beit3.data.vqa import (VqaDataset, answer_score, insert_answer_slot, answers_from_records, build_answer_vocabulary, label_to_answer, normalize_answer,
                             read_answer2label, read_vqa, read_vqa_index, write_answer2label)
 from beit3.modeling_heads import Beit3ForVisualQuestionAnswering
 
@@ -163,3 +163,27 @@ def test_transformers_trainer_trains_the_vqa_head_on_the_dataset(tmp_path, token
     data = VqaDataset(records, Beit3ImageProcessor(size=32), tokenizer, num_labels=len(vocabulary), max_length=16)
     model = Beit3ForVisualQuestionAnswering(tiny_config(vocab_size=len(tokenizer), num_labels=len(vocabulary)))
     train_with_transformers_trainer(model, data, tmp_path / "trainer")  # question_id is dropped as a column the model does not take
+
+
+def test_the_answer_slot_goes_before_the_end_of_each_question_and_the_text_keeps_its_length(tmp_path, tokenizer):
+    ids, mask = torch.tensor([[0, 5, 6, 2, 1, 1], [0, 5, 6, 7, 8, 2]]), torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+    slotted = insert_answer_slot(ids, mask, 99)
+    assert slotted["input_ids"].tolist() == [[0, 5, 6, 99, 2, 1, 1], [0, 5, 6, 7, 8, 99, 2]]
+    assert slotted["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [1] * 7]
+    assert insert_answer_slot(ids[0], mask[0], 99)["input_ids"].tolist() == [0, 5, 6, 99, 2, 1, 1]
+    with pytest.raises(ValueError, match="at least <s> and </s>"):
+        insert_answer_slot(ids, torch.zeros_like(mask), 99)
+
+    paths = write_vqa(tmp_path)
+    vocabulary = build_answer_vocabulary([paths["train_a"], paths["val_a"]], min_count=2)
+    records = read_vqa(paths["train_q"], tmp_path, paths["train_a"], vocabulary).records
+    for length in (16, 5):  # room to spare, and a question cut short to keep its slot
+        item = VqaDataset(records, Beit3ImageProcessor(size=32), tokenizer, len(vocabulary), max_length=length, answer_slot=True)[1]
+        plain = tokenizer("How many dogs are there?", truncation=True, max_length=length - 1)["input_ids"]
+        assert item["input_ids"].tolist()[:len(plain) + 1] == plain[:-1] + [tokenizer.mask_token_id, tokenizer.eos_token_id]
+        assert item["input_ids"].shape == (length,) and int(item["attention_mask"].sum()) == len(plain) + 1
+    model = Beit3ForVisualQuestionAnswering(tiny_config(vocab_size=len(tokenizer), num_labels=len(vocabulary), vqa_head="answer_slot",
+                                                        mask_token_id=tokenizer.mask_token_id))
+    batch = next(iter(torch.utils.data.DataLoader(VqaDataset(records, Beit3ImageProcessor(size=32), tokenizer, len(vocabulary),
+                                                             max_length=16, answer_slot=True), batch_size=2)))
+    assert torch.isfinite(model(**split_batch(batch)[0]).loss)

@@ -185,3 +185,29 @@ def test_an_unreadable_training_image_is_replaced_named_and_counted_or_stops_the
     stopped = subprocess.run([*command[:-2], "--set", "data.eval=null", "--set", "data.skip_unreadable_images=false",
                               "--set", f"train.output_dir={tmp_path / 'strict'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert stopped.returncode != 0 and f"Cannot read the image {broken}" in stopped.stderr
+
+
+def test_the_answer_slot_head_starts_from_the_pretrained_mlm_rows_of_its_answers(demo_run):
+    from safetensors.torch import load_file
+
+    from beit3.data.vqa import label_to_answer
+
+    output, _ = demo_run
+    data = {"train": {"questions": str(output / "data/vqa/v2_OpenEnded_mscoco_train2014_questions.json"),
+                      "annotations": str(output / "data/vqa/v2_mscoco_train2014_annotations.json")}, "answer_min_count": 1,
+            "vqa_head": "answer_slot"}
+    task = TASKS["vqa"](data, {})
+    tokenizer = load_tokenizer(str(output / "text-tokenizer"))
+    init = str(output / "pretrained")
+    model = initial_model(task.model_class, {"init": init}, tokenizer, task.config_overrides())
+    assert model.config.vqa_head == "answer_slot" and model.config.mask_token_id == tokenizer.mask_token_id
+    task.setup(tokenizer, model.config)
+    task.prepare_model(model, init)
+    mlm = load_file(str(output / "pretrained" / "model.safetensors"))
+    for label, answer in enumerate(label_to_answer(task.answer2label())):
+        pieces = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        torch.testing.assert_close(model.head.weight[label], mlm["mlm_head.weight"][pieces].mean(0))
+    before = model.head.weight.clone()
+    task.prepare_model(model, str(output / "finetune" / "vqa_pretrained" / "final"))  # a VQA model: nothing to take over
+    torch.testing.assert_close(model.head.weight, before)
+    assert task.dataset("train")[0]["input_ids"].tolist().count(tokenizer.mask_token_id) == 1

@@ -425,3 +425,30 @@ def test_zero_shot_image_classification_pipeline_ranks_labels_with_the_retrieval
         expected = model(pixel_values=processor(image, return_tensors="pt")["pixel_values"], **texts).logits_per_image[0].softmax(-1)
     assert [r["label"] for r in ranked] == [labels[i] for i in expected.argsort(descending=True)]
     assert [r["score"] for r in ranked] == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-5)
+
+
+def test_the_answer_slot_vqa_head_reads_the_mask_and_starts_from_mlm_rows():
+    config = head_config(vqa_head="answer_slot")
+    model = Beit3ForVisualQuestionAnswering(config).eval()
+    assert not hasattr(model, "pooler") and isinstance(model.head, torch.nn.Linear)
+    images, ids = torch.randn(2, 3, 32, 32), torch.tensor([[0, 5, 6, 99, 2, 1], [0, 7, 99, 2, 1, 1]])
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        out = model(pixel_values=images, input_ids=ids, attention_mask=mask)
+        hidden = model.beit3(pixel_values=images, input_ids=ids, attention_mask=mask)
+    text = hidden.last_hidden_state[:, hidden.text_start:]
+    torch.testing.assert_close(out.logits, model.head(torch.stack([text[0, 3], text[1, 2]])))
+    with pytest.raises(ValueError, match=r"one <mask> \(id 99\) per question; rows here have \[0, 1\].*insert_answer_slot"):
+        model(pixel_values=images, input_ids=torch.tensor([[0, 5, 6, 8, 2, 1], [0, 7, 99, 2, 1, 1]]), attention_mask=mask)
+    weight, bias = torch.randn(100, 32), torch.randn(100)
+    model.init_answer_head_from_mlm(weight, bias, [[5], [6, 7]] + [[8]] * (LABELS - 2))
+    torch.testing.assert_close(model.head.weight[1], (weight[6] + weight[7]) / 2)
+    torch.testing.assert_close(model.head.bias[:2], torch.stack([bias[5], (bias[6] + bias[7]) / 2]))
+    with pytest.raises(ValueError, match="needs a non-empty list of token ids for each"):
+        model.init_answer_head_from_mlm(weight, bias, [[5]])
+    with pytest.raises(ValueError, match="set config.mask_token_id"):
+        Beit3ForVisualQuestionAnswering(tiny_config(num_labels=LABELS, vqa_head="answer_slot"))
+    with pytest.raises(ValueError, match="vqa_head 'cls' must be one of pooler, answer_slot"):
+        tiny_config(vqa_head="cls")
+    train_step(Beit3ForVisualQuestionAnswering(config), pixel_values=images, input_ids=ids, attention_mask=mask,
+               labels=torch.rand(2, LABELS))

@@ -239,6 +239,22 @@ def read_vqa_index(index_file: str | os.PathLike, data_root: str | os.PathLike, 
     return records
 
 
+def insert_answer_slot(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_id: int) -> dict[str, torch.Tensor]:
+    """``<s> question </s>`` -> ``<s> question <mask> </s>``, the input of ``vqa_head="answer_slot"``: (B, T) or (T,)
+    in, one longer out (every row padded alike). Right padding, as the tokenizers here give."""
+    single = input_ids.dim() == 1
+    ids, mask = (input_ids[None], attention_mask[None]) if single else (input_ids, attention_mask)
+    lengths = mask.sum(-1)
+    if bool((lengths < 2).any()):
+        raise ValueError("insert_answer_slot needs every row to hold at least <s> and </s>.")
+    positions = torch.arange(ids.shape[1] + 1, device=ids.device)[None]
+    eos = (lengths - 1)[:, None]  # where </s> is now, and where the <mask> goes; </s> and the padding move one on
+    new_ids = ids.gather(1, torch.where(positions < eos, positions, positions - 1).expand(ids.shape[0], -1))
+    new_ids = new_ids.masked_fill(positions == eos, mask_token_id)
+    new_mask = (positions <= eos + 1).to(mask.dtype)
+    return {"input_ids": new_ids[0] if single else new_ids, "attention_mask": new_mask[0] if single else new_mask}
+
+
 class VqaDataset(torch.utils.data.Dataset):
     """Items for ``Beit3ForVisualQuestionAnswering``:
 
@@ -246,19 +262,26 @@ class VqaDataset(torch.utils.data.Dataset):
         labels (num_labels,) float soft scores (for annotated questions only), question_id () long.
 
     ``image_transform``: an image processor or a callable PIL -> (C, H, W) tensor (a training augmentation).
+    ``answer_slot``: a ``<mask>`` after each question (``insert_answer_slot``), for ``vqa_head="answer_slot"``; the
+    question is cut one piece shorter so that the text stays ``max_length`` long.
     """
 
-    def __init__(self, records: Sequence[VqaRecord], image_transform, tokenizer, num_labels: int, max_length: int = 64):
+    def __init__(self, records: Sequence[VqaRecord], image_transform, tokenizer, num_labels: int, max_length: int = 64,
+                 answer_slot: bool = False):
         self.records, self.image_transform, self.tokenizer = list(records), image_transform, tokenizer
-        self.num_labels, self.max_length = num_labels, max_length
+        self.num_labels, self.max_length, self.answer_slot = num_labels, max_length, answer_slot
+        if answer_slot and tokenizer.mask_token_id is None:
+            raise ValueError("answer_slot=True puts a <mask> after each question, but the tokenizer has no mask token.")
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]
-        item = {"pixel_values": transform_image(self.image_transform, load_rgb(record.image_path)),
-                **encode_text(self.tokenizer, record.question, record.text_ids, self.max_length),
+        text = encode_text(self.tokenizer, record.question, record.text_ids, self.max_length - self.answer_slot)
+        if self.answer_slot:
+            text = insert_answer_slot(text["input_ids"], text["attention_mask"], self.tokenizer.mask_token_id)
+        item = {"pixel_values": transform_image(self.image_transform, load_rgb(record.image_path)), **text,
                 "question_id": torch.tensor(record.question_id)}
         if record.labels or record.answers:  # annotated; test questions have neither
             labels = torch.zeros(self.num_labels)

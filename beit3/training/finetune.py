@@ -155,6 +155,7 @@ def train(task, config: dict, settings) -> dict | None:
     torch.manual_seed(settings.seed)  # the same initial head on every rank
     model = initial_model(task.model_class, model_section, tokenizer, task.config_overrides())
     task.setup(tokenizer, model.config)  # (the config_overrides, labels and label smoothing, come from the data alone)
+    task.prepare_model(model, model_section.get("init"))
     check_tokenizer_matches(tokenizer, model.config)
     dataset, collate = task.train_dataset(), task.collate
     if task.data.skip_unreadable_images:

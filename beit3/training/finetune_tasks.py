@@ -74,6 +74,8 @@ class VqaData(TaskData):
     answer2label: str | None = doc("answer2label.txt (null: built from the train annotations)", None)
     answer_min_count: int = doc("an answer given this often in the train annotations becomes a label", 9)
     vqa_loss: str = doc("bce: the official multi-label loss on soft scores | softmax: one answer per question", "bce")
+    vqa_head: str = doc("pooler: the official head on the pooled image CLS | answer_slot: read at a <mask> after the question, "
+                        "the head started from the init's MLM head (README, Fine-tuning)", "pooler")
 
 
 @dataclass
@@ -111,6 +113,9 @@ class FinetuneTask:
 
     def setup(self, tokenizer, model_config) -> None:
         self.tokenizer, self.model_config = tokenizer, model_config
+
+    def prepare_model(self, model, init: str | None) -> None:
+        """After ``setup``, before training: whatever the task takes over from the model it starts from (``init``)."""
 
     def split(self, name: str) -> dict:
         spec = getattr(self.data, name, None)
@@ -188,7 +193,23 @@ class VqaTask(FinetuneTask):
         return build_answer_vocabulary([train["annotations"]], min_count=self.data.answer_min_count)
 
     def config_overrides(self) -> dict:
-        return {"id2label": {label: answer for answer, label in self.answer2label().items()}, "vqa_loss": self.data.vqa_loss}
+        return {"id2label": {label: answer for answer, label in self.answer2label().items()}, "vqa_loss": self.data.vqa_loss,
+                "vqa_head": self.data.vqa_head}
+
+    def prepare_model(self, model, init: str | None) -> None:
+        """An answer-slot head starts from the MLM head of a masked data modeling init (each answer: the mean of its
+        pieces' rows), so the answer is read where pretraining learned to fill words in from the image."""
+        from ..checkpoints import read_folder_tensors
+        from ..data.vqa import label_to_answer
+
+        if model.config.vqa_head != "answer_slot" or not init or not Path(init).is_dir():
+            return
+        mlm = read_folder_tensors(init, ("mlm_head.weight", "mlm_head.bias"))
+        if mlm is None:
+            return  # a VQA model already (its head was loaded), or a bare backbone: nothing to take over
+        pieces = [self.tokenizer(answer, add_special_tokens=False)["input_ids"] for answer in label_to_answer(self.answer2label())]
+        model.init_answer_head_from_mlm(mlm["mlm_head.weight"], mlm["mlm_head.bias"], pieces)
+        print(f"vqa: the answer-slot head starts from the MLM head of {init} ({len(pieces)} answers)")
 
     def records(self, split: str):
         from ..data.vqa import read_vqa, read_vqa_index
@@ -206,7 +227,8 @@ class VqaTask(FinetuneTask):
     def dataset(self, split: str, train: bool = False):
         from ..data.vqa import VqaDataset
 
-        return VqaDataset(self.records(split), self.image_transform(train), self.tokenizer, self.model_config.num_labels, self.max_text_length)
+        return VqaDataset(self.records(split), self.image_transform(train), self.tokenizer, self.model_config.num_labels, self.max_text_length,
+                          answer_slot=self.model_config.vqa_head == "answer_slot")
 
     def train_dataset(self):
         return self.dataset("train", train=True)
