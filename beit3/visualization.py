@@ -150,45 +150,73 @@ def save_codebook_usage(steps: Sequence[float], usage: Sequence[float], path: st
     return _save(figure, path)
 
 
-def save_loss_curves(records: Iterable[Mapping], path: str | os.PathLike, keys: Sequence[str] = ("loss",),
-                     title: str | None = None) -> Path:
-    """One line per key over steps, from metric records such as the lines of ``metrics.jsonl``.
+def save_loss_curves(records: Iterable[Mapping], path: str | os.PathLike,
+                     panels: Mapping[str, Sequence[str]] | Sequence[str] = ("loss",), title: str | None = None,
+                     smoothing: float | None = None) -> Path:
+    """A run's curves over steps, one panel per group of metrics, from records such as the lines of ``metrics.jsonl``.
 
     Args:
         records: dicts with ``step`` (else the position is used) and the keys, e.g.
-            ``{"step": 100, "loss": 2.3, "image_loss": 3.1}``. A step logged again (a resumed run
-            repeats the steps after its last checkpoint) keeps its last record; non-finite values
-            are left out.
-        keys: the metrics to draw; a key that no record has is left out (an image-only run has no
-            ``text_loss``), but at least one must be present.
+            ``{"step": 100, "loss": 2.3, "image_loss": 3.1, "lr": 1e-3}``. A step logged again (a resumed run
+            repeats the steps after its last checkpoint) keeps its last record; non-finite values are left out.
+        panels: {panel title: keys}, e.g. ``{"loss": ["loss", "image_loss"], "learning rate": ["lr"]}``, drawn one
+            above the other with a shared step axis; a list of keys is one panel titled "loss". A key that no
+            record has is left out (an image-only run has no ``text_loss``), and so is a panel left empty, but at
+            least one key must be present.
+        smoothing: the weight of an exponential moving average drawn over each curve (the raw values stay behind
+            it, faint); None: 0.8 for curves of 30 points or more, none below. The learning rate is never smoothed.
         path: the PNG to write.
     """
+    if not isinstance(panels, Mapping):
+        panels = {"loss": list(panels)}
     by_step = {}
     for position, record in enumerate(records):
         by_step[record.get("step", position)] = record
     steps = sorted(by_step)
-    curves = {}
-    for key in keys:
-        points = [(step, float(by_step[step][key])) for step in steps
-                  if isinstance(by_step[step].get(key), (int, float)) and math.isfinite(by_step[step][key])]
-        if points:
-            curves[key] = points
-    if not curves:
+    drawn = {}
+    for name, keys in panels.items():
+        curves = {}
+        for key in keys:
+            points = [(step, float(by_step[step][key])) for step in steps
+                      if isinstance(by_step[step].get(key), (int, float)) and math.isfinite(by_step[step][key])]
+            if points:
+                curves[key] = points
+        if curves:
+            drawn[name] = curves
+    if not drawn:
+        wanted = [key for keys in panels.values() for key in keys]
         present = sorted({k for r in by_step.values() for k in r})
-        raise ValueError(f"None of the keys {list(keys)} has a finite value in the {len(steps)} records; "
+        raise ValueError(f"None of the keys {wanted} has a finite value in the {len(steps)} records; "
                          f"their keys are {present}.")
-    figure = Figure(figsize=(6, 3.6), dpi=_DPI, layout="constrained")
-    ax = figure.subplots()
-    for key, points in curves.items():
-        x, y = zip(*points)
-        ax.plot(x, y, label=key, marker="." if len(points) < 50 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("value")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    figure = Figure(figsize=(6.4, 1.2 + 2.2 * len(drawn)), dpi=_DPI, layout="constrained")
+    axes = figure.subplots(len(drawn), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (name, curves) in zip(axes, drawn.items()):
+        for key, points in curves.items():
+            x, y = map(np.asarray, zip(*points))
+            weight = (0.8 if len(points) >= 30 else 0.0) if smoothing is None else smoothing
+            if key == "lr" or weight <= 0:
+                ax.plot(x, y, label=key, marker="." if len(points) < 50 else None)
+                continue
+            raw = ax.plot(x, y, alpha=0.25, linewidth=0.8)[0]
+            ax.plot(x, _moving_average(y, weight), color=raw.get_color(), label=key)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        if name == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    axes[-1].set_xlabel("step")
     if title:
-        ax.set_title(title, fontsize=10)
+        figure.suptitle(title, fontsize=10)
     return _save(figure, path)
+
+
+def _moving_average(values: np.ndarray, weight: float) -> np.ndarray:
+    """An exponential moving average, debiased at the start (as TensorBoard draws its smoothed curves)."""
+    averaged, running = np.empty_like(values, dtype=float), 0.0
+    for i, value in enumerate(values):
+        running = weight * running + (1 - weight) * value
+        averaged[i] = running / (1 - weight ** (i + 1))
+    return averaged
 
 
 def save_captioned_images(images: torch.Tensor, texts: Sequence[str], path: str | os.PathLike, columns: int = 4,

@@ -94,14 +94,32 @@ def test_loss_curves_one_line_per_present_key(tmp_path):
     records = [{"step": s, "loss": 5 / (1 + s), "image_loss": 6 / (1 + s), "lr": 1e-3} for s in range(0, 100, 5)]
     records[3]["loss"] = float("nan")  # a skipped step
     records.append({"step": 50, "loss": 0.1, "image_loss": 0.1})  # logged again after a resume
-    one = read_png(save_loss_curves(records, tmp_path / "one.png", keys=["loss"]))
-    two = read_png(save_loss_curves(records, tmp_path / "two.png", keys=["loss", "image_loss", "text_loss"]))
+    one = read_png(save_loss_curves(records, tmp_path / "one.png", ["loss"]))
+    two = read_png(save_loss_curves(records, tmp_path / "two.png", ["loss", "image_loss", "text_loss"]))
     assert one.shape == two.shape and (one != two).any()
     # the second line is drawn in matplotlib's second color (orange)
     orange = lambda p: ((np.abs(p.astype(float) - [255, 127, 14]).sum(axis=2)) < 40).sum()  # noqa: E731
     assert orange(two) > 50 and orange(one) == 0
     with pytest.raises(ValueError, match="None of the keys"):
-        save_loss_curves(records, tmp_path / "x.png", keys=["text_loss"])
+        save_loss_curves(records, tmp_path / "x.png", ["text_loss"])
+
+
+def test_loss_curves_draw_a_panel_per_group_and_smooth_noisy_curves(tmp_path):
+    from beit3.visualization import _moving_average
+
+    noise = np.random.default_rng(0).normal(0, 0.5, 200)
+    records = [{"step": s, "loss": 3 / (1 + s / 50) + noise[s], "image_accuracy": s / 200, "lr": 1e-3 * min(1, s / 20)} for s in range(200)]
+    panels = {"loss": ["loss", "text_loss"], "accuracy": ["image_accuracy", "pair_accuracy"], "learning rate": ["lr"], "none": ["x"]}
+    three = read_png(save_loss_curves(records, tmp_path / "three.png", panels, title="run"))
+    one = read_png(save_loss_curves(records, tmp_path / "one.png", {"loss": ["loss"]}))
+    assert three.shape[0] > 2 * one.shape[0]  # three panels stacked (the empty one left out)
+    raw = read_png(save_loss_curves(records, tmp_path / "raw.png", {"loss": ["loss"]}, smoothing=0.0))
+    assert (raw != one).any()  # the smoothed line is drawn over the raw one
+    values = np.array([1.0, 1.0, 1.0])
+    assert np.allclose(_moving_average(values, 0.9), values)  # debiased: a constant stays itself from the first point
+    smoothed = _moving_average(np.array([r["loss"] for r in records]), 0.8)
+    assert np.abs(np.diff(smoothed)).mean() < 0.5 * np.abs(np.diff([r["loss"] for r in records])).mean()
+    assert no_temporary_files(tmp_path)
 
 
 def test_captioned_images_draw_one_panel_per_image(tmp_path):

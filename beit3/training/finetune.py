@@ -40,6 +40,7 @@ from ..data.common import ReplaceUnreadable, counted
 from ..data.sampling import StepBatchSampler
 from ..metrics import write_json_atomic
 from ..tokenization_beit3 import check_tokenizer_matches
+from .engine import read_run_log
 from .finetune_tasks import TASKS, EvalOptions
 from .runner import command_line, read_run_config, save_model_folder, start_engine, step_loader
 
@@ -176,7 +177,22 @@ def train(task, config: dict, settings) -> dict | None:
         last = records[-1]
         print(f"{task.name}: trained to step {last['step']}, loss {last['loss']:.4f}, {last['samples_per_s']:.1f} samples/s; "
               f"model in {final}")
-    if not task.data.eval:
-        return {}
-    model = initial_model(task.model_class, {"init": str(final)}, None, {}).to(engine.device).eval()
-    return evaluate_and_save(task, model, engine.output_dir)
+    scores = {}
+    if task.data.eval:
+        model = initial_model(task.model_class, {"init": str(final)}, None, {}).to(engine.device).eval()
+        scores = evaluate_and_save(task, model, engine.output_dir)
+    if records:
+        _save_curves(task, engine.output_dir, scores)
+    return scores
+
+
+def _save_curves(task, output_dir: Path, scores: dict) -> None:
+    """``loss_curves.png``: the training loss and the learning rate, the held-out score in the title."""
+    try:
+        from ..visualization import save_loss_curves
+    except ImportError:  # matplotlib is optional for a run
+        return
+    score = scores.get(task.metric)
+    title = f"{task.name}: {output_dir.name}" + (f", held-out {task.metric} {score:.2f}" if isinstance(score, float) else "")
+    save_loss_curves(read_run_log(output_dir / "metrics.jsonl"), output_dir / "loss_curves.png", title=title,
+                     panels={"loss": ["loss"], "learning rate": ["lr"]})

@@ -197,8 +197,10 @@ def run(argv: list[str] | None = None) -> None:
             from beit3.visualization import save_loss_curves
 
             lines = read_run_log(engine.output_dir / "metrics.jsonl")
-            save_loss_curves(lines, engine.output_dir / "loss_curves.png",
-                             keys=["image_loss", "text_loss", "pair_loss"] + (["itm_loss"] if itm_negatives else []))
+            kinds = ["image", "text", "pair"] + (["itm"] if itm_negatives else [])
+            save_loss_curves(lines, engine.output_dir / "loss_curves.png", title=f"pretraining: {engine.output_dir.name}",
+                             panels={"loss": ["loss"] + [f"{kind}_loss" for kind in kinds],
+                                     "accuracy": [f"{kind}_accuracy" for kind in kinds], "learning rate": ["lr"]})
         except ImportError:
             pass
         last = records[-1]
