@@ -10,7 +10,7 @@ from PIL import Image
 
 from beit3 import Beit3ImageProcessor
 from beit3.data.common import split_batch
-from beit3.data.nlvr2 import Nlvr2Dataset, pair_image_names, read_nlvr2, read_nlvr2_index
+from beit3.data.nlvr2 import Nlvr2Dataset, Nlvr2DatasetRecords, pair_image_names, read_nlvr2, read_nlvr2_index
 from beit3.modeling_heads import Beit3ForVisualReasoning
 
 WORDS = "the left image contains two dogs one cat and right has exactly at least a bird".split()
@@ -99,3 +99,22 @@ def test_official_index(tmp_path, tokenizer):
     (tmp_path / "nlvr2.bad.index.jsonl").write_text(json.dumps({k: v for k, v in row.items() if k != "image2_path"}) + "\n")
     with pytest.raises(ValueError, match=r"no field\(s\) \['image2_path'\]"):
         read_nlvr2_index(tmp_path / "nlvr2.bad.index.jsonl", tmp_path)
+
+
+def test_a_users_datasets_dataset_of_image_pairs_feeds_the_head(tokenizer):
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    data = Dataset.from_dict({"left_image": [Image.new("RGB", (40, 30), (80 * i, 90, 30)) for i in range(3)],
+                              "right_image": [Image.new("RGB", (30, 40), (30, 80 * i, 90)) for i in range(3)],
+                              "sentence": ["there are two dogs", "one cat", "no birds"], "label": [True, False, True]})
+    data = data.cast_column("left_image", ImageFeature()).cast_column("right_image", ImageFeature())
+    records = Nlvr2DatasetRecords(data)
+    assert [(r.identifier, r.label) for r in records] == [("0", 1), ("1", 0), ("2", 1)]
+    batch = next(iter(torch.utils.data.DataLoader(Nlvr2Dataset(records, Beit3ImageProcessor(size=32), tokenizer, max_length=16), batch_size=3)))
+    inputs, metadata = split_batch(batch)
+    assert inputs["pixel_values"].shape == (3, 2, 3, 32, 32) and inputs["labels"].tolist() == [1, 0, 1]
+    assert not torch.equal(inputs["pixel_values"][1, 0], inputs["pixel_values"][1, 1])  # left and right are their own images
+    assert torch.isfinite(Beit3ForVisualReasoning(tiny_config(vocab_size=len(tokenizer)))(**inputs).loss)
+    with pytest.raises(ValueError, match=r"Row 1 has label 'maybe'"):
+        Nlvr2DatasetRecords(data.map(lambda row, i: {"label": "maybe" if i == 1 else str(row["label"])}, with_indices=True))[1]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from beit3 import Beit3ImageProcessor
 from beit3.data.common import split_batch
-from beit3.data.vqa import (VqaDataset, answer_score, insert_answer_slot, answers_from_records, build_answer_vocabulary, label_to_answer, normalize_answer,
+from beit3.data.vqa import (VqaDataset, VqaDatasetRecords, answer_score, insert_answer_slot, answers_from_records, build_answer_vocabulary, label_to_answer, normalize_answer,
                             read_answer2label, read_vqa, read_vqa_index, write_answer2label)
 from beit3.modeling_heads import Beit3ForVisualQuestionAnswering
 
@@ -187,3 +187,28 @@ def test_the_answer_slot_goes_before_the_end_of_each_question_and_the_text_keeps
     batch = next(iter(torch.utils.data.DataLoader(VqaDataset(records, Beit3ImageProcessor(size=32), tokenizer, len(vocabulary),
                                                              max_length=16, answer_slot=True), batch_size=2)))
     assert torch.isfinite(model(**split_batch(batch)[0]).loss)
+
+
+def test_a_users_datasets_dataset_feeds_vqa_with_soft_scores_from_its_answers(tokenizer):
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    answers = [[{"answer": "red"}] * 7 + [{"answer": "Red."}, {"answer": "blue"}, {"answer": "blue"}],  # VQAv2's layout
+               [{"answer": "two"}] * 10, [{"answer": "cat"}] * 10]
+    data = Dataset.from_dict({"image": [Image.new("RGB", (40, 30), (80 * i, 90, 30)) for i in range(3)],
+                              "question": ["what color is it?", "how many dogs?", "what animal?"], "answers": answers,
+                              "qid": [7, 8, 9]}).cast_column("image", ImageFeature())
+    records = VqaDatasetRecords(data, {"red": 0, "blue": 1, "2": 2}, question_id="qid")
+    assert len(records) == 2 and records.dropped_questions == 1  # "cat" is outside the vocabulary
+    first = records[0]
+    assert first.question_id == 7 and sorted(zip(first.labels, first.scores)) == [(0, 1.0), (1, answer_score(2))]
+    assert records[1].labels == [2] and records[1].scores == [1.0]  # "two" normalizes to "2"
+    single = VqaDatasetRecords(data.map(lambda row: {"answers": row["answers"][0]["answer"]}, remove_columns=["answers"]))
+    assert len(single) == 3 and single.answer2label == {"red": 0, "2": 1, "cat": 2} and single[2].scores == [1.0]
+    batch = next(iter(torch.utils.data.DataLoader(VqaDataset(records, Beit3ImageProcessor(size=32), tokenizer, 3, max_length=16), batch_size=2)))
+    inputs, metadata = split_batch(batch)
+    assert metadata["question_id"].tolist() == [7, 8] and inputs["labels"][0].tolist() == pytest.approx([1.0, answer_score(2), 0.0])
+    out = Beit3ForVisualQuestionAnswering(tiny_config(vocab_size=len(tokenizer), num_labels=3))(**inputs)
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match=r"no column 'answer'.*its columns are"):
+        VqaDatasetRecords(data, answers="answer")

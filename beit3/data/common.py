@@ -108,20 +108,26 @@ class DatasetRecords(Sequence):
         self.dataset = undecoded_columns(dataset, list(columns.values()), "The dataset", hint=f"Name the columns that hold {', '.join(columns)}.")
         self.record_class, self.columns = record_class, columns
         self.row_as_id = "image_id" in getattr(record_class, "__dataclass_fields__", {}) and "image_id" not in columns
+        self.rows: Sequence[int] | None = None  # the rows kept, when a reader leaves some out (None: all)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) if self.rows is None else len(self.rows)
 
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):
             raise IndexError(index)
-        row = self.dataset[index]
+        row_number = index if self.rows is None else self.rows[index]
+        return self.record(self.dataset[row_number], row_number)
+
+    def record(self, row: dict, row_number: int):
+        """The record of one row (the columns already picked out); readers with more to do per row override this."""
         return self.record_class(**{field: row[column] for field, column in self.columns.items()},
-                                 **({"image_id": index} if self.row_as_id else {}))
+                                 **({"image_id": row_number} if self.row_as_id else {}))
 
     def values(self, field: str) -> list:
         """Every record's ``field``, read from its column alone (the images stay unread)."""
-        return self.dataset[self.columns[field]]
+        column = self.dataset[self.columns[field]]
+        return list(column) if self.rows is None else [column[i] for i in self.rows]
 
 
 def as_records(records, record_class, **columns: str) -> Sequence:

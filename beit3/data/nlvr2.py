@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .common import check_images_exist, encode_text, load_rgb, read_jsonl, require_text, transform_image
+from .common import DatasetRecords, check_images_exist, encode_text, load_rgb, read_jsonl, require_text, transform_image
 
 
 @dataclass
@@ -73,6 +73,25 @@ def read_nlvr2_index(index_file: str | os.PathLike, data_root: str | os.PathLike
     if check_images:
         check_images_exist((p for r in records for p in r.image_paths), f"NLVR2 images of {Path(index_file).name}")
     return records
+
+
+class Nlvr2DatasetRecords(DatasetRecords):
+    """NLVR2 records from a user's ``datasets.Dataset``: two image columns (left, right), a statement column and a
+    label column (True/False, 1/0 or "True"/"False"), one row at a time, the images undecoded until read. The
+    identifier is a column or the row number."""
+
+    def __init__(self, dataset, left: str = "left_image", right: str = "right_image", sentence: str = "sentence",
+                 label: str = "label", identifier: str | None = None):
+        columns = {"left": left, "right": right, "sentence": sentence, "label": label, **({"identifier": identifier} if identifier else {})}
+        super().__init__(dataset, Nlvr2Record, **columns)
+
+    def record(self, row: dict, row_number: int) -> Nlvr2Record:
+        where = f"Row {row_number}"
+        value = row[self.columns["label"]]
+        return Nlvr2Record(identifier=str(row[self.columns["identifier"]]) if "identifier" in self.columns else str(row_number),
+                           sentence=require_text(row[self.columns["sentence"]], where),
+                           label=int(value) if value in (0, 1) and not isinstance(value, str) else _label(value, where),
+                           image_paths=(row[self.columns["left"]], row[self.columns["right"]]))
 
 
 class Nlvr2Dataset(torch.utils.data.Dataset):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .common import check_images_exist, encode_text, load_rgb, read_json, read_jsonl, require_text, transform_image
+from .common import DatasetRecords, check_images_exist, encode_text, load_rgb, read_json, read_jsonl, require_text, transform_image
 
 # The official VQA evaluation's normalizer (vqaEval.py), which ViLT's glossary.py and BEiT-3 copy.
 _PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
@@ -221,6 +221,63 @@ def read_vqa(questions_file: str | os.PathLike, image_root: str | os.PathLike, a
     if check_images:
         check_images_exist((r.image_path for r in records), f"VQA images of {Path(questions_file).name}")
     return VqaSplit(records, out_of_vocabulary, dropped)
+
+
+def _row_answers(value, column: str, row_number: int) -> list[str]:
+    """A row's annotator answers: a list of strings, a list of ``{"answer": ...}`` (VQAv2's layout), or one string."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict) and isinstance(value.get("answer"), list):  # a datasets Sequence of dicts comes back as columns
+        value = value["answer"]
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError(f"Row {row_number}: the {column!r} column holds {value!r}; give a list of answers (strings or "
+                         "{\"answer\": ...} dicts) or one answer string.")
+    return [a["answer"] if isinstance(a, dict) else str(a) for a in value]
+
+
+def _soft_labels(answers: list[str], answer2label: Mapping[str, int], single: bool) -> tuple[list[int], list[float]]:
+    """Vocabulary labels and soft scores of one question's annotator answers (one given answer: score 1)."""
+    labels, scores = [], []
+    for answer, count in Counter(normalize_answer(a) for a in answers).items():
+        if answer in answer2label:
+            labels.append(answer2label[answer])
+            scores.append(1.0 if single else answer_score(count))
+    return labels, scores
+
+
+class VqaDatasetRecords(DatasetRecords):
+    """VQA records from a user's ``datasets.Dataset`` (an image column, a question column, an answers column), one row
+    at a time; the images stay undecoded until ``VqaDataset`` reads them. Labels and soft scores come from the
+    answers as ``read_vqa`` computes them (normalized; a column of single answer strings scores 1.0), against
+    ``answer2label``, or a vocabulary built from this data (answers given by at least ``min_count`` questions).
+    Rows with no vocabulary answer are left out (``drop_unlabeled``); ``question_id`` is a column or the row number.
+    """
+
+    def __init__(self, dataset, answer2label: Mapping[str, int] | None = None, image: str = "image", question: str = "question",
+                 answers: str = "answers", question_id: str | None = None, question_type: str | None = None,
+                 min_count: int = 1, drop_unlabeled: bool = True):
+        columns = {"image_path": image, "question": question, "answers": answers}
+        columns.update({k: v for k, v in (("question_id", question_id), ("question_type", question_type)) if v})
+        super().__init__(dataset, VqaRecord, **columns)
+        given = [_row_answers(value, answers, n) for n, value in enumerate(self.dataset[answers])]
+        self.single = all(isinstance(value, str) for value in self.dataset[answers][:1000])
+        if answer2label is None:
+            counts = Counter(Counter(map(normalize_answer, row)).most_common(1)[0][0] for row in given)
+            answer2label = {answer: label for label, answer in enumerate(a for a, n in counts.items() if n >= min_count)}
+        self.answer2label = dict(answer2label)
+        kept = [n for n, row in enumerate(given) if _soft_labels(row, self.answer2label, self.single)[0]]
+        self.dropped_questions = len(given) - len(kept)
+        if drop_unlabeled and self.dropped_questions:
+            self.rows = kept
+
+    def record(self, row: dict, row_number: int) -> VqaRecord:
+        answers = _row_answers(row[self.columns["answers"]], self.columns["answers"], row_number)
+        require_text(row[self.columns["question"]], f"Row {row_number}'s question")
+        labels, scores = _soft_labels(answers, self.answer2label, self.single)
+        return VqaRecord(question_id=int(row[self.columns["question_id"]]) if "question_id" in self.columns else row_number,
+                         image_path=row[self.columns["image_path"]], question=row[self.columns["question"]], labels=labels,
+                         scores=scores, answers=answers, question_type=row.get(self.columns.get("question_type", "")),
+                         answer=Counter(answers).most_common(1)[0][0])
 
 
 def read_vqa_index(index_file: str | os.PathLike, data_root: str | os.PathLike, check_images: bool = True) -> list[VqaRecord]:
