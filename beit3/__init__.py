@@ -3,8 +3,8 @@
 Importing the package registers its classes with transformers' Auto classes.
 """
 
-from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, AutoModelForVisualQuestionAnswering,
-                          AutoModelForZeroShotImageClassification, AutoProcessor, AutoTokenizer)
+from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, AutoModelForImageTextToText,
+                          AutoModelForVisualQuestionAnswering, AutoModelForZeroShotImageClassification, AutoProcessor, AutoTokenizer)
 
 from .configuration_beit3 import Beit3Config, list_presets
 from .image_processing_beit3 import Beit3ImageProcessor, Beit3ImageProcessorPil
@@ -20,6 +20,7 @@ AutoModel.register(Beit3Config, Beit3Model, exist_ok=True)
 AutoModelForImageClassification.register(Beit3Config, Beit3ForImageClassification, exist_ok=True)
 AutoModelForVisualQuestionAnswering.register(Beit3Config, Beit3ForVisualQuestionAnswering, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(Beit3Config, Beit3ForImageTextRetrieval, exist_ok=True)  # the dual encoder, as CLIP
+AutoModelForImageTextToText.register(Beit3Config, Beit3ForCaptioning, exist_ok=True)  # pipeline("image-text-to-text"): captions
 AutoTokenizer.register(Beit3Config, tokenizer_class=Beit3Tokenizer, exist_ok=True)
 AutoImageProcessor.register(Beit3Config, image_processor_classes={"torchvision": Beit3ImageProcessor, "pil": Beit3ImageProcessorPil},
                             exist_ok=True)

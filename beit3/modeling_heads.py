@@ -389,7 +389,21 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
         Returns token ids (B, <= max_length): ``<s>``, the words, ``</s>`` (when reached), then padding."""
         if self.config.mask_token_id is None:
             raise ValueError("Captioning decodes through the <mask> token: set config.mask_token_id to the tokenizer's mask id.")
+        if kwargs.get("input_ids") is not None:
+            kwargs["input_ids"] = self._caption_prefix(kwargs["input_ids"], kwargs.pop("attention_mask", None))
         return super().generate(pixel_values=pixel_values, **kwargs)
+
+    def _caption_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """A prompt the caption continues, ``<s> words`` (B, t): the processor's ``<s> words </s>`` and padding
+        lose their ``</s>`` and padding. Every row of a batch must hold the same number of words."""
+        mask = attention_mask if attention_mask is not None else (input_ids != self.config.pad_token_id).long()
+        lengths = mask.sum(-1)
+        if bool((lengths != lengths[0]).any()):
+            raise ValueError(f"Caption prompts of one batch must be equally long (as tokens); got {sorted(set(lengths.tolist()))}: "
+                             "generate them one at a time.")
+        length = int(lengths[0])
+        ends = input_ids[:, length - 1] == self.config.eos_token_id
+        return input_ids[:, :length - 1] if bool(ends.all()) else input_ids[:, :length]
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                                       cache: Cache | None = None, use_cache: bool = True, **kwargs) -> dict:

@@ -452,3 +452,28 @@ def test_the_answer_slot_vqa_head_reads_the_mask_and_starts_from_mlm_rows():
         tiny_config(vqa_head="cls")
     train_step(Beit3ForVisualQuestionAnswering(config), pixel_values=images, input_ids=ids, attention_mask=mask,
                labels=torch.rand(2, LABELS))
+
+
+def test_image_text_to_text_pipeline_captions_from_a_prompt_the_caption_continues(tmp_path):
+    from conftest import word_tokenizer
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, pipeline
+
+    from beit3 import Beit3ImageProcessor, Beit3Processor
+
+    tokenizer = word_tokenizer(tmp_path, "a red blue circle square on the left right".split(), 24, model_max_length=16)
+    model = Beit3ForCaptioning(tiny_config(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id)).eval()
+    processor = Beit3Processor(image_processor=Beit3ImageProcessor(size=32), tokenizer=tokenizer)
+    for part in (model, processor):
+        part.save_pretrained(tmp_path / "captioning")
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / "captioning")) is Beit3ForCaptioning
+    image = Image.new("RGB", (40, 40), (200, 10, 10))
+    (result,) = pipeline("image-text-to-text", model=str(tmp_path / "captioning"))(images=image, text="a red", max_new_tokens=6)
+    prefix = torch.tensor([[tokenizer.bos_token_id, *tokenizer("a red", add_special_tokens=False)["input_ids"]]])
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+    expected = model.generate(pixel_values, input_ids=prefix, max_new_tokens=6)
+    assert expected[0, :prefix.shape[1]].tolist() == prefix[0].tolist() and expected.shape[1] > prefix.shape[1]
+    assert result["generated_text"] == tokenizer.decode(expected[0], skip_special_tokens=True)
+    assert torch.equal(model.generate(**processor(images=image, text="a red", return_tensors="pt"), max_new_tokens=6), expected)
+    with pytest.raises(ValueError, match="prompts of one batch must be equally long"):
+        model.generate(**processor(images=[image, image], text=["a red", "a"], padding="max_length", return_tensors="pt"))
