@@ -80,3 +80,20 @@ def test_autocast_only_for_half_precisions():
         assert not torch.is_autocast_enabled("cpu")
     with autocast("bf16", torch.device("cpu")):
         assert torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.answer_min_count=0"], r"data.answer_min_count must be >= 1; got 0"),
+    (["data.vqa_head=cls"], r"data.vqa_head must be one of pooler, answer_slot; got 'cls'"),
+    (["data.max_text_length=abc"], r"data.max_text_length must be int; got 'abc'"),
+    (["data.hflip=1.5"], r"data.hflip must be >= 0 and <= 1; got 1.5"),
+    (["eval.num_beams=0"], r"eval.num_beams must be >= 1; got 0"),
+    (["eval.precision=fp8"], r"eval.precision must be one of fp32, bf16, fp16; got 'fp8'"),
+])
+def test_every_typed_field_is_checked_for_type_and_range_before_any_work(tmp_path, overrides, message):
+    from beit3.training.finetune_tasks import EvalOptions, VqaData
+
+    with pytest.raises(SystemExit, match=message):
+        read_run_config(_config(tmp_path), overrides, typed={"data": VqaData, "eval": EvalOptions})
+    _, _, sections = read_run_config(_config(tmp_path), ["data.hflip=1", "eval.length_penalty=1"], typed={"data": VqaData, "eval": EvalOptions})
+    assert sections["data"].hflip == 1.0 and isinstance(sections["eval"].length_penalty, float)  # an int where a float goes

@@ -55,16 +55,49 @@ def load_config(path: str | Path, overrides: list[str] = (), declared: dict[str,
     return config
 
 
-def doc(text: str, default: Any = dataclasses.MISSING):
-    """A ``Section`` field with its one-line doc (shown by ``--print-config``); without ``default`` it is required."""
-    return dataclasses.field(default=default, metadata={"doc": text})
+def doc(text: str, default: Any = dataclasses.MISSING, low: float | None = None, high: float | None = None,
+        below: float | None = None, above: float | None = None, choices: tuple | None = None):
+    """A ``Section`` field with its one-line doc (shown by ``--print-config``); without ``default`` it is required.
+    ``low``/``high`` (inclusive), ``above``/``below`` (exclusive) and ``choices`` are checked with the field's type
+    when the section is built, so a bad value is named before any work."""
+    limits = {k: v for k, v in (("low", low), ("high", high), ("above", above), ("below", below), ("choices", choices)) if v is not None}
+    return dataclasses.field(default=default, metadata={"doc": text, **limits})
+
+
+_SIMPLE_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
+
+
+def _check_field(section: str, field: dataclasses.Field, value: Any) -> Any:
+    """``value`` checked against the field's annotation (its simple types: int, float, str, bool, dict, None) and its
+    limits; an int given for a float comes back as a float."""
+    kinds = [kind.strip() for kind in str(field.type).split("|")]
+    if value is None and "None" in kinds:
+        return value
+    simple = [kind for kind in kinds if kind in _SIMPLE_TYPES]
+    name = f"{section}.{field.name}" if section else field.name
+    if simple and len(simple) == len([kind for kind in kinds if kind != "None"]):
+        fits = [kind for kind in simple if isinstance(value, _SIMPLE_TYPES[kind]) and not (kind in ("int", "float") and isinstance(value, bool))]
+        if not fits:
+            raise ValueError(f"{name} must be {' or '.join('null' if k == 'None' else k for k in kinds)}; got {value!r}.")
+        if fits == ["float"] and isinstance(value, int):
+            value = float(value)
+    meta = field.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}.")
+    for key, fails in (("low", lambda v, b: v < b), ("high", lambda v, b: v > b), ("above", lambda v, b: v <= b),
+                       ("below", lambda v, b: v >= b)):
+        if key in meta and fails(value, meta[key]):
+            bounds = " and ".join(f"{w} {meta[k]}" for k, w in (("low", ">="), ("above", ">"), ("high", "<="), ("below", "<")) if k in meta)
+            raise ValueError(f"{name} must be {bounds}; got {value!r}.")
+    return value
 
 
 @dataclasses.dataclass
 class Section:
     """A typed section of a run config: the fields a program reads, with their defaults. ``from_config`` refuses a
     key the section does not declare (naming the known ones), and every declared field may be ``--set`` whether or
-    not the YAML lists it. Subclasses name their section in ``section`` and check values in ``__post_init__``."""
+    not the YAML lists it; values are checked against each field's type and ``doc`` limits when it is built.
+    Subclasses name their section in ``section``; those with checks of their own run them in ``__post_init__``."""
 
     section: ClassVar[str] = ""
 
@@ -85,6 +118,10 @@ class Section:
             raise ValueError(f"The {cls.section} section needs {', '.join(f'{cls.section}.{name}' for name in missing)} "
                              "(there is no default).")
         return cls(**values)
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, _check_field(self.section, field, getattr(self, field.name)))
 
     def resolved(self) -> dict:
         """The section with every default filled in, as YAML would hold it (tuples as lists)."""

@@ -44,11 +44,11 @@ class EvalOptions(Section):
     """The ``eval`` section of a task config."""
 
     section: ClassVar[str] = "eval"
-    batch_size: int = doc("examples per evaluation batch", 64)
-    precision: str = doc("fp32 | bf16 | fp16: autocast of evaluation", "fp32")
-    num_workers: int = doc("data-loader workers of evaluation", 0)
-    max_length: int | None = doc("captioning: most tokens a caption gets (null: data.max_text_length)", None)
-    num_beams: int = doc("captioning: beam width (1: greedy)", 3)
+    batch_size: int = doc("examples per evaluation batch", 64, low=1)
+    precision: str = doc("fp32 | bf16 | fp16: autocast of evaluation", "fp32", choices=("fp32", "bf16", "fp16"))
+    num_workers: int = doc("data-loader workers of evaluation", 0, low=0)
+    max_length: int | None = doc("captioning: most tokens a caption gets (null: data.max_text_length)", None, low=2)
+    num_beams: int = doc("captioning: beam width (1: greedy)", 3, low=1)
     length_penalty: float = doc("captioning: beam search's length penalty (the official 0.6; transformers' default is 1.0)", 0.6)
 
 
@@ -61,9 +61,10 @@ class TaskData(Section):
     eval: dict | None = doc("the held-out split scored after training and by --mode evaluate", None)
     predict: dict | None = doc("the split --mode predict writes predictions for", None)
     deepspeed: str | None = doc("a DeepSpeed JSON (null: configs/deepspeed/zero<train.zero_stage>.json)", None)
-    max_text_length: int = doc("tokens per text, <s> and </s> included", 64)
-    augment: str = doc("training images: none (the evaluation transform) | randaug | imagenet", "none")
-    hflip: float = doc("flip probability of the randaug and imagenet augmentations", 0.0)
+    max_text_length: int = doc("tokens per text, <s> and </s> included", 64, low=3)
+    augment: str = doc("training images: none (the evaluation transform) | randaug | imagenet", "none",
+                      choices=("none", "randaug", "imagenet"))
+    hflip: float = doc("flip probability of the randaug and imagenet augmentations", 0.0, low=0, high=1)
     skip_unreadable_images: bool = doc("training: an example whose image does not decode is replaced by the next one, named "
                                        "and counted (skipped_images in metrics.jsonl); false: the run stops at it", True)
 
@@ -72,26 +73,27 @@ class TaskData(Section):
 class VqaData(TaskData):
     image_root: str | None = doc("the folder holding train2014/, val2014/, test2015/ (a split may give its own)", None)
     answer2label: str | None = doc("answer2label.txt (null: built from the train annotations)", None)
-    answer_min_count: int = doc("an answer given this often in the train annotations becomes a label", 9)
-    vqa_loss: str = doc("bce: the official multi-label loss on soft scores | softmax: one answer per question", "bce")
+    answer_min_count: int = doc("an answer given this often in the train annotations becomes a label", 9, low=1)
+    vqa_loss: str = doc("bce: the official multi-label loss on soft scores | softmax: one answer per question", "bce", choices=("bce", "softmax"))
     vqa_head: str = doc("pooler: the official head on the pooled image CLS | answer_slot: read at a <mask> after the question, "
-                        "the head started from the init's MLM head (README, Fine-tuning)", "pooler")
+                        "the head started from the init's MLM head (README, Fine-tuning)", "pooler",
+                        choices=("pooler", "answer_slot"))
 
 
 @dataclass
 class CaptioningData(TaskData):
-    max_text_length: int = doc("tokens per caption, <s> and </s> included", 32)
-    mask_prob: float = doc("share of a caption's tokens masked (the official 0.6; the COCO recipe 0.7)", 0.6)
-    label_smoothing: float = doc("of the masked-token cross-entropy", 0.1)
-    drop_worst_after: int = doc("from this step on, the worst drop_worst_ratio of the masked tokens are left out", 12000)
-    drop_worst_ratio: float = doc("see drop_worst_after", 0.2)
+    max_text_length: int = doc("tokens per caption, <s> and </s> included", 32, low=3)
+    mask_prob: float = doc("share of a caption's tokens masked (the official 0.6; the COCO recipe 0.7)", 0.6, above=0, high=1)
+    label_smoothing: float = doc("of the masked-token cross-entropy", 0.1, low=0, below=1)
+    drop_worst_after: int = doc("from this step on, the worst drop_worst_ratio of the masked tokens are left out", 12000, low=0)
+    drop_worst_ratio: float = doc("see drop_worst_after", 0.2, low=0, below=1)
 
 
 @dataclass
 class ClassificationData(TaskData):
-    mixup: float = doc("timm Mixup's mixup alpha (0: off)", 0.0)
-    cutmix: float = doc("timm Mixup's cutmix alpha (0: off)", 0.0)
-    label_smoothing: float = doc("of the targets: timm Mixup's with mixup or cutmix on, the loss's otherwise", 0.1)
+    mixup: float = doc("timm Mixup's mixup alpha (0: off)", 0.0, low=0)
+    cutmix: float = doc("timm Mixup's cutmix alpha (0: off)", 0.0, low=0)
+    label_smoothing: float = doc("of the targets: timm Mixup's with mixup or cutmix on, the loss's otherwise", 0.1, low=0, below=1)
 
 
 class FinetuneTask:

@@ -47,16 +47,17 @@ class PretrainingData(Section):
                         "{dataset: a save_to_disk folder, ...} per kind (README, Pretraining)")
     batch_size: dict = doc("samples of each kind per process and step: {image: N, text: N, pair: N}")
     streaming: bool = doc("read shards and text files as streams, shard by shard, never copied", False)
-    max_text_length: int = doc("tokens per text, <s> and </s> included", 64)
-    text_mask_prob: float = doc("masked share of a text's tokens (the paper: 0.15)", TEXT_MASK_PROB)
-    pair_mask_prob: float = doc("masked share of a pair's text (the paper: 0.5)", PAIR_TEXT_MASK_PROB)
+    max_text_length: int = doc("tokens per text, <s> and </s> included", 64, low=3)
+    text_mask_prob: float = doc("masked share of a text's tokens (the paper: 0.15)", TEXT_MASK_PROB, above=0, high=1)
+    pair_mask_prob: float = doc("masked share of a pair's text (the paper: 0.5)", PAIR_TEXT_MASK_PROB, above=0, high=1)
     itm_negatives: float = doc("image-text matching on this share of each pair batch, against hard negatives (0: the paper); "
                                "with model.overrides.itm_weight", 0.0)
     pair_crop_scale: tuple[float, float] = doc("area range of the pairs' random resized crop", PAIR_CROP_SCALE)
-    pair_hflip: float = doc("the pairs' flip probability (0 when captions say left and right)", PAIR_HFLIP)
+    pair_hflip: float = doc("the pairs' flip probability (0 when captions say left and right)", PAIR_HFLIP, low=0, high=1)
     deepspeed: str | None = doc("a DeepSpeed JSON (null: configs/deepspeed/zero<train.zero_stage>.json)", None)
 
     def __post_init__(self):
+        super().__post_init__()
         self.pair_crop_scale = tuple(self.pair_crop_scale)
 
 
