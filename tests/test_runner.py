@@ -97,3 +97,20 @@ def test_every_typed_field_is_checked_for_type_and_range_before_any_work(tmp_pat
         read_run_config(_config(tmp_path), overrides, typed={"data": VqaData, "eval": EvalOptions})
     _, _, sections = read_run_config(_config(tmp_path), ["data.hflip=1", "eval.length_penalty=1"], typed={"data": VqaData, "eval": EvalOptions})
     assert sections["data"].hflip == 1.0 and isinstance(sections["eval"].length_penalty, float)  # an int where a float goes
+
+
+def test_the_model_section_is_typed_too(tmp_path):
+    from beit3.training.finetune import FinetuneModel
+    from beit3.training.pretraining import PretrainingModel
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {preset: beit3_tiny_patch16_224}\ndata: {}\ntrain: {output_dir: out, max_steps: 2, save_every: 1}\n")
+    _, _, sections = read_run_config(path, ["model.init=runs/x", "model.overrides={image_size: 64}"], typed={"model": FinetuneModel})
+    assert (sections["model"].init, sections["model"].overrides) == ("runs/x", {"image_size": 64})
+    with pytest.raises(SystemExit, match=r"has no field 'model.pretrained'; known here: init, overrides, preset"):
+        read_run_config(path, ["model.pretrained=x"], typed={"model": FinetuneModel})
+    with pytest.raises(SystemExit, match=r"model.overrides must be dict or null; got 3"):
+        read_run_config(path, ["model.overrides=3"], typed={"model": PretrainingModel})
+    path.write_text("model: {overrides: {}}\ndata: {}\ntrain: {output_dir: out, max_steps: 2, save_every: 1}\n")
+    with pytest.raises(SystemExit, match=r"The model section needs model.preset"):
+        read_run_config(path, [], typed={"model": PretrainingModel})

@@ -31,7 +31,9 @@ model reading the image from one answering from the text.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -40,6 +42,7 @@ from ..data.common import ReplaceUnreadable, counted
 from ..data.sampling import StepBatchSampler
 from ..metrics import write_json_atomic
 from ..tokenization_beit3 import check_tokenizer_matches
+from .config import Section, doc
 from .engine import read_run_log
 from .finetune_tasks import TASKS, EvalOptions
 from .runner import command_line, read_run_config, save_model_folder, start_engine, step_loader
@@ -61,6 +64,14 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(path)
 
 
+@dataclass
+class FinetuneModel(Section):
+    section: ClassVar[str] = "model"
+    init: str | None = doc("a from_pretrained folder or an official .pth to start from (null: random weights of preset + overrides)", None)
+    preset: str | None = doc("the architecture for random weights (beit3.list_presets()); with init, only its overrides apply", None)
+    overrides: dict | None = doc("Beit3Config fields over the preset's or the init's, e.g. {image_size: 480, drop_path_rate: 0.1}", None)
+
+
 def initial_model(model_class: type, section: dict, tokenizer, task_overrides: dict, with_head: bool = False) -> torch.nn.Module:
     """The model a run starts from (see the module docstring's ``model`` section).
 
@@ -74,6 +85,8 @@ def initial_model(model_class: type, section: dict, tokenizer, task_overrides: d
     image_size = overrides.pop("image_size", None)
     init = section.get("init")
     if init is None:
+        if not section.get("preset"):
+            raise ValueError("model.init is null (random weights), so model.preset must name the architecture (beit3.list_presets()).")
         config = Beit3Config.from_preset(section["preset"], **overrides, **({"image_size": image_size} if image_size else {}))
         if "vocab_size" not in (section.get("overrides") or {}):  # a vocabulary of our own: size the embeddings to it
             config.vocab_size = len(tokenizer)
@@ -112,7 +125,8 @@ def run(task_name: str, argv: list[str] | None = None, prog: str | None = None) 
     args = command_line(__doc__, argv, prog=prog or f"tasks/{task_name}.py", add_arguments=_task_options)
     task_class = TASKS[task_name]
     config, settings, sections = read_run_config(args.config, args.set, sections=("model", "data", "train"),
-                                                 typed={"data": task_class.Data, "eval": EvalOptions}, show=args.print_config)
+                                                 typed={"model": FinetuneModel, "data": task_class.Data, "eval": EvalOptions},
+                                                 show=args.print_config)
     task = task_class(sections["data"], sections["eval"])
     output_dir = Path(args.output or config["train"]["output_dir"])
     if args.blind and args.mode != "evaluate":
@@ -148,7 +162,7 @@ def evaluate_and_save(task, model, output_dir: Path) -> dict:
 def train(task, config: dict, settings) -> dict | None:
     from ..export import export
 
-    model_section = config["model"]
+    model_section = FinetuneModel.from_config(config["model"]).resolved()  # every field, defaults filled in
     tokenizer_path = config.get("tokenizer") or model_section.get("init")
     if tokenizer_path is None:
         raise ValueError("Training from random weights needs tokenizer: (a tokenizer folder or beit3.spm).")

@@ -61,6 +61,13 @@ class PretrainingData(Section):
         self.pair_crop_scale = tuple(self.pair_crop_scale)
 
 
+@dataclass
+class PretrainingModel(Section):
+    section: ClassVar[str] = "model"
+    preset: str = doc("the architecture (beit3.list_presets()), e.g. beit3_base_paper_patch16_224: the paper's layout")
+    overrides: dict | None = doc("Beit3Config fields over the preset's, e.g. {image_size: 64, itm_weight: 1.0}", None)
+
+
 def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
     """A ``step_fn`` for ``Engine.fit`` over ``PretrainingBatches``. Visual targets are the batch's
     ``image_labels`` when it has them (codes precomputed by ``tokenizers/encode_images.py``), else they come
@@ -103,7 +110,8 @@ def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
 def run(argv: list[str] | None = None) -> None:
     """The command line of ``tasks/pretrain.py`` (see the module docstring)."""
     args = command_line(__doc__, argv)
-    config, settings, sections = read_run_config(args.config, args.set, typed={"data": PretrainingData}, show=args.print_config)
+    config, settings, sections = read_run_config(args.config, args.set, typed={"model": PretrainingModel, "data": PretrainingData},
+                                                 show=args.print_config)
     data = sections["data"]
     # Everything that can be wrong with the inputs is checked before the first step.
     # Visual targets: precomputed codes (data.sources.image_codes) when given, else the visual tokenizer on the fly.
@@ -138,15 +146,15 @@ def run(argv: list[str] | None = None) -> None:
         targets, codebook_size = f"visual_tokenizer {visual_path}", visual_tokenizer.codebook_size
         code_grid = (visual_tokenizer.image_size // visual_tokenizer.patch_size,) * 2
         how = "Use a visual tokenizer whose grid fits, or change model.overrides (image_size, patch_size)."
-    model_section = config["model"]
-    model_config = Beit3Config.from_preset(model_section["preset"], **model_section.get("overrides", {}))
+    overrides = sections["model"].overrides or {}
+    model_config = Beit3Config.from_preset(sections["model"].preset, **overrides)
     if model_config.visual_vocab_size != codebook_size:
-        if "visual_vocab_size" in model_section.get("overrides", {}):
+        if "visual_vocab_size" in overrides:
             fail(f"the model predicts {model_config.visual_vocab_size} visual tokens but the codebook of {targets} "
                  f"has {codebook_size} codes. Drop visual_vocab_size from model.overrides (it is then set from the codebook) "
                  "or set it to the codebook size.")
         model_config.visual_vocab_size = codebook_size
-    if "vocab_size" not in model_section.get("overrides", {}):  # a vocabulary of our own: size the text head to it
+    if "vocab_size" not in overrides:  # a vocabulary of our own: size the text head to it
         model_config.vocab_size = len(tokenizer)
     model_config.mask_token_id = tokenizer.mask_token_id
     check_tokenizer_matches(tokenizer, model_config)
