@@ -63,13 +63,13 @@ def test_pretrained_runs_start_from_the_export_and_scratch_runs_do_not(demo_run)
     run_configs = {init: json.loads((output / "finetune" / f"vqa_{init}" / "run_config.json").read_text()) for init in ("scratch", "pretrained")}
     assert run_configs["scratch"]["model"]["init"] is None
     assert run_configs["pretrained"]["model"]["init"] == str(output / "pretrained")
-    # The <mask> embedding is trained in pretraining (masked tokens are its input) but never used in VQA, and AdamW
+    # The <mask> embedding is trained in pretraining (masked tokens are its input) but never used in NLVR2, and AdamW
     # leaves a row with no gradient and no weight decay (embeddings have none) exactly where it was. So it is the
     # export's row after fine-tuning from the export, and the random init's row after fine-tuning from scratch.
     mask_id = AutoTokenizer.from_pretrained(output / "text-tokenizer").mask_token_id
     key = "beit3.embeddings.text_embeddings.weight"
     assert pretrained[key].shape[0] == mask_id + 1
-    rows = {init: load_file(output / "finetune" / f"vqa_{init}" / "final" / "model.safetensors")[key][mask_id] for init in ("scratch", "pretrained")}
+    rows = {init: load_file(output / "finetune" / f"nlvr2_{init}" / "final" / "model.safetensors")[key][mask_id] for init in ("scratch", "pretrained")}
     assert torch.equal(rows["pretrained"], pretrained[key][mask_id])
     assert not torch.allclose(rows["scratch"], pretrained[key][mask_id])
 

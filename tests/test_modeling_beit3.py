@@ -336,7 +336,7 @@ def test_torch_compile_traces_the_backbone_without_a_graph_break():
 
 
 def test_value_checks_read_only_cpu_tensors_in_eager_mode():
-    from beit3.modeling_beit3 import _values_checkable
+    from beit3.modeling_beit3 import values_checkable
 
-    assert _values_checkable(torch.ones(2))
-    assert not _values_checkable(torch.ones(2, device="meta"))  # a GPU tensor likewise: reading it would be a host sync
+    assert values_checkable(torch.ones(2))
+    assert not values_checkable(torch.ones(2, device="meta"))  # a GPU tensor likewise: reading it would be a host sync
