@@ -26,6 +26,9 @@ from .configuration_beit3 import Beit3Config
 from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
 from .modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForMaskedDataModeling,
                              Beit3ForVisualQuestionAnswering, Beit3ForVisualReasoning)
+from .log import get_logger
+
+logger = get_logger(__name__)
 
 OFFICIAL_PREFIX = "beit3."
 _EXPERT_LETTERS = {"vision": "A", "text": "B"}
@@ -228,7 +231,7 @@ def model_from_official(path: str | os.PathLike, config: Beit3Config | None = No
     if task:
         state.update(heads)
     elif heads:
-        print(f"note: {len(heads)} head tensors in {path} are not part of the backbone and were left out "
+        logger.warning(f"{len(heads)} head tensors in {path} are not part of the backbone and were left out "
               f"(e.g. {sorted(heads)[:3]}); pass --task to convert a task model.")
     # official_to_beit3 lets only a whole text tower be missing (vision-only files).
     text_tower = {k for k in model.state_dict() if ".text." in k or k.startswith(prefix + "embeddings.text_")}
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         metadata = {"format": "pt", "pretrained_cfg": json.dumps(timm_pretrained_cfg(model.config, classifier))}
         atomic_save_file(beit3_to_timm(state, model.config), args.output, metadata=metadata)
         print("load it with:", timm_create_model_hint(model.config, args.output, classifier=classifier))
-    print(f"wrote {args.output} ({type(model).__name__} as {args.to}; {model.config.num_hidden_layers} layers, hidden "
+    logger.info(f"wrote {args.output} ({type(model).__name__} as {args.to}; {model.config.num_hidden_layers} layers, hidden "
           f"{model.config.hidden_size}, image {model.config.image_size}, final LayerNorm {'yes' if model.config.final_layernorm else 'no'})")
 
 

@@ -19,6 +19,9 @@ from .checkpoints import (COMPLETE, atomic_save_folder, check_weights_only, comp
                           read_checkpoint, weights_only_loads)
 from .configuration_beit3 import Beit3Config
 from .modeling_heads import Beit3ForMaskedDataModeling
+from .log import get_logger
+
+logger = get_logger(__name__)
 
 def find_checkpoint(checkpoint_dir: str | Path, tag: str | None = None) -> tuple[Path, Path, str]:
     """(run output_dir, checkpoints folder, tag) of the checkpoint to export."""
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", help="a checkpoint such as step00000100 (default: the newest complete one)")
     args = parser.parse_args(argv)
     path = export(args.checkpoint_dir, args.output, args.tag)
-    print(f"wrote {path}: config, model.safetensors, tokenizer and processor")
+    logger.info(f"wrote {path}: config, model.safetensors, tokenizer and processor")
 
 
 if __name__ == "__main__":

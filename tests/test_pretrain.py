@@ -328,7 +328,7 @@ def test_one_process_run_trains_from_image_codes_without_a_visual_tokenizer(worl
     assert image_losses[0] < math.log(64) + 1.5
     # ... and learns them: the masked-image loss of the last steps is below that of the first ones.
     assert sum(image_losses[-3:]) / 3 < sum(image_losses[:3]) / 3 - 0.1, image_losses
-    assert "note: data.sources.image_codes is set" not in result.stderr  # no visual tokenizer to overrule
+    assert "data.sources.image_codes is set" not in result.stderr  # no visual tokenizer to overrule
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -340,5 +340,5 @@ def test_image_codes_that_do_not_fit_the_model_fail_before_training(world, image
     result = pretrain(world, tmp_path / "run", max_steps=1, sets=[f"data.sources.image_codes={image_codes}", setting])
     output = result.stdout + result.stderr
     assert result.returncode != 0 and message in output, output[-3000:]
-    assert output.count("note: data.sources.image_codes is set, so the image targets are the codes in") == 1  # the codes win over visual_tokenizer
+    assert output.count("data.sources.image_codes is set, so the image targets are the codes in") == 1  # the codes win over visual_tokenizer
     assert not (tmp_path / "run/metrics.jsonl").exists()

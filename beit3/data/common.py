@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -15,6 +14,9 @@ import torch
 from PIL import Image
 
 from ..image_processing_beit3 import UnreadableImageError, eight_bit, open_image
+from ..log import get_logger
+
+logger = get_logger(__name__)
 
 # Keys a task dataset returns beside the model inputs, to write predictions or score them; the heads
 # do not take them, so ``split_batch`` sets them apart.
@@ -212,7 +214,7 @@ class ReplaceUnreadable(torch.utils.data.Dataset):
             try:
                 item = self.dataset[(index + shift) % len(self.dataset)]
             except UnreadableImageError as error:
-                print(f"warning: {error} (skipped: the next example takes its place)", file=sys.stderr)
+                logger.warning(f"{error} (skipped: the next example takes its place)")
                 continue
             return {**item, SKIPPED: shift}
         raise RuntimeError(f"{MAX_REPLACEMENTS} examples in a row from {index} have an unreadable image; check the data.")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,9 @@ from tqdm import tqdm
 
 from ..io import write_bytes_atomic, write_text_atomic
 from .common import load_rgb
+from ..log import get_logger
+
+logger = get_logger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")  # what an image folder holds, everywhere
 CODES_NAME = "codes.safetensors"
@@ -49,11 +51,11 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             (images if path.is_file() else broken if path.is_symlink() else []).append(path)
     if broken:
-        print(f"warning: {len(broken)} image links below {folder} lead nowhere (dangling, or a loop), e.g. {sorted(broken)[0]}; "
-              "left out", file=sys.stderr)
+        logger.warning(f"{len(broken)} image links below {folder} lead nowhere (dangling, or a loop), e.g. {sorted(broken)[0]}; "
+              "left out")
     if linked_folders:
-        print(f"warning: {len(linked_folders)} linked folders below {folder} are not followed, e.g. {sorted(linked_folders)[0]}; "
-              "link or copy their images in, or list their target folder", file=sys.stderr)
+        logger.warning(f"{len(linked_folders)} linked folders below {folder} are not followed, e.g. {sorted(linked_folders)[0]}; "
+              "link or copy their images in, or list their target folder")
     return sorted(images)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,6 +37,9 @@ from .streaming import (IMAGE_EXTENSIONS, ShardStream, check_stream_count, expan
                         text_pieces, text_samples)
 from .images import list_images, read_codes, read_codes_info
 from ..views import CenterView, TwoViewTransform
+from ..log import get_logger
+
+logger = get_logger(__name__)
 
 KINDS = ("image", "text", "pair")
 # The pairs' crop and flip by default: mild, since a caption may name what a tight crop cuts out.
@@ -127,8 +129,8 @@ def load_sources(images: str | list[str] | dict | None = None, texts: list[str] 
             if len(missing) == len(dataset):
                 raise ValueError(f"None of the {len(dataset)} {kind} shards exists (e.g. {missing[0]}); check the path or pattern.")
             if missing:
-                print(f"warning: {len(missing)} of the {len(dataset)} {kind} shards do not exist (e.g. {missing[0]}); they are "
-                      "skipped and counted as unreadable shards when their turn comes.", file=sys.stderr)
+                logger.warning(f"{len(missing)} of the {len(dataset)} {kind} shards do not exist (e.g. {missing[0]}); they are "
+                      "skipped and counted as unreadable shards when their turn comes.")
         if len(dataset) == 0:
             raise ValueError(f"The {kind} source is empty: check the paths in the config (images: {images}, texts: {texts}, pairs: {pairs}).")
     if not sources:
@@ -163,8 +165,8 @@ def image_codes_source(images: str, paths: list[Path], image_codes: str) -> Data
                          f"images. Run tokenizers/encode_images.py --images {images} --output {image_codes} again "
                          "(with the same tokenizer).")
     if missing:
-        print(f"warning: {len(missing)} unreadable images below {images} have no codes (encode_images.py skipped them); "
-              "each is replaced by the next image when it comes up.", file=sys.stderr)
+        logger.warning(f"{len(missing)} unreadable images below {images} have no codes (encode_images.py skipped them); "
+              "each is replaced by the next image when it comes up.")
     dtype = np.int16 if info["codebook_size"] is not None and info["codebook_size"] <= 2 ** 15 else np.int32
     table = np.full((len(paths), codes.shape[1]), -1, dtype=dtype)
     found = np.array([i for i, row in enumerate(rows) if row >= 0], dtype=np.int64)
@@ -195,7 +197,7 @@ def pair_lines(files: list[str]):
                     if not isinstance(text, str) or not text.strip():
                         raise ValueError(f"the text is {text!r}: the pair kind, like the text kind, keeps only non-empty texts")
                 except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                    print(f"warning: {file}:{number} is not a {{\"image\", \"text\"}} line ({error}); skipped", file=sys.stderr)
+                    logger.warning(f"{file}:{number} is not a {{\"image\", \"text\"}} line ({error}); skipped")
                     continue
                 yield base / path, text
 
@@ -242,10 +244,10 @@ def _text_files(files: list[str]) -> Dataset:
                     continue
                 bad += 1
                 if bad <= _NAMED_BAD_LINES:
-                    print(f"warning: {file} at {sample['__key__']} is not a text line (not UTF-8, or a jsonl line without a "
-                          "string text); skipped", file=sys.stderr)
+                    logger.warning(f"{file} at {sample['__key__']} is not a text line (not UTF-8, or a jsonl line without a "
+                          "string text); skipped")
             if bad > _NAMED_BAD_LINES:
-                print(f"warning: {file}: {bad} lines skipped in all", file=sys.stderr)
+                logger.warning(f"{file}: {bad} lines skipped in all")
 
     return _cached_rows(rows, Features({"text": Value("string")}), [str(Path(f).resolve()) for f in files])
 
@@ -418,8 +420,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
         sample = next(self.streams[kind])
         image, text = pair_of(sample)
         if image is None or (kind == "pair" and (text is None or not _has_text({"text": text}))):
-            print(f"warning: {sample['__key__']} in {sample['__url__']} has no {'image' if image is None else 'caption'} "
-                  "(skipped: the next sample of the stream takes its place)", file=sys.stderr)
+            logger.warning(f"{sample['__key__']} in {sample['__url__']} has no {'image' if image is None else 'caption'} "
+                  "(skipped: the next sample of the stream takes its place)")
             return None, position
         return {"path": f"{sample['__key__']} in {sample['__url__']}", "image_bytes": image, "text": text}, position
 
@@ -442,7 +444,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
             try:
                 image = load_rgb(record["path"], record.get("image_bytes"))
             except (OSError, ValueError) as error:
-                print(f"warning: {error} (skipped: the next image of the stream takes its place)", file=sys.stderr)
+                logger.warning(f"{error} (skipped: the next image of the stream takes its place)")
                 continue
             if "codes" in record and record["codes"][0] < 0:
                 raise RuntimeError(f"{record['path']} has no precomputed codes (it could not be read when training started) but "
@@ -517,8 +519,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
                         texts.append(sample["text"])
                     elif sample["text"] is None:  # (empty lines are left out silently, as without streaming)
                         skipped[1] += 1
-                        print(f"warning: {sample['__url__']} at {sample['__key__']} is not a text line (not UTF-8, or a jsonl line "
-                              "without a string text); skipped", file=sys.stderr)
+                        logger.warning(f"{sample['__url__']} at {sample['__key__']} is not a text line (not UTF-8, or a jsonl line "
+                              "without a string text); skipped")
             else:
                 self._prefetch("text", step)
                 texts = [record["text"] for record in self._prefetched["text"][1]]

@@ -20,7 +20,6 @@ is read again per stream.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +28,9 @@ import numpy as np
 
 from .images import IMAGE_SUFFIXES
 from .sampling import mixed_seed
+from ..log import get_logger
+
+logger = get_logger(__name__)
 
 IMAGE_EXTENSIONS = tuple(suffix[1:] for suffix in IMAGE_SUFFIXES)  # a shard's image member: <key>.<extension>
 
@@ -180,8 +182,8 @@ class ShardStream:
 
     def _on_error(self, url: str, error: Exception) -> None:
         self.unreadable_shards += 1
-        print(f"warning: shard {url} could not be read to the end ({type(error).__name__}: {error}); skipped, the stream "
-              "goes on with its next shard", file=sys.stderr)
+        logger.warning(f"shard {url} could not be read to the end ({type(error).__name__}: {error}); skipped, the stream "
+              "goes on with its next shard")
 
     def __next__(self) -> dict:
         for _ in range(2 * len(self._mine(self.position["epoch"])) + 2):  # two whole passes without a sample: give up

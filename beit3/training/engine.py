@@ -38,6 +38,9 @@ from ..checkpoints import COMPLETE, check_weights_only, complete_checkpoints, ma
 from ..metrics import write_json_atomic
 from ..package_files import find_config_file
 from .config import Section, doc
+from ..log import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -173,7 +176,7 @@ def record_run_config(engine: Engine, config: dict, may_change: frozenset = RESU
                              "resume, or give the new run another train.output_dir.")
         taken = [f"{key}: {a!r} -> {b!r}" for key, (a, b) in changed.items()]
         if taken and engine.rank == 0:
-            print(f"note: resuming {engine.output_dir} with changed settings: {'; '.join(taken)}", file=sys.stderr)
+            logger.warning(f"resuming {engine.output_dir} with changed settings: {'; '.join(taken)}")
     if engine.rank == 0:
         write_json_atomic(path, resolved, indent=2)
     return taken
@@ -247,8 +250,8 @@ def sweep_stale_shared_memory_buffers(folder: str | os.PathLike = "/dev/shm", mi
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
-        print(f"note: removed {len(stale)} stale DeepSpeed shared-memory buffer(s) from {folder}, left by earlier runs "
-              f"(e.g. {stale[0].name})", file=sys.stderr)
+        logger.warning(f"removed {len(stale)} stale DeepSpeed shared-memory buffer(s) from {folder}, left by earlier runs "
+              f"(e.g. {stale[0].name})")
     return stale
 
 
@@ -358,8 +361,8 @@ def deepspeed_config(settings: TrainSettings, world_size: int, base: dict | None
     if world_size == 1 and zero.get("stage", 0) in (1, 2) and not zero.get("offload_optimizer"):
         # One process has nothing to partition: ZeRO-1/2 would only copy every gradient and parameter in and out of
         # its flat partitions (28% of a step at the tiny preset, benchmarks/pretrain.py). Stage 0 is the same update.
-        print(f"note: one process: ZeRO stage {zero['stage']} has nothing to partition; running stage 0 (the same update, "
-              "without the partition copies)", file=sys.stderr)
+        logger.warning(f"one process: ZeRO stage {zero['stage']} has nothing to partition; running stage 0 (the same update, "
+              "without the partition copies)")
         config["zero_optimization"] = {"stage": 0}
     return config
 
@@ -480,7 +483,7 @@ class Engine:
         settings = self.settings
         accumulation = settings.gradient_accumulation_steps
         if self.resume() and self.rank == 0:
-            print(f"resumed from step {self.step} ({self.complete_checkpoints()[-1]})", flush=True)
+            logger.info(f"resumed from step {self.step} ({self.complete_checkpoints()[-1]})")
         if self.step >= settings.max_steps:
             return []
         loader = iter(make_loader(self.step * accumulation, (settings.max_steps - self.step) * accumulation))

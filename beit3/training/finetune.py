@@ -46,6 +46,9 @@ from .config import Section, doc
 from .engine import read_run_log
 from .finetune_tasks import TASKS, EvalOptions
 from .runner import command_line, read_run_config, save_model_folder, start_engine, step_loader
+from ..log import get_logger
+
+logger = get_logger(__name__)
 
 MODES = ("train", "evaluate", "predict")
 
@@ -146,7 +149,7 @@ def run(task_name: str, argv: list[str] | None = None, prog: str | None = None) 
     if args.mode == "evaluate":
         return evaluate_and_save(task, model, output_dir)
     path = task.predict(model, output_dir)
-    print(f"{task_name}: wrote predictions to {path}")
+    logger.info(f"{task_name}: wrote predictions to {path}")
     return None
 
 
@@ -154,7 +157,7 @@ def evaluate_and_save(task, model, output_dir: Path) -> dict:
     scores = task.evaluate(model, output_dir)
     path = output_dir / task.eval_file("eval_results.json")
     write_json_atomic(path, {"task": task.name, "metric": task.metric, **({"blind": True} if task.blind else {}), **scores})
-    print(f"{task.name}{' (blind)' if task.blind else ''}: "
+    logger.info(f"{task.name}{' (blind)' if task.blind else ''}: "
           + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)) + f" (in {path})")
     return scores
 
@@ -189,7 +192,7 @@ def train(task, config: dict, settings) -> dict | None:
     final = export(engine.output_dir, engine.output_dir / "final")
     if records:
         last = records[-1]
-        print(f"{task.name}: trained to step {last['step']}, loss {last['loss']:.4f}, {last['samples_per_s']:.1f} samples/s; "
+        logger.info(f"{task.name}: trained to step {last['step']}, loss {last['loss']:.4f}, {last['samples_per_s']:.1f} samples/s; "
               f"model in {final}")
     scores = {}
     if task.data.eval:

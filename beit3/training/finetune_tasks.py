@@ -37,6 +37,9 @@ from ..modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, B
 from .config import Section, doc
 from .engine import to_device
 from .runner import autocast, ordered_batches
+from ..log import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -211,7 +214,7 @@ class VqaTask(FinetuneTask):
             return  # a VQA model already (its head was loaded), or a bare backbone: nothing to take over
         pieces = [self.tokenizer(answer, add_special_tokens=False)["input_ids"] for answer in label_to_answer(self.answer2label())]
         model.init_answer_head_from_mlm(mlm["mlm_head.weight"], mlm["mlm_head.bias"], pieces)
-        print(f"vqa: the answer-slot head starts from the MLM head of {init} ({len(pieces)} answers)")
+        logger.info(f"vqa: the answer-slot head starts from the MLM head of {init} ({len(pieces)} answers)")
 
     def records(self, split: str):
         from ..data.vqa import read_vqa, read_vqa_index
@@ -222,7 +225,7 @@ class VqaTask(FinetuneTask):
         result = read_vqa(spec["questions"], spec.get("image_root", self.data.image_root), spec.get("annotations"),
                           self.answer2label() if spec.get("annotations") else None, drop_unlabeled=split == "train")
         if result.out_of_vocabulary_answers:
-            print(f"vqa {split}: {result.out_of_vocabulary_answers} annotator answers are outside the answer vocabulary and were ignored"
+            logger.info(f"vqa {split}: {result.out_of_vocabulary_answers} annotator answers are outside the answer vocabulary and were ignored"
                   + (f"; {result.dropped_questions} questions had no answer in it and were left out" if result.dropped_questions else ""))
         return result.records
 

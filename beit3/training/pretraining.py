@@ -17,7 +17,6 @@ the image targets are those precomputed codes and visual_tokenizer may be null:
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,9 @@ from ..visual_tokenizers import VisualTokenizer
 from .config import Section, doc
 from .engine import read_run_log
 from .runner import command_line, fail, read_run_config, save_model_folder, start_engine, step_loader
+from ..log import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -119,8 +121,8 @@ def run(argv: list[str] | None = None) -> None:
     tokenizer_path = Path(config["text_tokenizer"])
     visual_path = Path(config["visual_tokenizer"]) if config.get("visual_tokenizer") and not codes_dir else None
     if codes_dir and config.get("visual_tokenizer") and os.environ.get("RANK", "0") == "0":
-        print(f"note: data.sources.image_codes is set, so the image targets are the codes in {codes_dir}; "
-              f"the visual_tokenizer {config['visual_tokenizer']} is not used.", file=sys.stderr)
+        logger.warning(f"data.sources.image_codes is set, so the image targets are the codes in {codes_dir}; "
+              f"the visual_tokenizer {config['visual_tokenizer']} is not used.")
     if not codes_dir and not config.get("visual_tokenizer"):
         fail("no visual targets: visual_tokenizer is not set and neither is data.sources.image_codes. Give a visual "
              "tokenizer, or encode the images once with tokenizers/encode_images.py and set data.sources.image_codes.")
@@ -213,6 +215,6 @@ def run(argv: list[str] | None = None) -> None:
         except ImportError:
             pass
         last = records[-1]
-        print("pretraining done: step {step}, loss {loss:.3f}, ".format(**last)
+        logger.info("pretraining done: step {step}, loss {loss:.3f}, ".format(**last)
               + ", ".join(f"{k} {last[k]:.3f}" for k in ("image_accuracy", "text_accuracy", "pair_accuracy", "itm_accuracy") if k in last)
               + f", {last['samples_per_s']:.1f} samples/s; checkpoints in {engine.checkpoint_dir}")

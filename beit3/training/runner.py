@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -22,6 +23,7 @@ from typing import NoReturn
 import torch
 
 from ..data.common import split_batch
+from ..log import for_rank
 from .config import Section, load_config, print_config
 from .engine import Engine, TrainSettings, load_deepspeed_json, record_run_config, setup_distributed
 
@@ -42,7 +44,9 @@ def command_line(description: str, argv: list[str] | None, prog: str | None = No
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     if add_arguments is not None:
         add_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for_rank(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))  # set by the deepspeed launcher
+    return args
 
 
 def read_run_config(path: str | Path, overrides: list[str], sections: tuple[str, ...] = ("data", "train"),

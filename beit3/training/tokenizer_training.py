@@ -10,7 +10,6 @@ shared engine; the trained tokenizer is written to output_dir/tokenizer (VisualT
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,9 @@ from ..visual_tokenizers import DVAE, VQKD, DVAEConfig, VQKDConfig, VisualTokeni
 from .config import Section, doc
 from .engine import read_run_log
 from .runner import command_line, fail, read_run_config, start_engine, step_loader
+from ..log import get_logger
+
+logger = get_logger(__name__)
 
 KINDS = {"vqkd": (VQKD, VQKDConfig), "dvae": (DVAE, DVAEConfig)}
 
@@ -88,10 +90,10 @@ def run(argv: list[str] | None = None) -> None:
     tokenizer.save_pretrained(engine.output_dir / "tokenizer")
     save_pictures(tokenizer, engine.output_dir, pictured_images(sources, model))
     if not records:
-        print(f"nothing to do: {engine.output_dir} already holds a run of {settings.max_steps} steps", file=sys.stderr)
+        logger.warning(f"nothing to do: {engine.output_dir} already holds a run of {settings.max_steps} steps")
         return
     last = records[-1]
-    print(f"visual tokenizer done: step {last['step']}, loss {last['loss']:.4f}, codebook usage {last['codebook_usage']:.3f}, "
+    logger.info(f"visual tokenizer done: step {last['step']}, loss {last['loss']:.4f}, codebook usage {last['codebook_usage']:.3f}, "
           f"perplexity {last['perplexity']:.1f}; saved to {engine.output_dir / 'tokenizer'}")
 
 
