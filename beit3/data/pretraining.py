@@ -42,6 +42,7 @@ from ..log import get_logger
 logger = get_logger(__name__)
 
 KINDS = ("image", "text", "pair")
+MAX_TEXT_LENGTH = 64  # tokens per text, <s> and </s> included
 # The pairs' crop and flip by default: mild, since a caption may name what a tight crop cuts out.
 PAIR_CROP_SCALE = (0.5, 1.0)
 PAIR_HFLIP = 0.5
@@ -352,7 +353,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, sources: dict[str, Dataset], batch_sizes: dict[str, int], tokenizer, image_size: int, patch_size: int,
-                 max_text_length: int = 64, tokenizer_image_size: int | None = None, text_mask_prob: float = TEXT_MASK_PROB,
+                 max_text_length: int = MAX_TEXT_LENGTH, tokenizer_image_size: int | None = None, text_mask_prob: float = TEXT_MASK_PROB,
                  pair_mask_prob: float = PAIR_TEXT_MASK_PROB, num_masked_patches: int | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, start_step: int = 0, num_steps: int = 10**9, crop_scale: tuple[float, float] = (0.2, 1.0),
                  color_jitter: float = 0.4, pair_crop_scale: tuple[float, float] = PAIR_CROP_SCALE, pair_hflip: float = PAIR_HFLIP,

@@ -34,6 +34,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from ..data.sampling import mixed_seed
 from ..checkpoints import COMPLETE, check_weights_only, complete_checkpoints, mark_complete, weights_only_loads
 from ..metrics import write_json_atomic
 from ..package_files import find_config_file
@@ -367,10 +368,6 @@ def deepspeed_config(settings: TrainSettings, world_size: int, base: dict | None
     return config
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
-
-
 class Engine:
     """DeepSpeed engine + the loop around it. ``step_fn(module, batch, step) -> (loss, {name: float tensor})``.
 
@@ -503,7 +500,7 @@ class Engine:
                     self.counters[key] = self.counters.get(key, 0) + count
                 if skipped:  # the rest of a skipped step's micro-batches: consumed, so the data stays in step
                     continue
-                seed = step_seed(settings.seed, self.step * accumulation + micro, self.rank)
+                seed = mixed_seed(settings.seed, self.step * accumulation + micro, self.rank)  # the data's seeding too
                 torch.manual_seed(seed)
                 np.random.seed(seed % 2**32)  # numpy-based augmentations (timm's mixup) repeat on resume too
                 loss, values = step_fn(self.module, to_device(batch, self.device), self.step)

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 
 from ..configuration_beit3 import Beit3Config
 from ..data.images import read_codes_info
-from ..data.pretraining import PAIR_CROP_SCALE, PAIR_HFLIP, PretrainingBatches, Shards, StreamingPretrainingBatches, load_sources
+from ..data.pretraining import MAX_TEXT_LENGTH, PAIR_CROP_SCALE, PAIR_HFLIP, PretrainingBatches, Shards, StreamingPretrainingBatches, load_sources
 from ..masking import PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB
 from ..modeling_heads import Beit3ForMaskedDataModeling
 from ..tokenization_beit3 import check_tokenizer_matches
@@ -49,7 +49,7 @@ class PretrainingData(Section):
                         "{dataset: a save_to_disk folder, ...} per kind (README, Pretraining)")
     batch_size: dict = doc("samples of each kind per process and step: {image: N, text: N, pair: N}")
     streaming: bool = doc("read shards and text files as streams, shard by shard, never copied", False)
-    max_text_length: int = doc("tokens per text, <s> and </s> included", 64, low=3)
+    max_text_length: int = doc("tokens per text, <s> and </s> included", MAX_TEXT_LENGTH, low=3)
     text_mask_prob: float = doc("masked share of a text's tokens (the paper: 0.15)", TEXT_MASK_PROB, above=0, high=1)
     pair_mask_prob: float = doc("masked share of a pair's text (the paper: 0.5)", PAIR_TEXT_MASK_PROB, above=0, high=1)
     itm_negatives: float = doc("image-text matching on this share of each pair batch, against hard negatives (0: the paper); "
