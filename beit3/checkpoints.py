@@ -39,7 +39,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (top-level keys: {list(state)[:8] if isinstance(state, dict) else type(state)}).")
+        raise ValueError(
+            f"{path} does not hold a state dict of tensors (top-level keys: {list(state)[:8] if isinstance(state, dict) else type(state)})."
+        )
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
@@ -80,7 +82,10 @@ def weights_only_loads():
     """Inside, every ``torch.load`` reads weights only, also where the caller asks for ``weights_only=False``
     (DeepSpeed's checkpoint engine and ``zero_to_fp32`` do): the classes of ``_deepspeed_checkpoint_types`` are
     allowed, anything else in a pickle is refused instead of run."""
-    saved = {name: os.environ.pop(name, None) for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    saved = {
+        name: os.environ.pop(name, None)
+        for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    }
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
         with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
@@ -104,22 +109,33 @@ def check_weights_only(checkpoint: str | os.PathLike) -> None:
                 except RuntimeError as error:
                     if "mmap" not in str(error):
                         raise
-                    torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format cannot be mapped
+                    torch.load(
+                        path, map_location="cpu", weights_only=True
+                    )  # the legacy (non-zip) format cannot be mapped
         except Exception as error:
-            raise ValueError(f"{path} is not a weights-only checkpoint file, so it is not loaded (unpickling it could run code). "
-                             f"The checkpoints this package writes hold only tensors and DeepSpeed's plain records; this one was "
-                             f"changed or comes from elsewhere. Remove that checkpoint folder to resume from an older one. ({error})") from error
+            raise ValueError(
+                f"{path} is not a weights-only checkpoint file, so it is not loaded (unpickling it could run code). "
+                f"The checkpoints this package writes hold only tensors and DeepSpeed's plain records; this one was "
+                f"changed or comes from elsewhere. Remove that checkpoint folder to resume from an older one. ({error})"
+            ) from error
 
 
-def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "checkpoint",
-                            allow_missing: set[str] = frozenset()) -> None:
+def load_state_dict_checked(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    what: str = "checkpoint",
+    allow_missing: set[str] = frozenset(),
+) -> None:
     """``load_state_dict`` that names every missing, unexpected and wrongly shaped key before loading anything.
 
     ``allow_missing``: keys that may stay at their initial values (a warning counts them).
     """
     own = model.state_dict()
-    wrong_shape = [f"{k}: {tuple(v.shape)} in the {what}, {tuple(own[k].shape)} in the model"
-                   for k, v in state.items() if k in own and v.shape != own[k].shape]
+    wrong_shape = [
+        f"{k}: {tuple(v.shape)} in the {what}, {tuple(own[k].shape)} in the model"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     missing = [k for k in own if k not in state and k not in allow_missing]
     unexpected = [k for k in state if k not in own]
     problems = []
@@ -130,7 +146,10 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
         raise ValueError(f"The {what} does not fit the model ({type(model).__name__}). " + " | ".join(problems))
     left_at_init = [k for k in own if k not in state]
     if left_at_init:
-        warnings.warn(f"{len(left_at_init)} weights are not in the {what} and keep their initial values, e.g. {left_at_init[:3]}", stacklevel=2)
+        warnings.warn(
+            f"{len(left_at_init)} weights are not in the {what} and keep their initial values, e.g. {left_at_init[:3]}",
+            stacklevel=2,
+        )
     model.load_state_dict(state, strict=False)
 
 
@@ -140,7 +159,9 @@ def atomic_save_folder(model, output: str | os.PathLike) -> None:
         model.save_pretrained(tmp)
 
 
-def atomic_save_file(state: dict[str, torch.Tensor], output: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_file(
+    state: dict[str, torch.Tensor], output: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Writes a state dict as safetensors (``.safetensors``) or as ``{"model": state}`` (``.pth``, the official format), atomically."""
     output = Path(output)
     with atomic_path(output) as tmp:

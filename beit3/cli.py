@@ -29,8 +29,11 @@ def finetune(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in TASKS:
-        sys.exit(f"usage: beit3-finetune {{{','.join(TASKS)}}} --config CONFIG [options]\n"
-                 f"error: the first argument names the task, one of {', '.join(TASKS)}" + (f"; got {argv[0]!r}" if argv else ""))
+        sys.exit(
+            f"usage: beit3-finetune {{{','.join(TASKS)}}} --config CONFIG [options]\n"
+            f"error: the first argument names the task, one of {', '.join(TASKS)}"
+            + (f"; got {argv[0]!r}" if argv else "")
+        )
     run(argv[0], argv[1:], prog=f"beit3-finetune {argv[0]}")
 
 
@@ -58,8 +61,14 @@ def predict(argv: list[str] | None = None) -> None:
     main(argv)
 
 
-COMMANDS = {"pretrain": pretrain, "finetune": finetune, "train-tokenizer": train_tokenizer, "export": export,
-            "convert": convert, "predict": predict}
+COMMANDS = {
+    "pretrain": pretrain,
+    "finetune": finetune,
+    "train-tokenizer": train_tokenizer,
+    "export": export,
+    "convert": convert,
+    "predict": predict,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,17 +135,27 @@ class Beit3Config(PretrainedConfig):
     def _check(self):
         problems = []
         if self.hidden_size % self.num_attention_heads:
-            problems.append(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}")
+            problems.append(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
         if self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if not 0 <= self.vl_ffn_layers <= self.num_hidden_layers:
-            problems.append(f"vl_ffn_layers {self.vl_ffn_layers} must lie in [0, num_hidden_layers={self.num_hidden_layers}]")
+            problems.append(
+                f"vl_ffn_layers {self.vl_ffn_layers} must lie in [0, num_hidden_layers={self.num_hidden_layers}]"
+            )
         if self.max_position_embeddings <= self.position_offset:
-            problems.append(f"max_position_embeddings {self.max_position_embeddings} leaves no row after position_offset {self.position_offset}")
+            problems.append(
+                f"max_position_embeddings {self.max_position_embeddings} leaves no row after position_offset {self.position_offset}"
+            )
         if not (isinstance(self.itm_weight, (int, float)) and self.itm_weight >= 0):
             problems.append(f"itm_weight {self.itm_weight!r} must be a number >= 0 (0: no image-text matching loss)")
-        if self.label_smoothing is not None and not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
-            problems.append(f"label_smoothing {self.label_smoothing!r} must be a number in [0, 1), or None (the head's default)")
+        if self.label_smoothing is not None and not (
+            isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1
+        ):
+            problems.append(
+                f"label_smoothing {self.label_smoothing!r} must be a number in [0, 1), or None (the head's default)"
+            )
         if self.vqa_loss not in VQA_LOSSES:
             problems.append(f"vqa_loss {self.vqa_loss!r} must be one of {', '.join(VQA_LOSSES)}")
         if self.vqa_head not in VQA_HEADS:
@@ -182,15 +192,19 @@ class Beit3Config(PretrainedConfig):
         match = _PRESET_NAME.fullmatch(name)
         size_file = PRESET_DIR / f"beit3_{match['size']}.yaml" if match else None
         if size_file is None or not size_file.is_file():
-            raise ValueError(f"Unknown BEiT-3 preset {name!r}. Known presets: {', '.join(list_presets())} "
-                             "(or pass a path to a .json/.yaml config file).")
+            raise ValueError(
+                f"Unknown BEiT-3 preset {name!r}. Known presets: {', '.join(list_presets())} "
+                "(or pass a path to a .json/.yaml config file)."
+            )
         spec = yaml.safe_load(size_file.read_text())
         fields = dict(spec["model"])
         if match["paper"]:
             fields.update(spec["paper_layout"])
         if int(match["patch"]) != fields["patch_size"]:
-            raise ValueError(f"Preset {name!r}: the {match['size']} model uses patch {fields['patch_size']}, "
-                             f"not {match['patch']}; try beit3_{match['size']}{match['paper'] or ''}_patch{fields['patch_size']}_{match['image']}.")
+            raise ValueError(
+                f"Preset {name!r}: the {match['size']} model uses patch {fields['patch_size']}, "
+                f"not {match['patch']}; try beit3_{match['size']}{match['paper'] or ''}_patch{fields['patch_size']}_{match['image']}."
+            )
         fields["image_size"] = int(match["image"])
         return cls(**{**fields, **overrides})
 

@@ -24,8 +24,14 @@ import torch
 from .checkpoints import atomic_save_file, atomic_save_folder, load_state_dict_checked, read_checkpoint
 from .configuration_beit3 import Beit3Config
 from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
-from .modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForMaskedDataModeling,
-                             Beit3ForVisualQuestionAnswering, Beit3ForVisualReasoning)
+from .modeling_heads import (
+    Beit3ForCaptioning,
+    Beit3ForImageClassification,
+    Beit3ForImageTextRetrieval,
+    Beit3ForMaskedDataModeling,
+    Beit3ForVisualQuestionAnswering,
+    Beit3ForVisualReasoning,
+)
 from .log import get_logger
 
 logger = get_logger(__name__)
@@ -35,8 +41,13 @@ _EXPERT_LETTERS = {"vision": "A", "text": "B"}
 # Keys whose presence tells an official BEiT-3 backbone, with or without its prefix.
 _SIGNATURE = "vision_embed.cls_token"
 # Our task heads keep the official head key names; the official files hold the backbone under "beit3.".
-TASK_CLASSES = {"classification": Beit3ForImageClassification, "vqa": Beit3ForVisualQuestionAnswering, "nlvr2": Beit3ForVisualReasoning,
-                "retrieval": Beit3ForImageTextRetrieval, "captioning": Beit3ForCaptioning}
+TASK_CLASSES = {
+    "classification": Beit3ForImageClassification,
+    "vqa": Beit3ForVisualQuestionAnswering,
+    "nlvr2": Beit3ForVisualReasoning,
+    "retrieval": Beit3ForImageTextRetrieval,
+    "captioning": Beit3ForCaptioning,
+}
 # Where each task's number of labels shows in its head weights.
 _LABEL_KEYS = {"classification": "head.weight", "vqa": "head.3.weight", "nlvr2": "head.dense2.weight"}
 
@@ -44,15 +55,17 @@ _LABEL_KEYS = {"classification": "head.weight", "vqa": "head.3.weight", "nlvr2":
 def split_official(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Splits an official state dict into (backbone keys without the ``beit3.`` prefix, head keys)."""
     if OFFICIAL_PREFIX + _SIGNATURE in state_dict:
-        backbone = {k[len(OFFICIAL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
+        backbone = {k[len(OFFICIAL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
         heads = {k: v for k, v in state_dict.items() if not k.startswith(OFFICIAL_PREFIX)}
     elif _SIGNATURE in state_dict:  # a bare torchscale BEiT3 state dict
         backbone, heads = dict(state_dict), {}
     else:
         sample = ", ".join(list(state_dict)[:6])
-        raise ValueError(f"This is not an official BEiT-3 checkpoint: there is no '{OFFICIAL_PREFIX}{_SIGNATURE}' key "
-                         f"(first keys: {sample}). Pass a file released with BEiT-3 (microsoft/unilm) or one written by "
-                         "`python -m beit3.convert --to official`.")
+        raise ValueError(
+            f"This is not an official BEiT-3 checkpoint: there is no '{OFFICIAL_PREFIX}{_SIGNATURE}' key "
+            f"(first keys: {sample}). Pass a file released with BEiT-3 (microsoft/unilm) or one written by "
+            "`python -m beit3.convert --to official`."
+        )
     return backbone, heads
 
 
@@ -74,7 +87,9 @@ def infer_config(backbone: dict[str, torch.Tensor], **overrides) -> Beit3Config:
         patch_size=patch_weight.shape[-1],
         num_channels=patch_weight.shape[1],
         image_size=grid * patch_weight.shape[-1],
-        max_position_embeddings=backbone["encoder.embed_positions.B.weight"].shape[0] if "encoder.embed_positions.B.weight" in backbone else 1024,
+        max_position_embeddings=backbone["encoder.embed_positions.B.weight"].shape[0]
+        if "encoder.embed_positions.B.weight" in backbone
+        else 1024,
         final_layernorm="encoder.layer_norm.A.weight" in backbone,
         multiway_attention=True,
         vl_ffn_layers=0,
@@ -86,8 +101,10 @@ def infer_config(backbone: dict[str, torch.Tensor], **overrides) -> Beit3Config:
 def _key_map(config: Beit3Config) -> tuple[dict[str, str], dict[str, tuple[str, str, str]]]:
     """(our key -> official key, our fused qkv key -> official (q, k, v) keys) for a released-layout config."""
     if config.layout != "released":
-        raise ValueError(f"The official layout has per-modality attention and no VL experts; this config is the {config.layout} "
-                         f"layout (multiway_attention={config.multiway_attention}, vl_ffn_layers={config.vl_ffn_layers}).")
+        raise ValueError(
+            f"The official layout has per-modality attention and no VL experts; this config is the {config.layout} "
+            f"layout (multiway_attention={config.multiway_attention}, vl_ffn_layers={config.vl_ffn_layers})."
+        )
     single = {
         "embeddings.cls_token": "vision_embed.cls_token",
         "embeddings.mask_token": "vision_embed.mask_token",
@@ -98,7 +115,11 @@ def _key_map(config: Beit3Config) -> tuple[dict[str, str], dict[str, tuple[str, 
         "embeddings.text_embeddings.weight": "text_embed.weight",
     }
     fused = {}
-    attention_names = {"norm": "self_attn_layer_norm", "inner_norm": "self_attn.inner_attn_ln", "proj": "self_attn.out_proj"}
+    attention_names = {
+        "norm": "self_attn_layer_norm",
+        "inner_norm": "self_attn.inner_attn_ln",
+        "proj": "self_attn.out_proj",
+    }
     ffn_names = {"fc1": "ffn.{x}.fc1", "fc2": "ffn.{x}.fc2", "inner_norm": "ffn.{x}.ffn_layernorm"}
     norm_names = ("norm", "inner_norm") if config.sub_layernorm else ("norm",)
     for i in range(config.num_hidden_layers):
@@ -108,7 +129,9 @@ def _key_map(config: Beit3Config) -> tuple[dict[str, str], dict[str, tuple[str, 
                 for name, theirs in attention_names.items():
                     if name in norm_names or name == "proj":
                         single[f"{ours}attention.{expert}.{name}.{p}"] = f"{official}{theirs}.{x}.{p}"
-                fused[f"{ours}attention.{expert}.qkv.{p}"] = tuple(f"{official}self_attn.{t}_proj.{x}.{p}" for t in "qkv")
+                fused[f"{ours}attention.{expert}.qkv.{p}"] = tuple(
+                    f"{official}self_attn.{t}_proj.{x}.{p}" for t in "qkv"
+                )
                 for name, theirs in ffn_names.items():
                     if name in norm_names or name != "inner_norm":
                         single[f"{ours}ffn.{expert}.{name}.{p}"] = f"{official}{theirs.format(x=x)}.{p}"
@@ -134,10 +157,14 @@ def official_to_beit3(backbone: dict[str, torch.Tensor], config: Beit3Config) ->
         raise ValueError(f"The checkpoint lacks {len(missing)} BEiT-3 backbone keys, e.g. {missing[:5]}.")
     unexpected = sorted(set(backbone) - wanted)
     if unexpected:
-        raise ValueError(f"The checkpoint has {len(unexpected)} backbone keys this config does not use, e.g. {unexpected[:5]} "
-                         f"(final_layernorm={config.final_layernorm}, sub_layernorm={config.sub_layernorm}); check --config.")
+        raise ValueError(
+            f"The checkpoint has {len(unexpected)} backbone keys this config does not use, e.g. {unexpected[:5]} "
+            f"(final_layernorm={config.final_layernorm}, sub_layernorm={config.sub_layernorm}); check --config."
+        )
     state = {ours: backbone[theirs] for ours, theirs in single.items() if theirs in backbone}
-    state.update({ours: torch.cat([backbone[k] for k in triple]) for ours, triple in fused.items() if triple[0] in backbone})
+    state.update(
+        {ours: torch.cat([backbone[k] for k in triple]) for ours, triple in fused.items() if triple[0] in backbone}
+    )
     state["embeddings.vision_position_embeddings"] = state["embeddings.vision_position_embeddings"].unsqueeze(0)
     return state
 
@@ -147,7 +174,10 @@ def beit3_to_official(state: dict[str, torch.Tensor], config: Beit3Config) -> di
     single, fused = _key_map(config)
     if any(k.startswith("beit3.") for k in state):  # a task model: its heads already carry the official names
         heads = {k: v.contiguous() for k, v in state.items() if not k.startswith("beit3.")}
-        return {**beit3_to_official({k[len("beit3."):]: v for k, v in state.items() if k.startswith("beit3.")}, config), **heads}
+        return {
+            **beit3_to_official({k[len("beit3.") :]: v for k, v in state.items() if k.startswith("beit3.")}, config),
+            **heads,
+        }
     out = {theirs: state[ours] for ours, theirs in single.items()}
     out["encoder.embed_positions.A.weight"] = out["encoder.embed_positions.A.weight"].squeeze(0)
     for ours, triple in fused.items():
@@ -159,17 +189,24 @@ def beit3_to_timm(state: dict[str, torch.Tensor], config: Beit3Config) -> dict[s
     """The vision tower of our state dict in the key layout of timm's ``beit3_*`` VisionTransformer
     (an ImageNet classifier keeps its fc_norm and head, which timm names the same way)."""
     heads = {k: state[k] for k in ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias") if k in state}
-    state = {k[len("beit3."):]: v for k, v in state.items() if k.startswith("beit3.")} or state
+    state = {k[len("beit3.") :]: v for k, v in state.items() if k.startswith("beit3.")} or state
     attention = "vision" if config.multiway_attention else "shared"
     out = {
         "cls_token": state["embeddings.cls_token"],
-        "pos_embed": state["embeddings.vision_position_embeddings"][:, config.position_offset:],
+        "pos_embed": state["embeddings.vision_position_embeddings"][:, config.position_offset :],
         "patch_embed.proj.weight": state["embeddings.patch_embed.proj.weight"],
         "patch_embed.proj.bias": state["embeddings.patch_embed.proj.bias"],
     }
-    renames = {f"attention.{attention}.norm": "norm1", f"attention.{attention}.qkv": "attn.qkv", f"attention.{attention}.inner_norm": "attn.norm",
-               f"attention.{attention}.proj": "attn.proj", "ffn.vision.norm": "norm2", "ffn.vision.fc1": "mlp.fc1",
-               "ffn.vision.inner_norm": "mlp.norm", "ffn.vision.fc2": "mlp.fc2"}
+    renames = {
+        f"attention.{attention}.norm": "norm1",
+        f"attention.{attention}.qkv": "attn.qkv",
+        f"attention.{attention}.inner_norm": "attn.norm",
+        f"attention.{attention}.proj": "attn.proj",
+        "ffn.vision.norm": "norm2",
+        "ffn.vision.fc1": "mlp.fc1",
+        "ffn.vision.inner_norm": "mlp.norm",
+        "ffn.vision.fc2": "mlp.fc2",
+    }
     for i in range(config.num_hidden_layers):
         for ours, theirs in renames.items():
             for p in ("weight", "bias"):
@@ -184,30 +221,50 @@ def timm_pretrained_cfg(config: Beit3Config, classifier: bool = False) -> dict:
     """The preprocessing timm should resolve for a file written by ``beit3_to_timm``: the vision-language models'
     mean = std = 0.5 and squashed bicubic resize, or, for an ImageNet classifier, the ImageNet statistics and
     a crop_pct 1.0 center crop, as the official fine-tuning code reads its images."""
-    stats = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_mode": "center"} if classifier else \
-        {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_mode": "squash"}
-    return {"input_size": (config.num_channels, config.image_size, config.image_size), "interpolation": "bicubic", "crop_pct": 1.0,
-            **stats, "num_classes": config.num_labels if classifier else 0}
+    stats = (
+        {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_mode": "center"}
+        if classifier
+        else {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_mode": "squash"}
+    )
+    return {
+        "input_size": (config.num_channels, config.image_size, config.image_size),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        **stats,
+        "num_classes": config.num_labels if classifier else 0,
+    }
 
 
 def timm_create_model_hint(config: Beit3Config, path: str, classifier: bool = False) -> str:
     """The ``timm.create_model`` call that loads a file written by ``beit3_to_timm`` at any size: the architecture
     spelled out (a tiny or custom model is not timm's base), the preprocessing in ``pretrained_cfg_overlay`` so that
     ``timm.data.resolve_data_config(model=model)`` gives it."""
-    name = {1024: "beit3_large_patch16_224.pt", 1408: "beit3_giant_patch14_224.untrained"}.get(config.hidden_size, "beit3_base_patch16_224.pt")
+    name = {1024: "beit3_large_patch16_224.pt", 1408: "beit3_giant_patch14_224.untrained"}.get(
+        config.hidden_size, "beit3_base_patch16_224.pt"
+    )
     if classifier:
         name = name.replace(".pt", ".in22k_ft_in1k")
     overlay = {"file": path, **timm_pretrained_cfg(config, classifier)}
-    architecture = {"img_size": config.image_size, "patch_size": config.patch_size, "embed_dim": config.hidden_size,
-                    "depth": config.num_hidden_layers, "num_heads": config.num_attention_heads,
-                    "mlp_ratio": config.intermediate_size / config.hidden_size}
-    heads = {"num_classes": config.num_labels} if classifier else \
-        {"num_classes": 0, **({"fc_norm": False} if config.final_layernorm else {"final_norm": False})}
+    architecture = {
+        "img_size": config.image_size,
+        "patch_size": config.patch_size,
+        "embed_dim": config.hidden_size,
+        "depth": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "mlp_ratio": config.intermediate_size / config.hidden_size,
+    }
+    heads = (
+        {"num_classes": config.num_labels}
+        if classifier
+        else {"num_classes": 0, **({"fc_norm": False} if config.final_layernorm else {"final_norm": False})}
+    )
     arguments = ", ".join(f"{k}={v!r}" for k, v in {**architecture, **heads}.items())
     return f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, {arguments})"
 
 
-def model_from_official(path: str | os.PathLike, config: Beit3Config | None = None, task: str | None = None) -> Beit3PreTrainedModel:
+def model_from_official(
+    path: str | os.PathLike, config: Beit3Config | None = None, task: str | None = None
+) -> Beit3PreTrainedModel:
     """Builds a ``Beit3Model`` (or, with ``task``, that task's head model) from an official checkpoint.
 
     Sizes, the final LayerNorm and the number of labels come from the tensors unless ``config``
@@ -218,7 +275,9 @@ def model_from_official(path: str | os.PathLike, config: Beit3Config | None = No
     if task is not None and task not in TASK_CLASSES:
         raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASK_CLASSES)}.")
     if task in _LABEL_KEYS and _LABEL_KEYS[task] not in heads:
-        raise ValueError(f"{path} has no '{_LABEL_KEYS[task]}': it is not a {task} checkpoint (its head keys: {sorted(heads)[:8]}).")
+        raise ValueError(
+            f"{path} has no '{_LABEL_KEYS[task]}': it is not a {task} checkpoint (its head keys: {sorted(heads)[:8]})."
+        )
     labels = {"num_labels": heads[_LABEL_KEYS[task]].shape[0]} if task in _LABEL_KEYS else {}
     native = infer_config(backbone, **labels)
     target_size = (config or native).image_size
@@ -231,8 +290,10 @@ def model_from_official(path: str | os.PathLike, config: Beit3Config | None = No
     if task:
         state.update(heads)
     elif heads:
-        logger.warning(f"{len(heads)} head tensors in {path} are not part of the backbone and were left out "
-              f"(e.g. {sorted(heads)[:3]}); pass --task to convert a task model.")
+        logger.warning(
+            f"{len(heads)} head tensors in {path} are not part of the backbone and were left out "
+            f"(e.g. {sorted(heads)[:3]}); pass --task to convert a task model."
+        )
     # official_to_beit3 lets only a whole text tower be missing (vision-only files).
     text_tower = {k for k in model.state_dict() if ".text." in k or k.startswith(prefix + "embeddings.text_")}
     load_state_dict_checked(model, state, f"checkpoint {path}", allow_missing=text_tower)
@@ -246,7 +307,9 @@ def architecture_class(config: Beit3Config, default: type = Beit3Model) -> type:
     return names.get((config.architectures or [default.__name__])[0], default)
 
 
-def load_any(checkpoint: str, config: Beit3Config | None = None, task: str | None = None, image_size: int | None = None) -> Beit3PreTrainedModel:
+def load_any(
+    checkpoint: str, config: Beit3Config | None = None, task: str | None = None, image_size: int | None = None
+) -> Beit3PreTrainedModel:
     """A model from our folder (its class read from config.json) or from an official ``.pth`` file."""
     if Path(checkpoint).is_dir():
         model = architecture_class(Beit3Config.from_pretrained(checkpoint)).from_pretrained(checkpoint)
@@ -258,14 +321,28 @@ def load_any(checkpoint: str, config: Beit3Config | None = None, task: str | Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m beit3.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="an official .pth file, or a folder written by save_pretrained")
-    parser.add_argument("--output", required=True, help="a folder (--to beit3), a .pth file (--to official), a .safetensors file (--to timm)")
+    parser = argparse.ArgumentParser(
+        prog="python -m beit3.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="an official .pth file, or a folder written by save_pretrained"
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="a folder (--to beit3), a .pth file (--to official), a .safetensors file (--to timm)",
+    )
     parser.add_argument("--to", choices=("beit3", "official", "timm"), default="beit3")
-    parser.add_argument("--task", choices=tuple(TASK_CLASSES), help="convert a fine-tuned official checkpoint with its task head")
-    parser.add_argument("--config", help="a preset name or a .json/.yaml config; default: read the sizes from the tensor shapes")
+    parser.add_argument(
+        "--task", choices=tuple(TASK_CLASSES), help="convert a fine-tuned official checkpoint with its task head"
+    )
+    parser.add_argument(
+        "--config", help="a preset name or a .json/.yaml config; default: read the sizes from the tensor shapes"
+    )
     parser.add_argument("--image-size", type=int, help="resample the image position table to this size")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="dtype of the written weights")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="dtype of the written weights"
+    )
     args = parser.parse_args(argv)
 
     config = Beit3Config.from_preset(args.config) if args.config else None
@@ -278,13 +355,17 @@ def main(argv: list[str] | None = None) -> None:
         state = model.state_dict()
         classifier = "head.weight" in state
         if classifier and model.config.final_layernorm:
-            raise SystemExit("error: this classifier has a final backbone LayerNorm before its fc_norm; timm's VisionTransformer has "
-                             "one or the other, so it cannot hold it (the released ImageNet models have none: final_layernorm=False).")
+            raise SystemExit(
+                "error: this classifier has a final backbone LayerNorm before its fc_norm; timm's VisionTransformer has "
+                "one or the other, so it cannot hold it (the released ImageNet models have none: final_layernorm=False)."
+            )
         metadata = {"format": "pt", "pretrained_cfg": json.dumps(timm_pretrained_cfg(model.config, classifier))}
         atomic_save_file(beit3_to_timm(state, model.config), args.output, metadata=metadata)
         print("load it with:", timm_create_model_hint(model.config, args.output, classifier=classifier))
-    logger.info(f"wrote {args.output} ({type(model).__name__} as {args.to}; {model.config.num_hidden_layers} layers, hidden "
-          f"{model.config.hidden_size}, image {model.config.image_size}, final LayerNorm {'yes' if model.config.final_layernorm else 'no'})")
+    logger.info(
+        f"wrote {args.output} ({type(model).__name__} as {args.to}; {model.config.num_hidden_layers} layers, hidden "
+        f"{model.config.hidden_size}, image {model.config.image_size}, final LayerNorm {'yes' if model.config.final_layernorm else 'no'})"
+    )
 
 
 if __name__ == "__main__":

@@ -15,13 +15,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .checkpoints import (COMPLETE, atomic_save_folder, check_weights_only, complete_checkpoints, load_state_dict_checked,
-                          read_checkpoint, weights_only_loads)
+from .checkpoints import (
+    COMPLETE,
+    atomic_save_folder,
+    check_weights_only,
+    complete_checkpoints,
+    load_state_dict_checked,
+    read_checkpoint,
+    weights_only_loads,
+)
 from .configuration_beit3 import Beit3Config
 from .modeling_heads import Beit3ForMaskedDataModeling
 from .log import get_logger
 
 logger = get_logger(__name__)
+
 
 def find_checkpoint(checkpoint_dir: str | Path, tag: str | None = None) -> tuple[Path, Path, str]:
     """(run output_dir, checkpoints folder, tag) of the checkpoint to export."""
@@ -33,10 +41,14 @@ def find_checkpoint(checkpoint_dir: str | Path, tag: str | None = None) -> tuple
     complete = [p.name for p in complete_checkpoints(checkpoints)]
     if tag is None:
         if not complete:
-            raise FileNotFoundError(f"No complete checkpoint under {checkpoints} (a checkpoint counts once its {COMPLETE} marker exists).")
+            raise FileNotFoundError(
+                f"No complete checkpoint under {checkpoints} (a checkpoint counts once its {COMPLETE} marker exists)."
+            )
         tag = complete[-1]
     elif tag not in complete:
-        raise FileNotFoundError(f"{checkpoints / tag} is not a complete checkpoint; complete ones: {complete or 'none'}.")
+        raise FileNotFoundError(
+            f"{checkpoints / tag} is not a complete checkpoint; complete ones: {complete or 'none'}."
+        )
     return run, checkpoints, tag
 
 
@@ -49,8 +61,10 @@ def export(checkpoint_dir: str | Path, output: str | Path, tag: str | None = Non
 
     run, checkpoints, tag = find_checkpoint(checkpoint_dir, tag)
     if not (run / "model" / "config.json").is_file():
-        raise FileNotFoundError(f"{run / 'model'} has no config.json: export reads the model config and tokenizer that tasks/pretrain.py "
-                                "and the fine-tuning scripts save there at the start of a run.")
+        raise FileNotFoundError(
+            f"{run / 'model'} has no config.json: export reads the model config and tokenizer that tasks/pretrain.py "
+            "and the fine-tuning scripts save there at the start of a run."
+        )
     from .convert import architecture_class
 
     config = Beit3Config.from_pretrained(run / "model")
@@ -64,17 +78,27 @@ def export(checkpoint_dir: str | Path, output: str | Path, tag: str | None = Non
     state = {k.removeprefix("module."): v for k, v in state.items()}
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     # The engine trains 0-dim parameters as (1,) (see Engine); they get their own shape back here.
-    state = {k: v.reshape(shapes[k]) if k in shapes and v.numel() == 1 and shapes[k] == () else v for k, v in state.items()}
+    state = {
+        k: v.reshape(shapes[k]) if k in shapes and v.numel() == 1 and shapes[k] == () else v for k, v in state.items()
+    }
     load_state_dict_checked(model, state, f"checkpoint {checkpoints / tag}")
     atomic_save_folder(model, output)
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
-    Beit3Processor(image_processor=Beit3ImageProcessor(size=config.image_size), tokenizer=tokenizer).save_pretrained(output)
+    Beit3Processor(image_processor=Beit3ImageProcessor(size=config.image_size), tokenizer=tokenizer).save_pretrained(
+        output
+    )
     return Path(output)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m beit3.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint-dir", required=True, help="the run's output_dir, its checkpoints/ folder, or one checkpoint folder")
+    parser = argparse.ArgumentParser(
+        prog="python -m beit3.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        required=True,
+        help="the run's output_dir, its checkpoints/ folder, or one checkpoint folder",
+    )
     parser.add_argument("--output", required=True, help="the from_pretrained folder to write")
     parser.add_argument("--tag", help="a checkpoint such as step00000100 (default: the newest complete one)")
     args = parser.parse_args(argv)

@@ -48,9 +48,14 @@ class _Beit3ImageProcessing:
 
         unilm's ImageNet fine-tuning leaves ``crop_pct`` at None, which means 1.0: resize to 224, crop 224.
         """
-        return cls(size={"shortest_edge": int(size / crop_pct)}, do_center_crop=True,
-                   crop_size={"height": size, "width": size}, image_mean=IMAGENET_DEFAULT_MEAN,
-                   image_std=IMAGENET_DEFAULT_STD, **kwargs)
+        return cls(
+            size={"shortest_edge": int(size / crop_pct)},
+            do_center_crop=True,
+            crop_size={"height": size, "width": size},
+            image_mean=IMAGENET_DEFAULT_MEAN,
+            image_std=IMAGENET_DEFAULT_STD,
+            **kwargs,
+        )
 
     def fetch_images(self, images):
         """Opens file paths with PIL and checks that everything else is an image, keeping the nesting."""
@@ -64,8 +69,10 @@ class _Beit3ImageProcessing:
             return images
         if is_valid_image(images):
             return _checked_array(images)
-        raise TypeError(f"{type(self).__name__} takes PIL images, numpy arrays or torch tensors shaped (H, W), (H, W, C) "
-                        f"or (C, H, W), image file paths, or lists of these; got a {type(images).__name__}.")
+        raise TypeError(
+            f"{type(self).__name__} takes PIL images, numpy arrays or torch tensors shaped (H, W), (H, W, C) "
+            f"or (C, H, W), image file paths, or lists of these; got a {type(images).__name__}."
+        )
 
     def process_image(self, image, *args, **kwargs):
         """One image -> channels-first RGB in the backend's format; 16-bit images are scaled to 8 bits first."""
@@ -79,7 +86,7 @@ class _Beit3ImageProcessing:
         if size.height > height or size.width > width:
             return super().center_crop(image, size, **kwargs)  # pads first
         top, left = int(round((height - size.height) / 2.0)), int(round((width - size.width) / 2.0))
-        return image[..., top:top + size.height, left:left + size.width]
+        return image[..., top : top + size.height, left : left + size.width]
 
 
 class Beit3ImageProcessor(_Beit3ImageProcessing, TorchvisionBackend):
@@ -109,8 +116,10 @@ def _checked_array(image):
         return image[..., None] if isinstance(image, np.ndarray) else image[None]
     single = shape[-3:]
     if len(shape) not in (3, 4) or (single[0] not in (1, 3, 4) and single[-1] not in (1, 3, 4)):
-        raise ValueError(f"An image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3 or 4, or a batch "
-                         f"(B, H, W, C) or (B, C, H, W); got shape {shape}.")
+        raise ValueError(
+            f"An image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3 or 4, or a batch "
+            f"(B, H, W, C) or (B, C, H, W); got shape {shape}."
+        )
     return image
 
 
@@ -127,13 +136,19 @@ def open_image(path, data: bytes | None = None) -> Image.Image:
             image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"No image file at {path}.") from None
-    except Image.DecompressionBombError as error:  # neither OSError nor ValueError: a data-loader worker would die of it
-        raise UnreadableImageError(f"{path} has more pixels than PIL reads by default (2 x PIL.Image.MAX_IMAGE_PIXELS = "
-                                   f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, a guard against decompression bombs): {error}. "
-                                   "Raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted.") from error
+    except (
+        Image.DecompressionBombError
+    ) as error:  # neither OSError nor ValueError: a data-loader worker would die of it
+        raise UnreadableImageError(
+            f"{path} has more pixels than PIL reads by default (2 x PIL.Image.MAX_IMAGE_PIXELS = "
+            f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, a guard against decompression bombs): {error}. "
+            "Raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted."
+        ) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise UnreadableImageError(f"Cannot read the image {path} ({error}): {path} is not an image file PIL can read. "
-                                   "Replace the file, or leave it out.") from error
+        raise UnreadableImageError(
+            f"Cannot read the image {path} ({error}): {path} is not an image file PIL can read. "
+            "Replace the file, or leave it out."
+        ) from error
     return image
 
 

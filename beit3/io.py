@@ -31,8 +31,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_file", "atomic_folder", "atomic_path", "temporary_name", "write_bytes_atomic", "write_json_atomic",
-           "write_text_atomic"]
+__all__ = [
+    "atomic_file",
+    "atomic_folder",
+    "atomic_path",
+    "temporary_name",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 
 def temporary_name(path: str | os.PathLike, tag: str = "tmp", keep_suffix: bool = False) -> Path:
@@ -79,8 +86,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None = None,
-                newline: str | None = None) -> Iterator[IO]:
+def atomic_file(
+    path: str | os.PathLike, mode: str = "w", encoding: str | None = None, newline: str | None = None
+) -> Iterator[IO]:
     """Yields an open handle on a temporary file beside ``path``; on success it is flushed, fsynced and moved onto
     ``path``; on any exception it is removed and the exception propagates.
 

@@ -36,13 +36,22 @@ class BlockMaskGenerator:
     ``generator()`` returns a bool tensor (rows * columns,), True = masked, in raster order.
     """
 
-    def __init__(self, grid: int | tuple[int, int], num_masked: int | None = None, min_block_patches: int = 16,
-                 max_block_patches: int | None = None, min_aspect: float = 0.3, seed: int | None = None):
+    def __init__(
+        self,
+        grid: int | tuple[int, int],
+        num_masked: int | None = None,
+        min_block_patches: int = 16,
+        max_block_patches: int | None = None,
+        min_aspect: float = 0.3,
+        seed: int | None = None,
+    ):
         self.rows, self.cols = (grid, grid) if isinstance(grid, int) else grid
         patches = self.rows * self.cols
         self.num_masked = round(DEFAULT_MASK_FRACTION * patches) if num_masked is None else num_masked
         if not 0 <= self.num_masked <= patches:
-            raise ValueError(f"Cannot mask {self.num_masked} of the {patches} patches of a {self.rows}x{self.cols} grid.")
+            raise ValueError(
+                f"Cannot mask {self.num_masked} of the {patches} patches of a {self.rows}x{self.cols} grid."
+            )
         self.min_block_patches = min_block_patches
         self.max_block_patches = max_block_patches or patches
         self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
@@ -58,7 +67,7 @@ class BlockMaskGenerator:
             if not (0 < height < self.rows and 0 < width < self.cols):
                 continue
             top, left = self.rng.integers(0, self.rows - height + 1), self.rng.integers(0, self.cols - width + 1)
-            block = mask[top:top + height, left:left + width]
+            block = mask[top : top + height, left : left + width]
             added = int(block.size - block.sum())
             if 0 < added <= budget:
                 block[...] = True
@@ -88,12 +97,23 @@ class BlockMaskGenerator:
         self.rng.bit_generator.state = state["bit_generator"]
 
 
-def text_masker(tokenizer: PreTrainedTokenizerBase, mask_prob: float = TEXT_MASK_PROB, seed: int | None = None) -> DataCollatorForLanguageModeling:
+def text_masker(
+    tokenizer: PreTrainedTokenizerBase, mask_prob: float = TEXT_MASK_PROB, seed: int | None = None
+) -> DataCollatorForLanguageModeling:
     """transformers' MLM collator at ``mask_prob`` with 80/10/10 replacement and its own seeded stream."""
     if tokenizer.mask_token is None:
-        raise ValueError("The text tokenizer has no mask token; masked language modeling needs one (BEiT-3's is <mask>).")
-    masker = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mask_prob, mask_replace_prob=0.8,
-                                             random_replace_prob=0.1, seed=seed, return_tensors="pt")
+        raise ValueError(
+            "The text tokenizer has no mask token; masked language modeling needs one (BEiT-3's is <mask>)."
+        )
+    masker = DataCollatorForLanguageModeling(
+        tokenizer,
+        mlm=True,
+        mlm_probability=mask_prob,
+        mask_replace_prob=0.8,
+        random_replace_prob=0.1,
+        seed=seed,
+        return_tensors="pt",
+    )
     if seed is not None:
         # Our own generator, seeded here: mask_text_tokens bypasses the collator's lazy seeding, which also
         # refuses any process but the main one and DataLoader workers (ranks started by torch.multiprocessing).
@@ -101,8 +121,9 @@ def text_masker(tokenizer: PreTrainedTokenizerBase, mask_prob: float = TEXT_MASK
     return masker
 
 
-def mask_text_tokens(masker: DataCollatorForLanguageModeling, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_text_tokens(
+    masker: DataCollatorForLanguageModeling, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Corrupts a batch of token ids for masked language modeling.
 
     Args:
@@ -111,16 +132,23 @@ def mask_text_tokens(masker: DataCollatorForLanguageModeling, input_ids: torch.T
     Returns:
         (corrupted input_ids, labels), both (B, T); labels are -100 except at the chosen positions.
     """
-    special = torch.tensor([masker.tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True) for row in input_ids.tolist()],
-                           dtype=torch.bool)
+    special = torch.tensor(
+        [masker.tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True) for row in input_ids.tolist()],
+        dtype=torch.bool,
+    )
     return masker.torch_mask_tokens(input_ids.clone(), special_tokens_mask=special | ~attention_mask.bool())
 
 
 CAPTION_MASK_PROB = 0.6  # the official default; the COCO recipe uses 0.7
 
 
-def mask_caption_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_id: int, mask_prob: float = CAPTION_MASK_PROB,
-                        random_ids: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_caption_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask_token_id: int,
+    mask_prob: float = CAPTION_MASK_PROB,
+    random_ids: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Corrupts captions for the official "causal masked LM" of captioning, with torch's global RNG.
 
     Of a caption's n real tokens (``<s> words </s>``), round(n * mask_prob) are chosen, at least 1 and

@@ -52,14 +52,21 @@ def vqa_accuracy(predictions: Mapping[int, str], annotator_answers: Mapping[int,
     e.g. ``beit3.data.vqa.answers_from_records``); every one of them needs a prediction."""
     missing = [q for q in annotator_answers if q not in predictions]
     if missing:
-        raise ValueError(f"{len(missing)} questions have no prediction (e.g. question_id {missing[:3]}); predict every question.")
+        raise ValueError(
+            f"{len(missing)} questions have no prediction (e.g. question_id {missing[:3]}); predict every question."
+        )
     if not annotator_answers:
         raise ValueError("No questions to score.")
-    return 100.0 * sum(vqa_answer_accuracy(predictions[q], answers) for q, answers in annotator_answers.items()) / len(annotator_answers)
+    return (
+        100.0
+        * sum(vqa_answer_accuracy(predictions[q], answers) for q, answers in annotator_answers.items())
+        / len(annotator_answers)
+    )
 
 
-def vqa_accuracy_per_type(predictions: Mapping[int, str], annotator_answers: Mapping[int, Sequence[str]],
-                          question_types: Mapping[int, str]) -> dict[str, float]:
+def vqa_accuracy_per_type(
+    predictions: Mapping[int, str], annotator_answers: Mapping[int, Sequence[str]], question_types: Mapping[int, str]
+) -> dict[str, float]:
     """Official VQA accuracy (%) per question type (question_id -> type, e.g. the annotations' ``question_type``),
     over the questions of ``annotator_answers`` that have a type."""
     groups: dict[str, dict[int, Sequence[str]]] = {}
@@ -83,12 +90,16 @@ def vqa_score(logits: torch.Tensor, targets: torch.Tensor) -> float:
     arg-max label of ``logits`` (B, num_labels), averaged over questions. Questions without an answer in
     the vocabulary are not in the training data, so this overestimates the official accuracy."""
     if logits.shape != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and soft-score targets {tuple(targets.shape)} must have the same shape.")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and soft-score targets {tuple(targets.shape)} must have the same shape."
+        )
     chosen = targets.gather(1, logits.argmax(dim=-1, keepdim=True))
     return 100.0 * chosen.float().mean().item()
 
 
-def vqa_predictions(logits: torch.Tensor, question_ids: Sequence[int] | torch.Tensor, answers: Sequence[str]) -> list[dict]:
+def vqa_predictions(
+    logits: torch.Tensor, question_ids: Sequence[int] | torch.Tensor, answers: Sequence[str]
+) -> list[dict]:
     """``[{"question_id", "answer"}]`` from logits (B, num_labels) and ``answers`` indexed by label
     (``beit3.data.vqa.label_to_answer``), the EvalAI submission format."""
     ids = question_ids.tolist() if isinstance(question_ids, torch.Tensor) else list(question_ids)
@@ -98,7 +109,9 @@ def vqa_predictions(logits: torch.Tensor, question_ids: Sequence[int] | torch.Te
 # ---------------------------------------------------------------------------------- classification
 
 
-def classification_accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+def classification_accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)
+) -> dict[str, float]:
     """``{"top1": %, "top5": %}`` from logits (B, C) and labels (B,); a k above C counts as C (always a hit)."""
     from timm.utils import accuracy
 
@@ -109,9 +122,14 @@ def classification_accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Se
 # --------------------------------------------------------------------------------------- retrieval
 
 
-def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image_ids: Sequence[int] | torch.Tensor,
-                     image_ids: Sequence[int] | torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10),
-                     chunk_size: int = 1024) -> dict[str, float]:
+def retrieval_recall(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    text_image_ids: Sequence[int] | torch.Tensor,
+    image_ids: Sequence[int] | torch.Tensor | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
     """Recall@K (%) both ways, as the official evaluation: ``tr_r{K}`` (image -> text) counts an image as a
     hit if any of its K best texts is one of its captions; ``ir_r{K}`` (text -> image) counts a text as a
     hit if its image is among its K best images. ``average_score`` is the mean of all of them (the
@@ -129,7 +147,9 @@ def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text
     image_ids = torch.arange(len(image_embeds)) if image_ids is None else torch.as_tensor(image_ids)
     text_image_ids = torch.as_tensor(text_image_ids)
     if len(set(image_ids.tolist())) != len(image_ids):
-        raise ValueError("image_ids has duplicates; give one image_embeds row per distinct image (drop repeated images first).")
+        raise ValueError(
+            "image_ids has duplicates; give one image_embeds row per distinct image (drop repeated images first)."
+        )
     row_of = {int(i): r for r, i in enumerate(image_ids.tolist())}
     unknown = sorted({int(i) for i in text_image_ids.tolist()} - set(row_of))
     if unknown:
@@ -139,17 +159,19 @@ def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text
         raise ValueError(f"{len(text_embeds)} text embeddings but {len(text_rows)} text_image_ids.")
     without_text = sorted(set(range(len(image_embeds))) - set(text_rows.tolist()))
     if without_text:
-        raise ValueError(f"Images {image_ids[without_text[:5]].tolist()} have no text; every image needs at least one caption.")
+        raise ValueError(
+            f"Images {image_ids[without_text[:5]].tolist()} have no text; every image needs at least one caption."
+        )
 
     image_ranks, text_ranks = [], []
     for start in range(0, len(image_embeds), chunk_size):  # image -> text: best-ranked caption of each image
-        scores = image_embeds[start:start + chunk_size] @ text_embeds.t()
+        scores = image_embeds[start : start + chunk_size] @ text_embeds.t()
         own = text_rows[None, :] == torch.arange(start, start + len(scores), device=device)[:, None]
         best_own = scores.masked_fill(~own, float("-inf")).amax(dim=1, keepdim=True)
         image_ranks.append((scores > best_own).sum(dim=1).cpu())
     for start in range(0, len(text_embeds), chunk_size):  # text -> image: rank of the text's image
-        scores = text_embeds[start:start + chunk_size] @ image_embeds.t()
-        true = scores.gather(1, text_rows[start:start + chunk_size, None])
+        scores = text_embeds[start : start + chunk_size] @ image_embeds.t()
+        true = scores.gather(1, text_rows[start : start + chunk_size, None])
         text_ranks.append((scores > true).sum(dim=1).cpu())
     image_ranks, text_ranks = torch.cat(image_ranks), torch.cat(text_ranks)
     result = {}
@@ -164,7 +186,25 @@ def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text
 # -------------------------------------------------------------------------------------- captioning
 
 # What PTBTokenizer drops after tokenizing.
-_PTB_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+_PTB_PUNCTUATION = {
+    "''",
+    "'",
+    "``",
+    "`",
+    "-LRB-",
+    "-RRB-",
+    "-LCB-",
+    "-RCB-",
+    ".",
+    "?",
+    "!",
+    ",",
+    ":",
+    "-",
+    "--",
+    "...",
+    ";",
+}
 
 
 def simple_caption_tokenize(text: str) -> str:
@@ -182,8 +222,13 @@ def _tokenize_captions(captions: Mapping, tokenize: str) -> dict:
     return PTBTokenizer().tokenize({key: [{"caption": c} for c in texts] for key, texts in captions.items()})
 
 
-def caption_scores(predictions: Mapping[int, str], references: Mapping[int, Sequence[str]], tokenize: str = "auto",
-                   meteor: bool = False, spice: bool = False) -> dict[str, float]:
+def caption_scores(
+    predictions: Mapping[int, str],
+    references: Mapping[int, Sequence[str]],
+    tokenize: str = "auto",
+    meteor: bool = False,
+    spice: bool = False,
+) -> dict[str, float]:
     """COCO caption metrics (%) with pycocoevalcap, as COCOEvalCap computes them: PTB tokenization of
     predictions and references, then BLEU-1..4 (``Bleu_1``..``Bleu_4``) and CIDEr-D (``CIDEr``); ``METEOR``
     and ``SPICE`` when asked (both run Java; SPICE also downloads Stanford CoreNLP models on first use).
@@ -199,20 +244,29 @@ def caption_scores(predictions: Mapping[int, str], references: Mapping[int, Sequ
         raise ValueError(f"tokenize must be 'auto', 'ptb' or 'simple'; got {tokenize!r}.")
     missing = [i for i in references if i not in predictions]
     if missing:
-        raise ValueError(f"{len(missing)} images have no predicted caption (e.g. image_id {missing[:3]}); caption every image.")
+        raise ValueError(
+            f"{len(missing)} images have no predicted caption (e.g. image_id {missing[:3]}); caption every image."
+        )
     if not references:
         raise ValueError("No references to score against.")
     has_java = shutil.which("java") is not None
     if not has_java and (meteor or spice or tokenize == "ptb"):
-        asked = ", ".join(n for n, on in (("the PTB tokenizer", tokenize == "ptb"), ("METEOR", meteor), ("SPICE", spice)) if on)
-        raise RuntimeError(f"{asked} need(s) Java, but no 'java' is on the PATH. Install a JRE (e.g. apt-get install "
-                           "default-jre-headless), or use tokenize='simple' without METEOR/SPICE.")
+        asked = ", ".join(
+            n for n, on in (("the PTB tokenizer", tokenize == "ptb"), ("METEOR", meteor), ("SPICE", spice)) if on
+        )
+        raise RuntimeError(
+            f"{asked} need(s) Java, but no 'java' is on the PATH. Install a JRE (e.g. apt-get install "
+            "default-jre-headless), or use tokenize='simple' without METEOR/SPICE."
+        )
     if tokenize == "auto":
         tokenize = "ptb" if has_java else "simple"
         if not has_java:
-            warnings.warn("No 'java' on the PATH: captions are tokenized with a simple whitespace/punctuation tokenizer instead "
-                          "of pycocoevalcap's PTB tokenizer, so BLEU and CIDEr differ slightly from the official numbers. "
-                          "Install a JRE for the official scores.", stacklevel=2)
+            warnings.warn(
+                "No 'java' on the PATH: captions are tokenized with a simple whitespace/punctuation tokenizer instead "
+                "of pycocoevalcap's PTB tokenizer, so BLEU and CIDEr differ slightly from the official numbers. "
+                "Install a JRE for the official scores.",
+                stacklevel=2,
+            )
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
@@ -238,13 +292,19 @@ def caption_scores(predictions: Mapping[int, str], references: Mapping[int, Sequ
 
 def write_vqa_predictions(path: str | os.PathLike, predictions: Mapping[int, str] | Sequence[dict]) -> None:
     """The VQA test-dev / test-std submission file: ``[{"question_id": int, "answer": str}]``."""
-    items = [{"question_id": int(q), "answer": str(a)} for q, a in predictions.items()] if isinstance(predictions, Mapping) else \
-        [{"question_id": int(p["question_id"]), "answer": str(p["answer"])} for p in predictions]
+    items = (
+        [{"question_id": int(q), "answer": str(a)} for q, a in predictions.items()]
+        if isinstance(predictions, Mapping)
+        else [{"question_id": int(p["question_id"]), "answer": str(p["answer"])} for p in predictions]
+    )
     write_json_atomic(path, items)
 
 
 def write_caption_results(path: str | os.PathLike, predictions: Mapping[int, str] | Sequence[dict]) -> None:
     """The COCO caption results file: ``[{"image_id": int, "caption": str}]``."""
-    items = [{"image_id": int(i), "caption": str(c)} for i, c in predictions.items()] if isinstance(predictions, Mapping) else \
-        [{"image_id": int(p["image_id"]), "caption": str(p["caption"])} for p in predictions]
+    items = (
+        [{"image_id": int(i), "caption": str(c)} for i, c in predictions.items()]
+        if isinstance(predictions, Mapping)
+        else [{"image_id": int(p["image_id"]), "caption": str(p["caption"])} for p in predictions]
+    )
     write_json_atomic(path, items)

@@ -64,7 +64,9 @@ class Beit3Embeddings(nn.Module):
     def __init__(self, config: Beit3Config):
         super().__init__()
         dim, self.offset = config.hidden_size, config.position_offset
-        self.patch_embed = PatchEmbed(config.image_size, config.patch_size, config.num_channels, dim, strict_img_size=False)
+        self.patch_embed = PatchEmbed(
+            config.image_size, config.patch_size, config.num_channels, dim, strict_img_size=False
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.vision_position_embeddings = nn.Parameter(torch.zeros(1, self.offset + 1 + config.num_patches, dim))
@@ -79,18 +81,27 @@ class Beit3Embeddings(nn.Module):
         if bool_masked_pos is not None:
             x = torch.where(bool_masked_pos.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        positions = self.vision_position_embeddings[:, self.offset:]
-        grid = (pixel_values.shape[-2] // self.patch_embed.patch_size[0], pixel_values.shape[-1] // self.patch_embed.patch_size[1])
+        positions = self.vision_position_embeddings[:, self.offset :]
+        grid = (
+            pixel_values.shape[-2] // self.patch_embed.patch_size[0],
+            pixel_values.shape[-1] // self.patch_embed.patch_size[1],
+        )
         if grid != tuple(self.patch_embed.grid_size):
-            positions = resample_abs_pos_embed(positions, list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=1, antialias=False)
+            positions = resample_abs_pos_embed(
+                positions, list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=1, antialias=False
+            )
         return self.dropout(x + positions)
 
-    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B, T) -> (B, T, D); padded tokens (``attention_mask`` 0) enter the encoder as zeros."""
         x = self.text_embeddings(input_ids)
         if position_ids is None:
-            x = x + self.text_position_embeddings.weight[self.offset:self.offset + input_ids.shape[1]]
+            x = x + self.text_position_embeddings.weight[self.offset : self.offset + input_ids.shape[1]]
         else:
             x = x + self.text_position_embeddings(position_ids + self.offset)
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -126,7 +137,9 @@ class Beit3FeedForward(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
-        self.inner_norm = nn.LayerNorm(config.intermediate_size, eps=config.layer_norm_eps) if config.sub_layernorm else nn.Identity()
+        self.inner_norm = (
+            nn.LayerNorm(config.intermediate_size, eps=config.layer_norm_eps) if config.sub_layernorm else nn.Identity()
+        )
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.fc1.init_scale = self.fc2.init_scale = _subln_gain(config)
@@ -146,13 +159,22 @@ class Beit3Layer(GradientCheckpointingLayer):
         attention_experts = (VISION, TEXT) if config.multiway_attention else (SHARED,)
         has_vl_expert = layer_idx >= config.num_hidden_layers - config.vl_ffn_layers
         self.attention = nn.ModuleDict({name: Beit3SelfAttentionExpert(config) for name in attention_experts})
-        self.ffn = nn.ModuleDict({name: Beit3FeedForward(config) for name in (VISION, TEXT, VL)[:3 if has_vl_expert else 2]})
+        self.ffn = nn.ModuleDict(
+            {name: Beit3FeedForward(config) for name in (VISION, TEXT, VL)[: 3 if has_vl_expert else 2]}
+        )
         self.attention_dropout = config.attention_probs_dropout_prob
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, vision: torch.Tensor | None, text: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
-                vision_language: bool = False, cache: Cache | None = None, output_attentions: bool = False):
+    def forward(
+        self,
+        vision: torch.Tensor | None,
+        text: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        vision_language: bool = False,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+    ):
         """
         Args:
             vision: (B, Nv, D) image tokens or None; text: (B, Nt, D) text tokens or None.
@@ -237,7 +259,9 @@ class Beit3PreTrainedModel(PreTrainedModel):
         ``config`` passed by the Auto classes) loads the saved weights, then resamples the vision
         position table to the new patch grid (bicubic, as the official fine-tuning code does)."""
         config = kwargs.get("config")
-        if isinstance(config, Beit3Config) and os.path.isfile(os.path.join(str(pretrained_model_name_or_path), "config.json")):
+        if isinstance(config, Beit3Config) and os.path.isfile(
+            os.path.join(str(pretrained_model_name_or_path), "config.json")
+        ):
             saved_size = Beit3Config.from_pretrained(pretrained_model_name_or_path).image_size
             if saved_size != config.image_size:
                 image_size = image_size or config.image_size
@@ -247,11 +271,15 @@ class Beit3PreTrainedModel(PreTrainedModel):
         except Exception as error:  # transformers names the shapes only in its log; say them in the error
             if "ignore_mismatched_sizes" not in str(error) or not os.path.isdir(str(pretrained_model_name_or_path)):
                 raise
-            config = kwargs.get("config") or Beit3Config.from_pretrained(pretrained_model_name_or_path, return_unused_kwargs=True,
-                                                                         **kwargs)[0]
+            config = (
+                kwargs.get("config")
+                or Beit3Config.from_pretrained(pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs)[0]
+            )
             mismatches = "; ".join(_shape_mismatches(str(pretrained_model_name_or_path), cls, config))
-            raise ValueError(f"The weights in {pretrained_model_name_or_path} do not fit {cls.__name__}: {mismatches}. A head of another "
-                             "size (another task's checkpoint, another num_labels) starts afresh with ignore_mismatched_sizes=True.") from error
+            raise ValueError(
+                f"The weights in {pretrained_model_name_or_path} do not fit {cls.__name__}: {mismatches}. A head of another "
+                "size (another task's checkpoint, another num_labels) starts afresh with ignore_mismatched_sizes=True."
+            ) from error
         if image_size is not None:
             (loaded[0] if isinstance(loaded, tuple) else loaded).set_image_size(image_size)
         return loaded
@@ -260,7 +288,10 @@ class Beit3PreTrainedModel(PreTrainedModel):
         """Parameter groups in depth order, as timm's layer-wise lr decay reads them: the embeddings,
         then each layer, then the final norms; task heads fall in the top group."""
         prefix = r"^(?:beit3\.)?"  # non-capturing: timm reads every captured group as a layer number
-        return {"stem": prefix + r"embeddings", "blocks": [(prefix + r"layers\.(\d+)", None), (prefix + r"final_norm", (99999,))]}
+        return {
+            "stem": prefix + r"embeddings",
+            "blocks": [(prefix + r"layers\.(\d+)", None), (prefix + r"final_norm", (99999,))],
+        }
 
     def set_image_size(self, image_size: int) -> None:
         """Resamples the vision position table to ``image_size`` and records it in the config."""
@@ -273,8 +304,13 @@ class Beit3PreTrainedModel(PreTrainedModel):
             return
         table = embeddings.vision_position_embeddings.data
         offset = embeddings.offset
-        grid = resample_abs_pos_embed(table[:, offset:].float(), [image_size // patch] * 2, list(embeddings.patch_embed.grid_size),
-                                      num_prefix_tokens=1, antialias=False).to(table.dtype)
+        grid = resample_abs_pos_embed(
+            table[:, offset:].float(),
+            [image_size // patch] * 2,
+            list(embeddings.patch_embed.grid_size),
+            num_prefix_tokens=1,
+            antialias=False,
+        ).to(table.dtype)
         embeddings.vision_position_embeddings = nn.Parameter(torch.cat([table[:, :offset], grid], dim=1))
         embeddings.patch_embed.set_input_size(img_size=image_size)
         self.config.image_size = image_size
@@ -289,8 +325,13 @@ class Beit3Model(Beit3PreTrainedModel):
         layers = config.num_hidden_layers
         drop_path = [config.drop_path_rate * i / max(1, layers - 1) for i in range(layers)]  # linear from 0
         self.layers = nn.ModuleList(Beit3Layer(config, i, drop_path[i]) for i in range(layers))
-        self.final_norm = (nn.ModuleDict({name: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) for name in (VISION, TEXT)})
-                           if config.final_layernorm else None)
+        self.final_norm = (
+            nn.ModuleDict(
+                {name: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) for name in (VISION, TEXT)}
+            )
+            if config.final_layernorm
+            else None
+        )
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -330,7 +371,9 @@ class Beit3Model(Beit3PreTrainedModel):
         Returns:
             ``Beit3ModelOutput`` with ``last_hidden_state`` (B, 1 + patches + T, D) and ``text_start``.
         """
-        self._check_inputs(pixel_values, input_ids, attention_mask, bool_masked_pos, position_ids, cache, interpolate_pos_encoding)
+        self._check_inputs(
+            pixel_values, input_ids, attention_mask, bool_masked_pos, position_ids, cache, interpolate_pos_encoding
+        )
         if use_cache and cache is None:
             cache = DynamicCache()
         cache_length = cache.get_seq_length() if cache is not None else 0
@@ -345,8 +388,14 @@ class Beit3Model(Beit3PreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(_join(vision, text))
-            vision, text, probs = layer(vision, text, attention_mask=mask, vision_language=vision_language,
-                                        cache=cache, output_attentions=output_attentions)
+            vision, text, probs = layer(
+                vision,
+                text,
+                attention_mask=mask,
+                vision_language=vision_language,
+                cache=cache,
+                output_attentions=output_attentions,
+            )
             if output_attentions:
                 all_attentions.append(probs)
         if self.final_norm is not None:
@@ -376,7 +425,9 @@ class Beit3Model(Beit3PreTrainedModel):
         keys = F.pad(attention_mask.bool(), (num_keys_before_text, 0), value=True)
         return keys[:, None, None, :]
 
-    def _check_inputs(self, pixel_values, input_ids, attention_mask, bool_masked_pos, position_ids, cache, interpolate_pos_encoding):
+    def _check_inputs(
+        self, pixel_values, input_ids, attention_mask, bool_masked_pos, position_ids, cache, interpolate_pos_encoding
+    ):
         """Raises a ValueError that says what is wrong and what to do, before any compute.
 
         Shapes and dtypes are always checked (free, and static under torch.compile / torch.export). Values
@@ -389,28 +440,43 @@ class Beit3Model(Beit3PreTrainedModel):
         batch = None
         if pixel_values is not None:
             if pixel_values.dim() != 4:
-                raise ValueError(f"pixel_values must be (batch, channels, height, width); got shape {tuple(pixel_values.shape)}.")
+                raise ValueError(
+                    f"pixel_values must be (batch, channels, height, width); got shape {tuple(pixel_values.shape)}."
+                )
             batch, channels, height, width = pixel_values.shape
             if not pixel_values.is_floating_point():
-                raise ValueError(f"pixel_values must be normalized floats; got {pixel_values.dtype} (raw pixels?). "
-                                 "Beit3ImageProcessor turns images into model inputs.")
+                raise ValueError(
+                    f"pixel_values must be normalized floats; got {pixel_values.dtype} (raw pixels?). "
+                    "Beit3ImageProcessor turns images into model inputs."
+                )
             # One reduction over the pixels, cheap beside the forward: NaN in would be NaN out, silently.
             if values_checkable(pixel_values) and not torch.isfinite(pixel_values).all():
                 raise ValueError("pixel_values hold NaN or infinite values; check the image pipeline.")
             if channels != config.num_channels:
-                raise ValueError(f"pixel_values have {channels} channels but the model takes {config.num_channels} "
-                                 "(convert images to RGB first; Beit3ImageProcessor does).")
+                raise ValueError(
+                    f"pixel_values have {channels} channels but the model takes {config.num_channels} "
+                    "(convert images to RGB first; Beit3ImageProcessor does)."
+                )
             patch = config.patch_size
             if height < patch or width < patch or height % patch or width % patch:
-                raise ValueError(f"An image of {height}x{width} pixels does not fit the {patch}x{patch} patch grid: "
-                                 f"height and width must be positive multiples of {patch}.")
+                raise ValueError(
+                    f"An image of {height}x{width} pixels does not fit the {patch}x{patch} patch grid: "
+                    f"height and width must be positive multiples of {patch}."
+                )
             if (height, width) != (config.image_size, config.image_size) and not interpolate_pos_encoding:
-                raise ValueError(f"The model was built for {config.image_size}x{config.image_size} images, got {height}x{width}. "
-                                 f"Resize the images (Beit3ImageProcessor does), load the model with image_size={height}, "
-                                 "or pass interpolate_pos_encoding=True.")
-            if bool_masked_pos is not None and tuple(bool_masked_pos.shape) != (batch, (height // patch) * (width // patch)):
-                raise ValueError(f"bool_masked_pos must be (batch, patches) = ({batch}, {(height // patch) * (width // patch)}); "
-                                 f"got {tuple(bool_masked_pos.shape)}.")
+                raise ValueError(
+                    f"The model was built for {config.image_size}x{config.image_size} images, got {height}x{width}. "
+                    f"Resize the images (Beit3ImageProcessor does), load the model with image_size={height}, "
+                    "or pass interpolate_pos_encoding=True."
+                )
+            if bool_masked_pos is not None and tuple(bool_masked_pos.shape) != (
+                batch,
+                (height // patch) * (width // patch),
+            ):
+                raise ValueError(
+                    f"bool_masked_pos must be (batch, patches) = ({batch}, {(height // patch) * (width // patch)}); "
+                    f"got {tuple(bool_masked_pos.shape)}."
+                )
         elif bool_masked_pos is not None:
             raise ValueError("bool_masked_pos masks image patches, but no pixel_values were given.")
         text_length = 0
@@ -418,38 +484,62 @@ class Beit3Model(Beit3PreTrainedModel):
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}.")
             if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.is_complex():
-                raise ValueError(f"input_ids must be integer token ids (torch.long); got {input_ids.dtype}. Use the tokenizer's "
-                                 "output, or .long().")
+                raise ValueError(
+                    f"input_ids must be integer token ids (torch.long); got {input_ids.dtype}. Use the tokenizer's "
+                    "output, or .long()."
+                )
             if batch is not None and input_ids.shape[0] != batch:
-                raise ValueError(f"pixel_values and input_ids have different batch sizes: {batch} and {input_ids.shape[0]}.")
+                raise ValueError(
+                    f"pixel_values and input_ids have different batch sizes: {batch} and {input_ids.shape[0]}."
+                )
             batch, text_length = input_ids.shape
             if position_ids is None and cache is not None and cache.get_seq_length() > 0:
-                raise ValueError("Decoding with a non-empty cache needs position_ids: the text positions of the new tokens, counted from 0.")
+                raise ValueError(
+                    "Decoding with a non-empty cache needs position_ids: the text positions of the new tokens, counted from 0."
+                )
             if position_ids is not None and values_checkable(position_ids) and position_ids.numel():
                 last_position = int(position_ids.max())
             else:
                 last_position = text_length - 1
             if last_position >= config.max_text_length:
-                raise ValueError(f"Text position {last_position} is past the position table, which holds {config.max_text_length} "
-                                 f"positions (max_position_embeddings {config.max_position_embeddings} minus the offset "
-                                 f"{config.position_offset}). Truncate the text (tokenizer truncation=True, max_length=...).")
-            if values_checkable(input_ids) and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
-                raise ValueError(f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}], outside the vocabulary "
-                                 f"[0, {config.vocab_size}). Use the tokenizer that matches this model.")
+                raise ValueError(
+                    f"Text position {last_position} is past the position table, which holds {config.max_text_length} "
+                    f"positions (max_position_embeddings {config.max_position_embeddings} minus the offset "
+                    f"{config.position_offset}). Truncate the text (tokenizer truncation=True, max_length=...)."
+                )
+            if (
+                values_checkable(input_ids)
+                and input_ids.numel()
+                and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size)
+            ):
+                raise ValueError(
+                    f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}], outside the vocabulary "
+                    f"[0, {config.vocab_size}). Use the tokenizer that matches this model."
+                )
         if attention_mask is not None:
-            num_image = 0 if pixel_values is None else 1 + (pixel_values.shape[-2] // config.patch_size) * (pixel_values.shape[-1] // config.patch_size)
+            num_image = (
+                0
+                if pixel_values is None
+                else 1 + (pixel_values.shape[-2] // config.patch_size) * (pixel_values.shape[-1] // config.patch_size)
+            )
             length = num_image + text_length
             keys = length + (cache.get_seq_length() if cache is not None else 0)
             if attention_mask.dim() == 2:
                 if input_ids is None:
-                    raise ValueError("A (batch, length) attention_mask marks text padding, but no input_ids were given; "
-                                     f"pass a full (batch, {length}, {keys}) mask to mask image tokens.")
+                    raise ValueError(
+                        "A (batch, length) attention_mask marks text padding, but no input_ids were given; "
+                        f"pass a full (batch, {length}, {keys}) mask to mask image tokens."
+                    )
                 if tuple(attention_mask.shape) != (batch, text_length):
-                    raise ValueError(f"attention_mask must be (batch, text length) = ({batch}, {text_length}) "
-                                     f"or (batch, {length}, {keys}); got {tuple(attention_mask.shape)}.")
+                    raise ValueError(
+                        f"attention_mask must be (batch, text length) = ({batch}, {text_length}) "
+                        f"or (batch, {length}, {keys}); got {tuple(attention_mask.shape)}."
+                    )
             elif attention_mask.dim() != 3 or tuple(attention_mask.shape) != (batch, length, keys):
-                raise ValueError(f"attention_mask must be (batch, text length) = ({batch}, {text_length}) or a full "
-                                 f"(batch, sequence, keys) = ({batch}, {length}, {keys}) mask; got {tuple(attention_mask.shape)}.")
+                raise ValueError(
+                    f"attention_mask must be (batch, text length) = ({batch}, {text_length}) or a full "
+                    f"(batch, sequence, keys) = ({batch}, {length}, {keys}) mask; got {tuple(attention_mask.shape)}."
+                )
 
 
 def values_checkable(tensor: torch.Tensor) -> bool:

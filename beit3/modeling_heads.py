@@ -71,12 +71,22 @@ class Beit3ForImageClassification(Beit3PreTrainedModel):
         self.head.init_scale = SMALL_HEAD_INIT
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
-                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool | None = None
-                ) -> ImageClassifierOutput | tuple:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+    ) -> ImageClassifierOutput | tuple:
         """pixel_values (B, C, H, W); labels (B,) class ids or (B, num_labels) soft targets -> logits (B, num_labels)."""
-        out = self.beit3(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, output_attentions=output_attentions,
-                         output_hidden_states=output_hidden_states)
+        out = self.beit3(
+            pixel_values=pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
         logits = self.head(self.fc_norm(out.last_hidden_state[:, 1:].mean(dim=1)))
         loss = None
         if labels is not None:
@@ -114,22 +124,32 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
         hidden = config.hidden_size
         if config.vqa_head == "answer_slot":
             if config.mask_token_id is None:
-                raise ValueError("vqa_head='answer_slot' reads the answer at the <mask> token: set config.mask_token_id to the tokenizer's mask id.")
+                raise ValueError(
+                    "vqa_head='answer_slot' reads the answer at the <mask> token: set config.mask_token_id to the tokenizer's mask id."
+                )
             self.head = nn.Linear(hidden, config.num_labels)
         else:
             self.pooler = Beit3Pooler(config)
-            self.head = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden, eps=config.layer_norm_eps), nn.GELU(),
-                                      nn.Linear(2 * hidden, config.num_labels))
+            self.head = nn.Sequential(
+                nn.Linear(hidden, 2 * hidden),
+                nn.LayerNorm(2 * hidden, eps=config.layer_norm_eps),
+                nn.GELU(),
+                nn.Linear(2 * hidden, config.num_labels),
+            )
         self.post_init()
 
     @torch.no_grad()
-    def init_answer_head_from_mlm(self, mlm_weight: torch.Tensor, mlm_bias: torch.Tensor, answer_pieces: list[list[int]]) -> None:
+    def init_answer_head_from_mlm(
+        self, mlm_weight: torch.Tensor, mlm_bias: torch.Tensor, answer_pieces: list[list[int]]
+    ) -> None:
         """Starts the answer-slot head from a masked language modeling head (vocab, hidden) + (vocab,): answer i's row is
         the mean of the rows of its pieces ``answer_pieces[i]`` (its token ids without specials)."""
         if self.config.vqa_head != "answer_slot":
             raise ValueError("init_answer_head_from_mlm is for config.vqa_head='answer_slot'.")
         if len(answer_pieces) != self.config.num_labels or any(not pieces for pieces in answer_pieces):
-            raise ValueError(f"answer_pieces needs a non-empty list of token ids for each of the {self.config.num_labels} answers.")
+            raise ValueError(
+                f"answer_pieces needs a non-empty list of token ids for each of the {self.config.num_labels} answers."
+            )
         self.head.weight.copy_(torch.stack([mlm_weight[pieces].mean(0) for pieces in answer_pieces]))
         self.head.bias.copy_(torch.stack([mlm_bias[pieces].mean() for pieces in answer_pieces]))
 
@@ -138,24 +158,39 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
         slots = input_ids == self.config.mask_token_id
         if values_checkable(input_ids) and not bool((slots.sum(-1) == 1).all()):
             counts = sorted(set(slots.sum(-1).tolist()))
-            raise ValueError(f"vqa_head='answer_slot' reads the answer at one <mask> (id {self.config.mask_token_id}) per question; rows "
-                             f"here have {counts}. Add it with beit3.data.vqa.insert_answer_slot (VqaDataset does when built "
-                             "with answer_slot=True).")
+            raise ValueError(
+                f"vqa_head='answer_slot' reads the answer at one <mask> (id {self.config.mask_token_id}) per question; rows "
+                f"here have {counts}. Add it with beit3.data.vqa.insert_answer_slot (VqaDataset does when built "
+                "with answer_slot=True)."
+            )
         return slots.int().argmax(-1)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
-                output_hidden_states: bool = False, return_dict: bool | None = None) -> SequenceClassifierOutput | tuple:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutput | tuple:
         """pixel_values (B, C, H, W), input_ids (B, T); labels (B, num_labels) soft scores in [0, 1] -> logits (B, num_labels).
 
         The loss follows ``config.vqa_loss``: ``bce`` is binary cross-entropy summed over answers and averaged over
         questions, as in the official recipe; ``softmax`` is cross-entropy against the scores normalized per question.
         """
-        out = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-                         interpolate_pos_encoding=interpolate_pos_encoding, output_attentions=output_attentions,
-                         output_hidden_states=output_hidden_states)
+        out = self.beit3(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
         if self.config.vqa_head == "answer_slot":
-            text = out.last_hidden_state[:, out.text_start:]
+            text = out.last_hidden_state[:, out.text_start :]
             logits = self.head(text[torch.arange(text.shape[0], device=text.device), self._answer_slots(input_ids)])
         else:
             logits = self.head(self.pooler(out.last_hidden_state[:, 0]))
@@ -167,7 +202,9 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
                 loss = _soft_or_hard_cross_entropy(logits, targets, 0.0)
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels) * labels.shape[-1]
-        return _as_asked(SequenceClassifierOutput(loss=loss, logits=logits, **_passed_on(out)), return_dict, self.config)
+        return _as_asked(
+            SequenceClassifierOutput(loss=loss, logits=logits, **_passed_on(out)), return_dict, self.config
+        )
 
 
 class Beit3ReasoningHead(nn.Module):
@@ -197,27 +234,43 @@ class Beit3ForVisualReasoning(Beit3PreTrainedModel):
         self.head = Beit3ReasoningHead(config)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, output_attentions: bool = False,
-                output_hidden_states: bool = False, return_dict: bool | None = None) -> SequenceClassifierOutput | tuple:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutput | tuple:
         """pixel_values (B, 2, C, H, W), input_ids (B, T); labels (B,) with 1 = true -> logits (B, num_labels).
 
         hidden_states and attentions, when asked for, are the backbone's over 2B sequences: every example's first
         image with the statement, then every example's second image with it.
         """
         if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
-            raise ValueError(f"Visual reasoning takes a pair of images per example, pixel_values (batch, 2, C, H, W); got {tuple(pixel_values.shape)}.")
+            raise ValueError(
+                f"Visual reasoning takes a pair of images per example, pixel_values (batch, 2, C, H, W); got {tuple(pixel_values.shape)}."
+            )
         batch = pixel_values.shape[0]
         images = pixel_values.transpose(0, 1).flatten(0, 1)  # all first images, then all second images
-        out = self.beit3(pixel_values=images, input_ids=input_ids.repeat(2, 1),
-                         attention_mask=None if attention_mask is None else attention_mask.repeat(2, 1),
-                         interpolate_pos_encoding=interpolate_pos_encoding, output_attentions=output_attentions,
-                         output_hidden_states=output_hidden_states)
+        out = self.beit3(
+            pixel_values=images,
+            input_ids=input_ids.repeat(2, 1),
+            attention_mask=None if attention_mask is None else attention_mask.repeat(2, 1),
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
         hidden = out.last_hidden_state
         pairs = torch.cat([hidden[:, 0], hidden[:, out.text_start]], dim=-1)
         logits = self.head(torch.cat([pairs[:batch], pairs[batch:]], dim=-1))
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return _as_asked(SequenceClassifierOutput(loss=loss, logits=logits, **_passed_on(out)), return_dict, self.config)
+        return _as_asked(
+            SequenceClassifierOutput(loss=loss, logits=logits, **_passed_on(out)), return_dict, self.config
+        )
 
 
 @dataclass
@@ -273,25 +326,45 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
         out = self.beit3(input_ids=input_ids, attention_mask=attention_mask, **outputs)
         return F.normalize(self.language_head(out.last_hidden_state[:, 0]), dim=-1), out
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, return_loss: bool = False, interpolate_pos_encoding: bool = False,
-                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool | None = None
-                ) -> Beit3RetrievalOutput | tuple:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_loss: bool = False,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+    ) -> Beit3RetrievalOutput | tuple:
         """Embeds whatever is given: N images (N, C, H, W) and/or M texts (M, T). With both, also the (N, M)
         similarities; with ``return_loss=True`` (N == M, image i goes with text i) the contrastive loss."""
         if pixel_values is None and input_ids is None:
             raise ValueError("Retrieval embeds images (pixel_values), texts (input_ids) or both; it got neither.")
         outputs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
-        image, vision_out = self._embed_images(pixel_values, interpolate_pos_encoding, **outputs) if pixel_values is not None else (None, None)
-        text, text_out = self._embed_texts(input_ids, attention_mask, **outputs) if input_ids is not None else (None, None)
-        result = {"image_embeds": image, "text_embeds": text, "vision_model_output": vision_out, "text_model_output": text_out}
+        image, vision_out = (
+            self._embed_images(pixel_values, interpolate_pos_encoding, **outputs)
+            if pixel_values is not None
+            else (None, None)
+        )
+        text, text_out = (
+            self._embed_texts(input_ids, attention_mask, **outputs) if input_ids is not None else (None, None)
+        )
+        result = {
+            "image_embeds": image,
+            "text_embeds": text,
+            "vision_model_output": vision_out,
+            "text_model_output": text_out,
+        }
         if image is not None and text is not None:
             logits_per_image = self.logit_scale.exp() * image @ text.t()
             result.update(logits_per_image=logits_per_image, logits_per_text=logits_per_image.t())
         if return_loss:
             if image is None or text is None or len(image) != len(text):
-                raise ValueError("return_loss=True needs as many images as texts, image i with its text i; got "
-                                 f"{0 if image is None else len(image)} images and {0 if text is None else len(text)} texts.")
+                raise ValueError(
+                    "return_loss=True needs as many images as texts, image i with its text i; got "
+                    f"{0 if image is None else len(image)} images and {0 if text is None else len(text)} texts."
+                )
             result["loss"] = self._contrastive_loss(image, text)
         return _as_asked(Beit3RetrievalOutput(**result), return_dict, self.config)
 
@@ -300,8 +373,10 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
         scale = self.logit_scale.exp()
         all_images, all_texts, offset = _gather_across_ranks(image, text) if self.training else (image, text, 0)
         targets = torch.arange(len(image), device=image.device) + offset
-        return (F.cross_entropy((scale * image @ all_texts.t()).float(), targets)
-                + F.cross_entropy((scale * text @ all_images.t()).float(), targets)) / 2
+        return (
+            F.cross_entropy((scale * image @ all_texts.t()).float(), targets)
+            + F.cross_entropy((scale * text @ all_images.t()).float(), targets)
+        ) / 2
 
 
 def _gather_across_ranks(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -350,11 +425,20 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
         self.mlm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: Cache | None = None, use_cache: bool = False, interpolate_pos_encoding: bool = False,
-                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool | None = None
-                ) -> CausalLMOutputWithPast | tuple:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool = False,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+    ) -> CausalLMOutputWithPast | tuple:
         """pixel_values (B, C, H, W), input_ids (B, T) (corrupted caption), attention_mask (B, T) or a full
         (B, L, L_keys) mask; labels (B, T), the original ids at the predicted positions and -100 elsewhere
         -> logits (B, T, vocab).
@@ -364,31 +448,54 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
         The loss is cross-entropy with label smoothing ``config.label_smoothing`` (0.1 by default, as the recipe).
         """
         if input_ids is None:
-            raise ValueError("Captioning reads a caption: pass input_ids (to generate from an image, call generate(pixel_values=...)).")
+            raise ValueError(
+                "Captioning reads a caption: pass input_ids (to generate from an image, call generate(pixel_values=...))."
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.dim() == 2:
             if pixel_values is None:
-                raise ValueError("Captioning needs pixel_values, unless decoding from a cache with a full (B, L, L_keys) attention_mask.")
-            image_tokens = 1 + (pixel_values.shape[-2] // self.config.patch_size) * (pixel_values.shape[-1] // self.config.patch_size)
+                raise ValueError(
+                    "Captioning needs pixel_values, unless decoding from a cache with a full (B, L, L_keys) attention_mask."
+                )
+            image_tokens = 1 + (pixel_values.shape[-2] // self.config.patch_size) * (
+                pixel_values.shape[-1] // self.config.patch_size
+            )
             attention_mask = caption_attention_mask(image_tokens, attention_mask)
-        out = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, use_cache=use_cache, interpolate_pos_encoding=interpolate_pos_encoding,
-                         output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        logits = self.mlm_head(out.last_hidden_state[:, out.text_start:])
+        out = self.beit3(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.mlm_head(out.last_hidden_state[:, out.text_start :])
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                   label_smoothing=_smoothing(self.config, 0.1))
-        return _as_asked(CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, **_passed_on(out)),
-                         return_dict, self.config)
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(),
+                labels.flatten(),
+                ignore_index=-100,
+                label_smoothing=_smoothing(self.config, 0.1),
+            )
+        return _as_asked(
+            CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, **_passed_on(out)),
+            return_dict,
+            self.config,
+        )
 
     def generate(self, pixel_values: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """transformers' ``generate`` with the image first: ``generate(pixel_values, max_new_tokens=20, num_beams=3,
         length_penalty=0.6)`` (the official beam scoring) or ``generate(**processor(images=..., return_tensors="pt"))``.
         Returns token ids (B, <= max_length): ``<s>``, the words, ``</s>`` (when reached), then padding."""
         if self.config.mask_token_id is None:
-            raise ValueError("Captioning decodes through the <mask> token: set config.mask_token_id to the tokenizer's mask id.")
+            raise ValueError(
+                "Captioning decodes through the <mask> token: set config.mask_token_id to the tokenizer's mask id."
+            )
         if kwargs.get("input_ids") is not None:
             kwargs["input_ids"] = self._caption_prefix(kwargs["input_ids"], kwargs.pop("attention_mask", None))
         return super().generate(pixel_values=pixel_values, **kwargs)
@@ -399,14 +506,22 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
         mask = attention_mask if attention_mask is not None else (input_ids != self.config.pad_token_id).long()
         lengths = mask.sum(-1)
         if bool((lengths != lengths[0]).any()):
-            raise ValueError(f"Caption prompts of one batch must be equally long (as tokens); got {sorted(set(lengths.tolist()))}: "
-                             "generate them one at a time.")
+            raise ValueError(
+                f"Caption prompts of one batch must be equally long (as tokens); got {sorted(set(lengths.tolist()))}: "
+                "generate them one at a time."
+            )
         length = int(lengths[0])
         ends = input_ids[:, length - 1] == self.config.eos_token_id
-        return input_ids[:, :length - 1] if bool(ends.all()) else input_ids[:, :length]
+        return input_ids[:, : length - 1] if bool(ends.all()) else input_ids[:, :length]
 
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                                      cache: Cache | None = None, use_cache: bool = True, **kwargs) -> dict:
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool = True,
+        **kwargs,
+    ) -> dict:
         """One decoding step's inputs: the caption so far (B, t) plus ``<mask>``, whose prediction is the next word.
 
         Without a cache (or at the first step) that is the image, the whole caption and ``<mask>``; with one, only
@@ -418,22 +533,43 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
         mask_column = torch.full((batch, 1), config.mask_token_id, dtype=torch.long, device=device)
         text_mask = (input_ids != config.pad_token_id).long()  # finished hypotheses go on with padding, never a key
         text_mask[:, 0] = 1
-        passed = {k: v for k, v in kwargs.items() if k in ("output_attentions", "output_hidden_states", "interpolate_pos_encoding")}
+        passed = {
+            k: v
+            for k, v in kwargs.items()
+            if k in ("output_attentions", "output_hidden_states", "interpolate_pos_encoding")
+        }
         if cache is None or cache.get_seq_length() == 0:
             if pixel_values is None:
                 raise ValueError("Captioning generates from an image: pass pixel_values (B, C, H, W) to generate().")
-            return {"pixel_values": pixel_values, "input_ids": torch.cat([input_ids, mask_column], dim=1),
-                    "attention_mask": torch.cat([text_mask, torch.ones_like(mask_column)], dim=1),
-                    "cache": cache if use_cache else None, "use_cache": use_cache, **passed}
+            return {
+                "pixel_values": pixel_values,
+                "input_ids": torch.cat([input_ids, mask_column], dim=1),
+                "attention_mask": torch.cat([text_mask, torch.ones_like(mask_column)], dim=1),
+                "cache": cache if use_cache else None,
+                "use_cache": use_cache,
+                **passed,
+            }
         cache.crop(-1)  # the previous step's <mask>; its word replaces it
         image_tokens = cache.get_seq_length() - (length - 1)
-        keys = torch.cat([torch.ones(batch, image_tokens, dtype=torch.bool, device=device), text_mask.bool(),
-                          torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+        keys = torch.cat(
+            [
+                torch.ones(batch, image_tokens, dtype=torch.bool, device=device),
+                text_mask.bool(),
+                torch.ones(batch, 1, dtype=torch.bool, device=device),
+            ],
+            dim=1,
+        )
         rows = keys[:, None, :].repeat(1, 2, 1)
         rows[:, 0, -1] = False  # the newest word does not see the <mask> after it
         positions = torch.tensor([length - 1, length], device=device).expand(batch, 2)
-        return {"input_ids": torch.cat([input_ids[:, -1:], mask_column], dim=1), "attention_mask": rows, "position_ids": positions,
-                "cache": cache, "use_cache": True, **passed}
+        return {
+            "input_ids": torch.cat([input_ids[:, -1:], mask_column], dim=1),
+            "attention_mask": rows,
+            "position_ids": positions,
+            "cache": cache,
+            "use_cache": True,
+            **passed,
+        }
 
 
 @dataclass
@@ -489,11 +625,19 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
             self.itm_head = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, bool_masked_pos: torch.Tensor | None = None,
-                image_labels: torch.Tensor | None = None, labels: torch.Tensor | None = None, itm_labels: torch.Tensor | None = None,
-                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool | None = None
-                ) -> Beit3MaskedDataModelingOutput | tuple:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        image_labels: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        itm_labels: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+    ) -> Beit3MaskedDataModelingOutput | tuple:
         """
         Args:
             pixel_values (B, C, H, W); input_ids (B, T) with masked words already replaced; attention_mask (B, T).
@@ -503,24 +647,36 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
             itm_labels: (B,) 1 where the text is the image's caption, 0 for a mismatched pair (image + text input).
         """
         if itm_labels is not None and not hasattr(self, "itm_head"):
-            raise ValueError("itm_labels were given, but this model has no image-text matching head: build it with config.itm_weight > 0.")
+            raise ValueError(
+                "itm_labels were given, but this model has no image-text matching head: build it with config.itm_weight > 0."
+            )
         if itm_labels is not None and (pixel_values is None or input_ids is None):
             raise ValueError("Image-text matching (itm_labels) needs both pixel_values and input_ids.")
         if bool_masked_pos is not None and image_labels is None:
-            raise ValueError("bool_masked_pos hides patches, but no image_labels (their visual tokens) were given to predict.")
+            raise ValueError(
+                "bool_masked_pos hides patches, but no image_labels (their visual tokens) were given to predict."
+            )
         if image_labels is not None and int(image_labels.max()) >= self.config.visual_vocab_size:
-            raise ValueError(f"image_labels hold visual token {int(image_labels.max())}, but the model predicts "
-                             f"{self.config.visual_vocab_size} (config.visual_vocab_size); use the visual tokenizer it was built for.")
-        out = self.beit3(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, bool_masked_pos=bool_masked_pos,
-                         output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+            raise ValueError(
+                f"image_labels hold visual token {int(image_labels.max())}, but the model predicts "
+                f"{self.config.visual_vocab_size} (config.visual_vocab_size); use the visual tokenizer it was built for."
+            )
+        out = self.beit3(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            bool_masked_pos=bool_masked_pos,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
         hidden = out.last_hidden_state
         result = {}
         if bool_masked_pos is not None and bool(bool_masked_pos.any()):
-            logits = self.mim_head(hidden[:, 1:out.text_start][bool_masked_pos])
+            logits = self.mim_head(hidden[:, 1 : out.text_start][bool_masked_pos])
             result.update(_masked_prediction("image", logits, image_labels[bool_masked_pos]))
         if labels is not None and bool((labels != -100).any()):
             chosen = labels != -100
-            logits = self.mlm_head(hidden[:, out.text_start:][chosen])
+            logits = self.mlm_head(hidden[:, out.text_start :][chosen])
             result.update(_masked_prediction("text", logits, labels[chosen]))
         losses = [result[k] for k in ("image_loss", "text_loss") if k in result]
         if itm_labels is not None:
@@ -532,6 +688,8 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
 
 def _masked_prediction(kind: str, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Loss, accuracy and logits of one kind of prediction (masked patches, masked words, matching); logits (M, classes), targets (M,)."""
-    return {f"{kind}_loss": F.cross_entropy(logits.float(), targets),
-            f"{kind}_accuracy": (logits.argmax(-1) == targets).float().mean().detach(),
-            f"{kind}_logits": logits}
+    return {
+        f"{kind}_loss": F.cross_entropy(logits.float(), targets),
+        f"{kind}_accuracy": (logits.argmax(-1) == targets).float().mean().detach(),
+        f"{kind}_logits": logits,
+    }

@@ -22,5 +22,7 @@ def find_config_file(path: str | Path) -> Path:
     found = next((candidate for candidate in candidates if candidate.is_file()), None)
     if found is None:
         looked = ", ".join(str(p) for p in [path.resolve() if not path.is_absolute() else path, *candidates])
-        raise FileNotFoundError(f"No config file at {path} (looked at {looked}); the packaged ones are under {CONFIG_DIR}.")
+        raise FileNotFoundError(
+            f"No config file at {path} (looked at {looked}); the packaged ones are under {CONFIG_DIR}."
+        )
     return found

@@ -23,12 +23,22 @@ from transformers import AutoTokenizer
 from .data.common import load_rgb
 from .data.vqa import insert_answer_slot
 from .image_processing_beit3 import Beit3ImageProcessor
-from .modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForVisualQuestionAnswering,
-                             Beit3ForVisualReasoning)
+from .modeling_heads import (
+    Beit3ForCaptioning,
+    Beit3ForImageClassification,
+    Beit3ForImageTextRetrieval,
+    Beit3ForVisualQuestionAnswering,
+    Beit3ForVisualReasoning,
+)
 from .processing_beit3 import Beit3Processor
 
-TASKS = {"caption": Beit3ForCaptioning, "vqa": Beit3ForVisualQuestionAnswering, "nlvr2": Beit3ForVisualReasoning,
-         "retrieve": Beit3ForImageTextRetrieval, "classify": Beit3ForImageClassification}
+TASKS = {
+    "caption": Beit3ForCaptioning,
+    "vqa": Beit3ForVisualQuestionAnswering,
+    "nlvr2": Beit3ForVisualReasoning,
+    "retrieve": Beit3ForImageTextRetrieval,
+    "classify": Beit3ForImageClassification,
+}
 
 
 def load_images(paths: list[str]) -> list[Image.Image]:
@@ -41,12 +51,22 @@ def load_images(paths: list[str]) -> list[Image.Image]:
     return images
 
 
-def predict(task: str, model_dir: str, images: list[str], texts: list[str] | None = None, tokenizer_dir: str | None = None,
-            num_beams: int = 1, max_length: int = 32, top: int = 5) -> list[str]:
+def predict(
+    task: str,
+    model_dir: str,
+    images: list[str],
+    texts: list[str] | None = None,
+    tokenizer_dir: str | None = None,
+    num_beams: int = 1,
+    max_length: int = 32,
+    top: int = 5,
+) -> list[str]:
     """Runs one task and returns the lines it would print."""
     model = load_task_model(task, model_dir)
     size = model.config.image_size
-    image_processor = Beit3ImageProcessor.for_imagenet(size=size) if task == "classify" else Beit3ImageProcessor(size=size)
+    image_processor = (
+        Beit3ImageProcessor.for_imagenet(size=size) if task == "classify" else Beit3ImageProcessor(size=size)
+    )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir) if task != "classify" else None
     processor = Beit3Processor(image_processor=image_processor, tokenizer=tokenizer) if tokenizer is not None else None
     pictures = load_images(images)
@@ -54,38 +74,59 @@ def predict(task: str, model_dir: str, images: list[str], texts: list[str] | Non
     lines = []
     with torch.no_grad():
         if task == "classify":
-            probs = model(pixel_values=image_processor(pictures, return_tensors="pt")["pixel_values"]).logits.softmax(-1)
+            probs = model(pixel_values=image_processor(pictures, return_tensors="pt")["pixel_values"]).logits.softmax(
+                -1
+            )
             for path, row in zip(images, probs):
                 best = row.topk(min(top, row.numel()))
-                lines.append(f"{path}: " + ", ".join(f"{names.get(int(i), i)} {p:.3f}" for p, i in zip(best.values, best.indices)))
+                lines.append(
+                    f"{path}: "
+                    + ", ".join(f"{names.get(int(i), i)} {p:.3f}" for p, i in zip(best.values, best.indices))
+                )
         elif task == "caption":
             pixel_values = image_processor(pictures, return_tensors="pt")["pixel_values"]
-            ids = model.generate(pixel_values, max_length=max_length, num_beams=num_beams, length_penalty=0.6)  # the official beam scoring
-            lines += [f"{path}: {caption}" for path, caption in zip(images, tokenizer.batch_decode(ids, skip_special_tokens=True))]
+            ids = model.generate(
+                pixel_values, max_length=max_length, num_beams=num_beams, length_penalty=0.6
+            )  # the official beam scoring
+            lines += [
+                f"{path}: {caption}"
+                for path, caption in zip(images, tokenizer.batch_decode(ids, skip_special_tokens=True))
+            ]
         elif task == "vqa":
             _need_text(texts, len(pictures))
             inputs = processor(images=pictures, text=_repeat(texts, len(pictures)), return_tensors="pt")
             if model.config.vqa_head == "answer_slot":
-                inputs.update(insert_answer_slot(inputs["input_ids"], inputs["attention_mask"], model.config.mask_token_id))
+                inputs.update(
+                    insert_answer_slot(inputs["input_ids"], inputs["attention_mask"], model.config.mask_token_id)
+                )
             logits = model(**inputs).logits
             probs = logits.softmax(-1) if model.config.vqa_loss == "softmax" else logits.sigmoid()
             for path, question, row in zip(images, _repeat(texts, len(pictures)), probs):
                 best = row.topk(min(top, row.numel()))
-                lines.append(f"{path} | {question}: " + ", ".join(f"{names.get(int(i), i)} {p:.3f}" for p, i in zip(best.values, best.indices)))
+                lines.append(
+                    f"{path} | {question}: "
+                    + ", ".join(f"{names.get(int(i), i)} {p:.3f}" for p, i in zip(best.values, best.indices))
+                )
         elif task == "nlvr2":
             if len(pictures) != 2 or not texts:
                 raise SystemExit("error: nlvr2 takes exactly two --images and one --text statement.")
             pixel_values = image_processor(pictures, return_tensors="pt")["pixel_values"].unsqueeze(0)
             text = processor.tokenizer(texts[:1], padding="max_length", truncation=True, return_tensors="pt")
             prob_true = model(pixel_values=pixel_values, **text).logits.softmax(-1)[0, 1].item()
-            lines.append(f"{texts[0]!r} about {images[0]} and {images[1]}: {'true' if prob_true >= 0.5 else 'false'} (p(true) = {prob_true:.3f})")
+            lines.append(
+                f"{texts[0]!r} about {images[0]} and {images[1]}: {'true' if prob_true >= 0.5 else 'false'} (p(true) = {prob_true:.3f})"
+            )
         else:
             _need_text(texts, 1)
             image_embeds = model.get_image_features(image_processor(pictures, return_tensors="pt")["pixel_values"])
             text = processor.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
             scores = image_embeds @ model.get_text_features(text["input_ids"], text["attention_mask"]).t()
             for path, row in zip(images, scores):
-                lines.append(f"{path}: best match {texts[int(row.argmax())]!r} (" + ", ".join(f"{s:.3f}" for s in row.tolist()) + ")")
+                lines.append(
+                    f"{path}: best match {texts[int(row.argmax())]!r} ("
+                    + ", ".join(f"{s:.3f}" for s in row.tolist())
+                    + ")"
+                )
     return lines
 
 
@@ -101,9 +142,11 @@ def load_task_model(task: str, model_dir: str):
         wanted = {name: cls.__name__ for name, cls in TASKS.items()}
         fitting = [name for name, cls_name in wanted.items() if cls_name in saved]
         hint = f" (try `{fitting[0]}`)" if fitting else ""
-        raise SystemExit(f"error: {model_dir} holds {holds}{hint}, but `{task}` needs a {model_class.__name__}: "
-                         f"{len(missing)} of its head's tensors are not in the folder ({', '.join(missing[:3]) or 'none'}"
-                         f"{', ...' if len(missing) > 3 else ''}). Fine-tune one or convert one with python -m beit3.convert --task ...")
+        raise SystemExit(
+            f"error: {model_dir} holds {holds}{hint}, but `{task}` needs a {model_class.__name__}: "
+            f"{len(missing)} of its head's tensors are not in the folder ({', '.join(missing[:3]) or 'none'}"
+            f"{', ...' if len(missing) > 3 else ''}). Fine-tune one or convert one with python -m beit3.convert --task ..."
+        )
     return model.eval()
 
 
@@ -119,19 +162,31 @@ def _need_text(texts: list[str] | None, images: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m beit3.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m beit3.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("task", choices=tuple(TASKS))
     parser.add_argument("--model", required=True, help="a from_pretrained folder of the task's model")
     parser.add_argument("--images", nargs="+", required=True)
-    parser.add_argument("--text", "--texts", dest="texts", nargs="+", help="question (vqa), statement (nlvr2) or candidate texts (retrieve)")
+    parser.add_argument(
+        "--text",
+        "--texts",
+        dest="texts",
+        nargs="+",
+        help="question (vqa), statement (nlvr2) or candidate texts (retrieve)",
+    )
     parser.add_argument("--tokenizer", help="folder with the tokenizer (default: --model)")
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--top", type=int, default=5)
     args = parser.parse_args(argv)
     if not Path(args.model).is_dir():
-        raise SystemExit(f"error: no model folder at {args.model} (convert one with python -m beit3.convert --task ...).")
-    for line in predict(args.task, args.model, args.images, args.texts, args.tokenizer, args.num_beams, args.max_length, args.top):
+        raise SystemExit(
+            f"error: no model folder at {args.model} (convert one with python -m beit3.convert --task ...)."
+        )
+    for line in predict(
+        args.task, args.model, args.images, args.texts, args.tokenizer, args.num_beams, args.max_length, args.top
+    ):
         print(line)
 
 

@@ -31,22 +31,34 @@ class Beit3Processor(ProcessorMixin):
         if text is not None:
             texts = [text] if isinstance(text, str) else text
             if not isinstance(texts, list):
-                raise ValueError(f"text is a {type(text).__name__}; Beit3Processor takes a string or a list of strings.")
+                raise ValueError(
+                    f"text is a {type(text).__name__}; Beit3Processor takes a string or a list of strings."
+                )
             if not texts:
                 raise ValueError("text is an empty list; pass at least one string (or leave text out for images only).")
             for index, item in enumerate(texts):
                 if not isinstance(item, str):
-                    raise ValueError(f"text[{index}] is a {type(item).__name__}; Beit3Processor takes a string or a list of strings.")
+                    raise ValueError(
+                        f"text[{index}] is a {type(item).__name__}; Beit3Processor takes a string or a list of strings."
+                    )
                 if not item.strip():
                     where = "text" if isinstance(text, str) else f"text[{index}]"
-                    raise ValueError(f"{where} is empty ({item!r}); every text needs at least one word. For an image alone "
-                                     "leave text out (text=None).")
+                    raise ValueError(
+                        f"{where} is empty ({item!r}); every text needs at least one word. For an image alone "
+                        "leave text out (text=None)."
+                    )
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def __call__(self, images=None, text=None, **kwargs):
         text = list(text) if isinstance(text, tuple) else text  # transformers takes lists only
         outputs = super().__call__(images=images, text=text, **kwargs)
-        if ("pixel_values" in outputs and "input_ids" in outputs and len(outputs["pixel_values"]) not in (1, len(outputs["input_ids"]))):
-            raise ValueError(f"Got {len(outputs['pixel_values'])} images and {len(outputs['input_ids'])} texts; an image+text "
-                             "batch pairs them by position, so pass as many of each (or one image to score against every text).")
+        if (
+            "pixel_values" in outputs
+            and "input_ids" in outputs
+            and len(outputs["pixel_values"]) not in (1, len(outputs["input_ids"]))
+        ):
+            raise ValueError(
+                f"Got {len(outputs['pixel_values'])} images and {len(outputs['input_ids'])} texts; an image+text "
+                "batch pairs them by position, so pass as many of each (or one image to score against every text)."
+            )
         return outputs

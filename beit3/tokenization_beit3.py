@@ -51,8 +51,9 @@ class Beit3Tokenizer(XLMRobertaTokenizer):
     """
 
     @classmethod
-    def from_spm(cls, spm_path: str | os.PathLike, model_max_length: int = 64,
-                 check_texts: Iterable[str] = CHECK_TEXTS, **kwargs) -> Beit3Tokenizer:
+    def from_spm(
+        cls, spm_path: str | os.PathLike, model_max_length: int = 64, check_texts: Iterable[str] = CHECK_TEXTS, **kwargs
+    ) -> Beit3Tokenizer:
         """Converts a SentencePiece model (``beit3.spm``) and checks the result against ``sentencepiece``.
 
         Args:
@@ -70,8 +71,10 @@ class Beit3Tokenizer(XLMRobertaTokenizer):
 
         spm_path = Path(spm_path)
         if not spm_path.is_file():
-            raise FileNotFoundError(f"No SentencePiece model at {spm_path}. Pass the path of beit3.spm (or of a model "
-                                    "trained with tokenizers/train_text_tokenizer.py).")
+            raise FileNotFoundError(
+                f"No SentencePiece model at {spm_path}. Pass the path of beit3.spm (or of a model "
+                "trained with tokenizers/train_text_tokenizer.py)."
+            )
         try:
             sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
         except (RuntimeError, OSError) as error:
@@ -82,8 +85,12 @@ class Beit3Tokenizer(XLMRobertaTokenizer):
         # <mask>; with the sentencepiece default layout (unk 0, <s> 1, </s> 2) that is exactly the id map.
         extracted = SentencePieceExtractor(str(spm_path)).extract(Unigram)
         vocab = XLMRobertaConverter.convert_from_spm(vocab=extracted["vocab"])["vocab"]
-        tokenizer = cls(vocab=vocab, _spm_precompiled_charsmap=extracted["_spm_precompiled_charsmap"],
-                        model_max_length=model_max_length, **kwargs)
+        tokenizer = cls(
+            vocab=vocab,
+            _spm_precompiled_charsmap=extracted["_spm_precompiled_charsmap"],
+            model_max_length=model_max_length,
+            **kwargs,
+        )
         verify_against_sentencepiece(tokenizer, sp, check_texts)
         return tokenizer
 
@@ -102,10 +109,12 @@ def _check_spm_layout(sp, spm_path) -> None:
     clashes = sorted({sp.id_to_piece(i) for i in range(3, size)} & {*SPECIAL_TOKENS, "<mask>"})
     if size < 4 or sp.unk_id() != 0 or not (sp.is_control(1) and sp.is_control(2)) or clashes:
         found = f"unk_id {sp.unk_id()}, pieces 1 and 2 {[sp.id_to_piece(i) for i in (1, 2) if i < size]}"
-        raise ValueError(f"{spm_path} does not fit BEiT-3's id map, which needs <unk> at id 0, control pieces (<s>, </s>) "
-                         f"at ids 1 and 2 and no other piece named {', '.join((*SPECIAL_TOKENS, '<mask>'))}; it has {found}"
-                         f"{f' and pieces named {clashes}' if clashes else ''}. Train one with train_sentencepiece "
-                         "(tokenizers/train_text_tokenizer.py), which uses that layout.")
+        raise ValueError(
+            f"{spm_path} does not fit BEiT-3's id map, which needs <unk> at id 0, control pieces (<s>, </s>) "
+            f"at ids 1 and 2 and no other piece named {', '.join((*SPECIAL_TOKENS, '<mask>'))}; it has {found}"
+            f"{f' and pieces named {clashes}' if clashes else ''}. Train one with train_sentencepiece "
+            "(tokenizers/train_text_tokenizer.py), which uses that layout."
+        )
 
 
 def beit3_ids_from_sentencepiece(sp, text: str) -> list[int]:
@@ -122,15 +131,19 @@ def verify_against_sentencepiece(tokenizer: Beit3Tokenizer, sp, texts: Iterable[
     specials = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": size + 1}
     got = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
     if got != specials or len(tokenizer) != size + 2:
-        raise ValueError(f"The converted tokenizer has special ids {got} and {len(tokenizer)} ids; BEiT-3's layout "
-                         f"for a {size}-piece model is {specials} and {size + 2} ids.")
+        raise ValueError(
+            f"The converted tokenizer has special ids {got} and {len(tokenizer)} ids; BEiT-3's layout "
+            f"for a {size}-piece model is {specials} and {size + 2} ids."
+        )
     for text in texts:
         expected, actual = beit3_ids_from_sentencepiece(sp, text), tokenizer(text, verbose=False)["input_ids"]
         if actual != expected:
-            raise ValueError(f"The converted tokenizer disagrees with sentencepiece on {text!r}: it gives {actual}, "
-                             f"sentencepiece plus the BEiT-3 id map gives {expected} (pieces "
-                             f"{sp.encode(text, out_type=str)}). The .spm uses a feature the conversion does not "
-                             "reproduce; please report it with the model file.")
+            raise ValueError(
+                f"The converted tokenizer disagrees with sentencepiece on {text!r}: it gives {actual}, "
+                f"sentencepiece plus the BEiT-3 id map gives {expected} (pieces "
+                f"{sp.encode(text, out_type=str)}). The .spm uses a feature the conversion does not "
+                "reproduce; please report it with the model file."
+            )
 
 
 def check_tokenizer_matches(tokenizer, config) -> None:
@@ -141,9 +154,11 @@ def check_tokenizer_matches(tokenizer, config) -> None:
     """
     problems = []
     if len(tokenizer) > config.vocab_size:
-        problems.append(f"the tokenizer has {len(tokenizer)} ids but the model's vocab_size is {config.vocab_size}, so ids "
-                        f"{config.vocab_size}..{len(tokenizer) - 1} have no embedding (use the model's own tokenizer, or "
-                        f"build the model with vocab_size >= {len(tokenizer)})")
+        problems.append(
+            f"the tokenizer has {len(tokenizer)} ids but the model's vocab_size is {config.vocab_size}, so ids "
+            f"{config.vocab_size}..{len(tokenizer) - 1} have no embedding (use the model's own tokenizer, or "
+            f"build the model with vocab_size >= {len(tokenizer)})"
+        )
     for name in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id"):
         wanted = getattr(config, name, None)
         if wanted is not None and getattr(tokenizer, name) != wanted:
@@ -152,10 +167,19 @@ def check_tokenizer_matches(tokenizer, config) -> None:
         raise ValueError("Tokenizer and model do not match: " + "; ".join(problems) + ".")
 
 
-def train_sentencepiece(output_dir: str | os.PathLike, vocab_size: int, files: Sequence[str | os.PathLike] = (),
-                        dataset: str | os.PathLike | None = None, column: str = "text", split: str | None = None,
-                        character_coverage: float = 0.9995, input_sentence_size: int = 0,
-                        model_max_length: int = 64, seed: int = 0, quiet: bool = False) -> Beit3Tokenizer:
+def train_sentencepiece(
+    output_dir: str | os.PathLike,
+    vocab_size: int,
+    files: Sequence[str | os.PathLike] = (),
+    dataset: str | os.PathLike | None = None,
+    column: str = "text",
+    split: str | None = None,
+    character_coverage: float = 0.9995,
+    input_sentence_size: int = 0,
+    model_max_length: int = 64,
+    seed: int = 0,
+    quiet: bool = False,
+) -> Beit3Tokenizer:
     """Trains a SentencePiece unigram model (like XLM-R's) and saves a BEiT-3 tokenizer folder.
 
     Args:
@@ -193,11 +217,21 @@ def train_sentencepiece(output_dir: str | os.PathLike, vocab_size: int, files: S
 
     with tempfile.TemporaryDirectory() as scratch:
         prefix = os.path.join(scratch, "beit3")
-        options = dict(model_prefix=prefix, vocab_size=vocab_size, model_type="unigram",
-                       # sentencepiece's default specials, the layout the BEiT-3 id map is defined on
-                       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=character_coverage,
-                       input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-                       num_threads=os.cpu_count() or 1, minloglevel=2 if quiet else 0)
+        options = dict(
+            model_prefix=prefix,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            # sentencepiece's default specials, the layout the BEiT-3 id map is defined on
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2 if quiet else 0,
+        )
         sentencepiece.set_random_generator_seed(seed)  # sampling of input sentences, for a repeatable vocabulary
         try:
             sentencepiece.SentencePieceTrainer.train(sentence_iterator=(s for s in sentences() if s.strip()), **options)
@@ -224,7 +258,9 @@ def _dataset_texts(path, column: str, split: str | None) -> Iterable[str]:
     elif split is not None:
         raise ValueError(f"{path} is a single dataset, not a DatasetDict; leave out split={split!r}.")
     if column not in data.column_names:
-        raise ValueError(f"{path} has no column {column!r}; its columns are {data.column_names} (choose one with --column).")
+        raise ValueError(
+            f"{path} has no column {column!r}; its columns are {data.column_names} (choose one with --column)."
+        )
     for batch in data.iter(batch_size=1000):
         for text in batch[column]:
             if text is not None:

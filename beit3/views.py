@@ -17,8 +17,12 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-_INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
-                  "lanczos": T.InterpolationMode.LANCZOS, "nearest": T.InterpolationMode.NEAREST}
+_INTERPOLATION = {
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "lanczos": T.InterpolationMode.LANCZOS,
+    "nearest": T.InterpolationMode.NEAREST,
+}
 
 
 class TwoViewTransform:
@@ -42,10 +46,19 @@ class TwoViewTransform:
     The distributions are torchvision's: ``RandomResizedCrop``'s box, ``ColorJitter`` in random order.
     """
 
-    def __init__(self, model_size: int = 224, tokenizer_size: int = 224, scale: tuple[float, float] = (0.2, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), color_jitter: float = 0.4, hflip: float = 0.5,
-                 model_interpolation: str = "bicubic", tokenizer_interpolation: str = "bicubic",
-                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)):
+    def __init__(
+        self,
+        model_size: int = 224,
+        tokenizer_size: int = 224,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        color_jitter: float = 0.4,
+        hflip: float = 0.5,
+        model_interpolation: str = "bicubic",
+        tokenizer_interpolation: str = "bicubic",
+        mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+        std: tuple[float, ...] = (0.5, 0.5, 0.5),
+    ):
         self.model_size, self.tokenizer_size = model_size, tokenizer_size
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.color_jitter, self.hflip = color_jitter, hflip
@@ -53,8 +66,9 @@ class TwoViewTransform:
         self.tokenizer_interpolation = _INTERPOLATION[tokenizer_interpolation]
         self.mean, self.std = list(mean), list(std)
 
-    def crops(self, image: Image.Image, tokenizer_view: bool = True,
-              rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def crops(
+        self, image: Image.Image, tokenizer_view: bool = True, rng: random.Random | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The two views as uint8 tensors (3, size, size), before ``finish``; the tokenizer's None when not asked for.
 
         The float conversion and normalization are left to ``finish`` on the whole batch: per image they cost
@@ -70,8 +84,10 @@ class TwoViewTransform:
             crop = TF.resized_crop(image, top, left, height, width, [size] * 2, interpolation, antialias=True)
             return torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)
 
-        return (view(self.model_size, self.model_interpolation),
-                view(self.tokenizer_size, self.tokenizer_interpolation) if tokenizer_view else None)
+        return (
+            view(self.model_size, self.model_interpolation),
+            view(self.tokenizer_size, self.tokenizer_interpolation) if tokenizer_view else None,
+        )
 
     def finish(self, model_views: torch.Tensor, tokenizer_views: torch.Tensor | None = None):
         """uint8 views (..., 3, S, S) from ``crops`` (one or stacked) -> (model views normalized, tokenizer views in [0, 1])."""
@@ -82,8 +98,9 @@ class TwoViewTransform:
         return self.finish(*self.crops(image, rng=rng))
 
 
-def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
-             rng: random.Random) -> tuple[int, int, int, int]:
+def crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
+) -> tuple[int, int, int, int]:
     """A random resized crop's (top, left, height, width), distributed as ``T.RandomResizedCrop.get_params``'s:
     up to 10 draws of an area fraction in ``scale`` and a log-uniform aspect in ``ratio`` that fit the image,
     else the largest centered box within ``ratio``."""
@@ -128,12 +145,22 @@ class CenterView:
     Returns (3, size, size), normalized with ``mean``/``std`` (0.5, as ``TwoViewTransform``'s model view).
     """
 
-    def __init__(self, size: int = 224, color_jitter: float = 0.4, interpolation: str = "bicubic",
-                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)):
+    def __init__(
+        self,
+        size: int = 224,
+        color_jitter: float = 0.4,
+        interpolation: str = "bicubic",
+        mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+        std: tuple[float, ...] = (0.5, 0.5, 0.5),
+    ):
         self.size, self.color_jitter = size, color_jitter
-        self.resize = T.Compose([T.Resize(size, interpolation=_INTERPOLATION[interpolation], antialias=True), T.CenterCrop(size)])
+        self.resize = T.Compose(
+            [T.Resize(size, interpolation=_INTERPOLATION[interpolation], antialias=True), T.CenterCrop(size)]
+        )
         self.finish = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         """``rng`` draws the jitter (default: the ``random`` module), as in ``TwoViewTransform``."""
-        return self.finish(jitter_colors(self.resize(image.convert("RGB")), self.color_jitter, random if rng is None else rng))
+        return self.finish(
+            jitter_colors(self.resize(image.convert("RGB")), self.color_jitter, random if rng is None else rng)
+        )

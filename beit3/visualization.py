@@ -39,11 +39,19 @@ def code_palette(codebook_size: int) -> np.ndarray:
     hue = (ids * _GOLDEN) % 1.0
     saturation = 0.45 + 0.55 * ((ids * 0.7548776662 + 0.3) % 1.0)
     value = 0.55 + 0.45 * ((ids * 0.5698402910 + 0.6) % 1.0)
-    return np.array([colorsys.hsv_to_rgb(h, s, v) for h, s, v in zip(hue, saturation, value)], dtype=np.float32).reshape(-1, 3)
+    return np.array(
+        [colorsys.hsv_to_rgb(h, s, v) for h, s, v in zip(hue, saturation, value)], dtype=np.float32
+    ).reshape(-1, 3)
 
 
-def save_code_maps(images: torch.Tensor, codes: torch.Tensor, grid: int | tuple[int, int], path: str | os.PathLike,
-                   codebook_size: int, max_images: int = 8) -> Path:
+def save_code_maps(
+    images: torch.Tensor,
+    codes: torch.Tensor,
+    grid: int | tuple[int, int],
+    path: str | os.PathLike,
+    codebook_size: int,
+    max_images: int = 8,
+) -> Path:
     """Each image (left) beside its code map (right): one colored cell per patch, colors from ``code_palette``.
 
     Args:
@@ -60,12 +68,16 @@ def save_code_maps(images: torch.Tensor, codes: torch.Tensor, grid: int | tuple[
     height_cells, width_cells = (grid, grid) if isinstance(grid, int) else tuple(grid)
     codes = torch.as_tensor(codes).detach().cpu()
     if codes.dim() != 2 or codes.shape[0] != images.shape[0] or codes.shape[1] != height_cells * width_cells:
-        raise ValueError(f"codes must be (B, h*w) = ({images.shape[0]}, {height_cells * width_cells}) for {images.shape[0]} images "
-                         f"and a {height_cells}x{width_cells} grid; got {tuple(codes.shape)}. Pass the grid the tokenizer used "
-                         "(image side / tokenizer.patch_size).")
+        raise ValueError(
+            f"codes must be (B, h*w) = ({images.shape[0]}, {height_cells * width_cells}) for {images.shape[0]} images "
+            f"and a {height_cells}x{width_cells} grid; got {tuple(codes.shape)}. Pass the grid the tokenizer used "
+            "(image side / tokenizer.patch_size)."
+        )
     if codes.numel() and (codes.min() < 0 or codes.max() >= codebook_size):
-        raise ValueError(f"Code ids range over [{codes.min().item()}, {codes.max().item()}], outside [0, {codebook_size}); "
-                         "is codebook_size that of the tokenizer that made them?")
+        raise ValueError(
+            f"Code ids range over [{codes.min().item()}, {codes.max().item()}], outside [0, {codebook_size}); "
+            "is codebook_size that of the tokenizer that made them?"
+        )
     rows = min(rows, max_images)
     palette = code_palette(codebook_size)
     figure = Figure(figsize=(2 * _PANEL_INCHES, rows * _PANEL_INCHES * 1.1), dpi=_DPI, layout="constrained")
@@ -86,15 +98,24 @@ def save_code_maps(images: torch.Tensor, codes: torch.Tensor, grid: int | tuple[
             code_axes.axhline(y, color="white", linewidth=0.4)
         if height_cells * width_cells <= _LABEL_MAX_CELLS:
             for (i, j), code in np.ndenumerate(ids):
-                code_axes.text((j + 0.5) * cell_w, (i + 0.5) * cell_h, str(code), ha="center", va="center", fontsize=6,
-                               color="black" if palette[code].mean() > 0.55 else "white")
+                code_axes.text(
+                    (j + 0.5) * cell_w,
+                    (i + 0.5) * cell_h,
+                    str(code),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="black" if palette[code].mean() > 0.55 else "white",
+                )
         for ax in (image_axes, code_axes):
             ax.set_xticks([])
             ax.set_yticks([])
     return _save(figure, path)
 
 
-def save_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | os.PathLike, max_images: int = 8) -> Path:
+def save_reconstructions(
+    originals: torch.Tensor, reconstructions: torch.Tensor, path: str | os.PathLike, max_images: int = 8
+) -> Path:
     """Originals in the top row, their reconstructions (e.g. ``DVAE.decode`` of its codes) below.
 
     Args:
@@ -121,8 +142,9 @@ def save_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor,
     return _save(figure, path)
 
 
-def save_codebook_usage(steps: Sequence[float], usage: Sequence[float], path: str | os.PathLike,
-                        perplexity: Sequence[float] | None = None) -> Path:
+def save_codebook_usage(
+    steps: Sequence[float], usage: Sequence[float], path: str | os.PathLike, perplexity: Sequence[float] | None = None
+) -> Path:
     """Codebook usage (fraction of the K codes used per batch) over training; perplexity beside it if given.
 
     Args:
@@ -136,7 +158,9 @@ def save_codebook_usage(steps: Sequence[float], usage: Sequence[float], path: st
         series.append(("perplexity (exp entropy of code histogram)", _numbers(perplexity, "perplexity")))
     for name, values in series:
         if len(values) != len(steps):
-            raise ValueError(f"{len(steps)} steps but {len(values)} values of {name.split(' (')[0]}; pass one value per step.")
+            raise ValueError(
+                f"{len(steps)} steps but {len(values)} values of {name.split(' (')[0]}; pass one value per step."
+            )
     if not len(steps):
         raise ValueError("No points to plot: steps is empty.")
     figure = Figure(figsize=(4.5 * len(series), 3.2), dpi=_DPI, layout="constrained")
@@ -150,9 +174,13 @@ def save_codebook_usage(steps: Sequence[float], usage: Sequence[float], path: st
     return _save(figure, path)
 
 
-def save_loss_curves(records: Iterable[Mapping], path: str | os.PathLike,
-                     panels: Mapping[str, Sequence[str]] | Sequence[str] = ("loss",), title: str | None = None,
-                     smoothing: float | None = None) -> Path:
+def save_loss_curves(
+    records: Iterable[Mapping],
+    path: str | os.PathLike,
+    panels: Mapping[str, Sequence[str]] | Sequence[str] = ("loss",),
+    title: str | None = None,
+    smoothing: float | None = None,
+) -> Path:
     """A run's curves over steps, one panel per group of metrics, from records such as the lines of ``metrics.jsonl``.
 
     Args:
@@ -177,8 +205,11 @@ def save_loss_curves(records: Iterable[Mapping], path: str | os.PathLike,
     for name, keys in panels.items():
         curves = {}
         for key in keys:
-            points = [(step, float(by_step[step][key])) for step in steps
-                      if isinstance(by_step[step].get(key), (int, float)) and math.isfinite(by_step[step][key])]
+            points = [
+                (step, float(by_step[step][key]))
+                for step in steps
+                if isinstance(by_step[step].get(key), (int, float)) and math.isfinite(by_step[step][key])
+            ]
             if points:
                 curves[key] = points
         if curves:
@@ -186,8 +217,9 @@ def save_loss_curves(records: Iterable[Mapping], path: str | os.PathLike,
     if not drawn:
         wanted = [key for keys in panels.values() for key in keys]
         present = sorted({k for r in by_step.values() for k in r})
-        raise ValueError(f"None of the keys {wanted} has a finite value in the {len(steps)} records; "
-                         f"their keys are {present}.")
+        raise ValueError(
+            f"None of the keys {wanted} has a finite value in the {len(steps)} records; their keys are {present}."
+        )
     figure = Figure(figsize=(6.4, 1.2 + 2.2 * len(drawn)), dpi=_DPI, layout="constrained")
     axes = figure.subplots(len(drawn), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (name, curves) in zip(axes, drawn.items()):
@@ -219,8 +251,9 @@ def _moving_average(values: np.ndarray, weight: float) -> np.ndarray:
     return averaged
 
 
-def save_captioned_images(images: torch.Tensor, texts: Sequence[str], path: str | os.PathLike, columns: int = 4,
-                          title: str | None = None) -> Path:
+def save_captioned_images(
+    images: torch.Tensor, texts: Sequence[str], path: str | os.PathLike, columns: int = 4, title: str | None = None
+) -> Path:
     """A grid of images, each with its text below (wrapped), e.g. generated or retrieved captions.
 
     Args:
@@ -253,8 +286,10 @@ def save_captioned_images(images: torch.Tensor, texts: Sequence[str], path: str 
 def _check_images(images: torch.Tensor, name: str) -> int:
     """The batch size of a (B, 3, H, W) tensor; an error naming the argument otherwise."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name} must be a (B, 3, H, W) tensor in [0, 1]; got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}.")
+        raise ValueError(
+            f"{name} must be a (B, 3, H, W) tensor in [0, 1]; got "
+            f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}."
+        )
     if images.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch; pass at least one image.")
     return images.shape[0]

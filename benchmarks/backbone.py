@@ -33,10 +33,19 @@ def torchscale_model(config: Beit3Config):
     from torchscale.architecture.config import EncoderConfig
     from torchscale.model.BEiT3 import BEiT3
 
-    args = EncoderConfig(img_size=config.image_size, patch_size=config.patch_size, vocab_size=config.vocab_size, multiway=True,
-                         layernorm_embedding=False, normalize_output=config.final_layernorm, no_output_layer=True,
-                         encoder_embed_dim=config.hidden_size, encoder_attention_heads=config.num_attention_heads,
-                         encoder_ffn_embed_dim=config.intermediate_size, encoder_layers=config.num_hidden_layers)
+    args = EncoderConfig(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        vocab_size=config.vocab_size,
+        multiway=True,
+        layernorm_embedding=False,
+        normalize_output=config.final_layernorm,
+        no_output_layer=True,
+        encoder_embed_dim=config.hidden_size,
+        encoder_attention_heads=config.num_attention_heads,
+        encoder_ffn_embed_dim=config.intermediate_size,
+        encoder_layers=config.num_hidden_layers,
+    )
     return BEiT3(args)
 
 
@@ -72,7 +81,9 @@ def model_flops(config: Beit3Config, batch: int, seq: int, training: bool) -> fl
 def compare_compiled(ours: Beit3Model, inputs: dict, device: str, reps: int, precisions: list[str]) -> None:
     """Inference of torch.compile(ours) against eager ours on the same input, interleaved, alternating the order."""
     ours.eval()
-    compiled = torch.compile(ours, fullgraph=True)  # fullgraph: a graph break in the backbone is an error, not a slowdown
+    compiled = torch.compile(
+        ours, fullgraph=True
+    )  # fullgraph: a graph break in the backbone is an error, not a slowdown
     autocast_device = "cuda" if device == "cuda" else "cpu"
     print(f"{'precision':9} {'eager s':>8} {'compiled s':>11} {'speedup':>8} {'compile s':>10} {'max |diff|':>11}")
     for precision in precisions:
@@ -90,11 +101,14 @@ def compare_compiled(ours: Beit3Model, inputs: dict, device: str, reps: int, pre
         _, eager_out = step(ours)
         times = {"eager": [], "compiled": []}
         for rep in range(reps):
-            for name in (("eager", "compiled") if rep % 2 == 0 else ("compiled", "eager")):
+            for name in ("eager", "compiled") if rep % 2 == 0 else ("compiled", "eager"):
                 times[name].append(step(ours if name == "eager" else compiled)[0])
         eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
         diff = (compiled_out.float() - eager_out.float()).abs().max().item()
-        print(f"{precision:9} {eager_s:8.3f} {compiled_s:11.3f} {eager_s / compiled_s:7.2f}x {compile_s:10.1f} {diff:11.2e}", flush=True)
+        print(
+            f"{precision:9} {eager_s:8.3f} {compiled_s:11.3f} {eager_s / compiled_s:7.2f}x {compile_s:10.1f} {diff:11.2e}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -106,8 +120,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", default="inference,training")
     parser.add_argument("--precisions", default="fp32,bf16")
-    parser.add_argument("--profile", metavar="PRECISION,MODE", help="profile one forward of our model instead of timing")
-    parser.add_argument("--compile", action="store_true", help="time torch.compile(ours) against eager ours (inference) instead of torchscale")
+    parser.add_argument(
+        "--profile", metavar="PRECISION,MODE", help="profile one forward of our model instead of timing"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="time torch.compile(ours) against eager ours (inference) instead of torchscale",
+    )
     args = parser.parse_args()
     device = args.device
     torch.manual_seed(0)
@@ -132,43 +152,72 @@ def main() -> None:
         return ours(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def run_reference():
-        return reference(textual_tokens=input_ids, visual_tokens=pixel_values, text_padding_position=padding)["encoder_out"]
+        return reference(textual_tokens=input_ids, visual_tokens=pixel_values, text_padding_position=padding)[
+            "encoder_out"
+        ]
 
     autocast_device = "cuda" if device == "cuda" else "cpu"
     if args.compile:
-        print(f"device: {device}, threads: {torch.get_num_threads()}, torch {torch.__version__}; batch {batch}, "
-              f"{config.num_patches + 1} image tokens + {text} text tokens, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
-        compare_compiled(ours, {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}, device, args.reps,
-                         args.precisions.split(","))
+        print(
+            f"device: {device}, threads: {torch.get_num_threads()}, torch {torch.__version__}; batch {batch}, "
+            f"{config.num_patches + 1} image tokens + {text} text tokens, {config.num_hidden_layers} layers, hidden {config.hidden_size}"
+        )
+        compare_compiled(
+            ours,
+            {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask},
+            device,
+            args.reps,
+            args.precisions.split(","),
+        )
         return
     if args.profile:
         precision, mode = args.profile.split(",")
         ours.train(mode == "training")
-        with torch.profiler.profile() as profiler, torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with (
+            torch.profiler.profile() as profiler,
+            torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=precision == "bf16"),
+        ):
             out = run_ours()
             if mode == "training":
                 out.float().mean().backward()
-        print(profiler.key_averages().table(sort_by="self_cpu_time_total" if device == "cpu" else "self_cuda_time_total", row_limit=12))
+        print(
+            profiler.key_averages().table(
+                sort_by="self_cpu_time_total" if device == "cpu" else "self_cuda_time_total", row_limit=12
+            )
+        )
         return
-    peaks = {"fp32": matmul_peak(torch.float32, device, args.reps), "bf16": matmul_peak(torch.bfloat16, device, args.reps)}
+    peaks = {
+        "fp32": matmul_peak(torch.float32, device, args.reps),
+        "bf16": matmul_peak(torch.bfloat16, device, args.reps),
+    }
     print(f"device: {device}, threads: {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"matmul peak (2088x768 @ 768x3072): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s "
-          f"(bf16/fp32 {peaks['bf16'] / peaks['fp32']:.2f}x)")
+    print(
+        f"matmul peak (2088x768 @ 768x3072): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s "
+        f"(bf16/fp32 {peaks['bf16'] / peaks['fp32']:.2f}x)"
+    )
     if device == "cpu" and peaks["bf16"] < peaks["fp32"]:
-        print("note: bf16 matmuls are slower than fp32 here: this CPU has no native bf16 (avx512_bf16/AMX), so PyTorch "
-              "emulates them; the bf16 rows measure that emulation, not a bf16-capable CPU.")
-    print(f"input: batch {batch}, {config.num_patches + 1} image tokens + {text} text tokens ({int(padding.sum())} padded), "
-          f"{config.num_hidden_layers} layers, hidden {config.hidden_size}")
+        print(
+            "note: bf16 matmuls are slower than fp32 here: this CPU has no native bf16 (avx512_bf16/AMX), so PyTorch "
+            "emulates them; the bf16 rows measure that emulation, not a bf16-capable CPU."
+        )
+    print(
+        f"input: batch {batch}, {config.num_patches + 1} image tokens + {text} text tokens ({int(padding.sum())} padded), "
+        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}"
+    )
 
     with torch.no_grad():  # bf16 autocast against fp32, same weights and input
         exact = run_ours().float()
         with torch.autocast(autocast_device, dtype=torch.bfloat16):
             low = run_ours().float()
         ref_exact = run_reference().float()
-    valid = torch.cat([torch.ones(batch, config.num_patches + 1, dtype=torch.bool, device=device), attention_mask.bool()], 1)
-    print(f"ours vs torchscale, fp32: max |diff| {(exact - ref_exact)[valid].abs().max().item():.2e}; "
-          f"ours bf16 autocast vs fp32: max |diff| {(low - exact)[valid].abs().max().item():.3f} "
-          f"(relative to the output's std {exact[valid].std().item():.3f}: {(low - exact)[valid].abs().max().item() / exact[valid].std().item():.3f})")
+    valid = torch.cat(
+        [torch.ones(batch, config.num_patches + 1, dtype=torch.bool, device=device), attention_mask.bool()], 1
+    )
+    print(
+        f"ours vs torchscale, fp32: max |diff| {(exact - ref_exact)[valid].abs().max().item():.2e}; "
+        f"ours bf16 autocast vs fp32: max |diff| {(low - exact)[valid].abs().max().item():.3f} "
+        f"(relative to the output's std {exact[valid].std().item():.3f}: {(low - exact)[valid].abs().max().item() / exact[valid].std().item():.3f})"
+    )
 
     header = f"{'precision':9} {'mode':9} {'ours s':>8} {'torchscale s':>13} {'speedup':>8} {'ours %peak':>10} {'ts %peak':>9}"
     print(header)
@@ -180,7 +229,11 @@ def main() -> None:
             reference.train(training)
 
             def step(fn):
-                context = torch.autocast(autocast_device, dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(autocast_device, enabled=False)
+                context = (
+                    torch.autocast(autocast_device, dtype=torch.bfloat16)
+                    if precision == "bf16"
+                    else torch.autocast(autocast_device, enabled=False)
+                )
                 sync(device)
                 start = time.perf_counter()
                 if training:
@@ -203,8 +256,11 @@ def main() -> None:
             ours_s, ref_s = statistics.median(times[run_ours]), statistics.median(times[run_reference])
             flops = model_flops(config, batch, seq, training)
             peak = peaks[precision]
-            print(f"{precision:9} {mode:9} {ours_s:8.3f} {ref_s:13.3f} {ref_s / ours_s:7.2f}x {100 * flops / ours_s / peak:9.1f}% "
-                  f"{100 * flops / ref_s / peak:8.1f}%", flush=True)
+            print(
+                f"{precision:9} {mode:9} {ours_s:8.3f} {ref_s:13.3f} {ref_s / ours_s:7.2f}x {100 * flops / ours_s / peak:9.1f}% "
+                f"{100 * flops / ref_s / peak:8.1f}%",
+                flush=True,
+            )
             ours.zero_grad(set_to_none=True)
             reference.zero_grad(set_to_none=True)
 

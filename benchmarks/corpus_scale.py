@@ -55,7 +55,11 @@ def write_corpus(folder: Path, pairs: int) -> str:
         return pattern
     shutil.rmtree(folder, ignore_errors=True)
     rng = random.Random(0)
-    colors, kinds, places = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle"], ["left", "right", "top", "bottom"]
+    colors, kinds, places = (
+        ["red", "green", "blue", "yellow"],
+        ["circle", "square", "triangle"],
+        ["left", "right", "top", "bottom"],
+    )
     images = []
     for index in range(64):
         buffer = io.BytesIO()
@@ -88,8 +92,15 @@ def main() -> None:
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     captions = folder / "captions.txt"
-    captions.write_text("\n".join(f"a {c} {k} on the {p}" for c in ["red", "green", "blue", "yellow"]
-                                  for k in ["circle", "square", "triangle"] for p in ["left", "right", "top", "bottom"]) + "\n")
+    captions.write_text(
+        "\n".join(
+            f"a {c} {k} on the {p}"
+            for c in ["red", "green", "blue", "yellow"]
+            for k in ["circle", "square", "triangle"]
+            for p in ["left", "right", "top", "bottom"]
+        )
+        + "\n"
+    )
     if not (folder / "tok").is_dir():
         train_sentencepiece(folder / "tok", vocab_size=30, files=[captions], model_max_length=32, quiet=True)
         torch.manual_seed(0)
@@ -106,23 +117,53 @@ def main() -> None:
             cache = folder / "hf-cache"
             shutil.rmtree(run, ignore_errors=True)
             shutil.rmtree(cache, ignore_errors=True)
-            sets = [f"text_tokenizer={folder / 'tok'}", f"visual_tokenizer={folder / 'vqkd'}", "data.sources.images=null",
-                    f"data.sources.texts=[{captions}]", "data.sources.pairs=" + json.dumps([pattern] if streaming else expand_shards(pattern)), f"data.streaming={str(streaming).lower()}",
-                    "data.batch_size={text: 8, pair: 8}", f"train.output_dir={run}", "train.max_steps=3", "train.save_every=3",
-                    "train.log_every=1", "train.num_workers=1"]
-            command = [sys.executable, "tasks/pretrain.py", "--config", "configs/pretrain/tiny.yaml", *(a for s in sets for a in ("--set", s))]
+            sets = [
+                f"text_tokenizer={folder / 'tok'}",
+                f"visual_tokenizer={folder / 'vqkd'}",
+                "data.sources.images=null",
+                f"data.sources.texts=[{captions}]",
+                "data.sources.pairs=" + json.dumps([pattern] if streaming else expand_shards(pattern)),
+                f"data.streaming={str(streaming).lower()}",
+                "data.batch_size={text: 8, pair: 8}",
+                f"train.output_dir={run}",
+                "train.max_steps=3",
+                "train.save_every=3",
+                "train.log_every=1",
+                "train.num_workers=1",
+            ]
+            command = [
+                sys.executable,
+                "tasks/pretrain.py",
+                "--config",
+                "configs/pretrain/tiny.yaml",
+                *(a for s in sets for a in ("--set", s)),
+            ]
             env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-            result = subprocess.run([sys.executable, "-c", WRAPPER, str(run / "metrics.jsonl"), *command], cwd=ROOT, env=env,
-                                    capture_output=True, text=True, check=True).stdout.split()
+            result = subprocess.run(
+                [sys.executable, "-c", WRAPPER, str(run / "metrics.jsonl"), *command],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
             code, first, rss_kb = int(result[0]), result[1], int(result[2])
-            row = {"pairs": pairs, "streaming": streaming, "exit": code, "seconds_to_first_step": None if first == "None" else round(float(first), 1),
-                   "peak_rss_mb": round(rss_kb / 1024), "corpus_mb": round(sum(p.stat().st_size for p in (folder / f"corpus-{pairs}").glob("*.tar")) / 2**20),
-                   "write_seconds": round(written, 1)}
+            row = {
+                "pairs": pairs,
+                "streaming": streaming,
+                "exit": code,
+                "seconds_to_first_step": None if first == "None" else round(float(first), 1),
+                "peak_rss_mb": round(rss_kb / 1024),
+                "corpus_mb": round(sum(p.stat().st_size for p in (folder / f"corpus-{pairs}").glob("*.tar")) / 2**20),
+                "write_seconds": round(written, 1),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| pairs | read as | seconds to first step | peak RSS of one process (MB) |\n|---|---|---|---|")
     for row in rows:
-        print(f"| {row['pairs']:,} | {'stream' if row['streaming'] else 'Arrow copy'} | {row['seconds_to_first_step']} | {row['peak_rss_mb']} |")
+        print(
+            f"| {row['pairs']:,} | {'stream' if row['streaming'] else 'Arrow copy'} | {row['seconds_to_first_step']} | {row['peak_rss_mb']} |"
+        )
 
 
 if __name__ == "__main__":

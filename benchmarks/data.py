@@ -46,9 +46,21 @@ def world(folder: Path, images: int, size: int, streaming: bool) -> dict:
     sources = {"images": str(paths["images"]), "texts": [str(paths["texts"])], "pairs": [str(paths["pairs"])]}
     if streaming:
         for kind, flag, path in (("pairs", "--pairs", paths["pairs"]), ("images", "--images", paths["images"])):
-            printed = subprocess.run([sys.executable, str(ROOT / "tasks/make_shards.py"), flag, str(path), "--output",
-                                      str(folder / f"shards/{kind}-%03d.tar"), "--shard-size", "64"],
-                                     check=True, capture_output=True, text=True).stdout
+            printed = subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "tasks/make_shards.py"),
+                    flag,
+                    str(path),
+                    "--output",
+                    str(folder / f"shards/{kind}-%03d.tar"),
+                    "--shard-size",
+                    "64",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             pattern = printed.split(": ", 1)[1].split()[0]
             sources[kind] = [pattern] if kind == "pairs" else pattern
     return sources
@@ -72,7 +84,9 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
     itm = float(data.get("itm_negatives", 0.0)) if model_config.itm_weight else 0.0
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    visual = VQKD(VQKDConfig.from_preset("vqkd_tiny", image_size=model_config.image_size, patch_size=model_config.patch_size)).eval()
+    visual = VQKD(
+        VQKDConfig.from_preset("vqkd_tiny", image_size=model_config.image_size, patch_size=model_config.patch_size)
+    ).eval()
     model_config.visual_vocab_size, model_config.vocab_size = visual.codebook_size, len(tokenizer)
     model_config.mask_token_id = tokenizer.mask_token_id
     sources = load_sources(**sources_paths, streaming=args.streaming)
@@ -80,11 +94,25 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
 
     def batches(workers: int, start: int, count: int):
         extra = {"num_workers": workers} if kind is StreamingPretrainingBatches else {}
-        return kind(sources, sizes, tokenizer, model_config.image_size, model_config.patch_size,
-                    max_text_length=data.get("max_text_length", 64), tokenizer_image_size=visual.image_size,
-                    text_mask_prob=data.get("text_mask_prob", 0.15), pair_mask_prob=data.get("pair_mask_prob", 0.5),
-                    start_step=start, num_steps=count, pair_crop_scale=data.get("pair_crop_scale", (0.5, 1.0)),
-                    pair_hflip=data.get("pair_hflip", 0.5), itm_negatives=itm, rank=rank, world_size=args.processes, **extra)
+        return kind(
+            sources,
+            sizes,
+            tokenizer,
+            model_config.image_size,
+            model_config.patch_size,
+            max_text_length=data.get("max_text_length", 64),
+            tokenizer_image_size=visual.image_size,
+            text_mask_prob=data.get("text_mask_prob", 0.15),
+            pair_mask_prob=data.get("pair_mask_prob", 0.5),
+            start_step=start,
+            num_steps=count,
+            pair_crop_scale=data.get("pair_crop_scale", (0.5, 1.0)),
+            pair_hflip=data.get("pair_hflip", 0.5),
+            itm_negatives=itm,
+            rank=rank,
+            world_size=args.processes,
+            **extra,
+        )
 
     samples_per_step = sum(sizes.values())
     model = Beit3ForMaskedDataModeling(model_config).train()
@@ -117,8 +145,12 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
         return samples_per_step * len(cached) / (time.perf_counter() - begin)
 
     def end_to_end(start):
-        loader = torch.utils.data.DataLoader(batches(args.workers, start, args.steps + 2), batch_size=None,
-                                             num_workers=args.workers, prefetch_factor=4 if args.workers else None)
+        loader = torch.utils.data.DataLoader(
+            batches(args.workers, start, args.steps + 2),
+            batch_size=None,
+            num_workers=args.workers,
+            prefetch_factor=4 if args.workers else None,
+        )
         source = iter(loader)
         train_step(next(source))  # the workers' start-up is not a step
         train_step(next(source))
@@ -139,7 +171,7 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
         rate, cached = data_only(1000 * (rep + 1))
         figures["data"].append(rate)
         sides = [("model", lambda: model_only(cached)), ("end2end", lambda: end_to_end(1000 * (rep + 1) + 500))]
-        for name, side in (sides if rep % 2 == 0 else sides[::-1]):
+        for name, side in sides if rep % 2 == 0 else sides[::-1]:
             result = side()
             if name == "end2end":
                 figures["end2end"].append(result[0])
@@ -162,25 +194,39 @@ def model_setup(args, model_section: dict, data: dict):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/pretrain/demo.yaml", help="model, batch sizes and data options from here")
+    parser.add_argument(
+        "--config", default="configs/pretrain/demo.yaml", help="model, batch sizes and data options from here"
+    )
     parser.add_argument("--preset", help="another model preset (with --image-size)")
-    parser.add_argument("--image-size", type=int, help="the model's image size (and the generated images' with --preset)")
+    parser.add_argument(
+        "--image-size", type=int, help="the model's image size (and the generated images' with --preset)"
+    )
     parser.add_argument("--batch", help="image,text,pair samples per step (default: the config's)")
     parser.add_argument("--images", type=int, default=512, help="generated images")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers of the end2end side (per process)")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="run this many copies at once, as the ranks of a run on this machine (the demo: 2); rates are their sums")
-    parser.add_argument("--threads", type=int, help="torch threads per process (default: torch's; with --processes, cores / processes)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run this many copies at once, as the ranks of a run on this machine (the demo: 2); rates are their sums",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads per process (default: torch's; with --processes, cores / processes)"
+    )
     parser.add_argument("--streaming", action="store_true", help="read images and pairs from webdataset shards")
-    parser.add_argument("--rank-of", nargs=2, metavar=("FOLDER", "RANK"), help=argparse.SUPPRESS)  # (a rank of --processes)
+    parser.add_argument(
+        "--rank-of", nargs=2, metavar=("FOLDER", "RANK"), help=argparse.SUPPRESS
+    )  # (a rank of --processes)
     args = parser.parse_args()
     if args.processes > 1 and not args.threads:
         args.threads = max(1, (os.cpu_count() or 1) // args.processes)
     if args.rank_of:
         folder, rank = Path(args.rank_of[0]), int(args.rank_of[1])
-        torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=args.processes)
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=args.processes
+        )
         sources = json.loads((folder / "sources.json").read_text())
         figures = measure(args, sources, folder / "tok", rank, barrier=torch.distributed.barrier)
         (folder / f"rank{rank}.json").write_text(json.dumps(figures))
@@ -202,16 +248,31 @@ def main() -> None:
                 sys.exit(f"a benchmark process failed (exit codes {[process.returncode for process in ranks]})")
             per_rank = [json.loads((tmp / f"rank{rank}.json").read_text()) for rank in range(args.processes)]
     # Rates add up over the ranks block by block (their blocks ran at the same time); the wait is their mean.
-    figures = {name: [sum(values) / (len(per_rank) if name == "wait" else 1) for values in zip(*(r[name] for r in per_rank))]
-               for name in per_rank[0]}
+    figures = {
+        name: [sum(values) / (len(per_rank) if name == "wait" else 1) for values in zip(*(r[name] for r in per_rank))]
+        for name in per_rank[0]
+    }
     median = {name: statistics.median(values) for name, values in figures.items()}
-    print(json.dumps({"preset": args.preset or config["model"]["preset"], "image_size": model_config.image_size, "batch": sizes,
-                      "streaming": args.streaming, "processes": args.processes, "workers": args.workers,
-                      "torch_threads": args.threads or torch.get_num_threads(), **{k: round(v, 3) for k, v in median.items()}}))
-    print(f"data alone {median['data'] / args.processes:.0f} samples/s per worker; model alone {median['model']:.0f}; end to end "
-          f"{median['end2end']:.0f} with {args.workers} worker(s) per process x {args.processes} process(es) = "
-          f"{median['end2end'] / median['model']:.2f} of the model-only rate, {100 * median['wait']:.0f}% of step time waiting "
-          f"for data (medians of {args.reps})")
+    print(
+        json.dumps(
+            {
+                "preset": args.preset or config["model"]["preset"],
+                "image_size": model_config.image_size,
+                "batch": sizes,
+                "streaming": args.streaming,
+                "processes": args.processes,
+                "workers": args.workers,
+                "torch_threads": args.threads or torch.get_num_threads(),
+                **{k: round(v, 3) for k, v in median.items()},
+            }
+        )
+    )
+    print(
+        f"data alone {median['data'] / args.processes:.0f} samples/s per worker; model alone {median['model']:.0f}; end to end "
+        f"{median['end2end']:.0f} with {args.workers} worker(s) per process x {args.processes} process(es) = "
+        f"{median['end2end'] / median['model']:.2f} of the model-only rate, {100 * median['wait']:.0f}% of step time waiting "
+        f"for data (medians of {args.reps})"
+    )
 
 
 if __name__ == "__main__":

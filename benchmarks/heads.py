@@ -48,13 +48,17 @@ def main() -> None:
     times = {True: [], False: []}
     outputs = {}
     for rep in range(args.reps):
-        for use_cache in ((True, False) if rep % 2 == 0 else (False, True)):
-            seconds, outputs[use_cache] = timed(lambda: captioner.generate(images, max_length=max_length, use_cache=use_cache))
+        for use_cache in (True, False) if rep % 2 == 0 else (False, True):
+            seconds, outputs[use_cache] = timed(
+                lambda: captioner.generate(images, max_length=max_length, use_cache=use_cache)
+            )
             times[use_cache].append(seconds)
     cached, recomputed = statistics.median(times[True]), statistics.median(times[False])
     identical = torch.equal(outputs[True], outputs[False])
-    print(f"captioning, greedy {args.tokens} tokens, batch {args.batch}: cache {cached:.2f} s, recompute {recomputed:.2f} s, "
-          f"speedup {recomputed / cached:.1f}x, identical output: {identical}")
+    print(
+        f"captioning, greedy {args.tokens} tokens, batch {args.batch}: cache {cached:.2f} s, recompute {recomputed:.2f} s, "
+        f"speedup {recomputed / cached:.1f}x, identical output: {identical}"
+    )
 
     retriever = Beit3ForImageTextRetrieval(config).eval()
     batch = 16
@@ -64,13 +68,15 @@ def main() -> None:
         retriever.get_image_features(pixel_values[:2])
         image_times, text_times = [], []
         for rep in range(args.reps):
-            for kind in (("image", "text") if rep % 2 == 0 else ("text", "image")):
+            for kind in ("image", "text") if rep % 2 == 0 else ("text", "image"):
                 if kind == "image":
                     image_times.append(timed(lambda: retriever.get_image_features(pixel_values))[0])
                 else:
                     text_times.append(timed(lambda: retriever.get_text_features(input_ids))[0])
-    print(f"retrieval embedding, batch {batch}: {batch / statistics.median(image_times):.1f} images/s ({config.image_size} px), "
-          f"{batch / statistics.median(text_times):.1f} texts/s (64 tokens)")
+    print(
+        f"retrieval embedding, batch {batch}: {batch / statistics.median(image_times):.1f} images/s ({config.image_size} px), "
+        f"{batch / statistics.median(text_times):.1f} texts/s (64 tokens)"
+    )
 
 
 if __name__ == "__main__":

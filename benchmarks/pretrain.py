@@ -30,11 +30,20 @@ def fixed_batch(config: Beit3Config, batch: int, text: int = 32) -> dict:
     patches = config.num_patches
     ids = torch.randint(3, config.vocab_size, (batch, text))
     labels = torch.where(torch.rand(batch, text) < 0.3, ids, -100)
-    return {"image": {"pixel_values": torch.randn(batch, 3, config.image_size, config.image_size),
-                      "bool_masked_pos": torch.rand(batch, patches) < 0.4, "image_labels": torch.randint(0, config.visual_vocab_size, (batch, patches))},
-            "text": {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels},
-            "pair": {"pixel_values": torch.randn(batch, 3, config.image_size, config.image_size), "input_ids": ids,
-                     "attention_mask": torch.ones_like(ids), "labels": labels}}
+    return {
+        "image": {
+            "pixel_values": torch.randn(batch, 3, config.image_size, config.image_size),
+            "bool_masked_pos": torch.rand(batch, patches) < 0.4,
+            "image_labels": torch.randint(0, config.visual_vocab_size, (batch, patches)),
+        },
+        "text": {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels},
+        "pair": {
+            "pixel_values": torch.randn(batch, 3, config.image_size, config.image_size),
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": labels,
+        },
+    }
 
 
 def loss_of(model, batch) -> torch.Tensor:
@@ -88,12 +97,18 @@ def main() -> None:
                 sides[name]()
             rates[name].append(samples / (time.perf_counter() - start))
     median = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"{args.preset}: {args.batch} images + {args.batch} texts + {args.batch} pairs per step, {torch.get_num_threads()} threads")
+    print(
+        f"{args.preset}: {args.batch} images + {args.batch} texts + {args.batch} pairs per step, {torch.get_num_threads()} threads"
+    )
     for name, value in median.items():
         print(f"  {name:22s} {value:8.2f} samples/s")
-    print(f"DeepSpeed (ZeRO-{engine.layout['zero_stage']}, what one process runs) overhead vs plain loop: {100 * (median['plain fp32'] / median['deepspeed fp32'] - 1):+.1f}% (goal <= 10%)")
+    print(
+        f"DeepSpeed (ZeRO-{engine.layout['zero_stage']}, what one process runs) overhead vs plain loop: {100 * (median['plain fp32'] / median['deepspeed fp32'] - 1):+.1f}% (goal <= 10%)"
+    )
     if "plain bf16 autocast" in median:
-        print(f"bf16 autocast vs fp32: {median['plain bf16 autocast'] / median['plain fp32']:.2f}x (goal >= 2x on a CPU with native bf16)")
+        print(
+            f"bf16 autocast vs fp32: {median['plain bf16 autocast'] / median['plain fp32']:.2f}x (goal >= 2x on a CPU with native bf16)"
+        )
 
 
 if __name__ == "__main__":

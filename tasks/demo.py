@@ -40,22 +40,55 @@ MULTIMODAL_TASKS = ("vqa", "nlvr2", "retrieval", "captioning")
 # A gain counts as clear from 5 points on the 0-100 scale of every metric here: about 1.5 standard errors of
 # a difference between two accuracies near 50% on the 250 held-out examples of each task.
 CLEAR_MARGIN = 5.0
-METRIC_NAMES = {"vqa": "VQA accuracy (%)", "nlvr2": "accuracy (%)", "retrieval": "image->text R@1 (%)", "captioning": "CIDEr",
-                "classification": "top-1 (%)"}
+METRIC_NAMES = {
+    "vqa": "VQA accuracy (%)",
+    "nlvr2": "accuracy (%)",
+    "retrieval": "image->text R@1 (%)",
+    "captioning": "CIDEr",
+    "classification": "top-1 (%)",
+}
 
 # Sizes and budgets. "default" fits the 15 minutes of `make demo` on a 2-core CPU; "smoke" is the test suite's.
 PROFILES = {
-    "smoke": {"world": dict(pretrain_images=96, train_images=48, val_images=16, test_images=16, nlvr2_train=32, nlvr2_dev=16,
-                            classification_train=36, classification_val=18),
-              "vqkd_steps": 4, "pretrain_steps": 4, "contrastive_steps": 3, "finetune_steps": {t: 3 for t in FINETUNE_TASKS}, "batch": 8},
+    "smoke": {
+        "world": dict(
+            pretrain_images=96,
+            train_images=48,
+            val_images=16,
+            test_images=16,
+            nlvr2_train=32,
+            nlvr2_dev=16,
+            classification_train=36,
+            classification_val=18,
+        ),
+        "vqkd_steps": 4,
+        "pretrain_steps": 4,
+        "contrastive_steps": 3,
+        "finetune_steps": {t: 3 for t in FINETUNE_TASKS},
+        "batch": 8,
+    },
     # VQA takes batches of 16: twice the updates in the same time, and both inits sit on the answer prior for the
     # first ~100 updates (measured: 300 x 16 gave scratch 18.4 and pretrained 34.9; 150 x 32 gave 10.7 and 18.9).
-    "default": {"world": {}, "vqkd_steps": 120, "pretrain_steps": 1500, "contrastive_steps": 300,
-                "finetune_steps": {"vqa": 300, "nlvr2": 60, "retrieval": 150, "captioning": 300}, "batch": 32, "task_batch": {"vqa": 16}},
-    "full": {"world": dict(pretrain_images=20000, train_images=3000, val_images=500, test_images=500, nlvr2_train=2000, nlvr2_dev=500),
-             "vqkd_steps": 400, "pretrain_steps": 2000, "contrastive_steps": 600,
-             "finetune_steps": {"vqa": 600, "nlvr2": 300, "retrieval": 300, "captioning": 300, "classification": 150}, "batch": 32,
-             "task_batch": {"vqa": 16}},
+    "default": {
+        "world": {},
+        "vqkd_steps": 120,
+        "pretrain_steps": 1500,
+        "contrastive_steps": 300,
+        "finetune_steps": {"vqa": 300, "nlvr2": 60, "retrieval": 150, "captioning": 300},
+        "batch": 32,
+        "task_batch": {"vqa": 16},
+    },
+    "full": {
+        "world": dict(
+            pretrain_images=20000, train_images=3000, val_images=500, test_images=500, nlvr2_train=2000, nlvr2_dev=500
+        ),
+        "vqkd_steps": 400,
+        "pretrain_steps": 2000,
+        "contrastive_steps": 600,
+        "finetune_steps": {"vqa": 600, "nlvr2": 300, "retrieval": 300, "captioning": 300, "classification": 150},
+        "batch": 32,
+        "task_batch": {"vqa": 16},
+    },
 }
 
 
@@ -80,8 +113,11 @@ def run_side_by_side(commands: list[list[str]], log: Path) -> None:
         processes = []
         for command in commands:
             handle.write("$ " + " ".join(command) + "\n")
-            processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                              bufsize=1))
+            processes.append(
+                subprocess.Popen(
+                    command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+                )
+            )
         handle.flush()
 
         def forward(number: int, process: subprocess.Popen) -> None:
@@ -89,8 +125,11 @@ def run_side_by_side(commands: list[list[str]], log: Path) -> None:
             for line in process.stdout:
                 with lock:
                     handle.write(prefix + line)
-                    if number == 0 and (not line.startswith(("[", "W1", "I1")) or "%|" in line):  # launcher chatter stays in the log
+                    if number == 0 and (
+                        not line.startswith(("[", "W1", "I1")) or "%|" in line
+                    ):  # launcher chatter stays in the log
                         sys.stderr.write(line)
+
         readers = [threading.Thread(target=forward, args=(n, p)) for n, p in enumerate(processes)]
         for reader in readers:
             reader.start()
@@ -98,7 +137,9 @@ def run_side_by_side(commands: list[list[str]], log: Path) -> None:
             reader.join()
     for command, process in zip(commands, processes):
         if process.wait() != 0:
-            raise SystemExit(f"error: this stage failed (exit {process.returncode}): {' '.join(command)}\nIts output is in {log}.")
+            raise SystemExit(
+                f"error: this stage failed (exit {process.returncode}): {' '.join(command)}\nIts output is in {log}."
+            )
 
 
 class Demo:
@@ -151,7 +192,9 @@ class Demo:
         training_text.write_text(corpus + "\n".join(words) + "\n")
         # Room for a piece per word besides the characters; sentencepiece says how many pieces this small
         # text can give at most, and that is what it gets then.
-        train = lambda size: train_sentencepiece(self.output / "text-tokenizer", size, files=[training_text], model_max_length=32, quiet=True)
+        train = lambda size: train_sentencepiece(
+            self.output / "text-tokenizer", size, files=[training_text], model_max_length=32, quiet=True
+        )
         try:
             tokenizer = train(len(words) + 40)
         except ValueError as error:
@@ -160,20 +203,42 @@ class Demo:
                 raise
             tokenizer = train(int(most.group(1)))
         lengths = sorted(map(len, tokenizer(corpus.splitlines())["input_ids"]))
-        return (f"SentencePiece tokenizer with {len(tokenizer)} ids for {len(words)} words; "
-                f"texts are {lengths[len(lengths) // 2]} tokens (median), {lengths[-1]} at most")
+        return (
+            f"SentencePiece tokenizer with {len(tokenizer)} ids for {len(words)} words; "
+            f"texts are {lengths[len(lengths) // 2]} tokens (median), {lengths[-1]} at most"
+        )
 
     def visual_tokenizer(self) -> str:
         batch = 32 if self.profile != "smoke" else 8
         import yaml
 
         # One code per patch of the model: the tokenizer sees the images at the pretraining config's size.
-        image_size = yaml.safe_load((ROOT / "configs/pretrain/demo.yaml").read_text())["model"]["overrides"]["image_size"]
-        run([self.python, "tokenizers/train_visual_tokenizer.py", "--kind", "vqkd", "--config", "configs/tokenizers/vqkd_tiny.yaml",
-             "--set", f"overrides.image_size={image_size}",
-             "--set", f"data.images={self.output / 'data/pretrain/images'}", "--set", f"data.batch_size={batch}",
-             "--set", f"train.output_dir={self.output / 'vqkd'}", "--set", f"train.max_steps={self.settings['vqkd_steps']}",
-             "--set", f"train.save_every={self.settings['vqkd_steps']}"], self.log)
+        image_size = yaml.safe_load((ROOT / "configs/pretrain/demo.yaml").read_text())["model"]["overrides"][
+            "image_size"
+        ]
+        run(
+            [
+                self.python,
+                "tokenizers/train_visual_tokenizer.py",
+                "--kind",
+                "vqkd",
+                "--config",
+                "configs/tokenizers/vqkd_tiny.yaml",
+                "--set",
+                f"overrides.image_size={image_size}",
+                "--set",
+                f"data.images={self.output / 'data/pretrain/images'}",
+                "--set",
+                f"data.batch_size={batch}",
+                "--set",
+                f"train.output_dir={self.output / 'vqkd'}",
+                "--set",
+                f"train.max_steps={self.settings['vqkd_steps']}",
+                "--set",
+                f"train.save_every={self.settings['vqkd_steps']}",
+            ],
+            self.log,
+        )
         from beit3.training.engine import read_run_log
 
         last = read_run_log(self.output / "vqkd" / "metrics.jsonl")[-1]
@@ -182,31 +247,67 @@ class Demo:
     # -- 3. pretraining ----------------------------------------------------------------------------
     def pretrain(self) -> str:
         steps = self.settings["pretrain_steps"]
-        overrides = [f"text_tokenizer={self.output / 'text-tokenizer'}", f"visual_tokenizer={self.output / 'vqkd/tokenizer'}",
-                     f"data.sources.images={self.output / 'data/pretrain/images'}",
-                     f"data.sources.texts=[{self.output / 'data/pretrain/captions.txt'}]",
-                     f"data.sources.pairs=[{self.output / 'data/pretrain/pairs.jsonl'}]",
-                     f"train.output_dir={self.output / 'pretrain'}", f"train.max_steps={steps}", f"train.save_every={max(1, steps // 3)}"]
+        overrides = [
+            f"text_tokenizer={self.output / 'text-tokenizer'}",
+            f"visual_tokenizer={self.output / 'vqkd/tokenizer'}",
+            f"data.sources.images={self.output / 'data/pretrain/images'}",
+            f"data.sources.texts=[{self.output / 'data/pretrain/captions.txt'}]",
+            f"data.sources.pairs=[{self.output / 'data/pretrain/pairs.jsonl'}]",
+            f"train.output_dir={self.output / 'pretrain'}",
+            f"train.max_steps={steps}",
+            f"train.save_every={max(1, steps // 3)}",
+        ]
         if self.profile == "smoke":
             overrides += ["data.batch_size={image: 4, text: 4, pair: 4}", "train.warmup_steps=1", "train.log_every=2"]
         deepspeed = shutil.which("deepspeed", path=str(Path(self.python).parent)) or "deepspeed"
-        run([deepspeed, "--num_gpus", "2", "tasks/pretrain.py", "--config", "configs/pretrain/demo.yaml",
-             *[part for o in overrides for part in ("--set", o)]], self.log)
-        run([self.python, "-m", "beit3.export", "--checkpoint-dir", str(self.output / "pretrain"), "--output", str(self.output / "pretrained")],
-            self.log)
+        run(
+            [
+                deepspeed,
+                "--num_gpus",
+                "2",
+                "tasks/pretrain.py",
+                "--config",
+                "configs/pretrain/demo.yaml",
+                *[part for o in overrides for part in ("--set", o)],
+            ],
+            self.log,
+        )
+        run(
+            [
+                self.python,
+                "-m",
+                "beit3.export",
+                "--checkpoint-dir",
+                str(self.output / "pretrain"),
+                "--output",
+                str(self.output / "pretrained"),
+            ],
+            self.log,
+        )
         from beit3.training.engine import read_run_log
 
         last = read_run_log(self.output / "pretrain" / "metrics.jsonl")[-1]
-        return ("pretrained {step} steps: masked accuracy image {image_accuracy:.2f}, text {text_accuracy:.2f}, pair {pair_accuracy:.2f}; "
-                "{samples_per_s:.0f} samples/s").format(**last)
+        return (
+            "pretrained {step} steps: masked accuracy image {image_accuracy:.2f}, text {text_accuracy:.2f}, pair {pair_accuracy:.2f}; "
+            "{samples_per_s:.0f} samples/s"
+        ).format(**last)
 
     def contrastive(self) -> str:
         """The image-text contrastive (ITC) stage on the pretraining pairs, from the pretrained export: BEiT-3's
         retrieval models are fine-tuned from such a checkpoint (the paper's intermediate fine-tuning; the recipes'
         "itc" init), so the pretrained arm of the retrieval task starts here. It sees no task data."""
         steps = self.settings["contrastive_steps"]
-        run(self.training_command("retrieval", self.output / "pretrained", self.output / "contrastive", steps, self.settings["batch"],
-                                  (f"data.train={{pairs: [{self.output / 'data/pretrain/pairs.jsonl'}]}}",)), self.log)
+        run(
+            self.training_command(
+                "retrieval",
+                self.output / "pretrained",
+                self.output / "contrastive",
+                steps,
+                self.settings["batch"],
+                (f"data.train={{pairs: [{self.output / 'data/pretrain/pairs.jsonl'}]}}",),
+            ),
+            self.log,
+        )
         recall = json.loads((self.output / "contrastive" / "eval_results.json").read_text())["tr_r1"]
         return f"image-text contrastive stage on the pretraining pairs, {steps} steps: held-out image->text R@1 {recall:.2f} before fine-tuning"
 
@@ -218,33 +319,81 @@ class Demo:
         """Fine-tunes ``task`` from the pretrained export and from random weights, side by side (one thread each)."""
         steps = self.settings["finetune_steps"][task]
         batch = self.settings.get("task_batch", {}).get(task, self.settings["batch"])
-        run_side_by_side([self.training_command(task, self.pretrained_init(task) if init == "pretrained" else None,
-                                                self.output / "finetune" / f"{task}_{init}", steps, batch)
-                          for init in ("pretrained", "scratch") if not self.finetuned(task, init)], self.log)
+        run_side_by_side(
+            [
+                self.training_command(
+                    task,
+                    self.pretrained_init(task) if init == "pretrained" else None,
+                    self.output / "finetune" / f"{task}_{init}",
+                    steps,
+                    batch,
+                )
+                for init in ("pretrained", "scratch")
+                if not self.finetuned(task, init)
+            ],
+            self.log,
+        )
         # The blind control: both models scored again with every example's image(s) swapped for another's.
-        run_side_by_side([self.trained_model_command(task, self.output / "finetune" / f"{task}_{init}", "evaluate", "--blind")
-                          for init in ("pretrained", "scratch")], self.log)
+        run_side_by_side(
+            [
+                self.trained_model_command(task, self.output / "finetune" / f"{task}_{init}", "evaluate", "--blind")
+                for init in ("pretrained", "scratch")
+            ],
+            self.log,
+        )
         scores = {init: self.score(task, init) for init in ("scratch", "pretrained")}
-        return (f"{task} ({scores['pretrained'][0]}): from scratch {scores['scratch'][1]:.2f}, pretrained {scores['pretrained'][1]:.2f} "
-                f"(images swapped: {self.score(task, 'pretrained', blind=True)[1]:.2f})")
+        return (
+            f"{task} ({scores['pretrained'][0]}): from scratch {scores['scratch'][1]:.2f}, pretrained {scores['pretrained'][1]:.2f} "
+            f"(images swapped: {self.score(task, 'pretrained', blind=True)[1]:.2f})"
+        )
 
-    def training_command(self, task: str, init: Path | None, output_dir: Path, steps: int, batch: int, extra: tuple[str, ...] = ()) -> list[str]:
+    def training_command(
+        self, task: str, init: Path | None, output_dir: Path, steps: int, batch: int, extra: tuple[str, ...] = ()
+    ) -> list[str]:
         """``tasks/<task>.py`` on its demo config from ``init`` (None: random weights) for ``steps`` of ``batch``, plus ``extra`` --sets."""
-        sets = [f"model.init={init or 'null'}", f"tokenizer={self.output / 'text-tokenizer'}", f"train.output_dir={output_dir}",
-                f"train.max_steps={steps}", f"train.save_every={steps}", f"train.warmup_steps={max(1, steps // 10)}",
-                f"train.micro_batch_size={batch}", *extra]
-        return [self.python, f"tasks/{task}.py", "--config", str(self.task_config(task)), *[part for s in sets for part in ("--set", s)]]
+        sets = [
+            f"model.init={init or 'null'}",
+            f"tokenizer={self.output / 'text-tokenizer'}",
+            f"train.output_dir={output_dir}",
+            f"train.max_steps={steps}",
+            f"train.save_every={steps}",
+            f"train.warmup_steps={max(1, steps // 10)}",
+            f"train.micro_batch_size={batch}",
+            *extra,
+        ]
+        return [
+            self.python,
+            f"tasks/{task}.py",
+            "--config",
+            str(self.task_config(task)),
+            *[part for s in sets for part in ("--set", s)],
+        ]
 
     def trained_model_command(self, task: str, run: Path, mode: str, *flags: str) -> list[str]:
         """``tasks/<task>.py --mode <mode>`` on the fine-tuned model of ``run`` (its ``final`` folder), writing into ``run``."""
-        return [self.python, f"tasks/{task}.py", "--config", str(self.task_config(task)), "--mode", mode, *flags,
-                "--set", f"train.output_dir={run}", "--set", f"tokenizer={self.output / 'text-tokenizer'}"]
+        return [
+            self.python,
+            f"tasks/{task}.py",
+            "--config",
+            str(self.task_config(task)),
+            "--mode",
+            mode,
+            *flags,
+            "--set",
+            f"train.output_dir={run}",
+            "--set",
+            f"tokenizer={self.output / 'text-tokenizer'}",
+        ]
 
     def task_config(self, task: str) -> Path:
         """The task's demo config, pointed at this run's world (which may live elsewhere than runs/demo)."""
         local = self.output / "configs" / f"{task}_demo.yaml"
         local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_text((ROOT / "configs" / "tasks" / f"{task}_demo.yaml").read_text().replace("runs/demo/data", str(self.output / "data")))
+        local.write_text(
+            (ROOT / "configs" / "tasks" / f"{task}_demo.yaml")
+            .read_text()
+            .replace("runs/demo/data", str(self.output / "data"))
+        )
         return local
 
     def finetuned(self, task: str, init: str) -> bool:
@@ -253,7 +402,9 @@ class Demo:
 
     def scores(self, task: str, init: str, blind: bool = False) -> dict:
         """The eval_results.json (or, ``blind``, blind_eval_results.json) of a finished fine-tuning run."""
-        return json.loads((self.output / "finetune" / f"{task}_{init}" / f"{'blind_' if blind else ''}eval_results.json").read_text())
+        return json.loads(
+            (self.output / "finetune" / f"{task}_{init}" / f"{'blind_' if blind else ''}eval_results.json").read_text()
+        )
 
     def score(self, task: str, init: str, blind: bool = False) -> tuple[str, float]:
         """(metric name, value) of a finished fine-tuning run."""
@@ -267,7 +418,13 @@ class Demo:
         if task == "vqa":
             return len({p["answer"] for p in json.loads((run / "vqa_eval_predictions.json").read_text())})
         if task == "nlvr2":
-            return len({line.rsplit(",", 1)[-1] for line in (run / "nlvr2_eval_predictions.csv").read_text().splitlines() if line})
+            return len(
+                {
+                    line.rsplit(",", 1)[-1]
+                    for line in (run / "nlvr2_eval_predictions.csv").read_text().splitlines()
+                    if line
+                }
+            )
         if task == "captioning":
             return len({p["caption"] for p in json.loads((run / "captions_eval.json").read_text())})
         return None
@@ -276,8 +433,10 @@ class Demo:
         """The share (%) of held-out generated captions that name exactly the scene's shapes, each with its color and kind."""
         from beit3.data.synthetic import shapes_named
 
-        truth = {image["cocoid"]: shapes_named(image["sentences"][0]["raw"])
-                 for image in json.loads((self.output / "data" / "coco" / "dataset_coco.json").read_text())["images"]}
+        truth = {
+            image["cocoid"]: shapes_named(image["sentences"][0]["raw"])
+            for image in json.loads((self.output / "data" / "coco" / "dataset_coco.json").read_text())["images"]
+        }
         captions = json.loads((self.output / "finetune" / f"captioning_{init}" / "captions_eval.json").read_text())
         return 100.0 * sum(shapes_named(c["caption"]) == truth[c["image_id"]] for c in captions) / len(captions)
 
@@ -286,60 +445,100 @@ class Demo:
         tasks = {}
         for task in self.settings["finetune_steps"]:
             metric = METRIC_NAMES.get(task, self.score(task, "scratch")[0])
-            tasks[task] = {"metric": metric, **{init: round(self.score(task, init)[1], 2) for init in ("scratch", "pretrained")},
-                           "blind": round(self.score(task, "pretrained", blind=True)[1], 2),
-                           "scratch_blind": round(self.score(task, "scratch", blind=True)[1], 2),
-                           "distinct_predictions": {init: self.distinct_predictions(task, init) for init in ("scratch", "pretrained")}}
+            tasks[task] = {
+                "metric": metric,
+                **{init: round(self.score(task, init)[1], 2) for init in ("scratch", "pretrained")},
+                "blind": round(self.score(task, "pretrained", blind=True)[1], 2),
+                "scratch_blind": round(self.score(task, "scratch", blind=True)[1], 2),
+                "distinct_predictions": {
+                    init: self.distinct_predictions(task, init) for init in ("scratch", "pretrained")
+                },
+            }
         if "vqa" in tasks:
             kinds = {init: self.scores("vqa", init).get("per_question_type", {}) for init in ("scratch", "pretrained")}
-            tasks["vqa"]["per_kind"] = {kind: {"scratch": round(kinds["scratch"][kind]["accuracy"], 2),
-                                               "pretrained": round(row["accuracy"], 2),
-                                               "prior": None if row["prior"] is None else round(row["prior"], 2)}
-                                        for kind, row in kinds["pretrained"].items()}
+            tasks["vqa"]["per_kind"] = {
+                kind: {
+                    "scratch": round(kinds["scratch"][kind]["accuracy"], 2),
+                    "pretrained": round(row["accuracy"], 2),
+                    "prior": None if row["prior"] is None else round(row["prior"], 2),
+                }
+                for kind, row in kinds["pretrained"].items()
+            }
         if "captioning" in tasks:
-            tasks["captioning"]["exact_shapes"] = {init: round(self.exact_shapes(init), 2) for init in ("scratch", "pretrained")}
+            tasks["captioning"]["exact_shapes"] = {
+                init: round(self.exact_shapes(init), 2) for init in ("scratch", "pretrained")
+            }
         contrastive = json.loads((self.output / "contrastive" / "eval_results.json").read_text())
-        return {"tasks": tasks, "profile": self.profile, "seconds": {k: round(v, 1) for k, v in self.timings.items()},
-                "contrastive_stage": {"steps": self.settings["contrastive_steps"], "tr_r1": round(contrastive["tr_r1"], 2)}}
+        return {
+            "tasks": tasks,
+            "profile": self.profile,
+            "seconds": {k: round(v, 1) for k, v in self.timings.items()},
+            "contrastive_stage": {"steps": self.settings["contrastive_steps"], "tr_r1": round(contrastive["tr_r1"], 2)},
+        }
 
     def report(self) -> str:
         from beit3.metrics import write_json_atomic
 
         results = self.results()
         write_json_atomic(self.output / "results.json", results)
-        lines = ["# BEiT-3 demo: fine-tuning from the pretrained model vs from random weights", "",
-                 f"Profile `{self.profile}`; the same fine-tuning budget for both; scores on held-out data (higher is better). "
-                 "Images swapped: the same model scored with every example's image(s) swapped for another example's, the "
-                 "control that tells reading the image from answering from the text.", "",
-                 "| task | metric | from scratch | pretrained | gain | pretrained, images swapped | scratch, images swapped |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = [
+            "# BEiT-3 demo: fine-tuning from the pretrained model vs from random weights",
+            "",
+            f"Profile `{self.profile}`; the same fine-tuning budget for both; scores on held-out data (higher is better). "
+            "Images swapped: the same model scored with every example's image(s) swapped for another example's, the "
+            "control that tells reading the image from answering from the text.",
+            "",
+            "| task | metric | from scratch | pretrained | gain | pretrained, images swapped | scratch, images swapped |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for task, row in results["tasks"].items():
             gain = row["pretrained"] - row["scratch"]
             verdict = "clear gain" if gain >= CLEAR_MARGIN else "gain within noise" if gain > 0 else "no gain"
-            lines.append(f"| {task} | {row['metric']} | {row['scratch']:.2f} | {row['pretrained']:.2f} | {gain:+.2f} ({verdict}) "
-                         f"| {row['blind']:.2f} | {row['scratch_blind']:.2f} |")
-        warnings = [f"**Warning: the {init} {task} model gives the same prediction for every held-out example**: it reads neither "
-                    "the image nor the text." for task, row in results["tasks"].items()
-                    for init, count in row["distinct_predictions"].items() if count == 1]
+            lines.append(
+                f"| {task} | {row['metric']} | {row['scratch']:.2f} | {row['pretrained']:.2f} | {gain:+.2f} ({verdict}) "
+                f"| {row['blind']:.2f} | {row['scratch_blind']:.2f} |"
+            )
+        warnings = [
+            f"**Warning: the {init} {task} model gives the same prediction for every held-out example**: it reads neither "
+            "the image nor the text."
+            for task, row in results["tasks"].items()
+            for init, count in row["distinct_predictions"].items()
+            if count == 1
+        ]
         if warnings:
             lines += [""] + warnings
         if "vqa" in results["tasks"]:
-            lines += ["", "VQA accuracy per question type; prior: always the type's most frequent training answer.", "",
-                      "| question type | prior | from scratch | pretrained |", "|---|---|---|---|"]
+            lines += [
+                "",
+                "VQA accuracy per question type; prior: always the type's most frequent training answer.",
+                "",
+                "| question type | prior | from scratch | pretrained |",
+                "|---|---|---|---|",
+            ]
             for kind, row in results["tasks"]["vqa"]["per_kind"].items():
                 prior = "-" if row["prior"] is None else f"{row['prior']:.2f}"
                 lines.append(f"| {kind} | {prior} | {row['scratch']:.2f} | {row['pretrained']:.2f} |")
         if "captioning" in results["tasks"]:
             exact = results["tasks"]["captioning"]["exact_shapes"]
-            lines += ["", f"Generated captions that name exactly the scene's shapes (each with its color and kind): "
-                          f"{exact['scratch']:.1f}% from scratch, {exact['pretrained']:.1f}% pretrained."]
-        wins = sum(results["tasks"][t]["pretrained"] - results["tasks"][t]["scratch"] >= CLEAR_MARGIN for t in MULTIMODAL_TASKS)
+            lines += [
+                "",
+                f"Generated captions that name exactly the scene's shapes (each with its color and kind): "
+                f"{exact['scratch']:.1f}% from scratch, {exact['pretrained']:.1f}% pretrained.",
+            ]
+        wins = sum(
+            results["tasks"][t]["pretrained"] - results["tasks"][t]["scratch"] >= CLEAR_MARGIN for t in MULTIMODAL_TASKS
+        )
         summary = f"pretrained beats scratch by {CLEAR_MARGIN:g} points or more on {wins} of the {len(MULTIMODAL_TASKS)} multimodal tasks"
-        lines += ["", summary[0].upper() + summary[1:] + ".", "",
-                  f"The pretrained arm of retrieval starts from the image-text contrastive stage on the pretraining pairs "
-                  f"({results['contrastive_stage']['steps']} steps; image->text R@1 {results['contrastive_stage']['tr_r1']:.2f} before "
-                  "fine-tuning), as BEiT-3's retrieval models do; the other tasks start from the masked data modeling export.", "",
-                  "Pictures: `pretraining_loss.png`, `visual_tokens.png`, `captions.png`, `retrieval.png`."]
+        lines += [
+            "",
+            summary[0].upper() + summary[1:] + ".",
+            "",
+            f"The pretrained arm of retrieval starts from the image-text contrastive stage on the pretraining pairs "
+            f"({results['contrastive_stage']['steps']} steps; image->text R@1 {results['contrastive_stage']['tr_r1']:.2f} before "
+            "fine-tuning), as BEiT-3's retrieval models do; the other tasks start from the masked data modeling export.",
+            "",
+            "Pictures: `pretraining_loss.png`, `visual_tokens.png`, `captions.png`, `retrieval.png`.",
+        ]
         (self.output / "results.md").write_text("\n".join(lines) + "\n")
         self.pictures()
         return f"{summary}; see {self.output / 'results.md'}"
@@ -352,13 +551,18 @@ class Demo:
 
         shutil.copy(self.output / "pretrain" / "loss_curves.png", self.output / "pretraining_loss.png")
         shutil.copy(self.output / "vqkd" / "code_maps.png", self.output / "visual_tokens.png")
-        to_tensor = lambda path: torch.from_numpy(__import__("numpy").asarray(load_rgb(path), dtype="float32") / 255).permute(2, 0, 1)
+        to_tensor = lambda path: torch.from_numpy(
+            __import__("numpy").asarray(load_rgb(path), dtype="float32") / 255
+        ).permute(2, 0, 1)
         pictures = (("captioning", "captions.png"), ("retrieval", "retrieval.png"))
         folders = {task: self.output / "finetune" / f"{task}_pretrained" for task, _ in pictures}
         run_side_by_side([self.trained_model_command(task, folders[task], "predict") for task, _ in pictures], self.log)
         references = {}
         for image in json.loads((self.output / "data" / "coco" / "dataset_coco.json").read_text())["images"]:
-            references[image["cocoid"]] = (self.output / "data" / "coco" / image["filepath"] / image["filename"], image["sentences"][0]["raw"])
+            references[image["cocoid"]] = (
+                self.output / "data" / "coco" / image["filepath"] / image["filename"],
+                image["sentences"][0]["raw"],
+            )
         for task, picture in pictures:
             folder = folders[task]
             if task == "captioning":
@@ -371,18 +575,30 @@ class Demo:
                 images = [i["image"] for i in items]
                 texts = [f"best caption: {i['captions'][0]}" for i in items]
                 title = "Image -> text retrieval over held-out captions"
-            save_captioned_images(torch.stack([to_tensor(p) for p in images]), texts, self.output / picture, title=title)
+            save_captioned_images(
+                torch.stack([to_tensor(p) for p in images]), texts, self.output / picture, title=title
+            )
 
     # -- all -------------------------------------------------------------------------------------------
     def main(self) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        self.stage("data", (self.output / "data" / "world.json").is_file() and (self.output / "data" / "corpus.txt").is_file(), self.data)
-        self.stage("text tokenizer", (self.output / "text-tokenizer" / "tokenizer_config.json").is_file(), self.text_tokenizer)
-        self.stage("visual tokenizer", (self.output / "vqkd" / "tokenizer" / "config.json").is_file(), self.visual_tokenizer)
+        self.stage(
+            "data",
+            (self.output / "data" / "world.json").is_file() and (self.output / "data" / "corpus.txt").is_file(),
+            self.data,
+        )
+        self.stage(
+            "text tokenizer", (self.output / "text-tokenizer" / "tokenizer_config.json").is_file(), self.text_tokenizer
+        )
+        self.stage(
+            "visual tokenizer", (self.output / "vqkd" / "tokenizer" / "config.json").is_file(), self.visual_tokenizer
+        )
         self.stage("pretrain", (self.output / "pretrained" / "model.safetensors").is_file(), self.pretrain)
         self.stage("contrastive", (self.output / "contrastive" / "eval_results.json").is_file(), self.contrastive)
-        for task in self.settings["finetune_steps"]:  # the default profile leaves classification out to stay within 15 minutes
+        for task in self.settings[
+            "finetune_steps"
+        ]:  # the default profile leaves classification out to stay within 15 minutes
             done = self.finetuned(task, "scratch") and self.finetuned(task, "pretrained")
             self.stage(f"finetune {task}", done, lambda task=task: self.finetune(task))
         self.stage("report", False, self.report)

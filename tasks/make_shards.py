@@ -69,7 +69,10 @@ def main(argv=None) -> None:
         sys.exit("error: no sample could be written: check the input paths (the warnings above name the bad ones).")
     width = int(re.search(r"%0?(\d*)d", args.output).group(1) or 0)
     pattern = re.sub(r"%0?\d*d", "{" + f"{0:0{width}d}..{len(written) - 1:0{width}d}" + "}", args.output)
-    print(f"wrote {len(records) - missing} samples in {len(written)} shards: {pattern}" + (f" ({missing} skipped)" if missing else ""))
+    print(
+        f"wrote {len(records) - missing} samples in {len(written)} shards: {pattern}"
+        + (f" ({missing} skipped)" if missing else "")
+    )
 
 
 if __name__ == "__main__":

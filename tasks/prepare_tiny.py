@@ -25,10 +25,14 @@ def main() -> None:
     args = parser.parse_args()
     output = Path(args.output)
     paths = write_shapes_world(output / "data", args.images, seed=args.seed)
-    tokenizer = train_sentencepiece(output / "text-tokenizer", vocab_size=36, files=[paths["texts"]], model_max_length=32, quiet=True)
+    tokenizer = train_sentencepiece(
+        output / "text-tokenizer", vocab_size=36, files=[paths["texts"]], model_max_length=32, quiet=True
+    )
     torch.manual_seed(args.seed)
     VQKD(VQKDConfig.from_preset("vqkd_tiny", image_size=64)).save_pretrained(output / "visual-tokenizer")
-    print(f"wrote {args.images} images with captions to {output / 'data'}, a {len(tokenizer)}-id text tokenizer and a tiny VQ-KD")
+    print(
+        f"wrote {args.images} images with captions to {output / 'data'}, a {len(tokenizer)}-id text tokenizer and a tiny VQ-KD"
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,16 @@ def _seed():
 
 def tiny_config(**overrides) -> Beit3Config:
     """A BEiT-3 small enough for a test: 2 layers, hidden 32, 32 px images of 16 patches, 100 text ids."""
-    fields = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
-                  image_size=32, patch_size=8, max_position_embeddings=40)
+    fields = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        image_size=32,
+        patch_size=8,
+        max_position_embeddings=40,
+    )
     return Beit3Config(**{**fields, **overrides})
 
 
@@ -40,9 +48,19 @@ def torchscale_reference(final_layernorm: bool, image_size: int = REFERENCE["ima
     hidden = REFERENCE["hidden_size"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        args = EncoderConfig(img_size=image_size, patch_size=REFERENCE["patch_size"], vocab_size=REFERENCE["vocab_size"], multiway=True,
-                             layernorm_embedding=False, normalize_output=final_layernorm, no_output_layer=True, encoder_embed_dim=hidden,
-                             encoder_attention_heads=hidden // 64, encoder_ffn_embed_dim=2 * hidden, encoder_layers=2)
+        args = EncoderConfig(
+            img_size=image_size,
+            patch_size=REFERENCE["patch_size"],
+            vocab_size=REFERENCE["vocab_size"],
+            multiway=True,
+            layernorm_embedding=False,
+            normalize_output=final_layernorm,
+            no_output_layer=True,
+            encoder_embed_dim=hidden,
+            encoder_attention_heads=hidden // 64,
+            encoder_ffn_embed_dim=2 * hidden,
+            encoder_layers=2,
+        )
         model = BEiT3(args).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -57,7 +75,9 @@ def word_tokenizer(folder, words: list[str], vocab_size: int, **kwargs):
     from beit3 import train_sentencepiece
 
     rng = random.Random(0)
-    (folder / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(300)))
+    (folder / "corpus.txt").write_text(
+        "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(300))
+    )
     return train_sentencepiece(folder, vocab_size, files=[folder / "corpus.txt"], quiet=True, **kwargs)
 
 
@@ -67,14 +87,25 @@ def train_with_transformers_trainer(model, dataset, output_dir, steps: int = 2) 
     from transformers import Trainer, TrainingArguments
 
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = TrainingArguments(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-3,
-                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == steps and all(loss == loss and loss < float("inf") for loss in losses)
-    assert any(not torch.equal(before[name], p.detach()) for name, p in model.named_parameters() if name.startswith("beit3."))
+    assert any(
+        not torch.equal(before[name], p.detach()) for name, p in model.named_parameters() if name.startswith("beit3.")
+    )
     return losses
 
 
@@ -90,7 +121,13 @@ def demo_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("demo") / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "tasks/demo.py", "--output", str(output), "--profile", "smoke"], cwd=root,
-                            capture_output=True, text=True, env=env, timeout=1200)
+    result = subprocess.run(
+        [sys.executable, "tasks/demo.py", "--output", str(output), "--profile", "smoke"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return output, result.stdout

@@ -28,7 +28,10 @@ def test_packaged_configs_are_found_from_any_directory_and_a_missing_one_is_name
 def test_the_command_names_its_commands_and_tasks(capsys):
     with pytest.raises(SystemExit, match="unknown command 'fly'; the commands are pretrain, finetune, train-tokenizer"):
         cli.main(["fly"])
-    with pytest.raises(SystemExit, match="the first argument names the task, one of vqa, nlvr2, retrieval, captioning, classification; got 'vqa2'"):
+    with pytest.raises(
+        SystemExit,
+        match="the first argument names the task, one of vqa, nlvr2, retrieval, captioning, classification; got 'vqa2'",
+    ):
         cli.main(["finetune", "vqa2", "--config", "x.yaml"])
     with pytest.raises(SystemExit) as ended:
         cli.main(["finetune", "vqa", "--print-config", "--config", "configs/tasks/vqa_base.yaml"])
@@ -44,23 +47,54 @@ def test_the_wheel_works_from_outside_the_checkout(tmp_path):
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel")], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel")],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "wheel").glob("beit3-*.whl")
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
-    code = ("import beit3; from beit3 import Beit3Config; from beit3.configuration_beit3 import list_presets; "
-            "config = Beit3Config.from_preset('beit3_base_patch16_224'); "
-            "print(beit3.__file__, config.hidden_size, len(list_presets()))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
+    code = (
+        "import beit3; from beit3 import Beit3Config; from beit3.configuration_beit3 import list_presets; "
+        "config = Beit3Config.from_preset('beit3_base_patch16_224'); "
+        "print(beit3.__file__, config.hidden_size, len(list_presets()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out[0].startswith(str(site)) and out[1] == "768" and int(out[2]) > 10
-    for command in (["beit3-pretrain", "--help"], ["beit3", "export", "--help"], ["beit3-finetune", "captioning", "--help"]):
-        result = subprocess.run([sys.executable, str(site / "bin" / command[0]), *command[1:]], cwd=elsewhere, env=env,
-                                capture_output=True, text=True)
-        assert result.returncode == 0 and ("--config" in result.stdout or "--checkpoint-dir" in result.stdout), result.stderr
-    shown = subprocess.run([sys.executable, str(site / "bin" / "beit3"), "finetune", "nlvr2", "--print-config", "--config",
-                            "configs/tasks/nlvr2_base.yaml"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    for command in (
+        ["beit3-pretrain", "--help"],
+        ["beit3", "export", "--help"],
+        ["beit3-finetune", "captioning", "--help"],
+    ):
+        result = subprocess.run(
+            [sys.executable, str(site / "bin" / command[0]), *command[1:]],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0 and ("--config" in result.stdout or "--checkpoint-dir" in result.stdout), (
+            result.stderr
+        )
+    shown = subprocess.run(
+        [
+            sys.executable,
+            str(site / "bin" / "beit3"),
+            "finetune",
+            "nlvr2",
+            "--print-config",
+            "--config",
+            "configs/tasks/nlvr2_base.yaml",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert shown.returncode == 0 and "head_lr_scale" in shown.stdout, shown.stderr

@@ -26,7 +26,12 @@ def test_base_released_preset_has_the_official_parameter_count():
 
 def test_giant_paper_preset_is_about_1_9_billion_parameters():
     config = Beit3Config.from_preset("beit3_giant_paper_patch14_224")
-    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.patch_size) == (1408, 40, 6144, 14)
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.patch_size) == (
+        1408,
+        40,
+        6144,
+        14,
+    )
     assert 1.8e9 < count_parameters(config) < 2.0e9
 
 
@@ -55,20 +60,26 @@ def test_save_and_auto_config_round_trip(tmp_path):
     assert {**loaded.to_dict(), "_name_or_path": ""} == {**config.to_dict(), "_name_or_path": ""}
 
 
-@pytest.mark.parametrize("name, message", [
-    ("beit3_huge_patch16_224", "Unknown BEiT-3 preset"),
-    ("beit3_giant_patch16_224", "uses patch 14"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("beit3_huge_patch16_224", "Unknown BEiT-3 preset"),
+        ("beit3_giant_patch16_224", "uses patch 14"),
+    ],
+)
 def test_bad_preset_names_say_what_exists(name, message):
     with pytest.raises(ValueError, match=message):
         Beit3Config.from_preset(name)
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(hidden_size=100, num_attention_heads=3), "not a multiple of num_attention_heads"),
-    (dict(image_size=225), "not a multiple of patch_size"),
-    (dict(vl_ffn_layers=13), "vl_ffn_layers"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(hidden_size=100, num_attention_heads=3), "not a multiple of num_attention_heads"),
+        (dict(image_size=225), "not a multiple of patch_size"),
+        (dict(vl_ffn_layers=13), "vl_ffn_layers"),
+    ],
+)
 def test_inconsistent_configs_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         Beit3Config(**fields)

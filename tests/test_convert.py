@@ -47,9 +47,14 @@ def test_converted_checkpoint_gives_torchscale_outputs(tmp_path, final_layernorm
     with torch.no_grad():
         cases = {
             "image only": (reference(visual_tokens=images), ours(pixel_values=images)),
-            "text with padding": (reference(textual_tokens=ids, text_padding_position=padding), ours(input_ids=ids, attention_mask=~padding)),
-            "image+text with padding": (reference(textual_tokens=ids, visual_tokens=images, text_padding_position=padding),
-                                        ours(pixel_values=images, input_ids=ids, attention_mask=~padding)),
+            "text with padding": (
+                reference(textual_tokens=ids, text_padding_position=padding),
+                ours(input_ids=ids, attention_mask=~padding),
+            ),
+            "image+text with padding": (
+                reference(textual_tokens=ids, visual_tokens=images, text_padding_position=padding),
+                ours(pixel_values=images, input_ids=ids, attention_mask=~padding),
+            ),
         }
     for name, (theirs, mine) in cases.items():
         diff = (theirs["encoder_out"] - mine.last_hidden_state).abs().max().item()
@@ -70,18 +75,34 @@ def test_conversion_back_to_the_official_layout_is_exact(tmp_path):
 def test_image_output_equals_timm_on_the_same_official_checkpoint(tmp_path):
     reference = torchscale_reference(final_layernorm=False)  # timm's converter expects no final LayerNorm
     save_official(reference, tmp_path / "official.pth")
-    timm_kwargs = dict(img_size=IMAGE, patch_size=PATCH, embed_dim=HIDDEN, depth=2, num_heads=HIDDEN // 64, mlp_ratio=2, num_classes=0)
+    timm_kwargs = dict(
+        img_size=IMAGE, patch_size=PATCH, embed_dim=HIDDEN, depth=2, num_heads=HIDDEN // 64, mlp_ratio=2, num_classes=0
+    )
     theirs = timm.create_model("beit3_base_patch16_224", **timm_kwargs).eval()
     official = torch.load(tmp_path / "official.pth", weights_only=True)
     result = theirs.load_state_dict(checkpoint_filter_fn(official, theirs), strict=False)
-    assert result.unexpected_keys == [] and set(result.missing_keys) == {"fc_norm.weight", "fc_norm.bias"}  # the classifier's norm
+    assert result.unexpected_keys == [] and set(result.missing_keys) == {
+        "fc_norm.weight",
+        "fc_norm.bias",
+    }  # the classifier's norm
     ours = model_from_official(tmp_path / "official.pth")
     images = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
-        torch.testing.assert_close(ours(pixel_values=images).last_hidden_state, theirs.forward_features(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            ours(pixel_values=images).last_hidden_state, theirs.forward_features(images), atol=1e-5, rtol=1e-5
+        )
 
     # and our --to timm file loads into timm with the call the converter prints
-    loaded = timm_model_as_printed(["--checkpoint", str(tmp_path / "official.pth"), "--to", "timm", "--output", str(tmp_path / "vision.safetensors")])
+    loaded = timm_model_as_printed(
+        [
+            "--checkpoint",
+            str(tmp_path / "official.pth"),
+            "--to",
+            "timm",
+            "--output",
+            str(tmp_path / "vision.safetensors"),
+        ]
+    )
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval().forward_features(images), theirs.forward_features(images))
 
@@ -91,21 +112,33 @@ def timm_model_as_printed(argv: list[str]):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         main(argv)
-    call = next(line for line in printed.getvalue().splitlines() if line.startswith("load it with: ")).removeprefix("load it with: ")
+    call = next(line for line in printed.getvalue().splitlines() if line.startswith("load it with: ")).removeprefix(
+        "load it with: "
+    )
     return eval(call, {"timm": timm})  # the line the converter printed for the user to paste
 
 
 @pytest.mark.parametrize("head", ["backbone", "classifier"])
 def test_the_printed_timm_call_loads_any_size_with_its_preprocessing(tmp_path, head):
-    config = tiny_config(hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=256, num_hidden_layers=3, num_labels=5,
-                         final_layernorm=head == "backbone")  # as released: the ImageNet classifiers have no final LayerNorm
+    config = tiny_config(
+        hidden_size=HIDDEN,
+        num_attention_heads=2,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_labels=5,
+        final_layernorm=head == "backbone",
+    )  # as released: the ImageNet classifiers have no final LayerNorm
     ours = (Beit3Model(config) if head == "backbone" else Beit3ForImageClassification(config)).eval()
     ours.save_pretrained(tmp_path / "ours")
-    theirs = timm_model_as_printed(["--checkpoint", str(tmp_path / "ours"), "--to", "timm", "--output", str(tmp_path / "vision.safetensors")]).eval()
+    theirs = timm_model_as_printed(
+        ["--checkpoint", str(tmp_path / "ours"), "--to", "timm", "--output", str(tmp_path / "vision.safetensors")]
+    ).eval()
     images = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
         if head == "backbone":  # with its final LayerNorm
-            torch.testing.assert_close(theirs.forward_features(images), ours(pixel_values=images).last_hidden_state, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                theirs.forward_features(images), ours(pixel_values=images).last_hidden_state, atol=1e-5, rtol=1e-5
+            )
         else:
             torch.testing.assert_close(theirs(images), ours(pixel_values=images).logits, atol=1e-5, rtol=1e-5)
     data = timm.data.resolve_data_config(model=theirs)
@@ -117,7 +150,9 @@ def test_the_printed_timm_call_loads_any_size_with_its_preprocessing(tmp_path, h
         config.final_layernorm = True
         Beit3ForImageClassification(config).save_pretrained(tmp_path / "both")
         with pytest.raises(SystemExit, match="final backbone LayerNorm before its fc_norm"):
-            main(["--checkpoint", str(tmp_path / "both"), "--to", "timm", "--output", str(tmp_path / "both.safetensors")])
+            main(
+                ["--checkpoint", str(tmp_path / "both"), "--to", "timm", "--output", str(tmp_path / "both.safetensors")]
+            )
 
 
 def test_fp16_checkpoint_is_read_in_fp32_and_interpolated_like_unilm(tmp_path):
@@ -125,10 +160,14 @@ def test_fp16_checkpoint_is_read_in_fp32_and_interpolated_like_unilm(tmp_path):
     save_official(reference, tmp_path / "half.pth", dtype=torch.float16)
     assert read_checkpoint(tmp_path / "half.pth")["beit3.text_embed.weight"].dtype == torch.float32
 
-    config = tiny_config(image_size=48, hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=256, max_position_embeddings=1024)
+    config = tiny_config(
+        image_size=48, hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=256, max_position_embeddings=1024
+    )
     ours = model_from_official(tmp_path / "half.pth", config)
     table = reference.state_dict()["encoder.embed_positions.A.weight"].half().float()
-    grid = table[3:].reshape(1, 4, 4, HIDDEN).permute(0, 3, 1, 2)  # unilm: rows 0-2 kept, the 4x4 grid resized bicubically
+    grid = (
+        table[3:].reshape(1, 4, 4, HIDDEN).permute(0, 3, 1, 2)
+    )  # unilm: rows 0-2 kept, the 4x4 grid resized bicubically
     grid = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(36, HIDDEN)
     expected = torch.cat([table[:3], grid])
     torch.testing.assert_close(ours.embeddings.vision_position_embeddings[0], expected, atol=1e-6, rtol=1e-6)
@@ -137,14 +176,20 @@ def test_fp16_checkpoint_is_read_in_fp32_and_interpolated_like_unilm(tmp_path):
 
 def test_vision_only_checkpoint_converts_with_a_warning(tmp_path):
     reference = torchscale_reference(final_layernorm=False)
-    state = {"beit3." + k: v for k, v in reference.state_dict().items() if ".B." not in k and not k.startswith("text_embed")}
+    state = {
+        "beit3." + k: v for k, v in reference.state_dict().items() if ".B." not in k and not k.startswith("text_embed")
+    }
     torch.save({"model": state}, tmp_path / "in1k.pth")
     with pytest.warns(UserWarning, match="keep their initial values"):
         ours = model_from_official(tmp_path / "in1k.pth")
     images = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
-        torch.testing.assert_close(ours(pixel_values=images).last_hidden_state, reference(visual_tokens=images)["encoder_out"],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            ours(pixel_values=images).last_hidden_state,
+            reference(visual_tokens=images)["encoder_out"],
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
@@ -155,7 +200,9 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 
 def test_checkpoint_with_arbitrary_objects_is_not_unpickled(tmp_path):
-    torch.save({"model": {"beit3.vision_embed.cls_token": torch.zeros(1)}, "args": EncoderConfig()}, tmp_path / "pickled.pth")
+    torch.save(
+        {"model": {"beit3.vision_embed.cls_token": torch.zeros(1)}, "args": EncoderConfig()}, tmp_path / "pickled.pth"
+    )
     with pytest.raises(ValueError, match="weights-only"):
         read_checkpoint(tmp_path / "pickled.pth")
 

@@ -15,8 +15,15 @@ def vqa_items(lengths: list[int], max_length: int = 20, left_padded: bool = Fals
         real = slice(max_length - n, None) if left_padded else slice(0, n)
         ids[real] = torch.randint(3, 100, (n,), generator=generator)
         mask[real] = 1
-        items.append({"pixel_values": torch.randn(3, 32, 32, generator=generator), "input_ids": ids, "attention_mask": mask,
-                      "labels": torch.rand(5, generator=generator), "question_id": torch.tensor(len(items))})
+        items.append(
+            {
+                "pixel_values": torch.randn(3, 32, 32, generator=generator),
+                "input_ids": ids,
+                "attention_mask": mask,
+                "labels": torch.rand(5, generator=generator),
+                "question_id": torch.tensor(len(items)),
+            }
+        )
     return items
 
 
@@ -51,7 +58,9 @@ def test_a_blind_control_gives_every_item_another_items_image_and_keeps_the_rest
 
     from beit3.data.common import ImagesOfOthers
 
-    items = [{"pixel_values": torch.full((3, 2, 2), float(i)), "input_ids": torch.tensor([i]), "index": i} for i in range(7)]
+    items = [
+        {"pixel_values": torch.full((3, 2, 2), float(i)), "input_ids": torch.tensor([i]), "index": i} for i in range(7)
+    ]
     blind = ImagesOfOthers(items, seed=1)
     sources = [int(blind[i]["pixel_values"][0, 0, 0]) for i in range(7)]
     assert sorted(sources) == list(range(7)) and all(source != i for i, source in enumerate(sources))  # a derangement
@@ -70,7 +79,9 @@ def test_a_decompression_bomb_is_a_clear_error_naming_the_file(tmp_path, monkeyp
 
     path = tmp_path / "bomb.png"
     Image.new("RGB", (100, 100)).save(path)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels: over twice the limit, as a 30000 x 30000 PNG is at PIL's
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 1000
+    )  # 10,000 pixels: over twice the limit, as a 30000 x 30000 PNG is at PIL's
     with pytest.raises(ValueError, match=r"bomb\.png.*decompression bombs"):
         load_rgb(path)
     with pytest.raises(ValueError, match="decompression bombs"):
@@ -99,11 +110,20 @@ def test_unreadable_training_images_are_replaced_by_the_next_example_and_counted
             return {"pixel_values": torch.tensor(list(load_rgb(paths[index]).getpixel((0, 0)))), "index": index}
 
     items = ReplaceUnreadable(Items())
-    assert [items[i]["index"] for i in range(4)] == [0, 3, 3, 3] and [items[i]["skipped_images"] for i in range(4)] == [0, 2, 1, 0]
+    assert [items[i]["index"] for i in range(4)] == [0, 3, 3, 3] and [items[i]["skipped_images"] for i in range(4)] == [
+        0,
+        2,
+        1,
+        0,
+    ]
     err = capsys.readouterr().err
     assert f"Cannot read the image {paths[1]}" in err and f"Cannot read the image {paths[2]}" in err
     batch = counted(collate_trimmed)([items[i] for i in range(4)])
-    assert batch["counts"] == {"skipped_images": 3} and batch["pixel_values"].shape == (4, 3) and "skipped_images" not in batch
+    assert (
+        batch["counts"] == {"skipped_images": 3}
+        and batch["pixel_values"].shape == (4, 3)
+        and "skipped_images" not in batch
+    )
     for path in paths:
         path.write_bytes(b"")
     with pytest.raises(RuntimeError, match="16 examples in a row"):

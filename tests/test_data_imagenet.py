@@ -32,7 +32,10 @@ def test_labels_are_sorted_training_folders_and_val_reuses_them(tmp_path):
     assert train.records[0].image_path == str(tmp_path / "train" / "n01440764" / "n01440764_0.JPEG")
     val = read_image_folder(tmp_path / "val", classes=train.classes)
     assert [(r.label, r.image_path.split("/")[-2]) for r in val.records] == [(0, "n01440764"), (2, "n02085620")]
-    assert [r.label for r in read_image_folder(tmp_path / "val").records] == [0, 1]  # on its own, val would shift the labels
+    assert [r.label for r in read_image_folder(tmp_path / "val").records] == [
+        0,
+        1,
+    ]  # on its own, val would shift the labels
     with pytest.raises(ValueError, match=r"class folders that the given classes lack: \['n02085620'\]"):
         read_image_folder(tmp_path / "val", classes=["n01440764"])
     with pytest.raises(FileNotFoundError, match="No image folder"):
@@ -45,7 +48,9 @@ def read_hf_imagefolder(root, split="train") -> ImageFolderSplit:
     from datasets import load_dataset
 
     data = load_dataset("imagefolder", data_dir=str(root), split=split).cast_column("image", ImageFeature(decode=False))
-    return ImageFolderSplit([ImageRecord(row["image"]["path"], row["label"]) for row in data], list(data.features["label"].names))
+    return ImageFolderSplit(
+        [ImageRecord(row["image"]["path"], row["label"]) for row in data], list(data.features["label"].names)
+    )
 
 
 def test_datasets_imagefolder_gives_the_same_records(tmp_path):
@@ -53,7 +58,9 @@ def test_datasets_imagefolder_gives_the_same_records(tmp_path):
     ours = read_image_folder(tmp_path / "train")
     theirs = read_hf_imagefolder(tmp_path / "train")
     assert theirs.classes == ours.classes
-    assert sorted((r.image_path, r.label) for r in theirs.records) == sorted((r.image_path, r.label) for r in ours.records)
+    assert sorted((r.image_path, r.label) for r in theirs.records) == sorted(
+        (r.image_path, r.label) for r in ours.records
+    )
 
 
 def test_dataset_feeds_the_classification_head_and_names_corrupt_images(tmp_path):
@@ -76,7 +83,9 @@ def test_any_callable_transform_works_and_a_wrong_one_is_named(tmp_path):
 
     write_folders(tmp_path)
     records = read_image_folder(tmp_path / "train").records
-    training = create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)  # the official recipe's
+    training = create_transform(
+        32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25
+    )  # the official recipe's
     assert ImageClassificationDataset(records, training)[0]["pixel_values"].shape == (3, 32, 32)
     with pytest.raises(TypeError, match=r"must give a \(C, H, W\) tensor; it gave Image"):
         ImageClassificationDataset(records, lambda image: image)[0]
@@ -86,7 +95,9 @@ def test_transformers_trainer_trains_the_classification_head_on_the_dataset(tmp_
     write_folders(tmp_path)
     split = read_image_folder(tmp_path / "train")
     data = ImageClassificationDataset(split.records, Beit3ImageProcessor.for_imagenet(size=32))
-    train_with_transformers_trainer(Beit3ForImageClassification(tiny_config(num_labels=len(split.classes))), data, tmp_path / "trainer")
+    train_with_transformers_trainer(
+        Beit3ForImageClassification(tiny_config(num_labels=len(split.classes))), data, tmp_path / "trainer"
+    )
 
 
 def test_a_datasets_imagefolder_dataset_is_taken_as_it_is(tmp_path):

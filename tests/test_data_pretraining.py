@@ -26,13 +26,22 @@ ROOT = Path(__file__).resolve().parent.parent
 def world(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mixture")
     paths = write_shapes_world(folder, 24)
-    tokenizer = train_sentencepiece(folder / "tok", vocab_size=36, files=[paths["texts"]], model_max_length=32, quiet=True)
+    tokenizer = train_sentencepiece(
+        folder / "tok", vocab_size=36, files=[paths["texts"]], model_max_length=32, quiet=True
+    )
     return paths, tokenizer
 
 
 def batches(sources, tokenizer, **kwargs):
-    return PretrainingBatches(sources, {"image": 3, "text": 3, "pair": 3}, tokenizer, image_size=64, patch_size=8, max_text_length=32,
-                              **kwargs)
+    return PretrainingBatches(
+        sources,
+        {"image": 3, "text": 3, "pair": 3},
+        tokenizer,
+        image_size=64,
+        patch_size=8,
+        max_text_length=32,
+        **kwargs,
+    )
 
 
 def test_every_batch_has_all_kinds_with_masks(world):
@@ -82,7 +91,9 @@ def test_webdataset_shards_give_pairs(world, tmp_path):
         for i in range(4):
             buffer = io.BytesIO()
             Image.new("RGB", (48, 48), (0, 80 * i, 0)).save(buffer, format="JPEG")
-            text = f"a big green square number {i}" if i < 3 else " "  # an empty caption is left out, as in the text kind
+            text = (
+                f"a big green square number {i}" if i < 3 else " "
+            )  # an empty caption is left out, as in the text kind
             for name, data in ((f"s{i}.jpg", buffer.getvalue()), (f"s{i}.txt", text.encode())):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
@@ -107,14 +118,21 @@ def test_a_users_saved_datasets_dataset_is_a_source_of_every_kind(world, tmp_pat
     spec = {"dataset": str(tmp_path / "mine"), "image": "picture", "text": "caption"}
     sources = load_sources(images=spec, texts=spec, pairs=spec)
     assert (len(sources["image"]), len(sources["text"]), len(sources["pair"])) == (3, 2, 2)
-    assert set(sources["pair"].column_names) == {"path", "image_bytes", "text"} and sources["text"][1]["text"] == "a green square"
-    batch = PretrainingBatches(sources, {"image": 3, "text": 2, "pair": 2}, tokenizer, image_size=64, patch_size=8, max_text_length=32)[0]
+    assert (
+        set(sources["pair"].column_names) == {"path", "image_bytes", "text"}
+        and sources["text"][1]["text"] == "a green square"
+    )
+    batch = PretrainingBatches(
+        sources, {"image": 3, "text": 2, "pair": 2}, tokenizer, image_size=64, patch_size=8, max_text_length=32
+    )[0]
     assert batch["pair"]["pixel_values"].shape == (2, 3, 64, 64) and batch["counts"]["skipped_pair"] == 0
     assert batch["image"]["pixel_values"].shape[0] == 3
     pixels = load_rgb(None, sources["pair"][0]["image_bytes"]).getpixel((20, 20))
     assert pixels == colors[0]  # the saved image's own bytes
     assert sorted(p.name for p in (tmp_path / "mine").rglob("*")) == before  # nothing written into the user's folder
-    with pytest.raises(ValueError, match=r"has no column 'text' for the pair source; its columns are \['picture', 'caption'\]"):
+    with pytest.raises(
+        ValueError, match=r"has no column 'text' for the pair source; its columns are \['picture', 'caption'\]"
+    ):
         load_sources(pairs={"dataset": str(tmp_path / "mine"), "image": "picture"})
     with pytest.raises(ValueError, match=r"holds the splits \['train'\], not 'validation'"):
         load_sources(pairs={**spec, "split": "validation"})
@@ -143,8 +161,17 @@ def test_pair_lines_without_an_image_path_or_a_text_are_skipped_and_named(world,
     good = paths["pairs"].read_text().splitlines()[0]
     image = str(paths["pairs"].parent / json.loads(good)["image"])
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("\n".join([json.dumps({"image": image, "text": "a red circle"}), json.dumps({"image": None, "text": "a red circle"}),
-                                json.dumps({"image": image, "text": "  "}), json.dumps({"image": image, "text": None})]) + "\n")
+    pairs.write_text(
+        "\n".join(
+            [
+                json.dumps({"image": image, "text": "a red circle"}),
+                json.dumps({"image": None, "text": "a red circle"}),
+                json.dumps({"image": image, "text": "  "}),
+                json.dumps({"image": image, "text": None}),
+            ]
+        )
+        + "\n"
+    )
     with open(pairs, "ab") as handle:  # a Latin-1 caption: not UTF-8
         handle.write(b'{"image": "' + image.encode() + b'", "text": "caf\xe9"}\n')
     source = load_sources(pairs=[str(pairs)])["pair"]
@@ -191,8 +218,23 @@ def encode(tokenizer_dir: Path, images: Path, output: Path) -> dict[str, torch.T
     spec = importlib.util.spec_from_file_location("encode_images_script", ROOT / "tokenizers" / "encode_images.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    assert script.main(["--tokenizer", str(tokenizer_dir), "--images", str(images), "--output", str(output), "--device", "cpu",
-                        "--batch-size", "8"]) == 0
+    assert (
+        script.main(
+            [
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--images",
+                str(images),
+                "--output",
+                str(output),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     codes, index = read_codes(output)
     return {entry["path"]: codes[entry["row"]] for entry in index}
 
@@ -232,7 +274,9 @@ def test_batches_from_codes_carry_the_codes_encode_images_wrote(world, visual_to
     paths, tokenizer = world
     images = Path(paths["images"])
     written = encode(visual_tokenizer, images, tmp_path / "codes")
-    assert len(written) == 24 and len({tuple(c.tolist()) for c in written.values()}) > 12  # images get codes of their own
+    assert (
+        len(written) == 24 and len({tuple(c.tolist()) for c in written.values()}) > 12
+    )  # images get codes of their own
     sources = load_sources(images, [paths["texts"]], [paths["pairs"]], image_codes=tmp_path / "codes")
     data = batches(sources, tokenizer, color_jitter=0.0)
     for step in (0, 3, 9):  # 9: past the first epoch of 24 images (3 per step)
@@ -242,7 +286,11 @@ def test_batches_from_codes_carry_the_codes_encode_images_wrote(world, visual_to
         assert image["image_labels"].shape == (3, 64) and image["image_labels"].dtype == torch.long
         for slot in range(3):
             path, _ = used_image(data, step, slot)
-            assert torch.equal(image["image_labels"][slot], written[path.relative_to(images).as_posix()]), (step, slot, path)
+            assert torch.equal(image["image_labels"][slot], written[path.relative_to(images).as_posix()]), (
+                step,
+                slot,
+                path,
+            )
             # the same fixed crop the codes describe: no random crop, no flip
             torch.testing.assert_close(image["pixel_values"][slot], center_view(path))
         assert batch["pair"]["pixel_values"].shape == (3, 3, 64, 64) and "text" in batch
@@ -252,15 +300,22 @@ def test_batches_from_codes_carry_the_codes_encode_images_wrote(world, visual_to
     a, b = jittered[5], batches(sources, tokenizer, seed=1, start_step=5)[0]
     for key, value in a["image"].items():
         assert torch.equal(value, b["image"][key]), key
-    assert not torch.equal(a["image"]["pixel_values"], batches(sources, tokenizer, seed=1, color_jitter=0.0)[5]["image"]["pixel_values"])
-    assert torch.equal(a["image"]["image_labels"], batches(sources, tokenizer, seed=1, color_jitter=0.0)[5]["image"]["image_labels"])
+    assert not torch.equal(
+        a["image"]["pixel_values"], batches(sources, tokenizer, seed=1, color_jitter=0.0)[5]["image"]["pixel_values"]
+    )
+    assert torch.equal(
+        a["image"]["image_labels"], batches(sources, tokenizer, seed=1, color_jitter=0.0)[5]["image"]["image_labels"]
+    )
 
 
 def test_images_without_codes_are_an_error_before_any_batch(world, visual_tokenizer, tmp_path):
     noise_images(tmp_path / "images", ["a.png", "b.png", "c.png"])
     encode(visual_tokenizer, tmp_path / "images", tmp_path / "codes")
     noise_images(tmp_path / "images" / "new", ["d.png", "e.png"], seed=1)  # added after encoding
-    with pytest.raises(ValueError, match=r"2 of the 5 images below .* have no codes in .*index\.jsonl, e\.g\. new/d\.png.*encode_images\.py"):
+    with pytest.raises(
+        ValueError,
+        match=r"2 of the 5 images below .* have no codes in .*index\.jsonl, e\.g\. new/d\.png.*encode_images\.py",
+    ):
         load_sources(tmp_path / "images", image_codes=tmp_path / "codes")
     with pytest.raises(FileNotFoundError, match="no codes.safetensors"):
         load_sources(tmp_path / "images", image_codes=tmp_path / "nowhere")
@@ -285,11 +340,15 @@ def test_corrupt_images_are_replaced_with_their_codes(world, visual_tokenizer, t
         for slot in range(5):
             path, shift = used_image(data, step, slot, broken=("broken.png", "3.png"))
             passed += shift
-            assert torch.equal(batch["image"]["image_labels"][slot], written[path.name])  # the replacement's codes came with it
+            assert torch.equal(
+                batch["image"]["image_labels"][slot], written[path.name]
+            )  # the replacement's codes came with it
             torch.testing.assert_close(batch["image"]["pixel_values"][slot], center_view(path))
         assert batch["counts"]["skipped_image"] == passed
         total += passed
-    assert total >= 8  # each broken file comes up at least once per pass over 5 images (a replacement can be broken too)
+    assert (
+        total >= 8
+    )  # each broken file comes up at least once per pass over 5 images (a replacement can be broken too)
     with pytest.raises(ValueError, match="64 codes per image .* 4x4 patches"):
         PretrainingBatches(sources, {"image": 5}, tokenizer, image_size=64, patch_size=16)  # 4x4 patches, 8x8 codes
 
@@ -297,26 +356,35 @@ def test_corrupt_images_are_replaced_with_their_codes(world, visual_tokenizer, t
 def test_matching_batches_pair_each_text_with_its_image_and_with_another_captions_image(world):
     paths, tokenizer = world
     sources = load_sources(paths["images"], [paths["texts"]], [paths["pairs"]])
-    make = lambda **kw: PretrainingBatches(sources, {"pair": 8}, tokenizer, image_size=64, patch_size=8, max_text_length=32,
-                                           itm_negatives=0.5, **kw)
+    make = lambda **kw: PretrainingBatches(
+        sources, {"pair": 8}, tokenizer, image_size=64, patch_size=8, max_text_length=32, itm_negatives=0.5, **kw
+    )
     batch = make(seed=3)[2]
     itm, pair = batch["itm"], batch["pair"]
     assert itm["itm_labels"].tolist() == [1] * 4 + [0] * 4
-    assert torch.equal(itm["input_ids"][:4], itm["input_ids"][4:]) and (itm["input_ids"] != tokenizer.mask_token_id).all()  # unmasked
+    assert (
+        torch.equal(itm["input_ids"][:4], itm["input_ids"][4:]) and (itm["input_ids"] != tokenizer.mask_token_id).all()
+    )  # unmasked
     assert torch.equal(itm["pixel_values"][:4], pair["pixel_values"][:4])  # the positives: each text with its own image
     captions = tokenizer.batch_decode(itm["input_ids"][:4], skip_special_tokens=True)
     rows = [sources["pair"][make(seed=3)._position("pair", 2, slot)[0]] for slot in range(8)]
     for caption, image in zip(captions, itm["pixel_values"][4:]):
         source = [slot for slot in range(8) if torch.equal(pair["pixel_values"][slot], image)]
-        assert source and all(rows[slot]["text"].strip() != caption.strip() for slot in source)  # the image of another caption
+        assert source and all(
+            rows[slot]["text"].strip() != caption.strip() for slot in source
+        )  # the image of another caption
     again = make(seed=3, start_step=2)[0]  # a pure function of (seed, step, rank), as every kind
     for key, value in itm.items():
         assert torch.equal(value, again["itm"][key]), key
-    assert "itm" not in PretrainingBatches(sources, {"pair": 8}, tokenizer, image_size=64, patch_size=8)[0]  # off by default
+    assert (
+        "itm" not in PretrainingBatches(sources, {"pair": 8}, tokenizer, image_size=64, patch_size=8)[0]
+    )  # off by default
     # A caption that says everything the text says (and more) may describe the same thing: it is never its negative.
     texts = ["a red circle", "a big red circle on the left", "a small blue square"]
     encoded = dict(tokenizer(texts, padding=True, return_tensors="pt"))
-    one = PretrainingBatches(sources, {"pair": 2}, tokenizer, image_size=64, patch_size=8, itm_negatives=0.5)  # one matched pair a batch
+    one = PretrainingBatches(
+        sources, {"pair": 2}, tokenizer, image_size=64, patch_size=8, itm_negatives=0.5
+    )  # one matched pair a batch
     images = torch.arange(3.0)[:, None, None, None].expand(3, 3, 2, 2)  # image i is all i
     for step in range(5):
         negative = one._matching_batch(images, texts, encoded, step)["pixel_values"][1]

@@ -37,9 +37,24 @@ def keys(stream, count):
 def world(tmp_path_factory):
     folder = tmp_path_factory.mktemp("streaming")
     paths = write_shapes_world(folder / "world", 24)
-    tokenizer = train_sentencepiece(folder / "tok", vocab_size=36, files=[paths["texts"]], model_max_length=32, quiet=True)
-    result = subprocess.run([sys.executable, "tasks/make_shards.py", "--pairs", str(paths["pairs"]), "--output",
-                             str(folder / "shards/pairs-%03d.tar"), "--shard-size", "5"], cwd=ROOT, capture_output=True, text=True)
+    tokenizer = train_sentencepiece(
+        folder / "tok", vocab_size=36, files=[paths["texts"]], model_max_length=32, quiet=True
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "tasks/make_shards.py",
+            "--pairs",
+            str(paths["pairs"]),
+            "--output",
+            str(folder / "shards/pairs-%03d.tar"),
+            "--shard-size",
+            "5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     return paths, tokenizer, folder / "shards", result.stdout
 
@@ -92,7 +107,7 @@ def test_unreadable_shards_are_named_counted_and_skipped(tmp_path, capsys):
     shards = numbered_shards(tmp_path, [3, 3, 3, 3])
     Path(shards[1]).unlink()  # missing
     data = Path(shards[2]).read_bytes()
-    Path(shards[2]).write_bytes(data[:1024 + 700])  # truncated inside its second member
+    Path(shards[2]).write_bytes(data[: 1024 + 700])  # truncated inside its second member
     stream = ShardStream(shards, seed=0, kind=0, stream=0, streams=1)
     seen = Counter(keys(stream, 30))  # more than two epochs
     assert {f"{k:06d}" for k in (0, 1, 2, 9, 10, 11)} <= set(seen)
@@ -115,7 +130,9 @@ def test_pairs_come_from_txt_or_a_json_caption_and_bad_text_is_none():
 
 
 def make_batches(sources, tokenizer, **kwargs):
-    return StreamingPretrainingBatches(sources, {"pair": 3}, tokenizer, image_size=64, patch_size=8, max_text_length=32, **kwargs)
+    return StreamingPretrainingBatches(
+        sources, {"pair": 3}, tokenizer, image_size=64, patch_size=8, max_text_length=32, **kwargs
+    )
 
 
 def loader(dataset, workers):
@@ -129,12 +146,21 @@ def test_streamed_batches_resume_exactly_from_the_positions_they_carry(world, wo
     uninterrupted = loader(make_batches(sources, tokenizer, num_steps=9, num_workers=workers), workers)
     state = {}
     for batch in uninterrupted[:5]:  # what the Engine keeps of the first 5 steps
-        state = {"workers": batch["data_state"]["workers"], "streams": {**state.get("streams", {}), **batch["data_state"]["streams"]}}
-    resumed = loader(make_batches(sources, tokenizer, start_step=5, num_steps=4, num_workers=workers, positions=state), workers)
+        state = {
+            "workers": batch["data_state"]["workers"],
+            "streams": {**state.get("streams", {}), **batch["data_state"]["streams"]},
+        }
+    resumed = loader(
+        make_batches(sources, tokenizer, start_step=5, num_steps=4, num_workers=workers, positions=state), workers
+    )
     for a, b in zip(uninterrupted[5:], resumed):
         for key in ("pixel_values", "input_ids", "labels"):
             assert torch.equal(a["pair"][key], b["pair"][key]), key
-    texts = {tokenizer.decode(ids, skip_special_tokens=True) for batch in uninterrupted[:8] for ids in batch["pair"]["input_ids"]}
+    texts = {
+        tokenizer.decode(ids, skip_special_tokens=True)
+        for batch in uninterrupted[:8]
+        for ids in batch["pair"]["input_ids"]
+    }
     assert len(texts) > 12  # 24 samples go by in 8 steps of 3: the stream moves on
     with pytest.raises(ValueError, match=r"5 pair shards cannot feed 6 streams \(2 processes x 3 loader workers\)"):
         make_batches(sources, tokenizer, num_workers=3, world_size=2)
@@ -145,9 +171,14 @@ def test_streamed_batches_resume_exactly_from_the_positions_they_carry(world, wo
 def test_samples_without_caption_or_with_a_broken_image_are_skipped_and_counted(world, tmp_path, capsys):
     paths, tokenizer, _, _ = world
     good = (paths["images"] / "00000.png").read_bytes()
-    samples = [{"__key__": "a", "png": good, "txt": "a red circle"}, {"__key__": "b", "png": good},  # no caption
-               {"__key__": "c", "png": b"\x89PNG broken", "txt": "a blue square"}, {"__key__": "d", "png": good, "txt": "   "},
-               {"__key__": "e", "png": good, "txt": "two circles"}, {"__key__": "f", "png": good, "txt": "a square"}]
+    samples = [
+        {"__key__": "a", "png": good, "txt": "a red circle"},
+        {"__key__": "b", "png": good},  # no caption
+        {"__key__": "c", "png": b"\x89PNG broken", "txt": "a blue square"},
+        {"__key__": "d", "png": good, "txt": "   "},
+        {"__key__": "e", "png": good, "txt": "two circles"},
+        {"__key__": "f", "png": good, "txt": "a square"},
+    ]
     shard = write_shards(iter(samples), str(tmp_path / "p-%d.tar"), shard_size=10)
     batches = make_batches(load_sources(pairs=shard, streaming=True), tokenizer, num_steps=1)
     batch = next(iter(batches))
@@ -169,9 +200,15 @@ def test_streaming_needs_shards_and_shards_need_streaming(world, tmp_path):
     with pytest.raises(ValueError, match="None of the 2 pair shards exists"):
         load_sources(pairs=[str(tmp_path / "gone-{0..1}.tar")], streaming=True)
     with pytest.raises(TypeError, match="use StreamingPretrainingBatches"):
-        PretrainingBatches(load_sources(pairs=[str(shards / "pairs-{000..004}.tar")], streaming=True), {"pair": 2}, tokenizer, 64, 8)
-    images = load_sources(images=str(shards / "pairs-{000..004}.tar"), streaming=True)  # the image kind from pair shards
-    batch = next(iter(StreamingPretrainingBatches(images, {"image": 4}, None, image_size=64, patch_size=8, num_steps=1)))
+        PretrainingBatches(
+            load_sources(pairs=[str(shards / "pairs-{000..004}.tar")], streaming=True), {"pair": 2}, tokenizer, 64, 8
+        )
+    images = load_sources(
+        images=str(shards / "pairs-{000..004}.tar"), streaming=True
+    )  # the image kind from pair shards
+    batch = next(
+        iter(StreamingPretrainingBatches(images, {"image": 4}, None, image_size=64, patch_size=8, num_steps=1))
+    )
     assert batch["image"]["pixel_values"].shape == (4, 3, 64, 64) and batch["counts"]["skipped_image"] == 0
 
 
@@ -180,16 +217,22 @@ def test_text_files_stream_in_pieces_that_hold_every_line_once(tmp_path, capsys)
     plain = tmp_path / "a.txt"
     plain.write_text("\n".join(lines[:30]) + "\n")
     structured = tmp_path / "b.jsonl"
-    structured.write_bytes(("\n".join(json.dumps({"text": t}) for t in lines[30:]) + "\n").encode() + b"\xff\xfe\n{\"text\": 3}\n")
+    structured.write_bytes(
+        ("\n".join(json.dumps({"text": t}) for t in lines[30:]) + "\n").encode() + b'\xff\xfe\n{"text": 3}\n'
+    )
     pieces = text_pieces([str(plain), str(structured)], min_pieces=7)
     assert len(pieces) >= 7
     read = [sample["text"] for piece in pieces for sample in text_samples(piece, on_error=None)]
-    assert [t for t in read if t is not None] == lines and read.count(None) == 2  # every line once, in order; 2 bad lines
+    assert [t for t in read if t is not None] == lines and read.count(
+        None
+    ) == 2  # every line once, in order; 2 bad lines
     stream_a = ShardStream(pieces, seed=0, kind=1, stream=0, streams=2, read=text_samples)
     stream_b = ShardStream(pieces, seed=0, kind=1, stream=1, streams=2, read=text_samples)
     for _ in range(20):
         next(stream_a)
-    resumed = ShardStream(pieces, seed=0, kind=1, stream=0, streams=2, read=text_samples, position=dict(stream_a.position))
+    resumed = ShardStream(
+        pieces, seed=0, kind=1, stream=0, streams=2, read=text_samples, position=dict(stream_a.position)
+    )
     assert [next(resumed)["text"] for _ in range(40)] == [next(stream_a)["text"] for _ in range(40)]
     mine = [set(map(int, stream._mine(0))) for stream in (stream_a, stream_b)]
     assert not mine[0] & mine[1] and mine[0] | mine[1] == set(range(len(pieces)))  # the two streams split the pieces

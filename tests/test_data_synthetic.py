@@ -11,13 +11,37 @@ from beit3.data.imagenet import read_image_folder
 from beit3.data.karpathy import read_karpathy
 from beit3.data.nlvr2 import read_nlvr2
 from beit3.data.pretraining import load_sources
-from beit3.data.synthetic import CLASSES, COLORS, KINDS, SLOTS, caption, pair_statement, write_shapes_world, write_task_world
+from beit3.data.synthetic import (
+    CLASSES,
+    COLORS,
+    KINDS,
+    SLOTS,
+    caption,
+    pair_statement,
+    write_shapes_world,
+    write_task_world,
+)
 from beit3.data.vqa import build_answer_vocabulary, normalize_answer, read_vqa
 
-SMALL = dict(pretrain_images=20, train_images=30, val_images=10, test_images=10, nlvr2_train=20, nlvr2_dev=10,
-             classification_train=36, classification_val=18)
-JSON_OUTPUTS = ("karpathy", "vqa_train_questions", "vqa_train_annotations", "vqa_val_questions", "vqa_val_annotations",
-                "nlvr2_train", "nlvr2_dev")
+SMALL = dict(
+    pretrain_images=20,
+    train_images=30,
+    val_images=10,
+    test_images=10,
+    nlvr2_train=20,
+    nlvr2_dev=10,
+    classification_train=36,
+    classification_val=18,
+)
+JSON_OUTPUTS = (
+    "karpathy",
+    "vqa_train_questions",
+    "vqa_train_annotations",
+    "vqa_val_questions",
+    "vqa_val_annotations",
+    "nlvr2_train",
+    "nlvr2_dev",
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +73,9 @@ def answer(question, scene):
     if m := re.fullmatch(r"how many (\w+) shapes are there\?", question):
         return str(sum(color == m[1] for _, color, _, _ in scene))
     if m := re.fullmatch(r"where is the (?:(\w+) )?(\w+) (\w+)\?", question):
-        (slot,) = [slot for size, color, kind, slot in scene if (m[1] in (None, size)) and (color, kind) == (m[2], m[3])]
+        (slot,) = [
+            slot for size, color, kind, slot in scene if (m[1] in (None, size)) and (color, kind) == (m[2], m[3])
+        ]
         return slot
     if m := re.fullmatch(r"is there a (\w+) (\w+)\?", question):
         return "yes" if any((color, kind) == (m[1], m[2]) for _, color, kind, _ in scene) else "no"
@@ -74,19 +100,28 @@ def test_karpathy_splits_and_captions(world):
 
 
 def test_vqa_answers_agree_with_the_scene(world):
-    scenes = {im["cocoid"]: parse_caption(im["sentences"][0]["raw"]) for im in json.loads(world["karpathy"].read_text())["images"]}
+    scenes = {
+        im["cocoid"]: parse_caption(im["sentences"][0]["raw"])
+        for im in json.loads(world["karpathy"].read_text())["images"]
+    }
     vocabulary = build_answer_vocabulary([world["vqa_train_annotations"], world["vqa_val_annotations"]], min_count=1)
     kinds = Counter()
     for split, images in (("train", 30), ("val", 10)):
-        data = read_vqa(world[f"vqa_{split}_questions"], world["coco_root"], world[f"vqa_{split}_annotations"], vocabulary)
+        data = read_vqa(
+            world[f"vqa_{split}_questions"], world["coco_root"], world[f"vqa_{split}_annotations"], vocabulary
+        )
         assert len(data.records) == 3 * images and data.dropped_questions == 0
-        assert len({(r.image_id, r.question) for r in data.records}) == len(data.records)  # different questions per image
+        assert len({(r.image_id, r.question) for r in data.records}) == len(
+            data.records
+        )  # different questions per image
         for record in data.records:
             assert record.question.endswith("?") and record.question == record.question.lower()
             assert len(set(record.answers)) == 1 and len(record.answers) == 10 and record.scores == [1.0]
             assert normalize_answer(record.answers[0]) == record.answers[0]
             assert record.answers[0] == answer(record.question, scenes[record.image_id]), record.question
-            kinds[record.question.split()[0] + (" " + record.answers[0] if record.answers[0] in ("yes", "no") else "")] += 1
+            kinds[
+                record.question.split()[0] + (" " + record.answers[0] if record.answers[0] in ("yes", "no") else "")
+            ] += 1
     assert set(kinds) == {"what", "how", "where", "is yes", "is no"}
     assert abs(kinds["is yes"] - kinds["is no"]) <= 2
 
@@ -104,8 +139,16 @@ def test_vqa_annotation_fields(world):
 
 def test_every_default_train_answer_is_kept_by_the_vocabulary(tmp_path):
     # The default number of training images; everything else tiny.
-    paths = write_task_world(tmp_path, pretrain_images=1, val_images=1, test_images=1, nlvr2_train=2, nlvr2_dev=2,
-                             classification_train=1, classification_val=1)
+    paths = write_task_world(
+        tmp_path,
+        pretrain_images=1,
+        val_images=1,
+        test_images=1,
+        nlvr2_train=2,
+        nlvr2_dev=2,
+        classification_train=1,
+        classification_val=1,
+    )
     annotations = json.loads(paths["vqa_train_annotations"].read_text())["annotations"]
     counts = Counter(a["multiple_choice_answer"] for a in annotations)
     assert len(annotations) == 4500 and min(counts.values()) >= 9
@@ -127,11 +170,13 @@ def test_nlvr2_labels_and_images(world):
 
 def truth(sentence, left, right):
     """A statement's truth, from the two scenes, independently of the generator."""
+
     def has(scene, thing):
         words = thing.split()
         if words[-1] == "shape":
             return any(s["color"] == words[0] for s in scene)
         return any(s["kind"] == words[-1] and (len(words) == 1 or s["color"] == words[0]) for s in scene)
+
     if m := re.fullmatch(r"the (left|right) image has a ([\w ]+)", sentence):
         return has(left if m[1] == "left" else right, m[2])
     if m := re.fullmatch(r"both images have a ([\w ]+)", sentence):
@@ -169,7 +214,9 @@ def test_classification_folders(world):
 
 def test_pretrain_part_is_the_shapes_world(world, tmp_path):
     assert len(world["pretrain_pairs"].read_text().splitlines()) == 20
-    sources = load_sources(images=str(world["pretrain_images"]), texts=[str(world["pretrain_texts"])], pairs=[str(world["pretrain_pairs"])])
+    sources = load_sources(
+        images=str(world["pretrain_images"]), texts=[str(world["pretrain_texts"])], pairs=[str(world["pretrain_pairs"])]
+    )
     assert {kind: len(d) for kind, d in sources.items()} == {"image": 20, "text": 20, "pair": 20}
     alone = write_shapes_world(tmp_path / "alone", 20, seed=3)
     assert alone["pairs"].read_text() == world["pretrain_pairs"].read_text()
@@ -184,8 +231,16 @@ def test_shapes_world_unchanged(tmp_path):
     assert len(lines) == 7 and len(list(paths["images"].glob("*.png"))) == 7
     assert [row["image"] for row in lines] == [f"images/{i:05d}.png" for i in range(7)]
     assert paths["texts"].read_text().splitlines() == [row["text"] for row in lines]
-    assert all(row["text"] == caption([{"size": z, "color": c, "kind": k, "slot": next(x for x in SLOTS if x.endswith(w))}
-                                       for z, c, k, w in parse_caption(row["text"])]) for row in lines)
+    assert all(
+        row["text"]
+        == caption(
+            [
+                {"size": z, "color": c, "kind": k, "slot": next(x for x in SLOTS if x.endswith(w))}
+                for z, c, k, w in parse_caption(row["text"])
+            ]
+        )
+        for row in lines
+    )
 
 
 def test_same_seed_same_bytes(world, tmp_path):
@@ -195,7 +250,9 @@ def test_same_seed_same_bytes(world, tmp_path):
         assert again[key].read_bytes() == world[key].read_bytes(), key
         assert other[key].read_bytes() != world[key].read_bytes(), key
     first = sorted(world["coco_root"].glob("*2014/*.jpg"))
-    assert [p.read_bytes() for p in first] == [again["coco_root"].joinpath(p.relative_to(world["coco_root"])).read_bytes() for p in first]
+    assert [p.read_bytes() for p in first] == [
+        again["coco_root"].joinpath(p.relative_to(world["coco_root"])).read_bytes() for p in first
+    ]
 
 
 def test_shapes_named_reads_each_full_shape_of_a_caption():
@@ -206,4 +263,6 @@ def test_shapes_named_reads_each_full_shape_of_a_caption():
         scene = random_scene(rng)
         expected = sorted((s["color"], s["kind"]) for s in scene)
         assert shapes_named(caption(scene)) == expected == shapes_named(second_caption(scene))
-    assert shapes_named("a big red") == [] and shapes_named("a small blue square and a red circle") == [("blue", "square")]
+    assert shapes_named("a big red") == [] and shapes_named("a small blue square and a red circle") == [
+        ("blue", "square")
+    ]

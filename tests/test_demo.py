@@ -16,9 +16,17 @@ TASKS = ("vqa", "nlvr2", "retrieval", "captioning")
 
 def test_every_stage_writes_its_outputs(demo_run):
     output, stdout = demo_run
-    for path in ("data/world.json", "data/coco/dataset_coco.json", "text-tokenizer/tokenizer_config.json", "vqkd/tokenizer/config.json",
-                 "pretrain/metrics.jsonl", "pretrained/model.safetensors", "pretrained/config.json", "contrastive/final/model.safetensors",
-                 "contrastive/eval_results.json"):
+    for path in (
+        "data/world.json",
+        "data/coco/dataset_coco.json",
+        "text-tokenizer/tokenizer_config.json",
+        "vqkd/tokenizer/config.json",
+        "pretrain/metrics.jsonl",
+        "pretrained/model.safetensors",
+        "pretrained/config.json",
+        "contrastive/final/model.safetensors",
+        "contrastive/eval_results.json",
+    ):
         assert (output / path).is_file(), path
     for task in (*TASKS, "classification"):
         for init in ("scratch", "pretrained"):
@@ -27,7 +35,15 @@ def test_every_stage_writes_its_outputs(demo_run):
             assert json.loads((folder / "eval_results.json").read_text())["task"] == task
     for picture in ("pretraining_loss.png", "visual_tokens.png", "captions.png", "retrieval.png"):
         assert (output / picture).stat().st_size > 10_000, picture
-    for stage in ("[data]", "[text tokenizer]", "[visual tokenizer]", "[pretrain]", "[contrastive]", "[finetune vqa]", "[report]"):
+    for stage in (
+        "[data]",
+        "[text tokenizer]",
+        "[visual tokenizer]",
+        "[pretrain]",
+        "[contrastive]",
+        "[finetune vqa]",
+        "[report]",
+    ):
         assert stage in stdout
 
 
@@ -44,7 +60,11 @@ def test_results_file_has_the_documented_shape(demo_run):
     for task in TASKS:  # the blind controls: the models scored with the images swapped between examples
         row = results["tasks"][task]
         blind = json.loads((output / "finetune" / f"{task}_pretrained" / "blind_eval_results.json").read_text())
-        assert blind["blind"] is True and row["blind"] == round(blind[blind["metric"]], 2) and isinstance(row["scratch_blind"], float)
+        assert (
+            blind["blind"] is True
+            and row["blind"] == round(blind[blind["metric"]], 2)
+            and isinstance(row["scratch_blind"], float)
+        )
         assert set(row["distinct_predictions"]) == {"scratch", "pretrained"}
     for kind, row in results["tasks"]["vqa"]["per_kind"].items():
         assert set(row) == {"scratch", "pretrained", "prior"} and 0 <= row["prior"] <= 100, kind
@@ -52,7 +72,11 @@ def test_results_file_has_the_documented_shape(demo_run):
     table = (output / "results.md").read_text()
     for task in TASKS:
         assert f"| {task} |" in table
-    assert "images swapped" in table and "| question type | prior |" in table and "name exactly the scene's shapes" in table
+    assert (
+        "images swapped" in table
+        and "| question type | prior |" in table
+        and "name exactly the scene's shapes" in table
+    )
 
 
 def test_pretrained_runs_start_from_the_export_and_scratch_runs_do_not(demo_run):
@@ -60,7 +84,10 @@ def test_pretrained_runs_start_from_the_export_and_scratch_runs_do_not(demo_run)
 
     output, _ = demo_run
     pretrained = load_file(output / "pretrained" / "model.safetensors")
-    run_configs = {init: json.loads((output / "finetune" / f"vqa_{init}" / "run_config.json").read_text()) for init in ("scratch", "pretrained")}
+    run_configs = {
+        init: json.loads((output / "finetune" / f"vqa_{init}" / "run_config.json").read_text())
+        for init in ("scratch", "pretrained")
+    }
     assert run_configs["scratch"]["model"]["init"] is None
     assert run_configs["pretrained"]["model"]["init"] == str(output / "pretrained")
     # The <mask> embedding is trained in pretraining (masked tokens are its input) but never used in NLVR2, and AdamW
@@ -69,7 +96,10 @@ def test_pretrained_runs_start_from_the_export_and_scratch_runs_do_not(demo_run)
     mask_id = AutoTokenizer.from_pretrained(output / "text-tokenizer").mask_token_id
     key = "beit3.embeddings.text_embeddings.weight"
     assert pretrained[key].shape[0] == mask_id + 1
-    rows = {init: load_file(output / "finetune" / f"nlvr2_{init}" / "final" / "model.safetensors")[key][mask_id] for init in ("scratch", "pretrained")}
+    rows = {
+        init: load_file(output / "finetune" / f"nlvr2_{init}" / "final" / "model.safetensors")[key][mask_id]
+        for init in ("scratch", "pretrained")
+    }
     assert torch.equal(rows["pretrained"], pretrained[key][mask_id])
     assert not torch.allclose(rows["scratch"], pretrained[key][mask_id])
 
@@ -82,13 +112,20 @@ def test_retrieval_starts_from_the_contrastive_stage_which_starts_from_the_expor
     assert config("finetune/retrieval_pretrained")["model"]["init"] == str(output / "contrastive" / "final")
     assert config("finetune/retrieval_scratch")["model"]["init"] is None
     results = json.loads((output / "results.json").read_text())
-    assert results["contrastive_stage"]["tr_r1"] == round(json.loads((output / "contrastive" / "eval_results.json").read_text())["tr_r1"], 2)
+    assert results["contrastive_stage"]["tr_r1"] == round(
+        json.loads((output / "contrastive" / "eval_results.json").read_text())["tr_r1"], 2
+    )
 
 
 def test_a_rerun_skips_the_finished_stages(demo_run):
     output, _ = demo_run
-    result = subprocess.run([sys.executable, "tasks/demo.py", "--output", str(output), "--profile", "smoke"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "tasks/demo.py", "--output", str(output), "--profile", "smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("data", "text tokenizer", "visual tokenizer", "pretrain", "contrastive", "finetune captioning"):
         assert f"[{stage}] already done; skipped" in result.stdout

@@ -47,7 +47,9 @@ def folder(tmp_path_factory):
     add("palette.bmp", Image.fromarray(noise(rng, 36, 44)).quantize(16))
     add("cmyk.jpg", Image.fromarray(noise(rng, 40, 40, 4), "CMYK"), quality=95)
     eight_bit = noise(rng, 40, 40, 1)[..., 0]
-    add("sixteen.png", Image.fromarray(eight_bit.astype(np.uint16) * 256), rgb=Image.fromarray(eight_bit).convert("RGB"))
+    add(
+        "sixteen.png", Image.fromarray(eight_bit.astype(np.uint16) * 256), rgb=Image.fromarray(eight_bit).convert("RGB")
+    )
     add("photo.webp", Image.fromarray(noise(rng, 50, 40)), lossless=True)
     buffer = io.BytesIO()
     Image.fromarray(noise(rng, 64, 64)).save(buffer, "JPEG")
@@ -59,8 +61,13 @@ def folder(tmp_path_factory):
 
 def reference_codes(tokenizer, expected: dict, relative_paths, size: int) -> torch.Tensor:
     """The codes by hand: torchvision's classic Resize (shorter side, bicubic) + CenterCrop + ToTensor."""
-    preprocess = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-                                     transforms.CenterCrop(size), transforms.ToTensor()])
+    preprocess = transforms.Compose(
+        [
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+        ]
+    )
     pixels = torch.stack([preprocess(expected[p]) for p in relative_paths])
     with torch.no_grad():
         return tokenizer.get_codebook_indices(pixels)
@@ -70,9 +77,27 @@ def test_script_encodes_the_folder_and_skips_the_broken_file(folder):
     root, expected = folder
     out = root / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--tokenizer", str(root / "tok"), "--images", str(root / "images"),
-                             "--output", str(out), "--batch-size", "3", "--png", "3"], capture_output=True, text=True, env=env,
-                            cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--tokenizer",
+            str(root / "tok"),
+            "--images",
+            str(root / "images"),
+            "--output",
+            str(out),
+            "--batch-size",
+            "3",
+            "--png",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     broken = root / "images" / "sub" / "truncated.jpg"
     assert f"skipped {broken}" in result.stderr and "truncated" in result.stderr
@@ -100,8 +125,16 @@ def test_encode_images_at_another_size_and_with_workers(folder):
     paths = list_images(root / "images")
     assert len(paths) == 8 and all(p.suffix.lower() != ".txt" for p in paths)
     skipped = []
-    encoded = encode_images(tokenizer, paths, image_size=16, batch_size=4, num_workers=1, keep_images=2,
-                            on_skip=lambda path, reason: skipped.append(path), progress=False)
+    encoded = encode_images(
+        tokenizer,
+        paths,
+        image_size=16,
+        batch_size=4,
+        num_workers=1,
+        keep_images=2,
+        on_skip=lambda path, reason: skipped.append(path),
+        progress=False,
+    )
     assert skipped == [root / "images" / "sub" / "truncated.jpg"] == [p for p, _ in encoded.skipped]
     assert encoded.grid == (2, 2) and encoded.codes.shape == (7, 4) and encoded.first_images.shape == (2, 3, 16, 16)
     relative = [p.relative_to(root / "images").as_posix() for p in encoded.paths]
@@ -113,7 +146,10 @@ def test_encode_images_at_another_size_and_with_workers(folder):
 def test_write_codes_replaces_and_checks(tmp_path):
     write_codes(tmp_path / "c", torch.tensor([[1, 2], [3, 40000]]), ["a.png", "b.png"])
     codes, index = read_codes(tmp_path / "c")
-    assert codes.tolist() == [[1, 2], [3, 40000]] and index[1] == {"path": "b.png", "row": 1}  # int32 when int16 cannot hold it
+    assert codes.tolist() == [[1, 2], [3, 40000]] and index[1] == {
+        "path": "b.png",
+        "row": 1,
+    }  # int32 when int16 cannot hold it
     write_codes(tmp_path / "c", torch.tensor([[7, 8]]), ["c.png"])
     assert read_codes(tmp_path / "c")[0].tolist() == [[7, 8]]
     assert load_file(str(tmp_path / "c" / "codes.safetensors"))["codes"].dtype == torch.int16
@@ -124,7 +160,6 @@ def test_write_codes_replaces_and_checks(tmp_path):
         read_codes(tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="no codes.safetensors"):
         read_codes(tmp_path)
-
 
 
 def test_dangling_links_and_linked_folders_are_counted_not_silently_left_out(tmp_path, capsys):

@@ -15,16 +15,35 @@ from beit3.training.finetune import initial_model
 from beit3.training.finetune_tasks import TASKS
 from beit3.package_files import CONFIG_DIR
 
-TINY = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64, "max_position_embeddings": 40}
+TINY = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 40,
+}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """(the world's data folder, a tokenizer trained on its captions)."""
     folder = tmp_path_factory.mktemp("world")
-    paths = write_task_world(folder / "data", seed=0, size=32, pretrain_images=8, train_images=16, val_images=8, test_images=8,
-                             nlvr2_train=8, nlvr2_dev=8, classification_train=18, classification_val=9, questions_per_image=2)
+    paths = write_task_world(
+        folder / "data",
+        seed=0,
+        size=32,
+        pretrain_images=8,
+        train_images=16,
+        val_images=8,
+        test_images=8,
+        nlvr2_train=8,
+        nlvr2_dev=8,
+        classification_train=18,
+        classification_val=9,
+        questions_per_image=2,
+    )
     tokenizer = train_sentencepiece(folder / "tokenizer", 36, files=[paths["pretrain_texts"]], quiet=True)
     return folder / "data", tokenizer
 
@@ -40,8 +59,12 @@ def _task(name: str, data_folder: Path):
 def test_each_task_trains_a_step_then_scores_and_predicts_in_its_format(name, world, tmp_path):
     data_folder, tokenizer = world
     task = _task(name, data_folder)
-    model = initial_model(task.model_class, {"init": None, "preset": "beit3_tiny_paper_patch16_224", "overrides": TINY}, tokenizer,
-                          task.config_overrides())
+    model = initial_model(
+        task.model_class,
+        {"init": None, "preset": "beit3_tiny_paper_patch16_224", "overrides": TINY},
+        tokenizer,
+        task.config_overrides(),
+    )
     task.setup(tokenizer, model.config)
     task.prepare_model(model, None)
     dataset = task.train_dataset()
@@ -49,11 +72,17 @@ def test_each_task_trains_a_step_then_scores_and_predicts_in_its_format(name, wo
     before = {key: p.detach().clone() for key, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loss, values = task.step(model, batch, step=0)
-    assert loss.ndim == 0 and torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)).all() for v in values.values())
+    assert (
+        loss.ndim == 0
+        and torch.isfinite(loss)
+        and all(torch.isfinite(torch.as_tensor(v)).all() for v in values.values())
+    )
     loss.backward()
     optimizer.step()
     moved = {key.split(".")[0] for key, p in model.named_parameters() if not torch.equal(before[key], p.detach())}
-    assert "beit3" in moved and moved - {"beit3"}, f"{name}: the step reached {sorted(moved)}"  # the backbone and the head
+    assert "beit3" in moved and moved - {"beit3"}, (
+        f"{name}: the step reached {sorted(moved)}"
+    )  # the backbone and the head
 
     model.eval()
     scores = task.evaluate(model, tmp_path)
@@ -67,8 +96,12 @@ def test_each_task_trains_a_step_then_scores_and_predicts_in_its_format(name, wo
 def test_the_blind_control_scores_the_same_examples_with_the_images_of_others(world, tmp_path):
     data_folder, tokenizer = world
     task = _task("vqa", data_folder)
-    model = initial_model(task.model_class, {"init": None, "preset": "beit3_tiny_paper_patch16_224", "overrides": TINY}, tokenizer,
-                          task.config_overrides())
+    model = initial_model(
+        task.model_class,
+        {"init": None, "preset": "beit3_tiny_paper_patch16_224", "overrides": TINY},
+        tokenizer,
+        task.config_overrides(),
+    )
     task.setup(tokenizer, model.config)
     model.eval()
     seen = task.evaluate(model, tmp_path)
@@ -77,5 +110,8 @@ def test_the_blind_control_scores_the_same_examples_with_the_images_of_others(wo
     assert task.eval_file("eval_results.json") == "blind_eval_results.json"
     assert seen.keys() == blind.keys() and seen["per_question_type"].keys() == blind["per_question_type"].keys()
     # The answers change when the images do: the model reads its image (random weights, but an image-dependent output).
-    answers = {name: json.loads((tmp_path / name).read_text()) for name in ("vqa_eval_predictions.json", "blind_vqa_eval_predictions.json")}
+    answers = {
+        name: json.loads((tmp_path / name).read_text())
+        for name in ("vqa_eval_predictions.json", "blind_vqa_eval_predictions.json")
+    }
     assert answers["vqa_eval_predictions.json"] != answers["blind_vqa_eval_predictions.json"]

@@ -22,12 +22,20 @@ def random_image(height, width, seed=0):
 
 def unilm_vl(image, size=S):
     """unilm's evaluation transform for the vision-language tasks."""
-    return T.Compose([T.Resize((size, size), interpolation=BICUBIC), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])(image)
+    return T.Compose(
+        [T.Resize((size, size), interpolation=BICUBIC), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]
+    )(image)
 
 
 def unilm_imagenet(image, size=S):
-    return T.Compose([T.Resize(size, interpolation=BICUBIC), T.CenterCrop(size), T.ToTensor(),
-                      T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])(image)
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ]
+    )(image)
 
 
 def pixels(processor, images):
@@ -62,7 +70,9 @@ def test_imagenet_option_matches_unilm_resize_and_center_crop(height, width):
     image = random_image(height, width, seed=1)
     expected = unilm_imagenet(image)
     assert torch.equal(pixels(Beit3ImageProcessorPil.for_imagenet(size=S), image)[0], expected)
-    assert_close_to_pil_resize(pixels(Beit3ImageProcessor.for_imagenet(size=S), image)[0], expected, IMAGENET_DEFAULT_STD)
+    assert_close_to_pil_resize(
+        pixels(Beit3ImageProcessor.for_imagenet(size=S), image)[0], expected, IMAGENET_DEFAULT_STD
+    )
 
 
 def test_imagenet_crop_pct_resizes_the_shorter_side_to_size_over_crop_pct():
@@ -95,7 +105,10 @@ def test_every_pil_mode_becomes_rgb(processor_class):
         "P": (rgb.convert("P"), pixels(processor, rgb.convert("P").convert("RGB"))[0]),
         "P flat": (palette, torch.stack([torch.full((S, S), level(v)) for v in (10, 20, 30)])),
         "P transparent": (palette_with_transparency, torch.full((3, S, S), level(255))),  # composited on white
-        "CMYK": (Image.new("CMYK", (40, 40), (0, 255, 255, 0)), torch.stack([torch.full((S, S), level(v)) for v in (255, 0, 0)])),
+        "CMYK": (
+            Image.new("CMYK", (40, 40), (0, 255, 255, 0)),
+            torch.stack([torch.full((S, S), level(v)) for v in (255, 0, 0)]),
+        ),
         # 16-bit: the top byte, not PIL's clipping (which would make it white)
         "I;16": (Image.fromarray(np.full((40, 40), 0x5A00, dtype=np.uint16)), torch.full((3, S, S), level(0x5A))),
     }
@@ -109,7 +122,11 @@ def test_every_pil_mode_becomes_rgb(processor_class):
 def test_a_16_bit_gradient_keeps_its_range():
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
     result = pixels(Beit3ImageProcessorPil(size=64), Image.fromarray(ramp))[0, 0]
-    assert result.min() == pytest.approx(level(0)) and result.max() == pytest.approx(level(255)) and result[:, 32].mean() < 0.1
+    assert (
+        result.min() == pytest.approx(level(0))
+        and result.max() == pytest.approx(level(255))
+        and result[:, 32].mean() < 0.1
+    )
 
 
 @pytest.mark.parametrize("processor_class", [Beit3ImageProcessor, Beit3ImageProcessorPil])

@@ -5,8 +5,15 @@ import sys
 
 import pytest
 
-from beit3.io import (atomic_file, atomic_folder, atomic_path, temporary_name, write_bytes_atomic, write_json_atomic,
-                      write_text_atomic)
+from beit3.io import (
+    atomic_file,
+    atomic_folder,
+    atomic_path,
+    temporary_name,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 class Midway(Exception):
@@ -117,7 +124,9 @@ def test_atomic_folder_replaces_a_file_and_nests(tmp_path):
     path = tmp_path / "out"
     path.write_text("a file")
     with atomic_folder(path) as outer:
-        with atomic_folder(outer) as inner:  # what a save_pretrained that is atomic itself does inside atomic_save_folder
+        with atomic_folder(
+            outer
+        ) as inner:  # what a save_pretrained that is atomic itself does inside atomic_save_folder
             (inner / "w").write_text("x")
     assert names(path) == ["w"] and names(tmp_path) == ["out"]
 
@@ -127,7 +136,13 @@ def test_io_imports_only_the_standard_library():
     import beit3.io
 
     tree = ast.parse(open(beit3.io.__file__).read())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
-    assert not any(isinstance(node, ast.ImportFrom) and node.level for node in ast.walk(tree))  # nothing of beit3: no cycles
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0
+    }
+    assert not any(
+        isinstance(node, ast.ImportFrom) and node.level for node in ast.walk(tree)
+    )  # nothing of beit3: no cycles
     assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)

@@ -68,8 +68,14 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(96)}, "<mask>": 100}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", mask_token="<mask>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
 
 
 def text_batch(rows=400, length=40):
@@ -128,7 +134,9 @@ def test_caption_masking_replaces_80_10_10():
     torch.manual_seed(1)
     input_ids = torch.randint(3, 50, (400, 30))
     input_ids[:, 0] = 0
-    corrupted, labels = mask_caption_tokens(input_ids, torch.ones_like(input_ids), mask_token_id=99, mask_prob=0.5, random_ids=(3, 50))
+    corrupted, labels = mask_caption_tokens(
+        input_ids, torch.ones_like(input_ids), mask_token_id=99, mask_prob=0.5, random_ids=(3, 50)
+    )
     chosen = labels != -100
     masked = (corrupted[chosen] == 99).float().mean().item()
     kept = (corrupted[chosen] == input_ids[chosen]).float().mean().item()
@@ -142,7 +150,6 @@ def test_caption_masking_refuses_an_empty_caption():
 
     with pytest.raises(ValueError, match="empty"):
         mask_caption_tokens(torch.tensor([[0, 1, 1]]), torch.tensor([[1, 0, 0]]), mask_token_id=99)
-
 
 
 def _mask_in_this_process(ids, attention_mask, seed):

@@ -7,20 +7,36 @@ import pytest
 import torch
 
 from beit3 import metrics
-from beit3.metrics import (caption_scores, classification_accuracy, retrieval_recall, vqa_accuracy, vqa_answer_accuracy, vqa_predictions,
-                           vqa_score, write_caption_results, write_vqa_predictions)
+from beit3.metrics import (
+    caption_scores,
+    classification_accuracy,
+    retrieval_recall,
+    vqa_accuracy,
+    vqa_answer_accuracy,
+    vqa_predictions,
+    vqa_score,
+    write_caption_results,
+    write_vqa_predictions,
+)
 
 
 def test_official_vqa_accuracy_on_a_hand_worked_example():
-    annotators = {1: ["2"] * 2 + ["3"] * 8, 2: ["yes"] * 3 + ["no"] * 7, 3: ["red"] * 4 + ["blue"] * 6, 4: ["dog"] * 10,
-                  5: ["dog"] + ["cat"] * 9}
+    annotators = {
+        1: ["2"] * 2 + ["3"] * 8,
+        2: ["yes"] * 3 + ["no"] * 7,
+        3: ["red"] * 4 + ["blue"] * 6,
+        4: ["dog"] * 10,
+        5: ["dog"] + ["cat"] * 9,
+    }
     predictions = {1: "Two.", 2: "yes", 3: "red", 4: "cat", 5: "the dog"}
     # Each annotator in turn is left out and the answer scores min(1, matches among the other 9 / 3):
     # Q1 "Two." -> "2", given by 2: those 2 see 1 match (1/3), the other 8 see 2 (2/3): (2/3 + 16/3) / 10 = 0.6
     # Q2 "yes" by 3: 3 x 2/3 + 7 x 1 = 9 -> 0.9      Q3 "red" by 4: always >= 3 matches -> 1.0
     # Q4 "cat" by none -> 0                          Q5 "the dog" -> "dog" by 1: 1 x 0 + 9 x 1/3 = 3 -> 0.3
     # mean (0.6 + 0.9 + 1.0 + 0 + 0.3) / 5 = 0.56
-    assert [vqa_answer_accuracy(predictions[q], annotators[q]) for q in annotators] == pytest.approx([0.6, 0.9, 1.0, 0.0, 0.3])
+    assert [vqa_answer_accuracy(predictions[q], annotators[q]) for q in annotators] == pytest.approx(
+        [0.6, 0.9, 1.0, 0.0, 0.3]
+    )
     assert vqa_accuracy(predictions, annotators) == pytest.approx(56.0)
     # As the official script: annotators' answers only get the punctuation step, and only when they disagree.
     assert vqa_answer_accuracy("dog", ["dog."] * 2 + ["cat"] * 8) == pytest.approx(0.6)
@@ -34,14 +50,19 @@ def test_vqa_score_takes_the_soft_score_of_the_argmax():
     targets = torch.tensor([[0.0, 0.6, 1.0, 0.0], [1.0, 0.3, 0.0, 0.0], [0.9, 0.0, 0.0, 0.0]])
     assert vqa_score(logits, targets) == pytest.approx(100 * (0.6 + 1.0 + 0.0) / 3)
     assert vqa_predictions(logits, torch.tensor([7, 8, 9]), ["a", "b", "c", "d"]) == [
-        {"question_id": 7, "answer": "b"}, {"question_id": 8, "answer": "a"}, {"question_id": 9, "answer": "d"}]
+        {"question_id": 7, "answer": "b"},
+        {"question_id": 8, "answer": "a"},
+        {"question_id": 9, "answer": "d"},
+    ]
 
 
 def test_top1_and_top5_accuracy():
     logits = torch.tensor([[9.0, 8, 7, 6, 5, 4], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [0, 0, 9, 0, 0, 1]])
     labels = torch.tensor([0, 0, 4, 5])  # ranks 0, 5, 4, 1 -> top1 1/4, top5 3/4
     assert classification_accuracy(logits, labels) == pytest.approx({"top1": 25.0, "top5": 75.0})
-    two_way = classification_accuracy(torch.tensor([[0.0, 1.0], [2.0, 1.0], [0.0, 3.0]]), torch.tensor([1, 1, 1]), topk=(1,))
+    two_way = classification_accuracy(
+        torch.tensor([[0.0, 1.0], [2.0, 1.0], [0.0, 3.0]]), torch.tensor([1, 1, 1]), topk=(1,)
+    )
     assert two_way == pytest.approx({"top1": 100 * 2 / 3})
 
 
@@ -82,13 +103,16 @@ def test_chunked_retrieval_recall_matches_brute_force_with_duplicates():
     generator = torch.Generator().manual_seed(0)
     images = torch.nn.functional.normalize(torch.randn(40, 8, generator=generator, dtype=torch.float64), dim=-1)
     text_image = [i for i in range(40) for _ in range(5)]
-    texts = torch.nn.functional.normalize(images.repeat_interleave(5, 0) + 1.5 * torch.randn(200, 8, generator=generator,
-                                                                                            dtype=torch.float64), dim=-1)
+    texts = torch.nn.functional.normalize(
+        images.repeat_interleave(5, 0) + 1.5 * torch.randn(200, 8, generator=generator, dtype=torch.float64), dim=-1
+    )
     texts[1] = texts[0]  # the same caption twice for one image
     texts[12] = texts[7]  # and for two different images (7 is image 1's, 12 image 2's)
     images[5] = images[4]  # two images that look the same
     reference = brute_force_recall(images, texts, text_image, (1, 5, 10))
-    assert 0 < reference["tr_r1"] < 100 and 0 < reference["ir_r1"] < reference["ir_r10"] < 100  # a case that discriminates
+    assert (
+        0 < reference["tr_r1"] < 100 and 0 < reference["ir_r1"] < reference["ir_r10"] < 100
+    )  # a case that discriminates
     for chunk_size in (1, 7, 1000):
         got = retrieval_recall(images, texts, text_image, chunk_size=chunk_size)
         assert {k: got[k] for k in reference} == pytest.approx(reference)
@@ -104,13 +128,19 @@ def test_recall_equals_official_topk_definition_without_ties():
     top_images = scores.t().topk(10, dim=1).indices
     got = retrieval_recall(images, texts, text_image, chunk_size=8)
     for k in (1, 5, 10):
-        assert got[f"tr_r{k}"] == pytest.approx(100 * (text_image[top_texts[:, :k]] == torch.arange(30)[:, None]).any(1).float().mean().item())
-        assert got[f"ir_r{k}"] == pytest.approx(100 * (top_images[:, :k] == text_image[:, None]).any(1).float().mean().item())
+        assert got[f"tr_r{k}"] == pytest.approx(
+            100 * (text_image[top_texts[:, :k]] == torch.arange(30)[:, None]).any(1).float().mean().item()
+        )
+        assert got[f"ir_r{k}"] == pytest.approx(
+            100 * (top_images[:, :k] == text_image[:, None]).any(1).float().mean().item()
+        )
 
 
-REFERENCES = {1: ["A man is riding a brown horse on the beach.", "A person rides a horse near the sea."],
-              2: ["Two dogs are playing with a red ball.", "Dogs play with a ball in the grass."],
-              3: ["A red bus drives down a city street.", "A bus on the street next to tall buildings."]}
+REFERENCES = {
+    1: ["A man is riding a brown horse on the beach.", "A person rides a horse near the sea."],
+    2: ["Two dogs are playing with a red ball.", "Dogs play with a ball in the grass."],
+    3: ["A red bus drives down a city street.", "A bus on the street next to tall buildings."],
+}
 
 
 def test_caption_scores_with_the_ptb_tokenizer_and_without_java(monkeypatch):
@@ -122,7 +152,11 @@ def test_caption_scores_with_the_ptb_tokenizer_and_without_java(monkeypatch):
     guesses = {1: "a man on a horse", 2: "a dog with a ball", 3: "a car on the road"}
     scores = caption_scores(guesses, REFERENCES, tokenize="ptb")
     assert set(scores) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"}
-    assert 0 < scores["Bleu_1"] < perfect["Bleu_1"] and 0 <= scores["Bleu_4"] < perfect["Bleu_4"] and 0 < scores["CIDEr"] < perfect["CIDEr"]
+    assert (
+        0 < scores["Bleu_1"] < perfect["Bleu_1"]
+        and 0 <= scores["Bleu_4"] < perfect["Bleu_4"]
+        and 0 < scores["CIDEr"] < perfect["CIDEr"]
+    )
     # These captions tokenize alike both ways (lower-case words, a final period), so the stand-in agrees exactly.
     assert caption_scores(guesses, REFERENCES, tokenize="simple") == pytest.approx(scores)
 
@@ -136,14 +170,19 @@ def test_caption_scores_with_the_ptb_tokenizer_and_without_java(monkeypatch):
 
 
 def test_simple_tokenizer_drops_punctuation_like_ptb():
-    assert metrics.simple_caption_tokenize("A Man, riding a horse... on the beach!") == "a man riding a horse on the beach"
+    assert (
+        metrics.simple_caption_tokenize("A Man, riding a horse... on the beach!") == "a man riding a horse on the beach"
+    )
     assert metrics.simple_caption_tokenize("The dog's ball (red).") == "the dog's ball red"
 
 
 def test_prediction_files_are_the_official_formats_and_written_atomically(tmp_path):
     path = tmp_path / "submit" / "vqa_test-dev.json"
     write_vqa_predictions(path, {262148000: "yes", 262148001: "2"})
-    assert json.loads(path.read_text()) == [{"question_id": 262148000, "answer": "yes"}, {"question_id": 262148001, "answer": "2"}]
+    assert json.loads(path.read_text()) == [
+        {"question_id": 262148000, "answer": "yes"},
+        {"question_id": 262148001, "answer": "2"},
+    ]
     write_caption_results(tmp_path / "captions.json", [{"image_id": 42, "caption": "a red bus"}])
     assert json.loads((tmp_path / "captions.json").read_text()) == [{"image_id": 42, "caption": "a red bus"}]
     with pytest.raises(TypeError):
@@ -159,6 +198,15 @@ def test_vqa_accuracy_per_question_type_and_the_prior_of_each_type():
     types = {1: "what color is the", 2: "what color is the", 3: "is there a", 4: "is there a"}
     predictions = {1: "red", 2: "red", 3: "yes", 4: "yes"}
     assert vqa_accuracy_per_type(predictions, truth, types) == {"is there a": 50.0, "what color is the": 50.0}
-    assert vqa_accuracy_per_type(predictions, truth, {1: "what color is the"}) == {"what color is the": 100.0}  # untyped: left out
-    prior = answer_prior([("what color is the", "red"), ("what color is the", "blue"), ("what color is the", "red"), ("is there a", "no")])
+    assert vqa_accuracy_per_type(predictions, truth, {1: "what color is the"}) == {
+        "what color is the": 100.0
+    }  # untyped: left out
+    prior = answer_prior(
+        [
+            ("what color is the", "red"),
+            ("what color is the", "blue"),
+            ("what color is the", "red"),
+            ("is there a", "no"),
+        ]
+    )
     assert prior == {"what color is the": "red", "is there a": "no"}

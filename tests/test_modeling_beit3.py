@@ -39,7 +39,10 @@ def test_each_modality_uses_only_its_own_experts(layout):
     model = Beit3Model(config).eval()
     pixel_values, input_ids = inputs(config)
     with torch.no_grad():
-        image_before, text_before = model(pixel_values=pixel_values).last_hidden_state, model(input_ids=input_ids).last_hidden_state
+        image_before, text_before = (
+            model(pixel_values=pixel_values).last_hidden_state,
+            model(input_ids=input_ids).last_hidden_state,
+        )
         for layer in model.layers:
             perturb(layer.ffn["text"])
             if config.multiway_attention:
@@ -95,7 +98,7 @@ def test_full_attention_mask_with_causal_text_hides_later_tokens():
         a = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask).last_hidden_state
         b = model(pixel_values=pixel_values, input_ids=changed_ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(a[:, : image_tokens + 4], b[:, : image_tokens + 4])
-    assert not torch.allclose(a[:, image_tokens + 4:], b[:, image_tokens + 4:])
+    assert not torch.allclose(a[:, image_tokens + 4 :], b[:, image_tokens + 4 :])
 
 
 def test_cached_decoding_equals_the_full_causal_forward():
@@ -108,14 +111,23 @@ def test_cached_decoding_equals_the_full_causal_forward():
     mask[:, image_tokens:, image_tokens:] = torch.tril(torch.ones(5, 5, dtype=torch.long))
     with torch.no_grad():
         full = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask).last_hidden_state
-        prefix = model(pixel_values=pixel_values, input_ids=input_ids[:, :2], attention_mask=mask[:, : image_tokens + 2, : image_tokens + 2],
-                       use_cache=True)
+        prefix = model(
+            pixel_values=pixel_values,
+            input_ids=input_ids[:, :2],
+            attention_mask=mask[:, : image_tokens + 2, : image_tokens + 2],
+            use_cache=True,
+        )
         cache = prefix.cache
         assert isinstance(cache, DynamicCache) and cache.get_seq_length() == image_tokens + 2
         steps = [prefix.last_hidden_state]
         for t in range(2, 5):
-            step = model(input_ids=input_ids[:, t:t + 1], position_ids=torch.full((2, 1), t), cache=cache, use_cache=True,
-                         attention_mask=mask[:, image_tokens + t: image_tokens + t + 1, : image_tokens + t + 1])
+            step = model(
+                input_ids=input_ids[:, t : t + 1],
+                position_ids=torch.full((2, 1), t),
+                cache=cache,
+                use_cache=True,
+                attention_mask=mask[:, image_tokens + t : image_tokens + t + 1, : image_tokens + t + 1],
+            )
             steps.append(step.last_hidden_state)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -144,13 +156,19 @@ def test_attentions_and_hidden_states_match_the_sdpa_path():
     mask[1, 3:] = 0
     with torch.no_grad():
         plain = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask)
-        rich = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+        rich = model(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=mask,
+            output_attentions=True,
+            output_hidden_states=True,
+        )
     torch.testing.assert_close(rich.last_hidden_state, plain.last_hidden_state, atol=1e-5, rtol=1e-5)
     assert len(rich.hidden_states) == config.num_hidden_layers + 1 and len(rich.attentions) == config.num_hidden_layers
     probs = rich.attentions[0]
     assert probs.shape == (2, 2, 23, 23)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 23))
-    assert probs[1, :, :, 17 + 3:].abs().max() == 0  # padded keys get no attention
+    assert probs[1, :, :, 17 + 3 :].abs().max() == 0  # padded keys get no attention
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -179,9 +197,13 @@ def test_drop_path_is_random_in_training_and_off_in_eval():
     assert model.layers[0].drop_path.__class__.__name__ == "Identity"  # rate grows from 0 at the first layer
     model.train()
     with torch.no_grad():
-        assert not torch.equal(model(pixel_values=pixel_values).last_hidden_state, model(pixel_values=pixel_values).last_hidden_state)
+        assert not torch.equal(
+            model(pixel_values=pixel_values).last_hidden_state, model(pixel_values=pixel_values).last_hidden_state
+        )
         model.eval()
-        assert torch.equal(model(pixel_values=pixel_values).last_hidden_state, model(pixel_values=pixel_values).last_hidden_state)
+        assert torch.equal(
+            model(pixel_values=pixel_values).last_hidden_state, model(pixel_values=pixel_values).last_hidden_state
+        )
 
 
 def test_save_pretrained_writes_safetensors_and_auto_model_loads_it(tmp_path):
@@ -193,8 +215,10 @@ def test_save_pretrained_writes_safetensors_and_auto_model_loads_it(tmp_path):
     assert isinstance(loaded, Beit3Model)
     pixel_values, input_ids = inputs(config)
     with torch.no_grad():
-        assert torch.equal(loaded(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state,
-                           model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state)
+        assert torch.equal(
+            loaded(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state,
+            model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state,
+        )
 
 
 def test_import_beit3_is_what_registers_the_auto_classes(tmp_path):
@@ -219,7 +243,10 @@ print("after import beit3:", type(AutoModel.from_pretrained({str(tmp_path)!r})).
 def test_loading_at_another_image_size_resamples_the_position_table(tmp_path):
     config = tiny_config()
     Beit3Model(config).save_pretrained(tmp_path)
-    for model in (Beit3Model.from_pretrained(tmp_path, image_size=48), AutoModel.from_pretrained(tmp_path, image_size=48)):
+    for model in (
+        Beit3Model.from_pretrained(tmp_path, image_size=48),
+        AutoModel.from_pretrained(tmp_path, image_size=48),
+    ):
         assert model.config.image_size == 48
         assert model.embeddings.vision_position_embeddings.shape == (1, 2 + 1 + 36, 32)
         assert model(pixel_values=torch.randn(1, 3, 48, 48)).last_hidden_state.shape == (1, 37, 32)
@@ -235,8 +262,10 @@ def test_running_at_another_image_size_needs_interpolate_pos_encoding():
     # at the model's own size, interpolation is the identity
     same = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values=same, interpolate_pos_encoding=True).last_hidden_state,
-                                   model(pixel_values=same).last_hidden_state)
+        torch.testing.assert_close(
+            model(pixel_values=same, interpolate_pos_encoding=True).last_hidden_state,
+            model(pixel_values=same).last_hidden_state,
+        )
 
 
 def test_bf16_autocast_stays_close_to_fp32():
@@ -250,25 +279,56 @@ def test_bf16_autocast_stays_close_to_fp32():
     assert (low - exact).abs().max() < 0.1 * exact.std()
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda m, c: m(), "needs pixel_values .* or both"),
-    (lambda m, c: m(pixel_values=torch.randn(1, 3, 30, 30)), "does not fit the 8x8 patch grid"),
-    (lambda m, c: m(pixel_values=torch.randn(1, 3, 4, 4), interpolate_pos_encoding=True), "does not fit the 8x8 patch grid"),
-    (lambda m, c: m(pixel_values=torch.randn(1, 3, 64, 64)), "built for 32x32 images"),
-    (lambda m, c: m(pixel_values=torch.randn(1, 1, 32, 32)), "1 channels but the model takes 3"),
-    (lambda m, c: m(pixel_values=torch.randn(3, 32, 32)), "must be \\(batch, channels, height, width\\)"),
-    (lambda m, c: m(input_ids=torch.randint(0, 10, (1, 39))), "past the position table, which holds 38"),
-    (lambda m, c: m(input_ids=torch.tensor([[0, 5, 100]])), "outside the vocabulary \\[0, 100\\)"),
-    (lambda m, c: m(input_ids=torch.tensor([[0, -1]])), "outside the vocabulary"),
-    (lambda m, c: m(input_ids=torch.ones(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5)), "attention_mask must be"),
-    (lambda m, c: m(pixel_values=torch.randn(1, 3, 32, 32), attention_mask=torch.ones(1, 5)), "no input_ids were given"),
-    (lambda m, c: m(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.ones(3, 4, dtype=torch.long)), "different batch sizes"),
-    (lambda m, c: m(input_ids=torch.ones(1, 4, dtype=torch.long), bool_masked_pos=torch.zeros(1, 16, dtype=torch.bool)), "no pixel_values"),
-    (lambda m, c: m(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=torch.zeros(1, 15, dtype=torch.bool)), "bool_masked_pos must be"),
-    (lambda m, c: m(input_ids=torch.ones(1, 4)), "input_ids must be integer token ids .* got torch.float32"),
-    (lambda m, c: m(pixel_values=torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8)), "must be normalized floats; got torch.uint8"),
-    (lambda m, c: m(pixel_values=torch.randn(1, 3, 32, 32).index_fill_(2, torch.tensor([3]), float("nan"))), "NaN or infinite"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, c: m(), "needs pixel_values .* or both"),
+        (lambda m, c: m(pixel_values=torch.randn(1, 3, 30, 30)), "does not fit the 8x8 patch grid"),
+        (
+            lambda m, c: m(pixel_values=torch.randn(1, 3, 4, 4), interpolate_pos_encoding=True),
+            "does not fit the 8x8 patch grid",
+        ),
+        (lambda m, c: m(pixel_values=torch.randn(1, 3, 64, 64)), "built for 32x32 images"),
+        (lambda m, c: m(pixel_values=torch.randn(1, 1, 32, 32)), "1 channels but the model takes 3"),
+        (lambda m, c: m(pixel_values=torch.randn(3, 32, 32)), "must be \\(batch, channels, height, width\\)"),
+        (lambda m, c: m(input_ids=torch.randint(0, 10, (1, 39))), "past the position table, which holds 38"),
+        (lambda m, c: m(input_ids=torch.tensor([[0, 5, 100]])), "outside the vocabulary \\[0, 100\\)"),
+        (lambda m, c: m(input_ids=torch.tensor([[0, -1]])), "outside the vocabulary"),
+        (
+            lambda m, c: m(input_ids=torch.ones(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5)),
+            "attention_mask must be",
+        ),
+        (
+            lambda m, c: m(pixel_values=torch.randn(1, 3, 32, 32), attention_mask=torch.ones(1, 5)),
+            "no input_ids were given",
+        ),
+        (
+            lambda m, c: m(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.ones(3, 4, dtype=torch.long)),
+            "different batch sizes",
+        ),
+        (
+            lambda m, c: m(
+                input_ids=torch.ones(1, 4, dtype=torch.long), bool_masked_pos=torch.zeros(1, 16, dtype=torch.bool)
+            ),
+            "no pixel_values",
+        ),
+        (
+            lambda m, c: m(
+                pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=torch.zeros(1, 15, dtype=torch.bool)
+            ),
+            "bool_masked_pos must be",
+        ),
+        (lambda m, c: m(input_ids=torch.ones(1, 4)), "input_ids must be integer token ids .* got torch.float32"),
+        (
+            lambda m, c: m(pixel_values=torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8)),
+            "must be normalized floats; got torch.uint8",
+        ),
+        (
+            lambda m, c: m(pixel_values=torch.randn(1, 3, 32, 32).index_fill_(2, torch.tensor([3]), float("nan"))),
+            "NaN or infinite",
+        ),
+    ],
+)
 def test_bad_input_gets_a_clear_error(call, message):
     config = tiny_config()
     with pytest.raises(ValueError, match=message):
@@ -302,7 +362,9 @@ def test_initialization_truncates_at_two_std_and_applies_magneto_gain_to_fresh_w
     attention, ffn = model.layers[0].attention["vision"], model.layers[0].ffn["vision"]
     assert ffn.fc1.weight.abs().max() <= 0.04 * gain + 1e-6 and ffn.fc1.weight.std() > 0.015 * gain
     query, value = attention.qkv.weight[:64], attention.qkv.weight[128:]
-    assert query.abs().max() <= 0.04 + 1e-6 and abs(value.std() / query.std() - gain) < 0.1  # only the value rows get the gain
+    assert (
+        query.abs().max() <= 0.04 + 1e-6 and abs(value.std() / query.std() - gain) < 0.1
+    )  # only the value rows get the gain
     plain = Beit3Model(tiny_config(num_hidden_layers=4, hidden_size=64, intermediate_size=256, subln_init_gain=False))
     assert plain.layers[0].ffn["vision"].fc1.weight.abs().max() <= 0.04
     model.save_pretrained(tmp_path)  # loaded weights are not scaled again
@@ -312,27 +374,41 @@ def test_initialization_truncates_at_two_std_and_applies_magneto_gain_to_fresh_w
 def _padded_pair(batch: int, length: int) -> dict:
     input_ids = torch.randint(3, 99, (batch, length))
     attention_mask = torch.ones_like(input_ids)
-    attention_mask[-1, length // 2:] = 0
+    attention_mask[-1, length // 2 :] = 0
     return {"pixel_values": torch.randn(batch, 3, 32, 32), "input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def test_torch_export_with_dynamic_batch_and_text_length_matches_eager_at_other_shapes():
     model = Beit3Model(tiny_config()).eval()
     batch, length = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=2, max=30)
-    program = torch.export.export(model, (), _padded_pair(3, 6), dynamic_shapes={
-        "pixel_values": {0: batch}, "input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}})
+    program = torch.export.export(
+        model,
+        (),
+        _padded_pair(3, 6),
+        dynamic_shapes={
+            "pixel_values": {0: batch},
+            "input_ids": {0: batch, 1: length},
+            "attention_mask": {0: batch, 1: length},
+        },
+    )
     for shape in ((1, 2), (5, 11)):
         inputs = _padded_pair(*shape)
-        torch.testing.assert_close(program.module()(**inputs).last_hidden_state, model(**inputs).last_hidden_state, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            program.module()(**inputs).last_hidden_state, model(**inputs).last_hidden_state, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_torch_compile_traces_the_backbone_without_a_graph_break():
     model = Beit3Model(tiny_config()).eval()
     compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: any graph break raises
     inputs = _padded_pair(2, 7)
-    torch.testing.assert_close(compiled(**inputs).last_hidden_state, model(**inputs).last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        compiled(**inputs).last_hidden_state, model(**inputs).last_hidden_state, atol=1e-5, rtol=1e-5
+    )
     with pytest.raises(ValueError, match="different batch sizes"):  # shape checks still speak under torch.compile
-        torch.compile(model, backend="eager")(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.ones(3, 4, dtype=torch.long))
+        torch.compile(model, backend="eager")(
+            pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.ones(3, 4, dtype=torch.long)
+        )
 
 
 def test_value_checks_read_only_cpu_tensors_in_eager_mode():

@@ -7,8 +7,15 @@ import torch.nn.functional as F
 from conftest import REFERENCE, tiny_config, torchscale_reference
 
 from beit3.convert import main
-from beit3.modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForMaskedDataModeling,
-                                  Beit3ForVisualQuestionAnswering, Beit3ForVisualReasoning, caption_attention_mask)
+from beit3.modeling_heads import (
+    Beit3ForCaptioning,
+    Beit3ForImageClassification,
+    Beit3ForImageTextRetrieval,
+    Beit3ForMaskedDataModeling,
+    Beit3ForVisualQuestionAnswering,
+    Beit3ForVisualReasoning,
+    caption_attention_mask,
+)
 
 IMAGE, PATCH, HIDDEN, VOCAB = (REFERENCE[k] for k in ("image_size", "patch_size", "hidden_size", "vocab_size"))
 LABELS = 7
@@ -16,8 +23,10 @@ IMAGE_TOKENS = 1 + (IMAGE // PATCH) ** 2
 
 
 def random_head(shapes: dict) -> dict:
-    return {k: torch.randn(shape) * 0.2 + (1.0 if k.endswith("norm.weight") or ".1.weight" in k and "head.1" in k else 0.0)
-            for k, shape in shapes.items()}
+    return {
+        k: torch.randn(shape) * 0.2 + (1.0 if k.endswith("norm.weight") or ".1.weight" in k and "head.1" in k else 0.0)
+        for k, shape in shapes.items()
+    }
 
 
 def layer_norm(x, head, name):
@@ -31,27 +40,86 @@ def linear(x, head, name, bias=True):
 D = HIDDEN
 # task -> (final LayerNorm in the official model, official head shapes, reference logits from (backbone, head, inputs))
 OFFICIAL_TASKS = {
-    "classification": (False, {"fc_norm.weight": (D,), "fc_norm.bias": (D,), "head.weight": (LABELS, D), "head.bias": (LABELS,)},
-                       lambda ref, h, img, ids, pad: linear(layer_norm(ref(visual_tokens=img)["encoder_out"][:, 1:].mean(1), h, "fc_norm"), h, "head")),
-    "vqa": (False, {"pooler.norm.weight": (D,), "pooler.norm.bias": (D,), "pooler.dense.weight": (D, D), "pooler.dense.bias": (D,),
-                    "head.0.weight": (2 * D, D), "head.0.bias": (2 * D,), "head.1.weight": (2 * D,), "head.1.bias": (2 * D,),
-                    "head.3.weight": (LABELS, 2 * D), "head.3.bias": (LABELS,)},
-            lambda ref, h, img, ids, pad: linear(F.gelu(layer_norm(linear(torch.tanh(linear(layer_norm(
-                ref(textual_tokens=ids, visual_tokens=img, text_padding_position=pad)["encoder_out"][:, 0], h, "pooler.norm"),
-                h, "pooler.dense")), h, "head.0"), h, "head.1")), h, "head.3")),
-    "retrieval": (True, {"vision_head.weight": (D, D), "language_head.weight": (D, D), "logit_scale": ()},
-                  lambda ref, h, img, ids, pad: h["logit_scale"].exp()
-                  * F.normalize(F.linear(ref(visual_tokens=img)["encoder_out"][:, 0], h["vision_head.weight"]), dim=-1)
-                  @ F.normalize(F.linear(ref(textual_tokens=ids, text_padding_position=pad)["encoder_out"][:, 0], h["language_head.weight"]), dim=-1).t()),
+    "classification": (
+        False,
+        {"fc_norm.weight": (D,), "fc_norm.bias": (D,), "head.weight": (LABELS, D), "head.bias": (LABELS,)},
+        lambda ref, h, img, ids, pad: linear(
+            layer_norm(ref(visual_tokens=img)["encoder_out"][:, 1:].mean(1), h, "fc_norm"), h, "head"
+        ),
+    ),
+    "vqa": (
+        False,
+        {
+            "pooler.norm.weight": (D,),
+            "pooler.norm.bias": (D,),
+            "pooler.dense.weight": (D, D),
+            "pooler.dense.bias": (D,),
+            "head.0.weight": (2 * D, D),
+            "head.0.bias": (2 * D,),
+            "head.1.weight": (2 * D,),
+            "head.1.bias": (2 * D,),
+            "head.3.weight": (LABELS, 2 * D),
+            "head.3.bias": (LABELS,),
+        },
+        lambda ref, h, img, ids, pad: linear(
+            F.gelu(
+                layer_norm(
+                    linear(
+                        torch.tanh(
+                            linear(
+                                layer_norm(
+                                    ref(textual_tokens=ids, visual_tokens=img, text_padding_position=pad)[
+                                        "encoder_out"
+                                    ][:, 0],
+                                    h,
+                                    "pooler.norm",
+                                ),
+                                h,
+                                "pooler.dense",
+                            )
+                        ),
+                        h,
+                        "head.0",
+                    ),
+                    h,
+                    "head.1",
+                )
+            ),
+            h,
+            "head.3",
+        ),
+    ),
+    "retrieval": (
+        True,
+        {"vision_head.weight": (D, D), "language_head.weight": (D, D), "logit_scale": ()},
+        lambda ref, h, img, ids, pad: (
+            h["logit_scale"].exp()
+            * F.normalize(F.linear(ref(visual_tokens=img)["encoder_out"][:, 0], h["vision_head.weight"]), dim=-1)
+            @ F.normalize(
+                F.linear(
+                    ref(textual_tokens=ids, text_padding_position=pad)["encoder_out"][:, 0], h["language_head.weight"]
+                ),
+                dim=-1,
+            ).t()
+        ),
+    ),
 }
 
 
 def official_nlvr2_logits(ref, h, images, ids, pad):
     batch = images.shape[0]
-    x = ref(textual_tokens=ids.repeat(2, 1), visual_tokens=torch.cat([images[:, 0], images[:, 1]]), text_padding_position=pad.repeat(2, 1))["encoder_out"]
+    x = ref(
+        textual_tokens=ids.repeat(2, 1),
+        visual_tokens=torch.cat([images[:, 0], images[:, 1]]),
+        text_padding_position=pad.repeat(2, 1),
+    )["encoder_out"]
     pairs = torch.cat([x[:, 0], x[:, IMAGE_TOKENS]], dim=-1)
     features = torch.cat([pairs[:batch], pairs[batch:]], dim=-1)
-    return linear(F.gelu(layer_norm(linear(layer_norm(features, h, "head.norm1"), h, "head.dense1"), h, "head.norm2")), h, "head.dense2")
+    return linear(
+        F.gelu(layer_norm(linear(layer_norm(features, h, "head.norm1"), h, "head.dense1"), h, "head.norm2")),
+        h,
+        "head.dense2",
+    )
 
 
 def official_captioning_logits(ref, h, images, ids, pad):
@@ -63,10 +131,25 @@ def official_captioning_logits(ref, h, images, ids, pad):
     return linear(x[:, IMAGE_TOKENS:], h, "mlm_head")
 
 
-OFFICIAL_TASKS["nlvr2"] = (True, {"head.norm1.weight": (4 * D,), "head.norm1.bias": (4 * D,), "head.dense1.weight": (2 * D, 4 * D),
-                                  "head.dense1.bias": (2 * D,), "head.norm2.weight": (2 * D,), "head.norm2.bias": (2 * D,),
-                                  "head.dense2.weight": (2, 2 * D), "head.dense2.bias": (2,)}, official_nlvr2_logits)
-OFFICIAL_TASKS["captioning"] = (True, {"mlm_head.weight": (VOCAB, D), "mlm_head.bias": (VOCAB,)}, official_captioning_logits)
+OFFICIAL_TASKS["nlvr2"] = (
+    True,
+    {
+        "head.norm1.weight": (4 * D,),
+        "head.norm1.bias": (4 * D,),
+        "head.dense1.weight": (2 * D, 4 * D),
+        "head.dense1.bias": (2 * D,),
+        "head.norm2.weight": (2 * D,),
+        "head.norm2.bias": (2 * D,),
+        "head.dense2.weight": (2, 2 * D),
+        "head.dense2.bias": (2,),
+    },
+    official_nlvr2_logits,
+)
+OFFICIAL_TASKS["captioning"] = (
+    True,
+    {"mlm_head.weight": (VOCAB, D), "mlm_head.bias": (VOCAB,)},
+    official_captioning_logits,
+)
 OUR_CALLS = {
     "classification": lambda m, img, ids, mask: m(pixel_values=img).logits,
     "vqa": lambda m, img, ids, mask: m(pixel_values=img, input_ids=ids, attention_mask=mask).logits,
@@ -80,10 +163,17 @@ def test_converted_official_task_checkpoint_gives_official_logits(tmp_path, task
     final_layernorm, head_shapes, reference_logits = OFFICIAL_TASKS[task]
     reference = torchscale_reference(final_layernorm)
     head = random_head(head_shapes)
-    torch.save({"model": {**{"beit3." + k: v for k, v in reference.state_dict().items()}, **head}}, tmp_path / f"{task}.pth")
+    torch.save(
+        {"model": {**{"beit3." + k: v for k, v in reference.state_dict().items()}, **head}}, tmp_path / f"{task}.pth"
+    )
     main(["--checkpoint", str(tmp_path / f"{task}.pth"), "--task", task, "--output", str(tmp_path / "ours")])
-    model_class = {"classification": Beit3ForImageClassification, "vqa": Beit3ForVisualQuestionAnswering, "nlvr2": Beit3ForVisualReasoning,
-                   "retrieval": Beit3ForImageTextRetrieval, "captioning": Beit3ForCaptioning}[task]
+    model_class = {
+        "classification": Beit3ForImageClassification,
+        "vqa": Beit3ForVisualQuestionAnswering,
+        "nlvr2": Beit3ForVisualReasoning,
+        "retrieval": Beit3ForImageTextRetrieval,
+        "captioning": Beit3ForCaptioning,
+    }[task]
     ours = model_class.from_pretrained(tmp_path / "ours").eval()
     assert ours.config.final_layernorm == final_layernorm
 
@@ -109,7 +199,9 @@ def test_converted_official_task_checkpoint_gives_official_logits(tmp_path, task
 def test_converting_with_the_wrong_task_names_what_is_missing(tmp_path):
     reference = torchscale_reference(final_layernorm=False)
     head = random_head(OFFICIAL_TASKS["classification"][1])
-    torch.save({"model": {**{"beit3." + k: v for k, v in reference.state_dict().items()}, **head}}, tmp_path / "in1k.pth")
+    torch.save(
+        {"model": {**{"beit3." + k: v for k, v in reference.state_dict().items()}, **head}}, tmp_path / "in1k.pth"
+    )
     with pytest.raises(ValueError, match="has no 'head.3.weight': it is not a vqa checkpoint"):
         main(["--checkpoint", str(tmp_path / "in1k.pth"), "--task", "vqa", "--output", str(tmp_path / "out")])
 
@@ -130,15 +222,37 @@ def test_every_head_trains_a_step():
     images, ids = torch.randn(4, 3, 32, 32), torch.randint(3, 99, (4, 6))
     mask = torch.ones_like(ids)
     train_step(Beit3ForImageClassification(head_config()), pixel_values=images, labels=torch.randint(0, LABELS, (4,)))
-    train_step(Beit3ForImageClassification(head_config()), pixel_values=images, labels=torch.softmax(torch.randn(4, LABELS), -1))
-    train_step(Beit3ForVisualQuestionAnswering(head_config()), pixel_values=images, input_ids=ids, attention_mask=mask,
-               labels=torch.rand(4, LABELS))
-    train_step(Beit3ForVisualReasoning(tiny_config(num_labels=2)),
-               pixel_values=torch.randn(4, 2, 3, 32, 32), input_ids=ids, attention_mask=mask, labels=torch.randint(0, 2, (4,)))
-    train_step(Beit3ForImageTextRetrieval(head_config()), pixel_values=images, input_ids=ids, attention_mask=mask, return_loss=True)
+    train_step(
+        Beit3ForImageClassification(head_config()),
+        pixel_values=images,
+        labels=torch.softmax(torch.randn(4, LABELS), -1),
+    )
+    train_step(
+        Beit3ForVisualQuestionAnswering(head_config()),
+        pixel_values=images,
+        input_ids=ids,
+        attention_mask=mask,
+        labels=torch.rand(4, LABELS),
+    )
+    train_step(
+        Beit3ForVisualReasoning(tiny_config(num_labels=2)),
+        pixel_values=torch.randn(4, 2, 3, 32, 32),
+        input_ids=ids,
+        attention_mask=mask,
+        labels=torch.randint(0, 2, (4,)),
+    )
+    train_step(
+        Beit3ForImageTextRetrieval(head_config()),
+        pixel_values=images,
+        input_ids=ids,
+        attention_mask=mask,
+        return_loss=True,
+    )
     labels = torch.full_like(ids, -100)
     labels[:, 2] = ids[:, 2]
-    train_step(Beit3ForCaptioning(head_config()), pixel_values=images, input_ids=ids, attention_mask=mask, labels=labels)
+    train_step(
+        Beit3ForCaptioning(head_config()), pixel_values=images, input_ids=ids, attention_mask=mask, labels=labels
+    )
 
 
 def test_small_head_initialization_follows_the_official_code():
@@ -164,7 +278,10 @@ def test_retrieval_scores_one_image_against_many_texts_and_computes_a_loss_only_
     image, ids = torch.randn(1, 3, 32, 32), torch.randint(3, 99, (5, 6))
     out = model(pixel_values=image, input_ids=ids)
     assert out.loss is None and out.logits_per_image.shape == (1, 5) and out.logits_per_text.shape == (5, 1)
-    torch.testing.assert_close(out.logits_per_image[0], model.logit_scale.exp() * model.get_text_features(ids) @ model.get_image_features(image)[0])
+    torch.testing.assert_close(
+        out.logits_per_image[0],
+        model.logit_scale.exp() * model.get_text_features(ids) @ model.get_image_features(image)[0],
+    )
     with pytest.raises(ValueError, match="as many images as texts.*1 images and 5 texts"):
         model(pixel_values=image, input_ids=ids, return_loss=True)
     assert torch.isfinite(model(pixel_values=image.repeat(5, 1, 1, 1), input_ids=ids, return_loss=True).loss)
@@ -175,10 +292,15 @@ def _head_call(task):
     images, ids = torch.randn(2, 3, 32, 32), torch.randint(3, 99, (2, 6))
     pair = {"pixel_values": images, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
     return {
-        "classification": (Beit3ForImageClassification(head_config()), {"pixel_values": images, "labels": torch.tensor([0, 1])}),
+        "classification": (
+            Beit3ForImageClassification(head_config()),
+            {"pixel_values": images, "labels": torch.tensor([0, 1])},
+        ),
         "vqa": (Beit3ForVisualQuestionAnswering(head_config()), {**pair, "labels": torch.rand(2, LABELS)}),
-        "nlvr2": (Beit3ForVisualReasoning(tiny_config(num_labels=2)),
-                  {**pair, "pixel_values": torch.randn(2, 2, 3, 32, 32), "labels": torch.tensor([0, 1])}),
+        "nlvr2": (
+            Beit3ForVisualReasoning(tiny_config(num_labels=2)),
+            {**pair, "pixel_values": torch.randn(2, 2, 3, 32, 32), "labels": torch.tensor([0, 1])},
+        ),
         "retrieval": (Beit3ForImageTextRetrieval(head_config()), {**pair, "return_loss": True}),
         "captioning": (Beit3ForCaptioning(head_config()), {**pair, "labels": ids}),
         "mdm": (Beit3ForMaskedDataModeling(tiny_config()), {"input_ids": ids, "labels": ids}),
@@ -190,7 +312,9 @@ def test_every_head_passes_hidden_states_and_attentions_on_and_honours_return_di
     model, batch = _head_call(task)
     model.eval()
     plain = model(**batch)
-    assert plain.loss is not None and all(getattr(plain, name, None) is None for name in ("hidden_states", "attentions"))
+    assert plain.loss is not None and all(
+        getattr(plain, name, None) is None for name in ("hidden_states", "attentions")
+    )
     out = model(**batch, output_hidden_states=True, output_attentions=True)
     backbone = out.text_model_output if task == "retrieval" else out
     layers = model.config.num_hidden_layers
@@ -216,7 +340,9 @@ def test_cached_greedy_decoding_equals_recomputing_and_runs_two_tokens_a_step(la
         model.mlm_head.bias[2] = -1e4  # keep </s> from ending captions at once, so there is something to compare
     images = torch.randn(3, 3, 32, 32)
     lengths = []
-    hook = model.beit3.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    hook = model.beit3.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
     cached = model.generate(images, max_new_tokens=11)
     hook.remove()
     recomputed = model.generate(pixel_values=images, max_new_tokens=11, use_cache=False)
@@ -227,24 +353,38 @@ def test_cached_greedy_decoding_equals_recomputing_and_runs_two_tokens_a_step(la
 
 def test_captioning_speaks_transformers_generate():
     model = Beit3ForCaptioning(head_config()).eval()
-    assert model.can_generate() and model.generation_config.bos_token_id == 0 and model.generation_config.eos_token_id == 2
+    assert (
+        model.can_generate() and model.generation_config.bos_token_id == 0 and model.generation_config.eos_token_id == 2
+    )
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         model.mlm_head.bias[2] = -1e4
     greedy = model.generate(pixel_values=images, max_new_tokens=7)
     beams = model.generate(pixel_values=images, max_new_tokens=7, num_beams=3, length_penalty=0.6)
     assert beams.shape[0] == 2 and (beams[:, 0] == 0).all()
-    assert torch.equal(model.generate(pixel_values=images, max_new_tokens=7, num_beams=3, length_penalty=0.6, use_cache=False), beams)
+    assert torch.equal(
+        model.generate(pixel_values=images, max_new_tokens=7, num_beams=3, length_penalty=0.6, use_cache=False), beams
+    )
     from transformers import GenerationConfig
 
-    assert torch.equal(model.generate(pixel_values=images, generation_config=GenerationConfig(max_new_tokens=7, bos_token_id=0, eos_token_id=2,
-                                                                                                pad_token_id=1)), greedy)
+    assert torch.equal(
+        model.generate(
+            pixel_values=images,
+            generation_config=GenerationConfig(max_new_tokens=7, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+        ),
+        greedy,
+    )
     torch.manual_seed(0)
     sampled = model.generate(pixel_values=images, max_new_tokens=7, do_sample=True, top_k=5)
     torch.manual_seed(0)
-    assert torch.equal(sampled, model.generate(pixel_values=images, max_new_tokens=7, do_sample=True, top_k=5, use_cache=False))
+    assert torch.equal(
+        sampled, model.generate(pixel_values=images, max_new_tokens=7, do_sample=True, top_k=5, use_cache=False)
+    )
     output = model(pixel_values=images, input_ids=greedy, labels=greedy)
-    assert type(output).__name__ == "CausalLMOutputWithPast" and output.logits.shape == (*greedy.shape, model.config.vocab_size)
+    assert type(output).__name__ == "CausalLMOutputWithPast" and output.logits.shape == (
+        *greedy.shape,
+        model.config.vocab_size,
+    )
 
 
 def test_a_preset_config_knows_the_released_mask_token():
@@ -253,12 +393,22 @@ def test_a_preset_config_knows_the_released_mask_token():
     assert Beit3Config.from_preset("beit3_base_patch16_224").mask_token_id == 64001
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: Beit3ForVisualReasoning(tiny_config(num_labels=2))(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.ones(2, 3, dtype=torch.long)),
-     "pair of images"),
-    (lambda: Beit3ForCaptioning(tiny_config()).generate(torch.randn(1, 3, 32, 32)), "mask_token_id"),
-    (lambda: Beit3ForCaptioning(head_config()).generate(max_new_tokens=3), "generates from an image: pass pixel_values"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: Beit3ForVisualReasoning(tiny_config(num_labels=2))(
+                pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.ones(2, 3, dtype=torch.long)
+            ),
+            "pair of images",
+        ),
+        (lambda: Beit3ForCaptioning(tiny_config()).generate(torch.randn(1, 3, 32, 32)), "mask_token_id"),
+        (
+            lambda: Beit3ForCaptioning(head_config()).generate(max_new_tokens=3),
+            "generates from an image: pass pixel_values",
+        ),
+    ],
+)
 def test_bad_head_input_gets_a_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -276,7 +426,9 @@ def test_masked_data_modeling_counts_masked_positions_only():
     assert image.image_logits.shape == (10, 32) and image.text_loss is None
     other_codes = codes.clone()
     other_codes[~masked] = (codes[~masked] + 1) % 32  # labels of visible patches are never read
-    torch.testing.assert_close(model(pixel_values=images, bool_masked_pos=masked, image_labels=other_codes).loss, image.loss)
+    torch.testing.assert_close(
+        model(pixel_values=images, bool_masked_pos=masked, image_labels=other_codes).loss, image.loss
+    )
     labels = torch.full_like(ids, -100)
     labels[:, 2:4] = ids[:, 2:4]
     pair = model(pixel_values=images, input_ids=ids, labels=labels)
@@ -320,7 +472,9 @@ def test_heads_load_through_the_auto_classes(tmp_path):
     Beit3ForImageClassification(head_config()).save_pretrained(tmp_path / "cls")
     Beit3ForVisualQuestionAnswering(head_config()).save_pretrained(tmp_path / "vqa")
     assert isinstance(AutoModelForImageClassification.from_pretrained(tmp_path / "cls"), Beit3ForImageClassification)
-    assert isinstance(AutoModelForVisualQuestionAnswering.from_pretrained(tmp_path / "vqa"), Beit3ForVisualQuestionAnswering)
+    assert isinstance(
+        AutoModelForVisualQuestionAnswering.from_pretrained(tmp_path / "vqa"), Beit3ForVisualQuestionAnswering
+    )
 
 
 def test_a_head_of_another_size_names_both_shapes(tmp_path):
@@ -378,10 +532,18 @@ def test_every_head_exports_with_dynamic_batch_and_text_length_and_matches_eager
     model.eval()
     batch = {k: v for k, v in batch.items() if k in ("pixel_values", "input_ids", "attention_mask")}
     batch_dim, length_dim = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=2, max=30)
-    dynamic = {"pixel_values": {0: batch_dim}, "input_ids": {0: batch_dim, 1: length_dim}, "attention_mask": {0: batch_dim, 1: length_dim}}
+    dynamic = {
+        "pixel_values": {0: batch_dim},
+        "input_ids": {0: batch_dim, 1: length_dim},
+        "attention_mask": {0: batch_dim, 1: length_dim},
+    }
     program = torch.export.export(model, (), batch, dynamic_shapes={k: dynamic[k] for k in batch})
     images = torch.randn(3, *batch["pixel_values"].shape[1:])
-    other = {"pixel_values": images, "input_ids": torch.randint(3, 99, (3, 9)), "attention_mask": torch.tensor([[1] * 9] * 2 + [[1] * 4 + [0] * 5])}
+    other = {
+        "pixel_values": images,
+        "input_ids": torch.randint(3, 99, (3, 9)),
+        "attention_mask": torch.tensor([[1] * 9] * 2 + [[1] * 4 + [0] * 5]),
+    }
     other = {k: other[k] for k in batch}
     first = "logits_per_image" if task == "retrieval" else "logits"
     torch.testing.assert_close(program.module()(**other)[first], getattr(model(**other), first), atol=1e-5, rtol=1e-5)
@@ -394,12 +556,21 @@ def test_onnx_export_runs_in_onnxruntime_and_matches_eager(tmp_path):
     pixel_values, input_ids = torch.randn(2, 3, 32, 32), torch.randint(3, 99, (2, 6))
     attention_mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
     batch, length = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=2, max=30)
-    torch.onnx.export(model, (pixel_values, input_ids, attention_mask), tmp_path / "vqa.onnx", dynamo=True,
-                      input_names=["pixel_values", "input_ids", "attention_mask"], output_names=["logits"],
-                      dynamic_shapes=({0: batch}, {0: batch, 1: length}, {0: batch, 1: length}))
+    torch.onnx.export(
+        model,
+        (pixel_values, input_ids, attention_mask),
+        tmp_path / "vqa.onnx",
+        dynamo=True,
+        input_names=["pixel_values", "input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch}, {0: batch, 1: length}, {0: batch, 1: length}),
+    )
     session = onnxruntime.InferenceSession(str(tmp_path / "vqa.onnx"), providers=["CPUExecutionProvider"])
-    other = {"pixel_values": torch.randn(3, 3, 32, 32), "input_ids": torch.randint(3, 99, (3, 9)),
-             "attention_mask": torch.tensor([[1] * 9] * 2 + [[1] * 4 + [0] * 5])}
+    other = {
+        "pixel_values": torch.randn(3, 3, 32, 32),
+        "input_ids": torch.randint(3, 99, (3, 9)),
+        "attention_mask": torch.tensor([[1] * 9] * 2 + [[1] * 4 + [0] * 5]),
+    }
     logits = session.run(["logits"], {k: v.numpy() for k, v in other.items()})[0]
     torch.testing.assert_close(torch.from_numpy(logits), model(**other).logits, atol=1e-5, rtol=1e-5)
 
@@ -415,14 +586,23 @@ def test_zero_shot_image_classification_pipeline_ranks_labels_with_the_retrieval
     model = Beit3ForImageTextRetrieval(tiny_config(vocab_size=len(tokenizer))).eval()
     for part in (model, tokenizer, Beit3ImageProcessor(size=32)):
         part.save_pretrained(tmp_path / "retrieval")
-    assert type(AutoModelForZeroShotImageClassification.from_pretrained(tmp_path / "retrieval")) is Beit3ForImageTextRetrieval
+    assert (
+        type(AutoModelForZeroShotImageClassification.from_pretrained(tmp_path / "retrieval"))
+        is Beit3ForImageTextRetrieval
+    )
     image, labels = Image.new("RGB", (40, 40), (200, 10, 10)), ["red circle", "blue square", "red square"]
-    ranked = pipeline("zero-shot-image-classification", model=str(tmp_path / "retrieval"))(image, candidate_labels=labels)
+    ranked = pipeline("zero-shot-image-classification", model=str(tmp_path / "retrieval"))(
+        image, candidate_labels=labels
+    )
     assert sorted(r["label"] for r in ranked) == sorted(labels) and abs(sum(r["score"] for r in ranked) - 1) < 1e-5
     processor = Beit3ImageProcessor(size=32)
     texts = tokenizer([f"This is a photo of {label}." for label in labels], padding=True, return_tensors="pt")
     with torch.no_grad():
-        expected = model(pixel_values=processor(image, return_tensors="pt")["pixel_values"], **texts).logits_per_image[0].softmax(-1)
+        expected = (
+            model(pixel_values=processor(image, return_tensors="pt")["pixel_values"], **texts)
+            .logits_per_image[0]
+            .softmax(-1)
+        )
     assert [r["label"] for r in ranked] == [labels[i] for i in expected.argsort(descending=True)]
     assert [r["score"] for r in ranked] == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-5)
 
@@ -436,10 +616,14 @@ def test_the_answer_slot_vqa_head_reads_the_mask_and_starts_from_mlm_rows():
     with torch.no_grad():
         out = model(pixel_values=images, input_ids=ids, attention_mask=mask)
         hidden = model.beit3(pixel_values=images, input_ids=ids, attention_mask=mask)
-    text = hidden.last_hidden_state[:, hidden.text_start:]
+    text = hidden.last_hidden_state[:, hidden.text_start :]
     torch.testing.assert_close(out.logits, model.head(torch.stack([text[0, 3], text[1, 2]])))
-    with pytest.raises(ValueError, match=r"one <mask> \(id 99\) per question; rows here have \[0, 1\].*insert_answer_slot"):
-        model(pixel_values=images, input_ids=torch.tensor([[0, 5, 6, 8, 2, 1], [0, 7, 99, 2, 1, 1]]), attention_mask=mask)
+    with pytest.raises(
+        ValueError, match=r"one <mask> \(id 99\) per question; rows here have \[0, 1\].*insert_answer_slot"
+    ):
+        model(
+            pixel_values=images, input_ids=torch.tensor([[0, 5, 6, 8, 2, 1], [0, 7, 99, 2, 1, 1]]), attention_mask=mask
+        )
     weight, bias = torch.randn(100, 32), torch.randn(100)
     model.init_answer_head_from_mlm(weight, bias, [[5], [6, 7]] + [[8]] * (LABELS - 2))
     torch.testing.assert_close(model.head.weight[1], (weight[6] + weight[7]) / 2)
@@ -450,8 +634,13 @@ def test_the_answer_slot_vqa_head_reads_the_mask_and_starts_from_mlm_rows():
         Beit3ForVisualQuestionAnswering(tiny_config(num_labels=LABELS, vqa_head="answer_slot"))
     with pytest.raises(ValueError, match="vqa_head 'cls' must be one of pooler, answer_slot"):
         tiny_config(vqa_head="cls")
-    train_step(Beit3ForVisualQuestionAnswering(config), pixel_values=images, input_ids=ids, attention_mask=mask,
-               labels=torch.rand(2, LABELS))
+    train_step(
+        Beit3ForVisualQuestionAnswering(config),
+        pixel_values=images,
+        input_ids=ids,
+        attention_mask=mask,
+        labels=torch.rand(2, LABELS),
+    )
 
 
 def test_image_text_to_text_pipeline_captions_from_a_prompt_the_caption_continues(tmp_path):
@@ -468,12 +657,18 @@ def test_image_text_to_text_pipeline_captions_from_a_prompt_the_caption_continue
         part.save_pretrained(tmp_path / "captioning")
     assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / "captioning")) is Beit3ForCaptioning
     image = Image.new("RGB", (40, 40), (200, 10, 10))
-    (result,) = pipeline("image-text-to-text", model=str(tmp_path / "captioning"))(images=image, text="a red", max_new_tokens=6)
+    (result,) = pipeline("image-text-to-text", model=str(tmp_path / "captioning"))(
+        images=image, text="a red", max_new_tokens=6
+    )
     prefix = torch.tensor([[tokenizer.bos_token_id, *tokenizer("a red", add_special_tokens=False)["input_ids"]]])
     pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
     expected = model.generate(pixel_values, input_ids=prefix, max_new_tokens=6)
-    assert expected[0, :prefix.shape[1]].tolist() == prefix[0].tolist() and expected.shape[1] > prefix.shape[1]
+    assert expected[0, : prefix.shape[1]].tolist() == prefix[0].tolist() and expected.shape[1] > prefix.shape[1]
     assert result["generated_text"] == tokenizer.decode(expected[0], skip_special_tokens=True)
-    assert torch.equal(model.generate(**processor(images=image, text="a red", return_tensors="pt"), max_new_tokens=6), expected)
+    assert torch.equal(
+        model.generate(**processor(images=image, text="a red", return_tensors="pt"), max_new_tokens=6), expected
+    )
     with pytest.raises(ValueError, match="prompts of one batch must be equally long"):
-        model.generate(**processor(images=[image, image], text=["a red", "a"], padding="max_length", return_tensors="pt"))
+        model.generate(
+            **processor(images=[image, image], text=["a red", "a"], padding="max_length", return_tensors="pt")
+        )

@@ -5,8 +5,13 @@ from conftest import tiny_config
 
 from beit3 import train_sentencepiece
 from beit3.data.synthetic import write_shapes_world
-from beit3.modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval,
-                                  Beit3ForVisualQuestionAnswering, Beit3ForVisualReasoning)
+from beit3.modeling_heads import (
+    Beit3ForCaptioning,
+    Beit3ForImageClassification,
+    Beit3ForImageTextRetrieval,
+    Beit3ForVisualQuestionAnswering,
+    Beit3ForVisualReasoning,
+)
 from beit3.predict import main, predict
 
 
@@ -14,14 +19,18 @@ from beit3.predict import main, predict
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("predict")
     paths = write_shapes_world(folder / "data", 30)
-    tokenizer = train_sentencepiece(folder / "tok", vocab_size=36, files=[paths["texts"]], model_max_length=16, quiet=True)
+    tokenizer = train_sentencepiece(
+        folder / "tok", vocab_size=36, files=[paths["texts"]], model_max_length=16, quiet=True
+    )
     images = [str(paths["images"] / f"0000{i}.png") for i in range(2)]
     labels = {0: "red", 1: "blue", 2: "green"}
-    models = {"caption": Beit3ForCaptioning(tiny_config(mask_token_id=tokenizer.mask_token_id)),
-              "vqa": Beit3ForVisualQuestionAnswering(tiny_config(num_labels=3, id2label=labels)),
-              "nlvr2": Beit3ForVisualReasoning(tiny_config(num_labels=2)),
-              "retrieve": Beit3ForImageTextRetrieval(tiny_config()),
-              "classify": Beit3ForImageClassification(tiny_config(num_labels=3, id2label=labels))}
+    models = {
+        "caption": Beit3ForCaptioning(tiny_config(mask_token_id=tokenizer.mask_token_id)),
+        "vqa": Beit3ForVisualQuestionAnswering(tiny_config(num_labels=3, id2label=labels)),
+        "nlvr2": Beit3ForVisualReasoning(tiny_config(num_labels=2)),
+        "retrieve": Beit3ForImageTextRetrieval(tiny_config()),
+        "classify": Beit3ForImageClassification(tiny_config(num_labels=3, id2label=labels)),
+    }
     for task, model in models.items():
         model.save_pretrained(folder / task)
         tokenizer.save_pretrained(folder / task)
@@ -58,8 +67,11 @@ def test_bad_input_is_refused_with_a_message(setup, tmp_path):
 
 def test_a_folder_of_another_task_is_refused_naming_both_heads(setup):
     folder, images = setup
-    with pytest.raises(SystemExit, match=r"holds Beit3ForCaptioning \(try `caption`\), but `vqa` needs a Beit3ForVisualQuestionAnswering: "
-                                         r"\d+ of its head's tensors are not in the folder \(head\.0\.bias"):
+    with pytest.raises(
+        SystemExit,
+        match=r"holds Beit3ForCaptioning \(try `caption`\), but `vqa` needs a Beit3ForVisualQuestionAnswering: "
+        r"\d+ of its head's tensors are not in the folder \(head\.0\.bias",
+    ):
         main(["vqa", "--model", str(folder / "caption"), "--images", images[0], "--text", "what color?"])
     with pytest.raises(SystemExit, match="`classify` needs a Beit3ForImageClassification"):
         main(["classify", "--model", str(folder / "retrieve"), "--images", images[0]])

@@ -25,38 +25,82 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 def world(tmp_path_factory):
     folder = tmp_path_factory.mktemp("world")
     paths = write_shapes_world(folder / "data", 48)
-    train_sentencepiece(folder / "text-tokenizer", vocab_size=36, files=[paths["texts"]], model_max_length=32, quiet=True)
+    train_sentencepiece(
+        folder / "text-tokenizer", vocab_size=36, files=[paths["texts"]], model_max_length=32, quiet=True
+    )
     torch.manual_seed(0)
     VQKD(VQKDConfig.from_preset("vqkd_tiny", image_size=64)).save_pretrained(folder / "visual-tokenizer")
     for kind, source in (("pairs", ["--pairs", str(paths["pairs"])]), ("images", ["--images", str(paths["images"])])):
-        subprocess.run([sys.executable, "tasks/make_shards.py", *source, "--output", str(folder / f"shards/{kind}-%02d.tar"),
-                        "--shard-size", "8"], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "tasks/make_shards.py",
+                *source,
+                "--output",
+                str(folder / f"shards/{kind}-%02d.tar"),
+                "--shard-size",
+                "8",
+            ],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
     return folder
 
 
 def streaming(world: Path) -> list[str]:
     """--set values that stream images and pairs from the world's shards (6 of each), with 2 loader workers."""
-    return ["data.streaming=true", f"data.sources.images={world / 'shards/images-{00..05}.tar'}",
-            f"data.sources.pairs=[\"{world / 'shards/pairs-{00..05}.tar'}\"]", "train.num_workers=2"]
+    return [
+        "data.streaming=true",
+        f"data.sources.images={world / 'shards/images-{00..05}.tar'}",
+        f'data.sources.pairs=["{world / "shards/pairs-{00..05}.tar"}"]',
+        "train.num_workers=2",
+    ]
 
 
 def overrides(world: Path, output_dir: Path, **train) -> list[str]:
-    sets = [f"text_tokenizer={world / 'text-tokenizer'}", f"visual_tokenizer={world / 'visual-tokenizer'}",
-            f"data.sources.images={world / 'data/images'}", f"data.sources.texts=[{world / 'data/captions.txt'}]",
-            f"data.sources.pairs=[{world / 'data/pairs.jsonl'}]", "data.batch_size={image: 4, text: 4, pair: 4}",
-            f"train.output_dir={output_dir}", "train.num_workers=0", "train.log_every=1",
-            *(f"train.{k}={v}" for k, v in train.items())]
-    if "zero_stage" in train:  # the stage's own DeepSpeed JSON: tiny.yaml names zero2.json, and another stage is refused
+    sets = [
+        f"text_tokenizer={world / 'text-tokenizer'}",
+        f"visual_tokenizer={world / 'visual-tokenizer'}",
+        f"data.sources.images={world / 'data/images'}",
+        f"data.sources.texts=[{world / 'data/captions.txt'}]",
+        f"data.sources.pairs=[{world / 'data/pairs.jsonl'}]",
+        "data.batch_size={image: 4, text: 4, pair: 4}",
+        f"train.output_dir={output_dir}",
+        "train.num_workers=0",
+        "train.log_every=1",
+        *(f"train.{k}={v}" for k, v in train.items()),
+    ]
+    if (
+        "zero_stage" in train
+    ):  # the stage's own DeepSpeed JSON: tiny.yaml names zero2.json, and another stage is refused
         sets.append(f"data.deepspeed=configs/deepspeed/zero{train['zero_stage']}.json")
     return [arg for s in sets for arg in ("--set", s)]
 
 
 def pretrain(world, output_dir, processes=1, wait=True, sets=(), **train):
-    command = [sys.executable, "tasks/pretrain.py"] if processes == 1 else [DEEPSPEED, "--num_gpus", str(processes), "tasks/pretrain.py"]
-    command += ["--config", "configs/pretrain/tiny.yaml", *overrides(world, output_dir, **train), *(a for s in sets for a in ("--set", s))]
+    command = (
+        [sys.executable, "tasks/pretrain.py"]
+        if processes == 1
+        else [DEEPSPEED, "--num_gpus", str(processes), "tasks/pretrain.py"]
+    )
+    command += [
+        "--config",
+        "configs/pretrain/tiny.yaml",
+        *overrides(world, output_dir, **train),
+        *(a for s in sets for a in ("--set", s)),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if not wait:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -69,7 +113,17 @@ def test_one_process_run_logs_every_kind_and_checkpoints(world, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    for key in ("loss", "image_loss", "image_accuracy", "text_loss", "text_accuracy", "pair_loss", "pair_accuracy", "lr", "samples_per_s"):
+    for key in (
+        "loss",
+        "image_loss",
+        "image_accuracy",
+        "text_loss",
+        "text_accuracy",
+        "pair_loss",
+        "pair_accuracy",
+        "lr",
+        "samples_per_s",
+    ):
         assert key in records[-1]
     assert records[-1]["text_loss"] < 5  # the text head is sized to the 38-id tokenizer, not to 64010
     complete = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step*") if (p / "COMPLETE").exists())
@@ -100,21 +154,29 @@ def test_two_processes_resume_exactly_after_sigkill(world, tmp_path, streamed):
 
     if streamed:
         saved = json.loads((run / "checkpoints/step00000003/COMPLETE").read_text())["data_state"]
-        assert [sorted(rank["streams"]) for rank in saved] == [["image/0", "image/1", "pair/0", "pair/1", "text/0", "text/1"]] * 2
+        assert [sorted(rank["streams"]) for rank in saved] == [
+            ["image/0", "image/1", "pair/0", "pair/1", "text/0", "text/1"]
+        ] * 2
     resumed = pretrain(world, run, processes=2, max_steps=steps, save_every=3, sets=sets)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resumed from step" in resumed.stdout + resumed.stderr
     after = losses(run)  # later lines for the same step (after the restart) replace the killed run's
     assert sorted(after) == list(range(1, steps + 1))
     for step in range(1, steps + 1):
-        assert after[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}: {after[step]} vs {expected[step]}"
+        assert after[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (
+            f"step {step}: {after[step]} vs {expected[step]}"
+        )
     if streamed:  # the streams are split by loader worker: another count would read other samples
-        other = pretrain(world, run, processes=2, max_steps=steps + 2, save_every=3, sets=[*sets, "train.num_workers=1"])
+        other = pretrain(
+            world, run, processes=2, max_steps=steps + 2, save_every=3, sets=[*sets, "train.num_workers=1"]
+        )
         assert other.returncode != 0 and "taken with 2 data-loader workers" in other.stdout + other.stderr
 
 
 def _deepspeed_buffers() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")} if Path("/dev/shm").is_dir() else set()
+    return (
+        {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")} if Path("/dev/shm").is_dir() else set()
+    )
 
 
 def test_runs_leave_no_shared_memory_behind_clean_or_killed(world, tmp_path):
@@ -122,8 +184,12 @@ def test_runs_leave_no_shared_memory_behind_clean_or_killed(world, tmp_path):
     assert pretrain(world, tmp_path / "one", max_steps=1, save_every=1).returncode == 0
     assert pretrain(world, tmp_path / "two", processes=2, max_steps=1, save_every=1).returncode == 0
     assert _deepspeed_buffers() - before == set()
-    if os.access(sys.prefix, os.W_OK) and "TORCH_EXTENSIONS_DIR" not in os.environ:  # the comm op is built once per environment
-        assert any((Path(sys.prefix) / "torch_extensions").glob("*/deepspeed_shm_comm*")), "the C++ op was built elsewhere"
+    if (
+        os.access(sys.prefix, os.W_OK) and "TORCH_EXTENSIONS_DIR" not in os.environ
+    ):  # the comm op is built once per environment
+        assert any((Path(sys.prefix) / "torch_extensions").glob("*/deepspeed_shm_comm*")), (
+            "the C++ op was built elsewhere"
+        )
     process = pretrain(world, tmp_path / "killed", processes=2, wait=False, max_steps=50, save_every=50)
     deadline = time.time() + 300
     while not (tmp_path / "killed" / "metrics.jsonl").exists() and process.poll() is None and time.time() < deadline:
@@ -150,7 +216,9 @@ def test_resume_logs_each_step_once_and_survives_a_torn_last_line(world, tmp_pat
 
     run = tmp_path / "run"
     assert pretrain(world, run, max_steps=3, save_every=2).returncode == 0
-    shutil.rmtree(run / "checkpoints/step00000003")  # killed after logging step 3, before its checkpoint, mid-write of a line
+    shutil.rmtree(
+        run / "checkpoints/step00000003"
+    )  # killed after logging step 3, before its checkpoint, mid-write of a line
     with open(run / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 4, "loss": 1.2')
     assert [r["step"] for r in read_run_log(run / "metrics.jsonl")] == [1, 2, 3]  # readers leave the torn line out
@@ -194,27 +262,45 @@ def test_a_resume_with_another_config_is_refused_before_any_file_is_rewritten(wo
     first = pretrain(world, run, max_steps=2, save_every=2)
     assert first.returncode == 0, first.stderr[-2000:]
     kept = {name: (run / name).read_bytes() for name in ("run_config.json", "model/config.json")}
-    changed = pretrain(world, run, max_steps=4, save_every=2, lr=5e-4,
-                       sets=["model.overrides={image_size: 64, patch_size: 8, max_position_embeddings: 66, hidden_size: 32}"])
+    changed = pretrain(
+        world,
+        run,
+        max_steps=4,
+        save_every=2,
+        lr=5e-4,
+        sets=["model.overrides={image_size: 64, patch_size: 8, max_position_embeddings: 66, hidden_size: 32}"],
+    )
     assert changed.returncode != 0
     output = changed.stdout + changed.stderr
     assert "train.lr: 0.001 -> 0.0005" in output and "model.overrides.hidden_size: '(not set)' -> 32" in output
-    assert "Traceback" not in output and {name: (run / name).read_bytes() for name in kept} == kept  # export still reads them
+    assert (
+        "Traceback" not in output and {name: (run / name).read_bytes() for name in kept} == kept
+    )  # export still reads them
     longer = pretrain(world, run, max_steps=4, save_every=2)  # what may change: how long it runs, how often it saves...
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert "changed settings: train.max_steps: 2 -> 4" in longer.stderr and "resumed from step 2" in longer.stdout
     assert json.loads((run / "run_config.json").read_text())["train"]["max_steps"] == 4
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("text_tokenizer=/nonexistent/tokenizer", "text_tokenizer /nonexistent/tokenizer does not exist"),
-    ("data.sources.images=/nonexistent/images", "No image folder at /nonexistent/images"),
-    ("model.overrides={image_size: 64, patch_size: 16, max_position_embeddings: 66}", "one code per patch"),
-    ("model.overrides={image_size: 64, patch_size: 8, max_position_embeddings: 66, vocab_size: 20}", "vocab"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("text_tokenizer=/nonexistent/tokenizer", "text_tokenizer /nonexistent/tokenizer does not exist"),
+        ("data.sources.images=/nonexistent/images", "No image folder at /nonexistent/images"),
+        ("model.overrides={image_size: 64, patch_size: 16, max_position_embeddings: 66}", "one code per patch"),
+        ("model.overrides={image_size: 64, patch_size: 8, max_position_embeddings: 66, vocab_size: 20}", "vocab"),
+    ],
+)
 def test_bad_setups_fail_before_training_with_a_clear_message(world, tmp_path, setting, message):
-    command = [sys.executable, "tasks/pretrain.py", "--config", "configs/pretrain/tiny.yaml", *overrides(world, tmp_path / "run", max_steps=1),
-               "--set", setting]
+    command = [
+        sys.executable,
+        "tasks/pretrain.py",
+        "--config",
+        "configs/pretrain/tiny.yaml",
+        *overrides(world, tmp_path / "run", max_steps=1),
+        "--set",
+        setting,
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and message in result.stdout + result.stderr
     assert not (tmp_path / "run/metrics.jsonl").exists()
@@ -243,10 +329,16 @@ def test_export_writes_a_from_pretrained_folder_with_tokenizer_and_processor(wor
     initial = Beit3ForMaskedDataModeling(model.config)  # the export holds trained weights, not an initialization
     assert not torch.equal(initial.mlm_head.weight, model.mlm_head.weight)
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
-    inputs = processor(images=[torch.zeros(3, 64, 64).numpy().transpose(1, 2, 0)], text=["a big red circle on the left"], return_tensors="pt")
+    inputs = processor(
+        images=[torch.zeros(3, 64, 64).numpy().transpose(1, 2, 0)],
+        text=["a big red circle on the left"],
+        return_tensors="pt",
+    )
     assert model(**{k: inputs[k] for k in ("pixel_values", "input_ids", "attention_mask")}).image_loss is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        export_main(["--checkpoint-dir", str(tmp_path / "run"), "--output", str(tmp_path / "x"), "--tag", "step00000099"])
+        export_main(
+            ["--checkpoint-dir", str(tmp_path / "run"), "--output", str(tmp_path / "x"), "--tag", "step00000099"]
+        )
 
 
 class _Payload:
@@ -300,24 +392,45 @@ def test_no_code_planted_in_any_checkpoint_file_runs_on_resume_or_export(world, 
     planted = files[-1]
     _plant(planted, marker)
     resumed = pretrain(world, run, processes=processes, max_steps=2, save_every=2, zero_stage=zero_stage)
-    assert resumed.returncode != 0 and f"{planted.name} is not a weights-only checkpoint file" in resumed.stdout + resumed.stderr
+    assert (
+        resumed.returncode != 0
+        and f"{planted.name} is not a weights-only checkpoint file" in resumed.stdout + resumed.stderr
+    )
     assert not marker.exists()
 
 
 @pytest.fixture(scope="module")
 def image_codes(world):
     """The world's images encoded once by tokenizers/encode_images.py with the world's visual tokenizer (8x8 codes, 64 of them)."""
-    command = [sys.executable, "tokenizers/encode_images.py", "--tokenizer", str(world / "visual-tokenizer"), "--images",
-               str(world / "data/images"), "--output", str(world / "image-codes"), "--device", "cpu"]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    command = [
+        sys.executable,
+        "tokenizers/encode_images.py",
+        "--tokenizer",
+        str(world / "visual-tokenizer"),
+        "--images",
+        str(world / "data/images"),
+        "--output",
+        str(world / "image-codes"),
+        "--device",
+        "cpu",
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return world / "image-codes"
 
 
 def test_one_process_run_trains_from_image_codes_without_a_visual_tokenizer(world, image_codes, tmp_path):
     steps = 12
-    result = pretrain(world, tmp_path / "run", max_steps=steps, save_every=steps, warmup_steps=2,
-                      sets=[f"data.sources.image_codes={image_codes}", "visual_tokenizer=null"])
+    result = pretrain(
+        world,
+        tmp_path / "run",
+        max_steps=steps,
+        save_every=steps,
+        warmup_steps=2,
+        sets=[f"data.sources.image_codes={image_codes}", "visual_tokenizer=null"],
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, steps + 1))
@@ -331,14 +444,24 @@ def test_one_process_run_trains_from_image_codes_without_a_visual_tokenizer(worl
     assert "data.sources.image_codes is set" not in result.stderr  # no visual tokenizer to overrule
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("model.overrides={image_size: 64, patch_size: 16, max_position_embeddings: 66}", "8x8 codes per image, but the model has a 4x4 patch grid"),
-    ("model.overrides={image_size: 64, patch_size: 8, max_position_embeddings: 66, visual_vocab_size: 100}",
-     "the model predicts 100 visual tokens but the codebook of image_codes"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            "model.overrides={image_size: 64, patch_size: 16, max_position_embeddings: 66}",
+            "8x8 codes per image, but the model has a 4x4 patch grid",
+        ),
+        (
+            "model.overrides={image_size: 64, patch_size: 8, max_position_embeddings: 66, visual_vocab_size: 100}",
+            "the model predicts 100 visual tokens but the codebook of image_codes",
+        ),
+    ],
+)
 def test_image_codes_that_do_not_fit_the_model_fail_before_training(world, image_codes, tmp_path, setting, message):
     result = pretrain(world, tmp_path / "run", max_steps=1, sets=[f"data.sources.image_codes={image_codes}", setting])
     output = result.stdout + result.stderr
     assert result.returncode != 0 and message in output, output[-3000:]
-    assert output.count("data.sources.image_codes is set, so the image targets are the codes in") == 1  # the codes win over visual_tokenizer
+    assert (
+        output.count("data.sources.image_codes is set, so the image targets are the codes in") == 1
+    )  # the codes win over visual_tokenizer
     assert not (tmp_path / "run/metrics.jsonl").exists()

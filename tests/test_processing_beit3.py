@@ -1,6 +1,5 @@
 """Beit3Processor: images and texts in, Beit3Model's inputs out; save/load through AutoProcessor."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -8,7 +7,14 @@ from conftest import tiny_config, word_tokenizer
 from PIL import Image
 from transformers import AutoProcessor
 
-from beit3 import Beit3ImageProcessor, Beit3ImageProcessorPil, Beit3Model, Beit3Processor, Beit3Tokenizer, check_tokenizer_matches
+from beit3 import (
+    Beit3ImageProcessor,
+    Beit3ImageProcessorPil,
+    Beit3Model,
+    Beit3Processor,
+    Beit3Tokenizer,
+    check_tokenizer_matches,
+)
 
 WORDS = "a the man dog cat horse bus street park beach red blue two is on in with riding playing next to".split()
 
@@ -40,7 +46,10 @@ def test_outputs_are_named_as_the_model_takes_them_and_padded_as_unilm(processor
 def test_padding_truncation_and_max_length_pass_through(processor):
     texts = ["a dog", "the man riding a horse on the beach next to a red bus"]
     longest = processor(text=texts, padding=True, return_tensors="pt")
-    assert set(longest) == {"input_ids", "attention_mask"} and longest["attention_mask"][0].sum() < longest["input_ids"].shape[1]
+    assert (
+        set(longest) == {"input_ids", "attention_mask"}
+        and longest["attention_mask"][0].sum() < longest["input_ids"].shape[1]
+    )
     short = processor(text=texts, max_length=6, return_tensors="pt")
     assert short["input_ids"].shape == (2, 6) and short["input_ids"][1, -1] == 2 and short["attention_mask"][1].all()
 
@@ -49,7 +58,9 @@ def test_output_feeds_beit3_model(processor, tokenizer):
     config = tiny_config(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id)
     check_tokenizer_matches(tokenizer, config)
     model = Beit3Model(config).eval()
-    inputs = processor(images=images(3), text=["a dog", "a cat on the street", "two man"], padding=True, return_tensors="pt")
+    inputs = processor(
+        images=images(3), text=["a dog", "a cat on the street", "two man"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         fused = model(**inputs)
         image_only = model(**processor(images=images(3), return_tensors="pt"))
@@ -83,5 +94,7 @@ def test_empty_or_missing_input_gets_a_clear_error(processor):
         processor()
     with pytest.raises(ValueError, match="2 images and 3 texts"):
         processor(images=images(2), text=["a", "b", "c"], return_tensors="pt")
-    one_image = processor(images=images(1), text=["a", "b", "c"], return_tensors="pt")  # one image against N texts, as CLIP's
+    one_image = processor(
+        images=images(1), text=["a", "b", "c"], return_tensors="pt"
+    )  # one image against N texts, as CLIP's
     assert one_image["pixel_values"].shape[0] == 1 and one_image["input_ids"].shape[0] == 3

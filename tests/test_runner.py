@@ -21,12 +21,15 @@ def test_typed_sections_take_every_declared_field_refuse_unknown_ones_and_print_
 
     path = _config(tmp_path, data="{train: {karpathy: k.json}, mask_prob: 0.7}")
     # eval is not in the file and num_beams/drop_worst_after are not listed: declared fields can still be set
-    config, _, sections = read_run_config(path, ["eval.num_beams=5", "data.drop_worst_after=10"],
-                                          typed={"data": CaptioningData, "eval": EvalOptions})
+    config, _, sections = read_run_config(
+        path, ["eval.num_beams=5", "data.drop_worst_after=10"], typed={"data": CaptioningData, "eval": EvalOptions}
+    )
     data, options = sections["data"], sections["eval"]
     assert (data.mask_prob, data.drop_worst_after, data.max_text_length, data.label_smoothing) == (0.7, 10, 32, 0.1)
     assert (options.num_beams, options.batch_size, options.length_penalty) == (5, 64, 0.6)
-    assert config["eval"] == {"num_beams": 5} and "max_text_length" not in config["data"]  # what was written and set, no defaults
+    assert (
+        config["eval"] == {"num_beams": 5} and "max_text_length" not in config["data"]
+    )  # what was written and set, no defaults
     with pytest.raises(SystemExit, match=r"has no field 'data.mask_probability'; known here: .*drop_worst_after"):
         read_run_config(path, ["data.mask_probability=0.7"], typed={"data": CaptioningData, "eval": EvalOptions})
     unknown = _config(tmp_path, data="{train: {karpathy: k.json}, mask_probability: 0.7}", name="unknown.yaml")
@@ -39,11 +42,18 @@ def test_typed_sections_take_every_declared_field_refuse_unknown_ones_and_print_
     assert "#   length_penalty: captioning: beam search's length penalty" in printed and "max_steps: 2" in printed
 
 
-@pytest.mark.parametrize("train, overrides, message", [
-    ("{output_dir: out, max_steps: 2, save_every: 0}", [], "train.save_every must be an integer >= 1; got 0"),
-    ("{output_dir: out, max_steps: 2, save_every: 1}", ["train.max_stepz=3"], "has no field 'train.max_stepz'; known here:"),
-    ("{output_dir: out, max_steps: 2, save_every: 1}", ["train.max_steps"], "--set takes key=value"),
-])
+@pytest.mark.parametrize(
+    "train, overrides, message",
+    [
+        ("{output_dir: out, max_steps: 2, save_every: 0}", [], "train.save_every must be an integer >= 1; got 0"),
+        (
+            "{output_dir: out, max_steps: 2, save_every: 1}",
+            ["train.max_stepz=3"],
+            "has no field 'train.max_stepz'; known here:",
+        ),
+        ("{output_dir: out, max_steps: 2, save_every: 1}", ["train.max_steps"], "--set takes key=value"),
+    ],
+)
 def test_a_config_that_cannot_run_ends_with_one_error_line_before_any_work(tmp_path, train, overrides, message):
     with pytest.raises(SystemExit) as stopped:
         read_run_config(_config(tmp_path, train), overrides)
@@ -60,8 +70,11 @@ def test_a_missing_section_is_named(tmp_path):
 
 
 def test_command_line_takes_the_shared_options_and_a_programs_own():
-    args = command_line("doc", ["--config", "c.yaml", "--set", "a=1", "--set", "b=2", "--local_rank", "1", "--kind", "vqkd"],
-                        add_arguments=lambda parser: parser.add_argument("--kind"))
+    args = command_line(
+        "doc",
+        ["--config", "c.yaml", "--set", "a=1", "--set", "b=2", "--local_rank", "1", "--kind", "vqkd"],
+        add_arguments=lambda parser: parser.add_argument("--kind"),
+    )
     assert (args.config, args.set, args.kind) == ("c.yaml", ["a=1", "b=2"], "vqkd")
 
 
@@ -82,21 +95,28 @@ def test_autocast_only_for_half_precisions():
         assert torch.is_autocast_enabled("cpu")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.answer_min_count=0"], r"data.answer_min_count must be >= 1; got 0"),
-    (["data.vqa_head=cls"], r"data.vqa_head must be one of pooler, answer_slot; got 'cls'"),
-    (["data.max_text_length=abc"], r"data.max_text_length must be int; got 'abc'"),
-    (["data.hflip=1.5"], r"data.hflip must be >= 0 and <= 1; got 1.5"),
-    (["eval.num_beams=0"], r"eval.num_beams must be >= 1; got 0"),
-    (["eval.precision=fp8"], r"eval.precision must be one of fp32, bf16, fp16; got 'fp8'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.answer_min_count=0"], r"data.answer_min_count must be >= 1; got 0"),
+        (["data.vqa_head=cls"], r"data.vqa_head must be one of pooler, answer_slot; got 'cls'"),
+        (["data.max_text_length=abc"], r"data.max_text_length must be int; got 'abc'"),
+        (["data.hflip=1.5"], r"data.hflip must be >= 0 and <= 1; got 1.5"),
+        (["eval.num_beams=0"], r"eval.num_beams must be >= 1; got 0"),
+        (["eval.precision=fp8"], r"eval.precision must be one of fp32, bf16, fp16; got 'fp8'"),
+    ],
+)
 def test_every_typed_field_is_checked_for_type_and_range_before_any_work(tmp_path, overrides, message):
     from beit3.training.finetune_tasks import EvalOptions, VqaData
 
     with pytest.raises(SystemExit, match=message):
         read_run_config(_config(tmp_path), overrides, typed={"data": VqaData, "eval": EvalOptions})
-    _, _, sections = read_run_config(_config(tmp_path), ["data.hflip=1", "eval.length_penalty=1"], typed={"data": VqaData, "eval": EvalOptions})
-    assert sections["data"].hflip == 1.0 and isinstance(sections["eval"].length_penalty, float)  # an int where a float goes
+    _, _, sections = read_run_config(
+        _config(tmp_path), ["data.hflip=1", "eval.length_penalty=1"], typed={"data": VqaData, "eval": EvalOptions}
+    )
+    assert sections["data"].hflip == 1.0 and isinstance(
+        sections["eval"].length_penalty, float
+    )  # an int where a float goes
 
 
 def test_the_model_section_is_typed_too(tmp_path):
@@ -104,8 +124,12 @@ def test_the_model_section_is_typed_too(tmp_path):
     from beit3.training.pretraining import PretrainingModel
 
     path = tmp_path / "run.yaml"
-    path.write_text("model: {preset: beit3_tiny_patch16_224}\ndata: {}\ntrain: {output_dir: out, max_steps: 2, save_every: 1}\n")
-    _, _, sections = read_run_config(path, ["model.init=runs/x", "model.overrides={image_size: 64}"], typed={"model": FinetuneModel})
+    path.write_text(
+        "model: {preset: beit3_tiny_patch16_224}\ndata: {}\ntrain: {output_dir: out, max_steps: 2, save_every: 1}\n"
+    )
+    _, _, sections = read_run_config(
+        path, ["model.init=runs/x", "model.overrides={image_size: 64}"], typed={"model": FinetuneModel}
+    )
     assert (sections["model"].init, sections["model"].overrides) == ("runs/x", {"image_size": 64})
     with pytest.raises(SystemExit, match=r"has no field 'model.pretrained'; known here: init, overrides, preset"):
         read_run_config(path, ["model.pretrained=x"], typed={"model": FinetuneModel})

@@ -14,15 +14,26 @@ from beit3 import Beit3Config, Beit3Tokenizer, check_tokenizer_matches, train_se
 from beit3.tokenization_beit3 import beit3_ids_from_sentencepiece, verify_against_sentencepiece
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("a the man woman child dog cat horse bus train street park beach snow ball red blue green white two three "
-         "is are on in with of riding playing sitting standing next to near under café naïve garçon").split()
-UNSEEN = ("A man riding a horse on the beach.", "What color is the bus?", "Zebras! 42 QUICK  brown\tfoxes",
-          "数字 and emoji 🙂", "Ｆｕｌｌ-width ﬁ", "  spaces   everywhere  ")
+WORDS = (
+    "a the man woman child dog cat horse bus train street park beach snow ball red blue green white two three "
+    "is are on in with of riding playing sitting standing next to near under café naïve garçon"
+).split()
+UNSEEN = (
+    "A man riding a horse on the beach.",
+    "What color is the bus?",
+    "Zebras! 42 QUICK  brown\tfoxes",
+    "数字 and emoji 🙂",
+    "Ｆｕｌｌ-width ﬁ",
+    "  spaces   everywhere  ",
+)
 
 
 def corpus(n=300, seed=0):
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))).capitalize() + rng.choice(".!?") for _ in range(n)]
+    return [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))).capitalize() + rng.choice(".!?")
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +41,13 @@ def spm_path(tmp_path_factory):
     """A tiny unigram model trained by sentencepiece itself with its default options."""
     folder = tmp_path_factory.mktemp("spm")
     (folder / "corpus.txt").write_text("\n".join(corpus()), encoding="utf-8")
-    sentencepiece.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "beit3"),
-                                             vocab_size=80, model_type="unigram", minloglevel=2)
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"),
+        model_prefix=str(folder / "beit3"),
+        vocab_size=80,
+        model_type="unigram",
+        minloglevel=2,
+    )
     return folder / "beit3.model"
 
 
@@ -47,7 +63,12 @@ def tokenizer(spm_path):
 
 def test_special_ids_and_size_follow_the_fairseq_layout(tokenizer, sp):
     size = sp.get_piece_size()
-    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2, 3)
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (
+        0,
+        1,
+        2,
+        3,
+    )
     assert tokenizer.cls_token_id == 0 and tokenizer.sep_token_id == 2
     assert tokenizer.mask_token_id == size + 1 and len(tokenizer) == size + 2
 
@@ -78,10 +99,16 @@ def test_batches_are_right_padded_with_1_and_truncated_to_64_by_default(tokenize
 
 def test_save_pretrained_loads_through_auto_tokenizer_without_the_spm(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
-    assert not list(tmp_path.glob("*.spm")) and not list(tmp_path.glob("*.model"))  # nothing to parse but tokenizer.json
+    assert not list(tmp_path.glob("*.spm")) and not list(
+        tmp_path.glob("*.model")
+    )  # nothing to parse but tokenizer.json
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert type(loaded) is Beit3Tokenizer
-    assert loaded.model_max_length == 64 and loaded.mask_token_id == tokenizer.mask_token_id and len(loaded) == len(tokenizer)
+    assert (
+        loaded.model_max_length == 64
+        and loaded.mask_token_id == tokenizer.mask_token_id
+        and len(loaded) == len(tokenizer)
+    )
     texts = corpus(20, seed=2) + list(UNSEEN)
     assert loaded(texts)["input_ids"] == tokenizer(texts)["input_ids"]
     # With a model config in the folder, AutoTokenizer finds the class through the registered config too.
@@ -106,23 +133,33 @@ def test_from_spm_rejects_a_missing_file_garbage_and_another_special_layout(tmp_
         Beit3Tokenizer.from_spm(tmp_path / "garbage.spm")
     (tmp_path / "corpus.txt").write_text("\n".join(corpus(100)), encoding="utf-8")
     for name, layout in (("padded", dict(pad_id=0, unk_id=3)), ("no_bos_eos", dict(bos_id=-1, eos_id=-1))):
-        sentencepiece.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / name),
-                                                 vocab_size=60, minloglevel=2, **layout)
+        sentencepiece.SentencePieceTrainer.train(
+            input=str(tmp_path / "corpus.txt"),
+            model_prefix=str(tmp_path / name),
+            vocab_size=60,
+            minloglevel=2,
+            **layout,
+        )
         with pytest.raises(ValueError, match=f"{name}.model does not fit BEiT-3's id map"):
             Beit3Tokenizer.from_spm(tmp_path / f"{name}.model")
 
 
 def test_verification_catches_a_tokenizer_that_disagrees_with_sentencepiece(tokenizer, tmp_path):
-    (tmp_path / "other.txt").write_text("\n".join(corpus(200, seed=5)[::-1] + ["zebra xylophone quartz"] * 20), encoding="utf-8")
-    sentencepiece.SentencePieceTrainer.train(input=str(tmp_path / "other.txt"), model_prefix=str(tmp_path / "other"),
-                                             vocab_size=80, minloglevel=2)
+    (tmp_path / "other.txt").write_text(
+        "\n".join(corpus(200, seed=5)[::-1] + ["zebra xylophone quartz"] * 20), encoding="utf-8"
+    )
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "other.txt"), model_prefix=str(tmp_path / "other"), vocab_size=80, minloglevel=2
+    )
     other = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "other.model"))
     with pytest.raises(ValueError, match="disagrees with sentencepiece"):
         verify_against_sentencepiece(tokenizer, other, ["zebra xylophone quartz", "a man riding a horse"])
 
 
 def test_check_tokenizer_matches_flags_a_vocabulary_larger_than_the_model(tokenizer):
-    check_tokenizer_matches(tokenizer, tiny_config(vocab_size=len(tokenizer) + 8, mask_token_id=tokenizer.mask_token_id))
+    check_tokenizer_matches(
+        tokenizer, tiny_config(vocab_size=len(tokenizer) + 8, mask_token_id=tokenizer.mask_token_id)
+    )
     with pytest.raises(ValueError, match=f"the tokenizer has {len(tokenizer)} ids but the model's vocab_size is 50"):
         check_tokenizer_matches(tokenizer, tiny_config(vocab_size=50))
     with pytest.raises(ValueError, match="mask_token_id"):
@@ -159,4 +196,10 @@ def test_the_training_script_writes_a_folder_auto_tokenizer_loads(tmp_path, caps
     main(["--files", str(tmp_path / "corpus.txt"), "--vocab-size", "64", "--output", str(tmp_path / "tok"), "--quiet"])
     assert "66 ids (<mask> = 65)" in capsys.readouterr().out
     loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
-    assert type(loaded) is Beit3Tokenizer and loaded.convert_ids_to_tokens([0, 1, 2, 3, 65]) == ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    assert type(loaded) is Beit3Tokenizer and loaded.convert_ids_to_tokens([0, 1, 2, 3, 65]) == [
+        "<s>",
+        "<pad>",
+        "</s>",
+        "<unk>",
+        "<mask>",
+    ]

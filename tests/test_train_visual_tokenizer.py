@@ -20,9 +20,28 @@ def test_training_writes_a_loadable_tokenizer_and_resumes(tmp_path, kind):
     output = tmp_path / kind
 
     def train(steps):
-        command = [sys.executable, "tokenizers/train_visual_tokenizer.py", "--kind", kind, "--config", f"configs/tokenizers/{kind}_tiny.yaml",
-                   "--set", f"data.images={images}", "--set", f"train.output_dir={output}", "--set", f"train.max_steps={steps}",
-                   "--set", "train.save_every=3", "--set", "train.log_every=1", "--set", "train.num_workers=0", "--set", "data.batch_size=8"]
+        command = [
+            sys.executable,
+            "tokenizers/train_visual_tokenizer.py",
+            "--kind",
+            kind,
+            "--config",
+            f"configs/tokenizers/{kind}_tiny.yaml",
+            "--set",
+            f"data.images={images}",
+            "--set",
+            f"train.output_dir={output}",
+            "--set",
+            f"train.max_steps={steps}",
+            "--set",
+            "train.save_every=3",
+            "--set",
+            "train.log_every=1",
+            "--set",
+            "train.num_workers=0",
+            "--set",
+            "data.batch_size=8",
+        ]
         return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
     first = train(3)
@@ -37,4 +56,8 @@ def test_training_writes_a_loadable_tokenizer_and_resumes(tmp_path, kind):
     assert all((output / name).stat().st_size > 1000 for name in pictures)
     tokenizer = VisualTokenizer.from_pretrained(output / "tokenizer")
     codes = tokenizer.get_codebook_indices(torch.rand(2, 3, 64, 64))
-    assert codes.shape == (2, (64 // tokenizer.patch_size) ** 2) and 0 <= codes.min() and codes.max() < tokenizer.codebook_size
+    assert (
+        codes.shape == (2, (64 // tokenizer.patch_size) ** 2)
+        and 0 <= codes.min()
+        and codes.max() < tokenizer.codebook_size
+    )

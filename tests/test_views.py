@@ -24,7 +24,9 @@ def test_both_views_show_the_same_crop():
         assert model_view.min() < 0  # normalized with mean = std = 0.5
         shrunk = F.interpolate((model_view * 0.5 + 0.5)[None], size=32, mode="bilinear", antialias=True)[0]
         other = transform(image)[1]
-        assert (shrunk - tokenizer_view).abs().mean() < 0.03 < (other - tokenizer_view).abs().mean() or torch.equal(other, tokenizer_view)
+        assert (shrunk - tokenizer_view).abs().mean() < 0.03 < (other - tokenizer_view).abs().mean() or torch.equal(
+            other, tokenizer_view
+        )
 
 
 def test_grayscale_and_rgba_images_become_rgb():
@@ -47,7 +49,10 @@ def test_crop_boxes_and_jitter_follow_torchvisions_distributions():
     for scale, ratio in (((0.2, 1.0), (3 / 4, 4 / 3)), ((1.0, 1.0), (3 / 4, 4 / 3)), ((0.08, 1.0), (0.5, 2.0))):
         ours = np.array([crop_box(96, 64, scale, ratio, rng) for _ in range(3000)], dtype=float)
         torch.manual_seed(0)
-        theirs = np.array([T.RandomResizedCrop.get_params(Image.new("RGB", (96, 64)), list(scale), list(ratio)) for _ in range(3000)], dtype=float)
+        theirs = np.array(
+            [T.RandomResizedCrop.get_params(Image.new("RGB", (96, 64)), list(scale), list(ratio)) for _ in range(3000)],
+            dtype=float,
+        )
         assert (ours[:, 0] + ours[:, 2] <= 64).all() and (ours[:, 1] + ours[:, 3] <= 96).all() and (ours >= 0).all()
         area_ours, area_theirs = ours[:, 2] * ours[:, 3], theirs[:, 2] * theirs[:, 3]
         assert abs(area_ours.mean() - area_theirs.mean()) < 0.03 * 96 * 64
@@ -67,6 +72,8 @@ def test_batched_finish_of_uint8_crops_equals_the_one_image_transform():
         crops.append(transform.crops(image, rng=random.Random(seed)))
         assert crops[-1][0].dtype == torch.uint8 and crops[-1][0].shape == (3, 32, 32)
     model, tokenizer = transform.finish(torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops]))
-    assert torch.equal(model, torch.stack([s[0] for s in singles])) and torch.equal(tokenizer, torch.stack([s[1] for s in singles]))
+    assert torch.equal(model, torch.stack([s[0] for s in singles])) and torch.equal(
+        tokenizer, torch.stack([s[1] for s in singles])
+    )
     model_only, none = transform.crops(images[0], tokenizer_view=False, rng=random.Random(0))
     assert none is None and torch.equal(transform.finish(model_only)[0], singles[0][0])

@@ -11,8 +11,17 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from beit3.visual_tokenizers import (DVAE, VQKD, DVAEConfig, HOGTarget, PixelTarget, VisualTokenizer, VQKDConfig, map_pixels,
-                                     unmap_pixels)
+from beit3.visual_tokenizers import (
+    DVAE,
+    VQKD,
+    DVAEConfig,
+    HOGTarget,
+    PixelTarget,
+    VisualTokenizer,
+    VQKDConfig,
+    map_pixels,
+    unmap_pixels,
+)
 from beit3.visual_tokenizers import vqkd as vqkd_module
 
 IMAGE, PATCH, WIDTH, HEADS, CODES, CODE_DIM, TEACHER_DIM = 32, 8, 128, 2, 64, 8, 24
@@ -32,22 +41,38 @@ def _one_thread():
 # ---------------------------------------------------------------------------------------------------
 def _vit_state(prefix: str, in_chans: int, patch: int, grid: int, depth: int) -> dict:
     """unilm ViT keys (q_bias/v_bias, fc_norm) with random values off any initial value."""
+
     def linear(out_dim, in_dim):
         return torch.randn(out_dim, in_dim) / math.sqrt(in_dim)
 
-    state = {f"{prefix}.cls_token": torch.randn(1, 1, WIDTH) * 0.5, f"{prefix}.pos_embed": torch.randn(1, grid * grid + 1, WIDTH) * 0.5,
-             f"{prefix}.patch_embed.proj.weight": torch.randn(WIDTH, in_chans, patch, patch) / math.sqrt(in_chans * patch * patch),
-             f"{prefix}.patch_embed.proj.bias": torch.randn(WIDTH) * 0.1,
-             f"{prefix}.fc_norm.weight": 1 + torch.randn(WIDTH) * 0.1, f"{prefix}.fc_norm.bias": torch.randn(WIDTH) * 0.1}
+    state = {
+        f"{prefix}.cls_token": torch.randn(1, 1, WIDTH) * 0.5,
+        f"{prefix}.pos_embed": torch.randn(1, grid * grid + 1, WIDTH) * 0.5,
+        f"{prefix}.patch_embed.proj.weight": torch.randn(WIDTH, in_chans, patch, patch)
+        / math.sqrt(in_chans * patch * patch),
+        f"{prefix}.patch_embed.proj.bias": torch.randn(WIDTH) * 0.1,
+        f"{prefix}.fc_norm.weight": 1 + torch.randn(WIDTH) * 0.1,
+        f"{prefix}.fc_norm.bias": torch.randn(WIDTH) * 0.1,
+    }
     for i in range(depth):
         b = f"{prefix}.blocks.{i}."
-        state.update({b + "norm1.weight": 1 + torch.randn(WIDTH) * 0.1, b + "norm1.bias": torch.randn(WIDTH) * 0.1,
-                      b + "attn.qkv.weight": linear(3 * WIDTH, WIDTH), b + "attn.q_bias": torch.randn(WIDTH) * 0.1,
-                      b + "attn.v_bias": torch.randn(WIDTH) * 0.1, b + "attn.proj.weight": linear(WIDTH, WIDTH),
-                      b + "attn.proj.bias": torch.randn(WIDTH) * 0.1, b + "norm2.weight": 1 + torch.randn(WIDTH) * 0.1,
-                      b + "norm2.bias": torch.randn(WIDTH) * 0.1, b + "mlp.fc1.weight": linear(4 * WIDTH, WIDTH),
-                      b + "mlp.fc1.bias": torch.randn(4 * WIDTH) * 0.1, b + "mlp.fc2.weight": linear(WIDTH, 4 * WIDTH),
-                      b + "mlp.fc2.bias": torch.randn(WIDTH) * 0.1})
+        state.update(
+            {
+                b + "norm1.weight": 1 + torch.randn(WIDTH) * 0.1,
+                b + "norm1.bias": torch.randn(WIDTH) * 0.1,
+                b + "attn.qkv.weight": linear(3 * WIDTH, WIDTH),
+                b + "attn.q_bias": torch.randn(WIDTH) * 0.1,
+                b + "attn.v_bias": torch.randn(WIDTH) * 0.1,
+                b + "attn.proj.weight": linear(WIDTH, WIDTH),
+                b + "attn.proj.bias": torch.randn(WIDTH) * 0.1,
+                b + "norm2.weight": 1 + torch.randn(WIDTH) * 0.1,
+                b + "norm2.bias": torch.randn(WIDTH) * 0.1,
+                b + "mlp.fc1.weight": linear(4 * WIDTH, WIDTH),
+                b + "mlp.fc1.bias": torch.randn(4 * WIDTH) * 0.1,
+                b + "mlp.fc2.weight": linear(WIDTH, 4 * WIDTH),
+                b + "mlp.fc2.bias": torch.randn(WIDTH) * 0.1,
+            }
+        )
     return state
 
 
@@ -56,21 +81,36 @@ def released_state(decoder_depth: int = 1) -> dict:
     grid = IMAGE // PATCH
     state = {**_vit_state("encoder", 3, PATCH, grid, 2), **_vit_state("decoder", CODE_DIM, 1, grid, decoder_depth)}
     for name, out_dim in (("encode_task_layer", CODE_DIM), ("decode_task_layer", TEACHER_DIM)):
-        state.update({f"{name}.0.weight": torch.randn(WIDTH, WIDTH) / math.sqrt(WIDTH), f"{name}.0.bias": torch.randn(WIDTH) * 0.1,
-                      f"{name}.2.weight": torch.randn(out_dim, WIDTH) / math.sqrt(WIDTH), f"{name}.2.bias": torch.randn(out_dim) * 0.1})
+        state.update(
+            {
+                f"{name}.0.weight": torch.randn(WIDTH, WIDTH) / math.sqrt(WIDTH),
+                f"{name}.0.bias": torch.randn(WIDTH) * 0.1,
+                f"{name}.2.weight": torch.randn(out_dim, WIDTH) / math.sqrt(WIDTH),
+                f"{name}.2.bias": torch.randn(out_dim) * 0.1,
+            }
+        )
     codebook = F.normalize(torch.randn(CODES, CODE_DIM), dim=-1)
-    state.update({"quantize.embedding.weight": codebook, "quantize.embedding.cluster_size": torch.rand(CODES),
-                  "quantize.embedding.embed_avg": torch.randn(CODES, CODE_DIM), "quantize.embedding.initted": torch.tensor([1.0]),
-                  "quantize.cluster_size": torch.rand(CODES) * 10,
-                  # what the tokenizer loader drops
-                  "teacher_model.visual.proj": torch.randn(WIDTH, TEACHER_DIM), "teacher_model.visual.conv1.weight": torch.randn(WIDTH, 3, 8, 8),
-                  "scaling_layer.shift": torch.rand(1, 3, 1, 1), "scaling_layer.scale": torch.rand(1, 3, 1, 1), "loss_fn.weight": torch.ones(1)})
+    state.update(
+        {
+            "quantize.embedding.weight": codebook,
+            "quantize.embedding.cluster_size": torch.rand(CODES),
+            "quantize.embedding.embed_avg": torch.randn(CODES, CODE_DIM),
+            "quantize.embedding.initted": torch.tensor([1.0]),
+            "quantize.cluster_size": torch.rand(CODES) * 10,
+            # what the tokenizer loader drops
+            "teacher_model.visual.proj": torch.randn(WIDTH, TEACHER_DIM),
+            "teacher_model.visual.conv1.weight": torch.randn(WIDTH, 3, 8, 8),
+            "scaling_layer.shift": torch.rand(1, 3, 1, 1),
+            "scaling_layer.scale": torch.rand(1, 3, 1, 1),
+            "loss_fn.weight": torch.ones(1),
+        }
+    )
     return state
 
 
 def unilm_vit(state: dict, prefix: str, x: torch.Tensor, patch: int) -> torch.Tensor:
     """unilm's beit2 VisionTransformer.forward(x, return_patch_tokens=True) with use_mean_pooling, in plain ops."""
-    s = {k[len(prefix) + 1:]: v.to(x.dtype) for k, v in state.items() if k.startswith(prefix + ".")}
+    s = {k[len(prefix) + 1 :]: v.to(x.dtype) for k, v in state.items() if k.startswith(prefix + ".")}
     x = F.conv2d(x, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
     x = torch.cat([s["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + s["pos_embed"]
     batch, length, dim = x.shape
@@ -82,15 +122,21 @@ def unilm_vit(state: dict, prefix: str, x: torch.Tensor, patch: int) -> torch.Te
         qkv = F.linear(h, b("attn.qkv.weight"), bias).reshape(batch, length, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0] * (dim // HEADS) ** -0.5, qkv[1], qkv[2]
         attn = (q @ k.transpose(-2, -1)).softmax(-1)
-        x = x + F.linear((attn @ v).transpose(1, 2).reshape(batch, length, dim), b("attn.proj.weight"), b("attn.proj.bias"))
+        x = x + F.linear(
+            (attn @ v).transpose(1, 2).reshape(batch, length, dim), b("attn.proj.weight"), b("attn.proj.bias")
+        )
         h = F.layer_norm(x, (dim,), b("norm2.weight"), b("norm2.bias"), eps=1e-6)
-        x = x + F.linear(F.gelu(F.linear(h, b("mlp.fc1.weight"), b("mlp.fc1.bias"))), b("mlp.fc2.weight"), b("mlp.fc2.bias"))
+        x = x + F.linear(
+            F.gelu(F.linear(h, b("mlp.fc1.weight"), b("mlp.fc1.bias"))), b("mlp.fc2.weight"), b("mlp.fc2.bias")
+        )
     return F.layer_norm(x[:, 1:], (dim,), s["fc_norm.weight"], s["fc_norm.bias"], eps=1e-6)
 
 
 def task_layer(state: dict, name: str, x: torch.Tensor) -> torch.Tensor:
     w = {k: v.to(x.dtype) for k, v in state.items() if k.startswith(name)}
-    return F.linear(torch.tanh(F.linear(x, w[f"{name}.0.weight"], w[f"{name}.0.bias"])), w[f"{name}.2.weight"], w[f"{name}.2.bias"])
+    return F.linear(
+        torch.tanh(F.linear(x, w[f"{name}.0.weight"], w[f"{name}.0.bias"])), w[f"{name}.2.weight"], w[f"{name}.2.bias"]
+    )
 
 
 def unilm_codes(state: dict, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,13 +152,15 @@ def unilm_codes(state: dict, images: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def unilm_decode(state: dict, ids: torch.Tensor) -> torch.Tensor:
     grid = math.isqrt(ids.shape[1])
-    codes = state["quantize.embedding.weight"].double()[ids]                     # (B, N, D)
+    codes = state["quantize.embedding.weight"].double()[ids]  # (B, N, D)
     image = codes.transpose(1, 2).reshape(ids.shape[0], CODE_DIM, grid, grid)
     return task_layer(state, "decode_task_layer", unilm_vit(state, "decoder", image, 1))
 
 
 def save_released(state: dict, path) -> None:
-    torch.save({"model": state, "args": argparse.Namespace(model="vqkd_encoder_base_decoder_1x768x12_clip"), "epoch": 99}, path)
+    torch.save(
+        {"model": state, "args": argparse.Namespace(model="vqkd_encoder_base_decoder_1x768x12_clip"), "epoch": 99}, path
+    )
 
 
 def test_released_checkpoint_gives_the_codes_of_the_unilm_forward(tmp_path):
@@ -121,9 +169,20 @@ def test_released_checkpoint_gives_the_codes_of_the_unilm_forward(tmp_path):
     tokenizer = VisualTokenizer.from_pretrained(tmp_path / "vqkd.pth")
     assert isinstance(tokenizer, VQKD) and not tokenizer.training
     c = tokenizer.config
-    assert (c.image_size, c.patch_size, c.encoder_depth, c.encoder_heads, c.decoder_depth, c.codebook_size, c.code_dim,
-            c.teacher_dim, c.teacher) == (IMAGE, PATCH, 2, HEADS, 1, CODES, CODE_DIM, TEACHER_DIM, "none")
-    assert tokenizer.teacher is None and not any(k.startswith(("teacher", "scaling", "loss")) for k in tokenizer.state_dict())
+    assert (
+        c.image_size,
+        c.patch_size,
+        c.encoder_depth,
+        c.encoder_heads,
+        c.decoder_depth,
+        c.codebook_size,
+        c.code_dim,
+        c.teacher_dim,
+        c.teacher,
+    ) == (IMAGE, PATCH, 2, HEADS, 1, CODES, CODE_DIM, TEACHER_DIM, "none")
+    assert tokenizer.teacher is None and not any(
+        k.startswith(("teacher", "scaling", "loss")) for k in tokenizer.state_dict()
+    )
 
     images = torch.rand(3, 3, IMAGE, IMAGE, dtype=torch.float64)
     tokenizer.double()
@@ -137,7 +196,9 @@ def test_released_checkpoint_gives_the_codes_of_the_unilm_forward(tmp_path):
     assert len(ids.unique()) > 3  # random codebook: the comparison is not trivially all one code
     assert torch.allclose(tokenizer.decode(ids), unilm_decode(state, ids), atol=1e-10)
     # The statistics come along: EMA usage from quantize.cluster_size, k-means already done.
-    assert torch.equal(tokenizer.quantize.usage.float(), state["quantize.cluster_size"]) and bool(tokenizer.quantize.initted)
+    assert torch.equal(tokenizer.quantize.usage.float(), state["quantize.cluster_size"]) and bool(
+        tokenizer.quantize.initted
+    )
 
 
 def test_released_checkpoint_in_float32_and_half_gives_the_same_codes(tmp_path):
@@ -234,7 +295,9 @@ def test_first_training_step_runs_kmeans_then_ema_updates_keep_unit_norm(monkeyp
     expected = F.normalize(0.99 * after_first + 0.01 * target, dim=-1)
     assert torch.allclose(model.quantize.codebook, expected, atol=1e-6)
     assert torch.allclose(model.quantize.codebook.norm(dim=-1), torch.ones(64), atol=1e-5)
-    assert torch.equal(out.indices, (F.normalize(z, dim=-1) @ after_first.t()).argmax(-1).view(8, 16))  # codes from the pre-update codebook
+    assert torch.equal(
+        out.indices, (F.normalize(z, dim=-1) @ after_first.t()).argmax(-1).view(8, 16)
+    )  # codes from the pre-update codebook
     assert 0 < out.codebook_usage <= 1 and 1 <= out.perplexity <= 64
 
 
@@ -278,7 +341,9 @@ def test_collapsed_codebook_warns_with_the_usage_figure():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(torch.rand(4, 3, 32, 32))  # k-means on 64 vectors for 64 codes: every code used, no warning
-    with pytest.warns(UserWarning, match=r"codebook collapse: this batch used \d+ of 64 codes \(codebook usage \d+\.\d+%\)"):
+    with pytest.warns(
+        UserWarning, match=r"codebook collapse: this batch used \d+ of 64 codes \(codebook usage \d+\.\d+%\)"
+    ):
         out = model(torch.rand(1, 3, 32, 32).expand(4, -1, -1, -1))
     assert out.codebook_usage <= 16 / 64
 
@@ -309,8 +374,13 @@ def _local_timm_teacher(tmp_path, **kwargs):
     kwargs = dict(img_size=32, patch_size=8, depth=1, num_classes=0, **kwargs)
     teacher = timm.create_model("vit_tiny_patch16_224", **kwargs)
     torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
-    return teacher, dict(teacher="timm", teacher_model="vit_tiny_patch16_224", teacher_kwargs=kwargs,
-                         teacher_checkpoint=str(tmp_path / "teacher.pth"), teacher_head=False)
+    return teacher, dict(
+        teacher="timm",
+        teacher_model="vit_tiny_patch16_224",
+        teacher_kwargs=kwargs,
+        teacher_checkpoint=str(tmp_path / "teacher.pth"),
+        teacher_head=False,
+    )
 
 
 def test_timm_teacher_loads_a_local_checkpoint_and_stays_frozen(tmp_path):
@@ -330,7 +400,9 @@ def test_timm_teacher_loads_a_local_checkpoint_and_stays_frozen(tmp_path):
     with pytest.warns(UserWarning, match="is not here; the tokenizer is loaded without its teacher"):
         loaded = VisualTokenizer.from_pretrained(tmp_path / "tok")
     images = torch.rand(2, 3, 32, 32)
-    assert loaded.teacher is None and torch.equal(loaded.get_codebook_indices(images), model.get_codebook_indices(images))
+    assert loaded.teacher is None and torch.equal(
+        loaded.get_codebook_indices(images), model.get_codebook_indices(images)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -379,7 +451,9 @@ def test_dvae_training_steps_lower_the_loss(tmp_path):
 
     model.save_pretrained(tmp_path / "dvae")
     loaded = VisualTokenizer.from_pretrained(tmp_path / "dvae")
-    assert isinstance(loaded, DVAE) and torch.equal(loaded.get_codebook_indices(images), model.get_codebook_indices(images))
+    assert isinstance(loaded, DVAE) and torch.equal(
+        loaded.get_codebook_indices(images), model.get_codebook_indices(images)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -401,15 +475,22 @@ def test_normalized_pixels_and_odd_sizes_are_refused():
 
 def test_teacher_with_another_feature_size_is_refused(tmp_path):
     _, fields = _local_timm_teacher(tmp_path)
-    with pytest.raises(ValueError, match=r"The teacher's features are 192-d but the decoder head outputs teacher_dim=108; set teacher_dim=192"):
+    with pytest.raises(
+        ValueError,
+        match=r"The teacher's features are 192-d but the decoder head outputs teacher_dim=108; set teacher_dim=192",
+    ):
         tiny_vqkd(**fields)
-    with pytest.raises(ValueError, match="The teacher's features are 192-d but the decoder head outputs teacher_dim=108"):
+    with pytest.raises(
+        ValueError, match="The teacher's features are 192-d but the decoder head outputs teacher_dim=108"
+    ):
         tiny_vqkd(teacher="pixels")
 
 
 def test_teacher_checkpoint_of_another_timm_model_is_refused(tmp_path):
     _, fields = _local_timm_teacher(tmp_path)
-    with pytest.raises(ValueError, match=r"(?s)teacher.pth does not fit the timm model 'vit_small_patch16_224'.*size mismatch"):
+    with pytest.raises(
+        ValueError, match=r"(?s)teacher.pth does not fit the timm model 'vit_small_patch16_224'.*size mismatch"
+    ):
         tiny_vqkd(**{**fields, "teacher_model": "vit_small_patch16_224"})
 
 

@@ -7,7 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from beit3.visualization import code_palette, save_code_maps, save_codebook_usage, save_loss_curves, save_reconstructions
+from beit3.visualization import (
+    code_palette,
+    save_code_maps,
+    save_codebook_usage,
+    save_loss_curves,
+    save_reconstructions,
+)
 
 
 def read_png(path) -> np.ndarray:
@@ -50,7 +56,7 @@ def test_code_maps_draw_the_codes(tmp_path):
     assert a.shape == other.shape and (a != other).any(axis=2).mean() > 0.05
     # the color of code 5 fills much of the second row's code map
     color = np.round(code_palette(64)[5] * 255)
-    assert (np.abs(a[a.shape[0] // 2:].astype(float) - color).sum(axis=2) < 6).mean() > 0.1
+    assert (np.abs(a[a.shape[0] // 2 :].astype(float) - color).sum(axis=2) < 6).mean() > 0.1
     assert no_temporary_files(tmp_path)
 
 
@@ -60,7 +66,9 @@ def test_code_maps_reject_codes_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match="4x4 grid"):
         save_code_maps(two_images(), torch.zeros(2, 9, dtype=torch.long), 4, tmp_path / "x.png", codebook_size=64)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        save_code_maps(torch.zeros(2, 32, 32), torch.zeros(2, 16, dtype=torch.long), 4, tmp_path / "x.png", codebook_size=64)
+        save_code_maps(
+            torch.zeros(2, 32, 32), torch.zeros(2, 16, dtype=torch.long), 4, tmp_path / "x.png", codebook_size=64
+        )
     assert not (tmp_path / "x.png").exists()
 
 
@@ -69,7 +77,7 @@ def test_reconstructions_put_originals_above(tmp_path):
     path = save_reconstructions(originals, 1 - originals, tmp_path / "sub" / "rec.png")
     pixels = read_png(path)
     assert pixels.shape[1] > pixels.shape[0] * 0.6  # two columns, two rows
-    top, bottom = pixels[: pixels.shape[0] // 2], pixels[pixels.shape[0] // 2:]
+    top, bottom = pixels[: pixels.shape[0] // 2], pixels[pixels.shape[0] // 2 :]
     blue = lambda part: ((part[..., 2] > 200) & (part[..., 0] < 60) & (part[..., 1] < 60)).mean()  # noqa: E731
     yellow = lambda part: ((part[..., 0] > 200) & (part[..., 1] > 200) & (part[..., 2] < 60)).mean()  # noqa: E731
     assert blue(top) > 0.05 and blue(bottom) < 0.01  # image 1 (blue) above its inverse (yellow)
@@ -82,8 +90,11 @@ def test_codebook_usage_with_and_without_perplexity(tmp_path):
     steps = list(range(0, 200, 10))
     usage = [1 - math.exp(-s / 50) for s in steps]
     alone = read_png(save_codebook_usage(steps, usage, tmp_path / "usage.png"))
-    both = read_png(save_codebook_usage(torch.tensor(steps), torch.tensor(usage), tmp_path / "both.png",
-                                        perplexity=[1 + s for s in steps]))
+    both = read_png(
+        save_codebook_usage(
+            torch.tensor(steps), torch.tensor(usage), tmp_path / "both.png", perplexity=[1 + s for s in steps]
+        )
+    )
     assert both.shape[1] > 1.5 * alone.shape[1]  # a second panel for perplexity
     with pytest.raises(ValueError, match="20 steps but 19 values of perplexity"):
         save_codebook_usage(steps, usage, tmp_path / "x.png", perplexity=usage[1:])
@@ -108,8 +119,16 @@ def test_loss_curves_draw_a_panel_per_group_and_smooth_noisy_curves(tmp_path):
     from beit3.visualization import _moving_average
 
     noise = np.random.default_rng(0).normal(0, 0.5, 200)
-    records = [{"step": s, "loss": 3 / (1 + s / 50) + noise[s], "image_accuracy": s / 200, "lr": 1e-3 * min(1, s / 20)} for s in range(200)]
-    panels = {"loss": ["loss", "text_loss"], "accuracy": ["image_accuracy", "pair_accuracy"], "learning rate": ["lr"], "none": ["x"]}
+    records = [
+        {"step": s, "loss": 3 / (1 + s / 50) + noise[s], "image_accuracy": s / 200, "lr": 1e-3 * min(1, s / 20)}
+        for s in range(200)
+    ]
+    panels = {
+        "loss": ["loss", "text_loss"],
+        "accuracy": ["image_accuracy", "pair_accuracy"],
+        "learning rate": ["lr"],
+        "none": ["x"],
+    }
     three = read_png(save_loss_curves(records, tmp_path / "three.png", panels, title="run"))
     one = read_png(save_loss_curves(records, tmp_path / "one.png", {"loss": ["loss"]}))
     assert three.shape[0] > 2 * one.shape[0]  # three panels stacked (the empty one left out)
@@ -128,7 +147,9 @@ def test_captioned_images_draw_one_panel_per_image(tmp_path):
     from beit3.visualization import save_captioned_images
 
     images = torch.rand(5, 3, 16, 16)
-    path = save_captioned_images(images, [f"caption {i}\nsecond line" for i in range(5)], tmp_path / "grid.png", columns=3, title="t")
+    path = save_captioned_images(
+        images, [f"caption {i}\nsecond line" for i in range(5)], tmp_path / "grid.png", columns=3, title="t"
+    )
     with Image.open(path) as picture:
         width, height = picture.size
     assert width > height  # 3 columns, 2 rows

@@ -19,7 +19,9 @@ import torch
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True, help="a save_pretrained tokenizer folder or a released VQ-KD .pth")
+    parser.add_argument(
+        "--tokenizer", required=True, help="a save_pretrained tokenizer folder or a released VQ-KD .pth"
+    )
     parser.add_argument("--images", required=True, help="folder of images, searched recursively")
     parser.add_argument("--output", required=True, help="folder for codes.safetensors, index.jsonl and code_maps.png")
     parser.add_argument("--image-size", type=int, default=None, help="crop side in pixels (default: the tokenizer's)")
@@ -46,27 +48,54 @@ def main(argv=None) -> int:
     def report(path: Path, reason: str) -> None:
         tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
 
-    encoded = encode_images(tokenizer, paths, image_size, args.batch_size, args.device, args.num_workers, keep_images=args.png,
-                            on_skip=report)
+    encoded = encode_images(
+        tokenizer,
+        paths,
+        image_size,
+        args.batch_size,
+        args.device,
+        args.num_workers,
+        keep_images=args.png,
+        on_skip=report,
+    )
     if not encoded.paths:
         print(f"error: none of the {len(paths)} images below {images} could be read; nothing written.", file=sys.stderr)
         return 1
     output = Path(args.output)
     grid = encoded.grid
-    write_codes(output, encoded.codes, [p.relative_to(images).as_posix() for p in encoded.paths],
-                metadata={"tokenizer": args.tokenizer, "kind": tokenizer.kind, "image_size": image_size,
-                          "grid": f"{grid[0]}x{grid[1]}", "codebook_size": tokenizer.codebook_size})
+    write_codes(
+        output,
+        encoded.codes,
+        [p.relative_to(images).as_posix() for p in encoded.paths],
+        metadata={
+            "tokenizer": args.tokenizer,
+            "kind": tokenizer.kind,
+            "image_size": image_size,
+            "grid": f"{grid[0]}x{grid[1]}",
+            "codebook_size": tokenizer.codebook_size,
+        },
+    )
     written = [output / "codes.safetensors", output / "index.jsonl"]
     if args.png > 0:
         from beit3.visualization import save_code_maps
 
         shown = len(encoded.first_images)
-        written.append(save_code_maps(encoded.first_images, encoded.codes[:shown], grid, output / "code_maps.png",
-                                      tokenizer.codebook_size, max_images=shown))
+        written.append(
+            save_code_maps(
+                encoded.first_images,
+                encoded.codes[:shown],
+                grid,
+                output / "code_maps.png",
+                tokenizer.codebook_size,
+                max_images=shown,
+            )
+        )
     used = encoded.codes.unique().numel()
-    print(f"encoded {len(encoded.paths)} images into codes {tuple(encoded.codes.shape)} on a {grid[0]}x{grid[1]} grid "
-          f"({used} of {tokenizer.codebook_size} codes used); skipped {len(encoded.skipped)} unreadable; "
-          f"wrote {', '.join(str(p) for p in written)}")
+    print(
+        f"encoded {len(encoded.paths)} images into codes {tuple(encoded.codes.shape)} on a {grid[0]}x{grid[1]} grid "
+        f"({used} of {tokenizer.codebook_size} codes used); skipped {len(encoded.skipped)} unreadable; "
+        f"wrote {', '.join(str(p) for p in written)}"
+    )
     return 0
 
 

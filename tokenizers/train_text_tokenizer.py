@@ -20,10 +20,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", help="a datasets dataset saved on disk (save_to_disk)")
     parser.add_argument("--column", default="text", help="the dataset column that holds the text")
     parser.add_argument("--split", help="the split of a DatasetDict (default: train)")
-    parser.add_argument("--vocab-size", type=int, required=True, help="SentencePiece pieces, three specials included (BEiT-3: 64000)")
+    parser.add_argument(
+        "--vocab-size", type=int, required=True, help="SentencePiece pieces, three specials included (BEiT-3: 64000)"
+    )
     parser.add_argument("--output", required=True, help="folder to write the tokenizer to")
-    parser.add_argument("--character-coverage", type=float, default=0.9995, help="share of characters covered by pieces")
-    parser.add_argument("--input-sentence-size", type=int, default=0, help="sample this many sentences to train on (0: all)")
+    parser.add_argument(
+        "--character-coverage", type=float, default=0.9995, help="share of characters covered by pieces"
+    )
+    parser.add_argument(
+        "--input-sentence-size", type=int, default=0, help="sample this many sentences to train on (0: all)"
+    )
     parser.add_argument("--max-length", type=int, default=64, help="the tokenizer's model_max_length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="hide SentencePiece's training log")
@@ -31,12 +37,23 @@ def main(argv: list[str] | None = None) -> None:
     if not args.files and not args.dataset:
         parser.error("give --files or --dataset")
 
-    tokenizer = train_sentencepiece(args.output, args.vocab_size, files=args.files, dataset=args.dataset, column=args.column,
-                                    split=args.split, character_coverage=args.character_coverage,
-                                    input_sentence_size=args.input_sentence_size, model_max_length=args.max_length,
-                                    seed=args.seed, quiet=args.quiet)
-    print(f"wrote {args.output}: {len(tokenizer)} ids (<mask> = {tokenizer.mask_token_id}); "
-          f"a model needs vocab_size >= {len(tokenizer)}")
+    tokenizer = train_sentencepiece(
+        args.output,
+        args.vocab_size,
+        files=args.files,
+        dataset=args.dataset,
+        column=args.column,
+        split=args.split,
+        character_coverage=args.character_coverage,
+        input_sentence_size=args.input_sentence_size,
+        model_max_length=args.max_length,
+        seed=args.seed,
+        quiet=args.quiet,
+    )
+    print(
+        f"wrote {args.output}: {len(tokenizer)} ids (<mask> = {tokenizer.mask_token_id}); "
+        f"a model needs vocab_size >= {len(tokenizer)}"
+    )
 
 
 if __name__ == "__main__":

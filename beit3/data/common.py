@@ -24,7 +24,9 @@ METADATA_KEYS = ("question_id", "image_id", "identifier", "index")
 _SHOWN_MISSING = 5
 
 
-def read_jsonl(path: str | os.PathLike, columns: Sequence[str] | None = None, optional: Sequence[str] = ()) -> list[dict]:
+def read_jsonl(
+    path: str | os.PathLike, columns: Sequence[str] | None = None, optional: Sequence[str] = ()
+) -> list[dict]:
     """The rows of a JSON Lines file as dicts, read with ``datasets`` (so a big file is parsed by Arrow).
 
     ``columns``: keep only these fields, which the file must have; ``optional``: also these, where present.
@@ -41,7 +43,9 @@ def read_jsonl(path: str | os.PathLike, columns: Sequence[str] | None = None, op
     if columns is not None:
         missing = [c for c in columns if c not in data.column_names]
         if missing:
-            raise ValueError(f"{path} has no field(s) {missing}; its fields are {data.column_names}. Is it the right file?")
+            raise ValueError(
+                f"{path} has no field(s) {missing}; its fields are {data.column_names}. Is it the right file?"
+            )
         data = data.select_columns(list(columns) + [c for c in optional if c in data.column_names])
     return data.to_list()
 
@@ -63,15 +67,19 @@ def check_images_exist(paths: Iterable[str | os.PathLike], what: str = "images")
     missing = sorted({str(p) for p in paths if not os.path.isfile(p)})
     if missing:
         shown = ", ".join(missing[:_SHOWN_MISSING]) + (", ..." if len(missing) > _SHOWN_MISSING else "")
-        raise FileNotFoundError(f"{len(missing)} {what} not found: {shown}. Check the image folder argument, or pass "
-                                "check_images=False to read the index without the images.")
+        raise FileNotFoundError(
+            f"{len(missing)} {what} not found: {shown}. Check the image folder argument, or pass "
+            "check_images=False to read the index without the images."
+        )
 
 
 def require_text(text, where: str) -> str:
     """``text`` if it holds a word; else a ValueError saying which record is empty."""
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{where} has an empty text ({text!r}); every question or caption needs at least one word. "
-                         "Fix or drop that record.")
+        raise ValueError(
+            f"{where} has an empty text ({text!r}); every question or caption needs at least one word. "
+            "Fix or drop that record."
+        )
     return text
 
 
@@ -91,7 +99,9 @@ def undecoded_columns(dataset, columns: Sequence[str], what: str, purpose: str =
 
     missing = [column for column in columns if column not in dataset.column_names]
     if missing:
-        raise ValueError(f"{what} has no column {', '.join(map(repr, missing))}{purpose}; its columns are {dataset.column_names}. {hint}".rstrip())
+        raise ValueError(
+            f"{what} has no column {', '.join(map(repr, missing))}{purpose}; its columns are {dataset.column_names}. {hint}".rstrip()
+        )
     for column in set(columns):
         if isinstance(dataset.features[column], ImageFeature):
             dataset = dataset.cast_column(column, ImageFeature(decode=False))
@@ -107,7 +117,9 @@ class DatasetRecords(Sequence):
     """
 
     def __init__(self, dataset, record_class, **columns: str):
-        self.dataset = undecoded_columns(dataset, list(columns.values()), "The dataset", hint=f"Name the columns that hold {', '.join(columns)}.")
+        self.dataset = undecoded_columns(
+            dataset, list(columns.values()), "The dataset", hint=f"Name the columns that hold {', '.join(columns)}."
+        )
         self.record_class, self.columns = record_class, columns
         self.row_as_id = "image_id" in getattr(record_class, "__dataclass_fields__", {}) and "image_id" not in columns
         self.rows: Sequence[int] | None = None  # the rows kept, when a reader leaves some out (None: all)
@@ -123,8 +135,10 @@ class DatasetRecords(Sequence):
 
     def record(self, row: dict, row_number: int):
         """The record of one row (the columns already picked out); readers with more to do per row override this."""
-        return self.record_class(**{field: row[column] for field, column in self.columns.items()},
-                                 **({"image_id": row_number} if self.row_as_id else {}))
+        return self.record_class(
+            **{field: row[column] for field, column in self.columns.items()},
+            **({"image_id": row_number} if self.row_as_id else {}),
+        )
 
     def values(self, field: str) -> list:
         """Every record's ``field``, read from its column alone (the images stay unread)."""
@@ -151,12 +165,16 @@ def transform_image(transform, image: Image.Image) -> torch.Tensor:
         out = out["pixel_values"]
         out = out[0] if out.dim() == 4 else out
     if not isinstance(out, torch.Tensor) or out.dim() != 3:
-        raise TypeError(f"The image transform must give a (C, H, W) tensor; it gave {type(out).__name__} "
-                        f"{tuple(getattr(out, 'shape', ()))}.")
+        raise TypeError(
+            f"The image transform must give a (C, H, W) tensor; it gave {type(out).__name__} "
+            f"{tuple(getattr(out, 'shape', ()))}."
+        )
     return out
 
 
-def encode_text(tokenizer, text: str | None = None, ids: Sequence[int] | None = None, max_length: int = 64) -> dict[str, torch.Tensor]:
+def encode_text(
+    tokenizer, text: str | None = None, ids: Sequence[int] | None = None, max_length: int = 64
+) -> dict[str, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` (max_length,): ``<s> text </s>`` right-padded, as unilm feeds the models.
 
     ``ids``: the text already as piece ids without specials (the official index files' ``text_segment``);
@@ -167,11 +185,11 @@ def encode_text(tokenizer, text: str | None = None, ids: Sequence[int] | None = 
         return {"input_ids": encoded["input_ids"][0], "attention_mask": encoded["attention_mask"][0]}
     if max_length < 3:
         raise ValueError(f"max_length {max_length} leaves no room for a token between <s> and </s>.")
-    tokens = [tokenizer.bos_token_id, *list(ids)[:max_length - 2], tokenizer.eos_token_id]
+    tokens = [tokenizer.bos_token_id, *list(ids)[: max_length - 2], tokenizer.eos_token_id]
     input_ids = torch.full((max_length,), tokenizer.pad_token_id, dtype=torch.long)
-    input_ids[:len(tokens)] = torch.tensor(tokens)
+    input_ids[: len(tokens)] = torch.tensor(tokens)
     attention_mask = torch.zeros(max_length, dtype=torch.long)
-    attention_mask[:len(tokens)] = 1
+    attention_mask[: len(tokens)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
@@ -190,7 +208,10 @@ def collate_trimmed(items: list[dict]) -> dict:
     if bool(mask[:, length:].any()):  # not right-padded: leave it as it is
         return batch
     shape = mask.shape
-    return {key: value[:, :length] if isinstance(value, torch.Tensor) and value.shape == shape else value for key, value in batch.items()}
+    return {
+        key: value[:, :length] if isinstance(value, torch.Tensor) and value.shape == shape else value
+        for key, value in batch.items()
+    }
 
 
 MAX_REPLACEMENTS = 16  # unreadable samples in a row that one slot may skip before the data counts as broken
@@ -217,11 +238,14 @@ class ReplaceUnreadable(torch.utils.data.Dataset):
                 logger.warning(f"{error} (skipped: the next example takes its place)")
                 continue
             return {**item, SKIPPED: shift}
-        raise RuntimeError(f"{MAX_REPLACEMENTS} examples in a row from {index} have an unreadable image; check the data.")
+        raise RuntimeError(
+            f"{MAX_REPLACEMENTS} examples in a row from {index} have an unreadable image; check the data."
+        )
 
 
 def counted(collate):
     """``collate`` for items of ``ReplaceUnreadable``: their ``skipped_images`` summed into the batch's ``counts``."""
+
     def collate_counted(items: list[dict]) -> dict:
         skipped = sum(item.pop(SKIPPED, 0) for item in items)
         batch = collate(items)

@@ -19,7 +19,6 @@ from .common import as_records, load_rgb, transform_image
 from .images import IMAGE_SUFFIXES
 
 
-
 @dataclass
 class ImageRecord:
     image_path: str
@@ -46,13 +45,21 @@ def read_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
     classes = list(classes) if classes is not None else folders
     unknown = sorted(set(folders) - set(classes))
     if unknown:
-        raise ValueError(f"{root} has class folders that the given classes lack: {unknown[:5]}{' ...' if len(unknown) > 5 else ''} "
-                         f"({len(unknown)} in all). Pass the training split's classes, or check the folder.")
+        raise ValueError(
+            f"{root} has class folders that the given classes lack: {unknown[:5]}{' ...' if len(unknown) > 5 else ''} "
+            f"({len(unknown)} in all). Pass the training split's classes, or check the folder."
+        )
     label_of = {name: label for label, name in enumerate(classes)}
-    records = [ImageRecord(str(path), label_of[name]) for name in folders
-               for path in sorted((root / name).rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+    records = [
+        ImageRecord(str(path), label_of[name])
+        for name in folders
+        for path in sorted((root / name).rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+    ]
     if not records:
-        raise ValueError(f"No images in class folders under {root} (expected <root>/<class>/<image> with suffixes {IMAGE_SUFFIXES}).")
+        raise ValueError(
+            f"No images in class folders under {root} (expected <root>/<class>/<image> with suffixes {IMAGE_SUFFIXES})."
+        )
     return ImageFolderSplit(records, classes)
 
 
@@ -74,4 +81,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]
-        return {"pixel_values": transform_image(self.image_transform, load_rgb(record.image_path)), "labels": torch.tensor(record.label)}
+        return {
+            "pixel_values": transform_image(self.image_transform, load_rgb(record.image_path)),
+            "labels": torch.tensor(record.label),
+        }

@@ -19,7 +19,17 @@ from pathlib import Path
 
 import torch
 
-from .common import DatasetRecords, as_records, check_images_exist, encode_text, load_rgb, read_json, read_jsonl, require_text, transform_image
+from .common import (
+    DatasetRecords,
+    as_records,
+    check_images_exist,
+    encode_text,
+    load_rgb,
+    read_json,
+    read_jsonl,
+    require_text,
+    transform_image,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -44,8 +54,13 @@ class CaptionRecord:
     references: list[str] | None = None
 
 
-def read_karpathy(split_file: str | os.PathLike, image_root: str | os.PathLike, split: str, include_restval: bool = True,
-                  check_images: bool = True) -> list[KarpathyImage]:
+def read_karpathy(
+    split_file: str | os.PathLike,
+    image_root: str | os.PathLike,
+    split: str,
+    include_restval: bool = True,
+    check_images: bool = True,
+) -> list[KarpathyImage]:
     """The images of ``split`` (train, val or test) with their raw captions, in file order.
 
     ``include_restval``: train also takes Karpathy's "restval" images (COCO's 113,287 training images, as BEiT-3 trains).
@@ -54,18 +69,28 @@ def read_karpathy(split_file: str | os.PathLike, image_root: str | os.PathLike, 
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}.")
     data = read_json(split_file)
     if not isinstance(data, dict) or "images" not in data:
-        raise ValueError(f"{split_file} is not a Karpathy split file: it needs a top-level \"images\" list (dataset_coco.json).")
+        raise ValueError(
+            f'{split_file} is not a Karpathy split file: it needs a top-level "images" list (dataset_coco.json).'
+        )
     wanted = {"train", "restval"} if split == "train" and include_restval else {split}
     images = []
     for entry in data["images"]:
         if entry["split"] not in wanted:
             continue
         source_id = entry.get("cocoid", entry.get("imgid"))
-        captions = [require_text(s.get("raw"), f"A caption of {entry['filename']} in {split_file}") for s in entry["sentences"]]
+        captions = [
+            require_text(s.get("raw"), f"A caption of {entry['filename']} in {split_file}") for s in entry["sentences"]
+        ]
         if not captions:
             raise ValueError(f"{entry['filename']} in {split_file} has no captions; every Karpathy image has some.")
-        images.append(KarpathyImage(index=len(images), source_id=source_id, captions=captions,
-                                    image_path=os.path.join(image_root, entry.get("filepath", ""), entry["filename"])))
+        images.append(
+            KarpathyImage(
+                index=len(images),
+                source_id=source_id,
+                captions=captions,
+                image_path=os.path.join(image_root, entry.get("filepath", ""), entry["filename"]),
+            )
+        )
     if not images:
         raise ValueError(f"{split_file} has no images in split {split!r}.")
     if check_images:
@@ -87,8 +112,13 @@ def pair_list_records(files: Sequence[str | os.PathLike], check_images: bool = T
         base = Path(file).parent
         for number, row in enumerate(read_jsonl(file, columns=["image", "text"]), 1):
             path = str(base / row["image"])
-            records.append(CaptionRecord(image_id=ids.setdefault(path, len(ids)), image_path=path,
-                                         caption=require_text(row["text"], f"{file}:{number}")))
+            records.append(
+                CaptionRecord(
+                    image_id=ids.setdefault(path, len(ids)),
+                    image_path=path,
+                    caption=require_text(row["text"], f"{file}:{number}"),
+                )
+            )
     if not records:
         raise ValueError(f"The pair lists {[str(f) for f in files]} hold no pairs.")
     if check_images:
@@ -100,8 +130,14 @@ def captioning_records(images: Sequence[KarpathyImage], train: bool) -> list[Cap
     """Training: one record per caption; evaluation: one per image, with its captions as ``references``.
     ``image_id`` = the dataset's id (cocoid / imgid)."""
     if train:
-        return [CaptionRecord(image_id=im.source_id, image_path=im.image_path, caption=c) for im in images for c in im.captions]
-    return [CaptionRecord(image_id=im.source_id, image_path=im.image_path, references=list(im.captions)) for im in images]
+        return [
+            CaptionRecord(image_id=im.source_id, image_path=im.image_path, caption=c)
+            for im in images
+            for c in im.captions
+        ]
+    return [
+        CaptionRecord(image_id=im.source_id, image_path=im.image_path, references=list(im.captions)) for im in images
+    ]
 
 
 def _require_captions(records: Sequence[CaptionRecord]) -> None:
@@ -124,8 +160,15 @@ class ImageTextDataset(torch.utils.data.Dataset):
     caption column (``image_column``, ``text_column``); its row number is the image id.
     """
 
-    def __init__(self, records, image_transform, tokenizer, max_length: int = 64, image_column: str = "image",
-                 text_column: str = "caption"):
+    def __init__(
+        self,
+        records,
+        image_transform,
+        tokenizer,
+        max_length: int = 64,
+        image_column: str = "image",
+        text_column: str = "caption",
+    ):
         self.records = as_records(records, CaptionRecord, image_path=image_column, caption=text_column)
         self.image_transform, self.tokenizer, self.max_length = image_transform, tokenizer, max_length
         _require_captions(self.records)
@@ -135,14 +178,17 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]
-        return {"pixel_values": transform_image(self.image_transform, load_rgb(record.image_path)),
-                **encode_text(self.tokenizer, record.caption, max_length=self.max_length), "image_id": torch.tensor(record.image_id)}
+        return {
+            "pixel_values": transform_image(self.image_transform, load_rgb(record.image_path)),
+            **encode_text(self.tokenizer, record.caption, max_length=self.max_length),
+            "image_id": torch.tensor(record.image_id),
+        }
 
 
 class ImageOnlyDataset(torch.utils.data.Dataset):
     """Each image once, for retrieval evaluation (image embeddings) and caption generation:
 
-        pixel_values (C, H, W), image_id () long (running index for KarpathyImage, the record's id for CaptionRecord).
+    pixel_values (C, H, W), image_id () long (running index for KarpathyImage, the record's id for CaptionRecord).
     """
 
     def __init__(self, items: Sequence[KarpathyImage | CaptionRecord], image_transform):
@@ -154,7 +200,10 @@ class ImageOnlyDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.items[index]
         image_id = item.index if isinstance(item, KarpathyImage) else item.image_id
-        return {"pixel_values": transform_image(self.image_transform, load_rgb(item.image_path)), "image_id": torch.tensor(image_id)}
+        return {
+            "pixel_values": transform_image(self.image_transform, load_rgb(item.image_path)),
+            "image_id": torch.tensor(image_id),
+        }
 
 
 class TextOnlyDataset(torch.utils.data.Dataset):
@@ -169,4 +218,7 @@ class TextOnlyDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]
-        return {**encode_text(self.tokenizer, record.caption, max_length=self.max_length), "image_id": torch.tensor(record.image_id)}
+        return {
+            **encode_text(self.tokenizer, record.caption, max_length=self.max_length),
+            "image_id": torch.tensor(record.image_id),
+        }

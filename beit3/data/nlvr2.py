@@ -42,10 +42,12 @@ def _label(value, where: str) -> int:
         return 1
     if value in ("False", "false", False):
         return 0
-    raise ValueError(f"{where} has label {value!r}; NLVR2 labels are \"True\" or \"False\".")
+    raise ValueError(f'{where} has label {value!r}; NLVR2 labels are "True" or "False".')
 
 
-def read_nlvr2(jsonl_file: str | os.PathLike, image_root: str | os.PathLike, check_images: bool = True) -> list[Nlvr2Record]:
+def read_nlvr2(
+    jsonl_file: str | os.PathLike, image_root: str | os.PathLike, check_images: bool = True
+) -> list[Nlvr2Record]:
     """The lil-lab JSON Lines file of one split; images under ``image_root`` (and its ``directory`` subfolder, for train)."""
     rows = read_jsonl(jsonl_file, columns=["identifier", "sentence", "label"], optional=["directory"])
     records = []
@@ -53,23 +55,40 @@ def read_nlvr2(jsonl_file: str | os.PathLike, image_root: str | os.PathLike, che
         where = f"{jsonl_file}:{number} ({row['identifier']})"
         folder = Path(image_root) / str(row["directory"]) if row.get("directory") is not None else Path(image_root)
         names = pair_image_names(row["identifier"])
-        records.append(Nlvr2Record(identifier=row["identifier"], sentence=require_text(row["sentence"], where),
-                                   label=_label(row["label"], where), image_paths=(str(folder / names[0]), str(folder / names[1]))))
+        records.append(
+            Nlvr2Record(
+                identifier=row["identifier"],
+                sentence=require_text(row["sentence"], where),
+                label=_label(row["label"], where),
+                image_paths=(str(folder / names[0]), str(folder / names[1])),
+            )
+        )
     if check_images:
         check_images_exist((p for r in records for p in r.image_paths), f"NLVR2 images of {Path(jsonl_file).name}")
     return records
 
 
-def read_nlvr2_index(index_file: str | os.PathLike, data_root: str | os.PathLike, check_images: bool = True) -> list[Nlvr2Record]:
+def read_nlvr2_index(
+    index_file: str | os.PathLike, data_root: str | os.PathLike, check_images: bool = True
+) -> list[Nlvr2Record]:
     """The official index: lines ``{"image_path", "image2_path", "text_segment", "label", "identifier"}``, paths
     relative to ``data_root``, the statement as piece ids of ``beit3.spm``."""
     rows = read_jsonl(index_file, columns=["image_path", "image2_path", "text_segment", "label", "identifier"])
     records = []
     for number, row in enumerate(rows, 1):
         if not row["text_segment"]:
-            raise ValueError(f"{index_file}:{number} ({row['identifier']}) has an empty text_segment; every statement needs a word.")
-        records.append(Nlvr2Record(identifier=row["identifier"], sentence=None, label=int(row["label"]), text_ids=list(row["text_segment"]),
-                                   image_paths=(os.path.join(data_root, row["image_path"]), os.path.join(data_root, row["image2_path"]))))
+            raise ValueError(
+                f"{index_file}:{number} ({row['identifier']}) has an empty text_segment; every statement needs a word."
+            )
+        records.append(
+            Nlvr2Record(
+                identifier=row["identifier"],
+                sentence=None,
+                label=int(row["label"]),
+                text_ids=list(row["text_segment"]),
+                image_paths=(os.path.join(data_root, row["image_path"]), os.path.join(data_root, row["image2_path"])),
+            )
+        )
     if check_images:
         check_images_exist((p for r in records for p in r.image_paths), f"NLVR2 images of {Path(index_file).name}")
     return records
@@ -80,18 +99,33 @@ class Nlvr2DatasetRecords(DatasetRecords):
     label column (True/False, 1/0 or "True"/"False"), one row at a time, the images undecoded until read. The
     identifier is a column or the row number."""
 
-    def __init__(self, dataset, left: str = "left_image", right: str = "right_image", sentence: str = "sentence",
-                 label: str = "label", identifier: str | None = None):
-        columns = {"left": left, "right": right, "sentence": sentence, "label": label, **({"identifier": identifier} if identifier else {})}
+    def __init__(
+        self,
+        dataset,
+        left: str = "left_image",
+        right: str = "right_image",
+        sentence: str = "sentence",
+        label: str = "label",
+        identifier: str | None = None,
+    ):
+        columns = {
+            "left": left,
+            "right": right,
+            "sentence": sentence,
+            "label": label,
+            **({"identifier": identifier} if identifier else {}),
+        }
         super().__init__(dataset, Nlvr2Record, **columns)
 
     def record(self, row: dict, row_number: int) -> Nlvr2Record:
         where = f"Row {row_number}"
         value = row[self.columns["label"]]
-        return Nlvr2Record(identifier=str(row[self.columns["identifier"]]) if "identifier" in self.columns else str(row_number),
-                           sentence=require_text(row[self.columns["sentence"]], where),
-                           label=int(value) if value in (0, 1) and not isinstance(value, str) else _label(value, where),
-                           image_paths=(row[self.columns["left"]], row[self.columns["right"]]))
+        return Nlvr2Record(
+            identifier=str(row[self.columns["identifier"]]) if "identifier" in self.columns else str(row_number),
+            sentence=require_text(row[self.columns["sentence"]], where),
+            label=int(value) if value in (0, 1) and not isinstance(value, str) else _label(value, where),
+            image_paths=(row[self.columns["left"]], row[self.columns["right"]]),
+        )
 
 
 class Nlvr2Dataset(torch.utils.data.Dataset):
@@ -104,13 +138,24 @@ class Nlvr2Dataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: Sequence[Nlvr2Record], image_transform, tokenizer, max_length: int = 64):
-        self.records, self.image_transform, self.tokenizer, self.max_length = list(records), image_transform, tokenizer, max_length
+        self.records, self.image_transform, self.tokenizer, self.max_length = (
+            list(records),
+            image_transform,
+            tokenizer,
+            max_length,
+        )
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        pixel_values = torch.stack([transform_image(self.image_transform, load_rgb(path)) for path in record.image_paths])
-        return {"pixel_values": pixel_values, **encode_text(self.tokenizer, record.sentence, record.text_ids, self.max_length),
-                "labels": torch.tensor(record.label), "identifier": record.identifier}
+        pixel_values = torch.stack(
+            [transform_image(self.image_transform, load_rgb(path)) for path in record.image_paths]
+        )
+        return {
+            "pixel_values": pixel_values,
+            **encode_text(self.tokenizer, record.sentence, record.text_ids, self.max_length),
+            "labels": torch.tensor(record.label),
+            "identifier": record.identifier,
+        }

@@ -33,8 +33,18 @@ from datasets import Dataset, Features, Value, load_dataset
 from ..masking import PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB, BlockMaskGenerator, mask_text_tokens, text_masker
 from .common import MAX_REPLACEMENTS, load_rgb, undecoded_columns
 from .sampling import mixed_seed
-from .streaming import (IMAGE_EXTENSIONS, ShardStream, check_stream_count, expand_shards, is_shard_pattern, is_url, pair_of, shard_samples,
-                        text_pieces, text_samples)
+from .streaming import (
+    IMAGE_EXTENSIONS,
+    ShardStream,
+    check_stream_count,
+    expand_shards,
+    is_shard_pattern,
+    is_url,
+    pair_of,
+    shard_samples,
+    text_pieces,
+    text_samples,
+)
 from .images import list_images, read_codes, read_codes_info
 from ..views import CenterView, TwoViewTransform
 from ..log import get_logger
@@ -64,8 +74,13 @@ class TextFiles(Shards):
     """The text kind read as a stream from these ``.txt`` / ``.jsonl`` files, in pieces (``streaming.text_pieces``)."""
 
 
-def load_sources(images: str | list[str] | dict | None = None, texts: list[str] | dict | None = None, pairs: list[str] | dict | None = None,
-                 image_codes: str | None = None, streaming: bool = False) -> dict[str, Dataset | Shards]:
+def load_sources(
+    images: str | list[str] | dict | None = None,
+    texts: list[str] | dict | None = None,
+    pairs: list[str] | dict | None = None,
+    image_codes: str | None = None,
+    streaming: bool = False,
+) -> dict[str, Dataset | Shards]:
     """The three kinds as ``datasets.Dataset`` objects: image ``{"path"}``, text ``{"text"}``, pair ``{"path", "text"}``.
 
     Any kind may instead be a ``datasets`` dataset of the user's, saved with ``save_to_disk``:
@@ -79,29 +94,42 @@ def load_sources(images: str | list[str] | dict | None = None, texts: list[str] 
     A kind without a source is left out; a source that yields nothing is an error.
     """
     sources = {}
-    saved = {kind: spec for kind, spec in (("image", images), ("text", texts), ("pair", pairs)) if isinstance(spec, dict)}
+    saved = {
+        kind: spec for kind, spec in (("image", images), ("text", texts), ("pair", pairs)) if isinstance(spec, dict)
+    }
     for kind, spec in saved.items():
         if image_codes and kind == "image":
-            raise ValueError("image_codes are the codes of an image folder; with images from a saved dataset, let the visual "
-                             "tokenizer compute the targets (set image_codes to null).")
+            raise ValueError(
+                "image_codes are the codes of an image folder; with images from a saved dataset, let the visual "
+                "tokenizer compute the targets (set image_codes to null)."
+            )
         sources[kind] = saved_dataset_source(spec, kind)
     images, texts, pairs = (None if isinstance(x, dict) else x for x in (images, texts, pairs))
     if image_codes and not images and "image" not in saved:
-        raise ValueError(f"image_codes ({image_codes}) are the codes of an image folder, but no images source is given; "
-                         "set images to the folder they were encoded from.")
+        raise ValueError(
+            f"image_codes ({image_codes}) are the codes of an image folder, but no images source is given; "
+            "set images to the folder they were encoded from."
+        )
     image_shards = images is not None and (isinstance(images, (list, tuple)) or is_shard_pattern(images))
     if image_shards:
         if not streaming:
-            raise ValueError(f"images {images} are shards: reading images from shards needs data.streaming: true "
-                             "(or give an image folder).")
+            raise ValueError(
+                f"images {images} are shards: reading images from shards needs data.streaming: true "
+                "(or give an image folder)."
+            )
         if image_codes:
-            raise ValueError("image_codes are the codes of an image folder; with images from shards, let the visual "
-                             "tokenizer compute the targets (set image_codes to null).")
+            raise ValueError(
+                "image_codes are the codes of an image folder; with images from shards, let the visual "
+                "tokenizer compute the targets (set image_codes to null)."
+            )
         sources["image"] = Shards(expand_shards(images))
     elif images:
         paths = list_images(images)
-        sources["image"] = (image_codes_source(images, paths, image_codes) if image_codes and paths
-                            else Dataset.from_dict({"path": [str(p) for p in paths]}))
+        sources["image"] = (
+            image_codes_source(images, paths, image_codes)
+            if image_codes and paths
+            else Dataset.from_dict({"path": [str(p) for p in paths]})
+        )
     if texts and streaming:
         missing = [str(f) for f in texts if not os.path.isfile(f)]
         if missing:
@@ -113,12 +141,16 @@ def load_sources(images: str | list[str] | dict | None = None, texts: list[str] 
         shards = [str(f) for f in pairs if is_shard_pattern(f)]
         files = [str(f) for f in pairs if not is_shard_pattern(f)]
         if streaming and files:
-            raise ValueError(f"With data.streaming: true the pairs must be webdataset shards, but {files[:2]} are not; "
-                             "convert them with tasks/make_shards.py, or turn streaming off.")
+            raise ValueError(
+                f"With data.streaming: true the pairs must be webdataset shards, but {files[:2]} are not; "
+                "convert them with tasks/make_shards.py, or turn streaming off."
+            )
         if streaming:
             sources["pair"] = Shards(expand_shards(shards))
         elif any("{" in f or is_url(f) for f in shards):
-            raise ValueError(f"The pair shards {shards[:2]} are a pattern or URL, which only streaming reads: set data.streaming: true.")
+            raise ValueError(
+                f"The pair shards {shards[:2]} are a pattern or URL, which only streaming reads: set data.streaming: true."
+            )
         else:
             from datasets import concatenate_datasets
 
@@ -128,12 +160,18 @@ def load_sources(images: str | list[str] | dict | None = None, texts: list[str] 
         if isinstance(dataset, Shards):
             missing = [url for url in dataset if not is_url(url) and not os.path.isfile(url)]
             if len(missing) == len(dataset):
-                raise ValueError(f"None of the {len(dataset)} {kind} shards exists (e.g. {missing[0]}); check the path or pattern.")
+                raise ValueError(
+                    f"None of the {len(dataset)} {kind} shards exists (e.g. {missing[0]}); check the path or pattern."
+                )
             if missing:
-                logger.warning(f"{len(missing)} of the {len(dataset)} {kind} shards do not exist (e.g. {missing[0]}); they are "
-                      "skipped and counted as unreadable shards when their turn comes.")
+                logger.warning(
+                    f"{len(missing)} of the {len(dataset)} {kind} shards do not exist (e.g. {missing[0]}); they are "
+                    "skipped and counted as unreadable shards when their turn comes."
+                )
         if len(dataset) == 0:
-            raise ValueError(f"The {kind} source is empty: check the paths in the config (images: {images}, texts: {texts}, pairs: {pairs}).")
+            raise ValueError(
+                f"The {kind} source is empty: check the paths in the config (images: {images}, texts: {texts}, pairs: {pairs})."
+            )
     if not sources:
         raise ValueError("No pretraining data: give at least one of images, texts, pairs.")
     return sources
@@ -150,8 +188,10 @@ def image_codes_source(images: str, paths: list[Path], image_codes: str) -> Data
     info = read_codes_info(image_codes)
     codes, index = read_codes(image_codes)
     if info["codebook_size"] is not None and len(codes) and int(codes.max()) >= info["codebook_size"]:
-        raise ValueError(f"{image_codes} holds code {int(codes.max())} but says its codebook has {info['codebook_size']} codes; "
-                         "encode the images again with tokenizers/encode_images.py.")
+        raise ValueError(
+            f"{image_codes} holds code {int(codes.max())} but says its codebook has {info['codebook_size']} codes; "
+            "encode the images again with tokenizers/encode_images.py."
+        )
     row_of = {entry["path"]: int(entry["row"]) for entry in index}
     folder = Path(images)
     rows = [row_of.get(p.relative_to(folder).as_posix(), -1) for p in paths]
@@ -161,14 +201,18 @@ def image_codes_source(images: str, paths: list[Path], image_codes: str) -> Data
             load_rgb(paths[i])
         except (OSError, ValueError):
             continue  # unreadable: encode_images.py skipped it, and so will the batches
-        raise ValueError(f"{len(missing)} of the {len(paths)} images below {images} have no codes in {image_codes}/index.jsonl, "
-                         f"e.g. {paths[i].relative_to(folder).as_posix()}; the codes are of another folder or older than these "
-                         f"images. Run tokenizers/encode_images.py --images {images} --output {image_codes} again "
-                         "(with the same tokenizer).")
+        raise ValueError(
+            f"{len(missing)} of the {len(paths)} images below {images} have no codes in {image_codes}/index.jsonl, "
+            f"e.g. {paths[i].relative_to(folder).as_posix()}; the codes are of another folder or older than these "
+            f"images. Run tokenizers/encode_images.py --images {images} --output {image_codes} again "
+            "(with the same tokenizer)."
+        )
     if missing:
-        logger.warning(f"{len(missing)} unreadable images below {images} have no codes (encode_images.py skipped them); "
-              "each is replaced by the next image when it comes up.")
-    dtype = np.int16 if info["codebook_size"] is not None and info["codebook_size"] <= 2 ** 15 else np.int32
+        logger.warning(
+            f"{len(missing)} unreadable images below {images} have no codes (encode_images.py skipped them); "
+            "each is replaced by the next image when it comes up."
+        )
+    dtype = np.int16 if info["codebook_size"] is not None and info["codebook_size"] <= 2**15 else np.int32
     table = np.full((len(paths), codes.shape[1]), -1, dtype=dtype)
     found = np.array([i for i, row in enumerate(rows) if row >= 0], dtype=np.int64)
     table[found] = codes[[rows[i] for i in found]].numpy().astype(dtype)
@@ -196,9 +240,11 @@ def pair_lines(files: list[str]):
                     if not isinstance(path, str) or not path:
                         raise ValueError(f"the image is {path!r}, not a path")
                     if not isinstance(text, str) or not text.strip():
-                        raise ValueError(f"the text is {text!r}: the pair kind, like the text kind, keeps only non-empty texts")
+                        raise ValueError(
+                            f"the text is {text!r}: the pair kind, like the text kind, keeps only non-empty texts"
+                        )
                 except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                    logger.warning(f"{file}:{number} is not a {{\"image\", \"text\"}} line ({error}); skipped")
+                    logger.warning(f'{file}:{number} is not a {{"image", "text"}} line ({error}); skipped')
                     continue
                 yield base / path, text
 
@@ -216,12 +262,15 @@ def _cached_rows(rows, features: Features, files: list[str]) -> Dataset:
     except ValueError as error:
         if "no data" not in str(error):
             raise
-        return Dataset.from_dict({name: [] for name in features}, features=features)  # no good line: load_sources says so
+        return Dataset.from_dict(
+            {name: [] for name in features}, features=features
+        )  # no good line: load_sources says so
 
 
 def _jsonl_pairs(files: list[str]) -> Dataset:
     """Pairs from jsonl lines ``{"image": path, "text": caption}``, paths relative to their file (``pair_lines``);
     a bad line is skipped with a warning when the cache is written."""
+
     def rows(files: list[str], stamps: list[tuple[int, int]]):
         for path, text in pair_lines(files):
             yield {"path": str(path), "text": text, "image_bytes": None}
@@ -236,6 +285,7 @@ def _text_files(files: list[str]) -> Dataset:
     """Texts from ``.txt`` lines and ``.jsonl`` lines' ``text`` field, read as the streamed texts are
     (``text_samples``): a line that is not UTF-8, or a jsonl line without a string ``text``, is skipped with a
     warning naming its file and byte (the first few of a file; then how many in all)."""
+
     def rows(files: list[str], stamps: list[tuple[int, int]]):
         for file, (size, _) in zip(files, stamps):
             bad = 0
@@ -245,8 +295,10 @@ def _text_files(files: list[str]) -> Dataset:
                     continue
                 bad += 1
                 if bad <= _NAMED_BAD_LINES:
-                    logger.warning(f"{file} at {sample['__key__']} is not a text line (not UTF-8, or a jsonl line without a "
-                          "string text); skipped")
+                    logger.warning(
+                        f"{file} at {sample['__key__']} is not a text line (not UTF-8, or a jsonl line without a "
+                        "string text); skipped"
+                    )
             if bad > _NAMED_BAD_LINES:
                 logger.warning(f"{file}: {bad} lines skipped in all")
 
@@ -270,8 +322,10 @@ def saved_dataset_source(spec: dict, kind: str) -> Dataset:
 
     unknown = set(spec) - {"dataset", "image", "text", "split"}
     if "dataset" not in spec or unknown:
-        raise ValueError(f"A saved-dataset {kind} source is {{dataset: <save_to_disk folder>, image: <column>, text: <column>, "
-                         f"split: <name>}}; got {spec}.")
+        raise ValueError(
+            f"A saved-dataset {kind} source is {{dataset: <save_to_disk folder>, image: <column>, text: <column>, "
+            f"split: <name>}}; got {spec}."
+        )
     folder = str(spec["dataset"])
     try:
         data = load_from_disk(folder)
@@ -284,7 +338,13 @@ def saved_dataset_source(spec: dict, kind: str) -> Dataset:
         data = data[split]
     roles = {"image": ["image"], "text": ["text"], "pair": ["image", "text"]}[kind]
     columns = {role: spec.get(role, role) for role in roles}
-    data = undecoded_columns(data, list(columns.values()), folder, purpose=f" for the {kind} source", hint="Name yours with image: and text:.")
+    data = undecoded_columns(
+        data,
+        list(columns.values()),
+        folder,
+        purpose=f" for the {kind} source",
+        hint="Name yours with image: and text:.",
+    )
     out = {}
     if "image" in columns:
         column, feature = columns["image"], data.features[columns["image"]]
@@ -294,7 +354,9 @@ def saved_dataset_source(spec: dict, kind: str) -> Dataset:
         elif getattr(feature, "dtype", None) == "string":
             out[column] = "path"
         else:
-            raise ValueError(f"The image column {column!r} of {folder} is {feature}; it must be an Image() feature or file paths.")
+            raise ValueError(
+                f"The image column {column!r} of {folder} is {feature}; it must be an Image() feature or file paths."
+            )
     if "text" in columns:
         out[columns["text"]] = "text"
     data = data.select_columns(list(out)).rename_columns(out)
@@ -312,13 +374,24 @@ def _webdataset_pairs(shards: list[str]) -> Dataset:
     raw = load_dataset("webdataset", data_files=shards, split="train")
     image_column = next((c for c in IMAGE_EXTENSIONS if c in raw.column_names), None)
     if image_column is None or "txt" not in raw.column_names:
-        raise ValueError(f"The webdataset shards {shards[:2]} need an image ({'/'.join(IMAGE_EXTENSIONS)}) and a txt file per sample; "
-                         f"they have {raw.column_names}.")
-    raw = raw.cast_column(image_column, ImageFeature(decode=False))  # keep the bytes; decode (and skip if corrupt) ourselves
+        raise ValueError(
+            f"The webdataset shards {shards[:2]} need an image ({'/'.join(IMAGE_EXTENSIONS)}) and a txt file per sample; "
+            f"they have {raw.column_names}."
+        )
+    raw = raw.cast_column(
+        image_column, ImageFeature(decode=False)
+    )  # keep the bytes; decode (and skip if corrupt) ourselves
     where = shards[0] if len(shards) == 1 else "the shards"
-    return raw.map(lambda batch: {"path": [f"{key} in {where}" for key in batch["__key__"]], "text": batch["txt"],
-                                  "image_bytes": [item["bytes"] for item in batch[image_column]]},
-                   batched=True, remove_columns=raw.column_names, features=_PAIR_FEATURES).filter(_has_text)
+    return raw.map(
+        lambda batch: {
+            "path": [f"{key} in {where}" for key in batch["__key__"]],
+            "text": batch["txt"],
+            "image_bytes": [item["bytes"] for item in batch[image_column]],
+        },
+        batched=True,
+        remove_columns=raw.column_names,
+        features=_PAIR_FEATURES,
+    ).filter(_has_text)
 
 
 class PretrainingBatches(torch.utils.data.Dataset):
@@ -352,43 +425,92 @@ class PretrainingBatches(torch.utils.data.Dataset):
             this batch, for the ``Engine``'s counters
     """
 
-    def __init__(self, sources: dict[str, Dataset], batch_sizes: dict[str, int], tokenizer, image_size: int, patch_size: int,
-                 max_text_length: int = MAX_TEXT_LENGTH, tokenizer_image_size: int | None = None, text_mask_prob: float = TEXT_MASK_PROB,
-                 pair_mask_prob: float = PAIR_TEXT_MASK_PROB, num_masked_patches: int | None = None, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, start_step: int = 0, num_steps: int = 10**9, crop_scale: tuple[float, float] = (0.2, 1.0),
-                 color_jitter: float = 0.4, pair_crop_scale: tuple[float, float] = PAIR_CROP_SCALE, pair_hflip: float = PAIR_HFLIP,
-                 itm_negatives: float = 0.0):
+    def __init__(
+        self,
+        sources: dict[str, Dataset],
+        batch_sizes: dict[str, int],
+        tokenizer,
+        image_size: int,
+        patch_size: int,
+        max_text_length: int = MAX_TEXT_LENGTH,
+        tokenizer_image_size: int | None = None,
+        text_mask_prob: float = TEXT_MASK_PROB,
+        pair_mask_prob: float = PAIR_TEXT_MASK_PROB,
+        num_masked_patches: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        num_steps: int = 10**9,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        color_jitter: float = 0.4,
+        pair_crop_scale: tuple[float, float] = PAIR_CROP_SCALE,
+        pair_hflip: float = PAIR_HFLIP,
+        itm_negatives: float = 0.0,
+    ):
         if not 0.0 <= itm_negatives <= 1.0:
-            raise ValueError(f"itm_negatives {itm_negatives} must be a fraction of the pair batch in [0, 1] (0: no image-text matching).")
+            raise ValueError(
+                f"itm_negatives {itm_negatives} must be a fraction of the pair batch in [0, 1] (0: no image-text matching)."
+            )
         self.sources = sources
         self.streams = None  # {kind: ShardStream} of a StreamingPretrainingBatches worker
         self._prefetched: dict[str, tuple[int, list[dict]]] = {}  # kind -> (step, its slots' records)
-        if any(isinstance(source, Shards) for source in sources.values()) and not isinstance(self, StreamingPretrainingBatches):
-            raise TypeError("Some kinds are streamed from shards (load_sources(streaming=True)): use StreamingPretrainingBatches.")
-        self.batch_sizes = {kind: batch_sizes.get(kind, 0) for kind in KINDS if kind in sources and batch_sizes.get(kind, 0) > 0}
+        if any(isinstance(source, Shards) for source in sources.values()) and not isinstance(
+            self, StreamingPretrainingBatches
+        ):
+            raise TypeError(
+                "Some kinds are streamed from shards (load_sources(streaming=True)): use StreamingPretrainingBatches."
+            )
+        self.batch_sizes = {
+            kind: batch_sizes.get(kind, 0) for kind in KINDS if kind in sources and batch_sizes.get(kind, 0) > 0
+        }
         if not self.batch_sizes:
-            raise ValueError(f"No kind has both a source and a batch size: sources {sorted(sources)}, batch sizes {batch_sizes}.")
+            raise ValueError(
+                f"No kind has both a source and a batch size: sources {sorted(sources)}, batch sizes {batch_sizes}."
+            )
         self.tokenizer = tokenizer
         self.max_text_length = max_text_length
         self.grid = image_size // patch_size
         self.num_masked_patches = num_masked_patches
         # Precomputed codes fix the crop: the model sees what encode_images.py gave the tokenizer (see CenterView).
-        self.codes = ("image" in self.batch_sizes and not isinstance(sources["image"], Shards)
-                      and "codes" in sources["image"].column_names)
-        if self.codes and sources["image"].features["codes"].length != self.grid ** 2:
-            raise ValueError(f"The image codes have {sources['image'].features['codes'].length} codes per image but the model's "
-                             f"{image_size} px images have {self.grid}x{self.grid} patches of {patch_size} px.")
-        self.views = (CenterView(image_size, color_jitter=color_jitter) if self.codes else
-                      TwoViewTransform(model_size=image_size, tokenizer_size=tokenizer_image_size or image_size, scale=crop_scale,
-                                       color_jitter=color_jitter))
-        self.pair_view = TwoViewTransform(model_size=image_size, tokenizer_size=tokenizer_image_size or image_size,
-                                          scale=tuple(pair_crop_scale), color_jitter=0.0, hflip=pair_hflip)
-        self.maskers = {kind: text_masker(tokenizer, prob, seed=seed) for kind, prob in (("text", text_mask_prob), ("pair", pair_mask_prob))
-                        if kind in self.batch_sizes}
+        self.codes = (
+            "image" in self.batch_sizes
+            and not isinstance(sources["image"], Shards)
+            and "codes" in sources["image"].column_names
+        )
+        if self.codes and sources["image"].features["codes"].length != self.grid**2:
+            raise ValueError(
+                f"The image codes have {sources['image'].features['codes'].length} codes per image but the model's "
+                f"{image_size} px images have {self.grid}x{self.grid} patches of {patch_size} px."
+            )
+        self.views = (
+            CenterView(image_size, color_jitter=color_jitter)
+            if self.codes
+            else TwoViewTransform(
+                model_size=image_size,
+                tokenizer_size=tokenizer_image_size or image_size,
+                scale=crop_scale,
+                color_jitter=color_jitter,
+            )
+        )
+        self.pair_view = TwoViewTransform(
+            model_size=image_size,
+            tokenizer_size=tokenizer_image_size or image_size,
+            scale=tuple(pair_crop_scale),
+            color_jitter=0.0,
+            hflip=pair_hflip,
+        )
+        self.maskers = {
+            kind: text_masker(tokenizer, prob, seed=seed)
+            for kind, prob in (("text", text_mask_prob), ("pair", pair_mask_prob))
+            if kind in self.batch_sizes
+        }
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.start_step, self.num_steps = start_step, num_steps
         if itm_negatives and self.batch_sizes.get("pair", 0) < 2:
-            raise ValueError("itm_negatives needs pair batches of 2 or more: a hard negative is another pair of the same batch.")
+            raise ValueError(
+                "itm_negatives needs pair batches of 2 or more: a hard negative is another pair of the same batch."
+            )
         self.itm_pairs = max(1, round(itm_negatives * self.batch_sizes["pair"])) if itm_negatives else 0
 
     def __len__(self) -> int:
@@ -396,8 +518,12 @@ class PretrainingBatches(torch.utils.data.Dataset):
 
     @lru_cache(maxsize=8)
     def _permutation(self, kind: str, epoch: int) -> np.ndarray:
-        order = np.random.default_rng(mixed_seed(self.seed, KINDS.index(kind), epoch)).permutation(len(self.sources[kind]))
-        return order.astype(np.int32) if len(order) < 2 ** 31 else order  # 4 bytes a sample: the order of a big corpus stays small
+        order = np.random.default_rng(mixed_seed(self.seed, KINDS.index(kind), epoch)).permutation(
+            len(self.sources[kind])
+        )
+        return (
+            order.astype(np.int32) if len(order) < 2**31 else order
+        )  # 4 bytes a sample: the order of a big corpus stays small
 
     def _global_position(self, kind: str, step: int, slot: int, shift: int = 0) -> int:
         """The slot's place in the kind's global order; ``shift`` walks on to replace corrupt images."""
@@ -421,8 +547,10 @@ class PretrainingBatches(torch.utils.data.Dataset):
         sample = next(self.streams[kind])
         image, text = pair_of(sample)
         if image is None or (kind == "pair" and (text is None or not _has_text({"text": text}))):
-            logger.warning(f"{sample['__key__']} in {sample['__url__']} has no {'image' if image is None else 'caption'} "
-                  "(skipped: the next sample of the stream takes its place)")
+            logger.warning(
+                f"{sample['__key__']} in {sample['__url__']} has no {'image' if image is None else 'caption'} "
+                "(skipped: the next sample of the stream takes its place)"
+            )
             return None, position
         return {"path": f"{sample['__key__']} in {sample['__url__']}", "image_bytes": image, "text": text}, position
 
@@ -448,13 +576,24 @@ class PretrainingBatches(torch.utils.data.Dataset):
                 logger.warning(f"{error} (skipped: the next image of the stream takes its place)")
                 continue
             if "codes" in record and record["codes"][0] < 0:
-                raise RuntimeError(f"{record['path']} has no precomputed codes (it could not be read when training started) but "
-                                   "reads now; run tokenizers/encode_images.py on the image folder again.")
-            return view(image, rng=random.Random(mixed_seed(self.seed, KINDS.index(kind), position))), record, shift, position
-        raise RuntimeError(f"{MAX_REPLACEMENTS} images in a row could not be read from the {kind} source; check the data.")
+                raise RuntimeError(
+                    f"{record['path']} has no precomputed codes (it could not be read when training started) but "
+                    "reads now; run tokenizers/encode_images.py on the image folder again."
+                )
+            return (
+                view(image, rng=random.Random(mixed_seed(self.seed, KINDS.index(kind), position))),
+                record,
+                shift,
+                position,
+            )
+        raise RuntimeError(
+            f"{MAX_REPLACEMENTS} images in a row could not be read from the {kind} source; check the data."
+        )
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"))  # to the longest
+        return dict(
+            self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt")
+        )  # to the longest
 
     def _masked_text(self, kind: str, encoded: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         masker = self.maskers[kind]
@@ -462,13 +601,17 @@ class PretrainingBatches(torch.utils.data.Dataset):
         input_ids, labels = mask_text_tokens(masker, encoded["input_ids"], encoded["attention_mask"])
         return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
 
-    def _matching_batch(self, images: torch.Tensor, texts: list[str], encoded: dict[str, torch.Tensor], step: int) -> dict:
+    def _matching_batch(
+        self, images: torch.Tensor, texts: list[str], encoded: dict[str, torch.Tensor], step: int
+    ) -> dict:
         """The ``itm`` batch of step ``step`` from its pair batch (see the class docstring)."""
         ids = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -1)
         sets = torch.zeros(len(texts), int(ids.max()) + 1, dtype=torch.bool)  # row i: the token ids text i holds
         for row, tokens in enumerate(ids):
             sets[row, tokens[tokens >= 0]] = True
-        overlap = (sets[:, None] & sets[None]).sum(-1).float() / (sets[:, None] | sets[None]).sum(-1).clamp(min=1).float()
+        overlap = (sets[:, None] & sets[None]).sum(-1).float() / (sets[:, None] | sets[None]).sum(-1).clamp(
+            min=1
+        ).float()
         # Never the same text (the diagonal too), nor a caption with every token of this one: it may well describe
         # the same thing ("a red circle" and "a big red circle on the left").
         not_negative = torch.tensor([[a == b for b in texts] for a in texts]) | ~(sets[:, None] & ~sets[None]).any(-1)
@@ -481,8 +624,12 @@ class PretrainingBatches(torch.utils.data.Dataset):
         negatives = torch.multinomial(weights.masked_fill(~usable[:, None], 1.0), 1, generator=generator).squeeze(1)
         negatives = torch.where(usable, negatives, torch.arange(k))
         labels = torch.cat([torch.ones(k, dtype=torch.long), (~usable).long()])
-        return {"pixel_values": torch.cat([images[:k], images[negatives]]), "input_ids": encoded["input_ids"][:k].repeat(2, 1),
-                "attention_mask": encoded["attention_mask"][:k].repeat(2, 1), "itm_labels": labels}
+        return {
+            "pixel_values": torch.cat([images[:k], images[negatives]]),
+            "input_ids": encoded["input_ids"][:k].repeat(2, 1),
+            "attention_mask": encoded["attention_mask"][:k].repeat(2, 1),
+            "itm_labels": labels,
+        }
 
     def __getitem__(self, index: int) -> dict:
         if self.streams is not None:
@@ -495,8 +642,9 @@ class PretrainingBatches(torch.utils.data.Dataset):
             model_views, tokenizer_views, labels, masks = [], [], [], []
             self._prefetch("image", step)
             for slot in range(self.batch_sizes["image"]):
-                views, record, shift, position = self._image_sample("image", step, slot,
-                                                                    self.views if self.codes else self.views.crops)
+                views, record, shift, position = self._image_sample(
+                    "image", step, slot, self.views if self.codes else self.views.crops
+                )
                 skipped[0] += shift
                 if self.codes:  # the codes of the image actually used, a replacement's included
                     model_views.append(views)
@@ -504,7 +652,9 @@ class PretrainingBatches(torch.utils.data.Dataset):
                 else:
                     model_views.append(views[0])
                     tokenizer_views.append(views[1])
-                masks.append(BlockMaskGenerator(self.grid, self.num_masked_patches, seed=mixed_seed(self.seed, 7, position))())
+                masks.append(
+                    BlockMaskGenerator(self.grid, self.num_masked_patches, seed=mixed_seed(self.seed, 7, position))()
+                )
             if self.codes:
                 batch["image"] = {"pixel_values": torch.stack(model_views), "image_labels": torch.stack(labels)}
             else:  # uint8 crops, converted and normalized for the whole batch at once
@@ -520,8 +670,10 @@ class PretrainingBatches(torch.utils.data.Dataset):
                         texts.append(sample["text"])
                     elif sample["text"] is None:  # (empty lines are left out silently, as without streaming)
                         skipped[1] += 1
-                        logger.warning(f"{sample['__url__']} at {sample['__key__']} is not a text line (not UTF-8, or a jsonl line "
-                              "without a string text); skipped")
+                        logger.warning(
+                            f"{sample['__url__']} at {sample['__key__']} is not a text line (not UTF-8, or a jsonl line "
+                            "without a string text); skipped"
+                        )
             else:
                 self._prefetch("text", step)
                 texts = [record["text"] for record in self._prefetched["text"][1]]
@@ -530,16 +682,22 @@ class PretrainingBatches(torch.utils.data.Dataset):
             images, texts = [], []
             self._prefetch("pair", step)
             for slot in range(self.batch_sizes["pair"]):
-                (model_view, _), record, shift, _ = self._image_sample("pair", step, slot,
-                                                                       lambda image, rng: self.pair_view.crops(image, tokenizer_view=False, rng=rng))
+                (model_view, _), record, shift, _ = self._image_sample(
+                    "pair", step, slot, lambda image, rng: self.pair_view.crops(image, tokenizer_view=False, rng=rng)
+                )
                 skipped[2] += shift
                 images.append(model_view)
                 texts.append(record["text"])
             encoded = self._tokenize(texts)
-            batch["pair"] = {"pixel_values": self.pair_view.finish(torch.stack(images))[0], **self._masked_text("pair", encoded, step)}
+            batch["pair"] = {
+                "pixel_values": self.pair_view.finish(torch.stack(images))[0],
+                **self._masked_text("pair", encoded, step),
+            }
             if self.itm_pairs:
                 batch["itm"] = self._matching_batch(batch["pair"]["pixel_values"], texts, encoded, step)
-        batch["counts"] = {f"skipped_{kind}": int(count) for kind, count in zip(KINDS, skipped) if kind in self.batch_sizes}
+        batch["counts"] = {
+            f"skipped_{kind}": int(count) for kind, count in zip(KINDS, skipped) if kind in self.batch_sizes
+        }
         return batch
 
 
@@ -559,39 +717,64 @@ class StreamingPretrainingBatches(PretrainingBatches, torch.utils.data.IterableD
 
     def __init__(self, *args, num_workers: int = 0, positions: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.num_workers, self.workers = num_workers, max(1, num_workers)  # (0 workers: one stream, read in this process)
+        self.num_workers, self.workers = (
+            num_workers,
+            max(1, num_workers),
+        )  # (0 workers: one stream, read in this process)
         self.positions = (positions or {}).get("streams", {})
         saved = (positions or {}).get("workers", self.workers)
         if saved != self.workers:
-            raise ValueError(f"The checkpoint's stream positions were taken with {saved} data-loader workers per process; this "
-                             f"run has {self.workers}. Resume with train.num_workers={saved if saved > 1 else 0}: the streams "
-                             "are split by worker, so another count would read other samples.")
+            raise ValueError(
+                f"The checkpoint's stream positions were taken with {saved} data-loader workers per process; this "
+                f"run has {self.workers}. Resume with train.num_workers={saved if saved > 1 else 0}: the streams "
+                "are split by worker, so another count would read other samples."
+            )
         self.streamed = [kind for kind in self.batch_sizes if isinstance(self.sources[kind], Shards)]
         # The units a stream reads whole: shards, or pieces of the text files (enough of them for every stream).
-        self.units = {kind: text_pieces(self.sources[kind], self.world_size * self.workers) if kind == "text" else self.sources[kind]
-                      for kind in self.streamed}
+        self.units = {
+            kind: text_pieces(self.sources[kind], self.world_size * self.workers)
+            if kind == "text"
+            else self.sources[kind]
+            for kind in self.streamed
+        }
         for kind in self.streamed:  # here, before training, rather than in the loader workers
-            check_stream_count(len(self.units[kind]), self.world_size * self.workers, kind,
-                               f"{self.world_size} processes x {self.workers} loader workers")
+            check_stream_count(
+                len(self.units[kind]),
+                self.world_size * self.workers,
+                kind,
+                f"{self.world_size} processes x {self.workers} loader workers",
+            )
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         if (info.num_workers if info is not None else 1) != self.workers:
-            raise ValueError(f"StreamingPretrainingBatches(num_workers={self.num_workers}) is read by a loader "
-                             f"with {info.num_workers if info else 0} workers; give both the same number.")
+            raise ValueError(
+                f"StreamingPretrainingBatches(num_workers={self.num_workers}) is read by a loader "
+                f"with {info.num_workers if info else 0} workers; give both the same number."
+            )
         first = self.start_step + worker
         remainder = first % self.workers
         streams = self.world_size * self.workers
-        self.streams = {kind: ShardStream(self.units[kind], self.seed, KINDS.index(kind), self.rank * self.workers + remainder, streams,
-                                          self.positions.get(f"{kind}/{remainder}"),
-                                          read=text_samples if kind == "text" else shard_samples)
-                        for kind in self.streamed}
+        self.streams = {
+            kind: ShardStream(
+                self.units[kind],
+                self.seed,
+                KINDS.index(kind),
+                self.rank * self.workers + remainder,
+                streams,
+                self.positions.get(f"{kind}/{remainder}"),
+                read=text_samples if kind == "text" else shard_samples,
+            )
+            for kind in self.streamed
+        }
         unreadable = 0
         for step in range(first, self.start_step + self.num_steps, self.workers):
             batch = self._batch(step)
             now = sum(stream.unreadable_shards for stream in self.streams.values())
             batch["counts"]["unreadable_shards"], unreadable = now - unreadable, now
-            batch["data_state"] = {"workers": self.workers,
-                                   "streams": {f"{kind}/{remainder}": dict(stream.position) for kind, stream in self.streams.items()}}
+            batch["data_state"] = {
+                "workers": self.workers,
+                "streams": {f"{kind}/{remainder}": dict(stream.position) for kind, stream in self.streams.items()},
+            }
             yield batch

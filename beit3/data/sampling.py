@@ -34,8 +34,17 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
     (evaluation) the order is the dataset's own and a single pass is given, the last batch short.
     """
 
-    def __init__(self, dataset_size: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start_step: int = 0, num_steps: int | None = None, shuffle: bool = True):
+    def __init__(
+        self,
+        dataset_size: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        num_steps: int | None = None,
+        shuffle: bool = True,
+    ):
         if dataset_size == 0:
             raise ValueError("The dataset is empty: check its files and split.")
         self.size, self.batch_size, self.seed = dataset_size, batch_size, seed

@@ -54,12 +54,16 @@ def is_url(shard: str) -> bool:
     return "://" in shard or shard.startswith("pipe:")
 
 
-def check_stream_count(units: int, streams: int, kind: str = "", split: str = "processes x data-loader workers") -> None:
+def check_stream_count(
+    units: int, streams: int, kind: str = "", split: str = "processes x data-loader workers"
+) -> None:
     """Every stream reads whole shards: ``units`` shards (or text pieces) must feed ``streams`` streams (``split``)."""
     if units < streams:
-        raise ValueError(f"{units} {kind + ' ' if kind else ''}shards cannot feed {streams} streams ({split}): every stream "
-                         "reads whole shards. Write more, smaller shards (tasks/make_shards.py --shard-size), or use fewer "
-                         "processes or train.num_workers.")
+        raise ValueError(
+            f"{units} {kind + ' ' if kind else ''}shards cannot feed {streams} streams ({split}): every stream "
+            "reads whole shards. Write more, smaller shards (tasks/make_shards.py --shard-size), or use fewer "
+            "processes or train.num_workers."
+        )
 
 
 def open_shard(url: str):
@@ -72,7 +76,9 @@ def open_shard(url: str):
     try:
         import fsspec
     except ImportError as error:
-        raise OSError(f"{url}: reading {scheme}:// URLs needs fsspec and its {scheme} package (e.g. s3fs, gcsfs)") from error
+        raise OSError(
+            f"{url}: reading {scheme}:// URLs needs fsspec and its {scheme} package (e.g. s3fs, gcsfs)"
+        ) from error
     return fsspec.open(url, "rb").open()
 
 
@@ -114,7 +120,7 @@ def pair_of(sample: dict) -> tuple[bytes | None, str | None]:
 
 
 # Big text files are streamed in pieces of about this many bytes (fewer bytes when the streams need more pieces).
-TEXT_PIECE_BYTES = 64 * 2 ** 20
+TEXT_PIECE_BYTES = 64 * 2**20
 
 
 def text_pieces(files: list[str], min_pieces: int) -> list[tuple[str, int, int]]:
@@ -167,10 +173,25 @@ class ShardStream:
     pieces of text files. Unreadable shards are skipped, named on stderr and counted in ``unreadable_shards``.
     """
 
-    def __init__(self, shards: list, seed: int, kind: int, stream: int, streams: int, position: dict | None = None,
-                 read=shard_samples):
+    def __init__(
+        self,
+        shards: list,
+        seed: int,
+        kind: int,
+        stream: int,
+        streams: int,
+        position: dict | None = None,
+        read=shard_samples,
+    ):
         check_stream_count(len(shards), streams)
-        self.shards, self.seed, self.kind, self.stream, self.streams, self.read = shards, seed, kind, stream, streams, read
+        self.shards, self.seed, self.kind, self.stream, self.streams, self.read = (
+            shards,
+            seed,
+            kind,
+            stream,
+            streams,
+            read,
+        )
         self.position = dict(position or {"epoch": 0, "shard": 0, "offset": 0})
         self.unreadable_shards = 0
         self._samples: Iterator[dict] | None = None
@@ -178,12 +199,14 @@ class ShardStream:
     @lru_cache(maxsize=2)  # asked for every sample: a permutation of every shard is not free at 100k shards
     def _mine(self, epoch: int) -> np.ndarray:
         order = np.random.default_rng(mixed_seed(self.seed, self.kind, epoch)).permutation(len(self.shards))
-        return order[self.stream::self.streams]
+        return order[self.stream :: self.streams]
 
     def _on_error(self, url: str, error: Exception) -> None:
         self.unreadable_shards += 1
-        logger.warning(f"shard {url} could not be read to the end ({type(error).__name__}: {error}); skipped, the stream "
-              "goes on with its next shard")
+        logger.warning(
+            f"shard {url} could not be read to the end ({type(error).__name__}: {error}); skipped, the stream "
+            "goes on with its next shard"
+        )
 
     def __next__(self) -> dict:
         for _ in range(2 * len(self._mine(self.position["epoch"])) + 2):  # two whole passes without a sample: give up
@@ -202,8 +225,10 @@ class ShardStream:
             if shard == len(self._mine(epoch)):
                 epoch, shard = epoch + 1, 0
             self.position = {"epoch": epoch, "shard": shard, "offset": 0}
-        raise RuntimeError(f"stream {self.stream} of {self.streams} read no sample from its shards in two passes "
-                           f"(e.g. {self.shards[self._mine(self.position['epoch'])[0]]}); check that the shards exist and hold samples.")
+        raise RuntimeError(
+            f"stream {self.stream} of {self.streams} read no sample from its shards in two passes "
+            f"(e.g. {self.shards[self._mine(self.position['epoch'])[0]]}); check that the shards exist and hold samples."
+        )
 
     def __iter__(self) -> ShardStream:
         return self

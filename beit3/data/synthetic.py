@@ -29,10 +29,21 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 50, 50), "green": (60, 180, 75), "blue": (50, 90, 220), "yellow": (235, 210, 40),
-          "purple": (150, 70, 190), "white": (235, 235, 235)}
+COLORS = {
+    "red": (220, 50, 50),
+    "green": (60, 180, 75),
+    "blue": (50, 90, 220),
+    "yellow": (235, 210, 40),
+    "purple": (150, 70, 190),
+    "white": (235, 235, 235),
+}
 KINDS = ("circle", "square", "triangle")
-SLOTS = {"on the left": (0.25, 0.5), "on the right": (0.75, 0.5), "at the top": (0.5, 0.25), "at the bottom": (0.5, 0.75)}
+SLOTS = {
+    "on the left": (0.25, 0.5),
+    "on the right": (0.75, 0.5),
+    "at the top": (0.5, 0.25),
+    "at the bottom": (0.5, 0.75),
+}
 SIZES = {"small": 0.12, "big": 0.2}
 CLASSES = tuple(f"{color}_{kind}" for color in COLORS for kind in KINDS)  # the 18 classification classes
 
@@ -40,7 +51,10 @@ CLASSES = tuple(f"{color}_{kind}" for color in COLORS for kind in KINDS)  # the 
 def random_scene(rng: random.Random) -> list[dict]:
     """One to three shapes in distinct slots: [{"kind", "color", "size", "slot"}]."""
     slots = rng.sample(list(SLOTS), rng.randint(1, 3))
-    return [{"kind": rng.choice(KINDS), "color": rng.choice(list(COLORS)), "size": rng.choice(list(SIZES)), "slot": slot} for slot in slots]
+    return [
+        {"kind": rng.choice(KINDS), "color": rng.choice(list(COLORS)), "size": rng.choice(list(SIZES)), "slot": slot}
+        for slot in slots
+    ]
 
 
 def draw_scene(scene: list[dict], size: int = 64, rng: random.Random | None = None) -> Image.Image:
@@ -96,12 +110,13 @@ def write_shapes_world(folder: str | Path, num_images: int, seed: int = 0, size:
 
 # --- VQA questions: each is (question, answer), answerable from the image alone; answers are in VQA's normalized form.
 
+
 def _slot_word(slot: str) -> str:
     return slot.split()[-1]  # "on the left" -> "left"
 
 
 def _color_question(scene, rng, want_yes):
-    """"what color is the circle?" (exactly one circle) or "what color is the shape on the left?"."""
+    """ "what color is the circle?" (exactly one circle) or "what color is the shape on the left?"."""
     options = [(f"what color is the shape {s['slot']}?", s["color"]) for s in scene]
     for kind in KINDS:
         shapes = [s for s in scene if s["kind"] == kind]
@@ -111,13 +126,13 @@ def _color_question(scene, rng, want_yes):
 
 
 def _kind_question(scene, rng, want_yes):
-    """"what shape is on the left?"."""
+    """ "what shape is on the left?"."""
     shape = rng.choice(scene)
     return f"what shape is {shape['slot']}?", shape["kind"]
 
 
 def _count_question(scene, rng, want_yes):
-    """"how many shapes are there?" (1-3) or "how many red shapes are there?" (0-3; half the time a color that is there)."""
+    """ "how many shapes are there?" (1-3) or "how many red shapes are there?" (0-3; half the time a color that is there)."""
     if rng.random() < 0.5:
         return "how many shapes are there?", str(len(scene))
     color = rng.choice(scene)["color"] if rng.random() < 0.5 else rng.choice(list(COLORS))
@@ -125,9 +140,11 @@ def _count_question(scene, rng, want_yes):
 
 
 def _position_question(scene, rng, want_yes):
-    """"where is the big red circle?" or "where is the red circle?" -> left/right/top/bottom, when that names one shape."""
+    """ "where is the big red circle?" or "where is the red circle?" -> left/right/top/bottom, when that names one shape."""
+
     def name(s, full):
         return f"{s['size']} {s['color']} {s['kind']}" if full else f"{s['color']} {s['kind']}"
+
     full = rng.random() < 0.5
     unique = [s for s in scene if sum(name(t, full) == name(s, full) for t in scene) == 1]
     if not unique:
@@ -137,7 +154,7 @@ def _position_question(scene, rng, want_yes):
 
 
 def _yes_no_question(scene, rng, want_yes):
-    """"is there a blue square?": a color and kind that is there (yes) or is not (no)."""
+    """ "is there a blue square?": a color and kind that is there (yes) or is not (no)."""
     present = sorted({(s["color"], s["kind"]) for s in scene})
     if want_yes:
         color, kind = rng.choice(present)
@@ -171,13 +188,16 @@ def scene_questions(scene: list[dict], rng: random.Random, count: int, yes_no_st
         if kind == "yes/no":
             yes_no_state[0] = not yes_no_state[0]
         seen.add(made[0])
-        questions.append({"question": made[0], "answer": made[1], "question_type": question_type, "answer_type": answer_type})
+        questions.append(
+            {"question": made[0], "answer": made[1], "question_type": question_type, "answer_type": answer_type}
+        )
     if len(questions) < count:
         raise ValueError(f"Could not ask {count} different questions about the scene {scene}.")
     return questions
 
 
 # --- NLVR2 statements about a pair of scenes, made true or false as asked (None: the pair does not allow it; draw another).
+
 
 def _attributes(scene, level: str) -> set[str]:
     """What "has a ..." can name: "red circle" (full), "red shape" (color) or "circle" (kind)."""
@@ -195,7 +215,7 @@ def _pick(rng, options):
 
 
 def _side_statement(left, right, rng, label):
-    """"the left image has a red circle" / "the right image has a blue shape"."""
+    """ "the left image has a red circle" / "the right image has a blue shape"."""
     level, side = rng.choice(list(_ALL_ATTRIBUTES)), rng.choice(["left", "right"])
     present = _attributes(left if side == "left" else right, level)
     attribute = _pick(rng, present if label else _ALL_ATTRIBUTES[level] - present)
@@ -203,7 +223,7 @@ def _side_statement(left, right, rng, label):
 
 
 def _both_statement(left, right, rng, label):
-    """"both images have a square"; when false, mostly one image has it."""
+    """ "both images have a square"; when false, mostly one image has it."""
     level = rng.choice(list(_ALL_ATTRIBUTES))
     a, b = _attributes(left, level), _attributes(right, level)
     attribute = _pick(rng, a & b) if label else _pick(rng, a ^ b) or _pick(rng, _ALL_ATTRIBUTES[level] - (a | b))
@@ -211,7 +231,7 @@ def _both_statement(left, right, rng, label):
 
 
 def _more_statement(left, right, rng, label):
-    """"there are more shapes in the left image than in the right image" (the counts differ)."""
+    """ "there are more shapes in the left image than in the right image" (the counts differ)."""
     if len(left) == len(right):
         return None
     more, fewer = ("left", "right") if len(left) > len(right) else ("right", "left")
@@ -220,14 +240,19 @@ def _more_statement(left, right, rng, label):
 
 
 def _neither_statement(left, right, rng, label):
-    """"neither image has a green triangle"."""
+    """ "neither image has a green triangle"."""
     level = rng.choice(list(_ALL_ATTRIBUTES))
     present = _attributes(left, level) | _attributes(right, level)
     attribute = _pick(rng, _ALL_ATTRIBUTES[level] - present if label else present)
     return attribute and f"neither image has a {attribute}"
 
 
-STATEMENT_KINDS = {"side": _side_statement, "both": _both_statement, "more": _more_statement, "neither": _neither_statement}
+STATEMENT_KINDS = {
+    "side": _side_statement,
+    "both": _both_statement,
+    "more": _more_statement,
+    "neither": _neither_statement,
+}
 # Half the statements are about one named image: grounding that a short fine-tuning can learn; the other half
 # ask to relate both images (both, more, neither), as NLVR2 does.
 STATEMENT_WEIGHTS = {"side": 3, "both": 1, "more": 1, "neither": 1}
@@ -272,22 +297,44 @@ def _write_coco_and_vqa(folder: Path, seed: int, size: int, counts: dict[str, in
             for raw in (caption(scene), second_caption(scene)):
                 sentences.append({"tokens": raw.split(), "raw": raw, "imgid": imgid, "sentid": sentence_id})
                 sentence_id += 1
-            karpathy.append({"filepath": image_folder, "sentids": [s["sentid"] for s in sentences], "filename": filename,
-                             "imgid": imgid, "split": split, "sentences": sentences, "cocoid": image_id})
+            karpathy.append(
+                {
+                    "filepath": image_folder,
+                    "sentids": [s["sentid"] for s in sentences],
+                    "filename": filename,
+                    "imgid": imgid,
+                    "split": split,
+                    "sentences": sentences,
+                    "cocoid": image_id,
+                }
+            )
             if split == "test":
                 continue  # VQA questions only on the train and val images
             for k, q in enumerate(scene_questions(scene, question_rng, questions_per_image, yes_no_state)):
                 question_id = image_id * 1000 + k
                 questions.append({"image_id": image_id, "question": q["question"], "question_id": question_id})
-                annotations.append({"question_type": q["question_type"], "multiple_choice_answer": q["answer"],
-                                    "answers": [{"answer": q["answer"], "answer_confidence": "yes", "answer_id": n} for n in range(1, 11)],
-                                    "image_id": image_id, "answer_type": q["answer_type"], "question_id": question_id})
+                annotations.append(
+                    {
+                        "question_type": q["question_type"],
+                        "multiple_choice_answer": q["answer"],
+                        "answers": [
+                            {"answer": q["answer"], "answer_confidence": "yes", "answer_id": n} for n in range(1, 11)
+                        ],
+                        "image_id": image_id,
+                        "answer_type": q["answer_type"],
+                        "question_id": question_id,
+                    }
+                )
         if split != "test":
             subtype = f"{split}2014"
-            _write_json(vqa / f"v2_OpenEnded_mscoco_{subtype}_questions.json",
-                        {"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": subtype, "questions": questions})
-            _write_json(vqa / f"v2_mscoco_{subtype}_annotations.json",
-                        {"data_type": "mscoco", "data_subtype": subtype, "annotations": annotations})
+            _write_json(
+                vqa / f"v2_OpenEnded_mscoco_{subtype}_questions.json",
+                {"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": subtype, "questions": questions},
+            )
+            _write_json(
+                vqa / f"v2_mscoco_{subtype}_annotations.json",
+                {"data_type": "mscoco", "data_subtype": subtype, "annotations": annotations},
+            )
     _write_json(coco / "dataset_coco.json", {"images": karpathy, "dataset": "coco"})
 
 
@@ -320,9 +367,20 @@ def _write_image_folder(root: Path, seed: int, size: int, split: str, count: int
         draw_scene(scene, size, rng).save(root / name / f"{i:05d}.png")
 
 
-def write_task_world(folder, seed: int = 0, size: int = 64, pretrain_images: int = 8000, train_images: int = 1500,
-                     val_images: int = 250, test_images: int = 250, nlvr2_train: int = 2000, nlvr2_dev: int = 250,
-                     classification_train: int = 1000, classification_val: int = 250, questions_per_image: int = 3) -> dict[str, Path]:
+def write_task_world(
+    folder,
+    seed: int = 0,
+    size: int = 64,
+    pretrain_images: int = 8000,
+    train_images: int = 1500,
+    val_images: int = 250,
+    test_images: int = 250,
+    nlvr2_train: int = 2000,
+    nlvr2_dev: int = 250,
+    classification_train: int = 1000,
+    classification_val: int = 250,
+    questions_per_image: int = 3,
+) -> dict[str, Path]:
     """Writes the shapes world in the standard dataset formats (see the module docstring) into ``folder``.
 
     Each part draws from its own generator, seeded from ``seed`` and the part's name, so the same seed
@@ -346,9 +404,17 @@ def write_task_world(folder, seed: int = 0, size: int = 64, pretrain_images: int
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    counts = {"pretrain_images": pretrain_images, "train_images": train_images, "val_images": val_images, "test_images": test_images,
-              "nlvr2_train": nlvr2_train, "nlvr2_dev": nlvr2_dev, "classification_train": classification_train,
-              "classification_val": classification_val, "questions_per_image": questions_per_image}
+    counts = {
+        "pretrain_images": pretrain_images,
+        "train_images": train_images,
+        "val_images": val_images,
+        "test_images": test_images,
+        "nlvr2_train": nlvr2_train,
+        "nlvr2_dev": nlvr2_dev,
+        "classification_train": classification_train,
+        "classification_val": classification_val,
+        "questions_per_image": questions_per_image,
+    }
     pretrain = write_shapes_world(folder / "pretrain", pretrain_images, seed=seed, size=size)
     _write_coco_and_vqa(folder, seed, size, counts, questions_per_image)
     _write_nlvr2(folder / "nlvr2", seed, size, "train", nlvr2_train)
@@ -358,12 +424,20 @@ def write_task_world(folder, seed: int = 0, size: int = 64, pretrain_images: int
     record = {"seed": seed, "size": size, "counts": counts, "classes": list(CLASSES)}
     (folder / "world.json").write_text(json.dumps(record, indent=2) + "\n")
     vqa = folder / "vqa"
-    return {"pretrain_images": pretrain["images"], "pretrain_texts": pretrain["texts"], "pretrain_pairs": pretrain["pairs"],
-            "coco_root": folder / "coco", "karpathy": folder / "coco" / "dataset_coco.json",
-            "vqa_train_questions": vqa / "v2_OpenEnded_mscoco_train2014_questions.json",
-            "vqa_train_annotations": vqa / "v2_mscoco_train2014_annotations.json",
-            "vqa_val_questions": vqa / "v2_OpenEnded_mscoco_val2014_questions.json",
-            "vqa_val_annotations": vqa / "v2_mscoco_val2014_annotations.json",
-            "nlvr2_train": folder / "nlvr2" / "train.json", "nlvr2_train_images": folder / "nlvr2" / "images" / "train",
-            "nlvr2_dev": folder / "nlvr2" / "dev.json", "nlvr2_dev_images": folder / "nlvr2" / "images" / "dev",
-            "imagenet_train": folder / "imagenet" / "train", "imagenet_val": folder / "imagenet" / "val"}
+    return {
+        "pretrain_images": pretrain["images"],
+        "pretrain_texts": pretrain["texts"],
+        "pretrain_pairs": pretrain["pairs"],
+        "coco_root": folder / "coco",
+        "karpathy": folder / "coco" / "dataset_coco.json",
+        "vqa_train_questions": vqa / "v2_OpenEnded_mscoco_train2014_questions.json",
+        "vqa_train_annotations": vqa / "v2_mscoco_train2014_annotations.json",
+        "vqa_val_questions": vqa / "v2_OpenEnded_mscoco_val2014_questions.json",
+        "vqa_val_annotations": vqa / "v2_mscoco_val2014_annotations.json",
+        "nlvr2_train": folder / "nlvr2" / "train.json",
+        "nlvr2_train_images": folder / "nlvr2" / "images" / "train",
+        "nlvr2_dev": folder / "nlvr2" / "dev.json",
+        "nlvr2_dev_images": folder / "nlvr2" / "images" / "dev",
+        "imagenet_train": folder / "imagenet" / "train",
+        "imagenet_val": folder / "imagenet" / "val",
+    }

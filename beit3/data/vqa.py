@@ -25,40 +25,181 @@ from pathlib import Path
 
 import torch
 
-from .common import DatasetRecords, check_images_exist, encode_text, load_rgb, read_json, read_jsonl, require_text, transform_image
+from .common import (
+    DatasetRecords,
+    check_images_exist,
+    encode_text,
+    load_rgb,
+    read_json,
+    read_jsonl,
+    require_text,
+    transform_image,
+)
 
 # The official VQA evaluation's normalizer (vqaEval.py), which ViLT's glossary.py and BEiT-3 copy.
-_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PUNCTUATION = [
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+]
 # The official pattern is "(?!<=\d)(\.)(?!\d)": a typo for a look-behind, so it only keeps periods followed by a digit.
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
-            "eight": "8", "nine": "9", "ten": "10"}
+_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = {"a", "an", "the"}
 # Keys with capitals (Im, Ive, Id've, I'dve) never match after lower-casing; kept as the official table has them.
 _CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't", "couldn'tve": "couldn't've",
-    "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've",
-    "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
-    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
-    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
-    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
-    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
-    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
-    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
-    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
-    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's",
-    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
-    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've",
-    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
-    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
-    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all",
-    "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
 # Score of an answer given by n of the 10 annotators (BEiT-3/ViLT; not min(1, n / 3)).
 _SCORE_TABLE = (0.0, 0.3, 0.6, 0.9)
@@ -109,7 +250,9 @@ class VqaRecord:
     answers: list[str] = field(default_factory=list)
     image_id: int | None = None
     text_ids: list[int] | None = None
-    question_type: str | None = None  # the annotation's question_type ("what color is the", ...): VQA's per-type breakdown
+    question_type: str | None = (
+        None  # the annotation's question_type ("what color is the", ...): VQA's per-type breakdown
+    )
     answer: str | None = None  # the annotation's multiple_choice_answer (the most common annotator answer)
 
 
@@ -126,21 +269,28 @@ class VqaSplit:
 def _annotations(path) -> list[dict]:
     data = read_json(path)
     if not isinstance(data, dict) or "annotations" not in data:
-        raise ValueError(f"{path} is not a VQA annotation file: it needs a top-level \"annotations\" list "
-                         "(v2_mscoco_<split>_annotations.json).")
+        raise ValueError(
+            f'{path} is not a VQA annotation file: it needs a top-level "annotations" list '
+            "(v2_mscoco_<split>_annotations.json)."
+        )
     return data["annotations"]
 
 
 def build_answer_vocabulary(annotation_files: Sequence[str | os.PathLike], min_count: int = 9) -> dict[str, int]:
     """answer -> label: the normalized ``multiple_choice_answer`` seen at least ``min_count`` times over the
     files (train, then val, for the released heads: 3129 answers), labels in order of first appearance."""
-    counts = Counter(normalize_answer(a["multiple_choice_answer"]) for path in annotation_files for a in _annotations(path))
+    counts = Counter(
+        normalize_answer(a["multiple_choice_answer"]) for path in annotation_files for a in _annotations(path)
+    )
     return {answer: label for label, answer in enumerate(a for a, n in counts.items() if n >= min_count)}
 
 
 def write_answer2label(path: str | os.PathLike, answer2label: Mapping[str, int]) -> None:
     """``answer2label.txt`` as the official code writes it: one ``{"answer": ..., "label": ...}`` per line, by label."""
-    lines = (json.dumps({"answer": answer, "label": label}) for answer, label in sorted(answer2label.items(), key=lambda x: x[1]))
+    lines = (
+        json.dumps({"answer": answer, "label": label})
+        for answer, label in sorted(answer2label.items(), key=lambda x: x[1])
+    )
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -155,9 +305,11 @@ def read_answer2label(path: str | os.PathLike) -> dict[str, int]:
                 item = json.loads(line)
                 answer2label[item["answer"]] = int(item["label"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise ValueError(f"{path}:{number} is not an {{\"answer\", \"label\"}} line ({error}).") from error
+                raise ValueError(f'{path}:{number} is not an {{"answer", "label"}} line ({error}).') from error
     if sorted(answer2label.values()) != list(range(len(answer2label))):
-        raise ValueError(f"{path}: the labels are not 0..{len(answer2label) - 1}, each once; the file is damaged or not answer2label.txt.")
+        raise ValueError(
+            f"{path}: the labels are not 0..{len(answer2label) - 1}, each once; the file is damaged or not answer2label.txt."
+        )
     return answer2label
 
 
@@ -166,8 +318,14 @@ def image_folder_of(data_subtype: str) -> str:
     return "test2015" if data_subtype.startswith("test") else data_subtype
 
 
-def read_vqa(questions_file: str | os.PathLike, image_root: str | os.PathLike, annotations_file: str | os.PathLike | None = None,
-             answer2label: Mapping[str, int] | None = None, drop_unlabeled: bool = True, check_images: bool = True) -> VqaSplit:
+def read_vqa(
+    questions_file: str | os.PathLike,
+    image_root: str | os.PathLike,
+    annotations_file: str | os.PathLike | None = None,
+    answer2label: Mapping[str, int] | None = None,
+    drop_unlabeled: bool = True,
+    check_images: bool = True,
+) -> VqaSplit:
     """One split from the official files.
 
     Args:
@@ -181,32 +339,49 @@ def read_vqa(questions_file: str | os.PathLike, image_root: str | os.PathLike, a
     """
     data = read_json(questions_file)
     if not isinstance(data, dict) or "questions" not in data:
-        raise ValueError(f"{questions_file} is not a VQA question file: it needs a top-level \"questions\" list "
-                         "(v2_OpenEnded_mscoco_<split>_questions.json).")
+        raise ValueError(
+            f'{questions_file} is not a VQA question file: it needs a top-level "questions" list '
+            "(v2_OpenEnded_mscoco_<split>_questions.json)."
+        )
     subtype = data.get("data_subtype")
     if subtype is None:
         match = re.search(r"(train2014|val2014|test-dev2015|test2015)", Path(questions_file).name)
         if match is None:
-            raise ValueError(f"{questions_file} has no \"data_subtype\" and its name does not say the split; cannot find its images.")
+            raise ValueError(
+                f'{questions_file} has no "data_subtype" and its name does not say the split; cannot find its images.'
+            )
         subtype = match.group(1)
     folder = image_folder_of(subtype)
     if annotations_file is not None and answer2label is None:
-        raise ValueError("Annotations need the answer vocabulary: pass answer2label (build_answer_vocabulary or read_answer2label).")
-    by_question = {a["question_id"]: a for a in _annotations(annotations_file)} if annotations_file is not None else None
+        raise ValueError(
+            "Annotations need the answer vocabulary: pass answer2label (build_answer_vocabulary or read_answer2label)."
+        )
+    by_question = (
+        {a["question_id"]: a for a in _annotations(annotations_file)} if annotations_file is not None else None
+    )
 
     records, out_of_vocabulary, dropped = [], 0, 0
     for q in data["questions"]:
         question_id = q["question_id"]
         require_text(q.get("question"), f"Question {question_id} in {questions_file}")
-        record = VqaRecord(question_id=question_id, question=q["question"], image_id=q["image_id"],
-                           image_path=os.path.join(image_root, folder, f"COCO_{folder}_{q['image_id']:012d}.jpg"))
+        record = VqaRecord(
+            question_id=question_id,
+            question=q["question"],
+            image_id=q["image_id"],
+            image_path=os.path.join(image_root, folder, f"COCO_{folder}_{q['image_id']:012d}.jpg"),
+        )
         if by_question is not None:
             if question_id not in by_question:
-                raise ValueError(f"Question {question_id} of {questions_file} has no annotation in {annotations_file}; "
-                                 "are they files of the same split?")
+                raise ValueError(
+                    f"Question {question_id} of {questions_file} has no annotation in {annotations_file}; "
+                    "are they files of the same split?"
+                )
             annotation = by_question[question_id]
             record.answers = [a["answer"] for a in annotation["answers"]]
-            record.question_type, record.answer = annotation.get("question_type"), annotation.get("multiple_choice_answer")
+            record.question_type, record.answer = (
+                annotation.get("question_type"),
+                annotation.get("multiple_choice_answer"),
+            )
             # Raw annotator strings, not normalized, as the official recipe counts them.
             for answer, count in Counter(record.answers).items():
                 if answer in answer2label:
@@ -227,11 +402,15 @@ def _row_answers(value, column: str, row_number: int) -> list[str]:
     """A row's annotator answers: a list of strings, a list of ``{"answer": ...}`` (VQAv2's layout), or one string."""
     if isinstance(value, str):
         return [value]
-    if isinstance(value, dict) and isinstance(value.get("answer"), list):  # a datasets Sequence of dicts comes back as columns
+    if isinstance(value, dict) and isinstance(
+        value.get("answer"), list
+    ):  # a datasets Sequence of dicts comes back as columns
         value = value["answer"]
     if not isinstance(value, list | tuple) or not value:
-        raise ValueError(f"Row {row_number}: the {column!r} column holds {value!r}; give a list of answers (strings or "
-                         "{\"answer\": ...} dicts) or one answer string.")
+        raise ValueError(
+            f"Row {row_number}: the {column!r} column holds {value!r}; give a list of answers (strings or "
+            '{"answer": ...} dicts) or one answer string.'
+        )
     return [a["answer"] if isinstance(a, dict) else str(a) for a in value]
 
 
@@ -253,9 +432,18 @@ class VqaDatasetRecords(DatasetRecords):
     Rows with no vocabulary answer are left out (``drop_unlabeled``); ``question_id`` is a column or the row number.
     """
 
-    def __init__(self, dataset, answer2label: Mapping[str, int] | None = None, image: str = "image", question: str = "question",
-                 answers: str = "answers", question_id: str | None = None, question_type: str | None = None,
-                 min_count: int = 1, drop_unlabeled: bool = True):
+    def __init__(
+        self,
+        dataset,
+        answer2label: Mapping[str, int] | None = None,
+        image: str = "image",
+        question: str = "question",
+        answers: str = "answers",
+        question_id: str | None = None,
+        question_type: str | None = None,
+        min_count: int = 1,
+        drop_unlabeled: bool = True,
+    ):
         columns = {"image_path": image, "question": question, "answers": answers}
         columns.update({k: v for k, v in (("question_id", question_id), ("question_type", question_type)) if v})
         super().__init__(dataset, VqaRecord, **columns)
@@ -263,7 +451,9 @@ class VqaDatasetRecords(DatasetRecords):
         self.single = all(isinstance(value, str) for value in self.dataset[answers][:1000])
         if answer2label is None:
             counts = Counter(Counter(map(normalize_answer, row)).most_common(1)[0][0] for row in given)
-            answer2label = {answer: label for label, answer in enumerate(a for a, n in counts.items() if n >= min_count)}
+            answer2label = {
+                answer: label for label, answer in enumerate(a for a, n in counts.items() if n >= min_count)
+            }
         self.answer2label = dict(answer2label)
         kept = [n for n, row in enumerate(given) if _soft_labels(row, self.answer2label, self.single)[0]]
         self.dropped_questions = len(given) - len(kept)
@@ -274,13 +464,21 @@ class VqaDatasetRecords(DatasetRecords):
         answers = _row_answers(row[self.columns["answers"]], self.columns["answers"], row_number)
         require_text(row[self.columns["question"]], f"Row {row_number}'s question")
         labels, scores = _soft_labels(answers, self.answer2label, self.single)
-        return VqaRecord(question_id=int(row[self.columns["question_id"]]) if "question_id" in self.columns else row_number,
-                         image_path=row[self.columns["image_path"]], question=row[self.columns["question"]], labels=labels,
-                         scores=scores, answers=answers, question_type=row.get(self.columns.get("question_type", "")),
-                         answer=Counter(answers).most_common(1)[0][0])
+        return VqaRecord(
+            question_id=int(row[self.columns["question_id"]]) if "question_id" in self.columns else row_number,
+            image_path=row[self.columns["image_path"]],
+            question=row[self.columns["question"]],
+            labels=labels,
+            scores=scores,
+            answers=answers,
+            question_type=row.get(self.columns.get("question_type", "")),
+            answer=Counter(answers).most_common(1)[0][0],
+        )
 
 
-def read_vqa_index(index_file: str | os.PathLike, data_root: str | os.PathLike, check_images: bool = True) -> list[VqaRecord]:
+def read_vqa_index(
+    index_file: str | os.PathLike, data_root: str | os.PathLike, check_images: bool = True
+) -> list[VqaRecord]:
     """The official index (``vqa.{train,val,test,test-dev,trainable_val,rest_val}.jsonl``): lines
     ``{"image_path", "text_segment", "labels", "scores", "qid"}``, image paths relative to ``data_root``,
     questions as piece ids of ``beit3.spm`` (so only that tokenizer's ids fit)."""
@@ -288,15 +486,27 @@ def read_vqa_index(index_file: str | os.PathLike, data_root: str | os.PathLike, 
     records = []
     for number, row in enumerate(rows, 1):
         if not row["text_segment"]:
-            raise ValueError(f"{index_file}:{number} (question {row['qid']}) has an empty text_segment; every question needs a word.")
-        records.append(VqaRecord(question_id=row["qid"], image_path=os.path.join(data_root, row["image_path"]), question=None,
-                                 labels=list(row["labels"] or []), scores=list(row["scores"] or []), text_ids=list(row["text_segment"])))
+            raise ValueError(
+                f"{index_file}:{number} (question {row['qid']}) has an empty text_segment; every question needs a word."
+            )
+        records.append(
+            VqaRecord(
+                question_id=row["qid"],
+                image_path=os.path.join(data_root, row["image_path"]),
+                question=None,
+                labels=list(row["labels"] or []),
+                scores=list(row["scores"] or []),
+                text_ids=list(row["text_segment"]),
+            )
+        )
     if check_images:
         check_images_exist((r.image_path for r in records), f"VQA images of {Path(index_file).name}")
     return records
 
 
-def insert_answer_slot(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_id: int) -> dict[str, torch.Tensor]:
+def insert_answer_slot(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_id: int
+) -> dict[str, torch.Tensor]:
     """``<s> question </s>`` -> ``<s> question <mask> </s>``, the input of ``vqa_head="answer_slot"``: (B, T) or (T,)
     in, one longer out (every row padded alike). Right padding, as the tokenizers here give."""
     single = input_ids.dim() == 1
@@ -323,8 +533,15 @@ class VqaDataset(torch.utils.data.Dataset):
     question is cut one piece shorter so that the text stays ``max_length`` long.
     """
 
-    def __init__(self, records: Sequence[VqaRecord], image_transform, tokenizer, num_labels: int, max_length: int = 64,
-                 answer_slot: bool = False):
+    def __init__(
+        self,
+        records: Sequence[VqaRecord],
+        image_transform,
+        tokenizer,
+        num_labels: int,
+        max_length: int = 64,
+        answer_slot: bool = False,
+    ):
         self.records, self.image_transform, self.tokenizer = list(records), image_transform, tokenizer
         self.num_labels, self.max_length, self.answer_slot = num_labels, max_length, answer_slot
         if answer_slot and tokenizer.mask_token_id is None:
@@ -338,8 +555,11 @@ class VqaDataset(torch.utils.data.Dataset):
         text = encode_text(self.tokenizer, record.question, record.text_ids, self.max_length - self.answer_slot)
         if self.answer_slot:
             text = insert_answer_slot(text["input_ids"], text["attention_mask"], self.tokenizer.mask_token_id)
-        item = {"pixel_values": transform_image(self.image_transform, load_rgb(record.image_path)), **text,
-                "question_id": torch.tensor(record.question_id)}
+        item = {
+            "pixel_values": transform_image(self.image_transform, load_rgb(record.image_path)),
+            **text,
+            "question_id": torch.tensor(record.question_id),
+        }
         if record.labels or record.answers:  # annotated; test questions have neither
             labels = torch.zeros(self.num_labels)
             labels[torch.tensor(record.labels)] = torch.tensor(record.scores, dtype=torch.float)

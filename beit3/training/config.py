@@ -25,7 +25,9 @@ def _numbers(value: Any) -> Any:
     return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value) else value
 
 
-def load_config(path: str | Path, overrides: list[str] = (), declared: dict[str, set[str]] | None = None) -> dict[str, Any]:
+def load_config(
+    path: str | Path, overrides: list[str] = (), declared: dict[str, set[str]] | None = None
+) -> dict[str, Any]:
     """Reads a YAML run config and applies ``key=value`` overrides; values are parsed as YAML (``3``, ``1e-3``, ``[1, 2]``, ``true``).
 
     A key that the file does not have is refused, so a typo cannot silently leave a default in place, unless
@@ -50,17 +52,30 @@ def load_config(path: str | Path, overrides: list[str] = (), declared: dict[str,
         try:
             node[parts[-1]] = _numbers(yaml.safe_load(value))
         except yaml.YAMLError as error:
-            raise ValueError(f"--set {key}: {value!r} is not a YAML value ({str(error).splitlines()[0]}). Quote strings with "
-                             "braces or colons inside a list, e.g. --set 'data.sources.pairs=[\"shards/{000..009}.tar\"]'.") from error
+            raise ValueError(
+                f"--set {key}: {value!r} is not a YAML value ({str(error).splitlines()[0]}). Quote strings with "
+                "braces or colons inside a list, e.g. --set 'data.sources.pairs=[\"shards/{000..009}.tar\"]'."
+            ) from error
     return config
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, low: float | None = None, high: float | None = None,
-        below: float | None = None, above: float | None = None, choices: tuple | None = None):
+def doc(
+    text: str,
+    default: Any = dataclasses.MISSING,
+    low: float | None = None,
+    high: float | None = None,
+    below: float | None = None,
+    above: float | None = None,
+    choices: tuple | None = None,
+):
     """A ``Section`` field with its one-line doc (shown by ``--print-config``); without ``default`` it is required.
     ``low``/``high`` (inclusive), ``above``/``below`` (exclusive) and ``choices`` are checked with the field's type
     when the section is built, so a bad value is named before any work."""
-    limits = {k: v for k, v in (("low", low), ("high", high), ("above", above), ("below", below), ("choices", choices)) if v is not None}
+    limits = {
+        k: v
+        for k, v in (("low", low), ("high", high), ("above", above), ("below", below), ("choices", choices))
+        if v is not None
+    }
     return dataclasses.field(default=default, metadata={"doc": text, **limits})
 
 
@@ -76,18 +91,32 @@ def _check_field(section: str, field: dataclasses.Field, value: Any) -> Any:
     simple = [kind for kind in kinds if kind in _SIMPLE_TYPES]
     name = f"{section}.{field.name}" if section else field.name
     if simple and len(simple) == len([kind for kind in kinds if kind != "None"]):
-        fits = [kind for kind in simple if isinstance(value, _SIMPLE_TYPES[kind]) and not (kind in ("int", "float") and isinstance(value, bool))]
+        fits = [
+            kind
+            for kind in simple
+            if isinstance(value, _SIMPLE_TYPES[kind]) and not (kind in ("int", "float") and isinstance(value, bool))
+        ]
         if not fits:
-            raise ValueError(f"{name} must be {' or '.join('null' if k == 'None' else k for k in kinds)}; got {value!r}.")
+            raise ValueError(
+                f"{name} must be {' or '.join('null' if k == 'None' else k for k in kinds)}; got {value!r}."
+            )
         if fits == ["float"] and isinstance(value, int):
             value = float(value)
     meta = field.metadata
     if "choices" in meta and value not in meta["choices"]:
         raise ValueError(f"{name} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}.")
-    for key, fails in (("low", lambda v, b: v < b), ("high", lambda v, b: v > b), ("above", lambda v, b: v <= b),
-                       ("below", lambda v, b: v >= b)):
+    for key, fails in (
+        ("low", lambda v, b: v < b),
+        ("high", lambda v, b: v > b),
+        ("above", lambda v, b: v <= b),
+        ("below", lambda v, b: v >= b),
+    ):
         if key in meta and fails(value, meta[key]):
-            bounds = " and ".join(f"{w} {meta[k]}" for k, w in (("low", ">="), ("above", ">"), ("high", "<="), ("below", "<")) if k in meta)
+            bounds = " and ".join(
+                f"{w} {meta[k]}"
+                for k, w in (("low", ">="), ("above", ">"), ("high", "<="), ("below", "<"))
+                if k in meta
+            )
             raise ValueError(f"{name} must be {bounds}; got {value!r}.")
     return value
 
@@ -112,11 +141,16 @@ class Section:
         unknown = set(values) - known
         if unknown:
             raise KeyError(f"Unknown {cls.section} settings {sorted(unknown)}; known: {sorted(known)}.")
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         if missing:
-            raise ValueError(f"The {cls.section} section needs {', '.join(f'{cls.section}.{name}' for name in missing)} "
-                             "(there is no default).")
+            raise ValueError(
+                f"The {cls.section} section needs {', '.join(f'{cls.section}.{name}' for name in missing)} "
+                "(there is no default)."
+            )
         return cls(**values)
 
     def __post_init__(self):
@@ -125,12 +159,14 @@ class Section:
 
     def resolved(self) -> dict:
         """The section with every default filled in, as YAML would hold it (tuples as lists)."""
+
         def plain(value):
             if isinstance(value, tuple):
                 return [plain(v) for v in value]
             if isinstance(value, dict):
                 return {k: plain(v) for k, v in value.items()}
             return value
+
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 

@@ -49,7 +49,9 @@ class TrainSettings(Section):
     """What the loop needs from a run config (field names as in the YAML ``train`` section)."""
 
     section: ClassVar[str] = "train"
-    output_dir: str = doc("the run's folder: checkpoints, metrics.jsonl, run_config.json, model/ (a restart resumes from it)")
+    output_dir: str = doc(
+        "the run's folder: checkpoints, metrics.jsonl, run_config.json, model/ (a restart resumes from it)"
+    )
     max_steps: int = doc("optimizer updates in all")
     save_every: int = doc("a checkpoint every this many steps (and at the end)")
     seed: int = doc("weights, data order, crops, masks and dropout all follow from it", 0)
@@ -63,14 +65,18 @@ class TrainSettings(Section):
     gradient_accumulation_steps: int = doc("micro-batches per update", 1)
     micro_batch_size: int = doc("what DeepSpeed counts as the batch; pretraining's batches are dicts of kinds", 1)
     precision: str = doc("fp32 | bf16 | fp16", "fp32")
-    zero_stage: int = doc("DeepSpeed ZeRO stage 0-3 (the one source of it: a DeepSpeed JSON of another stage is refused)", 2)
+    zero_stage: int = doc(
+        "DeepSpeed ZeRO stage 0-3 (the one source of it: a DeepSpeed JSON of another stage is refused)", 2
+    )
     keep_last: int = doc("complete checkpoints kept", 2)
     log_every: int = doc("a metrics.jsonl record every this many steps", 10)
     max_nonfinite_steps: int = doc("non-finite losses in a row before the run stops (each is skipped)", 5)
     num_workers: int = doc("data-loader workers per process", 1)
     gradient_checkpointing: bool = doc("recompute activations in the backward pass", False)
     layer_decay: float | None = doc("fine-tuning: lr x layer_decay ** (depth from the top), as BEiT does", None)
-    head_lr_scale: float = doc("without layer_decay: lr x this for every parameter outside the backbone (see build_optimizer)", 1.0)
+    head_lr_scale: float = doc(
+        "without layer_decay: lr x this for every parameter outside the backbone (see build_optimizer)", 1.0
+    )
 
     @classmethod
     def from_config(cls, section: dict) -> TrainSettings:
@@ -81,22 +87,39 @@ class TrainSettings(Section):
 
     def __post_init__(self):
         """Every field is checked before any work: a bad value names the field, the value and what is allowed."""
+
         def number(name, kind, low=None, high=None, low_open=False, optional=False):
             value = getattr(self, name)
             if value is None and optional:
                 return
             fits = isinstance(value, int) if kind is int else isinstance(value, (int, float))
-            if isinstance(value, bool) or not fits or value != value or (low is not None and (value <= low if low_open else value < low)) \
-                    or (high is not None and value > high):
-                bound = ("" if low is None else f" {'>' if low_open else '>='} {low}") + ("" if high is None else f" and <= {high}")
-                raise ValueError(f"train.{name} must be {'an integer' if kind is int else 'a number'}{bound}"
-                                 f"{' or null' if optional else ''}; got {getattr(self, name)!r}.")
+            if (
+                isinstance(value, bool)
+                or not fits
+                or value != value
+                or (low is not None and (value <= low if low_open else value < low))
+                or (high is not None and value > high)
+            ):
+                bound = ("" if low is None else f" {'>' if low_open else '>='} {low}") + (
+                    "" if high is None else f" and <= {high}"
+                )
+                raise ValueError(
+                    f"train.{name} must be {'an integer' if kind is int else 'a number'}{bound}"
+                    f"{' or null' if optional else ''}; got {getattr(self, name)!r}."
+                )
             setattr(self, name, kind(value))
 
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"train.output_dir must be a folder path; got {self.output_dir!r}.")
-        for name in ("max_steps", "save_every", "log_every", "keep_last", "gradient_accumulation_steps", "micro_batch_size",
-                     "max_nonfinite_steps"):
+        for name in (
+            "max_steps",
+            "save_every",
+            "log_every",
+            "keep_last",
+            "gradient_accumulation_steps",
+            "micro_batch_size",
+            "max_nonfinite_steps",
+        ):
             number(name, int, 1)
         for name in ("seed", "warmup_steps", "num_workers"):
             number(name, int, 0)
@@ -107,15 +130,20 @@ class TrainSettings(Section):
         number("weight_decay", float, 0)
         number("gradient_clipping", float, 0)
         number("layer_decay", float, 0, 1, low_open=True, optional=True)
-        if not (isinstance(self.betas, tuple) and len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                                                               and 0 <= b < 1 for b in self.betas)):
+        if not (
+            isinstance(self.betas, tuple)
+            and len(self.betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)
+        ):
             raise ValueError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.98]; got {self.betas!r}.")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be fp32, bf16 or fp16; got {self.precision!r}.")
         if self.zero_stage not in (0, 1, 2, 3) or isinstance(self.zero_stage, bool):
             raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3; got {self.zero_stage!r}.")
         if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(f"train.gradient_checkpointing must be true or false; got {self.gradient_checkpointing!r}.")
+            raise ValueError(
+                f"train.gradient_checkpointing must be true or false; got {self.gradient_checkpointing!r}."
+            )
 
 
 def read_run_log(path: str | os.PathLike) -> list[dict]:
@@ -143,13 +171,24 @@ def _truncate_run_log(path: Path, step: int) -> None:
 
 # What a resumed run may change: how long it runs, how often it logs and saves, what it keeps, its loader workers,
 # and the spelling of its output_dir. Anything else would make the resumed steps those of another run.
-RESUMABLE_CHANGES = frozenset({"train.max_steps", "train.save_every", "train.log_every", "train.keep_last",
-                               "train.max_nonfinite_steps", "train.num_workers", "train.output_dir"})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "train.max_steps",
+        "train.save_every",
+        "train.log_every",
+        "train.keep_last",
+        "train.max_nonfinite_steps",
+        "train.num_workers",
+        "train.output_dir",
+    }
+)
 
 
 def _flatten(node, prefix: str = "") -> dict:
     if isinstance(node, dict) and node:
-        return {key: value for name, child in node.items() for key, value in _flatten(child, f"{prefix}{name}.").items()}
+        return {
+            key: value for name, child in node.items() for key, value in _flatten(child, f"{prefix}{name}.").items()
+        }
     return {prefix[:-1]: node}
 
 
@@ -167,14 +206,19 @@ def record_run_config(engine: Engine, config: dict, may_change: frozenset = RESU
     if engine.complete_checkpoints() and path.is_file():
         old, new = _flatten(json.loads(path.read_text())), _flatten(resolved)
         missing = "(not set)"
-        changed = {key: (old.get(key, missing), new.get(key, missing)) for key in sorted(old.keys() | new.keys())
-                   if old.get(key, missing) != new.get(key, missing)}
+        changed = {
+            key: (old.get(key, missing), new.get(key, missing))
+            for key in sorted(old.keys() | new.keys())
+            if old.get(key, missing) != new.get(key, missing)
+        }
         refused = {key: change for key, change in changed.items() if key not in may_change}
         if refused:
-            raise ValueError(f"{engine.output_dir} holds checkpoints of a run with another config: "
-                             + "; ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in refused.items())
-                             + f". A resumed run may change only {', '.join(sorted(may_change))}. Restore those fields to "
-                             "resume, or give the new run another train.output_dir.")
+            raise ValueError(
+                f"{engine.output_dir} holds checkpoints of a run with another config: "
+                + "; ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in refused.items())
+                + f". A resumed run may change only {', '.join(sorted(may_change))}. Restore those fields to "
+                "resume, or give the new run another train.output_dir."
+            )
         taken = [f"{key}: {a!r} -> {b!r}" for key, (a, b) in changed.items()]
         if taken and engine.rank == 0:
             logger.warning(f"resuming {engine.output_dir} with changed settings: {'; '.join(taken)}")
@@ -192,7 +236,9 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
     if not dist.is_initialized():
         on_cpu = not torch.cuda.is_available()
         if on_cpu and os.access(sys.prefix, os.W_OK):
@@ -227,8 +273,10 @@ def _unlink_shared_memory_buffer() -> None:
     buffer by the time all ranks pass the barrier, and a mapping outlives its name, so the run goes on as
     before and the memory is freed when the last process exits, however it exits (SIGKILL included)."""
     dist.barrier()
-    name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                               f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    name = Path("/dev/shm") / (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    )
     name.unlink(missing_ok=True)
 
 
@@ -237,8 +285,15 @@ def sweep_stale_shared_memory_buffers(folder: str | os.PathLike = "/dev/shm", mi
     ``min_age_s`` (a starting run may have created its buffer and not mapped it yet), and returns them: what runs of
     before the unlink above left behind, or a run killed inside DeepSpeed's initialization. Linux; elsewhere a no-op."""
     folder = Path(folder)
-    candidates = [p for p in folder.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")
-                  if time.time() - p.stat().st_mtime > min_age_s] if folder.is_dir() else []
+    candidates = (
+        [
+            p
+            for p in folder.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")
+            if time.time() - p.stat().st_mtime > min_age_s
+        ]
+        if folder.is_dir()
+        else []
+    )
     if not candidates or not Path("/proc/self/maps").exists():
         return []
     mapped = set()
@@ -251,8 +306,10 @@ def sweep_stale_shared_memory_buffers(folder: str | os.PathLike = "/dev/shm", mi
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
-        logger.warning(f"removed {len(stale)} stale DeepSpeed shared-memory buffer(s) from {folder}, left by earlier runs "
-              f"(e.g. {stale[0].name})")
+        logger.warning(
+            f"removed {len(stale)} stale DeepSpeed shared-memory buffer(s) from {folder}, left by earlier runs "
+            f"(e.g. {stale[0].name})"
+        )
     return stale
 
 
@@ -276,9 +333,11 @@ def _lock_output_dir(output_dir: Path) -> None:
             if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
                 lock.unlink(missing_ok=True)  # stale: its run was killed
                 continue
-            raise RuntimeError(f"{output_dir} is in use by another run (process {pid or '?'} on {host or '?'}; {lock}). Two runs in one "
-                               f"output_dir would interleave their checkpoints and logs: wait for it, use another output_dir, or "
-                               f"remove {lock} if that run is gone.") from None
+            raise RuntimeError(
+                f"{output_dir} is in use by another run (process {pid or '?'} on {host or '?'}; {lock}). Two runs in one "
+                f"output_dir would interleave their checkpoints and logs: wait for it, use another output_dir, or "
+                f"remove {lock} if that run is gone."
+            ) from None
         with os.fdopen(fd, "w") as handle:
             handle.write(me + "\n")
         atexit.register(lambda: lock.exists() and lock.read_text().strip() == me and lock.unlink())
@@ -316,15 +375,23 @@ def build_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.op
             backbone = {id(p) for p in getattr(model, "base_model", model).parameters()}
             head = {id(p) for p in model.parameters() if id(p) not in backbone}
             if not head:
-                raise ValueError(f"head_lr_scale {settings.head_lr_scale} but {type(model).__name__} has no task-specific parameters "
-                                 "(none outside beit3.*) to scale.")
-            groups = [{**group, "params": params, "lr": settings.lr * scale}
-                      for group in groups
-                      for params, scale in (([p for p in group["params"] if id(p) not in head], 1.0),
-                                            ([p for p in group["params"] if id(p) in head], settings.head_lr_scale))
-                      if params]
+                raise ValueError(
+                    f"head_lr_scale {settings.head_lr_scale} but {type(model).__name__} has no task-specific parameters "
+                    "(none outside beit3.*) to scale."
+                )
+            groups = [
+                {**group, "params": params, "lr": settings.lr * scale}
+                for group in groups
+                for params, scale in (
+                    ([p for p in group["params"] if id(p) not in head], 1.0),
+                    ([p for p in group["params"] if id(p) in head], settings.head_lr_scale),
+                )
+                if params
+            ]
     else:
-        groups = param_groups_layer_decay(model, settings.weight_decay, no_weight_decay_list=exempt, layer_decay=settings.layer_decay)
+        groups = param_groups_layer_decay(
+            model, settings.weight_decay, no_weight_decay_list=exempt, layer_decay=settings.layer_decay
+        )
         for group in groups:  # the schedule scales each group's initial lr, so the layer scale goes there
             group["lr"] = settings.lr * group.pop("lr_scale")
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps)
@@ -344,26 +411,38 @@ def load_deepspeed_json(name: str | None, settings: TrainSettings) -> dict:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage != settings.zero_stage:
-        raise ValueError(f"train.zero_stage is {settings.zero_stage}, but the DeepSpeed config {path} says stage {stage}: set "
-                         f"train.zero_stage={stage}, or name a JSON of stage {settings.zero_stage} in data.deepspeed "
-                         f"(configs/deepspeed/zero{settings.zero_stage}.json).")
+        raise ValueError(
+            f"train.zero_stage is {settings.zero_stage}, but the DeepSpeed config {path} says stage {stage}: set "
+            f"train.zero_stage={stage}, or name a JSON of stage {settings.zero_stage} in data.deepspeed "
+            f"(configs/deepspeed/zero{settings.zero_stage}.json)."
+        )
     return config
 
 
 def deepspeed_config(settings: TrainSettings, world_size: int, base: dict | None = None) -> dict:
     """DeepSpeed's config: a file from configs/deepspeed/ (``base``) with the run's batch, clipping and precision filled in."""
     config = json.loads(json.dumps(base or {"zero_optimization": {"stage": settings.zero_stage}}))
-    config.update(train_micro_batch_size_per_gpu=settings.micro_batch_size, gradient_accumulation_steps=settings.gradient_accumulation_steps,
-                  train_batch_size=settings.micro_batch_size * settings.gradient_accumulation_steps * world_size,
-                  gradient_clipping=settings.gradient_clipping, steps_per_print=10**9, wall_clock_breakdown=False)
+    config.update(
+        train_micro_batch_size_per_gpu=settings.micro_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        train_batch_size=settings.micro_batch_size * settings.gradient_accumulation_steps * world_size,
+        gradient_clipping=settings.gradient_clipping,
+        steps_per_print=10**9,
+        wall_clock_breakdown=False,
+    )
     config["bf16"] = {"enabled": settings.precision == "bf16"}
-    config["fp16"] = {"enabled": settings.precision == "fp16", **({"initial_scale_power": 16} if settings.precision == "fp16" else {})}
+    config["fp16"] = {
+        "enabled": settings.precision == "fp16",
+        **({"initial_scale_power": 16} if settings.precision == "fp16" else {}),
+    }
     zero = config.get("zero_optimization", {})
     if world_size == 1 and zero.get("stage", 0) in (1, 2) and not zero.get("offload_optimizer"):
         # One process has nothing to partition: ZeRO-1/2 would only copy every gradient and parameter in and out of
         # its flat partitions (28% of a step at the tiny preset, benchmarks/pretrain.py). Stage 0 is the same update.
-        logger.warning(f"one process: ZeRO stage {zero['stage']} has nothing to partition; running stage 0 (the same update, "
-              "without the partition copies)")
+        logger.warning(
+            f"one process: ZeRO stage {zero['stage']} has nothing to partition; running stage 0 (the same update, "
+            "without the partition copies)"
+        )
         config["zero_optimization"] = {"stage": 0}
     return config
 
@@ -374,8 +453,13 @@ class Engine:
     ``distributed``: (rank, world size, device), from ``setup_distributed()``.
     """
 
-    def __init__(self, model: torch.nn.Module, settings: TrainSettings, base_deepspeed_config: dict | None,
-                 distributed: tuple[int, int, torch.device]):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        settings: TrainSettings,
+        base_deepspeed_config: dict | None,
+        distributed: tuple[int, int, torch.device],
+    ):
         import deepspeed
 
         self.settings = settings
@@ -389,22 +473,34 @@ class Engine:
                 probe.write_text("ok")
                 probe.unlink()
             except OSError as error:
-                raise PermissionError(f"Cannot write to output_dir {self.output_dir}: {error}. Choose a writable directory.") from error
+                raise PermissionError(
+                    f"Cannot write to output_dir {self.output_dir}: {error}. Choose a writable directory."
+                ) from error
             _lock_output_dir(self.output_dir)
         # transformers 5.24 renamed it (the old name warns and goes in v6); older releases have only the old one
-        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+            model, "gradient_checkpointing_enable", None
+        )
         if settings.gradient_checkpointing and enable is not None:
             enable()
         for parameter in model.parameters():
-            if parameter.dim() == 0:  # (retrieval's logit_scale) DeepSpeed broadcasts parameters viewed as bytes, impossible for 0-dim
+            if (
+                parameter.dim() == 0
+            ):  # (retrieval's logit_scale) DeepSpeed broadcasts parameters viewed as bytes, impossible for 0-dim
                 parameter.data = parameter.data.reshape(1)  # beit3.export gives it back its shape
         optimizer = build_optimizer(model, settings)
-        schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps, min_lr_rate=settings.min_lr_ratio)
+        schedule = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, settings.warmup_steps, settings.max_steps, min_lr_rate=settings.min_lr_ratio
+        )
         self.deepspeed_config = deepspeed_config(settings, self.world_size, base_deepspeed_config)
         # What a checkpoint's optimizer partitions depend on: resume checks it against the COMPLETE marker.
-        self.layout = {"world_size": self.world_size, "zero_stage": self.deepspeed_config.get("zero_optimization", {}).get("stage", 0)}
-        self.module, self.optimizer, _, self.schedule = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer,
-                                                                            lr_scheduler=schedule, config=self.deepspeed_config)
+        self.layout = {
+            "world_size": self.world_size,
+            "zero_stage": self.deepspeed_config.get("zero_optimization", {}).get("stage", 0),
+        }
+        self.module, self.optimizer, _, self.schedule = deepspeed.initialize(
+            model=model.to(self.device), optimizer=optimizer, lr_scheduler=schedule, config=self.deepspeed_config
+        )
         self.step = 0
         self.counters: dict[str, float] = {}
         # A streamed loader's position ({"workers", "streams"}; see StreamingPretrainingBatches): this rank's, from
@@ -423,11 +519,17 @@ class Engine:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if flag.item() == 0:
             last = self.complete_checkpoints()
-            raise RuntimeError(f"step {self.step}: the weights are no longer finite (an update blew them up), so this checkpoint "
-                               f"is not saved. The last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}. "
-                               "Lower the learning rate, check the data, or use fp32.")
-        self.module.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state={"step": self.step, "counters": self.counters},
-                                    save_latest=False)
+            raise RuntimeError(
+                f"step {self.step}: the weights are no longer finite (an update blew them up), so this checkpoint "
+                f"is not saved. The last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}. "
+                "Lower the learning rate, check the data, or use fp32."
+            )
+        self.module.save_checkpoint(
+            str(self.checkpoint_dir),
+            tag=tag,
+            client_state={"step": self.step, "counters": self.counters},
+            save_latest=False,
+        )
         data_states = [None] * self.world_size
         dist.all_gather_object(data_states, self.data_state)  # (DeepSpeed's client_state is written by rank 0 only)
         dist.barrier()
@@ -435,7 +537,7 @@ class Engine:
             extra = {"data_state": data_states} if any(data_states) else {}
             mark_complete(self.checkpoint_dir / tag, {"step": self.step, "time": time.time(), **self.layout, **extra})
             complete = self.complete_checkpoints()
-            keep = set(complete[-self.settings.keep_last:])
+            keep = set(complete[-self.settings.keep_last :])
             for path in self.checkpoint_dir.glob("step*"):  # older complete ones and abandoned halves
                 if path not in keep and int(path.name[4:]) <= int(complete[-1].name[4:]):
                     shutil.rmtree(path, ignore_errors=True)
@@ -447,11 +549,15 @@ class Engine:
         if not complete:
             return False
         written = json.loads((complete[-1] / COMPLETE).read_text())
-        mismatch = {key: (written[key], value) for key, value in self.layout.items() if key in written and written[key] != value}
+        mismatch = {
+            key: (written[key], value) for key, value in self.layout.items() if key in written and written[key] != value
+        }
         if mismatch:  # DeepSpeed's optimizer partitions only load into the layout that wrote them
-            raise RuntimeError(f"{complete[-1]} was written with {', '.join(f'{k}={w}' for k, (w, _) in mismatch.items())}; this run has "
-                               f"{', '.join(f'{k}={n}' for k, (_, n) in mismatch.items())}. Resume it with as many processes (and the "
-                               "same ZeRO stage) as wrote it, or start a new run in another output_dir.")
+            raise RuntimeError(
+                f"{complete[-1]} was written with {', '.join(f'{k}={w}' for k, (w, _) in mismatch.items())}; this run has "
+                f"{', '.join(f'{k}={n}' for k, (_, n) in mismatch.items())}. Resume it with as many processes (and the "
+                "same ZeRO stage) as wrote it, or start a new run in another output_dir."
+            )
         check_weights_only(complete[-1])
         with weights_only_loads():  # DeepSpeed itself loads with weights_only=False
             _, client_state = self.module.load_checkpoint(str(self.checkpoint_dir), tag=complete[-1].name)
@@ -466,8 +572,9 @@ class Engine:
         dist.all_reduce(stacked)
         return {n: v / self.world_size for n, v in zip(names, stacked.tolist())}
 
-    def fit(self, step_fn: Callable, make_loader: Callable[[int, int], torch.utils.data.DataLoader],
-            samples_per_step: int) -> list[dict]:
+    def fit(
+        self, step_fn: Callable, make_loader: Callable[[int, int], torch.utils.data.DataLoader], samples_per_step: int
+    ) -> list[dict]:
         """Trains from the current step (after ``resume``) to ``max_steps``; returns the logged records.
 
         A step is one optimizer update over ``gradient_accumulation_steps`` micro-batches; ``step_fn`` gets the
@@ -485,7 +592,12 @@ class Engine:
             return []
         loader = iter(make_loader(self.step * accumulation, (settings.max_steps - self.step) * accumulation))
         log = RunLog(self.output_dir, self.rank == 0, self.step, settings.max_steps)
-        records, window, times, nonfinite = [], [], [], 0  # window: values of each micro-batch; times: (seconds, data wait) per step
+        records, window, times, nonfinite = (
+            [],
+            [],
+            [],
+            0,
+        )  # window: values of each micro-batch; times: (seconds, data wait) per step
         self.module.train()
         while self.step < settings.max_steps:
             start, waited, skipped, kept = time.perf_counter(), 0.0, False, len(window)
@@ -493,9 +605,14 @@ class Engine:
                 before = time.perf_counter()
                 batch = next(loader)
                 waited += time.perf_counter() - before
-                if "data_state" in batch:  # a streamed loader's position after this batch: saved with the next checkpoint
+                if (
+                    "data_state" in batch
+                ):  # a streamed loader's position after this batch: saved with the next checkpoint
                     state = batch.pop("data_state")
-                    self.data_state = {"workers": state["workers"], "streams": {**self.data_state.get("streams", {}), **state["streams"]}}
+                    self.data_state = {
+                        "workers": state["workers"],
+                        "streams": {**self.data_state.get("streams", {}), **state["streams"]},
+                    }
                 for key, count in batch.pop("counts", {}).items():  # the data's own counters (skipped samples, ...)
                     self.counters[key] = self.counters.get(key, 0) + count
                 if skipped:  # the rest of a skipped step's micro-batches: consumed, so the data stays in step
@@ -537,25 +654,39 @@ class Engine:
         happens too often, or mid-accumulation (DeepSpeed has already taken earlier micro-batches' gradients)."""
         self.module.zero_grad()
         last = self.complete_checkpoints()
-        advice = (f"The last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}. Lower the learning rate, "
-                  "check the data, or use fp32.")
+        advice = (
+            f"The last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}. Lower the learning rate, "
+            "check the data, or use fp32."
+        )
         if accumulation > 1 and micro > 0:
-            raise RuntimeError(f"step {self.step}: the loss of micro-batch {micro} is not finite ({loss.item()}) after "
-                               f"{micro} micro-batches of gradients were accumulated; training stopped rather than apply a partial "
-                               f"update. {advice}")
-        warnings.warn(f"step {self.step}: the loss is not finite ({loss.item()}); the step is skipped "
-                      f"({count} in a row, the limit is {self.settings.max_nonfinite_steps}).", stacklevel=3)
+            raise RuntimeError(
+                f"step {self.step}: the loss of micro-batch {micro} is not finite ({loss.item()}) after "
+                f"{micro} micro-batches of gradients were accumulated; training stopped rather than apply a partial "
+                f"update. {advice}"
+            )
+        warnings.warn(
+            f"step {self.step}: the loss is not finite ({loss.item()}); the step is skipped "
+            f"({count} in a row, the limit is {self.settings.max_nonfinite_steps}).",
+            stacklevel=3,
+        )
         if count >= self.settings.max_nonfinite_steps:
-            raise RuntimeError(f"{count} steps in a row had a non-finite loss (last at step {self.step}); training stopped. {advice}")
+            raise RuntimeError(
+                f"{count} steps in a row had a non-finite loss (last at step {self.step}); training stopped. {advice}"
+            )
 
     def _log(self, window: list[dict], times: list[tuple[float, float]], samples_per_step: int) -> dict:
         keys = sorted({k for values in window for k in values})
         sums = {k: torch.stack([values[k].detach().float() for values in window if k in values]).mean() for k in keys}
         means = self._mean_over_ranks(sums)
         seconds = sum(t[0] for t in times)
-        record = {"step": self.step, **{k: round(v, 6) for k, v in means.items()}, "lr": self.schedule.get_last_lr()[0],
-                  "samples_per_s": samples_per_step * self.world_size * len(times) / seconds,
-                  "data_wait_share": sum(t[1] for t in times) / seconds, **self.counters}
+        record = {
+            "step": self.step,
+            **{k: round(v, 6) for k, v in means.items()},
+            "lr": self.schedule.get_last_lr()[0],
+            "samples_per_s": samples_per_step * self.world_size * len(times) / seconds,
+            "data_wait_share": sum(t[1] for t in times) / seconds,
+            **self.counters,
+        }
         return record
 
 

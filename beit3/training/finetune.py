@@ -70,12 +70,20 @@ def load_tokenizer(path: str | Path):
 @dataclass
 class FinetuneModel(Section):
     section: ClassVar[str] = "model"
-    init: str | None = doc("a from_pretrained folder or an official .pth to start from (null: random weights of preset + overrides)", None)
-    preset: str | None = doc("the architecture for random weights (beit3.list_presets()); with init, only its overrides apply", None)
-    overrides: dict | None = doc("Beit3Config fields over the preset's or the init's, e.g. {image_size: 480, drop_path_rate: 0.1}", None)
+    init: str | None = doc(
+        "a from_pretrained folder or an official .pth to start from (null: random weights of preset + overrides)", None
+    )
+    preset: str | None = doc(
+        "the architecture for random weights (beit3.list_presets()); with init, only its overrides apply", None
+    )
+    overrides: dict | None = doc(
+        "Beit3Config fields over the preset's or the init's, e.g. {image_size: 480, drop_path_rate: 0.1}", None
+    )
 
 
-def initial_model(model_class: type, section: dict, tokenizer, task_overrides: dict, with_head: bool = False) -> torch.nn.Module:
+def initial_model(
+    model_class: type, section: dict, tokenizer, task_overrides: dict, with_head: bool = False
+) -> torch.nn.Module:
     """The model a run starts from (see the module docstring's ``model`` section).
 
     ``task_overrides``: config fields the task sets (num_labels, id2label, label_smoothing).
@@ -89,8 +97,12 @@ def initial_model(model_class: type, section: dict, tokenizer, task_overrides: d
     init = section.get("init")
     if init is None:
         if not section.get("preset"):
-            raise ValueError("model.init is null (random weights), so model.preset must name the architecture (beit3.list_presets()).")
-        config = Beit3Config.from_preset(section["preset"], **overrides, **({"image_size": image_size} if image_size else {}))
+            raise ValueError(
+                "model.init is null (random weights), so model.preset must name the architecture (beit3.list_presets())."
+            )
+        config = Beit3Config.from_preset(
+            section["preset"], **overrides, **({"image_size": image_size} if image_size else {})
+        )
         if "vocab_size" not in (section.get("overrides") or {}):  # a vocabulary of our own: size the embeddings to it
             config.vocab_size = len(tokenizer)
         config.mask_token_id = tokenizer.mask_token_id
@@ -101,7 +113,9 @@ def initial_model(model_class: type, section: dict, tokenizer, task_overrides: d
             setattr(config, key, value)
         return model_class.from_pretrained(init, config=config, image_size=image_size)
     if not Path(init).is_file():
-        raise FileNotFoundError(f"model.init {init} does not exist: give a from_pretrained folder or an official .pth file.")
+        raise FileNotFoundError(
+            f"model.init {init} does not exist: give a from_pretrained folder or an official .pth file."
+        )
     task = next(name for name, cls in TASK_CLASSES.items() if cls is model_class)
     if with_head:
         model = model_from_official(init, task=task)
@@ -116,20 +130,31 @@ def initial_model(model_class: type, section: dict, tokenizer, task_overrides: d
 
 def _task_options(parser) -> None:
     parser.add_argument("--mode", choices=MODES, default="train")
-    parser.add_argument("--model", help="evaluate/predict: a fine-tuned folder or official .pth (default: output_dir/final)")
-    parser.add_argument("--output", help="evaluate/predict: where scores and predictions go (default: train.output_dir)")
-    parser.add_argument("--blind", action="store_true",
-                        help="evaluate: a control with every example's image(s) swapped for another example's; a model that reads "
-                             "the image falls to chance. Scores go to blind_eval_results.json")
+    parser.add_argument(
+        "--model", help="evaluate/predict: a fine-tuned folder or official .pth (default: output_dir/final)"
+    )
+    parser.add_argument(
+        "--output", help="evaluate/predict: where scores and predictions go (default: train.output_dir)"
+    )
+    parser.add_argument(
+        "--blind",
+        action="store_true",
+        help="evaluate: a control with every example's image(s) swapped for another example's; a model that reads "
+        "the image falls to chance. Scores go to blind_eval_results.json",
+    )
 
 
 def run(task_name: str, argv: list[str] | None = None, prog: str | None = None) -> dict | None:
     """The command line of ``tasks/<task_name>.py`` (or ``prog``); returns the scores (train on rank 0, evaluate) or None."""
     args = command_line(__doc__, argv, prog=prog or f"tasks/{task_name}.py", add_arguments=_task_options)
     task_class = TASKS[task_name]
-    config, settings, sections = read_run_config(args.config, args.set, sections=("model", "data", "train"),
-                                                 typed={"model": FinetuneModel, "data": task_class.Data, "eval": EvalOptions},
-                                                 show=args.print_config)
+    config, settings, sections = read_run_config(
+        args.config,
+        args.set,
+        sections=("model", "data", "train"),
+        typed={"model": FinetuneModel, "data": task_class.Data, "eval": EvalOptions},
+        show=args.print_config,
+    )
     task = task_class(sections["data"], sections["eval"])
     output_dir = Path(args.output or config["train"]["output_dir"])
     if args.blind and args.mode != "evaluate":
@@ -156,9 +181,14 @@ def run(task_name: str, argv: list[str] | None = None, prog: str | None = None) 
 def evaluate_and_save(task, model, output_dir: Path) -> dict:
     scores = task.evaluate(model, output_dir)
     path = output_dir / task.eval_file("eval_results.json")
-    write_json_atomic(path, {"task": task.name, "metric": task.metric, **({"blind": True} if task.blind else {}), **scores})
-    logger.info(f"{task.name}{' (blind)' if task.blind else ''}: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)) + f" (in {path})")
+    write_json_atomic(
+        path, {"task": task.name, "metric": task.metric, **({"blind": True} if task.blind else {}), **scores}
+    )
+    logger.info(
+        f"{task.name}{' (blind)' if task.blind else ''}: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float))
+        + f" (in {path})"
+    )
     return scores
 
 
@@ -182,8 +212,15 @@ def train(task, config: dict, settings) -> dict | None:
     save_model_folder(engine, model.config, tokenizer)
 
     def make_loader(first: int, count: int):
-        sampler = StepBatchSampler(len(dataset), settings.micro_batch_size, seed=settings.seed, rank=engine.rank,
-                                   world_size=engine.world_size, start_step=first, num_steps=count)
+        sampler = StepBatchSampler(
+            len(dataset),
+            settings.micro_batch_size,
+            seed=settings.seed,
+            rank=engine.rank,
+            world_size=engine.world_size,
+            start_step=first,
+            num_steps=count,
+        )
         return step_loader(settings, dataset, batch_sampler=sampler, collate_fn=collate)
 
     records = engine.fit(task.step, make_loader, samples_per_step=settings.micro_batch_size)
@@ -192,8 +229,10 @@ def train(task, config: dict, settings) -> dict | None:
     final = export(engine.output_dir, engine.output_dir / "final")
     if records:
         last = records[-1]
-        logger.info(f"{task.name}: trained to step {last['step']}, loss {last['loss']:.4f}, {last['samples_per_s']:.1f} samples/s; "
-              f"model in {final}")
+        logger.info(
+            f"{task.name}: trained to step {last['step']}, loss {last['loss']:.4f}, {last['samples_per_s']:.1f} samples/s; "
+            f"model in {final}"
+        )
     scores = {}
     if task.data.eval:
         model = initial_model(task.model_class, {"init": str(final)}, None, {}).to(engine.device).eval()
@@ -210,6 +249,12 @@ def _save_curves(task, output_dir: Path, scores: dict) -> None:
     except ImportError:  # matplotlib is optional for a run
         return
     score = scores.get(task.metric)
-    title = f"{task.name}: {output_dir.name}" + (f", held-out {task.metric} {score:.2f}" if isinstance(score, float) else "")
-    save_loss_curves(read_run_log(output_dir / "metrics.jsonl"), output_dir / "loss_curves.png", title=title,
-                     panels={"loss": ["loss"], "learning rate": ["lr"]})
+    title = f"{task.name}: {output_dir.name}" + (
+        f", held-out {task.metric} {score:.2f}" if isinstance(score, float) else ""
+    )
+    save_loss_curves(
+        read_run_log(output_dir / "metrics.jsonl"),
+        output_dir / "loss_curves.png",
+        title=title,
+        panels={"loss": ["loss"], "learning rate": ["lr"]},
+    )

@@ -30,10 +30,26 @@ import torch.nn.functional as F
 from ..data.common import ImagesOfOthers, collate_trimmed, split_batch
 from ..image_processing_beit3 import VL_MEAN, VL_STD, Beit3ImageProcessor
 from ..masking import mask_caption_tokens
-from ..metrics import (answer_prior, caption_scores, classification_accuracy, retrieval_recall, vqa_accuracy, vqa_accuracy_per_type,
-                       vqa_predictions, vqa_score, write_caption_results, write_json_atomic, write_vqa_predictions)
-from ..modeling_heads import (Beit3ForCaptioning, Beit3ForImageClassification, Beit3ForImageTextRetrieval, Beit3ForVisualQuestionAnswering,
-                              Beit3ForVisualReasoning)
+from ..metrics import (
+    answer_prior,
+    caption_scores,
+    classification_accuracy,
+    retrieval_recall,
+    vqa_accuracy,
+    vqa_accuracy_per_type,
+    vqa_predictions,
+    vqa_score,
+    write_caption_results,
+    write_json_atomic,
+    write_vqa_predictions,
+)
+from ..modeling_heads import (
+    Beit3ForCaptioning,
+    Beit3ForImageClassification,
+    Beit3ForImageTextRetrieval,
+    Beit3ForVisualQuestionAnswering,
+    Beit3ForVisualReasoning,
+)
 from .config import Section, doc
 from .engine import to_device
 from .runner import autocast, ordered_batches
@@ -52,7 +68,9 @@ class EvalOptions(Section):
     num_workers: int = doc("data-loader workers of evaluation", 0, low=0)
     max_length: int | None = doc("captioning: most tokens a caption gets (null: data.max_text_length)", None, low=2)
     num_beams: int = doc("captioning: beam width (1: greedy)", 3, low=1)
-    length_penalty: float = doc("captioning: beam search's length penalty (the official 0.6; transformers' default is 1.0)", 0.6)
+    length_penalty: float = doc(
+        "captioning: beam search's length penalty (the official 0.6; transformers' default is 1.0)", 0.6
+    )
 
 
 @dataclass
@@ -65,11 +83,17 @@ class TaskData(Section):
     predict: dict | None = doc("the split --mode predict writes predictions for", None)
     deepspeed: str | None = doc("a DeepSpeed JSON (null: configs/deepspeed/zero<train.zero_stage>.json)", None)
     max_text_length: int = doc("tokens per text, <s> and </s> included", 64, low=3)
-    augment: str = doc("training images: none (the evaluation transform) | randaug | imagenet", "none",
-                      choices=("none", "randaug", "imagenet"))
+    augment: str = doc(
+        "training images: none (the evaluation transform) | randaug | imagenet",
+        "none",
+        choices=("none", "randaug", "imagenet"),
+    )
     hflip: float = doc("flip probability of the randaug and imagenet augmentations", 0.0, low=0, high=1)
-    skip_unreadable_images: bool = doc("training: an example whose image does not decode is replaced by the next one, named "
-                                       "and counted (skipped_images in metrics.jsonl); false: the run stops at it", True)
+    skip_unreadable_images: bool = doc(
+        "training: an example whose image does not decode is replaced by the next one, named "
+        "and counted (skipped_images in metrics.jsonl); false: the run stops at it",
+        True,
+    )
 
 
 @dataclass
@@ -77,18 +101,29 @@ class VqaData(TaskData):
     image_root: str | None = doc("the folder holding train2014/, val2014/, test2015/ (a split may give its own)", None)
     answer2label: str | None = doc("answer2label.txt (null: built from the train annotations)", None)
     answer_min_count: int = doc("an answer given this often in the train annotations becomes a label", 9, low=1)
-    vqa_loss: str = doc("bce: the official multi-label loss on soft scores | softmax: one answer per question", "bce", choices=("bce", "softmax"))
-    vqa_head: str = doc("pooler: the official head on the pooled image CLS | answer_slot: read at a <mask> after the question, "
-                        "the head started from the init's MLM head (README, Fine-tuning)", "pooler",
-                        choices=("pooler", "answer_slot"))
+    vqa_loss: str = doc(
+        "bce: the official multi-label loss on soft scores | softmax: one answer per question",
+        "bce",
+        choices=("bce", "softmax"),
+    )
+    vqa_head: str = doc(
+        "pooler: the official head on the pooled image CLS | answer_slot: read at a <mask> after the question, "
+        "the head started from the init's MLM head (README, Fine-tuning)",
+        "pooler",
+        choices=("pooler", "answer_slot"),
+    )
 
 
 @dataclass
 class CaptioningData(TaskData):
     max_text_length: int = doc("tokens per caption, <s> and </s> included", 32, low=3)
-    mask_prob: float = doc("share of a caption's tokens masked (the official 0.6; the COCO recipe 0.7)", 0.6, above=0, high=1)
+    mask_prob: float = doc(
+        "share of a caption's tokens masked (the official 0.6; the COCO recipe 0.7)", 0.6, above=0, high=1
+    )
     label_smoothing: float = doc("of the masked-token cross-entropy", 0.1, low=0, below=1)
-    drop_worst_after: int = doc("from this step on, the worst drop_worst_ratio of the masked tokens are left out", 12000, low=0)
+    drop_worst_after: int = doc(
+        "from this step on, the worst drop_worst_ratio of the masked tokens are left out", 12000, low=0
+    )
     drop_worst_ratio: float = doc("see drop_worst_after", 0.2, low=0, below=1)
 
 
@@ -96,7 +131,9 @@ class CaptioningData(TaskData):
 class ClassificationData(TaskData):
     mixup: float = doc("timm Mixup's mixup alpha (0: off)", 0.0, low=0)
     cutmix: float = doc("timm Mixup's cutmix alpha (0: off)", 0.0, low=0)
-    label_smoothing: float = doc("of the targets: timm Mixup's with mixup or cutmix on, the loss's otherwise", 0.1, low=0, below=1)
+    label_smoothing: float = doc(
+        "of the targets: timm Mixup's with mixup or cutmix on, the loss's otherwise", 0.1, low=0, below=1
+    )
 
 
 class FinetuneTask:
@@ -125,7 +162,9 @@ class FinetuneTask:
     def split(self, name: str) -> dict:
         spec = getattr(self.data, name, None)
         if not spec:
-            raise KeyError(f"The config's data section has no {name!r} split; add data.{name} (see beit3/training/finetune_tasks.py).")
+            raise KeyError(
+                f"The config's data section has no {name!r} split; add data.{name} (see beit3/training/finetune_tasks.py)."
+            )
         return spec
 
     # -- overridable pieces ------------------------------------------------------------------------
@@ -145,9 +184,17 @@ class FinetuneTask:
         if augment not in ("randaug", "imagenet"):
             raise ValueError(f"data.augment must be none, randaug or imagenet; got {augment!r}.")
         imagenet = augment == "imagenet"
-        return create_transform(size, is_training=True, scale=(0.08, 1.0) if imagenet else (0.5, 1.0), hflip=self.data.hflip,
-                                auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25 if imagenet else 0.0,
-                                mean=None if imagenet else VL_MEAN, std=None if imagenet else VL_STD)
+        return create_transform(
+            size,
+            is_training=True,
+            scale=(0.08, 1.0) if imagenet else (0.5, 1.0),
+            hflip=self.data.hflip,
+            auto_augment="rand-m9-mstd0.5-inc1",
+            interpolation="bicubic",
+            re_prob=0.25 if imagenet else 0.0,
+            mean=None if imagenet else VL_MEAN,
+            std=None if imagenet else VL_STD,
+        )
 
     def collate(self, items: list[dict]) -> dict:
         return collate_trimmed(items)
@@ -194,12 +241,17 @@ class VqaTask(FinetuneTask):
             return read_answer2label(self.data.answer2label)
         train = self.split("train")
         if "annotations" not in train:
-            raise ValueError("The official index files hold labels, not answers: set data.answer2label to their answer2label.txt.")
+            raise ValueError(
+                "The official index files hold labels, not answers: set data.answer2label to their answer2label.txt."
+            )
         return build_answer_vocabulary([train["annotations"]], min_count=self.data.answer_min_count)
 
     def config_overrides(self) -> dict:
-        return {"id2label": {label: answer for answer, label in self.answer2label().items()}, "vqa_loss": self.data.vqa_loss,
-                "vqa_head": self.data.vqa_head}
+        return {
+            "id2label": {label: answer for answer, label in self.answer2label().items()},
+            "vqa_loss": self.data.vqa_loss,
+            "vqa_head": self.data.vqa_head,
+        }
 
     def prepare_model(self, model, init: str | None) -> None:
         """An answer-slot head starts from the MLM head of a masked data modeling init (each answer: the mean of its
@@ -212,7 +264,10 @@ class VqaTask(FinetuneTask):
         mlm = read_folder_tensors(init, ("mlm_head.weight", "mlm_head.bias"))
         if mlm is None:
             return  # a VQA model already (its head was loaded), or a bare backbone: nothing to take over
-        pieces = [self.tokenizer(answer, add_special_tokens=False)["input_ids"] for answer in label_to_answer(self.answer2label())]
+        pieces = [
+            self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            for answer in label_to_answer(self.answer2label())
+        ]
         model.init_answer_head_from_mlm(mlm["mlm_head.weight"], mlm["mlm_head.bias"], pieces)
         logger.info(f"vqa: the answer-slot head starts from the MLM head of {init} ({len(pieces)} answers)")
 
@@ -222,18 +277,35 @@ class VqaTask(FinetuneTask):
         spec = self.split(split)
         if "index" in spec:
             return read_vqa_index(spec["index"], spec["data_root"])
-        result = read_vqa(spec["questions"], spec.get("image_root", self.data.image_root), spec.get("annotations"),
-                          self.answer2label() if spec.get("annotations") else None, drop_unlabeled=split == "train")
+        result = read_vqa(
+            spec["questions"],
+            spec.get("image_root", self.data.image_root),
+            spec.get("annotations"),
+            self.answer2label() if spec.get("annotations") else None,
+            drop_unlabeled=split == "train",
+        )
         if result.out_of_vocabulary_answers:
-            logger.info(f"vqa {split}: {result.out_of_vocabulary_answers} annotator answers are outside the answer vocabulary and were ignored"
-                  + (f"; {result.dropped_questions} questions had no answer in it and were left out" if result.dropped_questions else ""))
+            logger.info(
+                f"vqa {split}: {result.out_of_vocabulary_answers} annotator answers are outside the answer vocabulary and were ignored"
+                + (
+                    f"; {result.dropped_questions} questions had no answer in it and were left out"
+                    if result.dropped_questions
+                    else ""
+                )
+            )
         return result.records
 
     def dataset(self, split: str, train: bool = False):
         from ..data.vqa import VqaDataset
 
-        return VqaDataset(self.records(split), self.image_transform(train), self.tokenizer, self.model_config.num_labels, self.max_text_length,
-                          answer_slot=self.model_config.vqa_head == "answer_slot")
+        return VqaDataset(
+            self.records(split),
+            self.image_transform(train),
+            self.tokenizer,
+            self.model_config.num_labels,
+            self.max_text_length,
+            answer_slot=self.model_config.vqa_head == "answer_slot",
+        )
 
     def train_dataset(self):
         return self.dataset("train", train=True)
@@ -254,7 +326,9 @@ class VqaTask(FinetuneTask):
             for inputs, meta in self.eval_batches(dataset):
                 labels = inputs.pop("labels", None)
                 logits = model(**to_device(inputs, next(model.parameters()).device)).logits.float().cpu()
-                predictions.update((p["question_id"], p["answer"]) for p in vqa_predictions(logits, meta["question_id"], answers))
+                predictions.update(
+                    (p["question_id"], p["answer"]) for p in vqa_predictions(logits, meta["question_id"], answers)
+                )
                 if labels is not None:
                     soft_scores.append(labels)
                     logits_seen.append(logits)
@@ -267,7 +341,10 @@ class VqaTask(FinetuneTask):
         write_vqa_predictions(output_dir / self.eval_file("vqa_eval_predictions.json"), predictions)
         truth = answers_from_records(records)
         if truth:  # the official accuracy against the 10 raw annotator answers, overall and per question type
-            return {"accuracy": vqa_accuracy(predictions, truth), **self._per_question_type(predictions, truth, records)}
+            return {
+                "accuracy": vqa_accuracy(predictions, truth),
+                **self._per_question_type(predictions, truth, records),
+            }
         if soft_scores:  # index files: the soft-score proxy
             return {"accuracy": vqa_score(torch.cat(logits), torch.cat(soft_scores))}
         raise ValueError("The eval split has no answers to score against; use mode predict for test questions.")
@@ -282,12 +359,18 @@ class VqaTask(FinetuneTask):
         train = self.split("train")
         prior = {}
         if "annotations" in train:
-            most_common = answer_prior((r.question_type, r.answer) for r in self.records("train") if r.question_type and r.answer)
+            most_common = answer_prior(
+                (r.question_type, r.answer) for r in self.records("train") if r.question_type and r.answer
+            )
             guesses = {q: most_common.get(kind, "") for q, kind in types.items()}
             prior = vqa_accuracy_per_type(guesses, truth, types)
         counts = Counter(types[q] for q in truth if q in types)
-        return {"per_question_type": {kind: {"accuracy": accuracy, "prior": prior.get(kind), "questions": counts[kind]}
-                                      for kind, accuracy in vqa_accuracy_per_type(predictions, truth, types).items()}}
+        return {
+            "per_question_type": {
+                kind: {"accuracy": accuracy, "prior": prior.get(kind), "questions": counts[kind]}
+                for kind, accuracy in vqa_accuracy_per_type(predictions, truth, types).items()
+            }
+        }
 
     def predict(self, model, output_dir):
         predictions, *_ = self._answers(model, "predict")
@@ -309,7 +392,11 @@ class Nlvr2Task(FinetuneTask):
         from ..data.nlvr2 import Nlvr2Dataset, read_nlvr2, read_nlvr2_index
 
         spec = self.split(split)
-        records = read_nlvr2_index(spec["index"], spec["data_root"]) if "index" in spec else read_nlvr2(spec["file"], spec["images"])
+        records = (
+            read_nlvr2_index(spec["index"], spec["data_root"])
+            if "index" in spec
+            else read_nlvr2(spec["file"], spec["images"])
+        )
         return Nlvr2Dataset(records, self.image_transform(train), self.tokenizer, self.max_text_length)
 
     def train_dataset(self):
@@ -355,7 +442,11 @@ class _KarpathyTask(FinetuneTask):
         from ..data.karpathy import read_karpathy
 
         spec = self.split(split)
-        return read_karpathy(spec["karpathy"], spec["image_root"], spec.get("split", {"eval": "val", "predict": "test"}.get(split, split)))
+        return read_karpathy(
+            spec["karpathy"],
+            spec["image_root"],
+            spec.get("split", {"eval": "val", "predict": "test"}.get(split, split)),
+        )
 
 
 class RetrievalTask(_KarpathyTask):
@@ -403,8 +494,15 @@ class RetrievalTask(_KarpathyTask):
         image_embeds, image_ids, text_embeds, _, records = self.embed(model, "predict")
         scores, best = (image_embeds @ text_embeds.t()).topk(min(top, len(records)), dim=-1)
         paths = {r.image_id: r.image_path for r in records}
-        items = [{"image_id": int(i), "image": paths[int(i)], "captions": [records[j].caption for j in row], "scores": [round(v, 4) for v in s]}
-                 for i, row, s in zip(image_ids.tolist(), best.tolist(), scores.tolist())]
+        items = [
+            {
+                "image_id": int(i),
+                "image": paths[int(i)],
+                "captions": [records[j].caption for j in row],
+                "scores": [round(v, 4) for v in s],
+            }
+            for i, row, s in zip(image_ids.tolist(), best.tolist(), scores.tolist())
+        ]
         path = output_dir / "retrieval_predictions.json"
         write_json_atomic(path, items)
         return path
@@ -425,15 +523,23 @@ class CaptioningTask(_KarpathyTask):
     def train_dataset(self):
         from ..data.karpathy import ImageTextDataset, captioning_records
 
-        return ImageTextDataset(captioning_records(self.images("train"), train=True), self.image_transform(True), self.tokenizer,
-                                self.max_text_length)
+        return ImageTextDataset(
+            captioning_records(self.images("train"), train=True),
+            self.image_transform(True),
+            self.tokenizer,
+            self.max_text_length,
+        )
 
     def step(self, module, batch, step: int):
         """The official causal masked LM: corrupt some caption tokens, predict them with label smoothing;
         after ``drop_worst_after`` steps the worst ``drop_worst_ratio`` of the masked tokens are left out."""
         inputs, _ = split_batch(batch)
-        input_ids, labels = mask_caption_tokens(inputs["input_ids"], inputs["attention_mask"], self.model_config.mask_token_id, self.mask_prob)
-        logits = module(pixel_values=inputs["pixel_values"], input_ids=input_ids, attention_mask=inputs["attention_mask"]).logits
+        input_ids, labels = mask_caption_tokens(
+            inputs["input_ids"], inputs["attention_mask"], self.model_config.mask_token_id, self.mask_prob
+        )
+        logits = module(
+            pixel_values=inputs["pixel_values"], input_ids=input_ids, attention_mask=inputs["attention_mask"]
+        ).logits
         chosen = labels != -100
         logits, targets = logits[chosen].float(), labels[chosen]
         losses = F.cross_entropy(logits, targets, reduction="none", label_smoothing=self.label_smoothing)
@@ -445,8 +551,11 @@ class CaptioningTask(_KarpathyTask):
     def _captions(self, model, split: str, records) -> dict[int, str]:
         from ..data.karpathy import ImageOnlyDataset
 
-        options = {"max_length": self.eval_options.max_length or self.max_text_length, "num_beams": self.eval_options.num_beams,
-                   "length_penalty": self.eval_options.length_penalty}
+        options = {
+            "max_length": self.eval_options.max_length or self.max_text_length,
+            "num_beams": self.eval_options.num_beams,
+            "length_penalty": self.eval_options.length_penalty,
+        }
         predictions = {}
         with torch.no_grad(), self.eval_autocast(model):
             for inputs, meta in self.eval_batches(ImageOnlyDataset(records, self.image_transform(False))):
@@ -468,7 +577,9 @@ class CaptioningTask(_KarpathyTask):
         from ..data.karpathy import captioning_records
 
         path = output_dir / "captions.json"
-        write_caption_results(path, self._captions(model, "predict", captioning_records(self.images("predict"), train=False)))
+        write_caption_results(
+            path, self._captions(model, "predict", captioning_records(self.images("predict"), train=False))
+        )
         return path
 
 
@@ -485,11 +596,19 @@ class ClassificationTask(FinetuneTask):
         if self.data.mixup > 0 or self.data.cutmix > 0:
             from timm.data import Mixup
 
-            self.mixup = Mixup(mixup_alpha=self.data.mixup, cutmix_alpha=self.data.cutmix, label_smoothing=self.data.label_smoothing,
-                               num_classes=1)  # num_classes set in setup
+            self.mixup = Mixup(
+                mixup_alpha=self.data.mixup,
+                cutmix_alpha=self.data.cutmix,
+                label_smoothing=self.data.label_smoothing,
+                num_classes=1,
+            )  # num_classes set in setup
 
     def classes(self) -> list[str]:
-        if self.model_config is not None and self.model_config.id2label and "LABEL_0" not in self.model_config.id2label.values():
+        if (
+            self.model_config is not None
+            and self.model_config.id2label
+            and "LABEL_0" not in self.model_config.id2label.values()
+        ):
             return [self.model_config.id2label[i] for i in range(self.model_config.num_labels)]
         from ..data.imagenet import read_image_folder
 
@@ -511,7 +630,9 @@ class ClassificationTask(FinetuneTask):
     def dataset(self, split: str, train: bool = False):
         from ..data.imagenet import ImageClassificationDataset, read_image_folder
 
-        return ImageClassificationDataset(read_image_folder(self.split(split)["folder"], self.classes()).records, self.image_transform(train))
+        return ImageClassificationDataset(
+            read_image_folder(self.split(split)["folder"], self.classes()).records, self.image_transform(train)
+        )
 
     def train_dataset(self):
         return self.dataset("train", train=True)
@@ -519,7 +640,9 @@ class ClassificationTask(FinetuneTask):
     def step(self, module, batch, step: int):
         inputs, _ = split_batch(batch)
         hard = inputs["labels"]
-        if self.mixup is not None:  # soft targets (B, classes); timm's mixup draws from numpy, which the engine seeds per step
+        if (
+            self.mixup is not None
+        ):  # soft targets (B, classes); timm's mixup draws from numpy, which the engine seeds per step
             inputs["pixel_values"], inputs["labels"] = self.mixup(inputs["pixel_values"], inputs["labels"])
         out = module(**inputs)
         return out.loss, {"accuracy": (out.logits.argmax(-1) == hard).float().mean()}
@@ -530,7 +653,9 @@ class ClassificationTask(FinetuneTask):
             for inputs, _ in self.eval_batches(self.dataset("eval")):
                 labels.append(inputs.pop("labels"))
                 logits.append(model(**to_device(inputs, next(model.parameters()).device)).logits.float().cpu())
-        return classification_accuracy(torch.cat(logits), torch.cat(labels), topk=(1, min(5, self.model_config.num_labels)))
+        return classification_accuracy(
+            torch.cat(logits), torch.cat(labels), topk=(1, min(5, self.model_config.num_labels))
+        )
 
     def predict(self, model, output_dir):
         from ..data.common import load_rgb, transform_image
@@ -542,10 +667,13 @@ class ClassificationTask(FinetuneTask):
         size = self.eval_options.batch_size
         with torch.no_grad(), self.eval_autocast(model):
             for start in range(0, len(paths), size):
-                chunk = paths[start:start + size]
+                chunk = paths[start : start + size]
                 pixel_values = torch.stack([transform_image(transform, load_rgb(p)) for p in chunk]).to(device)
                 probs = model(pixel_values=pixel_values).logits.float().softmax(-1).cpu()
-                rows += [{"image": str(p), "label": classes[i], "score": round(float(s), 4)} for p, (s, i) in zip(chunk, zip(*probs.max(-1)))]
+                rows += [
+                    {"image": str(p), "label": classes[i], "score": round(float(s), 4)}
+                    for p, (s, i) in zip(chunk, zip(*probs.max(-1)))
+                ]
         path = output_dir / "classification_predictions.json"
         write_json_atomic(path, rows)
         return path

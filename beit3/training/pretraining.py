@@ -27,7 +27,15 @@ from transformers import AutoTokenizer
 
 from ..configuration_beit3 import Beit3Config
 from ..data.images import read_codes_info
-from ..data.pretraining import MAX_TEXT_LENGTH, PAIR_CROP_SCALE, PAIR_HFLIP, PretrainingBatches, Shards, StreamingPretrainingBatches, load_sources
+from ..data.pretraining import (
+    MAX_TEXT_LENGTH,
+    PAIR_CROP_SCALE,
+    PAIR_HFLIP,
+    PretrainingBatches,
+    Shards,
+    StreamingPretrainingBatches,
+    load_sources,
+)
 from ..masking import PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB
 from ..modeling_heads import Beit3ForMaskedDataModeling
 from ..tokenization_beit3 import check_tokenizer_matches
@@ -45,17 +53,24 @@ class PretrainingData(Section):
     """The ``data`` section of a pretraining config."""
 
     section: ClassVar[str] = "data"
-    sources: dict = doc("images (a folder or shards), texts ([.txt, .jsonl]), pairs ([.jsonl or shards]), image_codes; or "
-                        "{dataset: a save_to_disk folder, ...} per kind (README, Pretraining)")
+    sources: dict = doc(
+        "images (a folder or shards), texts ([.txt, .jsonl]), pairs ([.jsonl or shards]), image_codes; or "
+        "{dataset: a save_to_disk folder, ...} per kind (README, Pretraining)"
+    )
     batch_size: dict = doc("samples of each kind per process and step: {image: N, text: N, pair: N}")
     streaming: bool = doc("read shards and text files as streams, shard by shard, never copied", False)
     max_text_length: int = doc("tokens per text, <s> and </s> included", MAX_TEXT_LENGTH, low=3)
     text_mask_prob: float = doc("masked share of a text's tokens (the paper: 0.15)", TEXT_MASK_PROB, above=0, high=1)
     pair_mask_prob: float = doc("masked share of a pair's text (the paper: 0.5)", PAIR_TEXT_MASK_PROB, above=0, high=1)
-    itm_negatives: float = doc("image-text matching on this share of each pair batch, against hard negatives (0: the paper); "
-                               "with model.overrides.itm_weight", 0.0)
+    itm_negatives: float = doc(
+        "image-text matching on this share of each pair batch, against hard negatives (0: the paper); "
+        "with model.overrides.itm_weight",
+        0.0,
+    )
     pair_crop_scale: tuple[float, float] = doc("area range of the pairs' random resized crop", PAIR_CROP_SCALE)
-    pair_hflip: float = doc("the pairs' flip probability (0 when captions say left and right)", PAIR_HFLIP, low=0, high=1)
+    pair_hflip: float = doc(
+        "the pairs' flip probability (0 when captions say left and right)", PAIR_HFLIP, low=0, high=1
+    )
     deepspeed: str | None = doc("a DeepSpeed JSON (null: configs/deepspeed/zero<train.zero_stage>.json)", None)
 
     def __post_init__(self):
@@ -87,12 +102,16 @@ def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
             if "image_labels" in image:
                 codes = image["image_labels"]
             elif visual_tokenizer is None:
-                raise ValueError("The image batch has no image_labels (precomputed codes) and there is no visual tokenizer to "
-                                 "compute them; give one, or batches from load_sources(image_codes=...).")
+                raise ValueError(
+                    "The image batch has no image_labels (precomputed codes) and there is no visual tokenizer to "
+                    "compute them; give one, or batches from load_sources(image_codes=...)."
+                )
             else:
                 with torch.no_grad():
                     codes = visual_tokenizer.get_codebook_indices(image["tokenizer_pixel_values"])
-            out = module(pixel_values=image["pixel_values"], bool_masked_pos=image["bool_masked_pos"], image_labels=codes)
+            out = module(
+                pixel_values=image["pixel_values"], bool_masked_pos=image["bool_masked_pos"], image_labels=codes
+            )
             losses.append(out.loss)
             values.update(image_loss=out.image_loss, image_accuracy=out.image_accuracy)
         for kind in ("text", "pair"):
@@ -112,8 +131,9 @@ def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
 def run(argv: list[str] | None = None) -> None:
     """The command line of ``tasks/pretrain.py`` (see the module docstring)."""
     args = command_line(__doc__, argv)
-    config, settings, sections = read_run_config(args.config, args.set, typed={"model": PretrainingModel, "data": PretrainingData},
-                                                 show=args.print_config)
+    config, settings, sections = read_run_config(
+        args.config, args.set, typed={"model": PretrainingModel, "data": PretrainingData}, show=args.print_config
+    )
     data = sections["data"]
     # Everything that can be wrong with the inputs is checked before the first step.
     # Visual targets: precomputed codes (data.sources.image_codes) when given, else the visual tokenizer on the fly.
@@ -121,15 +141,21 @@ def run(argv: list[str] | None = None) -> None:
     tokenizer_path = Path(config["text_tokenizer"])
     visual_path = Path(config["visual_tokenizer"]) if config.get("visual_tokenizer") and not codes_dir else None
     if codes_dir and config.get("visual_tokenizer") and os.environ.get("RANK", "0") == "0":
-        logger.warning(f"data.sources.image_codes is set, so the image targets are the codes in {codes_dir}; "
-              f"the visual_tokenizer {config['visual_tokenizer']} is not used.")
+        logger.warning(
+            f"data.sources.image_codes is set, so the image targets are the codes in {codes_dir}; "
+            f"the visual_tokenizer {config['visual_tokenizer']} is not used."
+        )
     if not codes_dir and not config.get("visual_tokenizer"):
-        fail("no visual targets: visual_tokenizer is not set and neither is data.sources.image_codes. Give a visual "
-             "tokenizer, or encode the images once with tokenizers/encode_images.py and set data.sources.image_codes.")
+        fail(
+            "no visual targets: visual_tokenizer is not set and neither is data.sources.image_codes. Give a visual "
+            "tokenizer, or encode the images once with tokenizers/encode_images.py and set data.sources.image_codes."
+        )
     for what, path in (("text_tokenizer", tokenizer_path), ("visual_tokenizer", visual_path)):
         if path is not None and not path.exists():
-            fail(f"{what} {path} does not exist. Train one (tokenizers/train_text_tokenizer.py, "
-                 "tokenizers/train_visual_tokenizer.py) or point the config at yours.")
+            fail(
+                f"{what} {path} does not exist. Train one (tokenizers/train_text_tokenizer.py, "
+                "tokenizers/train_visual_tokenizer.py) or point the config at yours."
+            )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     if codes_dir:
         visual_tokenizer = None
@@ -138,11 +164,15 @@ def run(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as error:
             fail(f"data.sources.image_codes: {error}")
         if codes_info["codebook_size"] is None:
-            fail(f"{codes_dir}/codes.safetensors does not record its codebook_size, so the model's visual head cannot "
-                 "be sized; write the codes with tokenizers/encode_images.py, which records it.")
+            fail(
+                f"{codes_dir}/codes.safetensors does not record its codebook_size, so the model's visual head cannot "
+                "be sized; write the codes with tokenizers/encode_images.py, which records it."
+            )
         targets, codebook_size, code_grid = f"image_codes {codes_dir}", codes_info["codebook_size"], codes_info["grid"]
-        how = ("Encode the images again (tokenizers/encode_images.py) with a tokenizer and --image-size that give one code per "
-               "model patch, or change model.overrides (image_size, patch_size) to fit the codes.")
+        how = (
+            "Encode the images again (tokenizers/encode_images.py) with a tokenizer and --image-size that give one code per "
+            "model patch, or change model.overrides (image_size, patch_size) to fit the codes."
+        )
     else:
         visual_tokenizer = VisualTokenizer.from_pretrained(visual_path).eval()
         targets, codebook_size = f"visual_tokenizer {visual_path}", visual_tokenizer.codebook_size
@@ -152,9 +182,11 @@ def run(argv: list[str] | None = None) -> None:
     model_config = Beit3Config.from_preset(sections["model"].preset, **overrides)
     if model_config.visual_vocab_size != codebook_size:
         if "visual_vocab_size" in overrides:
-            fail(f"the model predicts {model_config.visual_vocab_size} visual tokens but the codebook of {targets} "
-                 f"has {codebook_size} codes. Drop visual_vocab_size from model.overrides (it is then set from the codebook) "
-                 "or set it to the codebook size.")
+            fail(
+                f"the model predicts {model_config.visual_vocab_size} visual tokens but the codebook of {targets} "
+                f"has {codebook_size} codes. Drop visual_vocab_size from model.overrides (it is then set from the codebook) "
+                "or set it to the codebook size."
+            )
         model_config.visual_vocab_size = codebook_size
     if "vocab_size" not in overrides:  # a vocabulary of our own: size the text head to it
         model_config.vocab_size = len(tokenizer)
@@ -162,15 +194,19 @@ def run(argv: list[str] | None = None) -> None:
     check_tokenizer_matches(tokenizer, model_config)
     itm_negatives = data.itm_negatives
     if bool(itm_negatives) != bool(model_config.itm_weight):
-        fail(f"image-text matching needs both data.itm_negatives (a fraction of the pair batch, now {itm_negatives}) and "
-             f"model.overrides.itm_weight (the loss weight, now {model_config.itm_weight}) above 0, or both 0 (the paper's "
-             "pure masked data modeling).")
+        fail(
+            f"image-text matching needs both data.itm_negatives (a fraction of the pair batch, now {itm_negatives}) and "
+            f"model.overrides.itm_weight (the loss weight, now {model_config.itm_weight}) above 0, or both 0 (the paper's "
+            "pure masked data modeling)."
+        )
     if itm_negatives and not data.batch_size.get("pair"):
         fail("data.itm_negatives is set, but there are no pair batches (data.batch_size.pair) to match.")
     patch_grid = (model_config.image_size // model_config.patch_size,) * 2
     if tuple(code_grid) != patch_grid:
-        fail(f"{targets}: {code_grid[0]}x{code_grid[1]} codes per image, but the model has a "
-             f"{patch_grid[0]}x{patch_grid[1]} patch grid; masked image modeling needs one code per patch. {how}")
+        fail(
+            f"{targets}: {code_grid[0]}x{code_grid[1]} codes per image, but the model has a "
+            f"{patch_grid[0]}x{patch_grid[1]} patch grid; masked image modeling needs one code per patch. {how}"
+        )
     try:
         sources = load_sources(**data.sources, streaming=data.streaming)
     except (OSError, ValueError) as error:
@@ -188,33 +224,64 @@ def run(argv: list[str] | None = None) -> None:
 
     def make_loader(start_step: int, num_steps: int):
         # Streamed kinds resume from the positions the checkpoint saved (engine.data_state); the rest is step-indexed.
-        kind, stream_options = ((StreamingPretrainingBatches, {"num_workers": settings.num_workers, "positions": engine.data_state})
-                                if streamed else (PretrainingBatches, {}))
+        kind, stream_options = (
+            (StreamingPretrainingBatches, {"num_workers": settings.num_workers, "positions": engine.data_state})
+            if streamed
+            else (PretrainingBatches, {})
+        )
         try:
-            batches = kind(sources, batch_sizes, tokenizer, model_config.image_size, model_config.patch_size,
-                           max_text_length=data.max_text_length,
-                           tokenizer_image_size=visual_tokenizer.image_size if visual_tokenizer else None,
-                           text_mask_prob=data.text_mask_prob, pair_mask_prob=data.pair_mask_prob,
-                           seed=settings.seed, rank=engine.rank, world_size=engine.world_size, start_step=start_step,
-                           num_steps=num_steps, pair_crop_scale=data.pair_crop_scale, pair_hflip=data.pair_hflip,
-                           itm_negatives=itm_negatives, **stream_options)
+            batches = kind(
+                sources,
+                batch_sizes,
+                tokenizer,
+                model_config.image_size,
+                model_config.patch_size,
+                max_text_length=data.max_text_length,
+                tokenizer_image_size=visual_tokenizer.image_size if visual_tokenizer else None,
+                text_mask_prob=data.text_mask_prob,
+                pair_mask_prob=data.pair_mask_prob,
+                seed=settings.seed,
+                rank=engine.rank,
+                world_size=engine.world_size,
+                start_step=start_step,
+                num_steps=num_steps,
+                pair_crop_scale=data.pair_crop_scale,
+                pair_hflip=data.pair_hflip,
+                itm_negatives=itm_negatives,
+                **stream_options,
+            )
         except ValueError as error:  # e.g. stream positions saved with another number of loader workers
             fail(error)
         return step_loader(settings, batches, batch_size=None)
 
-    records = engine.fit(masked_data_modeling_step(visual_tokenizer), make_loader, samples_per_step=sum(batch_sizes.values()))
+    records = engine.fit(
+        masked_data_modeling_step(visual_tokenizer), make_loader, samples_per_step=sum(batch_sizes.values())
+    )
     if engine.rank == 0 and records:
         try:
             from beit3.visualization import save_loss_curves
 
             lines = read_run_log(engine.output_dir / "metrics.jsonl")
             kinds = ["image", "text", "pair"] + (["itm"] if itm_negatives else [])
-            save_loss_curves(lines, engine.output_dir / "loss_curves.png", title=f"pretraining: {engine.output_dir.name}",
-                             panels={"loss": ["loss"] + [f"{kind}_loss" for kind in kinds],
-                                     "accuracy": [f"{kind}_accuracy" for kind in kinds], "learning rate": ["lr"]})
+            save_loss_curves(
+                lines,
+                engine.output_dir / "loss_curves.png",
+                title=f"pretraining: {engine.output_dir.name}",
+                panels={
+                    "loss": ["loss"] + [f"{kind}_loss" for kind in kinds],
+                    "accuracy": [f"{kind}_accuracy" for kind in kinds],
+                    "learning rate": ["lr"],
+                },
+            )
         except ImportError:
             pass
         last = records[-1]
-        logger.info("pretraining done: step {step}, loss {loss:.3f}, ".format(**last)
-              + ", ".join(f"{k} {last[k]:.3f}" for k in ("image_accuracy", "text_accuracy", "pair_accuracy", "itm_accuracy") if k in last)
-              + f", {last['samples_per_s']:.1f} samples/s; checkpoints in {engine.checkpoint_dir}")
+        logger.info(
+            "pretraining done: step {step}, loss {loss:.3f}, ".format(**last)
+            + ", ".join(
+                f"{k} {last[k]:.3f}"
+                for k in ("image_accuracy", "text_accuracy", "pair_accuracy", "itm_accuracy")
+                if k in last
+            )
+            + f", {last['samples_per_s']:.1f} samples/s; checkpoints in {engine.checkpoint_dir}"
+        )

@@ -27,20 +27,29 @@ from ..log import for_rank
 from .config import Section, load_config, print_config
 from .engine import Engine, TrainSettings, load_deepspeed_json, record_run_config, setup_distributed
 
+
 def fail(error: BaseException | str) -> NoReturn:
     """Ends the program with ``error: ...`` (exit status 1)."""
     sys.exit(f"error: {error.args[0] if isinstance(error, KeyError) and error.args else error}")
 
 
-def command_line(description: str, argv: list[str] | None, prog: str | None = None,
-                 add_arguments=None) -> argparse.Namespace:
+def command_line(
+    description: str, argv: list[str] | None, prog: str | None = None, add_arguments=None
+) -> argparse.Namespace:
     """The options every training program takes (``--config``, ``--set``, the deepspeed launcher's ``--local_rank``),
     plus those ``add_arguments(parser)`` adds."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="the run's YAML")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (every section's fields, defaults filled in, each with its doc) and exit")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)"
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (every section's fields, defaults filled in, each with its doc) and exit",
+    )
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     if add_arguments is not None:
         add_arguments(parser)
@@ -49,8 +58,13 @@ def command_line(description: str, argv: list[str] | None, prog: str | None = No
     return args
 
 
-def read_run_config(path: str | Path, overrides: list[str], sections: tuple[str, ...] = ("data", "train"),
-                    typed: dict[str, type[Section]] | None = None, show: bool = False) -> tuple[dict, TrainSettings, dict[str, Section]]:
+def read_run_config(
+    path: str | Path,
+    overrides: list[str],
+    sections: tuple[str, ...] = ("data", "train"),
+    typed: dict[str, type[Section]] | None = None,
+    show: bool = False,
+) -> tuple[dict, TrainSettings, dict[str, Section]]:
     """The YAML with its ``--set`` overrides, its checked ``train`` settings and its ``typed`` sections ({name: Section
     class}, e.g. ``{"data": PretrainingData}``: their defaults filled in, unknown keys refused). Every declared field
     may be ``--set``, listed in the file or not. A config that cannot run ends the program here, before any work;
@@ -60,11 +74,16 @@ def read_run_config(path: str | Path, overrides: list[str], sections: tuple[str,
     settings, {name: typed section})."""
     typed = typed or {}
     try:
-        config = load_config(path, overrides, declared={"train": TrainSettings.field_names(),
-                                                        **{name: cls.field_names() for name, cls in typed.items()}})
+        config = load_config(
+            path,
+            overrides,
+            declared={"train": TrainSettings.field_names(), **{name: cls.field_names() for name, cls in typed.items()}},
+        )
         missing = [section for section in sections if section not in config]
         if missing:
-            raise ValueError(f"{path} has no {', '.join(map(repr, missing))} section; see configs/ for complete examples.")
+            raise ValueError(
+                f"{path} has no {', '.join(map(repr, missing))} section; see configs/ for complete examples."
+            )
         settings = TrainSettings.from_config(config["train"])
         parsed = {name: cls.from_config(config.get(name)) for name, cls in typed.items()}
     except (KeyError, ValueError, OSError, TypeError) as error:
@@ -104,8 +123,9 @@ def save_model_folder(engine: Engine, model_config, tokenizer=None) -> None:
 def step_loader(settings: TrainSettings, dataset, **options) -> torch.utils.data.DataLoader:
     """The DataLoader of a run's steps, with its ``train.num_workers`` (4 batches ahead per worker); ``options`` say
     how ``dataset`` gives batches (``batch_size=None`` for step-indexed batches, or a ``batch_sampler``)."""
-    return torch.utils.data.DataLoader(dataset, num_workers=settings.num_workers, prefetch_factor=4 if settings.num_workers else None,
-                                       **options)
+    return torch.utils.data.DataLoader(
+        dataset, num_workers=settings.num_workers, prefetch_factor=4 if settings.num_workers else None, **options
+    )
 
 
 def autocast(precision: str, device: torch.device):
@@ -117,6 +137,8 @@ def autocast(precision: str, device: torch.device):
 
 def ordered_batches(dataset, batch_size: int, num_workers: int = 0, collate_fn=None):
     """One ordered pass over ``dataset`` for evaluation: (model inputs, metadata) per batch."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn
+    )
     for batch in loader:
         yield split_batch(batch)

@@ -42,7 +42,9 @@ class TokenizerData(Section):
     deepspeed: str | None = doc("a DeepSpeed JSON (null: configs/deepspeed/zero<train.zero_stage>.json)", None)
 
 
-def build_visual_tokenizer(kind: str, preset: str, overrides: dict | None = None, teacher_checkpoint: str | None = None) -> VisualTokenizer:
+def build_visual_tokenizer(
+    kind: str, preset: str, overrides: dict | None = None, teacher_checkpoint: str | None = None
+) -> VisualTokenizer:
     """A fresh tokenizer of ``kind`` from a preset (``vqkd_tiny``, ``dvae_base``, ...) and field overrides."""
     if kind not in KINDS:
         raise ValueError(f"Unknown visual tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}.")
@@ -58,7 +60,11 @@ def visual_tokenizer_step() -> Callable:
 
     def step_fn(module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = module(batch["image"]["tokenizer_pixel_values"])
-        values = {"codebook_usage": out.codebook_usage, "perplexity": out.perplexity, "reconstruction_loss": out.reconstruction_loss}
+        values = {
+            "codebook_usage": out.codebook_usage,
+            "perplexity": out.perplexity,
+            "reconstruction_loss": out.reconstruction_loss,
+        }
         return out.loss, {k: v.detach().float() for k, v in values.items() if v is not None}
 
     return step_fn
@@ -66,21 +72,37 @@ def visual_tokenizer_step() -> Callable:
 
 def run(argv: list[str] | None = None) -> None:
     """The command line of ``tokenizers/train_visual_tokenizer.py`` (see the module docstring)."""
-    args = command_line(__doc__, argv, add_arguments=lambda parser: parser.add_argument("--kind", choices=tuple(KINDS), required=True))
-    config, settings, sections = read_run_config(args.config, args.set, typed={"data": TokenizerData}, show=args.print_config)
+    args = command_line(
+        __doc__, argv, add_arguments=lambda parser: parser.add_argument("--kind", choices=tuple(KINDS), required=True)
+    )
+    config, settings, sections = read_run_config(
+        args.config, args.set, typed={"data": TokenizerData}, show=args.print_config
+    )
     data = sections["data"]
     try:
         sources = load_sources(images=data.images)
     except (OSError, ValueError) as error:
         fail(error)
     torch.manual_seed(settings.seed)
-    model = build_visual_tokenizer(args.kind, config["preset"], config.get("overrides"), config.get("teacher_checkpoint"))
+    model = build_visual_tokenizer(
+        args.kind, config["preset"], config.get("overrides"), config.get("teacher_checkpoint")
+    )
     engine = start_engine(model, config, settings)
 
     def make_loader(start_step: int, num_steps: int):
-        batches = PretrainingBatches(sources, {"image": data.batch_size}, None, model.image_size, model.patch_size,
-                                     crop_scale=tuple(data.crop_scale), seed=settings.seed, rank=engine.rank,
-                                     world_size=engine.world_size, start_step=start_step, num_steps=num_steps)
+        batches = PretrainingBatches(
+            sources,
+            {"image": data.batch_size},
+            None,
+            model.image_size,
+            model.patch_size,
+            crop_scale=tuple(data.crop_scale),
+            seed=settings.seed,
+            rank=engine.rank,
+            world_size=engine.world_size,
+            start_step=start_step,
+            num_steps=num_steps,
+        )
         return step_loader(settings, batches, batch_size=None)
 
     records = engine.fit(visual_tokenizer_step(), make_loader, samples_per_step=data.batch_size)
@@ -93,8 +115,10 @@ def run(argv: list[str] | None = None) -> None:
         logger.warning(f"nothing to do: {engine.output_dir} already holds a run of {settings.max_steps} steps")
         return
     last = records[-1]
-    logger.info(f"visual tokenizer done: step {last['step']}, loss {last['loss']:.4f}, codebook usage {last['codebook_usage']:.3f}, "
-          f"perplexity {last['perplexity']:.1f}; saved to {engine.output_dir / 'tokenizer'}")
+    logger.info(
+        f"visual tokenizer done: step {last['step']}, loss {last['loss']:.4f}, codebook usage {last['codebook_usage']:.3f}, "
+        f"perplexity {last['perplexity']:.1f}; saved to {engine.output_dir / 'tokenizer'}"
+    )
 
 
 def pictured_images(sources, model) -> torch.Tensor:
@@ -116,5 +140,9 @@ def save_pictures(tokenizer, output_dir: Path, images: torch.Tensor) -> None:
         if tokenizer.kind == "dvae":
             save_reconstructions(images.cpu(), tokenizer.decode(codes).cpu(), output_dir / "reconstructions.png")
     records = read_run_log(output_dir / "metrics.jsonl")
-    save_codebook_usage([r["step"] for r in records], [r["codebook_usage"] for r in records], output_dir / "codebook_usage.png",
-                        [r["perplexity"] for r in records])
+    save_codebook_usage(
+        [r["step"] for r in records],
+        [r["codebook_usage"] for r in records],
+        output_dir / "codebook_usage.png",
+        [r["perplexity"] for r in records],
+    )

@@ -13,5 +13,19 @@ from .dvae import DVAE, DVAEConfig, DVAEOutput, map_pixels, unmap_pixels
 from .teachers import HOGTarget, PixelTarget, TimmTeacher
 from .vqkd import VQKD, VQKD_PRESETS, NormEMACodebook, VQKDConfig, VQKDOutput
 
-__all__ = ["DVAE", "DVAEConfig", "DVAEOutput", "HOGTarget", "NormEMACodebook", "PixelTarget", "TimmTeacher", "VQKD",
-           "VQKDConfig", "VQKDOutput", "VQKD_PRESETS", "VisualTokenizer", "map_pixels", "unmap_pixels"]
+__all__ = [
+    "DVAE",
+    "DVAEConfig",
+    "DVAEOutput",
+    "HOGTarget",
+    "NormEMACodebook",
+    "PixelTarget",
+    "TimmTeacher",
+    "VQKD",
+    "VQKDConfig",
+    "VQKDOutput",
+    "VQKD_PRESETS",
+    "VisualTokenizer",
+    "map_pixels",
+    "unmap_pixels",
+]

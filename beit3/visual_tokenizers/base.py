@@ -94,22 +94,30 @@ class VisualTokenizer(nn.Module):
     def check_pixels(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """Checks a (B, 3, H, W) batch in [0, 1] and returns its code grid (H / patch, W / patch)."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"{type(self).__name__} takes RGB images of shape (B, 3, H, W); got {tuple(pixel_values.shape)}.")
+            raise ValueError(
+                f"{type(self).__name__} takes RGB images of shape (B, 3, H, W); got {tuple(pixel_values.shape)}."
+            )
         height, width = pixel_values.shape[-2:]
         patch = self.patch_size
         if height < patch or width < patch:
-            raise ValueError(f"The image ({height}x{width} px) is smaller than one {patch}x{patch} patch of this {self.kind} tokenizer; "
-                             f"resize it to at least {patch} px per side ({self.image_size} px is what the tokenizer was built for).")
+            raise ValueError(
+                f"The image ({height}x{width} px) is smaller than one {patch}x{patch} patch of this {self.kind} tokenizer; "
+                f"resize it to at least {patch} px per side ({self.image_size} px is what the tokenizer was built for)."
+            )
         if height % patch or width % patch:
-            raise ValueError(f"The image side ({height}x{width} px) is not a multiple of the patch size {patch}; resize or crop it "
-                             f"(e.g. to {self.image_size}x{self.image_size}).")
+            raise ValueError(
+                f"The image side ({height}x{width} px) is not a multiple of the patch size {patch}; resize or crop it "
+                f"(e.g. to {self.image_size}x{self.image_size})."
+            )
         if pixel_values.numel():
             low, high = torch.aminmax(pixel_values.detach())
             # Bicubic resizing of a tensor may overshoot a little; a normalized or 0-255 image is far outside.
             if low < -0.1 or high > 1.1:
-                raise ValueError(f"{type(self).__name__} takes RGB in [0, 1], but the values range over [{low.item():.3g}, {high.item():.3g}]. "
-                                 "Pass un-normalized pixels (ToTensor without Normalize, e.g. the tokenizer view of "
-                                 "beit3.views.TwoViewTransform).")
+                raise ValueError(
+                    f"{type(self).__name__} takes RGB in [0, 1], but the values range over [{low.item():.3g}, {high.item():.3g}]. "
+                    "Pass un-normalized pixels (ToTensor without Normalize, e.g. the tokenizer view of "
+                    "beit3.views.TwoViewTransform)."
+                )
         return height // patch, width // patch
 
     # -- saving and loading ---------------------------------------------------------------------
@@ -131,7 +139,9 @@ class VisualTokenizer(nn.Module):
         if path.is_dir():
             config_file = path / CONFIG_NAME
             if not config_file.is_file():
-                raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; a tokenizer folder is written by save_pretrained.")
+                raise FileNotFoundError(
+                    f"{path} has no {CONFIG_NAME}; a tokenizer folder is written by save_pretrained."
+                )
             fields = json.loads(config_file.read_text())
             kind = fields.get("kind")
             target = cls._resolve_kind(kind, f"the folder {path}")
@@ -144,7 +154,9 @@ class VisualTokenizer(nn.Module):
             target = cls._resolve_kind("vqkd", f"the checkpoint {path}")
             return target.from_released(path, **overrides).eval()
         if path.exists():
-            raise ValueError(f"{path} is neither a tokenizer folder nor a checkpoint file ({', '.join(_CHECKPOINT_SUFFIXES)}).")
+            raise ValueError(
+                f"{path} is neither a tokenizer folder nor a checkpoint file ({', '.join(_CHECKPOINT_SUFFIXES)})."
+            )
         raise FileNotFoundError(f"No tokenizer folder or checkpoint at {path}.")
 
     @classmethod
@@ -155,11 +167,15 @@ class VisualTokenizer(nn.Module):
     @classmethod
     def _resolve_kind(cls, kind: str | None, what: str) -> type[VisualTokenizer]:
         if kind not in VisualTokenizer._kinds:
-            raise ValueError(f"{what} holds a tokenizer of unknown kind {kind!r}; known kinds: {sorted(VisualTokenizer._kinds)}.")
+            raise ValueError(
+                f"{what} holds a tokenizer of unknown kind {kind!r}; known kinds: {sorted(VisualTokenizer._kinds)}."
+            )
         target = VisualTokenizer._kinds[kind]
         if not issubclass(target, cls):
-            raise ValueError(f"{what} holds a {kind} tokenizer, not a {cls.kind or cls.__name__}; load it with "
-                             f"VisualTokenizer.from_pretrained or {target.__name__}.from_pretrained.")
+            raise ValueError(
+                f"{what} holds a {kind} tokenizer, not a {cls.kind or cls.__name__}; load it with "
+                f"VisualTokenizer.from_pretrained or {target.__name__}.from_pretrained."
+            )
         return target
 
 

@@ -64,7 +64,9 @@ class DVAEConfig(TokenizerConfig):
 
     def __post_init__(self):
         if self.image_size % STRIDE:
-            raise ValueError(f"Invalid DVAEConfig: image_size {self.image_size} is not a multiple of the stride {STRIDE}.")
+            raise ValueError(
+                f"Invalid DVAEConfig: image_size {self.image_size} is not a multiple of the stride {STRIDE}."
+            )
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> DVAEConfig:
@@ -105,8 +107,14 @@ class ResBlock(nn.Module):
         super().__init__()
         mid = max(1, out_dim // 4)
         self.shortcut = nn.Conv2d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
-        self.path = nn.Sequential(nn.ReLU(), nn.Conv2d(in_dim, mid, 3, padding=1), nn.ReLU(), nn.Conv2d(mid, mid, 3, padding=1),
-                                  nn.ReLU(), nn.Conv2d(mid, out_dim, 1))
+        self.path = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(in_dim, mid, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(mid, mid, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(mid, out_dim, 1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shortcut(x) + self.path(x)
@@ -138,12 +146,19 @@ class DVAE(VisualTokenizer):
         super().__init__(config)
         h, blocks = config.hidden_dim, config.blocks_per_stage
         widths = [h, h, 2 * h, 4 * h, 8 * h]
-        self.encoder = nn.Sequential(nn.Conv2d(3, h, 7, padding=3), *_stages(widths, blocks, nn.MaxPool2d, kernel_size=2),
-                                     nn.ReLU(), nn.Conv2d(8 * h, config.codebook_size, 1))
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, h, 7, padding=3),
+            *_stages(widths, blocks, nn.MaxPool2d, kernel_size=2),
+            nn.ReLU(),
+            nn.Conv2d(8 * h, config.codebook_size, 1),
+        )
         self.codebook = nn.Embedding(config.codebook_size, config.codebook_dim)
-        self.decoder = nn.Sequential(nn.Conv2d(config.codebook_dim, 8 * h, 1),
-                                     *_stages(widths[::-1], blocks, nn.Upsample, scale_factor=2, mode="nearest"),
-                                     nn.ReLU(), nn.Conv2d(h, 6, 1))  # 3 locations + 3 log-scales
+        self.decoder = nn.Sequential(
+            nn.Conv2d(config.codebook_dim, 8 * h, 1),
+            *_stages(widths[::-1], blocks, nn.Upsample, scale_factor=2, mode="nearest"),
+            nn.ReLU(),
+            nn.Conv2d(h, 6, 1),
+        )  # 3 locations + 3 log-scales
 
     @property
     def codebook_size(self) -> int:
@@ -200,6 +215,12 @@ class DVAE(VisualTokenizer):
 
         counts = torch.bincount(logits.argmax(1).flatten(), minlength=self.codebook_size).float()
         usage, perplexity = usage_figures(counts)
-        return DVAEOutput(loss=nll + self.config.kl_weight * kl, reconstruction_loss=nll, kl=kl,
-                          reconstruction=unmap_pixels(torch.sigmoid(mu)), codebook_usage=usage,
-                          perplexity=perplexity, logits=logits)
+        return DVAEOutput(
+            loss=nll + self.config.kl_weight * kl,
+            reconstruction_loss=nll,
+            kl=kl,
+            reconstruction=unmap_pixels(torch.sigmoid(mu)),
+            codebook_usage=usage,
+            perplexity=perplexity,
+            logits=logits,
+        )

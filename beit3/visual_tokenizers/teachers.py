@@ -38,7 +38,9 @@ class HOGTarget(nn.Module):
     def __init__(self, patch_size: int, cell: int = 8, bins: int = 9):
         super().__init__()
         if patch_size % cell:
-            raise ValueError(f"The HOG cell ({cell} px) must divide the patch ({patch_size} px); set hog_cell to a divisor.")
+            raise ValueError(
+                f"The HOG cell ({cell} px) must divide the patch ({patch_size} px); set hog_cell to a divisor."
+            )
         self.patch_size, self.cell, self.bins = patch_size, cell, bins
         self.out_dim = 3 * bins * (patch_size // cell) ** 2
         kernel = torch.tensor([-1.0, 0.0, 1.0])
@@ -52,14 +54,14 @@ class HOGTarget(nn.Module):
         # Replicate padding: the border gets one-sided gradients instead of a fake edge against zeros.
         gx = F.conv2d(F.pad(x, (1, 1, 0, 0), mode="replicate"), self.dx, groups=3)
         gy = F.conv2d(F.pad(x, (0, 0, 1, 1), mode="replicate"), self.dy, groups=3)
-        magnitude = torch.sqrt(gx ** 2 + gy ** 2)
+        magnitude = torch.sqrt(gx**2 + gy**2)
         position = torch.remainder(torch.atan2(gy, gx), math.pi) / (math.pi / self.bins)
         low = position.floor().long()
         upper_share = position - low
         hist = x.new_zeros(batch, 3, self.bins, height, width)
         hist.scatter_add_(2, (low % self.bins).unsqueeze(2), (magnitude * (1 - upper_share)).unsqueeze(2))
         hist.scatter_add_(2, ((low + 1) % self.bins).unsqueeze(2), (magnitude * upper_share).unsqueeze(2))
-        cells = F.avg_pool2d(hist.flatten(1, 2), self.cell) * self.cell ** 2          # (B, 3 * bins, H / cell, W / cell)
+        cells = F.avg_pool2d(hist.flatten(1, 2), self.cell) * self.cell**2  # (B, 3 * bins, H / cell, W / cell)
         cells = F.normalize(cells, dim=1)
         return patchify(cells, self.patch_size // self.cell)
 
@@ -70,7 +72,7 @@ class PixelTarget(nn.Module):
     def __init__(self, patch_size: int):
         super().__init__()
         self.patch_size = patch_size
-        self.out_dim = 3 * patch_size ** 2
+        self.out_dim = 3 * patch_size**2
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -108,7 +110,7 @@ class TimmTeacher(nn.Module):
         if tokens.dim() == 4:
             tokens = tokens.flatten(2).transpose(1, 2)
         else:
-            tokens = tokens[:, getattr(self.model, "num_prefix_tokens", 0):]
+            tokens = tokens[:, getattr(self.model, "num_prefix_tokens", 0) :]
         return self.model.head(tokens) if self.use_head else tokens
 
 
@@ -123,19 +125,26 @@ def build_teacher(config) -> nn.Module | None:
     if config.teacher != "timm":
         raise ValueError(f"Unknown VQ-KD teacher {config.teacher!r}; use 'timm', 'hog', 'pixels' or 'none'.")
     if not config.teacher_checkpoint:
-        raise ValueError(f"teacher='timm' needs teacher_checkpoint, a local weights file for {config.teacher_model!r} "
-                         "(nothing is downloaded); or pick an offline teacher, teacher='hog' or 'pixels', or teacher='none' "
-                         "for a tokenizer that only encodes.")
+        raise ValueError(
+            f"teacher='timm' needs teacher_checkpoint, a local weights file for {config.teacher_model!r} "
+            "(nothing is downloaded); or pick an offline teacher, teacher='hog' or 'pixels', or teacher='none' "
+            "for a tokenizer that only encodes."
+        )
     path = Path(config.teacher_checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"No teacher checkpoint at {path} (teacher_model {config.teacher_model!r}).")
     # timm reads a local file named in the pretrained config with weights_only=True and runs the
     # model's own filter, which also converts OpenAI/open_clip CLIP state dicts to timm's layout.
     try:
-        model = timm.create_model(config.teacher_model, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                                  **(config.teacher_kwargs or {}))
+        model = timm.create_model(
+            config.teacher_model,
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(path)},
+            **(config.teacher_kwargs or {}),
+        )
     except RuntimeError as error:  # timm's load_state_dict names the keys that do not fit
-        raise ValueError(f"The teacher checkpoint {path} does not fit the timm model {config.teacher_model!r}: "
-                         f"{str(error)[:800]}") from error
+        raise ValueError(
+            f"The teacher checkpoint {path} does not fit the timm model {config.teacher_model!r}: {str(error)[:800]}"
+        ) from error
     data_config = resolve_data_config({}, model=model)
     return TimmTeacher(model, config.teacher_head, tuple(data_config["mean"]), tuple(data_config["std"]))

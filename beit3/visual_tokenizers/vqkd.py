@@ -107,9 +107,22 @@ class VQKDConfig(TokenizerConfig):
         ``vqkd_encoder_base_decoder_{1,3}x768x12_clip`` (CLIP ViT-B/16 teacher, 512-d targets) and
         ``vqkd_encoder_base_decoder_1x768x12_dino`` (DINO ViT-B/16, 768-d)."""
         if name == "vqkd_tiny":
-            fields = dict(image_size=32, patch_size=8, encoder_dim=64, encoder_depth=2, encoder_heads=2, decoder_dim=64,
-                          decoder_depth=1, decoder_heads=2, codebook_size=64, code_dim=8, teacher="hog", hog_cell=4,
-                          teacher_dim=hog_dim(8, 4, 9), dead_code_steps=50)
+            fields = dict(
+                image_size=32,
+                patch_size=8,
+                encoder_dim=64,
+                encoder_depth=2,
+                encoder_heads=2,
+                decoder_dim=64,
+                decoder_depth=1,
+                decoder_heads=2,
+                codebook_size=64,
+                code_dim=8,
+                teacher="hog",
+                hog_cell=4,
+                teacher_dim=hog_dim(8, 4, 9),
+                dead_code_steps=50,
+            )
             return cls(**{**fields, **overrides})
         match = re.fullmatch(r"vqkd_encoder_base_decoder_(\d)x768x12_(clip|dino)", name)
         if not match:
@@ -125,8 +138,12 @@ def hog_dim(patch: int, cell: int, bins: int) -> int:
     return 3 * bins * (patch // cell) ** 2
 
 
-VQKD_PRESETS = ("vqkd_tiny", "vqkd_encoder_base_decoder_1x768x12_clip", "vqkd_encoder_base_decoder_3x768x12_clip",
-                "vqkd_encoder_base_decoder_1x768x12_dino")
+VQKD_PRESETS = (
+    "vqkd_tiny",
+    "vqkd_encoder_base_decoder_1x768x12_clip",
+    "vqkd_encoder_base_decoder_3x768x12_clip",
+    "vqkd_encoder_base_decoder_1x768x12_dino",
+)
 
 
 @dataclass
@@ -162,7 +179,11 @@ def cosine_kmeans(vectors: torch.Tensor, clusters: int, iters: int) -> torch.Ten
     keeps its place.
     """
     n = vectors.shape[0]
-    start = torch.randperm(n, device=vectors.device)[:clusters] if n >= clusters else torch.randint(n, (clusters,), device=vectors.device)
+    start = (
+        torch.randperm(n, device=vectors.device)[:clusters]
+        if n >= clusters
+        else torch.randint(n, (clusters,), device=vectors.device)
+    )
     centres = vectors[start]
     for _ in range(iters):
         assign = (vectors @ centres.t()).argmax(-1)
@@ -185,11 +206,22 @@ class NormEMACodebook(nn.Module):
     per-step counts; ``unused_steps`` (K,), training steps since each code last won a vector.
     """
 
-    def __init__(self, size: int, dim: int, decay: float = 0.99, kmeans_iters: int = 10, dead_code_steps: int = 0,
-                 commitment_weight: float = 1.0):
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        decay: float = 0.99,
+        kmeans_iters: int = 10,
+        dead_code_steps: int = 0,
+        commitment_weight: float = 1.0,
+    ):
         super().__init__()
         self.size, self.dim, self.decay = size, dim, decay
-        self.kmeans_iters, self.dead_code_steps, self.commitment_weight = kmeans_iters, dead_code_steps, commitment_weight
+        self.kmeans_iters, self.dead_code_steps, self.commitment_weight = (
+            kmeans_iters,
+            dead_code_steps,
+            commitment_weight,
+        )
         # Random unit vectors rather than BEiT v2's zeros: k-means replaces them at the first training
         # batch anyway, and an untrained tokenizer then still spreads images over many codes.
         self.register_buffer("codebook", F.normalize(torch.randn(size, dim), dim=-1))
@@ -252,7 +284,11 @@ class NormEMACodebook(nn.Module):
         if dead.numel() == 0:
             return
         n, device = vectors.shape[0], vectors.device
-        pick = torch.randperm(n, device=device)[:dead.numel()] if n >= dead.numel() else torch.randint(n, (dead.numel(),), device=device)
+        pick = (
+            torch.randperm(n, device=device)[: dead.numel()]
+            if n >= dead.numel()
+            else torch.randint(n, (dead.numel(),), device=device)
+        )
         fresh = vectors[pick]
         if _distributed():
             dist.broadcast(fresh, src=0)
@@ -262,13 +298,26 @@ class NormEMACodebook(nn.Module):
         self.usage[dead] = self.usage.mean()
 
 
-def _vit(image_size: int, patch_size: int, in_chans: int, dim: int, depth: int, heads: int, mlp_ratio: float) -> VisionTransformer:
+def _vit(
+    image_size: int, patch_size: int, in_chans: int, dim: int, depth: int, heads: int, mlp_ratio: float
+) -> VisionTransformer:
     """The unilm ViT of BEiT v2 as a timm model: CLS + absolute positions, qkv bias, LayerNorm eps 1e-6, no
     layer scale, no pooling. BEiT v2's ``fc_norm`` (its use_mean_pooling norm, applied per patch
     token) is timm's final ``norm``."""
-    return VisionTransformer(img_size=image_size, patch_size=patch_size, in_chans=in_chans, num_classes=0, global_pool="",
-                             embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True,
-                             norm_layer=partial(nn.LayerNorm, eps=1e-6), dynamic_img_size=True)
+    return VisionTransformer(
+        img_size=image_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        num_classes=0,
+        global_pool="",
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        dynamic_img_size=True,
+    )
 
 
 def _task_layer(dim: int, out: int) -> nn.Sequential:
@@ -305,7 +354,9 @@ class VQKD(VisualTokenizer):
         teacher = teacher if teacher is not None else build_teacher(config)
         self.encoder = _vit(c.image_size, c.patch_size, 3, c.encoder_dim, c.encoder_depth, c.encoder_heads, c.mlp_ratio)
         self.encode_task_layer = _task_layer(c.encoder_dim, c.code_dim)
-        self.quantize = NormEMACodebook(c.codebook_size, c.code_dim, c.ema_decay, c.kmeans_iters, c.dead_code_steps, c.commitment_weight)
+        self.quantize = NormEMACodebook(
+            c.codebook_size, c.code_dim, c.ema_decay, c.kmeans_iters, c.dead_code_steps, c.commitment_weight
+        )
         grid = c.image_size // c.patch_size
         self.decoder = _vit(grid, 1, c.code_dim, c.decoder_dim, c.decoder_depth, c.decoder_heads, c.mlp_ratio)
         self.decode_task_layer = _task_layer(c.decoder_dim, c.teacher_dim)
@@ -336,12 +387,16 @@ class VQKD(VisualTokenizer):
         with torch.no_grad():
             features = teacher(probe)
         if features.dim() != 3 or features.shape[1] != grid * grid:
-            raise ValueError(f"The teacher must give one feature vector per {self.config.patch_size} px patch, (B, {grid * grid}, C) "
-                             f"for a {side} px image; it gave {tuple(features.shape)}. Pick a teacher with the same patch grid "
-                             "(e.g. a ViT-B/16 for 16 px patches).")
+            raise ValueError(
+                f"The teacher must give one feature vector per {self.config.patch_size} px patch, (B, {grid * grid}, C) "
+                f"for a {side} px image; it gave {tuple(features.shape)}. Pick a teacher with the same patch grid "
+                "(e.g. a ViT-B/16 for 16 px patches)."
+            )
         if features.shape[-1] != self.config.teacher_dim:
-            raise ValueError(f"The teacher's features are {features.shape[-1]}-d but the decoder head outputs teacher_dim="
-                             f"{self.config.teacher_dim}; set teacher_dim={features.shape[-1]} in the VQKDConfig.")
+            raise ValueError(
+                f"The teacher's features are {features.shape[-1]}-d but the decoder head outputs teacher_dim="
+                f"{self.config.teacher_dim}; set teacher_dim={features.shape[-1]} in the VQKDConfig."
+            )
 
     # -- encoding ---------------------------------------------------------------------------------
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -351,7 +406,7 @@ class VQKD(VisualTokenizer):
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = pixel_values * 2 - 1
-        tokens = self.encoder.forward_features(x)[:, self.encoder.num_prefix_tokens:]
+        tokens = self.encoder.forward_features(x)[:, self.encoder.num_prefix_tokens :]
         head = self.encode_task_layer
         # BEiT v2 runs this head in full precision: the 32-d codes decide the argmax.
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -369,7 +424,7 @@ class VQKD(VisualTokenizer):
         """(B, h*w, code_dim) -> (B, h*w, teacher_dim): the decoder reads the codes as a code_dim-channel h x w image."""
         batch = codes.shape[0]
         image = codes.transpose(1, 2).reshape(batch, self.config.code_dim, *grid)
-        tokens = self.decoder.forward_features(image)[:, self.decoder.num_prefix_tokens:]
+        tokens = self.decoder.forward_features(image)[:, self.decoder.num_prefix_tokens :]
         return self.decode_task_layer(tokens)
 
     @torch.no_grad()
@@ -393,14 +448,18 @@ class VQKD(VisualTokenizer):
         code restarts) and warns when the batch's codebook usage collapses.
         """
         if self.teacher is None:
-            raise RuntimeError("VQKD.forward needs a teacher to compute its loss, and this tokenizer has none (teacher='none'). "
-                               "For code ids call get_codebook_indices; to train, set teacher to 'timm' (with "
-                               "teacher_checkpoint), 'hog' or 'pixels'.")
+            raise RuntimeError(
+                "VQKD.forward needs a teacher to compute its loss, and this tokenizer has none (teacher='none'). "
+                "For code ids call get_codebook_indices; to train, set teacher to 'timm' (with "
+                "teacher_checkpoint), 'hog' or 'pixels'."
+            )
         grid = self.check_pixels(pixel_values)
         target = self.teacher(pixel_values)
         if target.shape[1] != grid[0] * grid[1]:
-            raise ValueError(f"The teacher gave {target.shape[1]} patch features for a {grid[0]}x{grid[1]} code grid; "
-                             f"feed images of the teacher's size ({self.config.image_size} px) or a teacher with dynamic_img_size.")
+            raise ValueError(
+                f"The teacher gave {target.shape[1]} patch features for a {grid[0]}x{grid[1]} code grid; "
+                f"feed images of the teacher's size ({self.config.image_size} px) or a teacher with dynamic_img_size."
+            )
         z = self._encode(pixel_values)
         codes, commitment, indices, counts = self.quantize(z)
         reconstruction = self._decode_vectors(codes, grid)
@@ -408,17 +467,27 @@ class VQKD(VisualTokenizer):
         usage, perplexity = usage_figures(counts)
         if self.training:
             self._warn_on_collapse(counts)
-        return VQKDOutput(loss=reconstruction_loss + commitment, reconstruction_loss=reconstruction_loss, commitment_loss=commitment,
-                          codebook_usage=usage, perplexity=perplexity, indices=indices, reconstruction=reconstruction)
+        return VQKDOutput(
+            loss=reconstruction_loss + commitment,
+            reconstruction_loss=reconstruction_loss,
+            commitment_loss=commitment,
+            codebook_usage=usage,
+            perplexity=perplexity,
+            indices=indices,
+            reconstruction=reconstruction,
+        )
 
     def _warn_on_collapse(self, counts: torch.Tensor) -> None:
         used, total = int((counts > 0).sum()), int(counts.sum())
         reachable = min(self.codebook_size, total)
         if used < self.config.collapse_threshold * reachable:
-            warnings.warn(f"VQ-KD codebook collapse: this batch used {used} of {self.codebook_size} codes "
-                          f"(codebook usage {used / self.codebook_size:.2%}), under {self.config.collapse_threshold:.0%} of the "
-                          f"{reachable} its {total} vectors could reach. Check the learning rate, the EMA decay, or turn on "
-                          "dead_code_steps.", stacklevel=2)
+            warnings.warn(
+                f"VQ-KD codebook collapse: this batch used {used} of {self.codebook_size} codes "
+                f"(codebook usage {used / self.codebook_size:.2%}), under {self.config.collapse_threshold:.0%} of the "
+                f"{reachable} its {total} vectors could reach. Check the learning rate, the EMA decay, or turn on "
+                "dead_code_steps.",
+                stacklevel=2,
+            )
 
     @classmethod
     def _loading_config(cls, config: VQKDConfig, overrides: dict[str, Any]) -> VQKDConfig:
@@ -426,8 +495,11 @@ class VQKD(VisualTokenizer):
         # that file is absent, load for tokenization (which needs no teacher) rather than fail.
         if config.teacher == "timm" and "teacher_checkpoint" not in overrides:
             if not config.teacher_checkpoint or not Path(config.teacher_checkpoint).is_file():
-                warnings.warn(f"The teacher checkpoint {config.teacher_checkpoint!r} is not here; the tokenizer is loaded without "
-                              "its teacher (get_codebook_indices and decode work; forward needs teacher_checkpoint=...).", stacklevel=3)
+                warnings.warn(
+                    f"The teacher checkpoint {config.teacher_checkpoint!r} is not here; the tokenizer is loaded without "
+                    "its teacher (get_codebook_indices and decode work; forward needs teacher_checkpoint=...).",
+                    stacklevel=3,
+                )
                 return config.replace(teacher="none")
         return config
 
@@ -460,9 +532,11 @@ def read_released(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     state = read_checkpoint(path)
     missing = [k for k in _SIGNATURE if k not in state]
     if missing:
-        raise ValueError(f"{path} is not a BEiT v2 VQ-KD checkpoint: it has no {missing} key (first keys: "
-                         f"{', '.join(list(state)[:6])}). Pass a vqkd_encoder_base_decoder_*.pth file or a folder written by "
-                         "save_pretrained.")
+        raise ValueError(
+            f"{path} is not a BEiT v2 VQ-KD checkpoint: it has no {missing} key (first keys: "
+            f"{', '.join(list(state)[:6])}). Pass a vqkd_encoder_base_decoder_*.pth file or a folder written by "
+            "save_pretrained."
+        )
     return {k: v for k, v in state.items() if not k.startswith(_DROPPED_PREFIXES)}
 
 
@@ -481,9 +555,19 @@ def infer_released_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     grid = math.isqrt(state["encoder.pos_embed"].shape[1] - 1)
     codebook_size, code_dim = state["quantize.embedding.weight"].shape
     decoder_dim = state["decoder.cls_token"].shape[-1] if "decoder.cls_token" in state else encoder_dim
-    fields = dict(image_size=grid * patch, patch_size=patch, encoder_dim=encoder_dim, encoder_depth=_depth(state, "encoder"),
-                  encoder_heads=max(1, encoder_dim // 64), decoder_dim=decoder_dim, decoder_depth=_depth(state, "decoder"),
-                  decoder_heads=max(1, decoder_dim // 64), codebook_size=codebook_size, code_dim=code_dim, teacher="none")
+    fields = dict(
+        image_size=grid * patch,
+        patch_size=patch,
+        encoder_dim=encoder_dim,
+        encoder_depth=_depth(state, "encoder"),
+        encoder_heads=max(1, encoder_dim // 64),
+        decoder_dim=decoder_dim,
+        decoder_depth=_depth(state, "decoder"),
+        decoder_heads=max(1, decoder_dim // 64),
+        codebook_size=codebook_size,
+        code_dim=code_dim,
+        teacher="none",
+    )
     if "encoder.blocks.0.mlp.fc1.weight" in state:
         fields["mlp_ratio"] = state["encoder.blocks.0.mlp.fc1.weight"].shape[0] / encoder_dim
     if "decode_task_layer.2.weight" in state:
@@ -509,8 +593,11 @@ def released_to_vqkd(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[key[: -len("q_bias")] + "qkv.bias"] = torch.cat([value, torch.zeros_like(value), state[v_key]])
             continue
         key = re.sub(r"^(encoder|decoder)\.fc_norm\.", r"\1.norm.", key)
-        key = {"quantize.embedding.weight": "quantize.codebook", "quantize.embedding.initted": "quantize.initted",
-               "quantize.cluster_size": "quantize.usage"}.get(key, key)
+        key = {
+            "quantize.embedding.weight": "quantize.codebook",
+            "quantize.embedding.initted": "quantize.initted",
+            "quantize.cluster_size": "quantize.usage",
+        }.get(key, key)
         out[key] = value
     if "quantize.initted" in out:
         out["quantize.initted"] = out["quantize.initted"].reshape(()).bool()
