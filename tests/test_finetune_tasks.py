@@ -3,7 +3,6 @@ split of a small generated world (the standard formats), trains a step of a tiny
 The fast tier of the fine-tuning tests; test_finetune.py runs the same tasks as users do, through the scripts."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -48,24 +47,22 @@ def world(tmp_path_factory):
     return folder / "data", tokenizer
 
 
-def _task(name: str, data_folder: Path):
-    """The task with the demo config's data and eval sections, its paths pointed at the world of this module."""
+def _task_and_model(name: str, world):
+    """The task with the demo config's data and eval sections (its paths pointed at this module's world), set up
+    with a tiny model of random weights."""
+    data_folder, tokenizer = world
     text = (CONFIG_DIR / "tasks" / f"{name}_demo.yaml").read_text().replace("runs/demo/data", str(data_folder))
     config = yaml.safe_load(text)
-    return TASKS[name](config["data"], {**config.get("eval", {}), "batch_size": 8})
+    task = TASKS[name](config["data"], {**config.get("eval", {}), "batch_size": 8})
+    section = {"init": None, "preset": "beit3_tiny_paper_patch16_224", "overrides": TINY}
+    model = initial_model(task.model_class, section, tokenizer, task.config_overrides())
+    task.setup(tokenizer, model.config)
+    return task, model
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_each_task_trains_a_step_then_scores_and_predicts_in_its_format(name, world, tmp_path):
-    data_folder, tokenizer = world
-    task = _task(name, data_folder)
-    model = initial_model(
-        task.model_class,
-        {"init": None, "preset": "beit3_tiny_paper_patch16_224", "overrides": TINY},
-        tokenizer,
-        task.config_overrides(),
-    )
-    task.setup(tokenizer, model.config)
+    task, model = _task_and_model(name, world)
     task.prepare_model(model, None)
     dataset = task.train_dataset()
     batch = task.collate([dataset[i] for i in range(4)])
@@ -81,8 +78,8 @@ def test_each_task_trains_a_step_then_scores_and_predicts_in_its_format(name, wo
     optimizer.step()
     moved = {key.split(".")[0] for key, p in model.named_parameters() if not torch.equal(before[key], p.detach())}
     assert "beit3" in moved and moved - {"beit3"}, (
-        f"{name}: the step reached {sorted(moved)}"
-    )  # the backbone and the head
+        f"{name}: the step reached {sorted(moved)}, not the backbone and the head"
+    )
 
     model.eval()
     scores = task.evaluate(model, tmp_path)
@@ -94,15 +91,7 @@ def test_each_task_trains_a_step_then_scores_and_predicts_in_its_format(name, wo
 
 
 def test_the_blind_control_scores_the_same_examples_with_the_images_of_others(world, tmp_path):
-    data_folder, tokenizer = world
-    task = _task("vqa", data_folder)
-    model = initial_model(
-        task.model_class,
-        {"init": None, "preset": "beit3_tiny_paper_patch16_224", "overrides": TINY},
-        tokenizer,
-        task.config_overrides(),
-    )
-    task.setup(tokenizer, model.config)
+    task, model = _task_and_model("vqa", world)
     model.eval()
     seen = task.evaluate(model, tmp_path)
     task.blind = True
