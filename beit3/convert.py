@@ -23,6 +23,7 @@ import torch
 
 from .checkpoints import atomic_save_file, atomic_save_folder, load_state_dict_checked, read_checkpoint
 from .configuration_beit3 import Beit3Config
+from .log import get_logger
 from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
 from .modeling_heads import (
     Beit3ForCaptioning,
@@ -32,7 +33,6 @@ from .modeling_heads import (
     Beit3ForVisualQuestionAnswering,
     Beit3ForVisualReasoning,
 )
-from .log import get_logger
 
 logger = get_logger(__name__)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from .checkpoints import (
     COMPLETE,
     atomic_save_folder,
@@ -25,8 +27,11 @@ from .checkpoints import (
     weights_only_loads,
 )
 from .configuration_beit3 import Beit3Config
-from .modeling_heads import Beit3ForMaskedDataModeling
+from .convert import architecture_class
+from .image_processing_beit3 import Beit3ImageProcessor
 from .log import get_logger
+from .modeling_heads import Beit3ForMaskedDataModeling
+from .processing_beit3 import Beit3Processor
 
 logger = get_logger(__name__)
 
@@ -54,10 +59,6 @@ def find_checkpoint(checkpoint_dir: str | Path, tag: str | None = None) -> tuple
 
 def export(checkpoint_dir: str | Path, output: str | Path, tag: str | None = None) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoTokenizer
-
-    from .image_processing_beit3 import Beit3ImageProcessor
-    from .processing_beit3 import Beit3Processor
 
     run, checkpoints, tag = find_checkpoint(checkpoint_dir, tag)
     if not (run / "model" / "config.json").is_file():
@@ -65,7 +66,6 @@ def export(checkpoint_dir: str | Path, output: str | Path, tag: str | None = Non
             f"{run / 'model'} has no config.json: export reads the model config and tokenizer that tasks/pretrain.py "
             "and the fine-tuning scripts save there at the start of a run."
         )
-    from .convert import architecture_class
 
     config = Beit3Config.from_pretrained(run / "model")
     model = architecture_class(config, default=Beit3ForMaskedDataModeling)(config)

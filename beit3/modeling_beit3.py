@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from glob import glob
 
 import torch
 import torch.nn.functional as F
@@ -549,8 +550,6 @@ def values_checkable(tensor: torch.Tensor) -> bool:
 
 def _shape_mismatches(folder: str, model_class: type, config: Beit3Config) -> list[str]:
     """'key: shape in the checkpoint, shape in the model' for each saved tensor whose shape differs."""
-    from glob import glob
-
     from safetensors import safe_open
 
     saved = {}

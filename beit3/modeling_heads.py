@@ -20,10 +20,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers import initialization as init
+from torch.distributed.nn.functional import all_gather
 from transformers import Cache, GenerationMixin
+from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast, ImageClassifierOutput, SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
@@ -381,11 +383,8 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
 
 def _gather_across_ranks(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Every rank's embeddings (gradients flow back to their owners) and where this rank's rows start."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return image, text, 0
-    from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(image)), torch.cat(all_gather(text)), dist.get_rank() * len(image)
 

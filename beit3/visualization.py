@@ -13,6 +13,7 @@ from __future__ import annotations
 import colorsys
 import math
 import os
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -259,8 +260,6 @@ def save_captioned_images(
     Args:
         images: (B, 3, H, W) in [0, 1]; texts: B strings (several lines each are fine).
     """
-    import textwrap
-
     count = _check_images(images, "images")
     if len(texts) != count:
         raise ValueError(f"{count} images but {len(texts)} texts; pass one text per image.")

@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from conftest import REFERENCE, tiny_config, torchscale_reference
 from safetensors import safe_open
 from timm.models.vision_transformer import checkpoint_filter_fn
+from torchscale.architecture.config import EncoderConfig
 
 from beit3 import Beit3Model
-from beit3.modeling_heads import Beit3ForImageClassification
 from beit3.checkpoints import load_state_dict_checked, read_checkpoint
 from beit3.convert import beit3_to_official, main, model_from_official
-
-from torchscale.architecture.config import EncoderConfig
+from beit3.modeling_heads import Beit3ForImageClassification
 
 IMAGE, PATCH, HIDDEN, VOCAB = (REFERENCE[k] for k in ("image_size", "patch_size", "hidden_size", "vocab_size"))
 

@@ -14,8 +14,8 @@ from beit3.data.karpathy import (
     ImageTextDataset,
     TextOnlyDataset,
     captioning_records,
-    read_karpathy,
     pair_list_records,
+    read_karpathy,
     retrieval_records,
 )
 from beit3.modeling_heads import Beit3ForCaptioning, Beit3ForImageTextRetrieval

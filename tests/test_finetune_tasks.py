@@ -10,9 +10,9 @@ import yaml
 
 from beit3 import train_sentencepiece
 from beit3.data.synthetic import write_task_world
+from beit3.package_files import CONFIG_DIR
 from beit3.training.finetune import initial_model
 from beit3.training.finetune_tasks import TASKS
-from beit3.package_files import CONFIG_DIR
 
 TINY = {
     "image_size": 32,

@@ -133,6 +133,7 @@ def test_atomic_folder_replaces_a_file_and_nests(tmp_path):
 
 def test_io_imports_only_the_standard_library():
     import ast
+
     import beit3.io
 
     tree = ast.parse(open(beit3.io.__file__).read())

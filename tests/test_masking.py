@@ -2,10 +2,10 @@ from collections import deque
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from beit3.masking import BlockMaskGenerator, mask_text_tokens, text_masker
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 
 def components(mask: torch.Tensor, side: int) -> list[int]:

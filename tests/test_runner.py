@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from beit3.training.runner import autocast, command_line, ordered_batches, read_run_config, step_loader
 from beit3.training.engine import TrainSettings
+from beit3.training.runner import autocast, command_line, ordered_batches, read_run_config, step_loader
 
 
 def _config(tmp_path, train="{output_dir: out, max_steps: 2, save_every: 1}", data="{}", name="run.yaml"):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from transformers.image_processing_utils import BaseImageProcessor
 
 from ..image_processing_beit3 import UnreadableImageError, eight_bit, open_image
 from ..log import get_logger
@@ -156,8 +157,6 @@ def as_records(records, record_class, **columns: str) -> Sequence:
 def transform_image(transform, image: Image.Image) -> torch.Tensor:
     """(C, H, W) float from a PIL image: ``transform`` is a Hugging Face image processor (e.g.
     ``Beit3ImageProcessor``) or any callable returning a tensor (e.g. a torchvision transform)."""
-    from transformers.image_processing_utils import BaseImageProcessor
-
     if isinstance(transform, BaseImageProcessor):
         return transform(image, return_tensors="pt")["pixel_values"][0]
     out = transform(image)

@@ -25,8 +25,8 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from ..io import write_bytes_atomic, write_text_atomic
-from .common import load_rgb
 from ..log import get_logger
+from .common import load_rgb
 
 logger = get_logger(__name__)
 

@@ -30,8 +30,11 @@ import pyarrow as pa
 import torch
 from datasets import Dataset, Features, Value, load_dataset
 
+from ..log import get_logger
 from ..masking import PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB, BlockMaskGenerator, mask_text_tokens, text_masker
+from ..views import CenterView, TwoViewTransform
 from .common import MAX_REPLACEMENTS, load_rgb, undecoded_columns
+from .images import list_images, read_codes, read_codes_info
 from .sampling import mixed_seed
 from .streaming import (
     IMAGE_EXTENSIONS,
@@ -45,9 +48,6 @@ from .streaming import (
     text_pieces,
     text_samples,
 )
-from .images import list_images, read_codes, read_codes_info
-from ..views import CenterView, TwoViewTransform
-from ..log import get_logger
 
 logger = get_logger(__name__)
 

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-
 _MASK64 = (1 << 64) - 1
 
 

@@ -20,15 +20,17 @@ is read again per stream.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from ..log import get_logger
 from .images import IMAGE_SUFFIXES
 from .sampling import mixed_seed
-from ..log import get_logger
 
 logger = get_logger(__name__)
 
@@ -110,8 +112,6 @@ def pair_of(sample: dict) -> tuple[bytes | None, str | None]:
         if "txt" in sample:
             text = sample["txt"].decode("utf-8")
         elif "json" in sample:
-            import json
-
             record = json.loads(sample["json"])
             text = record.get("caption", record.get("text")) if isinstance(record, dict) else None
     except (UnicodeDecodeError, ValueError):
@@ -128,8 +128,6 @@ def text_pieces(files: list[str], min_pieces: int) -> list[tuple[str, int, int]]
 
     A line belongs to the piece its first byte is in, so every line is in exactly one piece.
     """
-    import os
-
     sizes = [os.path.getsize(f) for f in files]
     step = max(1, min(TEXT_PIECE_BYTES, sum(sizes) // max(1, min_pieces)))
     return [(f, start, min(start + step, size)) for f, size in zip(files, sizes) for start in range(0, size, step)]
@@ -138,8 +136,6 @@ def text_pieces(files: list[str], min_pieces: int) -> list[tuple[str, int, int]]
 def text_samples(piece: tuple[str, int, int], on_error) -> Iterator[dict]:
     """The texts of the lines starting in ``piece``: ``{"text", "__key__", "__url__"}``, the text None for a line
     that is not UTF-8 (or, in ``.jsonl``, not an object with a string ``text``)."""
-    import json
-
     path, start, end = piece
     try:
         handle = open(path, "rb")
@@ -241,8 +237,6 @@ def write_shards(samples, pattern: str, shard_size: int) -> list[str]:
     Each shard is written under a temporary name and renamed when whole, so a killed conversion leaves
     complete shards only.
     """
-    import os
-
     from webdataset import TarWriter
 
     Path(pattern).parent.mkdir(parents=True, exist_ok=True)

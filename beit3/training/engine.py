@@ -14,6 +14,7 @@ so a save that dies halfway is never the one a restart picks.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import os
@@ -34,12 +35,13 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from ..data.sampling import mixed_seed
 from ..checkpoints import COMPLETE, check_weights_only, complete_checkpoints, mark_complete, weights_only_loads
+from ..data.sampling import mixed_seed
+from ..io import write_text_atomic
+from ..log import get_logger
 from ..metrics import write_json_atomic
 from ..package_files import find_config_file
 from .config import Section, doc
-from ..log import get_logger
 
 logger = get_logger(__name__)
 
@@ -163,7 +165,6 @@ def _truncate_run_log(path: Path, step: int) -> None:
     """Keeps the records up to ``step`` (the one the run resumes from): the steps it repeats are logged once."""
     if not path.exists():
         return
-    from ..io import write_text_atomic
 
     kept = [record for record in read_run_log(path) if record.get("step", 0) <= step]
     write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
@@ -319,8 +320,6 @@ RUN_LOCK = "run.lock"
 def _lock_output_dir(output_dir: Path) -> None:
     """Takes ``output_dir/run.lock`` (host and pid of rank 0) for this process, so that two runs cannot interleave
     their checkpoints and logs. A lock whose process is gone (a killed run) is taken over; it goes at exit."""
-    import atexit
-
     lock, me = output_dir / RUN_LOCK, f"{socket.gethostname()} {os.getpid()}"
     for _ in range(2):
         try:

@@ -36,17 +36,20 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from transformers import AutoTokenizer
 
 from ..configuration_beit3 import Beit3Config
+from ..convert import TASK_CLASSES, model_from_official
 from ..data.common import ReplaceUnreadable, counted
 from ..data.sampling import StepBatchSampler
+from ..export import export
+from ..log import get_logger
 from ..metrics import write_json_atomic
-from ..tokenization_beit3 import check_tokenizer_matches
+from ..tokenization_beit3 import Beit3Tokenizer, check_tokenizer_matches
 from .config import Section, doc
 from .engine import read_run_log
 from .finetune_tasks import TASKS, EvalOptions
 from .runner import command_line, read_run_config, save_model_folder, start_engine, step_loader
-from ..log import get_logger
 
 logger = get_logger(__name__)
 
@@ -55,10 +58,6 @@ MODES = ("train", "evaluate", "predict")
 
 def load_tokenizer(path: str | Path):
     """A tokenizer folder (``AutoTokenizer``) or a SentencePiece ``.spm``/``.model`` file (``Beit3Tokenizer.from_spm``)."""
-    from transformers import AutoTokenizer
-
-    from ..tokenization_beit3 import Beit3Tokenizer
-
     path = Path(path)
     if path.is_file():
         return Beit3Tokenizer.from_spm(path)
@@ -90,8 +89,6 @@ def initial_model(
     ``with_head``: an official ``.pth`` is a fine-tuned checkpoint of this task (evaluate, predict),
     not a pretrained backbone.
     """
-    from ..convert import TASK_CLASSES, model_from_official
-
     overrides = {**(section.get("overrides") or {}), **task_overrides}
     image_size = overrides.pop("image_size", None)
     init = section.get("init")
@@ -193,8 +190,6 @@ def evaluate_and_save(task, model, output_dir: Path) -> dict:
 
 
 def train(task, config: dict, settings) -> dict | None:
-    from ..export import export
-
     model_section = FinetuneModel.from_config(config["model"]).resolved()  # every field, defaults filled in
     tokenizer_path = config.get("tokenizer") or model_section.get("init")
     if tokenizer_path is None:

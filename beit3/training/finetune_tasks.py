@@ -27,8 +27,32 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..data.common import ImagesOfOthers, collate_trimmed, split_batch
+from ..checkpoints import read_folder_tensors
+from ..data.common import ImagesOfOthers, collate_trimmed, load_rgb, split_batch, transform_image
+from ..data.imagenet import ImageClassificationDataset, read_image_folder
+from ..data.images import list_images
+from ..data.karpathy import (
+    ImageOnlyDataset,
+    ImageTextDataset,
+    TextOnlyDataset,
+    captioning_records,
+    pair_list_records,
+    read_karpathy,
+    retrieval_records,
+)
+from ..data.nlvr2 import Nlvr2Dataset, read_nlvr2, read_nlvr2_index
+from ..data.vqa import (
+    VqaDataset,
+    answers_from_records,
+    build_answer_vocabulary,
+    label_to_answer,
+    read_answer2label,
+    read_vqa,
+    read_vqa_index,
+)
 from ..image_processing_beit3 import VL_MEAN, VL_STD, Beit3ImageProcessor
+from ..io import atomic_file
+from ..log import get_logger
 from ..masking import mask_caption_tokens
 from ..metrics import (
     answer_prior,
@@ -53,7 +77,6 @@ from ..modeling_heads import (
 from .config import Section, doc
 from .engine import to_device
 from .runner import autocast, ordered_batches
-from ..log import get_logger
 
 logger = get_logger(__name__)
 
@@ -233,8 +256,6 @@ class VqaTask(FinetuneTask):
     Data = VqaData
 
     def answer2label(self) -> dict[str, int]:
-        from ..data.vqa import build_answer_vocabulary, read_answer2label
-
         if self.model_config is not None and self.model_config.id2label and len(self.model_config.id2label) > 2:
             return {answer: int(label) for label, answer in self.model_config.id2label.items()}
         if self.data.answer2label:
@@ -256,9 +277,6 @@ class VqaTask(FinetuneTask):
     def prepare_model(self, model, init: str | None) -> None:
         """An answer-slot head starts from the MLM head of a masked data modeling init (each answer: the mean of its
         pieces' rows), so the answer is read where pretraining learned to fill words in from the image."""
-        from ..checkpoints import read_folder_tensors
-        from ..data.vqa import label_to_answer
-
         if model.config.vqa_head != "answer_slot" or not init or not Path(init).is_dir():
             return
         mlm = read_folder_tensors(init, ("mlm_head.weight", "mlm_head.bias"))
@@ -272,8 +290,6 @@ class VqaTask(FinetuneTask):
         logger.info(f"vqa: the answer-slot head starts from the MLM head of {init} ({len(pieces)} answers)")
 
     def records(self, split: str):
-        from ..data.vqa import read_vqa, read_vqa_index
-
         spec = self.split(split)
         if "index" in spec:
             return read_vqa_index(spec["index"], spec["data_root"])
@@ -296,8 +312,6 @@ class VqaTask(FinetuneTask):
         return result.records
 
     def dataset(self, split: str, train: bool = False):
-        from ..data.vqa import VqaDataset
-
         return VqaDataset(
             self.records(split),
             self.image_transform(train),
@@ -317,8 +331,6 @@ class VqaTask(FinetuneTask):
         return out.loss, {"vqa_score": chosen.mean()}
 
     def _answers(self, model, split: str):
-        from ..data.vqa import label_to_answer
-
         dataset = self.dataset(split)
         answers = label_to_answer(self.answer2label())
         predictions, soft_scores, logits_seen = {}, [], []
@@ -335,8 +347,6 @@ class VqaTask(FinetuneTask):
         return predictions, dataset.records, soft_scores, logits_seen
 
     def evaluate(self, model, output_dir):
-        from ..data.vqa import answers_from_records
-
         predictions, records, soft_scores, logits = self._answers(model, "eval")
         write_vqa_predictions(output_dir / self.eval_file("vqa_eval_predictions.json"), predictions)
         truth = answers_from_records(records)
@@ -389,8 +399,6 @@ class Nlvr2Task(FinetuneTask):
         return {"num_labels": 2}
 
     def dataset(self, split: str, train: bool = False):
-        from ..data.nlvr2 import Nlvr2Dataset, read_nlvr2, read_nlvr2_index
-
         spec = self.split(split)
         records = (
             read_nlvr2_index(spec["index"], spec["data_root"])
@@ -419,8 +427,6 @@ class Nlvr2Task(FinetuneTask):
     @staticmethod
     def _write(rows, path: Path) -> Path:
         """lil-lab's evaluation format: ``identifier,True|False`` per line."""
-        from ..io import atomic_file
-
         with atomic_file(path, "w", newline="") as handle:
             csv.writer(handle).writerows((identifier, "True" if label else "False") for identifier, label in rows)
         return path
@@ -439,8 +445,6 @@ class Nlvr2Task(FinetuneTask):
 
 class _KarpathyTask(FinetuneTask):
     def images(self, split: str):
-        from ..data.karpathy import read_karpathy
-
         spec = self.split(split)
         return read_karpathy(
             spec["karpathy"],
@@ -453,8 +457,6 @@ class RetrievalTask(_KarpathyTask):
     name, model_class, metric = "retrieval", Beit3ForImageTextRetrieval, "tr_r1"
 
     def train_dataset(self):
-        from ..data.karpathy import ImageTextDataset, pair_list_records, retrieval_records
-
         pairs = self.split("train").get("pairs")
         if pairs:  # the image-text contrastive stage on pretraining pairs, before fine-tuning on COCO or Flickr30k
             records = pair_list_records([pairs] if isinstance(pairs, str) else pairs)
@@ -470,8 +472,6 @@ class RetrievalTask(_KarpathyTask):
 
     def embed(self, model, split: str):
         """(image embeddings, image ids, text embeddings, each text's image id, the records)."""
-        from ..data.karpathy import ImageOnlyDataset, TextOnlyDataset, retrieval_records
-
         images = self.images(split)
         records = retrieval_records(images)
         device = next(model.parameters()).device
@@ -521,8 +521,6 @@ class CaptioningTask(_KarpathyTask):
         return {"label_smoothing": self.label_smoothing}
 
     def train_dataset(self):
-        from ..data.karpathy import ImageTextDataset, captioning_records
-
         return ImageTextDataset(
             captioning_records(self.images("train"), train=True),
             self.image_transform(True),
@@ -549,8 +547,6 @@ class CaptioningTask(_KarpathyTask):
         return losses.mean(), {"accuracy": (logits.argmax(-1) == targets).float().mean()}
 
     def _captions(self, model, split: str, records) -> dict[int, str]:
-        from ..data.karpathy import ImageOnlyDataset
-
         options = {
             "max_length": self.eval_options.max_length or self.max_text_length,
             "num_beams": self.eval_options.num_beams,
@@ -565,8 +561,6 @@ class CaptioningTask(_KarpathyTask):
         return predictions
 
     def evaluate(self, model, output_dir):
-        from ..data.karpathy import captioning_records
-
         records = captioning_records(self.images("eval"), train=False)
         predictions = self._captions(model, "eval", records)
         write_caption_results(output_dir / self.eval_file("captions_eval.json"), predictions)
@@ -574,8 +568,6 @@ class CaptioningTask(_KarpathyTask):
         return {"CIDEr": scores["CIDEr"], "Bleu_4": scores["Bleu_4"]}
 
     def predict(self, model, output_dir):
-        from ..data.karpathy import captioning_records
-
         path = output_dir / "captions.json"
         write_caption_results(
             path, self._captions(model, "predict", captioning_records(self.images("predict"), train=False))
@@ -610,7 +602,6 @@ class ClassificationTask(FinetuneTask):
             and "LABEL_0" not in self.model_config.id2label.values()
         ):
             return [self.model_config.id2label[i] for i in range(self.model_config.num_labels)]
-        from ..data.imagenet import read_image_folder
 
         return read_image_folder(self.split("train")["folder"]).classes
 
@@ -628,8 +619,6 @@ class ClassificationTask(FinetuneTask):
         return super().image_transform(train)
 
     def dataset(self, split: str, train: bool = False):
-        from ..data.imagenet import ImageClassificationDataset, read_image_folder
-
         return ImageClassificationDataset(
             read_image_folder(self.split(split)["folder"], self.classes()).records, self.image_transform(train)
         )
@@ -658,9 +647,6 @@ class ClassificationTask(FinetuneTask):
         )
 
     def predict(self, model, output_dir):
-        from ..data.common import load_rgb, transform_image
-        from ..data.images import list_images
-
         paths = list_images(self.split("predict")["folder"])
         classes, transform, rows = self.classes(), self.image_transform(False), []
         device = next(model.parameters()).device

@@ -36,6 +36,7 @@ from ..data.pretraining import (
     StreamingPretrainingBatches,
     load_sources,
 )
+from ..log import get_logger
 from ..masking import PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB
 from ..modeling_heads import Beit3ForMaskedDataModeling
 from ..tokenization_beit3 import check_tokenizer_matches
@@ -43,7 +44,6 @@ from ..visual_tokenizers import VisualTokenizer
 from .config import Section, doc
 from .engine import read_run_log
 from .runner import command_line, fail, read_run_config, save_model_folder, start_engine, step_loader
-from ..log import get_logger
 
 logger = get_logger(__name__)
 

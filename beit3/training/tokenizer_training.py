@@ -20,11 +20,11 @@ import torch
 from ..data.common import load_rgb
 from ..data.images import tokenizer_transform
 from ..data.pretraining import PretrainingBatches, load_sources
-from ..visual_tokenizers import DVAE, VQKD, DVAEConfig, VQKDConfig, VisualTokenizer
+from ..log import get_logger
+from ..visual_tokenizers import DVAE, VQKD, DVAEConfig, VisualTokenizer, VQKDConfig
 from .config import Section, doc
 from .engine import read_run_log
 from .runner import command_line, fail, read_run_config, start_engine, step_loader
-from ..log import get_logger
 
 logger = get_logger(__name__)
 
