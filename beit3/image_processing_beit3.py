@@ -136,9 +136,8 @@ def open_image(path, data: bytes | None = None) -> Image.Image:
             image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"No image file at {path}.") from None
-    except (
-        Image.DecompressionBombError
-    ) as error:  # neither OSError nor ValueError: a data-loader worker would die of it
+    # A decompression bomb is neither OSError nor ValueError: a data-loader worker would die of it.
+    except Image.DecompressionBombError as error:
         raise UnreadableImageError(
             f"{path} has more pixels than PIL reads by default (2 x PIL.Image.MAX_IMAGE_PIXELS = "
             f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, a guard against decompression bombs): {error}. "

@@ -125,9 +125,8 @@ def run_side_by_side(commands: list[list[str]], log: Path) -> None:
             for line in process.stdout:
                 with lock:
                     handle.write(prefix + line)
-                    if number == 0 and (
-                        not line.startswith(("[", "W1", "I1")) or "%|" in line
-                    ):  # launcher chatter stays in the log
+                    # Launcher chatter stays in the log
+                    if number == 0 and (not line.startswith(("[", "W1", "I1")) or "%|" in line):
                         sys.stderr.write(line)
 
         readers = [threading.Thread(target=forward, args=(n, p)) for n, p in enumerate(processes)]

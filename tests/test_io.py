@@ -124,9 +124,8 @@ def test_atomic_folder_replaces_a_file_and_nests(tmp_path):
     path = tmp_path / "out"
     path.write_text("a file")
     with atomic_folder(path) as outer:
-        with atomic_folder(
-            outer
-        ) as inner:  # what a save_pretrained that is atomic itself does inside atomic_save_folder
+        # What a save_pretrained that is atomic itself does inside atomic_save_folder
+        with atomic_folder(outer) as inner:
             (inner / "w").write_text("x")
     assert names(path) == ["w"] and names(tmp_path) == ["out"]
 

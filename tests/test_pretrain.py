@@ -71,9 +71,8 @@ def overrides(world: Path, output_dir: Path, **train) -> list[str]:
         "train.log_every=1",
         *(f"train.{k}={v}" for k, v in train.items()),
     ]
-    if (
-        "zero_stage" in train
-    ):  # the stage's own DeepSpeed JSON: tiny.yaml names zero2.json, and another stage is refused
+    # The stage's own DeepSpeed JSON: tiny.yaml names zero2.json, and another stage is refused
+    if "zero_stage" in train:
         sets.append(f"data.deepspeed=configs/deepspeed/zero{train['zero_stage']}.json")
     return [arg for s in sets for arg in ("--set", s)]
 
@@ -184,9 +183,8 @@ def test_runs_leave_no_shared_memory_behind_clean_or_killed(world, tmp_path):
     assert pretrain(world, tmp_path / "one", max_steps=1, save_every=1).returncode == 0
     assert pretrain(world, tmp_path / "two", processes=2, max_steps=1, save_every=1).returncode == 0
     assert _deepspeed_buffers() - before == set()
-    if (
-        os.access(sys.prefix, os.W_OK) and "TORCH_EXTENSIONS_DIR" not in os.environ
-    ):  # the comm op is built once per environment
+    # The comm op is built once per environment
+    if os.access(sys.prefix, os.W_OK) and "TORCH_EXTENSIONS_DIR" not in os.environ:
         assert any((Path(sys.prefix) / "torch_extensions").glob("*/deepspeed_shm_comm*")), (
             "the C++ op was built elsewhere"
         )

@@ -402,9 +402,8 @@ def _row_answers(value, column: str, row_number: int) -> list[str]:
     """A row's annotator answers: a list of strings, a list of ``{"answer": ...}`` (VQAv2's layout), or one string."""
     if isinstance(value, str):
         return [value]
-    if isinstance(value, dict) and isinstance(
-        value.get("answer"), list
-    ):  # a datasets Sequence of dicts comes back as columns
+    # A datasets Sequence of dicts comes back as columns
+    if isinstance(value, dict) and isinstance(value.get("answer"), list):
         value = value["answer"]
     if not isinstance(value, list | tuple) or not value:
         raise ValueError(

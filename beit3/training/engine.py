@@ -483,9 +483,8 @@ class Engine:
         if settings.gradient_checkpointing and enable is not None:
             enable()
         for parameter in model.parameters():
-            if (
-                parameter.dim() == 0
-            ):  # (retrieval's logit_scale) DeepSpeed broadcasts parameters viewed as bytes, impossible for 0-dim
+            # (retrieval's logit_scale) DeepSpeed broadcasts parameters viewed as bytes, impossible for 0-dim
+            if parameter.dim() == 0:
                 parameter.data = parameter.data.reshape(1)  # beit3.export gives it back its shape
         optimizer = build_optimizer(model, settings)
         schedule = get_cosine_with_min_lr_schedule_with_warmup(
@@ -604,9 +603,8 @@ class Engine:
                 before = time.perf_counter()
                 batch = next(loader)
                 waited += time.perf_counter() - before
-                if (
-                    "data_state" in batch
-                ):  # a streamed loader's position after this batch: saved with the next checkpoint
+                # A streamed loader's position after this batch: saved with the next checkpoint
+                if "data_state" in batch:
                     state = batch.pop("data_state")
                     self.data_state = {
                         "workers": state["workers"],

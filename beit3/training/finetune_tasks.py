@@ -629,9 +629,8 @@ class ClassificationTask(FinetuneTask):
     def step(self, module, batch, step: int):
         inputs, _ = split_batch(batch)
         hard = inputs["labels"]
-        if (
-            self.mixup is not None
-        ):  # soft targets (B, classes); timm's mixup draws from numpy, which the engine seeds per step
+        # Soft targets (B, classes); timm's mixup draws from numpy, which the engine seeds per step
+        if self.mixup is not None:
             inputs["pixel_values"], inputs["labels"] = self.mixup(inputs["pixel_values"], inputs["labels"])
         out = module(**inputs)
         return out.loss, {"accuracy": (out.logits.argmax(-1) == hard).float().mean()}
