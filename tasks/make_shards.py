@@ -31,8 +31,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle before writing")
     args = parser.parse_args(argv)
 
+    from beit3.data.common import pair_lines
     from beit3.data.images import list_images
-    from beit3.data.pretraining import pair_lines
     from beit3.data.streaming import write_shards
 
     if not re.search(r"%0?\d*d", args.output) or not args.output.endswith(".tar"):

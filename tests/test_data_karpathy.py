@@ -186,7 +186,7 @@ def test_missing_and_corrupt_images_and_empty_captions(tmp_path, tokenizer):
         read_karpathy(path, tmp_path, "val")
 
 
-def test_pair_lists_give_contrastive_records_with_one_id_per_image(tmp_path):
+def test_pair_lists_give_contrastive_records_with_one_id_per_image(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     for name in ("a.png", "b.png"):
         Image.new("RGB", (16, 16)).save(tmp_path / "images" / name)
@@ -206,8 +206,14 @@ def test_pair_lists_give_contrastive_records_with_one_id_per_image(tmp_path):
     with pytest.raises(FileNotFoundError, match="1 images of the pair lists"):
         pair_list_records([tmp_path / "pairs.jsonl"])
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "images/a.png", "caption": "wrong field"}) + "\n")
-    with pytest.raises(ValueError, match="no field"):
+    with pytest.raises(ValueError, match="hold no usable pairs"):
         pair_list_records([tmp_path / "bad.jsonl"])
+    # One rule with pretraining's pair kind: a bad line among good ones is skipped and named, not fatal.
+    (tmp_path / "mixed.jsonl").write_text(
+        json.dumps(lines[0]) + "\n" + json.dumps({"image": "images/a.png", "text": " "}) + "\n"
+    )
+    assert [r.caption for r in pair_list_records([tmp_path / "mixed.jsonl"])] == ["a red circle"]
+    assert "mixed.jsonl:2" in capsys.readouterr().err
 
 
 def test_a_users_datasets_dataset_of_images_and_captions_feeds_retrieval(tokenizer):

@@ -51,6 +51,31 @@ def read_jsonl(
     return data.to_list()
 
 
+def pair_lines(files: Sequence[str | os.PathLike]) -> Iterable[tuple[Path, str]]:
+    """(image path, caption) of every usable line of the pair lists, jsonl ``{"image": path, "text": caption}``, the path
+    made relative to its file's folder: what pretraining's pair kind and the image-text contrastive stage read. A bad
+    line (not UTF-8, not JSON, no image path, an empty text) is skipped with a warning naming the file and line."""
+    for file in files:
+        base = Path(file).parent
+        with open(file, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line.decode("utf-8"))
+                    path, text = record["image"], record["text"]
+                    if not isinstance(path, str) or not path:
+                        raise ValueError(f"the image is {path!r}, not a path")
+                    if not isinstance(text, str) or not text.strip():
+                        raise ValueError(
+                            f"the text is {text!r}: the pair kind, like the text kind, keeps only non-empty texts"
+                        )
+                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                    logger.warning(f'{file}:{number} is not a {{"image", "text"}} line ({error}); skipped')
+                    continue
+                yield base / path, text
+
+
 def read_json(path: str | os.PathLike):
     """One JSON document, with errors that name the file."""
     path = Path(path)

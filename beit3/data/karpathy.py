@@ -25,8 +25,8 @@ from .common import (
     check_images_exist,
     encode_text,
     load_rgb,
+    pair_lines,
     read_json,
-    read_jsonl,
     require_text,
     transform_image,
 )
@@ -105,22 +105,15 @@ def retrieval_records(images: Sequence[KarpathyImage]) -> list[CaptionRecord]:
 
 def pair_list_records(files: Sequence[str | os.PathLike], check_images: bool = True) -> list[CaptionRecord]:
     """Image-text pairs in the pretraining format, jsonl lines ``{"image": path, "text": caption}`` with paths
-    relative to their file: the corpus of the image-text contrastive stage that BEiT-3's retrieval models start
+    relative to their file (``pair_lines``, pretraining's reader and rule): the corpus of the image-text contrastive stage that BEiT-3's retrieval models start
     from. ``image_id`` numbers the distinct images in order of first appearance."""
     records, ids = [], {}
-    for file in files:
-        base = Path(file).parent
-        for number, row in enumerate(read_jsonl(file, columns=["image", "text"]), 1):
-            path = str(base / row["image"])
-            records.append(
-                CaptionRecord(
-                    image_id=ids.setdefault(path, len(ids)),
-                    image_path=path,
-                    caption=require_text(row["text"], f"{file}:{number}"),
-                )
-            )
+    for path, text in pair_lines(files):  # pretraining's reader: a bad line is skipped and named
+        records.append(CaptionRecord(image_id=ids.setdefault(str(path), len(ids)), image_path=str(path), caption=text))
     if not records:
-        raise ValueError(f"The pair lists {[str(f) for f in files]} hold no pairs.")
+        raise ValueError(
+            f'The pair lists {[str(f) for f in files]} hold no usable pairs (lines {{"image": path, "text": caption}}).'
+        )
     if check_images:
         check_images_exist(ids, f"images of the pair lists {[Path(f).name for f in files]}")
     return records
@@ -150,7 +143,28 @@ def _require_captions(records: Sequence[CaptionRecord]) -> None:
             require_text(record.caption, f"The record of image {record.image_id} ({record.image_path})")
 
 
-class ImageTextDataset(torch.utils.data.Dataset):
+class TextOnlyDataset(torch.utils.data.Dataset):
+    """Each caption once, for retrieval evaluation (text embeddings): input_ids (T,), attention_mask (T,), image_id () long."""
+
+    def __init__(self, records: Sequence[CaptionRecord], tokenizer, max_length: int = 64):
+        self.records = records if isinstance(records, DatasetRecords) else list(records)
+        self.tokenizer, self.max_length = tokenizer, max_length
+        _require_captions(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _text(self, record: CaptionRecord) -> dict[str, torch.Tensor]:
+        return {
+            **encode_text(self.tokenizer, record.caption, max_length=self.max_length),
+            "image_id": torch.tensor(record.image_id),
+        }
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self._text(self.records[index])
+
+
+class ImageTextDataset(TextOnlyDataset):
     """Image-caption pairs, for retrieval training (``Beit3ForImageTextRetrieval``) and captioning training
     (``Beit3ForCaptioning``, after a collator masks the caption):
 
@@ -169,19 +183,16 @@ class ImageTextDataset(torch.utils.data.Dataset):
         image_column: str = "image",
         text_column: str = "caption",
     ):
-        self.records = as_records(records, CaptionRecord, image_path=image_column, caption=text_column)
-        self.image_transform, self.tokenizer, self.max_length = image_transform, tokenizer, max_length
-        _require_captions(self.records)
-
-    def __len__(self) -> int:
-        return len(self.records)
+        super().__init__(
+            as_records(records, CaptionRecord, image_path=image_column, caption=text_column), tokenizer, max_length
+        )
+        self.image_transform = image_transform
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]
         return {
             "pixel_values": transform_image(self.image_transform, load_rgb(record.image_path)),
-            **encode_text(self.tokenizer, record.caption, max_length=self.max_length),
-            "image_id": torch.tensor(record.image_id),
+            **self._text(record),
         }
 
 
@@ -203,22 +214,4 @@ class ImageOnlyDataset(torch.utils.data.Dataset):
         return {
             "pixel_values": transform_image(self.image_transform, load_rgb(item.image_path)),
             "image_id": torch.tensor(image_id),
-        }
-
-
-class TextOnlyDataset(torch.utils.data.Dataset):
-    """Each caption once, for retrieval evaluation (text embeddings): input_ids (T,), attention_mask (T,), image_id () long."""
-
-    def __init__(self, records: Sequence[CaptionRecord], tokenizer, max_length: int = 64):
-        self.records, self.tokenizer, self.max_length = list(records), tokenizer, max_length
-        _require_captions(self.records)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        record = self.records[index]
-        return {
-            **encode_text(self.tokenizer, record.caption, max_length=self.max_length),
-            "image_id": torch.tensor(record.image_id),
         }

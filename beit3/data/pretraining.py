@@ -19,7 +19,6 @@ center crop they were computed from (``beit3.views.CenterView``) instead of a ra
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from functools import lru_cache
@@ -33,7 +32,7 @@ from datasets import Dataset, Features, Value, load_dataset
 from ..log import get_logger
 from ..masking import PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB, BlockMaskGenerator, mask_text_tokens, text_masker
 from ..views import CenterView, TwoViewTransform
-from .common import MAX_REPLACEMENTS, load_rgb, undecoded_columns
+from .common import MAX_REPLACEMENTS, load_rgb, pair_lines, undecoded_columns
 from .images import list_images, read_codes, read_codes_info
 from .sampling import mixed_seed
 from .streaming import (
@@ -222,31 +221,6 @@ def image_codes_source(images: str, paths: list[Path], image_codes: str) -> Data
 
 
 _PAIR_FEATURES = Features({"path": Value("string"), "text": Value("string"), "image_bytes": Value("binary")})
-
-
-def pair_lines(files: list[str]):
-    """(image path, caption) of every usable jsonl line ``{"image": path, "text": caption}``, the path made relative
-    to its file's folder; a bad line (not UTF-8, not JSON, no image path, an empty text) is skipped with a warning naming
-    the file and line."""
-    for file in files:
-        base = Path(file).parent
-        with open(file, "rb") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line.decode("utf-8"))
-                    path, text = record["image"], record["text"]
-                    if not isinstance(path, str) or not path:
-                        raise ValueError(f"the image is {path!r}, not a path")
-                    if not isinstance(text, str) or not text.strip():
-                        raise ValueError(
-                            f"the text is {text!r}: the pair kind, like the text kind, keeps only non-empty texts"
-                        )
-                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                    logger.warning(f'{file}:{number} is not a {{"image", "text"}} line ({error}); skipped')
-                    continue
-                yield base / path, text
 
 
 def _cached_rows(rows, features: Features, files: list[str]) -> Dataset:
