@@ -228,7 +228,8 @@ def test_resume_logs_each_step_once_and_survives_a_torn_last_line(world, tmp_pat
 
 def test_two_runs_never_share_an_output_dir_and_a_killed_runs_lock_is_taken_over(world, tmp_path):
     run = tmp_path / "run"
-    first = pretrain(world, run, wait=False, max_steps=200, save_every=200)
+    # Long enough never to end by itself while the second starts up (200 steps once did, on a fast day); killed below.
+    first = pretrain(world, run, wait=False, max_steps=100000, save_every=100000)
     deadline = time.time() + 300
     while not (run / "metrics.jsonl").exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
