@@ -394,3 +394,32 @@ def test_matching_batches_pair_each_text_with_its_image_and_with_another_caption
         PretrainingBatches(sources, {"pair": 8}, tokenizer, image_size=64, patch_size=8, itm_negatives=1.5)
     with pytest.raises(ValueError, match="pair batches of 2 or more"):
         PretrainingBatches(sources, {"pair": 1}, tokenizer, image_size=64, patch_size=8, itm_negatives=0.5)
+
+
+def test_text_swap_negatives_keep_the_image_and_change_one_token_for_another_captions(world):
+    paths, tokenizer = world
+    sources = load_sources(paths["images"], [paths["texts"]], [paths["pairs"]])
+    texts = [sources["pair"][i]["text"] for i in range(4)]
+    encoded = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    ids, mask = encoded["input_ids"], encoded["attention_mask"].bool()
+    swaps = PretrainingBatches(
+        sources, {"pair": 4}, tokenizer, image_size=64, patch_size=8, itm_negatives=1.0, itm_text_swaps=0.5
+    )
+    images = torch.arange(4.0)[:, None, None, None].expand(4, 3, 2, 2)  # image i is all i
+    batch = swaps._matching_batch(images, texts, encoded, step=0)
+    assert batch["itm_labels"].tolist() == [1] * 4 + [0] * 4
+    for row in range(2):  # half of the 4 negatives: the own image, a text one token off
+        assert int(batch["pixel_values"][4 + row][0, 0, 0]) == row
+        changed = (batch["input_ids"][4 + row] != ids[row]).nonzero().flatten().tolist()
+        assert len(changed) == 1 and mask[row, changed[0]]
+        new = int(batch["input_ids"][4 + row, changed[0]])
+        assert new not in ids[row].tolist() and new in ids[[o for o in range(4) if o != row], changed[0]].tolist()
+        assert new not in tokenizer.all_special_ids
+    for row in range(2, 4):  # the rest: the same text with another caption's image
+        assert (
+            torch.equal(batch["input_ids"][4 + row], ids[row]) and int(batch["pixel_values"][4 + row][0, 0, 0]) != row
+        )
+    with pytest.raises(ValueError, match="itm_text_swaps 2"):
+        PretrainingBatches(
+            sources, {"pair": 4}, tokenizer, image_size=64, patch_size=8, itm_negatives=1.0, itm_text_swaps=2
+        )

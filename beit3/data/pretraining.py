@@ -387,6 +387,11 @@ class PretrainingBatches(torch.utils.data.Dataset):
             with a hard negative: the image of another caption of the same batch, drawn with weights that grow with
             the tokens it shares with its own (exp(Jaccard over token ids / 0.1)), never the same text nor one that
             has all of its tokens (it may describe the same thing). 0: no ``itm`` batch (the paper).
+        itm_text_swaps: this share of the matching negatives keep their own image and change their text instead, one
+            token swapped for the token another caption of the batch has at that position (one this caption does not
+            hold): "a big red circle" -> "a big blue circle". Such a negative differs from its image in one attribute,
+            so it can only be told from its match by checking each word against the image. A text with no such token
+            keeps the image negative. 0: image negatives only.
     Batch:
         image: pixel_values (B, 3, S, S), tokenizer_pixel_values (B, 3, s, s) in [0, 1], bool_masked_pos (B, patches);
             when the image source has ``codes`` (``load_sources(image_codes=...)``): pixel_values of the fixed
@@ -394,7 +399,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
         text: input_ids, attention_mask, labels (B, T)
         pair: pixel_values, input_ids, attention_mask, labels
         itm (with itm_negatives): pixel_values (2K, ...), input_ids, attention_mask (2K, T) unmasked, itm_labels (2K,):
-            K matched pairs (1), then the same K texts with their hard-negative images (0)
+            K matched pairs (1), then the same K texts with their hard-negative images (0), the first
+            round(itm_text_swaps * K) of those instead with their own image and a text one token off (0)
         counts: ``{"skipped_<kind>": n}``, corrupt images (and streamed samples without image or caption) replaced in
             this batch, for the ``Engine``'s counters
     """
@@ -421,6 +427,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
         pair_crop_scale: tuple[float, float] = PAIR_CROP_SCALE,
         pair_hflip: float = PAIR_HFLIP,
         itm_negatives: float = 0.0,
+        itm_text_swaps: float = 0.0,
     ):
         if not 0.0 <= itm_negatives <= 1.0:
             raise ValueError(
@@ -486,6 +493,9 @@ class PretrainingBatches(torch.utils.data.Dataset):
                 "itm_negatives needs pair batches of 2 or more: a hard negative is another pair of the same batch."
             )
         self.itm_pairs = max(1, round(itm_negatives * self.batch_sizes["pair"])) if itm_negatives else 0
+        if not 0.0 <= itm_text_swaps <= 1.0:
+            raise ValueError(f"itm_text_swaps {itm_text_swaps} must be a share of the matching negatives in [0, 1].")
+        self.itm_text_swaps = round(itm_text_swaps * self.itm_pairs)
 
     def __len__(self) -> int:
         return self.num_steps
@@ -597,13 +607,36 @@ class PretrainingBatches(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(mixed_seed(self.seed, len(KINDS), step, self.rank))
         negatives = torch.multinomial(weights.masked_fill(~usable[:, None], 1.0), 1, generator=generator).squeeze(1)
         negatives = torch.where(usable, negatives, torch.arange(k))
+        negative_ids = encoded["input_ids"][:k].clone()
+        for row in range(self.itm_text_swaps):
+            swapped = self._swap_one_token(encoded, sets, row, generator)
+            if swapped is not None:  # this row's negative: its own image, its text one token off
+                negative_ids[row], negatives[row], usable[row] = swapped, row, True
         labels = torch.cat([torch.ones(k, dtype=torch.long), (~usable).long()])
         return {
             "pixel_values": torch.cat([images[:k], images[negatives]]),
-            "input_ids": encoded["input_ids"][:k].repeat(2, 1),
+            "input_ids": torch.cat([encoded["input_ids"][:k], negative_ids]),
             "attention_mask": encoded["attention_mask"][:k].repeat(2, 1),
             "itm_labels": labels,
         }
+
+    def _swap_one_token(
+        self, encoded: dict[str, torch.Tensor], sets: torch.Tensor, row: int, generator: torch.Generator
+    ) -> torch.Tensor | None:
+        """Text ``row``'s ids with one token replaced by the token another text has at that position and this text
+        holds nowhere (special tokens and padding never take part); None when no such token exists."""
+        ids, mask = encoded["input_ids"], encoded["attention_mask"].bool()
+        ordinary = mask & ~torch.isin(ids, torch.tensor(self.tokenizer.all_special_ids))
+        # (padding may have an id past sets' width; the clamp only keeps the lookup in range, ordinary drops it)
+        candidates = ordinary & ordinary[row] & ~sets[row][ids.clamp(max=sets.shape[1] - 1)]
+        candidates[row] = False
+        found = candidates.nonzero()  # (other text, position) pairs
+        if len(found) == 0:
+            return None
+        other, position = found[int(torch.randint(len(found), (1,), generator=generator))].tolist()
+        swapped = ids[row].clone()
+        swapped[position] = ids[other, position]
+        return swapped
 
     def __getitem__(self, index: int) -> dict:
         if self.streams is not None:

@@ -67,6 +67,13 @@ class PretrainingData(Section):
         "with model.overrides.itm_weight",
         0.0,
     )
+    itm_text_swaps: float = doc(
+        "share of the matching negatives that keep their image and swap one caption token for the one another "
+        "caption of the batch has there: negatives one attribute off (0: image negatives only)",
+        0.0,
+        low=0,
+        high=1,
+    )
     pair_crop_scale: tuple[float, float] = doc("area range of the pairs' random resized crop", PAIR_CROP_SCALE)
     pair_hflip: float = doc(
         "the pairs' flip probability (0 when captions say left and right)", PAIR_HFLIP, low=0, high=1
@@ -248,6 +255,7 @@ def run(argv: list[str] | None = None) -> None:
                 pair_crop_scale=data.pair_crop_scale,
                 pair_hflip=data.pair_hflip,
                 itm_negatives=itm_negatives,
+                itm_text_swaps=data.itm_text_swaps,
                 **stream_options,
             )
         except ValueError as error:  # e.g. stream positions saved with another number of loader workers
