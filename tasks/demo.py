@@ -439,6 +439,52 @@ class Demo:
         captions = json.loads((self.output / "finetune" / f"captioning_{init}" / "captions_eval.json").read_text())
         return 100.0 * sum(shapes_named(c["caption"]) == truth[c["image_id"]] for c in captions) / len(captions)
 
+    def matching_probe(self) -> dict[str, float] | None:
+        """How well the export's image-text matching head tells a held-out caption from the same caption with one
+        color (or kind) word swapped: the AUC (0.5: chance) of its match probability, per swapped word kind. None when
+        the export has no matching head. Statements such as NLVR2's need this attribute check."""
+        import random
+
+        import torch
+        from transformers import AutoTokenizer
+
+        from beit3 import Beit3ForMaskedDataModeling, Beit3ImageProcessor
+        from beit3.data.common import load_rgb
+        from beit3.data.synthetic import COLORS, KINDS
+
+        export = self.output / "pretrained"
+        model = Beit3ForMaskedDataModeling.from_pretrained(export).eval()
+        if not hasattr(model, "itm_head"):
+            return None
+        tokenizer = AutoTokenizer.from_pretrained(export)
+        size = model.config.image_size
+        processor = Beit3ImageProcessor(size={"height": size, "width": size})
+        root = self.output / "data" / "coco"
+        images = [i for i in json.loads((root / "dataset_coco.json").read_text())["images"] if i["split"] == "val"]
+        rng, scores = random.Random(0), {"color": ([], []), "kind": ([], [])}
+        for image in images:
+            words = image["sentences"][0]["raw"].split()
+            texts = [" ".join(words)]
+            for vocabulary in (COLORS, KINDS):
+                at = rng.choice([i for i, w in enumerate(words) if w in vocabulary])
+                swapped = list(words)
+                swapped[at] = rng.choice([w for w in vocabulary if w != words[at]])
+                texts.append(" ".join(swapped))
+            pixels = processor(images=[load_rgb(root / image["filepath"] / image["filename"])] * 3, return_tensors="pt")
+            encoded = tokenizer(texts, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                out = model(**pixels, **encoded, itm_labels=torch.ones(3, dtype=torch.long))
+            match, color, kind = out.itm_logits.softmax(-1)[:, 1].tolist()
+            for name, value in (("color", color), ("kind", kind)):
+                scores[name][0].append(match)
+                scores[name][1].append(value)
+
+        def auc(positives: list[float], negatives: list[float]) -> float:
+            wins = sum((a > b) + 0.5 * (a == b) for a in positives for b in negatives)
+            return wins / (len(positives) * len(negatives))
+
+        return {name: round(auc(*pair), 3) for name, pair in scores.items()}
+
     # -- 5. report -----------------------------------------------------------------------------------
     def results(self) -> dict:
         tasks = {}
@@ -470,6 +516,7 @@ class Demo:
         contrastive = json.loads((self.output / "contrastive" / "eval_results.json").read_text())
         return {
             "tasks": tasks,
+            "pretraining": {"matching_swap_auc": self.matching_probe()},
             "profile": self.profile,
             "seconds": {k: round(v, 1) for k, v in self.timings.items()},
             "contrastive_stage": {"steps": self.settings["contrastive_steps"], "tr_r1": round(contrastive["tr_r1"], 2)},
@@ -523,6 +570,13 @@ class Demo:
                 "",
                 f"Generated captions that name exactly the scene's shapes (each with its color and kind): "
                 f"{exact['scratch']:.1f}% from scratch, {exact['pretrained']:.1f}% pretrained.",
+            ]
+        probe = results["pretraining"]["matching_swap_auc"]
+        if probe:
+            lines += [
+                "",
+                "The export's image-text matching head, a held-out caption against the same caption with one word "
+                f"swapped (AUC; 0.5 is chance): color {probe['color']:.3f}, kind {probe['kind']:.3f}.",
             ]
         wins = sum(
             results["tasks"][t]["pretrained"] - results["tasks"][t]["scratch"] >= CLEAR_MARGIN for t in MULTIMODAL_TASKS

@@ -69,6 +69,8 @@ def test_results_file_has_the_documented_shape(demo_run):
     for kind, row in results["tasks"]["vqa"]["per_kind"].items():
         assert set(row) == {"scratch", "pretrained", "prior"} and 0 <= row["prior"] <= 100, kind
     assert set(results["tasks"]["captioning"]["exact_shapes"]) == {"scratch", "pretrained"}
+    probe = results["pretraining"]["matching_swap_auc"]  # the demo pretrains with image-text matching
+    assert set(probe) == {"color", "kind"} and all(0.0 <= auc <= 1.0 for auc in probe.values())
     table = (output / "results.md").read_text()
     for task in TASKS:
         assert f"| {task} |" in table
@@ -76,6 +78,7 @@ def test_results_file_has_the_documented_shape(demo_run):
         "images swapped" in table
         and "| question type | prior |" in table
         and "name exactly the scene's shapes" in table
+        and "one word swapped" in table
     )
 
 
