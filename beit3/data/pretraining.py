@@ -608,8 +608,12 @@ class PretrainingBatches(torch.utils.data.Dataset):
         negatives = torch.multinomial(weights.masked_fill(~usable[:, None], 1.0), 1, generator=generator).squeeze(1)
         negatives = torch.where(usable, negatives, torch.arange(k))
         negative_ids = encoded["input_ids"][:k].clone()
+        if self.itm_text_swaps:  # the positions a swap may touch: no special token, no padding
+            ordinary = encoded["attention_mask"].bool() & ~torch.isin(
+                encoded["input_ids"], torch.tensor(self.tokenizer.all_special_ids)
+            )
         for row in range(self.itm_text_swaps):
-            swapped = self._swap_one_token(encoded, sets, row, generator)
+            swapped = self._swap_one_token(encoded["input_ids"], ordinary, sets, row, generator)
             if swapped is not None:  # this row's negative: its own image, its text one token off
                 negative_ids[row], negatives[row], usable[row] = swapped, row, True
         labels = torch.cat([torch.ones(k, dtype=torch.long), (~usable).long()])
@@ -620,13 +624,12 @@ class PretrainingBatches(torch.utils.data.Dataset):
             "itm_labels": labels,
         }
 
+    @staticmethod
     def _swap_one_token(
-        self, encoded: dict[str, torch.Tensor], sets: torch.Tensor, row: int, generator: torch.Generator
+        ids: torch.Tensor, ordinary: torch.Tensor, sets: torch.Tensor, row: int, generator: torch.Generator
     ) -> torch.Tensor | None:
-        """Text ``row``'s ids with one token replaced by the token another text has at that position and this text
-        holds nowhere (special tokens and padding never take part); None when no such token exists."""
-        ids, mask = encoded["input_ids"], encoded["attention_mask"].bool()
-        ordinary = mask & ~torch.isin(ids, torch.tensor(self.tokenizer.all_special_ids))
+        """Text ``row``'s ids (B, T) with one token replaced by the token another text has at that position and this
+        text holds nowhere, both positions ``ordinary`` (B, T); None when no such token exists."""
         # (padding may have an id past sets' width; the clamp only keeps the lookup in range, ordinary drops it)
         candidates = ordinary & ordinary[row] & ~sets[row][ids.clamp(max=sets.shape[1] - 1)]
         candidates[row] = False
