@@ -13,6 +13,10 @@ failed write keeps the previous version intact. Whichever way a write ends, no t
         (tmp / "config.json").write_text("{}")
     write_text_atomic(path, text); write_bytes_atomic(path, data); write_json_atomic(path, obj)
 
+DataLoader workers keep their temporary files (multiprocessing's ``pymp-*`` folder with the socket each tensor
+is passed through) in the scratch folder of the process that started them (``loader_worker_init``), which goes
+at exit, or, after a SIGKILL, when the next process makes its own (``process_scratch_dir``).
+
 The parent folder of the target is created when missing. Temporary names are hidden (a leading dot) and carry
 the process and thread id, so concurrent writers of one path never share a temporary file.
 
@@ -21,7 +25,10 @@ Only the standard library is imported here: any module may use this one without 
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -35,6 +42,8 @@ __all__ = [
     "atomic_file",
     "atomic_folder",
     "atomic_path",
+    "loader_worker_init",
+    "process_scratch_dir",
     "temporary_name",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -152,3 +161,66 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         _remove(old)
     finally:
         _remove(tmp)
+
+
+SCRATCH_PREFIX = "beit3-scratch-"
+_scratch: tuple[int, Path] | None = None
+
+
+def process_scratch_dir() -> Path:
+    """This process's folder for temporary files that would outlive a killed process,
+    ``<tmp>/beit3-scratch-<pid>-<random>``: made on first use and removed at exit. A SIGKILL runs no clean-up, so
+    making one also removes the scratch folders of this user's processes that are gone."""
+    global _scratch
+    if _scratch is None or _scratch[0] != os.getpid() or not _scratch[1].is_dir():  # a forked child makes its own
+        sweep_scratch_dirs()
+        path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+        atexit.register(shutil.rmtree, path, True)
+        _scratch = (os.getpid(), path)
+    return _scratch[1]
+
+
+def sweep_scratch_dirs(folder: str | os.PathLike | None = None) -> list[Path]:
+    """Removes this user's scratch folders in ``folder`` (default: the temporary folder) whose process is gone, and
+    returns them. A live process's folder, or one whose process id was taken again, is left alone."""
+    removed = []
+    for path in Path(folder or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        try:
+            pid = int(path.name[len(SCRATCH_PREFIX) :].split("-")[0])
+            if path.stat().st_uid != os.getuid() or _process_alive(pid):
+                continue
+        except (ValueError, OSError):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process holds that id now
+        return True
+    return True
+
+
+def loader_worker_init():
+    """A ``worker_init_fn`` for ``torch.utils.data.DataLoader`` that puts the worker's temporary files in this
+    process's scratch folder.
+
+    A worker passes each tensor to its parent through a socket in a ``pymp-*`` folder of the temporary folder,
+    which only the worker's own clean exit removes: a killed run would leave one per worker behind. Under a
+    temporary folder too deep for the socket's path in the scratch folder, it is None (the workers' default)."""
+    folder = str(process_scratch_dir())
+    # A Unix socket's path holds at most 107 bytes; past that the worker could not pass a tensor at all.
+    if len(os.fsencode(folder)) + len("/pymp-12345678/listener-12345678") > 107:
+        return None
+    return functools.partial(_worker_in_scratch, folder)
+
+
+def _worker_in_scratch(folder: str, worker_id: int) -> None:
+    tempfile.tempdir = folder
+    # A forked worker inherits the parent's multiprocessing folder, if the parent made one, and would use it.
+    multiprocessing.current_process()._config.pop("tempdir", None)

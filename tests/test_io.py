@@ -1,7 +1,16 @@
-"""Atomic writes: the new content appears whole or the old one stays, and no temporary file is ever left."""
+"""Atomic writes: the new content appears whole or the old one stays, and no temporary file is ever left; DataLoader
+workers leave no temporary folder behind, however their run ends."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +18,9 @@ from beit3.io import (
     atomic_file,
     atomic_folder,
     atomic_path,
+    loader_worker_init,
+    process_scratch_dir,
+    sweep_scratch_dirs,
     temporary_name,
     write_bytes_atomic,
     write_json_atomic,
@@ -146,3 +158,82 @@ def test_io_imports_only_the_standard_library():
         isinstance(node, ast.ImportFrom) and node.level for node in ast.walk(tree)
     )  # nothing of beit3: no cycles
     assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+
+
+# Two workers hand tensors to the parent until the parent is killed; "started" once a batch has come through.
+_LOADER_RUN = textwrap.dedent(
+    """
+    import sys, time, torch
+    from beit3.io import loader_worker_init
+
+    class Tensors(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10**6
+        def __getitem__(self, i):
+            return torch.full((64,), float(i))
+
+    init = loader_worker_init() if sys.argv[1] == "scratch" else None
+    loader = torch.utils.data.DataLoader(Tensors(), batch_size=4, num_workers=2, worker_init_fn=init)
+    for step, batch in enumerate(loader):
+        if step == 4:
+            print("started", flush=True)
+        if sys.argv[2] == "clean" and step == 8:
+            break
+        time.sleep(0.01)
+    """
+)
+
+
+def _loader_run(tmp: Path, mode: str, end: str):
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _LOADER_RUN, mode, end],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout.readline().strip() == "started"
+    if end == "killed":
+        os.killpg(process.pid, signal.SIGKILL)  # the parent and its workers: no clean-up of anyone runs
+    process.wait(timeout=60)
+    deadline = time.time() + 10
+    while any(tmp.glob("pymp-*")) and end == "clean" and time.time() < deadline:
+        time.sleep(0.05)
+    return process.pid
+
+
+def test_loader_workers_leave_no_temporary_folder_behind_clean_or_killed(monkeypatch):
+    tmp = Path(tempfile.mkdtemp(dir="/tmp"))  # short: pytest's own folders are too deep for a socket's path
+    try:
+        _check_loader_runs(tmp, monkeypatch)
+    finally:
+        shutil.rmtree(tmp)
+
+
+def _check_loader_runs(tmp: Path, monkeypatch):
+    _loader_run(tmp, "plain", "killed")  # the control: what a killed run of plain workers leaves
+    assert len(list(tmp.glob("pymp-*"))) == 2, names(tmp)
+    for leftover in tmp.glob("pymp-*"):
+        for item in leftover.iterdir():
+            item.unlink()
+        leftover.rmdir()
+
+    _loader_run(tmp, "scratch", "clean")
+    assert names(tmp) == []
+    pid = _loader_run(tmp, "scratch", "killed")
+    dead = next(tmp.glob(f"beit3-scratch-{pid}-*"))
+    assert names(tmp) == [dead.name] and len(list(dead.glob("pymp-*"))) == 2  # the workers' folders are inside
+    monkeypatch.setattr("tempfile.tempdir", str(tmp))
+    monkeypatch.setattr("beit3.io._scratch", None)
+    mine = process_scratch_dir()  # the next process to make one removes the dead one's
+    assert names(tmp) == [mine.name] and mine.name.startswith(f"beit3-scratch-{os.getpid()}-")
+    assert sweep_scratch_dirs(tmp) == []  # a live process's folder stays
+
+
+def test_no_scratch_folder_for_workers_where_a_socket_path_would_be_too_long(tmp_path, monkeypatch):
+    deep = tmp_path / ("d" * 60)
+    deep.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(deep))
+    monkeypatch.setattr("beit3.io._scratch", None)
+    assert loader_worker_init() is None  # the workers then keep their default, which can still bind

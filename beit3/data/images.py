@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from ..io import write_bytes_atomic, write_text_atomic
+from ..io import loader_worker_init, write_bytes_atomic, write_text_atomic
 from ..log import get_logger
 from .common import load_rgb
 
@@ -166,6 +166,7 @@ def encode_images(
         num_workers=num_workers,
         collate_fn=collate_readable,
         pin_memory=device.type == "cuda",
+        worker_init_fn=loader_worker_init() if num_workers else None,
     )
     codes, rows, skipped, kept, kept_count = [], [], [], [], 0
     with tqdm(total=len(paths), desc="encode", unit="img", disable=not progress, dynamic_ncols=True) as bar:

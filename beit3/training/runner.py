@@ -23,6 +23,7 @@ from typing import NoReturn
 import torch
 
 from ..data.common import split_batch
+from ..io import loader_worker_init
 from ..log import for_rank
 from .config import Section, load_config, print_config
 from .engine import Engine, TrainSettings, load_deepspeed_json, record_run_config, setup_distributed
@@ -124,7 +125,11 @@ def step_loader(settings: TrainSettings, dataset, **options) -> torch.utils.data
     """The DataLoader of a run's steps, with its ``train.num_workers`` (4 batches ahead per worker); ``options`` say
     how ``dataset`` gives batches (``batch_size=None`` for step-indexed batches, or a ``batch_sampler``)."""
     return torch.utils.data.DataLoader(
-        dataset, num_workers=settings.num_workers, prefetch_factor=4 if settings.num_workers else None, **options
+        dataset,
+        num_workers=settings.num_workers,
+        prefetch_factor=4 if settings.num_workers else None,
+        worker_init_fn=loader_worker_init() if settings.num_workers else None,
+        **options,
     )
 
 
@@ -138,7 +143,12 @@ def autocast(precision: str, device: torch.device):
 def ordered_batches(dataset, batch_size: int, num_workers: int = 0, collate_fn=None):
     """One ordered pass over ``dataset`` for evaluation: (model inputs, metadata) per batch."""
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        worker_init_fn=loader_worker_init() if num_workers else None,
     )
     for batch in loader:
         yield split_batch(batch)
