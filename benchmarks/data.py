@@ -14,12 +14,17 @@ end2end / model is the pipeline's cost: 1.0 means the model never waits.
     python benchmarks/data.py --preset beit3_base_patch16_224 --image-size 224 --batch 8,8,8 --steps 3
     python benchmarks/data.py --streaming                       # the same world read from webdataset shards
     python benchmarks/data.py --processes 2                     # as the demo runs: 2 ranks of 1 thread, 1 worker each
+    python benchmarks/data.py --preset beit3_base_patch16_224 --image-size 224 --precision bf16   # on a GPU node
+
+On a machine with a GPU the model steps run there (rank r of --processes on GPU r), the pipeline on the CPU as in
+training; the last lines say how many loader workers per process keep up with the model's rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -73,7 +78,9 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
 
     from beit3.data.pretraining import PretrainingBatches, Shards, StreamingPretrainingBatches, load_sources
     from beit3.modeling_heads import Beit3ForMaskedDataModeling
+    from beit3.training.engine import to_device
     from beit3.training.pretraining import masked_data_modeling_step
+    from beit3.training.runner import autocast
     from beit3.visual_tokenizers import VQKD, VQKDConfig
 
     if args.threads:
@@ -115,7 +122,11 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
         )
 
     samples_per_step = sum(sizes.values())
-    model = Beit3ForMaskedDataModeling(model_config).train()
+    device = (
+        torch.device(f"cuda:{rank % torch.cuda.device_count()}") if torch.cuda.is_available() else torch.device("cpu")
+    )
+    model = Beit3ForMaskedDataModeling(model_config).train().to(device)
+    visual = visual.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step = masked_data_modeling_step(visual)
 
@@ -124,11 +135,14 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
             barrier()
 
     def train_step(batch):
-        batch = {k: v for k, v in batch.items() if k not in ("counts", "data_state")}
-        loss, _ = step(model, batch, 0)
+        batch = to_device({k: v for k, v in batch.items() if k not in ("counts", "data_state")}, device)
+        with autocast(args.precision, device):
+            loss, _ = step(model, batch, 0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            loss.item()  # the step's kernels are done before the clock reads
 
     def data_only(start):
         source = iter(torch.utils.data.DataLoader(batches(0, start, args.steps), batch_size=None, num_workers=0))
@@ -165,6 +179,8 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
         return samples_per_step * args.steps / seconds, waited / seconds
 
     _, warm = data_only(0)
+    if args.data_only:
+        return {"data": [data_only(1000 * (rep + 1))[0] for rep in range(args.reps)]}
     model_only(warm[:2])
     figures = {"data": [], "model": [], "end2end": [], "wait": []}
     for rep in range(args.reps):
@@ -217,6 +233,20 @@ def main() -> None:
     )
     parser.add_argument("--streaming", action="store_true", help="read images and pairs from webdataset shards")
     parser.add_argument(
+        "--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast of the model step (bf16 on GPU)"
+    )
+    parser.add_argument(
+        "--data-only",
+        action="store_true",
+        help="only the pipeline's rate (e.g. a base model's, which a CPU trains slowly)",
+    )
+    parser.add_argument(
+        "--model-rate",
+        type=float,
+        help="samples/s a process's model trains at elsewhere (e.g. on a GPU, from benchmarks/pretrain.py): "
+        "also print the loader workers it needs",
+    )
+    parser.add_argument(
         "--rank-of", nargs=2, metavar=("FOLDER", "RANK"), help=argparse.SUPPRESS
     )  # (a rank of --processes)
     args = parser.parse_args()
@@ -267,12 +297,20 @@ def main() -> None:
             }
         )
     )
-    print(
-        f"data alone {median['data'] / args.processes:.0f} samples/s per worker; model alone {median['model']:.0f}; end to end "
-        f"{median['end2end']:.0f} with {args.workers} worker(s) per process x {args.processes} process(es) = "
-        f"{median['end2end'] / median['model']:.2f} of the model-only rate, {100 * median['wait']:.0f}% of step time waiting "
-        f"for data (medians of {args.reps})"
-    )
+    per_worker = median["data"] / args.processes
+    if args.data_only:
+        print(f"data alone {per_worker:.0f} samples/s per worker (median of {args.reps})")
+    else:
+        print(
+            f"data alone {per_worker:.0f} samples/s per worker; model alone {median['model']:.0f}; end to end "
+            f"{median['end2end']:.0f} with {args.workers} worker(s) per process x {args.processes} process(es) = "
+            f"{median['end2end'] / median['model']:.2f} of the model-only rate, {100 * median['wait']:.0f}% of step time waiting "
+            f"for data (medians of {args.reps})"
+        )
+    # The workers run the pipeline in parallel, each at about the one-worker rate, while the model trains.
+    for label, rate in (("the model here", median.get("model", 0) / args.processes), ("--model-rate", args.model_rate)):
+        if rate:
+            print(f"loader workers per process to feed {label} ({rate:.0f} samples/s): {math.ceil(rate / per_worker)}")
 
 
 if __name__ == "__main__":

@@ -326,17 +326,10 @@ class Demo:
                     self.output / "finetune" / f"{task}_{init}",
                     steps,
                     batch,
+                    flags=("--blind",),  # after training, both models scored again with the images swapped
                 )
                 for init in ("pretrained", "scratch")
                 if not self.finetuned(task, init)
-            ],
-            self.log,
-        )
-        # The blind control: both models scored again with every example's image(s) swapped for another's.
-        run_side_by_side(
-            [
-                self.trained_model_command(task, self.output / "finetune" / f"{task}_{init}", "evaluate", "--blind")
-                for init in ("pretrained", "scratch")
             ],
             self.log,
         )
@@ -347,9 +340,17 @@ class Demo:
         )
 
     def training_command(
-        self, task: str, init: Path | None, output_dir: Path, steps: int, batch: int, extra: tuple[str, ...] = ()
+        self,
+        task: str,
+        init: Path | None,
+        output_dir: Path,
+        steps: int,
+        batch: int,
+        extra: tuple[str, ...] = (),
+        flags: tuple[str, ...] = (),
     ) -> list[str]:
-        """``tasks/<task>.py`` on its demo config from ``init`` (None: random weights) for ``steps`` of ``batch``, plus ``extra`` --sets."""
+        """``tasks/<task>.py`` on its demo config from ``init`` (None: random weights) for ``steps`` of ``batch``, plus
+        ``extra`` --sets and the command-line ``flags``."""
         sets = [
             f"model.init={init or 'null'}",
             f"tokenizer={self.output / 'text-tokenizer'}",
@@ -365,6 +366,7 @@ class Demo:
             f"tasks/{task}.py",
             "--config",
             str(self.task_config(task)),
+            *flags,
             *[part for s in sets for part in ("--set", s)],
         ]
 

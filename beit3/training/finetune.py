@@ -25,7 +25,8 @@ Modes: ``train`` fine-tunes (a restart resumes from output_dir), exports ``outpu
 ``from_pretrained`` folder) and scores it on ``data.eval``; ``evaluate`` scores ``--model`` (default
 ``output_dir/final``) on ``data.eval``; ``predict`` writes the predictions on ``data.predict`` in
 the official submission format. Scores go to ``<output>/eval_results.json``; ``evaluate --blind`` scores with
-every example's image(s) swapped for another's (``<output>/blind_eval_results.json``), the control that tells a
+every example's image(s) swapped for another's (``<output>/blind_eval_results.json``; ``train --blind`` adds it
+after training), the control that tells a
 model reading the image from one answering from the text.
 """
 
@@ -137,7 +138,8 @@ def _task_options(parser) -> None:
         "--blind",
         action="store_true",
         help="evaluate: a control with every example's image(s) swapped for another example's; a model that reads "
-        "the image falls to chance. Scores go to blind_eval_results.json",
+        "the image falls to chance. Scores go to blind_eval_results.json. With --mode train: after the held-out "
+        "scores, the blind control of the trained model too",
     )
 
 
@@ -154,11 +156,11 @@ def run(task_name: str, argv: list[str] | None = None, prog: str | None = None) 
     )
     task = task_class(sections["data"], sections["eval"])
     output_dir = Path(args.output or config["train"]["output_dir"])
-    if args.blind and args.mode != "evaluate":
-        raise ValueError("--blind is a control for --mode evaluate.")
-    task.blind = args.blind
+    if args.blind and args.mode == "predict":
+        raise ValueError("--blind is a control for --mode evaluate (or train, scoring after training).")
     if args.mode == "train":
-        return train(task, config, settings)
+        return train(task, config, settings, blind=args.blind)
+    task.blind = args.blind
     model_path = args.model or str(Path(config["train"]["output_dir"]) / "final")
     model = initial_model(task.model_class, {"init": model_path}, None, {}, with_head=True)
     tokenizer_path = config.get("tokenizer") or (model_path if Path(model_path).is_dir() else None)
@@ -189,7 +191,9 @@ def evaluate_and_save(task, model, output_dir: Path) -> dict:
     return scores
 
 
-def train(task, config: dict, settings) -> dict | None:
+def train(task, config: dict, settings, blind: bool = False) -> dict | None:
+    """Fine-tunes on rank 0 and the others, exports ``final`` and scores it on the held-out data (and, ``blind``,
+    with the images swapped between examples too); returns the held-out scores on rank 0, else None."""
     model_section = FinetuneModel.from_config(config["model"]).resolved()  # every field, defaults filled in
     tokenizer_path = config.get("tokenizer") or model_section.get("init")
     if tokenizer_path is None:
@@ -232,6 +236,10 @@ def train(task, config: dict, settings) -> dict | None:
     if task.data.eval:
         model = initial_model(task.model_class, {"init": str(final)}, None, {}).to(engine.device).eval()
         scores = evaluate_and_save(task, model, engine.output_dir)
+        if blind:
+            task.blind = True
+            evaluate_and_save(task, model, engine.output_dir)
+            task.blind = False
     if records:
         _save_curves(task, engine.output_dir, scores)
     return scores
