@@ -219,6 +219,10 @@ def main() -> None:
     )
     parser.add_argument("--batch", help="image,text,pair samples per step (default: the config's)")
     parser.add_argument("--images", type=int, default=512, help="generated images")
+    parser.add_argument(
+        "--world",
+        help="the demo's run folder (runs/demo): its pretraining data and tokenizer instead of generated ones",
+    )
     parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers of the end2end side (per process)")
@@ -257,8 +261,8 @@ def main() -> None:
         torch.distributed.init_process_group(
             "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=args.processes
         )
-        sources = json.loads((folder / "sources.json").read_text())
-        figures = measure(args, sources, folder / "tok", rank, barrier=torch.distributed.barrier)
+        saved = json.loads((folder / "sources.json").read_text())
+        figures = measure(args, saved["sources"], Path(saved["tokenizer"]), rank, barrier=torch.distributed.barrier)
         (folder / f"rank{rank}.json").write_text(json.dumps(figures))
         torch.distributed.destroy_process_group()
         return
@@ -267,10 +271,20 @@ def main() -> None:
     model_config, sizes = model_setup(args, config["model"], config["data"])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        sources_paths = world(tmp, args.images, max(64, model_config.image_size), args.streaming)
-        (tmp / "sources.json").write_text(json.dumps(sources_paths))
+        if args.world:  # what tasks/demo.py wrote: the demo's own images, captions, pairs and tokenizer
+            pretrain = Path(args.world) / "data" / "pretrain"
+            sources_paths = {
+                "images": str(pretrain / "images"),
+                "texts": [str(pretrain / "captions.txt")],
+                "pairs": [str(pretrain / "pairs.jsonl")],
+            }
+            tokenizer = Path(args.world) / "text-tokenizer"
+        else:
+            sources_paths = world(tmp, args.images, max(64, model_config.image_size), args.streaming)
+            tokenizer = tmp / "tok"
+        (tmp / "sources.json").write_text(json.dumps({"sources": sources_paths, "tokenizer": str(tokenizer)}))
         if args.processes == 1:
-            per_rank = [measure(args, sources_paths, tmp / "tok")]
+            per_rank = [measure(args, sources_paths, tokenizer)]
         else:  # N copies of this script as the ranks of one run, meeting at gloo barriers
             command = [sys.executable, __file__, *sys.argv[1:], "--rank-of", str(tmp)]
             ranks = [subprocess.Popen([*command, str(rank)]) for rank in range(args.processes)]

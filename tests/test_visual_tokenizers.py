@@ -531,3 +531,10 @@ def test_vqkd_forward_without_a_teacher_says_how_to_get_codes(tmp_path):
     tokenizer = VisualTokenizer.from_pretrained(tmp_path / "vqkd.pth")
     with pytest.raises(RuntimeError, match="needs a teacher.*call get_codebook_indices"):
         tokenizer(torch.rand(1, 3, 32, 32))
+
+
+def test_the_tiny_preset_sizes_its_hog_target_to_the_patch():
+    model = tiny_vqkd(image_size=64, patch_size=16)  # HOG of 16 px patches in 4 px cells: 3 x 9 x 16 wide
+    assert model.config.teacher_dim == 432
+    assert model(torch.rand(1, 3, 64, 64)).reconstruction.shape == (1, 16, 432)
+    assert tiny_vqkd(patch_size=16, teacher_dim=432).config.teacher_dim == 432  # a given width is kept

@@ -120,10 +120,14 @@ class VQKDConfig(TokenizerConfig):
                 code_dim=8,
                 teacher="hog",
                 hog_cell=4,
-                teacher_dim=hog_dim(8, 4, 9),
                 dead_code_steps=50,
             )
-            return cls(**{**fields, **overrides})
+            fields = {**fields, **overrides}
+            # The HOG target's width follows the patch: another patch_size brings its own unless one is given.
+            fields.setdefault(
+                "teacher_dim", hog_dim(fields["patch_size"], fields["hog_cell"], fields.get("hog_bins", 9))
+            )
+            return cls(**fields)
         match = re.fullmatch(r"vqkd_encoder_base_decoder_(\d)x768x12_(clip|dino)", name)
         if not match:
             raise ValueError(f"Unknown VQ-KD preset {name!r}; known: {', '.join(VQKD_PRESETS)}.")
