@@ -164,5 +164,7 @@ def test_seeded_text_masking_works_in_a_process_that_is_not_a_dataloader_worker(
     ids, attention_mask = text_batch(rows=20)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         corrupted, labels = pool.apply(_mask_in_this_process, (ids, attention_mask, 7))
+        pool.close()
+        pool.join()  # the worker ends cleanly: a terminated one leaves its temporary folder behind
     here = _mask_in_this_process(ids, attention_mask, 7)
     assert (labels != -100).any() and torch.equal(corrupted, here[0]) and torch.equal(labels, here[1])
