@@ -206,13 +206,15 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def loader_worker_init():
-    """A ``worker_init_fn`` for ``torch.utils.data.DataLoader`` that puts the worker's temporary files in this
-    process's scratch folder.
+def loader_worker_init(num_workers: int):
+    """The ``worker_init_fn`` for a ``torch.utils.data.DataLoader`` of ``num_workers`` workers that puts the workers'
+    temporary files in this process's scratch folder; None without workers (nothing to put there).
 
     A worker passes each tensor to its parent through a socket in a ``pymp-*`` folder of the temporary folder,
     which only the worker's own clean exit removes: a killed run would leave one per worker behind. Under a
     temporary folder too deep for the socket's path in the scratch folder, it is None (the workers' default)."""
+    if not num_workers:
+        return None
     folder = str(process_scratch_dir())
     # A Unix socket's path holds at most 107 bytes; past that the worker could not pass a tensor at all.
     if len(os.fsencode(folder)) + len("/pymp-12345678/listener-12345678") > 107:

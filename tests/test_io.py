@@ -172,7 +172,7 @@ _LOADER_RUN = textwrap.dedent(
         def __getitem__(self, i):
             return torch.full((64,), float(i))
 
-    init = loader_worker_init() if sys.argv[1] == "scratch" else None
+    init = loader_worker_init(2) if sys.argv[1] == "scratch" else None
     loader = torch.utils.data.DataLoader(Tensors(), batch_size=4, num_workers=2, worker_init_fn=init)
     for step, batch in enumerate(loader):
         if step == 4:
@@ -236,4 +236,5 @@ def test_no_scratch_folder_for_workers_where_a_socket_path_would_be_too_long(tmp
     deep.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(deep))
     monkeypatch.setattr("beit3.io._scratch", None)
-    assert loader_worker_init() is None  # the workers then keep their default, which can still bind
+    assert loader_worker_init(0) is None and not any(deep.iterdir())  # no workers: no scratch folder made
+    assert loader_worker_init(2) is None  # the workers then keep their default, which can still bind

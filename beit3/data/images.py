@@ -166,7 +166,7 @@ def encode_images(
         num_workers=num_workers,
         collate_fn=collate_readable,
         pin_memory=device.type == "cuda",
-        worker_init_fn=loader_worker_init() if num_workers else None,
+        worker_init_fn=loader_worker_init(num_workers),
     )
     codes, rows, skipped, kept, kept_count = [], [], [], [], 0
     with tqdm(total=len(paths), desc="encode", unit="img", disable=not progress, dynamic_ncols=True) as bar:

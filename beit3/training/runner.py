@@ -128,7 +128,7 @@ def step_loader(settings: TrainSettings, dataset, **options) -> torch.utils.data
         dataset,
         num_workers=settings.num_workers,
         prefetch_factor=4 if settings.num_workers else None,
-        worker_init_fn=loader_worker_init() if settings.num_workers else None,
+        worker_init_fn=loader_worker_init(settings.num_workers),
         **options,
     )
 
@@ -148,7 +148,7 @@ def ordered_batches(dataset, batch_size: int, num_workers: int = 0, collate_fn=N
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        worker_init_fn=loader_worker_init() if num_workers else None,
+        worker_init_fn=loader_worker_init(num_workers),
     )
     for batch in loader:
         yield split_batch(batch)
