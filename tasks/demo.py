@@ -472,10 +472,14 @@ class Demo:
                 swapped = list(words)
                 swapped[at] = rng.choice([w for w in vocabulary if w != words[at]])
                 texts.append(" ".join(swapped))
-            pixels = processor(images=[load_rgb(root / image["filepath"] / image["filename"])] * 3, return_tensors="pt")
+            pixels = processor(images=load_rgb(root / image["filepath"] / image["filename"]), return_tensors="pt")
             encoded = tokenizer(texts, padding=True, return_tensors="pt")
-            with torch.no_grad():
-                out = model(**pixels, **encoded, itm_labels=torch.ones(3, dtype=torch.long))
+            with torch.no_grad():  # the one image against its caption and the two swapped ones
+                out = model(
+                    pixel_values=pixels["pixel_values"].expand(3, -1, -1, -1),
+                    **encoded,
+                    itm_labels=torch.ones(3, dtype=torch.long),
+                )
             match, color, kind = out.itm_logits.softmax(-1)[:, 1].tolist()
             for name, value in (("color", color), ("kind", kind)):
                 scores[name][0].append(match)

@@ -125,7 +125,7 @@ class VQKDConfig(TokenizerConfig):
             fields = {**fields, **overrides}
             # The HOG target's width follows the patch: another patch_size brings its own unless one is given.
             fields.setdefault(
-                "teacher_dim", hog_dim(fields["patch_size"], fields["hog_cell"], fields.get("hog_bins", 9))
+                "teacher_dim", hog_dim(fields["patch_size"], fields["hog_cell"], fields.get("hog_bins", cls.hog_bins))
             )
             return cls(**fields)
         match = re.fullmatch(r"vqkd_encoder_base_decoder_(\d)x768x12_(clip|dino)", name)
