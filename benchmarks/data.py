@@ -122,13 +122,6 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
         )
 
     samples_per_step = sum(sizes.values())
-    device = (
-        torch.device(f"cuda:{rank % torch.cuda.device_count()}") if torch.cuda.is_available() else torch.device("cpu")
-    )
-    model = Beit3ForMaskedDataModeling(model_config).train().to(device)
-    visual = visual.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step = masked_data_modeling_step(visual)
 
     def together():
         if barrier is not None:
@@ -181,6 +174,14 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
     _, warm = data_only(0)
     if args.data_only:
         return {"data": [data_only(1000 * (rep + 1))[0] for rep in range(args.reps)]}
+    # The model comes only now: --data-only needs none.
+    device = (
+        torch.device(f"cuda:{rank % torch.cuda.device_count()}") if torch.cuda.is_available() else torch.device("cpu")
+    )
+    model = Beit3ForMaskedDataModeling(model_config).train().to(device)
+    visual = visual.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = masked_data_modeling_step(visual)
     model_only(warm[:2])
     figures = {"data": [], "model": [], "end2end": [], "wait": []}
     for rep in range(args.reps):
