@@ -181,13 +181,12 @@ def _deepspeed_buffers() -> set[str]:
 def test_runs_leave_no_shared_memory_behind_clean_or_killed(world, tmp_path):
     before = _deepspeed_buffers()
     assert pretrain(world, tmp_path / "one", max_steps=1, save_every=1).returncode == 0
-    assert pretrain(world, tmp_path / "two", processes=2, max_steps=1, save_every=1).returncode == 0
+    two = pretrain(world, tmp_path / "two", processes=2, max_steps=1, save_every=1)
+    assert two.returncode == 0, two.stderr[-2000:]
     assert _deepspeed_buffers() - before == set()
-    # The comm op is built once per environment
-    if os.access(sys.prefix, os.W_OK) and "TORCH_EXTENSIONS_DIR" not in os.environ:
-        assert any((Path(sys.prefix) / "torch_extensions").glob("*/deepspeed_shm_comm*")), (
-            "the C++ op was built elsewhere"
-        )
+    # Training needs no shared-memory all-reduce: DeepSpeed's C++ op is neither built nor loaded (it prints
+    # "... deepspeed_shm_comm_op built successfully" whenever it loads it, from its cache too)
+    assert "shm_comm" not in two.stdout + two.stderr
     process = pretrain(world, tmp_path / "killed", processes=2, wait=False, max_steps=50, save_every=50)
     deadline = time.time() + 300
     while not (tmp_path / "killed" / "metrics.jsonl").exists() and process.poll() is None and time.time() < deadline:

@@ -266,7 +266,7 @@ def test_the_zero_stage_has_one_source_a_deepspeed_json_of_another_stage_is_refu
 
 
 def test_stale_deepspeed_buffers_are_swept_but_not_those_in_use_fresh_or_another_users(tmp_path):
-    # Buffers of runs from before the unlink (or killed inside DeepSpeed's init) stay in /dev/shm forever.
+    # Buffers that DeepSpeed's CPU backend made (in earlier versions of the engine, or other programs) stay in /dev/shm forever.
     name = lambda user, port: tmp_path / f"deepspeed_allreduce_buffer_{user}_127.0.0.1_{port}_0"
     stale, in_use, fresh, others = (
         name(os.getuid(), 1),

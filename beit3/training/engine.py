@@ -246,16 +246,16 @@ def setup_distributed() -> tuple[int, int, torch.device]:
             # DeepSpeed's CPU comm op is C++ built on first use (about a minute). torch caches it under a folder
             # named after the interpreter path, so one environment seen through two paths rebuilt it every run.
             os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-        if on_cpu and os.environ.get("WORLD_SIZE") == "1":
-            # DeepSpeed's CPU backend builds (a minute of C++ the first time) and starts a shared-memory
-            # all-reduce even for one process, which has nothing to reduce.
+        if on_cpu:
+            # DeepSpeed's CPU backend builds a shared-memory all-reduce (a minute of C++ the first time) and maps a
+            # 69 MB /dev/shm buffer per process that it never removes. Only its inference_all_reduce (tensor-parallel
+            # inference kernels) uses them; training's collectives (ZeRO's reduce-scatter, all-gather, all-reduce)
+            # go through torch.distributed over gloo, so the engine starts neither.
             # (by module name: the package attribute deepspeed.comm.torch is the torch module it imports)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        if on_cpu and os.environ.get("LOCAL_RANK", "0") == "0":
-            sweep_stale_shared_memory_buffers()
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                sweep_stale_shared_memory_buffers()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-        if on_cpu and dist.get_world_size() > 1:
-            _unlink_shared_memory_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -268,23 +268,10 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _unlink_shared_memory_buffer() -> None:
-    """Removes the name of this rank's DeepSpeed CPU all-reduce buffer (``/dev/shm``), which DeepSpeed never
-    removes: 69 MB a process a run, left behind on every exit path. Initialization has mapped every rank's
-    buffer by the time all ranks pass the barrier, and a mapping outlives its name, so the run goes on as
-    before and the memory is freed when the last process exits, however it exits (SIGKILL included)."""
-    dist.barrier()
-    name = Path("/dev/shm") / (
-        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-        f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
-    )
-    name.unlink(missing_ok=True)
-
-
 def sweep_stale_shared_memory_buffers(folder: str | os.PathLike = "/dev/shm", min_age_s: float = 60.0) -> list[Path]:
     """Removes this user's DeepSpeed all-reduce buffers in ``folder`` that no process maps and that are older than
-    ``min_age_s`` (a starting run may have created its buffer and not mapped it yet), and returns them: what runs of
-    before the unlink above left behind, or a run killed inside DeepSpeed's initialization. Linux; elsewhere a no-op."""
+    ``min_age_s`` (a starting run may have created its buffer and not mapped it yet), and returns them: what earlier
+    versions of this engine, or other DeepSpeed programs on CPU, left behind. Linux; elsewhere a no-op."""
     folder = Path(folder)
     candidates = (
         [
