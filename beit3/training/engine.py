@@ -243,8 +243,8 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         on_cpu = not torch.cuda.is_available()
         if on_cpu and os.access(sys.prefix, os.W_OK):
-            # DeepSpeed's CPU comm op is C++ built on first use (about a minute). torch caches it under a folder
-            # named after the interpreter path, so one environment seen through two paths rebuilt it every run.
+            # DeepSpeed's CPU ops (the CPU Adam of ZeRO-Offload) are C++ built on first use. torch caches them under a
+            # folder named after the interpreter path, so one environment seen through two paths rebuilt them every run.
             os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
         if on_cpu:
             # DeepSpeed's CPU backend builds a shared-memory all-reduce (a minute of C++ the first time) and maps a
