@@ -370,7 +370,7 @@ class Demo:
             *[part for s in sets for part in ("--set", s)],
         ]
 
-    def trained_model_command(self, task: str, run: Path, mode: str, *flags: str) -> list[str]:
+    def trained_model_command(self, task: str, run: Path, mode: str) -> list[str]:
         """``tasks/<task>.py --mode <mode>`` on the fine-tuned model of ``run`` (its ``final`` folder), writing into ``run``."""
         return [
             self.python,
@@ -379,7 +379,6 @@ class Demo:
             str(self.task_config(task)),
             "--mode",
             mode,
-            *flags,
             "--set",
             f"train.output_dir={run}",
             "--set",
