@@ -501,7 +501,9 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
 
     def _caption_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """A prompt the caption continues, ``<s> words`` (B, t): the processor's ``<s> words </s>`` and padding
-        lose their ``</s>`` and padding. Every row of a batch must hold the same number of words."""
+        lose their ``</s>`` and padding, on either side (transformers' image-text-to-text pipeline pads prompts
+        on the left since 5.25, the processor on the right). Every row of a batch must hold the same number of
+        words."""
         mask = attention_mask if attention_mask is not None else (input_ids != self.config.pad_token_id).long()
         lengths = mask.sum(-1)
         if bool((lengths != lengths[0]).any()):
@@ -509,9 +511,9 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
                 f"Caption prompts of one batch must be equally long (as tokens); got {sorted(set(lengths.tolist()))}: "
                 "generate them one at a time."
             )
-        length = int(lengths[0])
-        ends = input_ids[:, length - 1] == self.config.eos_token_id
-        return input_ids[:, : length - 1] if bool(ends.all()) else input_ids[:, :length]
+        prompt = input_ids[mask.bool()].view(len(input_ids), int(lengths[0]))  # the tokens, in order, padding out
+        ends = prompt[:, -1] == self.config.eos_token_id
+        return prompt[:, :-1] if bool(ends.all()) else prompt
 
     def prepare_inputs_for_generation(
         self,

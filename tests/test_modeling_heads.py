@@ -665,9 +665,10 @@ def test_image_text_to_text_pipeline_captions_from_a_prompt_the_caption_continue
     expected = model.generate(pixel_values, input_ids=prefix, max_new_tokens=6)
     assert expected[0, : prefix.shape[1]].tolist() == prefix[0].tolist() and expected.shape[1] > prefix.shape[1]
     assert result["generated_text"] == tokenizer.decode(expected[0], skip_special_tokens=True)
-    assert torch.equal(
-        model.generate(**processor(images=image, text="a red", return_tensors="pt"), max_new_tokens=6), expected
-    )
+    for side in ("right", "left"):  # the processor pads on the right, transformers' pipeline (from 5.25) on the left
+        prompt = processor(images=image, text="a red", padding_side=side, return_tensors="pt")
+        assert prompt["attention_mask"][0, 0 if side == "left" else -1] == 0
+        assert torch.equal(model.generate(**prompt, max_new_tokens=6), expected)
     with pytest.raises(ValueError, match="prompts of one batch must be equally long"):
         model.generate(
             **processor(images=[image, image], text=["a red", "a"], padding="max_length", return_tensors="pt")
