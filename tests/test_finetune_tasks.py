@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import yaml
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN
 
 from beit3 import train_sentencepiece
 from beit3.data.synthetic import write_task_world
@@ -47,14 +48,18 @@ def world(tmp_path_factory):
     return folder / "data", tokenizer
 
 
-def _task_and_model(name: str, world):
-    """The task with the demo config's data and eval sections (its paths pointed at this module's world), set up
-    with a tiny model of random weights."""
+def _task_and_model(name: str, world, settings: dict | None = None, text_positions: int = 40):
+    """The task with the demo config's data and eval sections (its paths pointed at this module's world) and the data
+    ``settings`` given over them, set up with a tiny model of random weights."""
     data_folder, tokenizer = world
     text = (CONFIG_DIR / "tasks" / f"{name}_demo.yaml").read_text().replace("runs/demo/data", str(data_folder))
     config = yaml.safe_load(text)
-    task = TASKS[name](config["data"], {**config.get("eval", {}), "batch_size": 8})
-    section = {"init": None, "preset": "beit3_tiny_paper_patch16_224", "overrides": TINY}
+    task = TASKS[name]({**config["data"], **(settings or {})}, {**config.get("eval", {}), "batch_size": 8})
+    section = {
+        "init": None,
+        "preset": "beit3_tiny_paper_patch16_224",
+        "overrides": {**TINY, "max_position_embeddings": text_positions},
+    }
     model = initial_model(task.model_class, section, tokenizer, task.config_overrides())
     task.setup(tokenizer, model.config)
     return task, model
@@ -104,3 +109,31 @@ def test_the_blind_control_scores_the_same_examples_with_the_images_of_others(wo
         for name in ("vqa_eval_predictions.json", "blind_vqa_eval_predictions.json")
     }
     assert answers["vqa_eval_predictions.json"] != answers["blind_vqa_eval_predictions.json"]
+
+
+RECIPES = sorted(path.name for path in (CONFIG_DIR / "tasks").glob("*.yaml") if not path.stem.endswith("_demo"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_recipe_trains_a_step_with_its_own_data_settings(recipe, world):
+    """The packaged recipes' data settings (augmentation, mixup, loss, masking), which the demo's configs leave at
+    their simplest, on the world's files: every setting but the paths and the answer threshold (its 16 images hold
+    no answer 9 times)."""
+    name = recipe.split("_")[0]
+    data = yaml.safe_load((CONFIG_DIR / "tasks" / recipe).read_text())["data"]
+    settings = {
+        key: value
+        for key, value in data.items()
+        if not isinstance(value, dict) and not str(value).startswith("/") and key != "answer_min_count"
+    }
+    task, model = _task_and_model(name, world, settings, text_positions=2 + 64)  # the recipes' texts: 64 tokens at most
+    assert task.data.augment == data["augment"]
+    task.prepare_model(model, None)
+    dataset = task.train_dataset()
+    loss, _ = task.step(model, task.collate([dataset[i] for i in range(4)]), step=0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    transform = task.image_transform(train=True)
+    if data["augment"] != "none":  # normalized as the recipe's models expect: ImageNet's statistics or mean = std = 0.5
+        (normalize,) = [t for t in transform.transforms if type(t).__name__ == "Normalize"]
+        expected = IMAGENET_DEFAULT_MEAN if data["augment"] == "imagenet" else (0.5, 0.5, 0.5)
+        assert torch.allclose(torch.as_tensor(normalize.mean, dtype=torch.float), torch.tensor(expected))

@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..checkpoints import read_folder_tensors
 from ..data.common import ImagesOfOthers, collate_trimmed, load_rgb, split_batch, transform_image
@@ -215,8 +216,8 @@ class FinetuneTask:
             auto_augment="rand-m9-mstd0.5-inc1",
             interpolation="bicubic",
             re_prob=0.25 if imagenet else 0.0,
-            mean=None if imagenet else VL_MEAN,
-            std=None if imagenet else VL_STD,
+            mean=IMAGENET_DEFAULT_MEAN if imagenet else VL_MEAN,
+            std=IMAGENET_DEFAULT_STD if imagenet else VL_STD,
         )
 
     def collate(self, items: list[dict]) -> dict:
