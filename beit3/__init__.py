@@ -27,7 +27,7 @@ from .modeling_heads import (
     Beit3ForVisualReasoning,
 )
 from .processing_beit3 import Beit3Processor
-from .tokenization_beit3 import Beit3Tokenizer, check_tokenizer_matches, train_sentencepiece
+from .tokenization_beit3 import Beit3Tokenizer, check_tokenizer_matches, load_tokenizer, train_sentencepiece
 
 AutoConfig.register(Beit3Config.model_type, Beit3Config, exist_ok=True)
 AutoModel.register(Beit3Config, Beit3Model, exist_ok=True)
@@ -65,6 +65,7 @@ __all__ = [
     "Beit3Tokenizer",
     "check_tokenizer_matches",
     "list_presets",
+    "load_tokenizer",
     "train_sentencepiece",
 ]
 __version__ = "0.1.0"

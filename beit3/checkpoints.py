@@ -21,11 +21,14 @@ from safetensors.torch import save_file
 from .io import atomic_folder, atomic_path, write_text_atomic
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: str | os.PathLike, return_extras: bool = False):
     """Loads a ``.pth``/``.pt``/``.bin`` file safely (``weights_only=True``; an argparse ``Namespace``
     saved beside the weights, as unilm does, is allowed) and unwraps the ``model``/``module``/
     ``state_dict`` level that unilm, DeepSpeed and others add. Half-precision tensors become fp32,
-    so any later interpolation runs in full precision."""
+    so any later interpolation runs in full precision.
+
+    Returns the state dict, or with ``return_extras`` (state dict, {the file's other top-level entries}), a
+    ``Namespace`` given as its dict (unilm's ``args``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}.")
@@ -34,15 +37,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a pickle with arbitrary objects, or a truncated file
         raise ValueError(f"Could not read {path} as a weights-only PyTorch checkpoint: {error}") from error
+    extras = {}
     for key in ("model", "module", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
+            extras = {k: vars(v) if isinstance(v, argparse.Namespace) else v for k, v in state.items() if k != key}
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(
             f"{path} does not hold a state dict of tensors (top-level keys: {list(state)[:8] if isinstance(state, dict) else type(state)})."
         )
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return (state, extras) if return_extras else state
 
 
 def read_folder_tensors(folder: str | os.PathLike, names: Sequence[str]) -> dict[str, torch.Tensor] | None:
@@ -162,13 +168,14 @@ def atomic_save_folder(model, output: str | os.PathLike) -> None:
 def atomic_save_file(
     state: dict[str, torch.Tensor], output: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
-    """Writes a state dict as safetensors (``.safetensors``) or as ``{"model": state}`` (``.pth``, the official format), atomically."""
+    """Writes a state dict as safetensors (``.safetensors``, ``metadata`` in its header) or as ``{"model": state}``
+    (``.pth``, the official format, ``metadata``'s entries beside ``model``), atomically."""
     output = Path(output)
     with atomic_path(output) as tmp:
         if output.suffix == ".safetensors":
             save_file(state, str(tmp), metadata=metadata)
         else:
-            torch.save({"model": state}, tmp)
+            torch.save({"model": state, **(metadata or {})}, tmp)
 
 
 # A training checkpoint folder counts only once this marker exists: it is written after every rank saved.

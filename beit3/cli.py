@@ -17,48 +17,54 @@ from __future__ import annotations
 import sys
 
 
-def pretrain(argv: list[str] | None = None) -> None:
+def pretrain(argv: list[str] | None = None, prog: str = "beit3-pretrain") -> None:
     from .training.pretraining import run
 
-    run(argv)
+    run(argv, prog=prog)
 
 
-def finetune(argv: list[str] | None = None) -> None:
+def finetune(argv: list[str] | None = None, prog: str = "beit3-finetune") -> None:
     from .training.finetune import run
     from .training.finetune_tasks import TASKS
 
     argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: {prog} {{{','.join(TASKS)}}} --config CONFIG [options]"
+    if argv and argv[0] in ("-h", "--help"):
+        print(
+            f"{usage}\n\nFine-tunes, evaluates or predicts with one task's head: {', '.join(TASKS)}.\n"
+            f"A task's options and config sections: {prog} <task> --help"
+        )
+        sys.exit(0)
     if not argv or argv[0] not in TASKS:
         sys.exit(
-            f"usage: beit3-finetune {{{','.join(TASKS)}}} --config CONFIG [options]\n"
-            f"error: the first argument names the task, one of {', '.join(TASKS)}"
+            f"{usage}\nerror: the first argument names the task, one of {', '.join(TASKS)}"
             + (f"; got {argv[0]!r}" if argv else "")
         )
-    run(argv[0], argv[1:], prog=f"beit3-finetune {argv[0]}")
+    run(argv[0], argv[1:], prog=f"{prog} {argv[0]}")
 
 
-def train_tokenizer(argv: list[str] | None = None) -> None:
+def train_tokenizer(argv: list[str] | None = None, prog: str = "beit3-train-tokenizer") -> None:
     from .training.tokenizer_training import run
 
-    run(argv)
+    run(argv, prog=prog)
 
 
-def export(argv: list[str] | None = None) -> None:
+def export(argv: list[str] | None = None, prog: str = "beit3-export") -> None:
     from .export import main
 
-    main(argv)
+    main(argv, prog=prog)
 
 
-def convert(argv: list[str] | None = None) -> None:
+def convert(argv: list[str] | None = None, prog: str = "beit3-convert") -> None:
     from .convert import main
 
-    main(argv)
+    main(argv, prog=prog)
 
 
-def predict(argv: list[str] | None = None) -> None:
+def predict(argv: list[str] | None = None, prog: str = "beit3-predict") -> None:
     from .predict import main
 
-    main(argv)
+    main(argv, prog=prog)
 
 
 COMMANDS = {
@@ -78,8 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else 2)
     if argv[0] not in COMMANDS:
         sys.exit(f"error: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (beit3 --help)")
-    sys.argv[0] = f"beit3 {argv[0]}"
-    COMMANDS[argv[0]](argv[1:])
+    COMMANDS[argv[0]](argv[1:], prog=f"beit3 {argv[0]}")
 
 
 if __name__ == "__main__":

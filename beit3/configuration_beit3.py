@@ -10,13 +10,14 @@ multiple of the patch works).
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
 import yaml
 from transformers import PretrainedConfig
 
-from .package_files import CONFIG_DIR
+from .package_files import CONFIG_DIR, parse_yaml
 
 PRESET_DIR = CONFIG_DIR / "models"
 VQA_LOSSES = ("bce", "softmax")
@@ -181,6 +182,12 @@ class Beit3Config(PretrainedConfig):
         return "custom"
 
     @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The fields of a BEiT-3 configuration (``__init__``'s parameters): what a preset file, ``from_preset``'s
+        overrides and a run config's ``model.overrides`` set."""
+        return tuple(name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "kwargs"))
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> Beit3Config:
         """Builds a preset by name (see ``list_presets()``), or from a ``.json``/``.yaml`` file path.
 
@@ -188,7 +195,7 @@ class Beit3Config(PretrainedConfig):
         """
         path = Path(name)
         if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
-            return cls(**{**yaml.safe_load(path.read_text()), **overrides})
+            return cls(**{**parse_yaml(path.read_text()), **overrides})
         match = _PRESET_NAME.fullmatch(name)
         size_file = PRESET_DIR / f"beit3_{match['size']}.yaml" if match else None
         if size_file is None or not size_file.is_file():

@@ -9,6 +9,11 @@ The official files (microsoft/unilm, torchscale's ``BEiT3``) hold ``{"model": {"
 <head keys>}}``. Their attention has separate q/k/v projections per expert (A = vision, B = text);
 we fuse q/k/v into one matrix per expert. Everything else is a rename, plus a leading batch
 dimension on the vision position table.
+
+The sizes are read from the tensors, except the number of attention heads, which no tensor shows: it comes from
+``--config``, else the file (a ``.pth`` written by ``--to official`` carries its whole config as ``beit3_config``),
+else a preset of exactly the tensors' sizes (the released base and large; unilm's files name their model by such a
+preset); a checkpoint none of these names is refused, asking for ``--config``.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 
 from .checkpoints import atomic_save_file, atomic_save_folder, load_state_dict_checked, read_checkpoint
-from .configuration_beit3 import Beit3Config
+from .configuration_beit3 import PRESET_DIR, Beit3Config
 from .log import get_logger
 from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
 from .modeling_heads import (
@@ -69,11 +75,39 @@ def split_official(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch
     return backbone, heads
 
 
-def infer_config(backbone: dict[str, torch.Tensor], **overrides) -> Beit3Config:
-    """Reads the sizes of an official backbone from its tensor shapes (heads = hidden / 64)."""
+def attention_heads(hidden: int, intermediate: int, layers: int, extras: dict) -> int:
+    """The number of attention heads of an official backbone of these sizes, which its tensors do not show (q, k
+    and v are hidden x hidden however they are split): from ``args`` saved in the file when they hold torchscale's
+    ``encoder_attention_heads``, else from the preset of exactly these sizes. Raises ValueError when neither
+    names it."""
+    args = extras.get("args") or {}
+    if isinstance(args.get("encoder_attention_heads"), int):
+        return args["encoder_attention_heads"]
+    for size_file in sorted(PRESET_DIR.glob("beit3_*.yaml")):
+        model = yaml.safe_load(size_file.read_text())["model"]
+        if (model["hidden_size"], model["intermediate_size"], model["num_hidden_layers"]) == (
+            hidden,
+            intermediate,
+            layers,
+        ):
+            return model["num_attention_heads"]
+    raise ValueError(
+        f"The number of attention heads of this checkpoint (hidden {hidden}, FFN {intermediate}, {layers} layers) is "
+        "not in its tensors, its file does not say it, and no preset has these sizes. Pass --config with a preset "
+        "name or a .json/.yaml config that sets num_attention_heads (and the other sizes); a guess would change "
+        "every output."
+    )
+
+
+def infer_config(backbone: dict[str, torch.Tensor], extras: dict | None = None, **overrides) -> Beit3Config:
+    """Reads the sizes of an official backbone from its tensor shapes; the head count from ``overrides``, else
+    ``attention_heads`` (``extras``: the file's other entries, ``read_checkpoint(..., return_extras=True)``)."""
     hidden = backbone["vision_embed.cls_token"].shape[-1]
     patch_weight = backbone["vision_embed.proj.weight"]
     layers = 1 + max(int(k.split(".")[2]) for k in backbone if k.startswith("encoder.layers."))
+    intermediate = backbone["encoder.layers.0.ffn.A.fc1.weight"].shape[0]
+    if "num_attention_heads" not in overrides:
+        overrides["num_attention_heads"] = attention_heads(hidden, intermediate, layers, extras or {})
     patches = backbone["encoder.embed_positions.A.weight"].shape[0] - 3
     grid = math.isqrt(patches)
     if grid * grid != patches:
@@ -81,8 +115,7 @@ def infer_config(backbone: dict[str, torch.Tensor], **overrides) -> Beit3Config:
     fields = dict(
         hidden_size=hidden,
         num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64),
-        intermediate_size=backbone["encoder.layers.0.ffn.A.fc1.weight"].shape[0],
+        intermediate_size=intermediate,
         vocab_size=backbone["text_embed.weight"].shape[0] if "text_embed.weight" in backbone else 64010,
         patch_size=patch_weight.shape[-1],
         num_channels=patch_weight.shape[1],
@@ -268,10 +301,14 @@ def model_from_official(
     """Builds a ``Beit3Model`` (or, with ``task``, that task's head model) from an official checkpoint.
 
     Sizes, the final LayerNorm and the number of labels come from the tensors unless ``config``
-    says otherwise; a ``config`` at another image size resamples the position table (in fp32).
+    says otherwise (a file written by ``--to official`` brings its own config), the head count as ``attention_heads``
+    finds it; a ``config`` at another image size resamples the position table (in fp32).
     Without ``task``, head tensors in the file (pretraining heads, say) are left out, with a note.
     """
-    backbone, heads = split_official(read_checkpoint(path))
+    state, extras = read_checkpoint(path, return_extras=True)
+    backbone, heads = split_official(state)
+    if config is None and "beit3_config" in extras:
+        config = Beit3Config.from_dict(json.loads(extras["beit3_config"]))
     if task is not None and task not in TASK_CLASSES:
         raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASK_CLASSES)}.")
     if task in _LABEL_KEYS and _LABEL_KEYS[task] not in heads:
@@ -279,7 +316,9 @@ def model_from_official(
             f"{path} has no '{_LABEL_KEYS[task]}': it is not a {task} checkpoint (its head keys: {sorted(heads)[:8]})."
         )
     labels = {"num_labels": heads[_LABEL_KEYS[task]].shape[0]} if task in _LABEL_KEYS else {}
-    native = infer_config(backbone, **labels)
+    native = infer_config(
+        backbone, extras, **labels, **({"num_attention_heads": config.num_attention_heads} if config else {})
+    )
     target_size = (config or native).image_size
     config = Beit3Config.from_dict({**(config or native).to_dict(), **labels, "image_size": native.image_size})
     model_class = TASK_CLASSES[task] if task else Beit3Model
@@ -320,9 +359,9 @@ def load_any(
     return model.eval()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m beit3.convert") -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m beit3.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--checkpoint", required=True, help="an official .pth file, or a folder written by save_pretrained"
@@ -345,12 +384,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    config = Beit3Config.from_preset(args.config) if args.config else None
-    model = load_any(args.checkpoint, config, args.task, args.image_size).to(getattr(torch, args.dtype))
+    try:
+        config = Beit3Config.from_preset(args.config) if args.config else None
+        model = load_any(args.checkpoint, config, args.task, args.image_size).to(getattr(torch, args.dtype))
+    except (OSError, ValueError) as error:  # a file that is not a checkpoint, a --config that does not fit it
+        raise SystemExit(f"error: {error}") from error
     if args.to == "beit3":
         atomic_save_folder(model, args.output)
     elif args.to == "official":
-        atomic_save_file(beit3_to_official(model.state_dict(), model.config), args.output)
+        # The config rides along (the head count is in no tensor); unilm's loaders read "model" alone.
+        atomic_save_file(
+            beit3_to_official(model.state_dict(), model.config),
+            args.output,
+            metadata={"beit3_config": model.config.to_json_string()},
+        )
     else:
         state = model.state_dict()
         classifier = "head.weight" in state

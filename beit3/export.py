@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from .checkpoints import (
     COMPLETE,
     atomic_save_folder,
@@ -32,6 +30,7 @@ from .image_processing_beit3 import Beit3ImageProcessor
 from .log import get_logger
 from .modeling_heads import Beit3ForMaskedDataModeling
 from .processing_beit3 import Beit3Processor
+from .tokenization_beit3 import load_tokenizer
 
 logger = get_logger(__name__)
 
@@ -83,16 +82,17 @@ def export(checkpoint_dir: str | Path, output: str | Path, tag: str | None = Non
     }
     load_state_dict_checked(model, state, f"checkpoint {checkpoints / tag}")
     atomic_save_folder(model, output)
-    tokenizer = AutoTokenizer.from_pretrained(run / "model")
-    Beit3Processor(image_processor=Beit3ImageProcessor(size=config.image_size), tokenizer=tokenizer).save_pretrained(
-        output
-    )
+    image_processor = Beit3ImageProcessor(size=config.image_size)
+    if (run / "model" / "tokenizer.json").is_file():  # every run that reads text saved its tokenizer there
+        Beit3Processor(image_processor=image_processor, tokenizer=load_tokenizer(run / "model")).save_pretrained(output)
+    else:  # a run on images alone (classification)
+        image_processor.save_pretrained(output)
     return Path(output)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m beit3.export") -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m beit3.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--checkpoint-dir",

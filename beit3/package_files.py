@@ -5,9 +5,29 @@ from any working directory, since a pip-installed package has no repository arou
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# YAML 1.1 (PyYAML) reads "3e-4" as a string (it wants "3.0e-4"); a learning rate or an epsilon should not depend on
+# that.
+_SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML (or JSON, which YAML reads too) with scientific-notation strings turned into floats, nested ones too."""
+
+    def numbers(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: numbers(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [numbers(v) for v in value]
+        return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value) else value
+
+    return numbers(yaml.safe_load(text))
 
 
 def find_config_file(path: str | Path) -> Path:

@@ -6,8 +6,8 @@
     python -m beit3.predict retrieve --model beit3-base-coco --images a.jpg b.jpg --texts "a cat" "a dog on grass"
     python -m beit3.predict classify --model beit3-base-in1k --images cat.jpg [--top 5]
 
-The tokenizer (and processor) files are read from ``--tokenizer`` (default: the model folder); a
-folder converted from an official checkpoint has none, so pass the one made from ``beit3.spm``.
+The tokenizer is read from ``--tokenizer``, a tokenizer folder or the SentencePiece ``.spm`` (default: the model
+folder); a folder converted from an official checkpoint has none, so pass ``beit3.spm`` there.
 Answer and class names come from the model config's ``id2label``.
 """
 
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoTokenizer
 
 from .data.common import load_rgb
 from .data.vqa import insert_answer_slot
@@ -31,6 +30,7 @@ from .modeling_heads import (
     Beit3ForVisualReasoning,
 )
 from .processing_beit3 import Beit3Processor
+from .tokenization_beit3 import load_tokenizer
 
 TASKS = {
     "caption": Beit3ForCaptioning,
@@ -67,7 +67,12 @@ def predict(
     image_processor = (
         Beit3ImageProcessor.for_imagenet(size=size) if task == "classify" else Beit3ImageProcessor(size=size)
     )
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir) if task != "classify" else None
+    tokenizer = None
+    if task != "classify":
+        try:
+            tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"error: {error}" + ("" if tokenizer_dir else " Pass it with --tokenizer.")) from error
     processor = Beit3Processor(image_processor=image_processor, tokenizer=tokenizer) if tokenizer is not None else None
     pictures = load_images(images)
     names = model.config.id2label
@@ -161,9 +166,9 @@ def _need_text(texts: list[str] | None, images: int) -> None:
         raise SystemExit(f"error: give one text, or one per image ({images}); got {len(texts)}.")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m beit3.predict") -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m beit3.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("task", choices=tuple(TASKS))
     parser.add_argument("--model", required=True, help="a from_pretrained folder of the task's model")
@@ -175,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         help="question (vqa), statement (nlvr2) or candidate texts (retrieve)",
     )
-    parser.add_argument("--tokenizer", help="folder with the tokenizer (default: --model)")
+    parser.add_argument(
+        "--tokenizer", help="a tokenizer folder or the SentencePiece .spm (default: --model, if it holds one)"
+    )
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--top", type=int, default=5)

@@ -50,6 +50,18 @@ class Beit3Tokenizer(XLMRobertaTokenizer):
     ``padding="max_length"`` give unilm's fixed-length sequences.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # XLM-R's class builds a stand-in of its special tokens alone when it is given no vocabulary (a folder without
+        # tokenizer.json, AutoTokenizer on a converted checkpoint): every word would become <unk>.
+        if len(self) <= len(SPECIAL_TOKENS) + 1:
+            raise ValueError(
+                f"This Beit3Tokenizer has no vocabulary ({len(self)} ids: the special tokens alone), so every word "
+                "would be <unk>. Load a folder that holds tokenizer.json (save_pretrained writes one), or build the "
+                "tokenizer from its SentencePiece model: Beit3Tokenizer.from_spm('beit3.spm'). A folder converted "
+                "from an official checkpoint holds no tokenizer."
+            )
+
     @classmethod
     def from_spm(
         cls, spm_path: str | os.PathLike, model_max_length: int = 64, check_texts: Iterable[str] = CHECK_TEXTS, **kwargs
@@ -100,6 +112,28 @@ class Beit3Tokenizer(XLMRobertaTokenizer):
         self.backend_tokenizer.no_truncation()
         self.backend_tokenizer.no_padding()
         return super().save_pretrained(*args, **kwargs)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Beit3Tokenizer:
+    """A tokenizer folder (``AutoTokenizer``) or a SentencePiece ``.spm``/``.model`` file (``Beit3Tokenizer.from_spm``).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``, or a folder without tokenizer files (a converted checkpoint's).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if path.is_file():
+        return Beit3Tokenizer.from_spm(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"No tokenizer at {path}: give a tokenizer folder or a SentencePiece .spm file.")
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"{path} holds no tokenizer (no tokenizer.json; a folder converted from an official checkpoint has none): "
+            "give a tokenizer folder (Beit3Tokenizer.from_spm('beit3.spm').save_pretrained(folder) makes one) or the "
+            "SentencePiece .spm file itself."
+        )
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _check_spm_layout(sp, spm_path) -> None:

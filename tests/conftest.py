@@ -1,4 +1,5 @@
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,26 @@ def tiny_config(**overrides) -> Beit3Config:
         max_position_embeddings=40,
     )
     return Beit3Config(**{**fields, **overrides})
+
+
+def reference_config(final_layernorm: bool, **fields) -> Beit3Config:
+    """The config of ``torchscale_reference``: its sizes match no preset, so a conversion must be given its head
+    count (``--config``)."""
+    return tiny_config(
+        hidden_size=REFERENCE["hidden_size"],
+        num_attention_heads=REFERENCE["hidden_size"] // 64,
+        intermediate_size=2 * REFERENCE["hidden_size"],
+        max_position_embeddings=1024,
+        final_layernorm=final_layernorm,
+        **fields,
+    )
+
+
+def reference_config_file(folder: Path, final_layernorm: bool) -> str:
+    """``reference_config`` written as a JSON file in ``folder``, for ``python -m beit3.convert --config``."""
+    path = folder / "reference_config.json"
+    reference_config(final_layernorm).to_json_file(path)
+    return str(path)
 
 
 def torchscale_reference(final_layernorm: bool, image_size: int = REFERENCE["image_size"]) -> torch.nn.Module:

@@ -38,6 +38,19 @@ def test_the_command_names_its_commands_and_tasks(capsys):
     assert ended.value.code == 0 and "answer_min_count" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_each_command_helps_under_the_name_it_was_called_by(command, capsys):
+    with pytest.raises(SystemExit) as ended:
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert ended.value.code == 0 and out.startswith(f"usage: beit3 {command} "), out[:200]
+    if command == "finetune":  # the tasks, and where each task's options are
+        assert "{vqa,nlvr2,retrieval,captioning,classification}" in out and "beit3 finetune <task> --help" in out
+    with pytest.raises(SystemExit) as ended:
+        getattr(cli, command.replace("-", "_"))(["--help"])  # the installed beit3-<command>
+    assert ended.value.code == 0 and capsys.readouterr().out.startswith(f"usage: beit3-{command} ")
+
+
 @pytest.mark.e2e
 def test_the_wheel_works_from_outside_the_checkout(tmp_path):
     """pip install of the built wheel (not editable) into a folder of its own; presets, packaged run configs and the

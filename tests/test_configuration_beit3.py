@@ -50,6 +50,11 @@ def test_overrides_and_config_files(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text('{"hidden_size": 48, "num_attention_heads": 3, "num_hidden_layers": 1}')
     assert Beit3Config.from_preset(str(path)).hidden_size == 48
+    # A config saved by transformers writes layer_norm_eps as 1e-05, which YAML 1.1 alone would read as a string
+    Beit3Config.from_preset("beit3_tiny_patch16_224", layer_norm_eps=1e-6).to_json_file(tmp_path / "saved.json")
+    (tmp_path / "saved.yaml").write_text("hidden_size: 64\nnum_attention_heads: 2\nlayer_norm_eps: 1e-6\n")
+    for name in ("saved.json", "saved.yaml"):
+        assert Beit3Config.from_preset(str(tmp_path / name)).layer_norm_eps == 1e-6
 
 
 def test_save_and_auto_config_round_trip(tmp_path):

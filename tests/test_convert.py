@@ -1,5 +1,6 @@
 """Official checkpoints: equality with torchscale (the reference) and timm (an independent second reference)."""
 
+import argparse
 import contextlib
 import io
 import json
@@ -8,12 +9,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import REFERENCE, tiny_config, torchscale_reference
+from conftest import REFERENCE, reference_config, reference_config_file, tiny_config, torchscale_reference
 from safetensors import safe_open
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torchscale.architecture.config import EncoderConfig
 
-from beit3 import Beit3Model
+from beit3 import Beit3Config, Beit3Model
 from beit3.checkpoints import load_state_dict_checked, read_checkpoint
 from beit3.convert import beit3_to_official, main, model_from_official
 from beit3.modeling_heads import Beit3ForImageClassification
@@ -37,7 +38,16 @@ def text_batch():
 def test_converted_checkpoint_gives_torchscale_outputs(tmp_path, final_layernorm):
     reference = torchscale_reference(final_layernorm)
     save_official(reference, tmp_path / "official.pth")
-    main(["--checkpoint", str(tmp_path / "official.pth"), "--output", str(tmp_path / "ours")])
+    main(
+        [
+            "--checkpoint",
+            str(tmp_path / "official.pth"),
+            "--output",
+            str(tmp_path / "ours"),
+            "--config",
+            reference_config_file(tmp_path, final_layernorm),
+        ]
+    )
     ours = Beit3Model.from_pretrained(tmp_path / "ours").eval()
     assert ours.config.final_layernorm == final_layernorm and ours.config.num_attention_heads == HIDDEN // 64
 
@@ -63,7 +73,8 @@ def test_converted_checkpoint_gives_torchscale_outputs(tmp_path, final_layernorm
 def test_conversion_back_to_the_official_layout_is_exact(tmp_path):
     reference = torchscale_reference(final_layernorm=True)
     save_official(reference, tmp_path / "official.pth")
-    main(["--checkpoint", str(tmp_path / "official.pth"), "--output", str(tmp_path / "ours")])
+    config = reference_config_file(tmp_path, final_layernorm=True)
+    main(["--checkpoint", str(tmp_path / "official.pth"), "--output", str(tmp_path / "ours"), "--config", config])
     main(["--checkpoint", str(tmp_path / "ours"), "--to", "official", "--output", str(tmp_path / "back.pth")])
     back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
     original = {"beit3." + k: v for k, v in reference.state_dict().items()}
@@ -84,7 +95,7 @@ def test_image_output_equals_timm_on_the_same_official_checkpoint(tmp_path):
         "fc_norm.weight",
         "fc_norm.bias",
     }  # the classifier's norm
-    ours = model_from_official(tmp_path / "official.pth")
+    ours = model_from_official(tmp_path / "official.pth", reference_config(final_layernorm=False))
     images = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -100,6 +111,8 @@ def test_image_output_equals_timm_on_the_same_official_checkpoint(tmp_path):
             "timm",
             "--output",
             str(tmp_path / "vision.safetensors"),
+            "--config",
+            reference_config_file(tmp_path, final_layernorm=False),
         ]
     )
     with torch.no_grad():
@@ -159,10 +172,7 @@ def test_fp16_checkpoint_is_read_in_fp32_and_interpolated_like_unilm(tmp_path):
     save_official(reference, tmp_path / "half.pth", dtype=torch.float16)
     assert read_checkpoint(tmp_path / "half.pth")["beit3.text_embed.weight"].dtype == torch.float32
 
-    config = tiny_config(
-        image_size=48, hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=256, max_position_embeddings=1024
-    )
-    ours = model_from_official(tmp_path / "half.pth", config)
+    ours = model_from_official(tmp_path / "half.pth", reference_config(final_layernorm=True, image_size=48))
     table = reference.state_dict()["encoder.embed_positions.A.weight"].half().float()
     grid = (
         table[3:].reshape(1, 4, 4, HIDDEN).permute(0, 3, 1, 2)
@@ -180,7 +190,7 @@ def test_vision_only_checkpoint_converts_with_a_warning(tmp_path):
     }
     torch.save({"model": state}, tmp_path / "in1k.pth")
     with pytest.warns(UserWarning, match="keep their initial values"):
-        ours = model_from_official(tmp_path / "in1k.pth")
+        ours = model_from_official(tmp_path / "in1k.pth", reference_config(final_layernorm=False))
     images = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -193,7 +203,7 @@ def test_vision_only_checkpoint_converts_with_a_warning(tmp_path):
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     torch.save({"model": timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict()}, tmp_path / "vit.pth")
-    with pytest.raises(ValueError, match="not an official BEiT-3 checkpoint"):
+    with pytest.raises(SystemExit, match="error: This is not an official BEiT-3 checkpoint"):
         main(["--checkpoint", str(tmp_path / "vit.pth"), "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
@@ -223,3 +233,50 @@ def test_the_paper_layout_has_no_official_form():
     model = Beit3Model(tiny_config(multiway_attention=False, vl_ffn_layers=1))
     with pytest.raises(ValueError, match="paper layout"):
         beit3_to_official(model.state_dict(), model.config)
+
+
+def test_the_head_count_is_carried_never_guessed(tmp_path):
+    """No tensor shows the number of attention heads (q, k, v are hidden x hidden however they are split): a file
+    written by --to official carries its config; a preset of exactly the tensors' sizes names it; unilm's args name
+    the model; otherwise --config must, and a --config that does not fit is one error line."""
+    tiny = Beit3Model(Beit3Config.from_preset("beit3_tiny_patch16_224")).eval()  # hidden 64, 2 heads (64 // 64 = 1)
+    custom = Beit3Model(tiny_config(hidden_size=96, num_attention_heads=3, intermediate_size=128)).eval()
+    images = torch.randn(2, 3, 224, 224)
+    for name, model in (("tiny", tiny), ("custom", custom)):
+        model.save_pretrained(tmp_path / name)
+        main(["--checkpoint", str(tmp_path / name), "--to", "official", "--output", str(tmp_path / f"{name}.pth")])
+        main(["--checkpoint", str(tmp_path / f"{name}.pth"), "--output", str(tmp_path / f"{name}-back")])
+        back = Beit3Model.from_pretrained(tmp_path / f"{name}-back").eval()
+        assert back.config.num_attention_heads == model.config.num_attention_heads
+        size = model.config.image_size
+        with torch.no_grad():
+            torch.testing.assert_close(
+                back(pixel_values=images[..., :size, :size]).last_hidden_state,
+                model(pixel_values=images[..., :size, :size]).last_hidden_state,
+            )
+    # The same tensors without our config: the tiny preset's sizes name 2 heads; the custom sizes name nothing.
+    for name, heads in (("tiny", 2), ("custom", None)):
+        bare = {"model": read_checkpoint(tmp_path / f"{name}.pth")}
+        torch.save(bare, tmp_path / f"{name}-bare.pth")
+        if heads:
+            assert model_from_official(tmp_path / f"{name}-bare.pth").config.num_attention_heads == heads
+        else:
+            with pytest.raises(SystemExit, match=r"number of attention heads .* Pass --config"):
+                main(["--checkpoint", str(tmp_path / f"{name}-bare.pth"), "--output", str(tmp_path / "x")])
+            assert not (tmp_path / "x").exists()
+            # unilm's training saves its args beside the weights; torchscale's name for the count is read there
+            torch.save({**bare, "args": argparse.Namespace(encoder_attention_heads=3, epochs=10)}, tmp_path / "a.pth")
+            assert model_from_official(tmp_path / "a.pth").config.num_attention_heads == 3
+    config = tmp_path / "tiny_4_heads.json"
+    tiny_config(num_attention_heads=4).to_json_file(config)  # hidden 32: it does not fit the custom file
+    with pytest.raises(SystemExit, match=r"^error: The checkpoint .* does not fit .*\(1, 1, 96\) in the checkpoint"):
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path / "custom-bare.pth"),
+                "--output",
+                str(tmp_path / "x"),
+                "--config",
+                str(config),
+            ]
+        )

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from beit3.training.finetune import initial_model, load_tokenizer, run
+from beit3 import load_tokenizer
+from beit3.training.finetune import initial_model, run
 from beit3.training.finetune_tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +87,21 @@ def test_evaluate_mode_scores_the_exported_model_as_training_did(demo_run, tmp_p
         scores = run(task, _args(output, task, "--mode", "evaluate", "--output", str(tmp_path / task)))
         assert scores[trained["metric"]] == pytest.approx(trained[trained["metric"]], abs=1e-6)
         assert json.loads((tmp_path / task / "eval_results.json").read_text())["task"] == task
+
+
+def test_classification_reads_no_text_and_needs_no_tokenizer(demo_run, tmp_path):
+    """ImageNet fine-tuning from weights alone (an official .pth has no tokenizer): no tokenizer to find and pass."""
+    output, _ = demo_run
+    folder = tmp_path / "classification"
+    no_text = ["--set", "tokenizer=null"]
+    command = [sys.executable, "tasks/classification.py", *_args(output, "classification", folder=folder), *no_text]
+    command += ["--set", "model.init=null", "--set", "train.max_steps=2", "--set", "train.save_every=2"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert (folder / "final" / "preprocessor_config.json").is_file()
+    assert not (folder / "final" / "tokenizer.json").exists()
+    scores = run("classification", [*_args(output, "classification", "--mode", "evaluate", folder=folder), *no_text])
+    assert 0.0 <= scores["top1"] <= 100.0
 
 
 def test_blind_evaluation_swaps_the_images_and_vqa_reports_each_question_type_with_its_prior(demo_run, tmp_path):

@@ -4,7 +4,7 @@ official logits (reference: torchscale's backbone + the head written out from th
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REFERENCE, tiny_config, torchscale_reference
+from conftest import REFERENCE, reference_config_file, tiny_config, torchscale_reference
 
 from beit3.convert import main
 from beit3.modeling_heads import (
@@ -166,7 +166,19 @@ def test_converted_official_task_checkpoint_gives_official_logits(tmp_path, task
     torch.save(
         {"model": {**{"beit3." + k: v for k, v in reference.state_dict().items()}, **head}}, tmp_path / f"{task}.pth"
     )
-    main(["--checkpoint", str(tmp_path / f"{task}.pth"), "--task", task, "--output", str(tmp_path / "ours")])
+    config = reference_config_file(tmp_path, final_layernorm)
+    main(
+        [
+            "--checkpoint",
+            str(tmp_path / f"{task}.pth"),
+            "--task",
+            task,
+            "--output",
+            str(tmp_path / "ours"),
+            "--config",
+            config,
+        ]
+    )
     model_class = {
         "classification": Beit3ForImageClassification,
         "vqa": Beit3ForVisualQuestionAnswering,
@@ -202,7 +214,7 @@ def test_converting_with_the_wrong_task_names_what_is_missing(tmp_path):
     torch.save(
         {"model": {**{"beit3." + k: v for k, v in reference.state_dict().items()}, **head}}, tmp_path / "in1k.pth"
     )
-    with pytest.raises(ValueError, match="has no 'head.3.weight': it is not a vqa checkpoint"):
+    with pytest.raises(SystemExit, match="has no 'head.3.weight': it is not a vqa checkpoint"):
         main(["--checkpoint", str(tmp_path / "in1k.pth"), "--task", "vqa", "--output", str(tmp_path / "out")])
 
 

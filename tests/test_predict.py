@@ -84,3 +84,29 @@ def test_a_decompression_bomb_is_a_clear_error(setup, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 64 px test images are then over twice the limit
     with pytest.raises(SystemExit, match=f"cannot read image {images[0]}.*decompression bombs"):
         main(["classify", "--model", str(folder / "classify"), "--images", images[0]])
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused_until_one_is_passed(setup, tmp_path, capsys):
+    """A folder converted from an official checkpoint holds weights and config alone: a question must not become a
+    row of <unk> there (AutoTokenizer on such a folder builds XLM-R's stand-in of five special tokens)."""
+    folder, images = setup
+    bare = tmp_path / "vqa-weights-only"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((folder / "vqa" / name).read_bytes())
+    with pytest.raises(SystemExit, match=r"holds no tokenizer .* Pass it with --tokenizer"):
+        main(["vqa", "--model", str(bare), "--images", images[0], "--text", "what color is the circle?"])
+    main(
+        [
+            "vqa",
+            "--model",
+            str(bare),
+            "--images",
+            images[0],
+            "--text",
+            "what color?",
+            "--tokenizer",
+            str(folder / "vqa"),
+        ]
+    )
+    assert "what color?:" in capsys.readouterr().out

@@ -138,3 +138,31 @@ def test_the_model_section_is_typed_too(tmp_path):
     path.write_text("model: {overrides: {}}\ndata: {}\ntrain: {output_dir: out, max_steps: 2, save_every: 1}\n")
     with pytest.raises(SystemExit, match=r"The model section needs model.preset"):
         read_run_config(path, [], typed={"model": PretrainingModel})
+
+
+def test_each_model_override_can_be_set_by_itself_and_an_unknown_one_is_named(tmp_path, capsys):
+    """``--set model.overrides.<field>`` reaches one Beit3Config field, whether or not the file has an overrides
+    dict; a misspelt field is refused (a config would take it silently as an attribute of its own)."""
+    from beit3.training.finetune import FinetuneModel
+    from beit3.training.pretraining import PretrainingModel, run
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: {preset: beit3_tiny_patch16_224}\ndata: {}\ntrain: {output_dir: out, max_steps: 2, save_every: 1}\n"
+    )
+    for section in (FinetuneModel, PretrainingModel):
+        _, _, sections = read_run_config(
+            path,
+            ["model.overrides.itm_weight=1.0", "model.overrides.drop_path_rate=0.1"],
+            typed={"model": section},
+        )
+        assert sections["model"].overrides == {"itm_weight": 1.0, "drop_path_rate": 0.1}
+    with pytest.raises(SystemExit, match=r"has no field 'model.overrides.itm_wieght'; known here: .*itm_weight"):
+        read_run_config(path, ["model.overrides.itm_wieght=1"], typed={"model": PretrainingModel})
+    with pytest.raises(SystemExit, match=r"model.overrides has unknown keys \['drop_path'\]; known: .*drop_path_rate"):
+        read_run_config(path, ["model.overrides={drop_path: 0.1}"], typed={"model": PretrainingModel})
+    with pytest.raises(SystemExit, match=r"unknown keys \['drop_path_rate:0.1'\].*a space after the colon"):
+        read_run_config(path, ["model.overrides={drop_path_rate:0.1}"], typed={"model": PretrainingModel})
+    with pytest.raises(SystemExit) as stopped:  # the README's example, on the packaged tiny config
+        run(["--config", "configs/pretrain/tiny.yaml", "--set", "model.overrides.itm_weight=1.0", "--print-config"])
+    assert stopped.value.code == 0 and "itm_weight: 1.0" in capsys.readouterr().out

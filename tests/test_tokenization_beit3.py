@@ -10,7 +10,7 @@ import sentencepiece
 from conftest import tiny_config
 from transformers import AutoTokenizer
 
-from beit3 import Beit3Config, Beit3Tokenizer, check_tokenizer_matches, train_sentencepiece
+from beit3 import Beit3Config, Beit3Tokenizer, check_tokenizer_matches, load_tokenizer, train_sentencepiece
 from beit3.tokenization_beit3 import beit3_ids_from_sentencepiece, verify_against_sentencepiece
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,6 +114,19 @@ def test_save_pretrained_loads_through_auto_tokenizer_without_the_spm(tokenizer,
     # With a model config in the folder, AutoTokenizer finds the class through the registered config too.
     Beit3Config(vocab_size=len(tokenizer)).save_pretrained(tmp_path)
     assert type(AutoTokenizer.from_pretrained(tmp_path)) is Beit3Tokenizer
+
+
+def test_no_vocabulary_is_an_error_not_a_tokenizer_of_unknowns(tokenizer, tmp_path):
+    """transformers' XLM-R class makes a stand-in of its five special tokens when it finds no vocabulary, as in a
+    folder converted from an official checkpoint (weights and config only)."""
+    Beit3Config(vocab_size=len(tokenizer)).save_pretrained(tmp_path)
+    for build in (Beit3Tokenizer, lambda: AutoTokenizer.from_pretrained(tmp_path)):
+        with pytest.raises(ValueError, match=r"has no vocabulary \(5 ids.*Beit3Tokenizer.from_spm"):
+            build()
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer .*beit3.spm"):
+        load_tokenizer(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path)("a dog")["input_ids"] == tokenizer("a dog")["input_ids"]
 
 
 def test_a_call_before_saving_does_not_leak_its_padding_into_the_saved_folder(tokenizer, tmp_path):

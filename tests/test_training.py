@@ -297,3 +297,32 @@ def test_stale_deepspeed_buffers_are_swept_but_not_those_in_use_fresh_or_another
         holder.communicate("")
     assert not stale.exists() and in_use.exists() and fresh.exists() and others.exists()
     assert sweep_stale_shared_memory_buffers(tmp_path) == [in_use]  # no longer mapped by anyone
+
+
+def test_cpu_threads_share_the_cores_among_processes_and_their_loader_workers():
+    from beit3.training.engine import cpu_threads
+
+    assert cpu_threads(local_size=1, num_workers=0, cores=2) == 2
+    assert cpu_threads(local_size=1, num_workers=1, cores=2) == 1  # the worker keeps a core of its own
+    assert cpu_threads(local_size=2, num_workers=1, cores=2) == 1  # never below one
+    assert cpu_threads(local_size=8, num_workers=4, cores=64) == 4
+
+
+@pytest.mark.parametrize("omp", [None, "2"])
+def test_every_cpu_run_sets_its_threads_and_says_so(omp):
+    """One process too (before, only several local processes had their threads set): 2 cores and one loader
+    worker give one thread; OMP_NUM_THREADS, when set, is left alone and named."""
+    script = (
+        "import os, torch; os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2]); "
+        "from beit3.training.engine import setup_distributed; setup_distributed(num_workers=1); "
+        "print('threads', torch.get_num_threads())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if omp:
+        env["OMP_NUM_THREADS"] = omp
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"threads {omp or 1}" in output  # (one core alone gives 1 too)
+    why = "OMP_NUM_THREADS)" if omp else "1 process(es) on this machine, 1 loader worker(s) each"
+    assert "torch thread(s) per process (" + why in output, output

@@ -4,25 +4,13 @@ typed sections a program reads from it (``Section``: each field with its default
 from __future__ import annotations
 
 import dataclasses
-import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
-from ..package_files import find_config_file
-
-# YAML 1.1 (PyYAML) reads "3e-4" as a string (it wants "3.0e-4"); a learning rate should not depend on that.
-_SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-
-
-def _numbers(value: Any) -> Any:
-    """Turns scientific-notation strings into floats, in nested dicts and lists too."""
-    if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers(v) for v in value]
-    return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value) else value
+from ..package_files import find_config_file, parse_yaml
 
 
 def load_config(
@@ -31,18 +19,19 @@ def load_config(
     """Reads a YAML run config and applies ``key=value`` overrides; values are parsed as YAML (``3``, ``1e-3``, ``[1, 2]``, ``true``).
 
     A key that the file does not have is refused, so a typo cannot silently leave a default in place, unless
-    ``declared`` (section -> field names, e.g. ``{"train": TrainSettings.field_names()}``) names it as a setting.
+    ``declared`` (a dotted path -> the names it may hold: ``Section.settable()``, e.g. ``{"train": {"lr", ...},
+    "model.overrides": {"itm_weight", ...}}``) names it as a setting.
     """
     path = find_config_file(path)
-    config = _numbers(yaml.safe_load(path.read_text()) or {})
+    config = parse_yaml(path.read_text()) or {}
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep:
             raise ValueError(f"--set takes key=value, got {override!r}.")
         node, parts = config, key.split(".")
         for depth, part in enumerate(parts[:-1]):
-            if depth == 0 and part in (declared or {}) and node.get(part) is None:
-                node[part] = {}  # a declared section the file leaves out: its fields can still be set
+            if ".".join(parts[: depth + 1]) in (declared or {}) and node.get(part) is None:
+                node[part] = {}  # a declared section (or dict field) the file leaves out: its keys can still be set
             if not isinstance(node.get(part), dict):
                 raise KeyError(f"--set {key}: {path} has no section {part!r}.")
             node = node[part]
@@ -50,7 +39,7 @@ def load_config(
         if parts[-1] not in allowed:
             raise KeyError(f"--set {key}: {path} has no field {key!r}; known here: {', '.join(sorted(allowed))}.")
         try:
-            node[parts[-1]] = _numbers(yaml.safe_load(value))
+            node[parts[-1]] = parse_yaml(value)
         except yaml.YAMLError as error:
             raise ValueError(
                 f"--set {key}: {value!r} is not a YAML value ({str(error).splitlines()[0]}). Quote strings with "
@@ -67,13 +56,22 @@ def doc(
     below: float | None = None,
     above: float | None = None,
     choices: tuple | None = None,
+    keys: Collection[str] | None = None,
 ):
     """A ``Section`` field with its one-line doc (shown by ``--print-config``); without ``default`` it is required.
     ``low``/``high`` (inclusive), ``above``/``below`` (exclusive) and ``choices`` are checked with the field's type
-    when the section is built, so a bad value is named before any work."""
+    when the section is built, so a bad value is named before any work; ``keys`` are the keys a dict field may hold
+    (each of them ``--set`` as ``section.field.key``)."""
     limits = {
         k: v
-        for k, v in (("low", low), ("high", high), ("above", above), ("below", below), ("choices", choices))
+        for k, v in (
+            ("low", low),
+            ("high", high),
+            ("above", above),
+            ("below", below),
+            ("choices", choices),
+            ("keys", None if keys is None else frozenset(keys)),
+        )
         if v is not None
     }
     return dataclasses.field(default=default, metadata={"doc": text, **limits})
@@ -103,6 +101,17 @@ def _check_field(section: str, field: dataclasses.Field, value: Any) -> Any:
         if fits == ["float"] and isinstance(value, int):
             value = float(value)
     meta = field.metadata
+    if "keys" in meta and isinstance(value, dict) and set(value) - meta["keys"]:
+        unknown = sorted(set(value) - meta["keys"])
+        colon = [key for key in unknown if ":" in str(key)]
+        raise ValueError(
+            f"{name} has unknown keys {unknown}; known: {', '.join(sorted(meta['keys']))}."
+            + (
+                " (YAML reads a key and its value as one key without a space after the colon: {a: 1}, not {a:1}.)"
+                if colon
+                else ""
+            )
+        )
     if "choices" in meta and value not in meta["choices"]:
         raise ValueError(f"{name} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}.")
     for key, fails in (
@@ -133,6 +142,16 @@ class Section:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def settable(cls) -> dict[str, set[str]]:
+        """What ``--set`` may reach: {section: its fields} and {section.field: its keys} for each dict field that
+        declares them (``doc(keys=...)``)."""
+        paths = {cls.section: cls.field_names()}
+        for field in dataclasses.fields(cls):
+            if "keys" in field.metadata:
+                paths[f"{cls.section}.{field.name}"] = set(field.metadata["keys"])
+        return paths
 
     @classmethod
     def from_config(cls, values: dict | None):

@@ -10,7 +10,8 @@ A run config has these sections (``--set`` overrides any field, e.g. ``--set tra
                      ``.pth``; null trains from random weights of ``preset``.
                preset, overrides: the Beit3Config preset and fields to change (image_size resamples the
                      position table; drop_path_rate; ...).
-    tokenizer: a tokenizer folder or ``beit3.spm``; null: the init folder's.
+    tokenizer: a tokenizer folder or ``beit3.spm``; null: the init folder's (classification reads no text and
+               needs none).
     data:      train / eval / predict: where each split is (the task's readers; see ``finetune_tasks``),
                and the task's options (max_text_length, augment, ...): ``finetune_tasks.TaskData`` and the
                task's own (``VqaData``, ``CaptioningData``, ``ClassificationData``).
@@ -37,7 +38,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from transformers import AutoTokenizer
 
 from ..configuration_beit3 import Beit3Config
 from ..convert import TASK_CLASSES, model_from_official
@@ -46,7 +46,7 @@ from ..data.sampling import StepBatchSampler
 from ..export import export
 from ..log import get_logger
 from ..metrics import write_json_atomic
-from ..tokenization_beit3 import Beit3Tokenizer, check_tokenizer_matches
+from ..tokenization_beit3 import check_tokenizer_matches, load_tokenizer
 from .config import Section, doc
 from .engine import read_run_log
 from .finetune_tasks import TASKS, EvalOptions
@@ -55,16 +55,6 @@ from .runner import command_line, read_run_config, save_model_folder, start_engi
 logger = get_logger(__name__)
 
 MODES = ("train", "evaluate", "predict")
-
-
-def load_tokenizer(path: str | Path):
-    """A tokenizer folder (``AutoTokenizer``) or a SentencePiece ``.spm``/``.model`` file (``Beit3Tokenizer.from_spm``)."""
-    path = Path(path)
-    if path.is_file():
-        return Beit3Tokenizer.from_spm(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"No tokenizer at {path}: give a tokenizer folder or a SentencePiece .spm file.")
-    return AutoTokenizer.from_pretrained(path)
 
 
 @dataclass
@@ -77,7 +67,9 @@ class FinetuneModel(Section):
         "the architecture for random weights (beit3.list_presets()); with init, only its overrides apply", None
     )
     overrides: dict | None = doc(
-        "Beit3Config fields over the preset's or the init's, e.g. {image_size: 480, drop_path_rate: 0.1}", None
+        "Beit3Config fields over the preset's or the init's, e.g. {image_size: 480, drop_path_rate: 0.1}",
+        None,
+        keys=Beit3Config.field_names(),
     )
 
 
@@ -101,9 +93,10 @@ def initial_model(
         config = Beit3Config.from_preset(
             section["preset"], **overrides, **({"image_size": image_size} if image_size else {})
         )
-        if "vocab_size" not in (section.get("overrides") or {}):  # a vocabulary of our own: size the embeddings to it
-            config.vocab_size = len(tokenizer)
-        config.mask_token_id = tokenizer.mask_token_id
+        if tokenizer is not None:  # (a task without text keeps the preset's text tower)
+            if "vocab_size" not in (section.get("overrides") or {}):  # a vocabulary of our own: size the embeddings
+                config.vocab_size = len(tokenizer)
+            config.mask_token_id = tokenizer.mask_token_id
         return model_class(config)
     if Path(init).is_dir():
         config = Beit3Config.from_pretrained(init)
@@ -163,10 +156,15 @@ def run(task_name: str, argv: list[str] | None = None, prog: str | None = None) 
     task.blind = args.blind
     model_path = args.model or str(Path(config["train"]["output_dir"]) / "final")
     model = initial_model(task.model_class, {"init": model_path}, None, {}, with_head=True)
-    tokenizer_path = config.get("tokenizer") or (model_path if Path(model_path).is_dir() else None)
-    if tokenizer_path is None:
-        raise ValueError("An official .pth holds no tokenizer: set tokenizer: to beit3.spm (or a tokenizer folder).")
-    task.setup(load_tokenizer(tokenizer_path), model.config)
+    tokenizer = None
+    if task.reads_text:
+        tokenizer_path = config.get("tokenizer") or (model_path if Path(model_path).is_dir() else None)
+        if tokenizer_path is None:
+            raise ValueError(
+                "An official .pth holds no tokenizer: set tokenizer: to beit3.spm (or a tokenizer folder)."
+            )
+        tokenizer = load_tokenizer(tokenizer_path)
+    task.setup(tokenizer, model.config)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
@@ -195,15 +193,18 @@ def train(task, config: dict, settings, blind: bool = False) -> dict | None:
     """Fine-tunes on rank 0 and the others, exports ``final`` and scores it on the held-out data (and, ``blind``,
     with the images swapped between examples too); returns the held-out scores on rank 0, else None."""
     model_section = FinetuneModel.from_config(config["model"]).resolved()  # every field, defaults filled in
-    tokenizer_path = config.get("tokenizer") or model_section.get("init")
-    if tokenizer_path is None:
-        raise ValueError("Training from random weights needs tokenizer: (a tokenizer folder or beit3.spm).")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = None
+    if task.reads_text or config.get("tokenizer"):
+        tokenizer_path = config.get("tokenizer") or model_section.get("init")
+        if tokenizer_path is None:
+            raise ValueError("Training from random weights needs tokenizer: (a tokenizer folder or beit3.spm).")
+        tokenizer = load_tokenizer(tokenizer_path)
     torch.manual_seed(settings.seed)  # the same initial head on every rank
     model = initial_model(task.model_class, model_section, tokenizer, task.config_overrides())
     task.setup(tokenizer, model.config)  # (the config_overrides, labels and label smoothing, come from the data alone)
     task.prepare_model(model, model_section.get("init"))
-    check_tokenizer_matches(tokenizer, model.config)
+    if tokenizer is not None:
+        check_tokenizer_matches(tokenizer, model.config)
     dataset, collate = task.train_dataset(), task.collate
     if task.data.skip_unreadable_images:
         dataset, collate = ReplaceUnreadable(dataset), counted(collate)

@@ -167,6 +167,7 @@ class FinetuneTask:
     name: str
     model_class: type
     metric: str  # the headline score (a key of ``evaluate``'s result; higher is better)
+    reads_text: ClassVar[bool] = True  # False: the task needs no text tokenizer (images alone)
 
     Data: ClassVar[type[TaskData]] = TaskData  # the task's data section
 
@@ -581,6 +582,7 @@ class CaptioningTask(_KarpathyTask):
 
 class ClassificationTask(FinetuneTask):
     name, model_class, metric = "classification", Beit3ForImageClassification, "top1"
+    reads_text = False
     Data = ClassificationData
 
     def __init__(self, data: ClassificationData | dict, eval_options: EvalOptions | dict | None = None):

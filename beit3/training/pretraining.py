@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from transformers import AutoTokenizer
 
 from ..configuration_beit3 import Beit3Config
 from ..data.images import read_codes_info
@@ -39,7 +38,7 @@ from ..data.pretraining import (
 from ..log import get_logger
 from ..masking import PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB
 from ..modeling_heads import Beit3ForMaskedDataModeling
-from ..tokenization_beit3 import check_tokenizer_matches
+from ..tokenization_beit3 import check_tokenizer_matches, load_tokenizer
 from ..visual_tokenizers import VisualTokenizer
 from .config import Section, doc
 from .engine import read_run_log
@@ -89,7 +88,11 @@ class PretrainingData(Section):
 class PretrainingModel(Section):
     section: ClassVar[str] = "model"
     preset: str = doc("the architecture (beit3.list_presets()), e.g. beit3_base_paper_patch16_224: the paper's layout")
-    overrides: dict | None = doc("Beit3Config fields over the preset's, e.g. {image_size: 64, itm_weight: 1.0}", None)
+    overrides: dict | None = doc(
+        "Beit3Config fields over the preset's, e.g. {image_size: 64, itm_weight: 1.0}",
+        None,
+        keys=Beit3Config.field_names(),
+    )
 
 
 def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
@@ -135,9 +138,9 @@ def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
     return step_fn
 
 
-def run(argv: list[str] | None = None) -> None:
-    """The command line of ``tasks/pretrain.py`` (see the module docstring)."""
-    args = command_line(__doc__, argv)
+def run(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """The command line of ``tasks/pretrain.py`` (or ``prog``; see the module docstring)."""
+    args = command_line(__doc__, argv, prog=prog)
     config, settings, sections = read_run_config(
         args.config, args.set, typed={"model": PretrainingModel, "data": PretrainingData}, show=args.print_config
     )
@@ -163,7 +166,10 @@ def run(argv: list[str] | None = None) -> None:
                 f"{what} {path} does not exist. Train one (tokenizers/train_text_tokenizer.py, "
                 "tokenizers/train_visual_tokenizer.py) or point the config at yours."
             )
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    try:
+        tokenizer = load_tokenizer(tokenizer_path)
+    except (OSError, ValueError) as error:
+        fail(f"text_tokenizer: {error}")
     if codes_dir:
         visual_tokenizer = None
         try:

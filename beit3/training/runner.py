@@ -78,7 +78,9 @@ def read_run_config(
         config = load_config(
             path,
             overrides,
-            declared={"train": TrainSettings.field_names(), **{name: cls.field_names() for name, cls in typed.items()}},
+            declared={
+                path: names for cls in (TrainSettings, *typed.values()) for path, names in cls.settable().items()
+            },
         )
         missing = [section for section in sections if section not in config]
         if missing:
@@ -102,7 +104,7 @@ def start_engine(model: torch.nn.Module, config: dict, settings: TrainSettings) 
         deepspeed_json = load_deepspeed_json(config.get("data", {}).get("deepspeed"), settings)
     except (OSError, ValueError) as error:
         fail(error)
-    engine = Engine(model, settings, deepspeed_json, distributed=setup_distributed())
+    engine = Engine(model, settings, deepspeed_json, distributed=setup_distributed(settings.num_workers))
     try:
         record_run_config(engine, config)
     except ValueError as error:

@@ -70,10 +70,13 @@ def visual_tokenizer_step() -> Callable:
     return step_fn
 
 
-def run(argv: list[str] | None = None) -> None:
-    """The command line of ``tokenizers/train_visual_tokenizer.py`` (see the module docstring)."""
+def run(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """The command line of ``tokenizers/train_visual_tokenizer.py`` (or ``prog``; see the module docstring)."""
     args = command_line(
-        __doc__, argv, add_arguments=lambda parser: parser.add_argument("--kind", choices=tuple(KINDS), required=True)
+        __doc__,
+        argv,
+        prog=prog,
+        add_arguments=lambda parser: parser.add_argument("--kind", choices=tuple(KINDS), required=True),
     )
     config, settings, sections = read_run_config(
         args.config, args.set, typed={"data": TokenizerData}, show=args.print_config
