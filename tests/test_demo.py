@@ -1,6 +1,8 @@
 """`make demo` runs tasks/demo.py: the whole pipeline on generated data. Here at its smoke size."""
 
 import json
+import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import beit3  # noqa: F401  (registers the tokenizer class with AutoTokenizer)
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("vqa", "nlvr2", "retrieval", "captioning")
+REPRODUCIBLE_KERNELS = runpy.run_path(str(ROOT / "tasks" / "demo.py"))["REPRODUCIBLE_KERNELS"]
 
 
 def test_every_stage_writes_its_outputs(demo_run):
@@ -51,6 +54,8 @@ def test_results_file_has_the_documented_shape(demo_run):
     output, _ = demo_run
     results = json.loads((output / "results.json").read_text())
     assert set(TASKS) <= set(results["tasks"])
+    # the reproducible kernels by default (a value set by the caller wins), recorded beside the figures
+    assert results["kernels"] == {name: os.environ.get(name, value) for name, value in REPRODUCIBLE_KERNELS.items()}
     for task, row in results["tasks"].items():
         assert isinstance(row["metric"], str) and row["metric"]
         for init in ("scratch", "pretrained"):
