@@ -22,7 +22,8 @@ Every stage runs the same command a user would (the scripts under tokenizers/ an
 
 The figures are the same to the digit on any x86-64 machine with AVX2, given requirements/lock.txt: the demo limits
 PyTorch's, oneDNN's and MKL's CPU kernels to AVX2 (REPRODUCIBLE_KERNELS; --native-kernels lets them use what the CPU
-has). A wider instruction set sums in another order, and the rounding carries through 1500 steps.
+has) and fixes every stage's torch threads (DEMO_THREADS), whatever the machine's cores. A wider instruction set or
+another thread count sums in another order, and the rounding carries through 1500 steps.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ METRIC_NAMES = {
 # AVX-512 machine (2026-12-03, requirements/lock.txt): the native kernels moved the pretrained VQA score from 50.00 to
 # 47.47 (scratch 44.13 both ways), retrieval from 52.00 to 47.60, CIDEr from 251.42 to 246.96.
 REPRODUCIBLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# Thread counts move the figures too (they split every sum differently), so the demo fixes them rather than taking
+# the machine's cores or the engine's rule: the torch threads of the 2-core machine the figures come from, shared by
+# the processes a stage runs at once (a lone command 2, two side by side or two ranks 1 each). Measured: the visual
+# tokenizer trained with 1 thread instead of 2 moved the pretrained VQA score from 50.00 to 48.93.
+DEMO_THREADS = 2
 
 # Sizes and budgets. "default" fits the 15 minutes of `make demo` on a 2-core CPU; "smoke" is the test suite's.
 PROFILES = {
@@ -101,22 +107,22 @@ PROFILES = {
 }
 
 
-def run(command: list[str], log: Path) -> None:
-    """Runs one stage's command; its progress bars show on the terminal, and everything goes to ``log`` too."""
-    run_side_by_side([command], log)
+def run(command: list[str], log: Path, processes: int = 1) -> None:
+    """Runs one stage's command (of ``processes`` processes: the deepspeed launcher's ranks); its progress bars show
+    on the terminal, and everything goes to ``log`` too."""
+    run_side_by_side([command], log, processes)
 
 
-def run_side_by_side(commands: list[list[str]], log: Path) -> None:
-    """Runs ``commands`` at the same time, several sharing the cores out as torch threads (a lone command keeps
-    torch's default; the deepspeed launcher sets its ranks' own). The first one's progress shows on the terminal;
-    every line of each goes to ``log``, prefixed by the command's number when there are several.
+def run_side_by_side(commands: list[list[str]], log: Path, processes: int = 1) -> None:
+    """Runs ``commands`` at the same time (each of ``processes`` processes), sharing ``DEMO_THREADS`` out as torch
+    threads. The first one's progress shows on the terminal; every line of each goes to ``log``, prefixed by the
+    command's number when there are several.
 
     On a small CPU two 1-thread runs get more done than one 2-thread run after the other (small matmuls do
     not split well over threads), and the two inits of a task then train under the same conditions.
     """
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if len(commands) > 1:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(commands)))
+    env["OMP_NUM_THREADS"] = str(max(1, DEMO_THREADS // (len(commands) * processes)))
     lock = threading.Lock()
     with open(log, "a") as handle:
         processes = []
@@ -279,6 +285,7 @@ class Demo:
                 *[part for o in overrides for part in ("--set", o)],
             ],
             self.log,
+            processes=2,
         )
         run(
             [
@@ -688,6 +695,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.native_kernels:  # before this process or its stages start torch, which reads them once
         for name, value in REPRODUCIBLE_KERNELS.items():
             os.environ.setdefault(name, value)
+    os.environ["OMP_NUM_THREADS"] = str(DEMO_THREADS)  # this process's own model work (the report's probe)
     Demo(Path(args.output).resolve(), args.profile).main()
 
 
