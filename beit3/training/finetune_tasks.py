@@ -132,7 +132,7 @@ class VqaData(TaskData):
     )
     vqa_head: str = doc(
         "pooler: the official head on the pooled image CLS | answer_slot: read at a <mask> after the question, "
-        "the head started from the init's MLM head (README, Fine-tuning)",
+        "the head started from the init's MLM head (docs/finetuning.md)",
         "pooler",
         choices=("pooler", "answer_slot"),
     )

@@ -54,7 +54,7 @@ class PretrainingData(Section):
     section: ClassVar[str] = "data"
     sources: dict = doc(
         "images (a folder or shards), texts ([.txt, .jsonl]), pairs ([.jsonl or shards]), image_codes; or "
-        "{dataset: a save_to_disk folder, ...} per kind (README, Pretraining)"
+        "{dataset: a save_to_disk folder, ...} per kind (docs/pretraining.md)"
     )
     batch_size: dict = doc("samples of each kind per process and step: {image: N, text: N, pair: N}")
     streaming: bool = doc("read shards and text files as streams, shard by shard, never copied", False)
