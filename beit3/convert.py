@@ -99,13 +99,21 @@ def attention_heads(hidden: int, intermediate: int, layers: int, extras: dict) -
     )
 
 
+def tensor_sizes(backbone: dict[str, torch.Tensor]) -> dict[str, int]:
+    """hidden_size, num_hidden_layers and intermediate_size of an official backbone, from its tensors."""
+    return {
+        "hidden_size": backbone["vision_embed.cls_token"].shape[-1],
+        "num_hidden_layers": 1 + max(int(k.split(".")[2]) for k in backbone if k.startswith("encoder.layers.")),
+        "intermediate_size": backbone["encoder.layers.0.ffn.A.fc1.weight"].shape[0],
+    }
+
+
 def infer_config(backbone: dict[str, torch.Tensor], extras: dict | None = None, **overrides) -> Beit3Config:
     """Reads the sizes of an official backbone from its tensor shapes; the head count from ``overrides``, else
     ``attention_heads`` (``extras``: the file's other entries, ``read_checkpoint(..., return_extras=True)``)."""
-    hidden = backbone["vision_embed.cls_token"].shape[-1]
+    sizes = tensor_sizes(backbone)
+    hidden, layers, intermediate = sizes["hidden_size"], sizes["num_hidden_layers"], sizes["intermediate_size"]
     patch_weight = backbone["vision_embed.proj.weight"]
-    layers = 1 + max(int(k.split(".")[2]) for k in backbone if k.startswith("encoder.layers."))
-    intermediate = backbone["encoder.layers.0.ffn.A.fc1.weight"].shape[0]
     if "num_attention_heads" not in overrides:
         overrides["num_attention_heads"] = attention_heads(hidden, intermediate, layers, extras or {})
     patches = backbone["encoder.embed_positions.A.weight"].shape[0] - 3
@@ -309,6 +317,15 @@ def model_from_official(
     backbone, heads = split_official(state)
     if config is None and "beit3_config" in extras:
         config = Beit3Config.from_dict(json.loads(extras["beit3_config"]))
+    if config is not None:
+        sizes = tensor_sizes(backbone)
+        if any(getattr(config, name) != size for name, size in sizes.items()):
+            given = ", ".join(f"{name} {getattr(config, name)}" for name in sizes)
+            raise ValueError(
+                f"The config does not fit {path}: it has {given}, the checkpoint's tensors "
+                f"{', '.join(f'{name} {size}' for name, size in sizes.items())}. Give this checkpoint's config "
+                "(--config), or none to read the sizes from the tensors."
+            )
     if task is not None and task not in TASK_CLASSES:
         raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASK_CLASSES)}.")
     if task in _LABEL_KEYS and _LABEL_KEYS[task] not in heads:

@@ -98,11 +98,11 @@ def test_autocast_only_for_half_precisions():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["data.answer_min_count=0"], r"data.answer_min_count must be >= 1; got 0"),
+        (["data.answer_min_count=0"], r"data.answer_min_count must be an integer >= 1; got 0"),
         (["data.vqa_head=cls"], r"data.vqa_head must be one of pooler, answer_slot; got 'cls'"),
-        (["data.max_text_length=abc"], r"data.max_text_length must be int; got 'abc'"),
-        (["data.hflip=1.5"], r"data.hflip must be >= 0 and <= 1; got 1.5"),
-        (["eval.num_beams=0"], r"eval.num_beams must be >= 1; got 0"),
+        (["data.max_text_length=abc"], r"data.max_text_length must be an integer >= 3; got 'abc'"),
+        (["data.hflip=1.5"], r"data.hflip must be a number >= 0 and <= 1; got 1.5"),
+        (["eval.num_beams=0"], r"eval.num_beams must be an integer >= 1; got 0"),
         (["eval.precision=fp8"], r"eval.precision must be one of fp32, bf16, fp16; got 'fp8'"),
     ],
 )
@@ -133,7 +133,7 @@ def test_the_model_section_is_typed_too(tmp_path):
     assert (sections["model"].init, sections["model"].overrides) == ("runs/x", {"image_size": 64})
     with pytest.raises(SystemExit, match=r"has no field 'model.pretrained'; known here: init, overrides, preset"):
         read_run_config(path, ["model.pretrained=x"], typed={"model": FinetuneModel})
-    with pytest.raises(SystemExit, match=r"model.overrides must be dict or null; got 3"):
+    with pytest.raises(SystemExit, match=r"model.overrides must be a mapping or null; got 3"):
         read_run_config(path, ["model.overrides=3"], typed={"model": PretrainingModel})
     path.write_text("model: {overrides: {}}\ndata: {}\ntrain: {output_dir: out, max_steps: 2, save_every: 1}\n")
     with pytest.raises(SystemExit, match=r"The model section needs model.preset"):

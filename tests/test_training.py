@@ -55,10 +55,13 @@ def test_overrides_reach_nested_fields_and_typos_are_refused(tmp_path):
         ("min_lr_ratio", 2, "train.min_lr_ratio must be a number >= 0 and <= 1"),
         ("layer_decay", 1.5, "train.layer_decay must be a number > 0 and <= 1 or null"),
         ("betas", [0.9], "train.betas must be two numbers in [0, 1)"),
-        ("precision", "fp8", "train.precision must be fp32, bf16 or fp16"),
-        ("zero_stage", 4, "train.zero_stage must be 0, 1, 2 or 3"),
+        ("precision", "fp8", "train.precision must be one of fp32, bf16, fp16; got 'fp8'"),
+        ("zero_stage", 4, "train.zero_stage must be one of 0, 1, 2, 3; got 4"),
         ("gradient_checkpointing", "yes", "train.gradient_checkpointing must be true or false"),
         ("num_workers", True, "train.num_workers must be an integer >= 0"),
+        ("lr", float("nan"), "train.lr must be a number > 0; got nan"),
+        ("zero_stage", True, "train.zero_stage must be one of 0, 1, 2, 3; got True"),
+        ("output_dir", "", "train.output_dir must be a folder path; got ''"),
     ],
 )
 def test_every_train_setting_is_checked_before_any_work(field, value, message):

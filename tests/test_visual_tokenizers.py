@@ -76,9 +76,10 @@ def _vit_state(prefix: str, in_chans: int, patch: int, grid: int, depth: int) ->
     return state
 
 
-def released_state(decoder_depth: int = 1) -> dict:
-    """The key layout of vqkd_encoder_base_decoder_*x768x12_clip-*.pth at a tiny size, teacher and loss keys included."""
-    grid = IMAGE // PATCH
+def released_state(decoder_depth: int = 1, image: int = IMAGE) -> dict:
+    """The key layout of vqkd_encoder_base_decoder_*x768x12_clip-*.pth at a tiny width for ``image`` px, teacher and
+    loss keys included."""
+    grid = image // PATCH
     state = {**_vit_state("encoder", 3, PATCH, grid, 2), **_vit_state("decoder", CODE_DIM, 1, grid, decoder_depth)}
     for name, out_dim in (("encode_task_layer", CODE_DIM), ("decode_task_layer", TEACHER_DIM)):
         state.update(

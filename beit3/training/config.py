@@ -78,16 +78,47 @@ def doc(
 
 
 _SIMPLE_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
+_KIND_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "dict": "a mapping",
+}
+_BOUNDS = (("low", ">="), ("above", ">"), ("high", "<="), ("below", "<"))
+
+
+def allowed(field: dataclasses.Field) -> str:
+    """What a field takes, in words: ``an integer >= 1``, ``one of fp32, bf16, fp16``, ``a number > 0 and <= 1 or
+    null``; empty for a type it does not check (tuples: the section's own ``__post_init__`` does)."""
+    kinds = [kind.strip() for kind in str(field.type).split("|")]
+    meta = field.metadata
+    if "choices" in meta:
+        what = "one of " + ", ".join(map(str, meta["choices"]))
+    elif all(kind in _SIMPLE_TYPES for kind in kinds if kind != "None"):
+        what = " or ".join(_KIND_WORDS[kind] for kind in kinds if kind != "None")
+    else:
+        return ""
+    bounds = [f"{word} {meta[key]}" for key, word in _BOUNDS if key in meta]
+    if bounds:
+        what += " " + " and ".join(bounds)
+    return what + (" or null" if "None" in kinds else "")
 
 
 def _check_field(section: str, field: dataclasses.Field, value: Any) -> Any:
     """``value`` checked against the field's annotation (its simple types: int, float, str, bool, dict, None) and its
-    limits; an int given for a float comes back as a float."""
+    limits; an int given for a float comes back as a float. A value that does not fit is refused in one sentence:
+    ``train.lr must be a number > 0; got 'fast'``."""
     kinds = [kind.strip() for kind in str(field.type).split("|")]
     if value is None and "None" in kinds:
         return value
-    simple = [kind for kind in kinds if kind in _SIMPLE_TYPES]
     name = f"{section}.{field.name}" if section else field.name
+    meta = field.metadata
+
+    def refuse():
+        raise ValueError(f"{name} must be {allowed(field)}; got {value!r}.")
+
+    simple = [kind for kind in kinds if kind in _SIMPLE_TYPES]
     if simple and len(simple) == len([kind for kind in kinds if kind != "None"]):
         fits = [
             kind
@@ -95,12 +126,11 @@ def _check_field(section: str, field: dataclasses.Field, value: Any) -> Any:
             if isinstance(value, _SIMPLE_TYPES[kind]) and not (kind in ("int", "float") and isinstance(value, bool))
         ]
         if not fits:
-            raise ValueError(
-                f"{name} must be {' or '.join('null' if k == 'None' else k for k in kinds)}; got {value!r}."
-            )
+            refuse()
         if fits == ["float"] and isinstance(value, int):
             value = float(value)
-    meta = field.metadata
+    if isinstance(value, float) and value != value:  # NaN passes every comparison below
+        refuse()
     if "keys" in meta and isinstance(value, dict) and set(value) - meta["keys"]:
         unknown = sorted(set(value) - meta["keys"])
         colon = [key for key in unknown if ":" in str(key)]
@@ -113,7 +143,7 @@ def _check_field(section: str, field: dataclasses.Field, value: Any) -> Any:
             )
         )
     if "choices" in meta and value not in meta["choices"]:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}.")
+        refuse()
     for key, fails in (
         ("low", lambda v, b: v < b),
         ("high", lambda v, b: v > b),
@@ -121,12 +151,7 @@ def _check_field(section: str, field: dataclasses.Field, value: Any) -> Any:
         ("below", lambda v, b: v >= b),
     ):
         if key in meta and fails(value, meta[key]):
-            bounds = " and ".join(
-                f"{w} {meta[k]}"
-                for k, w in (("low", ">="), ("above", ">"), ("high", "<="), ("below", "<"))
-                if k in meta
-            )
-            raise ValueError(f"{name} must be {bounds}; got {value!r}.")
+            refuse()
     return value
 
 
@@ -135,9 +160,14 @@ class Section:
     """A typed section of a run config: the fields a program reads, with their defaults. ``from_config`` refuses a
     key the section does not declare (naming the known ones), and every declared field may be ``--set`` whether or
     not the YAML lists it; values are checked against each field's type and ``doc`` limits when it is built.
-    Subclasses name their section in ``section``; those with checks of their own run them in ``__post_init__``."""
+    Subclasses name their section in ``section`` (``""``: the top level, whose fields are the keys beside the
+    sections); those with checks of their own run them in ``__post_init__``."""
 
     section: ClassVar[str] = ""
+
+    @classmethod
+    def title(cls) -> str:
+        return cls.section or "top-level"
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -159,16 +189,16 @@ class Section:
         known = cls.field_names()
         unknown = set(values) - known
         if unknown:
-            raise KeyError(f"Unknown {cls.section} settings {sorted(unknown)}; known: {sorted(known)}.")
+            raise KeyError(f"Unknown {cls.title()} settings {sorted(unknown)}; known: {sorted(known)}.")
         missing = [
             f.name
             for f in dataclasses.fields(cls)
             if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         ]
         if missing:
+            where = f"{cls.section}." if cls.section else ""
             raise ValueError(
-                f"The {cls.section} section needs {', '.join(f'{cls.section}.{name}' for name in missing)} "
-                "(there is no default)."
+                f"The {cls.title()} section needs {', '.join(where + name for name in missing)} (there is no default)."
             )
         return cls(**values)
 
@@ -192,9 +222,14 @@ class Section:
 def print_config(config: dict, sections: dict[str, Section]) -> str:
     """The resolved config as YAML: the file and its ``--set`` overrides, each typed section with its defaults, and a
     comment line per declared field saying what it is."""
-    resolved = {**config, **{name: section.resolved() for name, section in sections.items()}}
+    resolved = dict(config)
+    for section in sections.values():
+        if section.section:
+            resolved[section.section] = section.resolved()
+        else:  # the top level's fields sit beside the sections
+            resolved.update(section.resolved())
     lines = [yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None, width=120).rstrip()]
-    for name, section in sections.items():
-        lines.append(f"# {name}:")
+    for section in sections.values():
+        lines.append(f"# {section.title()}:")
         lines += [f"#   {f.name}: {f.metadata.get('doc', '')}" for f in dataclasses.fields(section)]
     return "\n".join(lines)

@@ -54,30 +54,36 @@ class TrainSettings(Section):
     output_dir: str = doc(
         "the run's folder: checkpoints, metrics.jsonl, run_config.json, model/ (a restart resumes from it)"
     )
-    max_steps: int = doc("optimizer updates in all")
-    save_every: int = doc("a checkpoint every this many steps (and at the end)")
-    seed: int = doc("weights, data order, crops, masks and dropout all follow from it", 0)
-    lr: float = doc("peak learning rate (after warmup; a cosine down to lr x min_lr_ratio)", 1e-3)
-    min_lr_ratio: float = doc("the cosine ends at lr x this (unilm's fine-tuning: min_lr 1e-6)", 0.0)
-    warmup_steps: int = doc("linear warmup from 0", 0)
-    weight_decay: float = doc("AdamW's, none on norms, biases, embeddings and special tokens", 0.05)
-    betas: tuple[float, float] = doc("AdamW's", (0.9, 0.98))
-    eps: float = doc("AdamW's", 1e-6)
-    gradient_clipping: float = doc("global norm; 0 turns it off", 3.0)
-    gradient_accumulation_steps: int = doc("micro-batches per update", 1)
-    micro_batch_size: int = doc("what DeepSpeed counts as the batch; pretraining's batches are dicts of kinds", 1)
-    precision: str = doc("fp32 | bf16 | fp16", "fp32")
-    zero_stage: int = doc(
-        "DeepSpeed ZeRO stage 0-3 (the one source of it: a DeepSpeed JSON of another stage is refused)", 2
+    max_steps: int = doc("optimizer updates in all", low=1)
+    save_every: int = doc("a checkpoint every this many steps (and at the end)", low=1)
+    seed: int = doc("weights, data order, crops, masks and dropout all follow from it", 0, low=0)
+    lr: float = doc("peak learning rate (after warmup; a cosine down to lr x min_lr_ratio)", 1e-3, above=0)
+    min_lr_ratio: float = doc("the cosine ends at lr x this (unilm's fine-tuning: min_lr 1e-6)", 0.0, low=0, high=1)
+    warmup_steps: int = doc("linear warmup from 0", 0, low=0)
+    weight_decay: float = doc("AdamW's, none on norms, biases, embeddings and special tokens", 0.05, low=0)
+    betas: tuple[float, float] = doc("AdamW's: two numbers in [0, 1)", (0.9, 0.98))
+    eps: float = doc("AdamW's", 1e-6, above=0)
+    gradient_clipping: float = doc("global norm; 0 turns it off", 3.0, low=0)
+    gradient_accumulation_steps: int = doc("micro-batches per update", 1, low=1)
+    micro_batch_size: int = doc(
+        "what DeepSpeed counts as the batch; pretraining's batches are dicts of kinds", 1, low=1
     )
-    keep_last: int = doc("complete checkpoints kept", 2)
-    log_every: int = doc("a metrics.jsonl record every this many steps", 10)
-    max_nonfinite_steps: int = doc("non-finite losses in a row before the run stops (each is skipped)", 5)
-    num_workers: int = doc("data-loader workers per process", 1)
+    precision: str = doc("autocast of training (bf16/fp16 on GPU)", "fp32", choices=("fp32", "bf16", "fp16"))
+    zero_stage: int = doc(
+        "DeepSpeed ZeRO stage (the one source of it: a DeepSpeed JSON of another stage is refused)",
+        2,
+        choices=(0, 1, 2, 3),
+    )
+    keep_last: int = doc("complete checkpoints kept", 2, low=1)
+    log_every: int = doc("a metrics.jsonl record every this many steps", 10, low=1)
+    max_nonfinite_steps: int = doc("non-finite losses in a row before the run stops (each is skipped)", 5, low=1)
+    num_workers: int = doc("data-loader workers per process", 1, low=0)
     gradient_checkpointing: bool = doc("recompute activations in the backward pass", False)
-    layer_decay: float | None = doc("fine-tuning: lr x layer_decay ** (depth from the top), as BEiT does", None)
+    layer_decay: float | None = doc(
+        "fine-tuning: lr x layer_decay ** (depth from the top), as BEiT does", None, above=0, high=1
+    )
     head_lr_scale: float = doc(
-        "without layer_decay: lr x this for every parameter outside the backbone (see build_optimizer)", 1.0
+        "without layer_decay: lr x this for every parameter outside the backbone (see build_optimizer)", 1.0, above=0
     )
 
     @classmethod
@@ -88,64 +94,17 @@ class TrainSettings(Section):
         return super().from_config(values)
 
     def __post_init__(self):
-        """Every field is checked before any work: a bad value names the field, the value and what is allowed."""
-
-        def number(name, kind, low=None, high=None, low_open=False, optional=False):
-            value = getattr(self, name)
-            if value is None and optional:
-                return
-            fits = isinstance(value, int) if kind is int else isinstance(value, (int, float))
-            if (
-                isinstance(value, bool)
-                or not fits
-                or value != value
-                or (low is not None and (value <= low if low_open else value < low))
-                or (high is not None and value > high)
-            ):
-                bound = ("" if low is None else f" {'>' if low_open else '>='} {low}") + (
-                    "" if high is None else f" and <= {high}"
-                )
-                raise ValueError(
-                    f"train.{name} must be {'an integer' if kind is int else 'a number'}{bound}"
-                    f"{' or null' if optional else ''}; got {getattr(self, name)!r}."
-                )
-            setattr(self, name, kind(value))
-
-        if not isinstance(self.output_dir, str) or not self.output_dir:
-            raise ValueError(f"train.output_dir must be a folder path; got {self.output_dir!r}.")
-        for name in (
-            "max_steps",
-            "save_every",
-            "log_every",
-            "keep_last",
-            "gradient_accumulation_steps",
-            "micro_batch_size",
-            "max_nonfinite_steps",
-        ):
-            number(name, int, 1)
-        for name in ("seed", "warmup_steps", "num_workers"):
-            number(name, int, 0)
-        number("lr", float, 0, low_open=True)
-        number("eps", float, 0, low_open=True)
-        number("head_lr_scale", float, 0, low_open=True)
-        number("min_lr_ratio", float, 0, 1)
-        number("weight_decay", float, 0)
-        number("gradient_clipping", float, 0)
-        number("layer_decay", float, 0, 1, low_open=True, optional=True)
+        """Every field is checked before any work (the limits beside each field's doc, and these two): a bad value
+        names the field, the value and what is allowed."""
+        super().__post_init__()
+        if not self.output_dir:
+            raise ValueError("train.output_dir must be a folder path; got ''.")
         if not (
             isinstance(self.betas, tuple)
             and len(self.betas) == 2
             and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)
         ):
             raise ValueError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.98]; got {self.betas!r}.")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision must be fp32, bf16 or fp16; got {self.precision!r}.")
-        if self.zero_stage not in (0, 1, 2, 3) or isinstance(self.zero_stage, bool):
-            raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3; got {self.zero_stage!r}.")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(
-                f"train.gradient_checkpointing must be true or false; got {self.gradient_checkpointing!r}."
-            )
 
 
 def read_run_log(path: str | os.PathLike) -> list[dict]:

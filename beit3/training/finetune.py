@@ -58,6 +58,16 @@ MODES = ("train", "evaluate", "predict")
 
 
 @dataclass
+class FinetuneTokenizer(Section):
+    """The top level of a task config: its text tokenizer."""
+
+    section: ClassVar[str] = ""
+    tokenizer: str | None = doc(
+        "a tokenizer folder or beit3.spm (null: the init folder's; classification reads no text and needs none)", None
+    )
+
+
+@dataclass
 class FinetuneModel(Section):
     section: ClassVar[str] = "model"
     init: str | None = doc(
@@ -71,6 +81,11 @@ class FinetuneModel(Section):
         None,
         keys=Beit3Config.field_names(),
     )
+
+
+def sections_of(task_class) -> dict[str, type[Section]]:
+    """The typed sections of ``task_class``'s config (the docs' configuration reference reads them too)."""
+    return {"top": FinetuneTokenizer, "model": FinetuneModel, "data": task_class.Data, "eval": EvalOptions}
 
 
 def initial_model(
@@ -144,21 +159,21 @@ def run(task_name: str, argv: list[str] | None = None, prog: str | None = None) 
         args.config,
         args.set,
         sections=("model", "data", "train"),
-        typed={"model": FinetuneModel, "data": task_class.Data, "eval": EvalOptions},
+        typed=sections_of(task_class),
         show=args.print_config,
     )
     task = task_class(sections["data"], sections["eval"])
-    output_dir = Path(args.output or config["train"]["output_dir"])
+    output_dir = Path(args.output or settings.output_dir)
     if args.blind and args.mode == "predict":
         raise ValueError("--blind is a control for --mode evaluate (or train, scoring after training).")
     if args.mode == "train":
-        return train(task, config, settings, blind=args.blind)
+        return train(task, config, settings, sections, blind=args.blind)
     task.blind = args.blind
-    model_path = args.model or str(Path(config["train"]["output_dir"]) / "final")
+    model_path = args.model or str(Path(settings.output_dir) / "final")
     model = initial_model(task.model_class, {"init": model_path}, None, {}, with_head=True)
     tokenizer = None
     if task.reads_text:
-        tokenizer_path = config.get("tokenizer") or (model_path if Path(model_path).is_dir() else None)
+        tokenizer_path = sections["top"].tokenizer or (model_path if Path(model_path).is_dir() else None)
         if tokenizer_path is None:
             raise ValueError(
                 "An official .pth holds no tokenizer: set tokenizer: to beit3.spm (or a tokenizer folder)."
@@ -189,13 +204,14 @@ def evaluate_and_save(task, model, output_dir: Path) -> dict:
     return scores
 
 
-def train(task, config: dict, settings, blind: bool = False) -> dict | None:
+def train(task, config: dict, settings, sections: dict, blind: bool = False) -> dict | None:
     """Fine-tunes on rank 0 and the others, exports ``final`` and scores it on the held-out data (and, ``blind``,
-    with the images swapped between examples too); returns the held-out scores on rank 0, else None."""
-    model_section = FinetuneModel.from_config(config["model"]).resolved()  # every field, defaults filled in
+    with the images swapped between examples too); returns the held-out scores on rank 0, else None. ``config`` is
+    the run's config as written (what the resume check compares), ``sections`` its typed sections."""
+    model_section = sections["model"].resolved()  # every field, defaults filled in
     tokenizer = None
-    if task.reads_text or config.get("tokenizer"):
-        tokenizer_path = config.get("tokenizer") or model_section.get("init")
+    if task.reads_text or sections["top"].tokenizer:
+        tokenizer_path = sections["top"].tokenizer or model_section.get("init")
         if tokenizer_path is None:
             raise ValueError("Training from random weights needs tokenizer: (a tokenizer folder or beit3.spm).")
         tokenizer = load_tokenizer(tokenizer_path)

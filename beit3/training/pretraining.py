@@ -85,6 +85,19 @@ class PretrainingData(Section):
 
 
 @dataclass
+class PretrainingTokenizers(Section):
+    """The top level of a pretraining config: its tokenizers."""
+
+    section: ClassVar[str] = ""
+    text_tokenizer: str = doc("a tokenizer folder (tokenizers/train_text_tokenizer.py) or a SentencePiece .spm")
+    visual_tokenizer: str | None = doc(
+        "a visual tokenizer folder (tokenizers/train_visual_tokenizer.py) or a released VQ-KD / dVAE file; "
+        "null when data.sources.image_codes gives the image targets",
+        None,
+    )
+
+
+@dataclass
 class PretrainingModel(Section):
     section: ClassVar[str] = "model"
     preset: str = doc("the architecture (beit3.list_presets()), e.g. beit3_base_paper_patch16_224: the paper's layout")
@@ -93,6 +106,10 @@ class PretrainingModel(Section):
         None,
         keys=Beit3Config.field_names(),
     )
+
+
+# The sections of a pretraining config (the docs' configuration reference reads them too).
+SECTIONS = {"top": PretrainingTokenizers, "model": PretrainingModel, "data": PretrainingData}
 
 
 def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
@@ -141,21 +158,19 @@ def masked_data_modeling_step(visual_tokenizer=None) -> Callable:
 def run(argv: list[str] | None = None, prog: str | None = None) -> None:
     """The command line of ``tasks/pretrain.py`` (or ``prog``; see the module docstring)."""
     args = command_line(__doc__, argv, prog=prog)
-    config, settings, sections = read_run_config(
-        args.config, args.set, typed={"model": PretrainingModel, "data": PretrainingData}, show=args.print_config
-    )
-    data = sections["data"]
+    config, settings, sections = read_run_config(args.config, args.set, typed=SECTIONS, show=args.print_config)
+    data, tokenizers = sections["data"], sections["top"]
     # Everything that can be wrong with the inputs is checked before the first step.
     # Visual targets: precomputed codes (data.sources.image_codes) when given, else the visual tokenizer on the fly.
     codes_dir = data.sources.get("image_codes")
-    tokenizer_path = Path(config["text_tokenizer"])
-    visual_path = Path(config["visual_tokenizer"]) if config.get("visual_tokenizer") and not codes_dir else None
-    if codes_dir and config.get("visual_tokenizer") and os.environ.get("RANK", "0") == "0":
+    tokenizer_path = Path(tokenizers.text_tokenizer)
+    visual_path = Path(tokenizers.visual_tokenizer) if tokenizers.visual_tokenizer and not codes_dir else None
+    if codes_dir and tokenizers.visual_tokenizer and os.environ.get("RANK", "0") == "0":
         logger.warning(
             f"data.sources.image_codes is set, so the image targets are the codes in {codes_dir}; "
-            f"the visual_tokenizer {config['visual_tokenizer']} is not used."
+            f"the visual_tokenizer {tokenizers.visual_tokenizer} is not used."
         )
-    if not codes_dir and not config.get("visual_tokenizer"):
+    if not codes_dir and not tokenizers.visual_tokenizer:
         fail(
             "no visual targets: visual_tokenizer is not set and neither is data.sources.image_codes. Give a visual "
             "tokenizer, or encode the images once with tokenizers/encode_images.py and set data.sources.image_codes."

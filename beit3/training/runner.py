@@ -67,9 +67,10 @@ def read_run_config(
     show: bool = False,
 ) -> tuple[dict, TrainSettings, dict[str, Section]]:
     """The YAML with its ``--set`` overrides, its checked ``train`` settings and its ``typed`` sections ({name: Section
-    class}, e.g. ``{"data": PretrainingData}``: their defaults filled in, unknown keys refused). Every declared field
-    may be ``--set``, listed in the file or not. A config that cannot run ends the program here, before any work;
-    ``show`` (``--print-config``) prints the resolved config with each field's doc and ends it.
+    class}, e.g. ``{"data": PretrainingData}``: their defaults filled in, unknown keys refused; a class of section
+    ``""`` holds the top-level keys beside the sections, e.g. ``{"top": PretrainingTokenizers}``). Every declared
+    field may be ``--set``, listed in the file or not. A config that cannot run ends the program here, before any
+    work; ``show`` (``--print-config``) prints the resolved config with each field's doc and ends it.
 
     Returns (the config as written plus its overrides: what ``record_run_config`` compares on resume, the train
     settings, {name: typed section})."""
@@ -88,7 +89,9 @@ def read_run_config(
                 f"{path} has no {', '.join(map(repr, missing))} section; see configs/ for complete examples."
             )
         settings = TrainSettings.from_config(config["train"])
-        parsed = {name: cls.from_config(config.get(name)) for name, cls in typed.items()}
+        named = {"train", *sections, *(cls.section for cls in typed.values())}
+        top = {key: value for key, value in config.items() if key not in named}
+        parsed = {name: cls.from_config(config.get(cls.section) if cls.section else top) for name, cls in typed.items()}
     except (KeyError, ValueError, OSError, TypeError) as error:
         fail(error)
     if show:

@@ -32,6 +32,21 @@ KINDS = {"vqkd": (VQKD, VQKDConfig), "dvae": (DVAE, DVAEConfig)}
 
 
 @dataclass
+class TokenizerModel(Section):
+    """The top level of a visual tokenizer config: what to build."""
+
+    section: ClassVar[str] = ""
+    preset: str = doc(
+        "the tokenizer's layout: vqkd_tiny, vqkd_encoder_base_decoder_{1,3}x768x12_clip, "
+        "vqkd_encoder_base_decoder_1x768x12_dino (--kind vqkd); dvae_tiny, dvae_base (--kind dvae)"
+    )
+    overrides: dict | None = doc("config fields over the preset's, e.g. {image_size: 48}", None)
+    teacher_checkpoint: str | None = doc(
+        "VQ-KD: a local weights file of the frozen timm teacher (CLIP ViT-B/16 as in BEiT v2, or DINO)", None
+    )
+
+
+@dataclass
 class TokenizerData(Section):
     """The ``data`` section of a visual tokenizer config."""
 
@@ -40,6 +55,10 @@ class TokenizerData(Section):
     batch_size: int = doc("images per process and step")
     crop_scale: tuple[float, float] = doc("area range of the random resized crop", (0.08, 1.0))
     deepspeed: str | None = doc("a DeepSpeed JSON (null: configs/deepspeed/zero<train.zero_stage>.json)", None)
+
+
+# The sections of a visual tokenizer config (the docs' configuration reference reads them too).
+SECTIONS = {"top": TokenizerModel, "data": TokenizerData}
 
 
 def build_visual_tokenizer(
@@ -78,18 +97,14 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
         prog=prog,
         add_arguments=lambda parser: parser.add_argument("--kind", choices=tuple(KINDS), required=True),
     )
-    config, settings, sections = read_run_config(
-        args.config, args.set, typed={"data": TokenizerData}, show=args.print_config
-    )
-    data = sections["data"]
+    config, settings, sections = read_run_config(args.config, args.set, typed=SECTIONS, show=args.print_config)
+    data, spec = sections["data"], sections["top"]
     try:
         sources = load_sources(images=data.images)
     except (OSError, ValueError) as error:
         fail(error)
     torch.manual_seed(settings.seed)
-    model = build_visual_tokenizer(
-        args.kind, config["preset"], config.get("overrides"), config.get("teacher_checkpoint")
-    )
+    model = build_visual_tokenizer(args.kind, spec.preset, spec.overrides, spec.teacher_checkpoint)
     engine = start_engine(model, config, settings)
 
     def make_loader(start_step: int, num_steps: int):
