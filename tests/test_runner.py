@@ -166,3 +166,27 @@ def test_each_model_override_can_be_set_by_itself_and_an_unknown_one_is_named(tm
     with pytest.raises(SystemExit) as stopped:  # the README's example, on the packaged tiny config
         run(["--config", "configs/pretrain/tiny.yaml", "--set", "model.overrides.itm_weight=1.0", "--print-config"])
     assert stopped.value.code == 0 and "itm_weight: 1.0" in capsys.readouterr().out
+
+
+def test_the_top_level_is_a_typed_section_too(tmp_path, capsys):
+    """The keys beside the sections (a pretraining config's tokenizers) are declared, checked and --set-able; a
+    misspelt one is refused instead of leaving the real one unset."""
+    from beit3.training.pretraining import SECTIONS
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "text_tokenizer: tok\nmodel: {preset: beit3_tiny_patch16_224}\ndata: {sources: {}, batch_size: {image: 1}}\n"
+        "train: {output_dir: out, max_steps: 2, save_every: 1}\n"
+    )
+    _, _, sections = read_run_config(path, ["visual_tokenizer=vq"], typed=SECTIONS)
+    assert (sections["top"].text_tokenizer, sections["top"].visual_tokenizer) == ("tok", "vq")
+    with pytest.raises(SystemExit, match=r"has no field 'visual_tokeniser'; known here: .*visual_tokenizer"):
+        read_run_config(path, ["visual_tokeniser=vq"], typed=SECTIONS)
+    path.write_text(path.read_text().replace("text_tokenizer", "text_tokeniser"))
+    with pytest.raises(SystemExit, match=r"Unknown top-level settings \['text_tokeniser'\]; known: .*'text_tokenizer'"):
+        read_run_config(path, [], typed=SECTIONS)
+    path.write_text(path.read_text().replace("text_tokeniser", "text_tokenizer"))
+    with pytest.raises(SystemExit) as stopped:
+        read_run_config(path, [], typed=SECTIONS, show=True)
+    printed = capsys.readouterr().out
+    assert stopped.value.code == 0 and "visual_tokenizer: null" in printed and "# top-level:" in printed
