@@ -137,3 +137,28 @@ def test_each_recipe_trains_a_step_with_its_own_data_settings(recipe, world):
         (normalize,) = [t for t in transform.transforms if type(t).__name__ == "Normalize"]
         expected = IMAGENET_DEFAULT_MEAN if data["augment"] == "imagenet" else (0.5, 0.5, 0.5)
         assert torch.allclose(torch.as_tensor(normalize.mean, dtype=torch.float), torch.tensor(expected))
+
+
+def test_a_task_model_from_a_pretrained_folder_says_in_one_line_what_starts_fresh(world, tmp_path, capsys):
+    from beit3 import Beit3Config
+    from beit3.modeling_heads import Beit3ForMaskedDataModeling, Beit3ForVisualQuestionAnswering
+
+    _, tokenizer = world
+    config = Beit3Config.from_preset("beit3_tiny_patch16_224", **TINY, vocab_size=len(tokenizer), itm_weight=1.0)
+    Beit3ForMaskedDataModeling(config).save_pretrained(tmp_path / "pretrained")
+    capsys.readouterr()
+    section = {"init": str(tmp_path / "pretrained"), "overrides": {}}
+    model = initial_model(
+        Beit3ForVisualQuestionAnswering, section, tokenizer, {"id2label": {0: "yes", 1: "no", 2: "2"}}
+    )
+    out = capsys.readouterr()
+    assert model.config.num_labels == 3
+    text = out.out + out.err
+    assert "LOAD REPORT" not in text and "MISSING" not in text, text
+    assert "starting fresh: head.* (" in text and "pooler.* (" in text and "not used: itm_head.* (" in text, text
+    # A folder that lacks backbone tensors is not a start: an error, not a silently random backbone
+    broken = Beit3ForMaskedDataModeling(config)
+    broken.beit3.layers = broken.beit3.layers[:1]
+    broken.save_pretrained(tmp_path / "broken")
+    with pytest.raises(ValueError, match=r"lacks \d+ backbone tensors \(e.g. beit3.layers.1"):
+        initial_model(Beit3ForVisualQuestionAnswering, {"init": str(tmp_path / "broken")}, tokenizer, {})

@@ -1,8 +1,13 @@
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from beit3.training.engine import TrainSettings
 from beit3.training.runner import autocast, command_line, ordered_batches, read_run_config, step_loader
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _config(tmp_path, train="{output_dir: out, max_steps: 2, save_every: 1}", data="{}", name="run.yaml"):
@@ -190,3 +195,22 @@ def test_the_top_level_is_a_typed_section_too(tmp_path, capsys):
         read_run_config(path, [], typed=SECTIONS, show=True)
     printed = capsys.readouterr().out
     assert stopped.value.code == 0 and "visual_tokenizer: null" in printed and "# top-level:" in printed
+
+
+def test_a_split_with_a_key_its_task_does_not_read_is_named_with_the_known_ones(tmp_path):
+    """``--set "data.train={questions:/a,annotations:/b}"``: without a space after each colon YAML reads two keys
+    and no values; the error says so instead of failing later on a missing file or answer labels."""
+    from beit3.training.finetune_tasks import TASKS
+
+    vqa = {"data": TASKS["vqa"].Data}
+    with pytest.raises(
+        SystemExit,
+        match=r"data.train has unknown keys \['annotations:/b', 'questions:/a'\]; known: "
+        r"annotations, data_root, image_root, index, questions\. .*space after the colon",
+    ):
+        read_run_config(_config(tmp_path), ["data.train={questions:/a,annotations:/b}"], typed=vqa)
+    _, _, sections = read_run_config(_config(tmp_path), ["data.train={questions: /a, annotations: /b}"], typed=vqa)
+    assert sections["data"].train == {"questions": "/a", "annotations": "/b"}
+    for task, task_class in TASKS.items():  # every packaged config's splits hold only what its task reads
+        for path in (ROOT / "configs" / "tasks").glob(f"{task}_*.yaml"):
+            task_class.Data.from_config(yaml.safe_load(path.read_text())["data"])

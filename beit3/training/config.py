@@ -105,6 +105,21 @@ def allowed(field: dataclasses.Field) -> str:
     return what + (" or null" if "None" in kinds else "")
 
 
+def check_keys(name: str, value: Any, keys: Collection[str]) -> None:
+    """Refuses a mapping ``value`` (the field ``name``) with a key outside ``keys``, naming the known ones."""
+    unknown = sorted(set(value) - set(keys)) if isinstance(value, dict) else []
+    if unknown:
+        colon = any(":" in str(key) for key in unknown)
+        raise ValueError(
+            f"{name} has unknown keys {unknown}; known: {', '.join(sorted(keys))}."
+            + (
+                " (YAML reads a key and its value as one key without a space after the colon: {a: 1}, not {a:1}.)"
+                if colon
+                else ""
+            )
+        )
+
+
 def _check_field(section: str, field: dataclasses.Field, value: Any) -> Any:
     """``value`` checked against the field's annotation (its simple types: int, float, str, bool, dict, None) and its
     limits; an int given for a float comes back as a float. A value that does not fit is refused in one sentence:
@@ -131,17 +146,8 @@ def _check_field(section: str, field: dataclasses.Field, value: Any) -> Any:
             value = float(value)
     if isinstance(value, float) and value != value:  # NaN passes every comparison below
         refuse()
-    if "keys" in meta and isinstance(value, dict) and set(value) - meta["keys"]:
-        unknown = sorted(set(value) - meta["keys"])
-        colon = [key for key in unknown if ":" in str(key)]
-        raise ValueError(
-            f"{name} has unknown keys {unknown}; known: {', '.join(sorted(meta['keys']))}."
-            + (
-                " (YAML reads a key and its value as one key without a space after the colon: {a: 1}, not {a:1}.)"
-                if colon
-                else ""
-            )
-        )
+    if "keys" in meta:
+        check_keys(name, value, meta["keys"])
     if "choices" in meta and value not in meta["choices"]:
         refuse()
     for key, fails in (

@@ -33,11 +33,13 @@ model reading the image from one answering from the text.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
+from transformers.utils import logging as transformers_logging
 
 from ..configuration_beit3 import Beit3Config
 from ..convert import TASK_CLASSES, model_from_official
@@ -117,7 +119,7 @@ def initial_model(
         config = Beit3Config.from_pretrained(init)
         for key, value in overrides.items():  # the task's fields (labels, label smoothing) on the loaded config
             setattr(config, key, value)
-        return model_class.from_pretrained(init, config=config, image_size=image_size)
+        return _from_folder(model_class, init, config, image_size)
     if not Path(init).is_file():
         raise FileNotFoundError(
             f"model.init {init} does not exist: give a from_pretrained folder or an official .pth file."
@@ -131,6 +133,36 @@ def initial_model(
         model.beit3.load_state_dict(backbone.state_dict())
     if image_size:
         model.set_image_size(image_size)
+    return model
+
+
+def _from_folder(model_class: type, init: str, config: Beit3Config, image_size: int | None) -> torch.nn.Module:
+    """``model_class`` from a ``from_pretrained`` folder, saying in one line which parts start fresh (a head the
+    folder lacks) and which of its tensors go unused (another head): transformers' load report would list each
+    tensor as MISSING or UNEXPECTED, though that is the point of starting a task from a pretrained model. A
+    backbone tensor the folder lacks stays an error."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model, info = model_class.from_pretrained(init, config=config, image_size=image_size, output_loading_info=True)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    prefix = model_class.base_model_prefix + "."
+    backbone = sorted(key for key in info["missing_keys"] if key.startswith(prefix))
+    if backbone:
+        raise ValueError(
+            f"model.init {init} lacks {len(backbone)} backbone tensors (e.g. {', '.join(backbone[:3])}): it is not a "
+            "BEiT-3 of this configuration."
+        )
+
+    def parts(keys) -> str:
+        counts = Counter(key.split(".")[0] for key in keys)
+        return ", ".join(f"{part}.* ({count})" for part, count in sorted(counts.items())) or "none"
+
+    logger.info(
+        f"{model_class.__name__} from {init}: the backbone loaded; starting fresh: {parts(info['missing_keys'])}; "
+        f"not used: {parts(info['unexpected_keys'])}"
+    )
     return model
 
 

@@ -75,7 +75,7 @@ from ..modeling_heads import (
     Beit3ForVisualQuestionAnswering,
     Beit3ForVisualReasoning,
 )
-from .config import Section, doc
+from .config import Section, check_keys, doc
 from .engine import to_device
 from .runner import autocast, ordered_batches
 
@@ -118,10 +118,18 @@ class TaskData(Section):
         "and counted (skipped_images in metrics.jsonl); false: the run stops at it",
         True,
     )
+    # The keys a split (train, eval, predict) may hold, per task: its readers' (see the module docstring).
+    split_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("train", "eval", "predict"):
+            check_keys(f"data.{name}", getattr(self, name), self.split_keys)
 
 
 @dataclass
 class VqaData(TaskData):
+    split_keys = ("questions", "annotations", "image_root", "index", "data_root")
     image_root: str | None = doc("the folder holding train2014/, val2014/, test2015/ (a split may give its own)", None)
     answer2label: str | None = doc("answer2label.txt (null: built from the train annotations)", None)
     answer_min_count: int = doc("an answer given this often in the train annotations becomes a label", 9, low=1)
@@ -139,7 +147,18 @@ class VqaData(TaskData):
 
 
 @dataclass
+class Nlvr2Data(TaskData):
+    split_keys = ("file", "images", "index", "data_root")
+
+
+@dataclass
+class RetrievalData(TaskData):
+    split_keys = ("karpathy", "image_root", "split", "pairs")
+
+
+@dataclass
 class CaptioningData(TaskData):
+    split_keys = ("karpathy", "image_root", "split")
     max_text_length: int = doc("tokens per caption, <s> and </s> included", 32, low=3)
     mask_prob: float = doc(
         "share of a caption's tokens masked (the official 0.6; the COCO recipe 0.7)", 0.6, above=0, high=1
@@ -153,6 +172,7 @@ class CaptioningData(TaskData):
 
 @dataclass
 class ClassificationData(TaskData):
+    split_keys = ("folder",)
     mixup: float = doc("timm Mixup's mixup alpha (0: off)", 0.0, low=0)
     cutmix: float = doc("timm Mixup's cutmix alpha (0: off)", 0.0, low=0)
     label_smoothing: float = doc(
@@ -396,6 +416,7 @@ class VqaTask(FinetuneTask):
 
 class Nlvr2Task(FinetuneTask):
     name, model_class, metric = "nlvr2", Beit3ForVisualReasoning, "accuracy"
+    Data = Nlvr2Data
 
     def config_overrides(self) -> dict:
         return {"num_labels": 2}
@@ -457,6 +478,7 @@ class _KarpathyTask(FinetuneTask):
 
 class RetrievalTask(_KarpathyTask):
     name, model_class, metric = "retrieval", Beit3ForImageTextRetrieval, "tr_r1"
+    Data = RetrievalData
 
     def train_dataset(self):
         pairs = self.split("train").get("pairs")

@@ -121,8 +121,10 @@ def render() -> str:
             if field.name not in shared
             or (field.default, field.metadata) != (shared[field.name].default, shared[field.name].metadata)
         ]
+        keys = ", ".join(f"`{key}`" for key in task_class.Data.split_keys)
+        lines += [f"### `data`: {task}", "", f"A split (`train`, `eval`, `predict`) holds: {keys}.", ""]
         if own:
-            lines += _section(task_class.Data, f"`data`: {task} adds or changes", own)
+            lines += _section(task_class.Data, f"`data`: {task} adds or changes", own)[2:]
     return "\n".join(lines).rstrip() + "\n"
 
 
