@@ -197,13 +197,12 @@ class Beit3Config(PretrainedConfig):
         if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
             return cls(**{**parse_yaml(path.read_text()), **overrides})
         match = _PRESET_NAME.fullmatch(name)
-        size_file = PRESET_DIR / f"beit3_{match['size']}.yaml" if match else None
-        if size_file is None or not size_file.is_file():
+        spec = size_specs().get(match["size"]) if match else None
+        if spec is None:
             raise ValueError(
                 f"Unknown BEiT-3 preset {name!r}. Known presets: {', '.join(list_presets())} "
                 "(or pass a path to a .json/.yaml config file)."
             )
-        spec = yaml.safe_load(size_file.read_text())
         fields = dict(spec["model"])
         if match["paper"]:
             fields.update(spec["paper_layout"])
@@ -216,12 +215,20 @@ class Beit3Config(PretrainedConfig):
         return cls(**{**fields, **overrides})
 
 
+def size_specs() -> dict[str, dict]:
+    """{size: its file in ``configs/models/``}, e.g. ``{"base": {"model": {...}, "paper_layout": {...},
+    "image_sizes": [...]}, ...}``, in name order."""
+    return {
+        path.stem.removeprefix("beit3_"): yaml.safe_load(path.read_text())
+        for path in sorted(PRESET_DIR.glob("beit3_*.yaml"))
+    }
+
+
 def list_presets() -> list[str]:
     """Every preset name: each size in ``configs/models/``, both layouts, each image size."""
     names = []
-    for size_file in sorted(PRESET_DIR.glob("beit3_*.yaml")):
-        spec = yaml.safe_load(size_file.read_text())
+    for size, spec in size_specs().items():
         patch = spec["model"]["patch_size"]
         for layout in ("", "_paper"):
-            names += [f"{size_file.stem}{layout}_patch{patch}_{image}" for image in spec["image_sizes"]]
+            names += [f"beit3_{size}{layout}_patch{patch}_{image}" for image in spec["image_sizes"]]
     return names

@@ -25,10 +25,9 @@ import os
 from pathlib import Path
 
 import torch
-import yaml
 
 from .checkpoints import atomic_save_file, atomic_save_folder, load_state_dict_checked, read_checkpoint
-from .configuration_beit3 import PRESET_DIR, Beit3Config
+from .configuration_beit3 import Beit3Config, size_specs
 from .log import get_logger
 from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
 from .modeling_heads import (
@@ -83,8 +82,8 @@ def attention_heads(hidden: int, intermediate: int, layers: int, extras: dict) -
     args = extras.get("args") or {}
     if isinstance(args.get("encoder_attention_heads"), int):
         return args["encoder_attention_heads"]
-    for size_file in sorted(PRESET_DIR.glob("beit3_*.yaml")):
-        model = yaml.safe_load(size_file.read_text())["model"]
+    for spec in size_specs().values():
+        model = spec["model"]
         if (model["hidden_size"], model["intermediate_size"], model["num_hidden_layers"]) == (
             hidden,
             intermediate,

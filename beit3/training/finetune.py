@@ -203,14 +203,12 @@ def run(task_name: str, argv: list[str] | None = None, prog: str | None = None) 
     task.blind = args.blind
     model_path = args.model or str(Path(settings.output_dir) / "final")
     model = initial_model(task.model_class, {"init": model_path}, None, {}, with_head=True)
-    tokenizer = None
-    if task.reads_text:
-        tokenizer_path = sections["top"].tokenizer or (model_path if Path(model_path).is_dir() else None)
-        if tokenizer_path is None:
-            raise ValueError(
-                "An official .pth holds no tokenizer: set tokenizer: to beit3.spm (or a tokenizer folder)."
-            )
-        tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = task_tokenizer(
+        task,
+        sections["top"].tokenizer,
+        model_path if Path(model_path).is_dir() else None,
+        "An official .pth holds no tokenizer: set tokenizer: to beit3.spm (or a tokenizer folder).",
+    )
     task.setup(tokenizer, model.config)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -220,6 +218,16 @@ def run(task_name: str, argv: list[str] | None = None, prog: str | None = None) 
     path = task.predict(model, output_dir)
     logger.info(f"{task_name}: wrote predictions to {path}")
     return None
+
+
+def task_tokenizer(task, given: str | None, fallback: str | None, missing: str):
+    """The run's text tokenizer: ``given`` (the config's ``tokenizer``), else ``fallback`` (the model's folder);
+    None for a task that reads no text and was given none. Raises ValueError(``missing``) when there is neither."""
+    if not (task.reads_text or given):
+        return None
+    if not (given or fallback):
+        raise ValueError(missing)
+    return load_tokenizer(given or fallback)
 
 
 def evaluate_and_save(task, model, output_dir: Path) -> dict:
@@ -241,12 +249,12 @@ def train(task, config: dict, settings, sections: dict, blind: bool = False) -> 
     with the images swapped between examples too); returns the held-out scores on rank 0, else None. ``config`` is
     the run's config as written (what the resume check compares), ``sections`` its typed sections."""
     model_section = sections["model"].resolved()  # every field, defaults filled in
-    tokenizer = None
-    if task.reads_text or sections["top"].tokenizer:
-        tokenizer_path = sections["top"].tokenizer or model_section.get("init")
-        if tokenizer_path is None:
-            raise ValueError("Training from random weights needs tokenizer: (a tokenizer folder or beit3.spm).")
-        tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = task_tokenizer(
+        task,
+        sections["top"].tokenizer,
+        model_section.get("init"),
+        "Training from random weights needs tokenizer: (a tokenizer folder or beit3.spm).",
+    )
     torch.manual_seed(settings.seed)  # the same initial head on every rank
     model = initial_model(task.model_class, model_section, tokenizer, task.config_overrides())
     task.setup(tokenizer, model.config)  # (the config_overrides, labels and label smoothing, come from the data alone)
