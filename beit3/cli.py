@@ -25,7 +25,7 @@ def pretrain(argv: list[str] | None = None, prog: str = "beit3-pretrain") -> Non
 
 def finetune(argv: list[str] | None = None, prog: str = "beit3-finetune") -> None:
     from .training.finetune import run
-    from .training.finetune_tasks import TASKS
+    from .training.tasks import TASKS
 
     argv = sys.argv[1:] if argv is None else argv
     usage = f"usage: {prog} {{{','.join(TASKS)}}} --config CONFIG [options]"

@@ -30,14 +30,8 @@ from .checkpoints import atomic_save_file, atomic_save_folder, load_state_dict_c
 from .configuration_beit3 import Beit3Config, size_specs
 from .log import get_logger
 from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
-from .modeling_heads import (
-    Beit3ForCaptioning,
-    Beit3ForImageClassification,
-    Beit3ForImageTextRetrieval,
-    Beit3ForMaskedDataModeling,
-    Beit3ForVisualQuestionAnswering,
-    Beit3ForVisualReasoning,
-)
+from .modeling_heads import Beit3ForMaskedDataModeling
+from .training.tasks import TASKS, task_named
 
 logger = get_logger(__name__)
 
@@ -45,16 +39,6 @@ OFFICIAL_PREFIX = "beit3."
 _EXPERT_LETTERS = {"vision": "A", "text": "B"}
 # Keys whose presence tells an official BEiT-3 backbone, with or without its prefix.
 _SIGNATURE = "vision_embed.cls_token"
-# Our task heads keep the official head key names; the official files hold the backbone under "beit3.".
-TASK_CLASSES = {
-    "classification": Beit3ForImageClassification,
-    "vqa": Beit3ForVisualQuestionAnswering,
-    "nlvr2": Beit3ForVisualReasoning,
-    "retrieval": Beit3ForImageTextRetrieval,
-    "captioning": Beit3ForCaptioning,
-}
-# Where each task's number of labels shows in its head weights.
-_LABEL_KEYS = {"classification": "head.weight", "vqa": "head.3.weight", "nlvr2": "head.dense2.weight"}
 
 
 def split_official(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -325,19 +309,20 @@ def model_from_official(
                 f"{', '.join(f'{name} {size}' for name, size in sizes.items())}. Give this checkpoint's config "
                 "(--config), or none to read the sizes from the tensors."
             )
-    if task is not None and task not in TASK_CLASSES:
-        raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASK_CLASSES)}.")
-    if task in _LABEL_KEYS and _LABEL_KEYS[task] not in heads:
+    # Our task heads keep the official head key names; the official files hold the backbone under "beit3.".
+    task_class = task_named(task) if task is not None else None
+    label_key = task_class.label_key if task_class else None
+    if label_key and label_key not in heads:
         raise ValueError(
-            f"{path} has no '{_LABEL_KEYS[task]}': it is not a {task} checkpoint (its head keys: {sorted(heads)[:8]})."
+            f"{path} has no '{label_key}': it is not a {task} checkpoint (its head keys: {sorted(heads)[:8]})."
         )
-    labels = {"num_labels": heads[_LABEL_KEYS[task]].shape[0]} if task in _LABEL_KEYS else {}
+    labels = {"num_labels": heads[label_key].shape[0]} if label_key else {}
     native = infer_config(
         backbone, extras, **labels, **({"num_attention_heads": config.num_attention_heads} if config else {})
     )
     target_size = (config or native).image_size
     config = Beit3Config.from_dict({**(config or native).to_dict(), **labels, "image_size": native.image_size})
-    model_class = TASK_CLASSES[task] if task else Beit3Model
+    model_class = task_class.model_class if task_class else Beit3Model
     model = model_class(config)
     state = official_to_beit3(backbone, config)
     prefix = "beit3." if task else ""
@@ -358,7 +343,8 @@ def model_from_official(
 
 def architecture_class(config: Beit3Config, default: type = Beit3Model) -> type:
     """The model class a saved config names in ``architectures`` (``default`` when it names none)."""
-    names = {cls.__name__: cls for cls in (Beit3Model, Beit3ForMaskedDataModeling, *TASK_CLASSES.values())}
+    classes = (Beit3Model, Beit3ForMaskedDataModeling, *(task.model_class for task in TASKS.values()))
+    names = {cls.__name__: cls for cls in classes}
     return names.get((config.architectures or [default.__name__])[0], default)
 
 
@@ -389,7 +375,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m beit3.convert") -
     )
     parser.add_argument("--to", choices=("beit3", "official", "timm"), default="beit3")
     parser.add_argument(
-        "--task", choices=tuple(TASK_CLASSES), help="convert a fine-tuned official checkpoint with its task head"
+        "--task", choices=tuple(TASKS), help="convert a fine-tuned official checkpoint with its task head"
     )
     parser.add_argument(
         "--config", help="a preset name or a .json/.yaml config; default: read the sizes from the tensor shapes"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from beit3 import load_tokenizer
-from beit3.training.finetune import initial_model, run
-from beit3.training.finetune_tasks import TASKS
+from beit3.training.finetune import FinetuneModel, initial_model, run
+from beit3.training.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,7 +171,7 @@ def test_predict_mode_writes_the_official_formats(demo_run, tmp_path):
 def test_retrieval_keeps_its_scalar_temperature_through_deepspeed_and_export(demo_run):
     output, _ = demo_run
     model = initial_model(
-        TASKS["retrieval"].model_class, {"init": str(output / "finetune" / "retrieval_pretrained" / "final")}, None, {}
+        TASKS["retrieval"], FinetuneModel(init=str(output / "finetune" / "retrieval_pretrained" / "final")), None, {}
     )
     assert model.logit_scale.shape == ()
     # It was trained: it moved from its initial value log(1 / 0.07).
@@ -182,7 +182,7 @@ def test_a_head_of_another_size_is_refused_with_both_shapes(demo_run):
     output, _ = demo_run
     folder = output / "finetune" / "vqa_pretrained" / "final"
     with pytest.raises(Exception, match=r"head\.weight.*\(3, ") as error:
-        initial_model(TASKS["vqa"].model_class, {"init": str(folder)}, None, {"id2label": {0: "a", 1: "b", 2: "c"}})
+        initial_model(TASKS["vqa"], FinetuneModel(init=str(folder)), None, {"id2label": {0: "a", 1: "b", 2: "c"}})
     assert "torch.Size" in str(error.value) or "(3," in str(error.value)
 
 
@@ -240,7 +240,7 @@ def test_captioning_step_predicts_only_masked_tokens_and_drops_the_worst(demo_ru
     task = TASKS["captioning"](
         {"mask_prob": 0.5, "drop_worst_after": 5, "drop_worst_ratio": 0.5, "label_smoothing": 0.0}, {}
     )
-    model = initial_model(task.model_class, {"init": str(output / "pretrained")}, None, {})
+    model = initial_model(type(task), FinetuneModel(init=str(output / "pretrained")), None, {})
     tokenizer = load_tokenizer(output / "text-tokenizer")
     task.setup(tokenizer, model.config)
 
@@ -327,7 +327,7 @@ def test_the_answer_slot_head_starts_from_the_pretrained_mlm_rows_of_its_answers
     task = TASKS["vqa"](data, {})
     tokenizer = load_tokenizer(str(output / "text-tokenizer"))
     init = str(output / "pretrained")
-    model = initial_model(task.model_class, {"init": init}, tokenizer, task.config_overrides())
+    model = initial_model(type(task), FinetuneModel(init=init), tokenizer, task.config_overrides())
     assert model.config.vqa_head == "answer_slot" and model.config.mask_token_id == tokenizer.mask_token_id
     task.setup(tokenizer, model.config)
     task.prepare_model(model, init)

@@ -22,7 +22,8 @@ def test_a_run_config_is_read_with_its_overrides_and_every_declared_train_settin
 
 
 def test_typed_sections_take_every_declared_field_refuse_unknown_ones_and_print_resolved(tmp_path, capsys):
-    from beit3.training.finetune_tasks import CaptioningData, EvalOptions
+    from beit3.training.tasks import EvalOptions
+    from beit3.training.tasks.captioning import CaptioningData
 
     path = _config(tmp_path, data="{train: {karpathy: k.json}, mask_prob: 0.7}")
     # eval is not in the file and num_beams/drop_worst_after are not listed: declared fields can still be set
@@ -112,7 +113,8 @@ def test_autocast_only_for_half_precisions():
     ],
 )
 def test_every_typed_field_is_checked_for_type_and_range_before_any_work(tmp_path, overrides, message):
-    from beit3.training.finetune_tasks import EvalOptions, VqaData
+    from beit3.training.tasks import EvalOptions
+    from beit3.training.tasks.vqa import VqaData
 
     with pytest.raises(SystemExit, match=message):
         read_run_config(_config(tmp_path), overrides, typed={"data": VqaData, "eval": EvalOptions})
@@ -200,7 +202,7 @@ def test_the_top_level_is_a_typed_section_too(tmp_path, capsys):
 def test_a_split_with_a_key_its_task_does_not_read_is_named_with_the_known_ones(tmp_path):
     """``--set "data.train={questions:/a,annotations:/b}"``: without a space after each colon YAML reads two keys
     and no values; the error says so instead of failing later on a missing file or answer labels."""
-    from beit3.training.finetune_tasks import TASKS
+    from beit3.training.tasks import TASKS
 
     vqa = {"data": TASKS["vqa"].Data}
     with pytest.raises(

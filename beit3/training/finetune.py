@@ -12,12 +12,12 @@ A run config has these sections (``--set`` overrides any field, e.g. ``--set tra
                      position table; drop_path_rate; ...).
     tokenizer: a tokenizer folder or ``beit3.spm``; null: the init folder's (classification reads no text and
                needs none).
-    data:      train / eval / predict: where each split is (the task's readers; see ``finetune_tasks``),
-               and the task's options (max_text_length, augment, ...): ``finetune_tasks.TaskData`` and the
+    data:      train / eval / predict: where each split is (the task's readers; see ``tasks/<task>.py``),
+               and the task's options (max_text_length, augment, ...): ``tasks.TaskData`` and the
                task's own (``VqaData``, ``CaptioningData``, ``ClassificationData``).
     train:     the engine's settings (``beit3.training.engine.TrainSettings``): output_dir, max_steps,
                save_every, seed, lr, warmup_steps, layer_decay, micro_batch_size, precision, zero_stage, ...
-    eval:      batch_size, precision, and the task's decoding options (``finetune_tasks.EvalOptions``).
+    eval:      batch_size, precision, and the task's decoding options (``tasks.EvalOptions``).
 
 Every declared field of these sections may be ``--set``, listed in the YAML or not; ``--print-config`` shows the
 resolved config with each field's default and doc.
@@ -42,7 +42,7 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from ..configuration_beit3 import Beit3Config
-from ..convert import TASK_CLASSES, model_from_official
+from ..convert import model_from_official
 from ..data.common import ReplaceUnreadable, counted
 from ..data.sampling import StepBatchSampler
 from ..export import export
@@ -51,8 +51,8 @@ from ..metrics import write_json_atomic
 from ..tokenization_beit3 import check_tokenizer_matches, load_tokenizer
 from .config import Section, doc
 from .engine import read_run_log
-from .finetune_tasks import TASKS, EvalOptions
 from .runner import command_line, read_run_config, save_model_folder, start_engine, step_loader
+from .tasks import EvalOptions, FinetuneTask, task_named
 
 logger = get_logger(__name__)
 
@@ -91,27 +91,29 @@ def sections_of(task_class) -> dict[str, type[Section]]:
 
 
 def initial_model(
-    model_class: type, section: dict, tokenizer, task_overrides: dict, with_head: bool = False
+    task_class: type[FinetuneTask], section: FinetuneModel, tokenizer, task_overrides: dict, with_head: bool = False
 ) -> torch.nn.Module:
-    """The model a run starts from (see the module docstring's ``model`` section).
+    """The ``task_class.model_class`` a run starts from (``section``: the config's ``model``; see the module
+    docstring).
 
     ``task_overrides``: config fields the task sets (num_labels, id2label, label_smoothing).
     ``with_head``: an official ``.pth`` is a fine-tuned checkpoint of this task (evaluate, predict),
     not a pretrained backbone.
     """
-    overrides = {**(section.get("overrides") or {}), **task_overrides}
+    model_class = task_class.model_class
+    overrides = {**(section.overrides or {}), **task_overrides}
     image_size = overrides.pop("image_size", None)
-    init = section.get("init")
+    init = section.init
     if init is None:
-        if not section.get("preset"):
+        if not section.preset:
             raise ValueError(
                 "model.init is null (random weights), so model.preset must name the architecture (beit3.list_presets())."
             )
         config = Beit3Config.from_preset(
-            section["preset"], **overrides, **({"image_size": image_size} if image_size else {})
+            section.preset, **overrides, **({"image_size": image_size} if image_size else {})
         )
         if tokenizer is not None:  # (a task without text keeps the preset's text tower)
-            if "vocab_size" not in (section.get("overrides") or {}):  # a vocabulary of our own: size the embeddings
+            if "vocab_size" not in (section.overrides or {}):  # a vocabulary of our own: size the embeddings
                 config.vocab_size = len(tokenizer)
             config.mask_token_id = tokenizer.mask_token_id
         return model_class(config)
@@ -124,9 +126,8 @@ def initial_model(
         raise FileNotFoundError(
             f"model.init {init} does not exist: give a from_pretrained folder or an official .pth file."
         )
-    task = next(name for name, cls in TASK_CLASSES.items() if cls is model_class)
     if with_head:
-        model = model_from_official(init, task=task)
+        model = model_from_official(init, task=task_class.name)
     else:
         backbone = model_from_official(init)
         model = model_class(Beit3Config.from_dict({**backbone.config.to_dict(), **overrides}))
@@ -186,7 +187,7 @@ def _task_options(parser) -> None:
 def run(task_name: str, argv: list[str] | None = None, prog: str | None = None) -> dict | None:
     """The command line of ``tasks/<task_name>.py`` (or ``prog``); returns the scores (train on rank 0, evaluate) or None."""
     args = command_line(__doc__, argv, prog=prog or f"tasks/{task_name}.py", add_arguments=_task_options)
-    task_class = TASKS[task_name]
+    task_class = task_named(task_name)
     config, settings, sections = read_run_config(
         args.config,
         args.set,
@@ -202,7 +203,7 @@ def run(task_name: str, argv: list[str] | None = None, prog: str | None = None) 
         return train(task, config, settings, sections, blind=args.blind)
     task.blind = args.blind
     model_path = args.model or str(Path(settings.output_dir) / "final")
-    model = initial_model(task.model_class, {"init": model_path}, None, {}, with_head=True)
+    model = initial_model(task_class, FinetuneModel(init=model_path), None, {}, with_head=True)
     tokenizer = task_tokenizer(
         task,
         sections["top"].tokenizer,
@@ -248,17 +249,17 @@ def train(task, config: dict, settings, sections: dict, blind: bool = False) -> 
     """Fine-tunes on rank 0 and the others, exports ``final`` and scores it on the held-out data (and, ``blind``,
     with the images swapped between examples too); returns the held-out scores on rank 0, else None. ``config`` is
     the run's config as written (what the resume check compares), ``sections`` its typed sections."""
-    model_section = sections["model"].resolved()  # every field, defaults filled in
+    model_section = sections["model"]
     tokenizer = task_tokenizer(
         task,
         sections["top"].tokenizer,
-        model_section.get("init"),
+        model_section.init,
         "Training from random weights needs tokenizer: (a tokenizer folder or beit3.spm).",
     )
     torch.manual_seed(settings.seed)  # the same initial head on every rank
-    model = initial_model(task.model_class, model_section, tokenizer, task.config_overrides())
+    model = initial_model(type(task), model_section, tokenizer, task.config_overrides())
     task.setup(tokenizer, model.config)  # (the config_overrides, labels and label smoothing, come from the data alone)
-    task.prepare_model(model, model_section.get("init"))
+    task.prepare_model(model, model_section.init)
     if tokenizer is not None:
         check_tokenizer_matches(tokenizer, model.config)
     dataset, collate = task.train_dataset(), task.collate
@@ -291,7 +292,7 @@ def train(task, config: dict, settings, sections: dict, blind: bool = False) -> 
         )
     scores = {}
     if task.data.eval:
-        model = initial_model(task.model_class, {"init": str(final)}, None, {}).to(engine.device).eval()
+        model = initial_model(type(task), FinetuneModel(init=str(final)), None, {}).to(engine.device).eval()
         scores = evaluate_and_save(task, model, engine.output_dir)
         if blind:
             task.blind = True

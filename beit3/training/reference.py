@@ -16,8 +16,8 @@ from ..io import write_text_atomic
 from .config import Section, allowed
 from .engine import TrainSettings
 from .finetune import sections_of
-from .finetune_tasks import TASKS, TaskData
 from .pretraining import SECTIONS as PRETRAINING_SECTIONS
+from .tasks import TASKS, TaskData
 from .tokenizer_training import SECTIONS as TOKENIZER_SECTIONS
 
 DEFAULT_OUTPUT = Path("docs/configuration.md")
