@@ -1,4 +1,5 @@
-"""`make demo` runs tasks/demo.py: the whole pipeline on generated data. Here at its smoke size."""
+"""`make demo` runs tasks/demo.py (with its stages, report and probe in tasks/demo_*.py): the whole pipeline on
+generated data. Here at its smoke size."""
 
 import json
 import os
@@ -14,7 +15,7 @@ import beit3  # noqa: F401  (registers the tokenizer class with AutoTokenizer)
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("vqa", "nlvr2", "retrieval", "captioning")
-REPRODUCIBLE_KERNELS = runpy.run_path(str(ROOT / "tasks" / "demo.py"))["REPRODUCIBLE_KERNELS"]
+REPRODUCIBLE_KERNELS = runpy.run_path(str(ROOT / "tasks" / "demo_processes.py"))["REPRODUCIBLE_KERNELS"]
 
 
 def test_every_stage_writes_its_outputs(demo_run):

@@ -1,0 +1,186 @@
+"""The demo's report, from the files its stages wrote: results.json, results.md (the table of both inits per task,
+the blind controls, VQA per question type against each type's prior, the exact-shapes captions, the matching probe,
+a warning for any model whose predictions are constant) and the pictures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from demo_probe import exact_shapes, matching_probe
+from demo_processes import REPRODUCIBLE_KERNELS, run_side_by_side
+
+# A gain counts as clear from 5 points on the 0-100 scale of every metric here: about 1.5 standard errors of
+# a difference between two accuracies near 50% on the 250 held-out examples of each task.
+CLEAR_MARGIN = 5.0
+
+
+def distinct_predictions(task_class, run) -> int | None:
+    """How many different predictions a run made on the held-out data (1: a constant model); None where the task's
+    predictions are rankings (retrieval, classification)."""
+    predictions = task_class.held_out_predictions(run)
+    return None if predictions is None else len(set(predictions))
+
+
+def results_of(demo) -> dict:
+    """results.json: per task the scores of both inits and their blind controls, how many different answers each
+    model gave, VQA per question type, captions naming the exact shapes; the matching probe; kernels and timings."""
+    from beit3.training.tasks import TASKS
+
+    tasks = {}
+    for task in demo.settings["finetune_steps"]:
+        tasks[task] = {
+            "metric": TASKS[task].metric_label,
+            **{init: round(demo.score(task, init)[1], 2) for init in ("scratch", "pretrained")},
+            "blind": round(demo.score(task, "pretrained", blind=True)[1], 2),
+            "scratch_blind": round(demo.score(task, "scratch", blind=True)[1], 2),
+            "distinct_predictions": {
+                init: distinct_predictions(TASKS[task], demo.run_folder(task, init))
+                for init in ("scratch", "pretrained")
+            },
+        }
+    if "vqa" in tasks:
+        kinds = {init: demo.scores("vqa", init).get("per_question_type", {}) for init in ("scratch", "pretrained")}
+        tasks["vqa"]["per_kind"] = {
+            kind: {
+                "scratch": round(kinds["scratch"][kind]["accuracy"], 2),
+                "pretrained": round(row["accuracy"], 2),
+                "prior": None if row["prior"] is None else round(row["prior"], 2),
+            }
+            for kind, row in kinds["pretrained"].items()
+        }
+    if "captioning" in tasks:
+        tasks["captioning"]["exact_shapes"] = {
+            init: round(
+                exact_shapes(
+                    demo.karpathy, demo.run_folder("captioning", init) / TASKS["captioning"].eval_predictions_file
+                ),
+                2,
+            )
+            for init in ("scratch", "pretrained")
+        }
+    contrastive = json.loads((demo.output / "contrastive" / "eval_results.json").read_text())
+    return {
+        "tasks": tasks,
+        "pretraining": {"matching_swap_auc": matching_probe(demo.output / "pretrained", demo.karpathy.parent)},
+        "profile": demo.profile,
+        "kernels": {name: os.environ.get(name, "native") for name in REPRODUCIBLE_KERNELS},
+        "seconds": {k: round(v, 1) for k, v in demo.timings.items()},
+        "contrastive_stage": {"steps": demo.settings["contrastive_steps"], "tr_r1": round(contrastive["tr_r1"], 2)},
+    }
+
+
+def write_report(demo) -> str:
+    """Writes results.json, results.md and the pictures into the demo's output folder; returns the summary line."""
+    from beit3.io import write_json_atomic
+    from beit3.training.tasks import TASKS
+
+    results = results_of(demo)
+    write_json_atomic(demo.output / "results.json", results)
+    lines = [
+        "# BEiT-3 demo: fine-tuning from the pretrained model vs from random weights",
+        "",
+        f"Profile `{demo.profile}`, CPU kernels {', '.join(f'{k}={v}' for k, v in results['kernels'].items())}; "
+        "the same fine-tuning budget for both; scores on held-out data (higher is better). "
+        "Images swapped: the same model scored with every example's image(s) swapped for another example's, the "
+        "control that tells reading the image from answering from the text.",
+        "",
+        "| task | metric | from scratch | pretrained | gain | pretrained, images swapped | scratch, images swapped |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task, row in results["tasks"].items():
+        gain = row["pretrained"] - row["scratch"]
+        verdict = "clear gain" if gain >= CLEAR_MARGIN else "gain within noise" if gain > 0 else "no gain"
+        lines.append(
+            f"| {task} | {row['metric']} | {row['scratch']:.2f} | {row['pretrained']:.2f} | {gain:+.2f} ({verdict}) "
+            f"| {row['blind']:.2f} | {row['scratch_blind']:.2f} |"
+        )
+    warnings = [
+        f"**Warning: the {init} {task} model gives the same prediction for every held-out example**: it reads neither "
+        "the image nor the text."
+        for task, row in results["tasks"].items()
+        for init, count in row["distinct_predictions"].items()
+        if count == 1
+    ]
+    if warnings:
+        lines += [""] + warnings
+    if "vqa" in results["tasks"]:
+        lines += [
+            "",
+            "VQA accuracy per question type; prior: always the type's most frequent training answer.",
+            "",
+            "| question type | prior | from scratch | pretrained |",
+            "|---|---|---|---|",
+        ]
+        for kind, row in results["tasks"]["vqa"]["per_kind"].items():
+            prior = "-" if row["prior"] is None else f"{row['prior']:.2f}"
+            lines.append(f"| {kind} | {prior} | {row['scratch']:.2f} | {row['pretrained']:.2f} |")
+    if "captioning" in results["tasks"]:
+        exact = results["tasks"]["captioning"]["exact_shapes"]
+        lines += [
+            "",
+            f"Generated captions that name exactly the scene's shapes (each with its color and kind): "
+            f"{exact['scratch']:.1f}% from scratch, {exact['pretrained']:.1f}% pretrained.",
+        ]
+    probe = results["pretraining"]["matching_swap_auc"]
+    if probe:
+        lines += [
+            "",
+            "The export's image-text matching head, a held-out caption against the same caption with one word "
+            f"swapped (AUC; 0.5 is chance): color {probe['color']:.3f}, kind {probe['kind']:.3f}.",
+        ]
+    multimodal = [task for task in results["tasks"] if TASKS[task].reads_text]
+    wins = sum(results["tasks"][t]["pretrained"] - results["tasks"][t]["scratch"] >= CLEAR_MARGIN for t in multimodal)
+    summary = f"pretrained beats scratch by {CLEAR_MARGIN:g} points or more on {wins} of the {len(multimodal)} multimodal tasks"
+    lines += [
+        "",
+        summary[0].upper() + summary[1:] + ".",
+        "",
+        f"The pretrained arm of retrieval starts from the image-text contrastive stage on the pretraining pairs "
+        f"({results['contrastive_stage']['steps']} steps; image->text R@1 {results['contrastive_stage']['tr_r1']:.2f} before "
+        "fine-tuning), as BEiT-3's retrieval models do; the other tasks start from the masked data modeling export.",
+        "",
+        "Pictures: `pretraining_loss.png`, `visual_tokens.png`, `captions.png`, `retrieval.png`.",
+    ]
+    (demo.output / "results.md").write_text("\n".join(lines) + "\n")
+    pictures(demo)
+    return f"{summary}; see {demo.output / 'results.md'}"
+
+
+def pictures(demo) -> None:
+    """captions.png and retrieval.png from the pretrained arms' predictions on the test split, beside the pretraining
+    loss curves and the visual tokenizer's code maps."""
+    import torch
+
+    from beit3.data.common import load_rgb
+    from beit3.training.tasks import TASKS
+    from beit3.visualization import save_captioned_images
+
+    shutil.copy(demo.output / "pretrain" / "loss_curves.png", demo.output / "pretraining_loss.png")
+    shutil.copy(demo.output / "vqkd" / "code_maps.png", demo.output / "visual_tokens.png")
+    to_tensor = lambda path: torch.from_numpy(
+        __import__("numpy").asarray(load_rgb(path), dtype="float32") / 255
+    ).permute(2, 0, 1)
+    pictures = (("captioning", "captions.png"), ("retrieval", "retrieval.png"))
+    folders = {task: demo.run_folder(task, "pretrained") for task, _ in pictures}
+    run_side_by_side([demo.trained_model_command(task, folders[task], "predict") for task, _ in pictures], demo.log)
+    references = {}
+    for image in json.loads(demo.karpathy.read_text())["images"]:
+        references[image["cocoid"]] = (
+            demo.output / "data" / "coco" / image["filepath"] / image["filename"],
+            image["sentences"][0]["raw"],
+        )
+    for task, picture in pictures:
+        folder = folders[task]
+        if task == "captioning":
+            items = json.loads((folder / TASKS["captioning"].predictions_file).read_text())[:12]
+            images = [references[i["image_id"]][0] for i in items]
+            texts = [f"generated: {i['caption']}\ntruth: {references[i['image_id']][1]}" for i in items]
+            title = "Captions generated by the fine-tuned model (held-out images)"
+        else:
+            items = json.loads((folder / TASKS["retrieval"].predictions_file).read_text())[:12]
+            images = [i["image"] for i in items]
+            texts = [f"best caption: {i['captions'][0]}" for i in items]
+            title = "Image -> text retrieval over held-out captions"
+        save_captioned_images(torch.stack([to_tensor(p) for p in images]), texts, demo.output / picture, title=title)
