@@ -21,7 +21,8 @@ from beit3.data.synthetic import (
     write_shapes_world,
     write_task_world,
 )
-from beit3.data.vqa import build_answer_vocabulary, normalize_answer, read_vqa
+from beit3.data.vqa import build_answer_vocabulary, read_vqa
+from beit3.data.vqa_answers import normalize_answer
 
 SMALL = dict(
     pretrain_images=20,

@@ -216,7 +216,7 @@ def test_a_missing_split_is_named(demo_run):
 
 
 def test_vqa_vocabulary_comes_from_the_train_annotations(demo_run):
-    from beit3.data.vqa import normalize_answer
+    from beit3.data.vqa_answers import normalize_answer
 
     output, _ = demo_run
     task = TASKS["vqa"](

@@ -22,7 +22,7 @@ from beit3.visual_tokenizers import (
     map_pixels,
     unmap_pixels,
 )
-from beit3.visual_tokenizers import vqkd as vqkd_module
+from beit3.visual_tokenizers import codebook as codebook_module
 
 IMAGE, PATCH, WIDTH, HEADS, CODES, CODE_DIM, TEACHER_DIM = 32, 8, 128, 2, 64, 8, 24
 
@@ -265,15 +265,15 @@ def test_loading_overrides_replace_config_fields(tmp_path):
 def test_cosine_kmeans_finds_separated_directions():
     directions = F.normalize(torch.randn(3, 8), dim=-1)
     samples = F.normalize(directions.repeat_interleave(50, 0) + 0.05 * torch.randn(150, 8), dim=-1)
-    centres = vqkd_module.cosine_kmeans(samples, 3, iters=10)
+    centres = codebook_module.cosine_kmeans(samples, 3, iters=10)
     assert torch.allclose(centres.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert (centres @ directions.t()).max(0).values.min() > 0.99
 
 
 def test_first_training_step_runs_kmeans_then_ema_updates_keep_unit_norm(monkeypatch):
     calls = []
-    real = vqkd_module.cosine_kmeans
-    monkeypatch.setattr(vqkd_module, "cosine_kmeans", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    real = codebook_module.cosine_kmeans
+    monkeypatch.setattr(codebook_module, "cosine_kmeans", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
     model = tiny_vqkd(dead_code_steps=0).train()
     images = torch.rand(8, 3, 32, 32)
     initial = model.quantize.codebook.clone()

@@ -9,9 +9,10 @@ Kinds: ``vqkd`` (BEiT v2, used by BEiT-3) and ``dvae`` (BEiT v1 / DALL-E style).
 """
 
 from .base import VisualTokenizer
+from .codebook import NormEMACodebook
 from .dvae import DVAE, DVAEConfig, DVAEOutput, map_pixels, unmap_pixels
 from .teachers import HOGTarget, PixelTarget, TimmTeacher
-from .vqkd import VQKD, VQKD_PRESETS, NormEMACodebook, VQKDConfig, VQKDOutput
+from .vqkd import VQKD, VQKD_PRESETS, VQKDConfig, VQKDOutput
 
 __all__ = [
     "DVAE",
