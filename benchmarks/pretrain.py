@@ -21,7 +21,10 @@ import torch
 
 from beit3 import Beit3Config
 from beit3.modeling_heads import Beit3ForMaskedDataModeling
-from beit3.training.engine import Engine, TrainSettings, build_optimizer, setup_distributed
+from beit3.training.distributed import setup_distributed
+from beit3.training.engine import Engine
+from beit3.training.optimizer import build_optimizer
+from beit3.training.settings import TrainSettings
 
 warnings.filterwarnings("ignore")
 

@@ -163,7 +163,7 @@ class Demo:
             ],
             self.log,
         )
-        from beit3.training.engine import read_run_log
+        from beit3.training.run_log import read_run_log
 
         last = read_run_log(self.output / "vqkd" / "metrics.jsonl")[-1]
         return f"VQ-KD: codebook usage {last['codebook_usage']:.2f}, perplexity {last['perplexity']:.1f}"
@@ -209,7 +209,7 @@ class Demo:
             ],
             self.log,
         )
-        from beit3.training.engine import read_run_log
+        from beit3.training.run_log import read_run_log
 
         last = read_run_log(self.output / "pretrain" / "metrics.jsonl")[-1]
         return (

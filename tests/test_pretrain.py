@@ -209,7 +209,7 @@ def test_a_half_written_checkpoint_is_never_resumed(world, tmp_path):
 def test_resume_logs_each_step_once_and_survives_a_torn_last_line(world, tmp_path):
     import shutil
 
-    from beit3.training.engine import read_run_log
+    from beit3.training.run_log import read_run_log
 
     run = tmp_path / "run"
     assert pretrain(world, run, max_steps=3, save_every=2).returncode == 0

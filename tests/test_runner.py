@@ -4,8 +4,8 @@ import pytest
 import torch
 import yaml
 
-from beit3.training.engine import TrainSettings
 from beit3.training.runner import autocast, command_line, ordered_batches, read_run_config, step_loader
+from beit3.training.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,13 +4,18 @@ typed sections a program reads from it (``Section``: each field with its default
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
+from ..io import write_json_atomic
+from ..log import get_logger
 from ..package_files import find_config_file, parse_yaml
+
+logger = get_logger(__name__)
 
 
 def load_config(
@@ -239,3 +244,63 @@ def print_config(config: dict, sections: dict[str, Section]) -> str:
         lines.append(f"# {section.title()}:")
         lines += [f"#   {f.name}: {f.metadata.get('doc', '')}" for f in dataclasses.fields(section)]
     return "\n".join(lines)
+
+
+# What a resumed run may change: how long it runs, how often it logs and saves, what it keeps, its loader workers,
+# and the spelling of its output_dir. Anything else would make the resumed steps those of another run.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "train.max_steps",
+        "train.save_every",
+        "train.log_every",
+        "train.keep_last",
+        "train.max_nonfinite_steps",
+        "train.num_workers",
+        "train.output_dir",
+    }
+)
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict) and node:
+        return {
+            key: value for name, child in node.items() for key, value in _flatten(child, f"{prefix}{name}.").items()
+        }
+    return {prefix[:-1]: node}
+
+
+def record_run_config(
+    output_dir: Path, config: dict, resuming: bool, rank: int, may_change: frozenset = RESUMABLE_CHANGES
+) -> list[str]:
+    """Writes ``output_dir/run_config.json`` (rank 0, atomically), after checking ``config`` against the one of
+    the run it will resume (``resuming``: output_dir holds complete checkpoints), if any: a changed field outside ``may_change`` raises ValueError naming each field
+    with its old and new value, and nothing is written. Returns the allowed changes taken ("field: old -> new").
+
+    Call it before writing anything else into output_dir (``model/config.json``...), so that a refused
+    resume leaves the run's files as the checkpoints need them.
+    """
+    path = Path(output_dir) / "run_config.json"
+    resolved = json.loads(json.dumps(config))  # tuples as lists, as the file has them
+    taken = []
+    if resuming and path.is_file():
+        old, new = _flatten(json.loads(path.read_text())), _flatten(resolved)
+        missing = "(not set)"
+        changed = {
+            key: (old.get(key, missing), new.get(key, missing))
+            for key in sorted(old.keys() | new.keys())
+            if old.get(key, missing) != new.get(key, missing)
+        }
+        refused = {key: change for key, change in changed.items() if key not in may_change}
+        if refused:
+            raise ValueError(
+                f"{output_dir} holds checkpoints of a run with another config: "
+                + "; ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in refused.items())
+                + f". A resumed run may change only {', '.join(sorted(may_change))}. Restore those fields to "
+                "resume, or give the new run another train.output_dir."
+            )
+        taken = [f"{key}: {a!r} -> {b!r}" for key, (a, b) in changed.items()]
+        if taken and rank == 0:
+            logger.warning(f"resuming {output_dir} with changed settings: {'; '.join(taken)}")
+    if rank == 0:
+        write_json_atomic(path, resolved, indent=2)
+    return taken

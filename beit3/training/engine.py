@@ -3,7 +3,9 @@
     engine = Engine(model, settings, deepspeed_config, setup_distributed())   # DeepSpeed engine, optimizer, schedule
     engine.fit(step_fn, make_loader, samples_per_step)                         # resumes from output_dir, trains, checkpoints
 
-The programs build it through ``beit3.training.runner``, which every training program shares.
+The programs build it through ``beit3.training.runner``, which every training program shares. Beside it: the
+``train`` section (``settings``), the processes (``distributed``), the optimizer (``optimizer``) and what a run
+reports (``run_log``).
 
 Exact resume: batches are a pure function of the step (see ``beit3.data.pretraining``), and the
 global RNG is re-seeded from (seed, step, rank) before every step, so dropout and drop path repeat
@@ -14,352 +16,28 @@ so a save that dies halfway is never the one a restart picks.
 
 from __future__ import annotations
 
-import atexit
-import importlib
 import json
-import os
 import shutil
-import socket
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
-from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..checkpoints import COMPLETE, check_weights_only, complete_checkpoints, mark_complete, weights_only_loads
 from ..data.sampling import mixed_seed
-from ..io import write_text_atomic
 from ..log import get_logger
-from ..metrics import write_json_atomic
 from ..package_files import find_config_file
-from .config import Section, doc
+from .distributed import lock_output_dir
+from .optimizer import build_optimizer
+from .run_log import RunLog
+from .settings import TrainSettings
 
 logger = get_logger(__name__)
-
-
-@dataclass
-class TrainSettings(Section):
-    """What the loop needs from a run config (field names as in the YAML ``train`` section)."""
-
-    section: ClassVar[str] = "train"
-    output_dir: str = doc(
-        "the run's folder: checkpoints, metrics.jsonl, run_config.json, model/ (a restart resumes from it)"
-    )
-    max_steps: int = doc("optimizer updates in all", low=1)
-    save_every: int = doc("a checkpoint every this many steps (and at the end)", low=1)
-    seed: int = doc("weights, data order, crops, masks and dropout all follow from it", 0, low=0)
-    lr: float = doc("peak learning rate (after warmup; a cosine down to lr x min_lr_ratio)", 1e-3, above=0)
-    min_lr_ratio: float = doc("the cosine ends at lr x this (unilm's fine-tuning: min_lr 1e-6)", 0.0, low=0, high=1)
-    warmup_steps: int = doc("linear warmup from 0", 0, low=0)
-    weight_decay: float = doc("AdamW's, none on norms, biases, embeddings and special tokens", 0.05, low=0)
-    betas: tuple[float, float] = doc("AdamW's: two numbers in [0, 1)", (0.9, 0.98))
-    eps: float = doc("AdamW's", 1e-6, above=0)
-    gradient_clipping: float = doc("global norm; 0 turns it off", 3.0, low=0)
-    gradient_accumulation_steps: int = doc("micro-batches per update", 1, low=1)
-    micro_batch_size: int = doc(
-        "what DeepSpeed counts as the batch; pretraining's batches are dicts of kinds", 1, low=1
-    )
-    precision: str = doc("autocast of training (bf16/fp16 on GPU)", "fp32", choices=("fp32", "bf16", "fp16"))
-    zero_stage: int = doc(
-        "DeepSpeed ZeRO stage (the one source of it: a DeepSpeed JSON of another stage is refused)",
-        2,
-        choices=(0, 1, 2, 3),
-    )
-    keep_last: int = doc("complete checkpoints kept", 2, low=1)
-    log_every: int = doc("a metrics.jsonl record every this many steps", 10, low=1)
-    max_nonfinite_steps: int = doc("non-finite losses in a row before the run stops (each is skipped)", 5, low=1)
-    num_workers: int = doc("data-loader workers per process", 1, low=0)
-    gradient_checkpointing: bool = doc("recompute activations in the backward pass", False)
-    layer_decay: float | None = doc(
-        "fine-tuning: lr x layer_decay ** (depth from the top), as BEiT does", None, above=0, high=1
-    )
-    head_lr_scale: float = doc(
-        "without layer_decay: lr x this for every parameter outside the backbone (see build_optimizer)", 1.0, above=0
-    )
-
-    @classmethod
-    def from_config(cls, section: dict) -> TrainSettings:
-        values = dict(section)
-        if isinstance(values.get("betas"), list):
-            values["betas"] = tuple(values["betas"])
-        return super().from_config(values)
-
-    def __post_init__(self):
-        """Every field is checked before any work (the limits beside each field's doc, and these two): a bad value
-        names the field, the value and what is allowed."""
-        super().__post_init__()
-        if not self.output_dir:
-            raise ValueError("train.output_dir must be a folder path; got ''.")
-        if not (
-            isinstance(self.betas, tuple)
-            and len(self.betas) == 2
-            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)
-        ):
-            raise ValueError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.98]; got {self.betas!r}.")
-
-
-def read_run_log(path: str | os.PathLike) -> list[dict]:
-    """The records of a run's ``metrics.jsonl``; a torn last line (the run was killed while writing it) is left out."""
-    lines = Path(path).read_text(errors="replace").splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise ValueError(f"{path}, line {number}, is not a JSON record: {line[:80]!r}") from None
-    return records
-
-
-def _truncate_run_log(path: Path, step: int) -> None:
-    """Keeps the records up to ``step`` (the one the run resumes from): the steps it repeats are logged once."""
-    if not path.exists():
-        return
-
-    kept = [record for record in read_run_log(path) if record.get("step", 0) <= step]
-    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
-
-
-# What a resumed run may change: how long it runs, how often it logs and saves, what it keeps, its loader workers,
-# and the spelling of its output_dir. Anything else would make the resumed steps those of another run.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "train.max_steps",
-        "train.save_every",
-        "train.log_every",
-        "train.keep_last",
-        "train.max_nonfinite_steps",
-        "train.num_workers",
-        "train.output_dir",
-    }
-)
-
-
-def _flatten(node, prefix: str = "") -> dict:
-    if isinstance(node, dict) and node:
-        return {
-            key: value for name, child in node.items() for key, value in _flatten(child, f"{prefix}{name}.").items()
-        }
-    return {prefix[:-1]: node}
-
-
-def record_run_config(engine: Engine, config: dict, may_change: frozenset = RESUMABLE_CHANGES) -> list[str]:
-    """Writes ``output_dir/run_config.json`` (rank 0, atomically), after checking ``config`` against the one of
-    the run it will resume, if any: a changed field outside ``may_change`` raises ValueError naming each field
-    with its old and new value, and nothing is written. Returns the allowed changes taken ("field: old -> new").
-
-    Call it before writing anything else into output_dir (``model/config.json``...), so that a refused
-    resume leaves the run's files as the checkpoints need them.
-    """
-    path = engine.output_dir / "run_config.json"
-    resolved = json.loads(json.dumps(config))  # tuples as lists, as the file has them
-    taken = []
-    if engine.complete_checkpoints() and path.is_file():
-        old, new = _flatten(json.loads(path.read_text())), _flatten(resolved)
-        missing = "(not set)"
-        changed = {
-            key: (old.get(key, missing), new.get(key, missing))
-            for key in sorted(old.keys() | new.keys())
-            if old.get(key, missing) != new.get(key, missing)
-        }
-        refused = {key: change for key, change in changed.items() if key not in may_change}
-        if refused:
-            raise ValueError(
-                f"{engine.output_dir} holds checkpoints of a run with another config: "
-                + "; ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in refused.items())
-                + f". A resumed run may change only {', '.join(sorted(may_change))}. Restore those fields to "
-                "resume, or give the new run another train.output_dir."
-            )
-        taken = [f"{key}: {a!r} -> {b!r}" for key, (a, b) in changed.items()]
-        if taken and engine.rank == 0:
-            logger.warning(f"resuming {engine.output_dir} with changed settings: {'; '.join(taken)}")
-    if engine.rank == 0:
-        write_json_atomic(path, resolved, indent=2)
-    return taken
-
-
-def cpu_threads(local_size: int, num_workers: int, cores: int | None = None) -> int:
-    """Torch threads per process of a CPU run: the cores this process may use, shared among the ``local_size``
-    processes of this machine, less one for each of a process's ``num_workers`` loader workers (processes of their
-    own), at least 1. OpenMP's threads wait on each other at every operator, so a thread that loses its core to a
-    worker or another process stalls the rest. Measured (2026-12-03, 2-core AMD EPYC, requirements/lock.txt;
-    configs/pretrain/tiny.yaml in one process with its loader worker, 300 steps, runs alternated): 1 thread ran at
-    930 and 947 samples/s against 841 and 862 with 2; beside one busy process, 804 and 796 against 401 and 325."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // local_size - num_workers)
-
-
-def setup_distributed(num_workers: int = 0) -> tuple[int, int, torch.device]:
-    """Initializes torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); a plain
-    ``python script.py`` becomes a world of one. On CPU, sets the torch threads of every process (``cpu_threads``
-    of the cores, the processes here and their ``num_workers`` loader workers) unless ``OMP_NUM_THREADS`` is set,
-    and says which. Returns (rank, world size, device)."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # not started by a launcher
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-        )
-    if not dist.is_initialized():
-        on_cpu = not torch.cuda.is_available()
-        if on_cpu and os.access(sys.prefix, os.W_OK):
-            # DeepSpeed's CPU ops (the CPU Adam of ZeRO-Offload) are C++ built on first use. torch caches them under a
-            # folder named after the interpreter path, so one environment seen through two paths rebuilt them every run.
-            os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-        if on_cpu:
-            # DeepSpeed's CPU backend builds a shared-memory all-reduce (a minute of C++ the first time) and maps a
-            # 69 MB /dev/shm buffer per process that it never removes. Only its inference_all_reduce (tensor-parallel
-            # inference kernels) uses them; training's collectives (ZeRO's reduce-scatter, all-gather, all-reduce)
-            # go through torch.distributed over gloo, so the engine starts neither.
-            # (by module name: the package attribute deepspeed.comm.torch is the torch module it imports)
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-            if os.environ.get("LOCAL_RANK", "0") == "0":
-                sweep_stale_shared_memory_buffers()
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    if device.type == "cpu":
-        # By default each process starts a thread per core, so N ranks on N cores would run N x N threads, and
-        # loader workers take cores of their own (torchrun sets 1 thread for the same reason).
-        if "OMP_NUM_THREADS" in os.environ:
-            why = "OMP_NUM_THREADS"
-        else:
-            torch.set_num_threads(cpu_threads(local_size, num_workers))
-            why = f"{local_size} process(es) on this machine, {num_workers} loader worker(s) each; OMP_NUM_THREADS sets it"
-        if local_rank == 0:
-            logger.info(f"CPU: {torch.get_num_threads()} torch thread(s) per process ({why})")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def sweep_stale_shared_memory_buffers(folder: str | os.PathLike = "/dev/shm", min_age_s: float = 60.0) -> list[Path]:
-    """Removes this user's DeepSpeed all-reduce buffers in ``folder`` that no process maps and that are older than
-    ``min_age_s`` (a starting run may have created its buffer and not mapped it yet), and returns them: what earlier
-    versions of this engine, or other DeepSpeed programs on CPU, left behind. Linux; elsewhere a no-op."""
-    folder = Path(folder)
-    candidates = (
-        [
-            p
-            for p in folder.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")
-            if time.time() - p.stat().st_mtime > min_age_s
-        ]
-        if folder.is_dir()
-        else []
-    )
-    if not candidates or not Path("/proc/self/maps").exists():
-        return []
-    mapped = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            mapped.update(line.split(maxsplit=5)[-1] for line in maps.read_text().splitlines() if str(folder) in line)
-        except OSError:  # gone meanwhile, or another user's
-            continue
-    stale = [p for p in candidates if str(p) not in mapped]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    if stale:
-        logger.warning(
-            f"removed {len(stale)} stale DeepSpeed shared-memory buffer(s) from {folder}, left by earlier runs "
-            f"(e.g. {stale[0].name})"
-        )
-    return stale
-
-
-RUN_LOCK = "run.lock"
-
-
-def _lock_output_dir(output_dir: Path) -> None:
-    """Takes ``output_dir/run.lock`` (host and pid of rank 0) for this process, so that two runs cannot interleave
-    their checkpoints and logs. A lock whose process is gone (a killed run) is taken over; it goes at exit."""
-    lock, me = output_dir / RUN_LOCK, f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = lock.read_text().strip() if lock.exists() else ""
-            host, _, pid = holder.partition(" ")
-            if holder == me:
-                return  # this process holds it already (a second engine on the same run)
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                lock.unlink(missing_ok=True)  # stale: its run was killed
-                continue
-            raise RuntimeError(
-                f"{output_dir} is in use by another run (process {pid or '?'} on {host or '?'}; {lock}). Two runs in one "
-                f"output_dir would interleave their checkpoints and logs: wait for it, use another output_dir, or "
-                f"remove {lock} if that run is gone."
-            ) from None
-        with os.fdopen(fd, "w") as handle:
-            handle.write(me + "\n")
-        atexit.register(lambda: lock.exists() and lock.read_text().strip() == me and lock.unlink())
-        return
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
-def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
-    """Norms, biases, embeddings, position tables and special tokens: trained without weight decay."""
-    exempt = ("_token", "position_embeddings", "position_embeddings.weight", "text_embeddings.weight", "logit_scale")
-    return {name for name, p in model.named_parameters() if p.ndim <= 1 or name.endswith(exempt)}
-
-
-def build_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """AdamW over timm's parameter groups: no weight decay on norms, biases and embeddings and, with
-    ``layer_decay``, a learning rate that shrinks by that factor per layer from the top down; without
-    it, ``head_lr_scale`` multiplies the learning rate of every parameter outside the backbone (``beit3.*``): the
-    VQA ``pooler.*`` and ``head.*``, the NLVR2 and classification ``head.*`` (and ``fc_norm.*``), retrieval's
-    ``vision_head``, ``language_head`` and ``logit_scale``, captioning's ``mlm_head``. That is unilm's
-    task_head_lr_weight (VQA x20) with one difference: unilm boosts ``head*`` names only and leaves the freshly
-    initialized VQA pooler at the backbone's rate."""
-    exempt = no_weight_decay_names(model)
-    if settings.layer_decay is None:
-        groups = param_groups_weight_decay(model, settings.weight_decay, no_weight_decay_list=exempt)
-        if settings.head_lr_scale != 1.0:
-            backbone = {id(p) for p in getattr(model, "base_model", model).parameters()}
-            head = {id(p) for p in model.parameters() if id(p) not in backbone}
-            if not head:
-                raise ValueError(
-                    f"head_lr_scale {settings.head_lr_scale} but {type(model).__name__} has no task-specific parameters "
-                    "(none outside beit3.*) to scale."
-                )
-            groups = [
-                {**group, "params": params, "lr": settings.lr * scale}
-                for group in groups
-                for params, scale in (
-                    ([p for p in group["params"] if id(p) not in head], 1.0),
-                    ([p for p in group["params"] if id(p) in head], settings.head_lr_scale),
-                )
-                if params
-            ]
-    else:
-        groups = param_groups_layer_decay(
-            model, settings.weight_decay, no_weight_decay_list=exempt, layer_decay=settings.layer_decay
-        )
-        for group in groups:  # the schedule scales each group's initial lr, so the layer scale goes there
-            group["lr"] = settings.lr * group.pop("lr_scale")
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps)
 
 
 def load_deepspeed_json(name: str | None, settings: TrainSettings) -> dict:
@@ -441,7 +119,7 @@ class Engine:
                 raise PermissionError(
                     f"Cannot write to output_dir {self.output_dir}: {error}. Choose a writable directory."
                 ) from error
-            _lock_output_dir(self.output_dir)
+            lock_output_dir(self.output_dir)
         # transformers 5.24 renamed it (the old name warns and goes in v6); older releases have only the old one
         enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
             model, "gradient_checkpointing_enable", None
@@ -651,37 +329,6 @@ class Engine:
             **self.counters,
         }
         return record
-
-
-class RunLog:
-    """What a run reports while it trains, from rank 0 (``active``; elsewhere it stays quiet): ``metrics.jsonl`` (one
-    JSON record per logged step, cut back to the step a resumed run starts from, so repeated steps are logged
-    once), TensorBoard scalars (``output_dir/tensorboard``) and the tqdm bar."""
-
-    def __init__(self, output_dir: Path, active: bool, step: int, max_steps: int):
-        self.path, self.writer = output_dir / "metrics.jsonl", None
-        if active:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
-            _truncate_run_log(self.path, step)
-        self.progress = tqdm(total=max_steps, initial=step, desc="train", disable=not active, dynamic_ncols=True)
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step":
-                self.writer.add_scalar(key, value, record["step"])
-        self.progress.set_postfix(loss=f"{record['loss']:.3f}", samples_per_s=f"{record['samples_per_s']:.1f}")
-
-    def advance(self) -> None:
-        self.progress.update(1)
-
-    def close(self) -> None:
-        self.progress.close()
-        if self.writer is not None:
-            self.writer.close()
 
 
 def to_device(batch, device: torch.device):

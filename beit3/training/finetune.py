@@ -15,7 +15,7 @@ A run config has these sections (``--set`` overrides any field, e.g. ``--set tra
     data:      train / eval / predict: where each split is (the task's readers; see ``tasks/<task>.py``),
                and the task's options (max_text_length, augment, ...): ``tasks.TaskData`` and the
                task's own (``VqaData``, ``CaptioningData``, ``ClassificationData``).
-    train:     the engine's settings (``beit3.training.engine.TrainSettings``): output_dir, max_steps,
+    train:     the engine's settings (``beit3.training.settings.TrainSettings``): output_dir, max_steps,
                save_every, seed, lr, warmup_steps, layer_decay, micro_batch_size, precision, zero_stage, ...
     eval:      batch_size, precision, and the task's decoding options (``tasks.EvalOptions``).
 
@@ -50,7 +50,7 @@ from ..log import get_logger
 from ..metrics import write_json_atomic
 from ..tokenization_beit3 import check_tokenizer_matches, load_tokenizer
 from .config import Section, doc
-from .engine import read_run_log
+from .run_log import read_run_log
 from .runner import command_line, read_run_config, save_model_folder, start_engine, step_loader
 from .tasks import EvalOptions, FinetuneTask, task_named
 

@@ -41,7 +41,7 @@ from ..modeling_heads import Beit3ForMaskedDataModeling
 from ..tokenization_beit3 import check_tokenizer_matches, load_tokenizer
 from ..visual_tokenizers import VisualTokenizer
 from .config import Section, doc
-from .engine import read_run_log
+from .run_log import read_run_log
 from .runner import command_line, fail, read_run_config, save_model_folder, start_engine, step_loader
 
 logger = get_logger(__name__)

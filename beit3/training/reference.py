@@ -14,9 +14,9 @@ from pathlib import Path
 
 from ..io import write_text_atomic
 from .config import Section, allowed
-from .engine import TrainSettings
 from .finetune import sections_of
 from .pretraining import SECTIONS as PRETRAINING_SECTIONS
+from .settings import TrainSettings
 from .tasks import TASKS, TaskData
 from .tokenizer_training import SECTIONS as TOKENIZER_SECTIONS
 

@@ -25,8 +25,10 @@ import torch
 from ..data.common import split_batch
 from ..io import loader_worker_init
 from ..log import for_rank
-from .config import Section, load_config, print_config
-from .engine import Engine, TrainSettings, load_deepspeed_json, record_run_config, setup_distributed
+from .config import Section, load_config, print_config, record_run_config
+from .distributed import setup_distributed
+from .engine import Engine, load_deepspeed_json
+from .settings import TrainSettings
 
 
 def fail(error: BaseException | str) -> NoReturn:
@@ -109,7 +111,7 @@ def start_engine(model: torch.nn.Module, config: dict, settings: TrainSettings) 
         fail(error)
     engine = Engine(model, settings, deepspeed_json, distributed=setup_distributed(settings.num_workers))
     try:
-        record_run_config(engine, config)
+        record_run_config(engine.output_dir, config, bool(engine.complete_checkpoints()), engine.rank)
     except ValueError as error:
         fail(error)
     return engine

@@ -23,7 +23,7 @@ from ..data.pretraining import PretrainingBatches, load_sources
 from ..log import get_logger
 from ..visual_tokenizers import DVAE, VQKD, DVAEConfig, VisualTokenizer, VQKDConfig
 from .config import Section, doc
-from .engine import read_run_log
+from .run_log import read_run_log
 from .runner import command_line, fail, read_run_config, start_engine, step_loader
 
 logger = get_logger(__name__)

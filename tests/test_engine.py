@@ -1,0 +1,130 @@
+"""The training engine (beit3/training/engine.py): non-finite losses, checkpoints, accumulation, the ZeRO stage."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from beit3.training.settings import TrainSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train_tiny_engine(tmp_path, settings: str, step_fn: str) -> subprocess.CompletedProcess:
+    """Engine.fit on a tiny backbone in a fresh process, with ``settings`` (TrainSettings arguments) and the body
+    of ``step_fn(module, batch)``, which sees ``engine``; returns the finished process."""
+    script = textwrap.dedent("""
+        import torch
+        from beit3 import Beit3Model
+        from beit3.training.distributed import setup_distributed
+        from beit3.training.engine import Engine
+        from beit3.training.settings import TrainSettings
+        import sys; sys.path.insert(0, {tests!r})
+        from conftest import tiny_config
+        torch.manual_seed(0)
+        engine = Engine(Beit3Model(tiny_config()), TrainSettings(output_dir={run!r}, log_every=1, num_workers=0, {settings}), None,
+                        setup_distributed())
+        def step_fn(module, batch, step):
+        {body}
+        def make_loader(start, count):
+            return iter([{{"pixel_values": torch.randn(2, 3, 32, 32)}} for _ in range(100)])
+        engine.fit(step_fn, make_loader, samples_per_step=2)
+    """).format(
+        tests=str(ROOT / "tests"),
+        run=str(tmp_path / "run"),
+        settings=settings,
+        body=textwrap.indent(textwrap.dedent(step_fn).strip(), "    "),
+    )
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_last_good_checkpoint(tmp_path):
+    result = train_tiny_engine(
+        tmp_path,
+        "max_steps=20, save_every=2, max_nonfinite_steps=3",
+        """
+        loss = module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean()
+        return (loss * float("nan") if engine.step >= 4 else loss), {}
+    """,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "step 4: the loss is not finite" in output and "step 5: the loss is not finite" in output
+    assert "3 steps in a row had a non-finite loss" in output and "step00000004" in output
+    assert (tmp_path / "run/checkpoints/step00000004/COMPLETE").exists()
+    assert not (tmp_path / "run/checkpoints/step00000006").exists()
+
+
+def test_weights_blown_up_by_an_update_are_never_saved_as_a_checkpoint(tmp_path):
+    result = train_tiny_engine(
+        tmp_path,
+        "max_steps=8, save_every=2",
+        """
+        if engine.step == 3:  # an update that overflows weights this loss does not read: the loss stays finite
+            with torch.no_grad():
+                module.module.embeddings.text_embeddings.weight[5].fill_(float("inf"))
+        return module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean(), {}
+    """,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert (
+        "step 4: the weights are no longer finite" in output
+        and "The last good checkpoint is" in output
+        and "step00000002" in output
+    )
+    assert (tmp_path / "run/checkpoints/step00000002/COMPLETE").exists()
+    assert not (tmp_path / "run/checkpoints/step00000004/COMPLETE").exists()
+
+
+def test_gradient_accumulation_takes_micro_batches_per_step(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, json, torch
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from conftest import tiny_config
+        from beit3 import Beit3Model
+        from beit3.training.distributed import setup_distributed
+        from beit3.training.engine import Engine
+        from beit3.training.settings import TrainSettings
+        torch.manual_seed(0)
+        settings = TrainSettings(output_dir={str(tmp_path / "run")!r}, max_steps=3, save_every=3, log_every=1, num_workers=0,
+                                 gradient_accumulation_steps=2, warmup_steps=0, lr=1e-3)
+        engine = Engine(Beit3Model(tiny_config()), settings, None, setup_distributed())
+        asked, seen = [], []
+        def step_fn(module, batch, step):
+            seen.append(int(batch["index"]))
+            return module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean(), {{}}
+        def make_loader(first, count):
+            asked.append((first, count))
+            return iter([{{"pixel_values": torch.randn(2, 3, 32, 32), "index": torch.tensor(first + i)}} for i in range(count)])
+        engine.fit(step_fn, make_loader, samples_per_step=2)
+        print(json.dumps({{"asked": asked, "seen": seen, "steps": engine.module.global_steps, "step": engine.step}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    assert report["asked"] == [[0, 6]] and report["seen"] == list(range(6))
+    assert report["step"] == 3 and report["steps"] == 3  # three optimizer updates for six micro-batches
+
+
+def test_the_zero_stage_has_one_source_a_deepspeed_json_of_another_stage_is_refused(tmp_path, monkeypatch):
+    from beit3.training.engine import load_deepspeed_json
+
+    monkeypatch.chdir(tmp_path)  # the packaged configs are found from any directory
+    settings = TrainSettings(output_dir=str(tmp_path), max_steps=1, save_every=1, zero_stage=3)
+    assert load_deepspeed_json(None, settings)["zero_optimization"]["stage"] == 3  # configs/deepspeed/zero3.json
+    assert load_deepspeed_json(
+        None, TrainSettings(output_dir=str(tmp_path), max_steps=1, save_every=1, zero_stage=0)
+    ) == {"zero_optimization": {"stage": 0}}
+    with pytest.raises(
+        ValueError,
+        match=r"train.zero_stage is 3, but the DeepSpeed config .*zero2.json says stage 2: set train.zero_stage=2",
+    ):
+        load_deepspeed_json("configs/deepspeed/zero2.json", settings)
+    (tmp_path / "broken.json").write_text("{stage: 3")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        load_deepspeed_json(str(tmp_path / "broken.json"), settings)
+    with pytest.raises(FileNotFoundError, match="No config file at missing.json"):
+        load_deepspeed_json("missing.json", settings)
