@@ -53,3 +53,10 @@ def test_shipped_task_configs_parse_and_name_known_settings():
         assert settings.max_steps > 0 and settings.lr > 0, path
         assert {"train", "eval"} <= set(config["data"]), path
         assert config["model"]["preset"].startswith("beit3_"), path
+
+
+def test_a_field_that_moved_to_another_section_is_named_with_its_new_place():
+    from beit3.training.pretraining import PretrainingData
+
+    with pytest.raises(KeyError, match=r"data.deepspeed is now train.deepspeed: move it there"):
+        PretrainingData.from_config({"deepspeed": "configs/deepspeed/zero2.json"})

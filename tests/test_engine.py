@@ -113,18 +113,19 @@ def test_the_zero_stage_has_one_source_a_deepspeed_json_of_another_stage_is_refu
     from beit3.training.engine import load_deepspeed_json
 
     monkeypatch.chdir(tmp_path)  # the packaged configs are found from any directory
-    settings = TrainSettings(output_dir=str(tmp_path), max_steps=1, save_every=1, zero_stage=3)
-    assert load_deepspeed_json(None, settings)["zero_optimization"]["stage"] == 3  # configs/deepspeed/zero3.json
-    assert load_deepspeed_json(
-        None, TrainSettings(output_dir=str(tmp_path), max_steps=1, save_every=1, zero_stage=0)
-    ) == {"zero_optimization": {"stage": 0}}
+    settings = lambda **fields: TrainSettings(output_dir=str(tmp_path), max_steps=1, save_every=1, **fields)
+    assert (
+        load_deepspeed_json(settings(zero_stage=3))["zero_optimization"]["stage"] == 3
+    )  # configs/deepspeed/zero3.json
+    assert load_deepspeed_json(settings(zero_stage=0)) == {"zero_optimization": {"stage": 0}}
     with pytest.raises(
         ValueError,
-        match=r"train.zero_stage is 3, but the DeepSpeed config .*zero2.json says stage 2: set train.zero_stage=2",
+        match=r"train.zero_stage is 3, but the DeepSpeed config .*zero2.json says stage 2: set train.zero_stage=2, or "
+        r"name a JSON of stage 3 in train.deepspeed",
     ):
-        load_deepspeed_json("configs/deepspeed/zero2.json", settings)
+        load_deepspeed_json(settings(zero_stage=3, deepspeed="configs/deepspeed/zero2.json"))
     (tmp_path / "broken.json").write_text("{stage: 3")
     with pytest.raises(ValueError, match="broken.json is not valid JSON"):
-        load_deepspeed_json(str(tmp_path / "broken.json"), settings)
+        load_deepspeed_json(settings(zero_stage=3, deepspeed=str(tmp_path / "broken.json")))
     with pytest.raises(FileNotFoundError, match="No config file at missing.json"):
-        load_deepspeed_json("missing.json", settings)
+        load_deepspeed_json(settings(zero_stage=3, deepspeed="missing.json"))

@@ -73,7 +73,7 @@ def overrides(world: Path, output_dir: Path, **train) -> list[str]:
     ]
     # The stage's own DeepSpeed JSON: tiny.yaml names zero2.json, and another stage is refused
     if "zero_stage" in train:
-        sets.append(f"data.deepspeed=configs/deepspeed/zero{train['zero_stage']}.json")
+        sets.append(f"train.deepspeed=configs/deepspeed/zero{train['zero_stage']}.json")
     return [arg for s in sets for arg in ("--set", s)]
 
 

@@ -166,6 +166,10 @@ def _check_field(section: str, field: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+# Fields that moved to another section: an old config that still has one is told where it went.
+MOVED_FIELDS = {"data.deepspeed": "train.deepspeed"}
+
+
 @dataclasses.dataclass
 class Section:
     """A typed section of a run config: the fields a program reads, with their defaults. ``from_config`` refuses a
@@ -200,7 +204,16 @@ class Section:
         known = cls.field_names()
         unknown = set(values) - known
         if unknown:
-            raise KeyError(f"Unknown {cls.title()} settings {sorted(unknown)}; known: {sorted(known)}.")
+            where = f"{cls.section}." if cls.section else ""
+            moved = [
+                f"{where}{key} is now {MOVED_FIELDS[where + key]}"
+                for key in sorted(unknown)
+                if where + key in MOVED_FIELDS
+            ]
+            raise KeyError(
+                f"Unknown {cls.title()} settings {sorted(unknown)}; known: {sorted(known)}."
+                + (f" ({'; '.join(moved)}: move it there.)" if moved else "")
+            )
         missing = [
             f.name
             for f in dataclasses.fields(cls)

@@ -40,11 +40,12 @@ from .settings import TrainSettings
 logger = get_logger(__name__)
 
 
-def load_deepspeed_json(name: str | None, settings: TrainSettings) -> dict:
-    """The DeepSpeed JSON a run names (``data.deepspeed``: a path, or the name of a packaged one such as
+def load_deepspeed_json(settings: TrainSettings) -> dict:
+    """The DeepSpeed JSON a run names (``train.deepspeed``: a path, or the name of a packaged one such as
     ``configs/deepspeed/zero2.json``), or the packaged ``configs/deepspeed/zero<train.zero_stage>.json``.
     ``train.zero_stage`` is the one source of the ZeRO stage: a JSON that names another stage is refused, never
     silently preferred. Stage 0 needs no file."""
+    name = settings.deepspeed
     if name is None and settings.zero_stage == 0:
         return {"zero_optimization": {"stage": 0}}
     path = find_config_file(name or f"configs/deepspeed/zero{settings.zero_stage}.json")
@@ -56,7 +57,7 @@ def load_deepspeed_json(name: str | None, settings: TrainSettings) -> dict:
     if stage != settings.zero_stage:
         raise ValueError(
             f"train.zero_stage is {settings.zero_stage}, but the DeepSpeed config {path} says stage {stage}: set "
-            f"train.zero_stage={stage}, or name a JSON of stage {settings.zero_stage} in data.deepspeed "
+            f"train.zero_stage={stage}, or name a JSON of stage {settings.zero_stage} in train.deepspeed "
             f"(configs/deepspeed/zero{settings.zero_stage}.json)."
         )
     return config

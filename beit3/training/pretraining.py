@@ -77,7 +77,6 @@ class PretrainingData(Section):
     pair_hflip: float = doc(
         "the pairs' flip probability (0 when captions say left and right)", PAIR_HFLIP, low=0, high=1
     )
-    deepspeed: str | None = doc("a DeepSpeed JSON (null: configs/deepspeed/zero<train.zero_stage>.json)", None)
 
     def __post_init__(self):
         super().__post_init__()

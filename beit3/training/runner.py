@@ -103,10 +103,10 @@ def read_run_config(
 
 
 def start_engine(model: torch.nn.Module, config: dict, settings: TrainSettings) -> Engine:
-    """The engine of a run: the processes (``setup_distributed``), the DeepSpeed JSON of ``data.deepspeed`` (or
+    """The engine of a run: the processes (``setup_distributed``), the DeepSpeed JSON of ``train.deepspeed`` (or
     of ``train.zero_stage``), and the resume check, which refuses another config before anything is rewritten."""
     try:
-        deepspeed_json = load_deepspeed_json(config.get("data", {}).get("deepspeed"), settings)
+        deepspeed_json = load_deepspeed_json(settings)
     except (OSError, ValueError) as error:
         fail(error)
     engine = Engine(model, settings, deepspeed_json, distributed=setup_distributed(settings.num_workers))

@@ -36,6 +36,10 @@ class TrainSettings(Section):
         2,
         choices=(0, 1, 2, 3),
     )
+    deepspeed: str | None = doc(
+        "a DeepSpeed JSON of that stage (a path, or a packaged one; null: configs/deepspeed/zero<zero_stage>.json)",
+        None,
+    )
     keep_last: int = doc("complete checkpoints kept", 2, low=1)
     log_every: int = doc("a metrics.jsonl record every this many steps", 10, low=1)
     max_nonfinite_steps: int = doc("non-finite losses in a row before the run stops (each is skipped)", 5, low=1)

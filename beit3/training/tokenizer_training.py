@@ -54,7 +54,6 @@ class TokenizerData(Section):
     images: str = doc("a folder of images (searched recursively)")
     batch_size: int = doc("images per process and step")
     crop_scale: tuple[float, float] = doc("area range of the random resized crop", (0.08, 1.0))
-    deepspeed: str | None = doc("a DeepSpeed JSON (null: configs/deepspeed/zero<train.zero_stage>.json)", None)
 
 
 # The sections of a visual tokenizer config (the docs' configuration reference reads them too).

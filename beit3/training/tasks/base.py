@@ -69,7 +69,6 @@ class TaskData(Section):
     train: dict | None = doc("the training split (its keys per task: see the module docstring)", None)
     eval: dict | None = doc("the held-out split scored after training and by --mode evaluate", None)
     predict: dict | None = doc("the split --mode predict writes predictions for", None)
-    deepspeed: str | None = doc("a DeepSpeed JSON (null: configs/deepspeed/zero<train.zero_stage>.json)", None)
     max_text_length: int = doc("tokens per text, <s> and </s> included", 64, low=3)
     augment: str = doc(
         "training images: none (the evaluation transform) | randaug | imagenet",
