@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from .data.vqa_answers import normalize_answer, process_punctuation
-from .io import write_json_atomic  # noqa: F401  (its home is beit3.io; imported from here by others)
+from .io import write_json_atomic
 
 # --------------------------------------------------------------------------------------------- VQA
 

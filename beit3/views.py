@@ -67,9 +67,15 @@ class TwoViewTransform:
         self.mean, self.std = list(mean), list(std)
 
     def crops(
-        self, image: Image.Image, tokenizer_view: bool = True, rng: random.Random | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The two views as uint8 tensors (3, size, size), before ``finish``; the tokenizer's None when not asked for.
+        self,
+        image: Image.Image,
+        tokenizer_view: bool = True,
+        rng: random.Random | None = None,
+        model_view: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The two views as uint8 tensors (3, size, size), before ``finish``; either is None when not asked for.
+
+        The random draws are the same whichever views are asked for: a view left out changes no other view.
 
         The float conversion and normalization are left to ``finish`` on the whole batch: per image they cost
         more than the crop itself.
@@ -85,13 +91,18 @@ class TwoViewTransform:
             return torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)
 
         return (
-            view(self.model_size, self.model_interpolation),
+            view(self.model_size, self.model_interpolation) if model_view else None,
             view(self.tokenizer_size, self.tokenizer_interpolation) if tokenizer_view else None,
         )
 
-    def finish(self, model_views: torch.Tensor, tokenizer_views: torch.Tensor | None = None):
-        """uint8 views (..., 3, S, S) from ``crops`` (one or stacked) -> (model views normalized, tokenizer views in [0, 1])."""
-        model = TF.normalize(TF.to_dtype(model_views, torch.float32, scale=True), self.mean, self.std)
+    def finish(self, model_views: torch.Tensor | None, tokenizer_views: torch.Tensor | None = None):
+        """uint8 views (..., 3, S, S) from ``crops`` (one or stacked) -> (model views normalized, tokenizer views in
+        [0, 1]); None stays None."""
+        model = (
+            None
+            if model_views is None
+            else TF.normalize(TF.to_dtype(model_views, torch.float32, scale=True), self.mean, self.std)
+        )
         return model, None if tokenizer_views is None else TF.to_dtype(tokenizer_views, torch.float32, scale=True)
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,10 +76,11 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
     ``args.processes`` ranks that start every timed block together, so that they share the cores as training does."""
     from transformers import AutoTokenizer
 
-    from beit3.data.pretraining import PretrainingBatches, Shards, StreamingPretrainingBatches, load_sources
+    from beit3.data.pretraining import PretrainingBatches, StreamingPretrainingBatches
+    from beit3.data.sources import Shards, load_sources
     from beit3.modeling_heads import Beit3ForMaskedDataModeling
     from beit3.training.engine import to_device
-    from beit3.training.pretraining import masked_data_modeling_step
+    from beit3.training.pretraining import PretrainingData, masked_data_modeling_step
     from beit3.training.runner import autocast
     from beit3.visual_tokenizers import VQKD, VQKDConfig
 
@@ -98,24 +99,17 @@ def measure(args, sources_paths: dict, tokenizer_path: Path, rank: int = 0, barr
     model_config.mask_token_id = tokenizer.mask_token_id
     sources = load_sources(**sources_paths, streaming=args.streaming)
     kind = StreamingPretrainingBatches if any(isinstance(s, Shards) for s in sources.values()) else PretrainingBatches
+    section = PretrainingData.from_config({**data, "batch_size": sizes, "itm_negatives": itm})
+    options = section.batch_options(model_config, visual.image_size)
 
     def batches(workers: int, start: int, count: int):
         extra = {"num_workers": workers} if kind is StreamingPretrainingBatches else {}
         return kind(
             sources,
-            sizes,
             tokenizer,
-            model_config.image_size,
-            model_config.patch_size,
-            max_text_length=data.get("max_text_length", 64),
-            tokenizer_image_size=visual.image_size,
-            text_mask_prob=data.get("text_mask_prob", 0.15),
-            pair_mask_prob=data.get("pair_mask_prob", 0.5),
+            options,
             start_step=start,
             num_steps=count,
-            pair_crop_scale=data.get("pair_crop_scale", (0.5, 1.0)),
-            pair_hflip=data.get("pair_hflip", 0.5),
-            itm_negatives=itm,
             rank=rank,
             world_size=args.processes,
             **extra,

@@ -18,7 +18,7 @@ def matching_probe(export: Path, coco: Path) -> dict[str, float] | None:
 
     from beit3 import Beit3ForMaskedDataModeling, Beit3ImageProcessor
     from beit3.data.common import load_rgb
-    from beit3.data.synthetic import COLORS, KINDS
+    from beit3.data.synthetic import COLORS, SHAPES
 
     model = Beit3ForMaskedDataModeling.from_pretrained(export).eval()
     if not hasattr(model, "itm_head"):
@@ -32,7 +32,7 @@ def matching_probe(export: Path, coco: Path) -> dict[str, float] | None:
     for image in images:
         words = image["sentences"][0]["raw"].split()
         texts = [" ".join(words)]
-        for vocabulary in (COLORS, KINDS):
+        for vocabulary in (COLORS, SHAPES):
             at = rng.choice([i for i, w in enumerate(words) if w in vocabulary])
             swapped = list(words)
             swapped[at] = rng.choice([w for w in vocabulary if w != words[at]])

@@ -3,7 +3,6 @@ and image targets from precomputed codes (tokenizers/encode_images.py)."""
 
 import importlib.util
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -15,7 +14,8 @@ from PIL import Image
 from beit3 import train_sentencepiece
 from beit3.data.common import load_rgb
 from beit3.data.images import read_codes, tokenizer_transform
-from beit3.data.pretraining import PretrainingBatches, load_sources
+from beit3.data.pretraining import BatchOptions, PretrainingBatches
+from beit3.data.sources import load_sources
 from beit3.data.synthetic import write_shapes_world
 from beit3.visual_tokenizers import VQKD, VQKDConfig
 
@@ -32,16 +32,17 @@ def world(tmp_path_factory):
     return paths, tokenizer
 
 
-def batches(sources, tokenizer, **kwargs):
-    return PretrainingBatches(
-        sources,
-        {"image": 3, "text": 3, "pair": 3},
-        tokenizer,
-        image_size=64,
-        patch_size=8,
-        max_text_length=32,
-        **kwargs,
+PLACEMENT = ("seed", "rank", "world_size", "start_step", "num_steps")
+
+
+def batches(sources, tokenizer, sizes=None, **kwargs):
+    """PretrainingBatches of 64 px images in 8 px patches; kwargs are BatchOptions' fields and the placement's."""
+    placement = {key: kwargs.pop(key) for key in PLACEMENT if key in kwargs}
+    options = BatchOptions(
+        batch_sizes=sizes or {"image": 3, "text": 3, "pair": 3},
+        **{"image_size": 64, "patch_size": 8, "max_text_length": 32, **kwargs},
     )
+    return PretrainingBatches(sources, tokenizer, options, **placement)
 
 
 def test_every_batch_has_all_kinds_with_masks(world):
@@ -79,7 +80,7 @@ def test_corrupt_images_are_replaced_and_counted(world, tmp_path):
         Image.new("RGB", (40, 40), (i * 60, 0, 0)).save(folder / f"{i}.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     sources = load_sources(folder)
-    data = PretrainingBatches(sources, {"image": 5}, tokenizer, image_size=64, patch_size=8)
+    data = batches(sources, tokenizer, {"image": 5})
     total = sum(data[step]["counts"]["skipped_image"] for step in range(4))
     assert total == 4  # the broken file comes up once per pass over 5 images
 
@@ -100,7 +101,7 @@ def test_webdataset_shards_give_pairs(world, tmp_path):
                 tar.addfile(info, io.BytesIO(data))
     sources = load_sources(pairs=[str(shard), str(paths["pairs"])])
     assert len(sources["pair"]) == 3 + 24
-    data = PretrainingBatches(sources, {"pair": 27}, tokenizer, image_size=64, patch_size=8)
+    data = batches(sources, tokenizer, {"pair": 27})
     assert data[0]["pair"]["pixel_values"].shape == (27, 3, 64, 64) and data[0]["counts"]["skipped_pair"] == 0
 
 
@@ -122,9 +123,7 @@ def test_a_users_saved_datasets_dataset_is_a_source_of_every_kind(world, tmp_pat
         set(sources["pair"].column_names) == {"path", "image_bytes", "text"}
         and sources["text"][1]["text"] == "a green square"
     )
-    batch = PretrainingBatches(
-        sources, {"image": 3, "text": 2, "pair": 2}, tokenizer, image_size=64, patch_size=8, max_text_length=32
-    )[0]
+    batch = batches(sources, tokenizer, {"image": 3, "text": 2, "pair": 2}, max_text_length=32)[0]
     assert batch["pair"]["pixel_values"].shape == (2, 3, 64, 64) and batch["counts"]["skipped_pair"] == 0
     assert batch["image"]["pixel_values"].shape[0] == 3
     pixels = load_rgb(None, sources["pair"][0]["image_bytes"]).getpixel((20, 20))
@@ -138,79 +137,6 @@ def test_a_users_saved_datasets_dataset_is_a_source_of_every_kind(world, tmp_pat
         load_sources(pairs={**spec, "split": "validation"})
     with pytest.raises(ValueError, match="No dataset saved with save_to_disk"):
         load_sources(pairs={**spec, "dataset": str(tmp_path / "nothing")})
-
-
-def test_pair_lists_are_read_from_disk_and_follow_edits(world, tmp_path):
-    paths, _ = world
-    lines = paths["pairs"].read_text().splitlines()
-    pairs = tmp_path / "pairs.jsonl"
-    for image in {json.loads(line)["image"] for line in lines}:  # the images, next to the copied list
-        (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / image).write_bytes((paths["pairs"].parent / image).read_bytes())
-    pairs.write_text("\n".join(lines[:10]) + "\n")
-    first = load_sources(pairs=[str(pairs)])["pair"]
-    # Memory-mapped Arrow in the datasets cache, not rows held in RAM: a list larger than memory still works.
-    assert first.cache_files and len(first) == 10
-    pairs.write_text("\n".join(lines[:7]) + "\n")
-    edited = load_sources(pairs=[str(pairs)])["pair"]
-    assert len(edited) == 7 and edited[6]["text"] == json.loads(lines[6])["text"]  # the edit is read, not an old cache
-
-
-def test_pair_lines_without_an_image_path_or_a_text_are_skipped_and_named(world, tmp_path, capsys):
-    paths, _ = world
-    good = paths["pairs"].read_text().splitlines()[0]
-    image = str(paths["pairs"].parent / json.loads(good)["image"])
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(
-        "\n".join(
-            [
-                json.dumps({"image": image, "text": "a red circle"}),
-                json.dumps({"image": None, "text": "a red circle"}),
-                json.dumps({"image": image, "text": "  "}),
-                json.dumps({"image": image, "text": None}),
-            ]
-        )
-        + "\n"
-    )
-    with open(pairs, "ab") as handle:  # a Latin-1 caption: not UTF-8
-        handle.write(b'{"image": "' + image.encode() + b'", "text": "caf\xe9"}\n')
-    source = load_sources(pairs=[str(pairs)])["pair"]
-    assert source["text"] == ["a red circle"]  # one rule for texts and pairs: empty texts are left out
-    err = capsys.readouterr().err
-    assert f"{pairs}:2" in err and "the image is None" in err and f"{pairs}:3" in err and f"{pairs}:4" in err
-    assert f"{pairs}:5" in err and "utf-8" in err
-
-
-def test_text_lines_that_are_not_utf8_are_skipped_and_named_instead_of_failing_the_cache(tmp_path, capsys):
-    plain, structured = tmp_path / "texts.txt", tmp_path / "texts.jsonl"
-    plain.write_bytes(b"a red circle\n\xff\xfe latin-1 \xe9\n\na blue square\n")
-    structured.write_bytes(b'{"text": "a green shape"}\n\n{"caption": "no text field"}\n{"text": "caf\xe9"}\n')
-    source = load_sources(texts=[str(plain), str(structured)])["text"]
-    assert source["text"] == ["a red circle", "a blue square", "a green shape"] and source.cache_files
-    err = capsys.readouterr().err
-    assert f"{plain} at byte 13" in err and f"{structured} at byte 27" in err and f"{structured} at byte 56" in err
-    assert "at byte 26" not in err  # a blank line is left out, not reported
-    many = tmp_path / "many.txt"
-    many.write_bytes(b"ok\n" + b"\xff\n" * 8)
-    assert load_sources(texts=[str(many)])["text"]["text"] == ["ok"]
-    err = capsys.readouterr().err
-    assert err.count(f"{many} at byte") == 5 and f"{many}: 8 lines skipped in all" in err
-    with pytest.raises(FileNotFoundError, match="missing.txt not found"):
-        load_sources(texts=[str(tmp_path / "missing.txt")])
-
-
-def test_empty_or_missing_sources_are_refused(world, tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="image source is empty"):
-        load_sources(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match="No image folder"):
-        load_sources(tmp_path / "missing")
-    with pytest.raises(ValueError, match="No pretraining data"):
-        load_sources()
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"image": "x.png"}) + "\nnot json\n")
-    with pytest.raises(ValueError, match="pair source is empty"):
-        load_sources(pairs=[str(bad)])
 
 
 def encode(tokenizer_dir: Path, images: Path, output: Path) -> dict[str, torch.Tensor]:
@@ -332,7 +258,7 @@ def test_corrupt_images_are_replaced_with_their_codes(world, visual_tokenizer, t
     assert sorted(written) == ["0.png", "1.png", "2.png", "3.png"]
     (folder / "3.png").write_bytes((folder / "3.png").read_bytes()[:40])  # broken after it was encoded: it has codes
     sources = load_sources(folder, image_codes=tmp_path / "codes")
-    data = PretrainingBatches(sources, {"image": 5}, tokenizer, image_size=64, patch_size=8, color_jitter=0.0)
+    data = batches(sources, tokenizer, {"image": 5}, color_jitter=0.0)
     total = 0
     for step in range(4):
         batch = data[step]
@@ -350,15 +276,13 @@ def test_corrupt_images_are_replaced_with_their_codes(world, visual_tokenizer, t
         total >= 8
     )  # each broken file comes up at least once per pass over 5 images (a replacement can be broken too)
     with pytest.raises(ValueError, match="64 codes per image .* 4x4 patches"):
-        PretrainingBatches(sources, {"image": 5}, tokenizer, image_size=64, patch_size=16)  # 4x4 patches, 8x8 codes
+        batches(sources, tokenizer, {"image": 5}, patch_size=16)  # 4x4 patches, 8x8 codes
 
 
 def test_matching_batches_pair_each_text_with_its_image_and_with_another_captions_image(world):
     paths, tokenizer = world
     sources = load_sources(paths["images"], [paths["texts"]], [paths["pairs"]])
-    make = lambda **kw: PretrainingBatches(
-        sources, {"pair": 8}, tokenizer, image_size=64, patch_size=8, max_text_length=32, itm_negatives=0.5, **kw
-    )
+    make = lambda **kw: batches(sources, tokenizer, {"pair": 8}, max_text_length=32, itm_negatives=0.5, **kw)
     batch = make(seed=3)[2]
     itm, pair = batch["itm"], batch["pair"]
     assert itm["itm_labels"].tolist() == [1] * 4 + [0] * 4
@@ -376,50 +300,35 @@ def test_matching_batches_pair_each_text_with_its_image_and_with_another_caption
     again = make(seed=3, start_step=2)[0]  # a pure function of (seed, step, rank), as every kind
     for key, value in itm.items():
         assert torch.equal(value, again["itm"][key]), key
-    assert (
-        "itm" not in PretrainingBatches(sources, {"pair": 8}, tokenizer, image_size=64, patch_size=8)[0]
-    )  # off by default
-    # A caption that says everything the text says (and more) may describe the same thing: it is never its negative.
-    texts = ["a red circle", "a big red circle on the left", "a small blue square"]
-    encoded = dict(tokenizer(texts, padding=True, return_tensors="pt"))
-    one = PretrainingBatches(
-        sources, {"pair": 2}, tokenizer, image_size=64, patch_size=8, itm_negatives=0.5
-    )  # one matched pair a batch
-    images = torch.arange(3.0)[:, None, None, None].expand(3, 3, 2, 2)  # image i is all i
-    for step in range(5):
-        negative = one._matching_batch(images, texts, encoded, step)["pixel_values"][1]
-        assert int(negative[0, 0, 0]) == 2, "'a red circle' was paired against the big red circle's image"
+    assert "itm" not in batches(sources, tokenizer, {"pair": 8})[0]  # off by default
 
     with pytest.raises(ValueError, match="itm_negatives 1.5"):
-        PretrainingBatches(sources, {"pair": 8}, tokenizer, image_size=64, patch_size=8, itm_negatives=1.5)
+        batches(sources, tokenizer, {"pair": 8}, itm_negatives=1.5)
     with pytest.raises(ValueError, match="pair batches of 2 or more"):
-        PretrainingBatches(sources, {"pair": 1}, tokenizer, image_size=64, patch_size=8, itm_negatives=0.5)
+        batches(sources, tokenizer, {"pair": 1}, itm_negatives=0.5)
 
 
-def test_text_swap_negatives_keep_the_image_and_change_one_token_for_another_captions(world):
+def test_batch_options_refuse_a_share_outside_zero_to_one_and_an_unknown_kind():
+    for field in ("image_mask_ratio", "itm_negatives", "itm_text_swaps", "pair_hflip"):
+        with pytest.raises(ValueError, match=f"{field} 2 must be a share in"):
+            BatchOptions({"pair": 4}, 64, 8, **{field: 2})
+    with pytest.raises(ValueError, match=r"batch sizes for \['video'\]: the kinds are image, text, pair"):
+        BatchOptions({"video": 4}, 64, 8)
+
+
+def test_the_image_mask_ratio_sets_the_masked_patches_of_every_image(world):
     paths, tokenizer = world
-    sources = load_sources(paths["images"], [paths["texts"]], [paths["pairs"]])
-    texts = [sources["pair"][i]["text"] for i in range(4)]
-    encoded = dict(tokenizer(texts, padding=True, return_tensors="pt"))
-    ids, mask = encoded["input_ids"], encoded["attention_mask"].bool()
-    swaps = PretrainingBatches(
-        sources, {"pair": 4}, tokenizer, image_size=64, patch_size=8, itm_negatives=1.0, itm_text_swaps=0.5
-    )
-    images = torch.arange(4.0)[:, None, None, None].expand(4, 3, 2, 2)  # image i is all i
-    batch = swaps._matching_batch(images, texts, encoded, step=0)
-    assert batch["itm_labels"].tolist() == [1] * 4 + [0] * 4
-    for row in range(2):  # half of the 4 negatives: the own image, a text one token off
-        assert int(batch["pixel_values"][4 + row][0, 0, 0]) == row
-        changed = (batch["input_ids"][4 + row] != ids[row]).nonzero().flatten().tolist()
-        assert len(changed) == 1 and mask[row, changed[0]]
-        new = int(batch["input_ids"][4 + row, changed[0]])
-        assert new not in ids[row].tolist() and new in ids[[o for o in range(4) if o != row], changed[0]].tolist()
-        assert new not in tokenizer.all_special_ids
-    for row in range(2, 4):  # the rest: the same text with another caption's image
-        assert (
-            torch.equal(batch["input_ids"][4 + row], ids[row]) and int(batch["pixel_values"][4 + row][0, 0, 0]) != row
-        )
-    with pytest.raises(ValueError, match="itm_text_swaps 2"):
-        PretrainingBatches(
-            sources, {"pair": 4}, tokenizer, image_size=64, patch_size=8, itm_negatives=1.0, itm_text_swaps=2
-        )
+    sources = load_sources(paths["images"])
+    assert BatchOptions({"image": 3}, 224, 16).masked_patches == 75  # BEiT's 75 of 196 by default
+    for ratio, patches in ((0.5, 32), (0.25, 16)):
+        masks = batches(sources, tokenizer, {"image": 3}, image_mask_ratio=ratio)[0]["image"]["bool_masked_pos"]
+        assert masks.shape == (3, 64) and masks.sum(-1).tolist() == [patches] * 3
+
+
+def test_tokenizer_views_alone_are_the_views_a_full_batch_gives_the_tokenizer(world):
+    paths, tokenizer = world
+    sources = load_sources(paths["images"])
+    full = batches(sources, None, {"image": 4}, seed=2)[3]["image"]
+    alone = batches(sources, None, {"image": 4}, seed=2, tokenizer_views_only=True)[3]["image"]
+    assert set(alone) == {"tokenizer_pixel_values"}  # no model view, no masks: what a visual tokenizer trains on
+    assert torch.equal(alone["tokenizer_pixel_values"], full["tokenizer_pixel_values"])

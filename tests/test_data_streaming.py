@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from beit3 import train_sentencepiece
-from beit3.data.pretraining import PretrainingBatches, StreamingPretrainingBatches, load_sources
+from beit3.data.pretraining import BatchOptions, PretrainingBatches, StreamingPretrainingBatches
+from beit3.data.sampling import Stream
+from beit3.data.sources import load_sources
 from beit3.data.streaming import ShardStream, expand_shards, pair_of, text_pieces, text_samples, write_shards
 from beit3.data.synthetic import write_shapes_world
 
@@ -131,7 +133,7 @@ def test_pairs_come_from_txt_or_a_json_caption_and_bad_text_is_none():
 
 def make_batches(sources, tokenizer, **kwargs):
     return StreamingPretrainingBatches(
-        sources, {"pair": 3}, tokenizer, image_size=64, patch_size=8, max_text_length=32, **kwargs
+        sources, tokenizer, BatchOptions({"pair": 3}, 64, 8, max_text_length=32), **kwargs
     )
 
 
@@ -201,14 +203,14 @@ def test_streaming_needs_shards_and_shards_need_streaming(world, tmp_path):
         load_sources(pairs=[str(tmp_path / "gone-{0..1}.tar")], streaming=True)
     with pytest.raises(TypeError, match="use StreamingPretrainingBatches"):
         PretrainingBatches(
-            load_sources(pairs=[str(shards / "pairs-{000..004}.tar")], streaming=True), {"pair": 2}, tokenizer, 64, 8
+            load_sources(pairs=[str(shards / "pairs-{000..004}.tar")], streaming=True),
+            tokenizer,
+            BatchOptions({"pair": 2}, 64, 8),
         )
     images = load_sources(
         images=str(shards / "pairs-{000..004}.tar"), streaming=True
     )  # the image kind from pair shards
-    batch = next(
-        iter(StreamingPretrainingBatches(images, {"image": 4}, None, image_size=64, patch_size=8, num_steps=1))
-    )
+    batch = next(iter(StreamingPretrainingBatches(images, None, BatchOptions({"image": 4}, 64, 8), num_steps=1)))
     assert batch["image"]["pixel_values"].shape == (4, 3, 64, 64) and batch["counts"]["skipped_image"] == 0
 
 
@@ -226,7 +228,7 @@ def test_text_files_stream_in_pieces_that_hold_every_line_once(tmp_path, capsys)
     assert [t for t in read if t is not None] == lines and read.count(
         None
     ) == 2  # every line once, in order; 2 bad lines
-    stream_a = ShardStream(pieces, seed=0, kind=1, stream=0, streams=2, read=text_samples)
+    stream_a = ShardStream(pieces, seed=0, kind=Stream.TEXT, stream=0, streams=2, read=text_samples)
     stream_b = ShardStream(pieces, seed=0, kind=1, stream=1, streams=2, read=text_samples)
     for _ in range(20):
         next(stream_a)
@@ -242,6 +244,6 @@ def test_streamed_texts_fill_text_batches_and_skip_bad_lines(world, tmp_path, ca
     _, tokenizer, _, _ = world
     (tmp_path / "t.jsonl").write_bytes(b'{"text": "a red circle"}\n\xff\n{"text": "two blue squares"}\n' * 4)
     sources = load_sources(texts=[str(tmp_path / "t.jsonl")], streaming=True)
-    batch = next(iter(StreamingPretrainingBatches(sources, {"text": 6}, tokenizer, 64, 8, num_steps=1)))
+    batch = next(iter(StreamingPretrainingBatches(sources, tokenizer, BatchOptions({"text": 6}, 64, 8), num_steps=1)))
     assert batch["text"]["input_ids"].shape[0] == 6 and batch["counts"]["skipped_text"] >= 2
     assert "t.jsonl at byte" in capsys.readouterr().err

@@ -10,11 +10,11 @@ import pytest
 from beit3.data.imagenet import read_image_folder
 from beit3.data.karpathy import read_karpathy
 from beit3.data.nlvr2 import read_nlvr2
-from beit3.data.pretraining import load_sources
+from beit3.data.sources import load_sources
 from beit3.data.synthetic import (
     CLASSES,
     COLORS,
-    KINDS,
+    SHAPES,
     SLOTS,
     caption,
     pair_statement,
@@ -154,7 +154,7 @@ def test_every_default_train_answer_is_kept_by_the_vocabulary(tmp_path):
     counts = Counter(a["multiple_choice_answer"] for a in annotations)
     assert len(annotations) == 4500 and min(counts.values()) >= 9
     assert set(build_answer_vocabulary([paths["vqa_train_annotations"]])) == set(counts)
-    assert set(counts) == {"yes", "no", "0", "1", "2", "3", "left", "right", "top", "bottom", *COLORS, *KINDS}
+    assert set(counts) == {"yes", "no", "0", "1", "2", "3", "left", "right", "top", "bottom", *COLORS, *SHAPES}
 
 
 def test_nlvr2_labels_and_images(world):

@@ -79,12 +79,6 @@ def test_thin_writers_and_json_that_fails_halfway(tmp_path):
     assert names(tmp_path) == ["b.bin", "j.json", "t.txt"]
 
 
-def test_metrics_still_offers_write_json_atomic():
-    from beit3 import metrics
-
-    assert metrics.write_json_atomic is write_json_atomic
-
-
 def test_atomic_path_keeps_the_suffix_replaces_and_cleans_up(tmp_path):
     path = tmp_path / "figure.png"
     path.write_bytes(b"old")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from beit3 import metrics
+from beit3.io import write_json_atomic
 from beit3.metrics import (
     caption_scores,
     classification_accuracy,
@@ -186,7 +187,7 @@ def test_prediction_files_are_the_official_formats_and_written_atomically(tmp_pa
     write_caption_results(tmp_path / "captions.json", [{"image_id": 42, "caption": "a red bus"}])
     assert json.loads((tmp_path / "captions.json").read_text()) == [{"image_id": 42, "caption": "a red bus"}]
     with pytest.raises(TypeError):
-        metrics.write_json_atomic(path, [{"question_id": 1, "answer": object()}])  # fails half-way through json.dump
+        write_json_atomic(path, [{"question_id": 1, "answer": object()}])  # fails half-way through json.dump
     assert json.loads(path.read_text())[0]["answer"] == "yes"  # the previous file is untouched
     assert sorted(p.name for p in path.parent.iterdir()) == ["vqa_test-dev.json"]  # and no temporary file is left
 

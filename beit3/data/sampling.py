@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from enum import IntEnum
 
 import numpy as np
 import torch
@@ -23,6 +24,25 @@ def mixed_seed(*parts: int) -> int:
         state = (state ^ (state >> 27)) * 0x94D049BB133111EB & _MASK64
         state = (state ^ (state >> 31)) + 0x9E3779B97F4A7C15 & _MASK64
     return state >> 1
+
+
+class Stream(IntEnum):
+    """The pretraining data's independent random streams: the second part of every ``mixed_seed`` they draw from.
+
+    The numbers are part of what a seed means: renumbering one changes every run's data, and a run resumed
+    across the change would not see the batches it would have seen.
+    """
+
+    IMAGE = 0  # the image kind: its order, each image's crop and jitter, its shards' order
+    TEXT = 1  # the text kind: its order, its masks, its text pieces' order
+    PAIR = 2  # the pair kind: its order, crops, masks, shards' order
+    MATCHING = 3  # image-text matching: hard negatives and token swaps
+    IMAGE_MASK = 7  # the image kind's block masks
+
+    @classmethod
+    def of_kind(cls, kind: str) -> Stream:
+        """The stream of a data kind ("image", "text", "pair")."""
+        return cls[kind.upper()]
 
 
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):

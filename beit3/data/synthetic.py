@@ -37,7 +37,7 @@ COLORS = {
     "purple": (150, 70, 190),
     "white": (235, 235, 235),
 }
-KINDS = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle")  # the shapes drawn (a shape dict names its own "kind")
 SLOTS = {
     "on the left": (0.25, 0.5),
     "on the right": (0.75, 0.5),
@@ -45,14 +45,14 @@ SLOTS = {
     "at the bottom": (0.5, 0.75),
 }
 SIZES = {"small": 0.12, "big": 0.2}
-CLASSES = tuple(f"{color}_{kind}" for color in COLORS for kind in KINDS)  # the 18 classification classes
+CLASSES = tuple(f"{color}_{kind}" for color in COLORS for kind in SHAPES)  # the 18 classification classes
 
 
 def random_scene(rng: random.Random) -> list[dict]:
     """One to three shapes in distinct slots: [{"kind", "color", "size", "slot"}]."""
     slots = rng.sample(list(SLOTS), rng.randint(1, 3))
     return [
-        {"kind": rng.choice(KINDS), "color": rng.choice(list(COLORS)), "size": rng.choice(list(SIZES)), "slot": slot}
+        {"kind": rng.choice(SHAPES), "color": rng.choice(list(COLORS)), "size": rng.choice(list(SIZES)), "slot": slot}
         for slot in slots
     ]
 
@@ -82,7 +82,7 @@ def caption(scene: list[dict]) -> str:
 def shapes_named(text: str) -> list[tuple[str, str]]:
     """The (color, kind) of every shape a caption names in full ("a big red circle ..." -> [("red", "circle")]),
     sorted: two captions describe the same shapes when these lists are equal."""
-    pattern = rf"\b(?:{'|'.join(SIZES)})\s+({'|'.join(COLORS)})\s+({'|'.join(KINDS)})\b"
+    pattern = rf"\b(?:{'|'.join(SIZES)})\s+({'|'.join(COLORS)})\s+({'|'.join(SHAPES)})\b"
     return sorted(re.findall(pattern, text))
 
 
@@ -118,7 +118,7 @@ def _slot_word(slot: str) -> str:
 def _color_question(scene, rng, want_yes):
     """ "what color is the circle?" (exactly one circle) or "what color is the shape on the left?"."""
     options = [(f"what color is the shape {s['slot']}?", s["color"]) for s in scene]
-    for kind in KINDS:
+    for kind in SHAPES:
         shapes = [s for s in scene if s["kind"] == kind]
         if len(shapes) == 1:
             options.append((f"what color is the {kind}?", shapes[0]["color"]))
@@ -159,7 +159,7 @@ def _yes_no_question(scene, rng, want_yes):
     if want_yes:
         color, kind = rng.choice(present)
     else:
-        color, kind = rng.choice([(c, k) for c in COLORS for k in KINDS if (c, k) not in present])
+        color, kind = rng.choice([(c, k) for c in COLORS for k in SHAPES if (c, k) not in present])
     return f"is there a {color} {kind}?", "yes" if want_yes else "no"
 
 
@@ -206,7 +206,7 @@ def _attributes(scene, level: str) -> set[str]:
     return {f"{s['color']} shape" for s in scene} if level == "color" else {s["kind"] for s in scene}
 
 
-_EVERY_SHAPE = [{"color": c, "kind": k} for c in COLORS for k in KINDS]
+_EVERY_SHAPE = [{"color": c, "kind": k} for c in COLORS for k in SHAPES]
 _ALL_ATTRIBUTES = {level: _attributes(_EVERY_SHAPE, level) for level in ("full", "color", "kind")}
 
 

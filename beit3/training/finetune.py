@@ -46,8 +46,8 @@ from ..convert import model_from_official
 from ..data.common import ReplaceUnreadable, counted
 from ..data.sampling import StepBatchSampler
 from ..export import export
+from ..io import write_json_atomic
 from ..log import get_logger
-from ..metrics import write_json_atomic
 from ..tokenization_beit3 import check_tokenizer_matches, load_tokenizer
 from .config import Section, doc
 from .run_log import read_run_log

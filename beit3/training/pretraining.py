@@ -30,13 +30,13 @@ from ..data.pretraining import (
     MAX_TEXT_LENGTH,
     PAIR_CROP_SCALE,
     PAIR_HFLIP,
+    BatchOptions,
     PretrainingBatches,
-    Shards,
     StreamingPretrainingBatches,
-    load_sources,
 )
+from ..data.sources import Shards, load_sources
 from ..log import get_logger
-from ..masking import PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB
+from ..masking import DEFAULT_MASK_FRACTION, PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB
 from ..modeling_heads import Beit3ForMaskedDataModeling
 from ..tokenization_beit3 import check_tokenizer_matches, load_tokenizer
 from ..visual_tokenizers import VisualTokenizer
@@ -61,26 +61,40 @@ class PretrainingData(Section):
     max_text_length: int = doc("tokens per text, <s> and </s> included", MAX_TEXT_LENGTH, low=3)
     text_mask_prob: float = doc("masked share of a text's tokens (the paper: 0.15)", TEXT_MASK_PROB, above=0, high=1)
     pair_mask_prob: float = doc("masked share of a pair's text (the paper: 0.5)", PAIR_TEXT_MASK_PROB, above=0, high=1)
+    # The shares below are checked where the batches read them (BatchOptions), which run() builds first.
+    image_mask_ratio: float = doc(
+        "masked share of an image's patches, in [0, 1], in blocks, rounded to whole patches (BEiT: 75/196)",
+        DEFAULT_MASK_FRACTION,
+    )
     itm_negatives: float = doc(
-        "image-text matching on this share of each pair batch, against hard negatives (0: the paper); "
+        "image-text matching on this share of each pair batch, in [0, 1], against hard negatives (0: the paper); "
         "with model.overrides.itm_weight",
         0.0,
     )
     itm_text_swaps: float = doc(
-        "share of the matching negatives that keep their image and swap one caption token for the one another "
-        "caption of the batch has there: negatives one attribute off (0: image negatives only)",
+        "share of the matching negatives, in [0, 1], that keep their image and swap one caption token for the one "
+        "another caption of the batch has there: negatives one attribute off (0: image negatives only)",
         0.0,
-        low=0,
-        high=1,
     )
     pair_crop_scale: tuple[float, float] = doc("area range of the pairs' random resized crop", PAIR_CROP_SCALE)
-    pair_hflip: float = doc(
-        "the pairs' flip probability (0 when captions say left and right)", PAIR_HFLIP, low=0, high=1
-    )
+    pair_hflip: float = doc("the pairs' flip probability, in [0, 1] (0 when captions say left and right)", PAIR_HFLIP)
 
-    def __post_init__(self):
-        super().__post_init__()
-        self.pair_crop_scale = tuple(self.pair_crop_scale)
+    def batch_options(self, model_config: Beit3Config, tokenizer_image_size: int | None) -> BatchOptions:
+        """The options of this run's batches, for a model of ``model_config``."""
+        return BatchOptions(
+            batch_sizes=self.batch_size,
+            image_size=model_config.image_size,
+            patch_size=model_config.patch_size,
+            tokenizer_image_size=tokenizer_image_size,
+            max_text_length=self.max_text_length,
+            text_mask_prob=self.text_mask_prob,
+            pair_mask_prob=self.pair_mask_prob,
+            image_mask_ratio=self.image_mask_ratio,
+            pair_crop_scale=self.pair_crop_scale,
+            pair_hflip=self.pair_hflip,
+            itm_negatives=self.itm_negatives,
+            itm_text_swaps=self.itm_text_swaps,
+        )
 
 
 @dataclass
@@ -226,8 +240,6 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
             f"model.overrides.itm_weight (the loss weight, now {model_config.itm_weight}) above 0, or both 0 (the paper's "
             "pure masked data modeling)."
         )
-    if itm_negatives and not data.batch_size.get("pair"):
-        fail("data.itm_negatives is set, but there are no pair batches (data.batch_size.pair) to match.")
     patch_grid = (model_config.image_size // model_config.patch_size,) * 2
     if tuple(code_grid) != patch_grid:
         fail(
@@ -235,6 +247,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
             f"{patch_grid[0]}x{patch_grid[1]} patch grid; masked image modeling needs one code per patch. {how}"
         )
     try:
+        options = data.batch_options(model_config, visual_tokenizer.image_size if visual_tokenizer else None)
         sources = load_sources(**data.sources, streaming=data.streaming)
     except (OSError, ValueError) as error:
         fail(error)
@@ -245,8 +258,6 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
     if visual_tokenizer is not None:
         visual_tokenizer.to(engine.device)
     save_model_folder(engine, model_config, tokenizer)
-    batch_sizes = data.batch_size
-
     streamed = any(isinstance(source, Shards) for source in sources.values())
 
     def make_loader(start_step: int, num_steps: int):
@@ -259,23 +270,13 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
         try:
             batches = kind(
                 sources,
-                batch_sizes,
                 tokenizer,
-                model_config.image_size,
-                model_config.patch_size,
-                max_text_length=data.max_text_length,
-                tokenizer_image_size=visual_tokenizer.image_size if visual_tokenizer else None,
-                text_mask_prob=data.text_mask_prob,
-                pair_mask_prob=data.pair_mask_prob,
+                options,
                 seed=settings.seed,
                 rank=engine.rank,
                 world_size=engine.world_size,
                 start_step=start_step,
                 num_steps=num_steps,
-                pair_crop_scale=data.pair_crop_scale,
-                pair_hflip=data.pair_hflip,
-                itm_negatives=itm_negatives,
-                itm_text_swaps=data.itm_text_swaps,
                 **stream_options,
             )
         except ValueError as error:  # e.g. stream positions saved with another number of loader workers
@@ -283,7 +284,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
         return step_loader(settings, batches, batch_size=None)
 
     records = engine.fit(
-        masked_data_modeling_step(visual_tokenizer), make_loader, samples_per_step=sum(batch_sizes.values())
+        masked_data_modeling_step(visual_tokenizer), make_loader, samples_per_step=sum(data.batch_size.values())
     )
     if engine.rank == 0 and records:
         try:

@@ -19,7 +19,8 @@ import torch
 
 from ..data.common import load_rgb
 from ..data.images import tokenizer_transform
-from ..data.pretraining import PretrainingBatches, load_sources
+from ..data.pretraining import BatchOptions, PretrainingBatches
+from ..data.sources import load_sources
 from ..log import get_logger
 from ..visual_tokenizers import DVAE, VQKD, DVAEConfig, VisualTokenizer, VQKDConfig
 from .config import Section, doc
@@ -28,7 +29,7 @@ from .runner import command_line, fail, read_run_config, start_engine, step_load
 
 logger = get_logger(__name__)
 
-KINDS = {"vqkd": (VQKD, VQKDConfig), "dvae": (DVAE, DVAEConfig)}
+TOKENIZER_CLASSES = {"vqkd": (VQKD, VQKDConfig), "dvae": (DVAE, DVAEConfig)}
 
 
 @dataclass
@@ -64,9 +65,9 @@ def build_visual_tokenizer(
     kind: str, preset: str, overrides: dict | None = None, teacher_checkpoint: str | None = None
 ) -> VisualTokenizer:
     """A fresh tokenizer of ``kind`` from a preset (``vqkd_tiny``, ``dvae_base``, ...) and field overrides."""
-    if kind not in KINDS:
-        raise ValueError(f"Unknown visual tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}.")
-    model_class, config_class = KINDS[kind]
+    if kind not in TOKENIZER_CLASSES:
+        raise ValueError(f"Unknown visual tokenizer kind {kind!r}; choose one of {', '.join(TOKENIZER_CLASSES)}.")
+    model_class, config_class = TOKENIZER_CLASSES[kind]
     fields = dict(overrides or {})
     if teacher_checkpoint:
         fields["teacher_checkpoint"] = teacher_checkpoint
@@ -94,7 +95,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
         __doc__,
         argv,
         prog=prog,
-        add_arguments=lambda parser: parser.add_argument("--kind", choices=tuple(KINDS), required=True),
+        add_arguments=lambda parser: parser.add_argument("--kind", choices=tuple(TOKENIZER_CLASSES), required=True),
     )
     config, settings, sections = read_run_config(args.config, args.set, typed=SECTIONS, show=args.print_config)
     data, spec = sections["data"], sections["top"]
@@ -104,16 +105,20 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
         fail(error)
     torch.manual_seed(settings.seed)
     model = build_visual_tokenizer(args.kind, spec.preset, spec.overrides, spec.teacher_checkpoint)
+    options = BatchOptions(
+        batch_sizes={"image": data.batch_size},
+        image_size=model.image_size,
+        patch_size=model.patch_size,
+        crop_scale=data.crop_scale,
+        tokenizer_views_only=True,
+    )
     engine = start_engine(model, config, settings)
 
     def make_loader(start_step: int, num_steps: int):
         batches = PretrainingBatches(
             sources,
-            {"image": data.batch_size},
             None,
-            model.image_size,
-            model.patch_size,
-            crop_scale=tuple(data.crop_scale),
+            options,
             seed=settings.seed,
             rank=engine.rank,
             world_size=engine.world_size,
