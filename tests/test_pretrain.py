@@ -191,7 +191,7 @@ def test_runs_leave_no_shared_memory_behind_clean_or_killed(world, tmp_path):
     deadline = time.time() + 300
     while not (tmp_path / "killed" / "metrics.jsonl").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be killed"
+    assert process.poll() is None, f"the run ended before it could be killed: {process.stdout.read()[-3000:]}"
     os.killpg(process.pid, signal.SIGKILL)  # mid-training: no handler of ours runs
     process.wait()
     assert _deepspeed_buffers() - before == set()
