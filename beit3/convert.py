@@ -202,6 +202,8 @@ def beit3_to_official(state: dict[str, torch.Tensor], config: Beit3Config) -> di
             **beit3_to_official({k[len("beit3.") :]: v for k, v in state.items() if k.startswith("beit3.")}, config),
             **heads,
         }
+    if "embeddings.mask_token" not in state:  # the official models all hold one; only masked image modeling reads it
+        state = {**state, "embeddings.mask_token": state["embeddings.cls_token"].new_zeros(1, 1, config.hidden_size)}
     out = {theirs: state[ours] for ours, theirs in single.items()}
     out["encoder.embed_positions.A.weight"] = out["encoder.embed_positions.A.weight"].squeeze(0)
     for ours, triple in fused.items():
@@ -322,11 +324,11 @@ def model_from_official(
     )
     target_size = (config or native).image_size
     config = Beit3Config.from_dict({**(config or native).to_dict(), **labels, "image_size": native.image_size})
-    model_class = task_class.model_class if task_class else Beit3Model
-    model = model_class(config)
+    # A backbone keeps the pretrained mask token (masked image modeling reads it); task heads have none.
+    model = task_class.model_class(config) if task_class else Beit3Model(config, use_mask_token=True)
     state = official_to_beit3(backbone, config)
     prefix = "beit3." if task else ""
-    state = {prefix + k: v for k, v in state.items()}
+    state = {prefix + k: v for k, v in state.items() if k != "embeddings.mask_token" or not task}
     if task:
         state.update(heads)
     elif heads:
@@ -353,7 +355,9 @@ def load_any(
 ) -> Beit3PreTrainedModel:
     """A model from our folder (its class read from config.json) or from an official ``.pth`` file."""
     if Path(checkpoint).is_dir():
-        model = architecture_class(Beit3Config.from_pretrained(checkpoint)).from_pretrained(checkpoint)
+        model_class = architecture_class(Beit3Config.from_pretrained(checkpoint))
+        backbone = {"use_mask_token": True} if model_class is Beit3Model else {}  # keep a saved mask token
+        model = model_class.from_pretrained(checkpoint, **backbone)
     else:
         model = model_from_official(checkpoint, config, task)
     if image_size:

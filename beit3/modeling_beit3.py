@@ -28,7 +28,9 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_beit3 import Beit3Config
 
@@ -62,18 +64,39 @@ class Beit3Embeddings(nn.Module):
     position 0, position 1, ...]. Each modality counts its positions from 0, even in a fused input.
     """
 
-    def __init__(self, config: Beit3Config):
+    def __init__(self, config: Beit3Config, use_mask_token: bool = False):
         super().__init__()
         dim, self.offset = config.hidden_size, config.position_offset
         self.patch_embed = PatchEmbed(
             config.image_size, config.patch_size, config.num_channels, dim, strict_img_size=False
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # Only masked image modeling reads it: elsewhere it would be a parameter without a gradient, which DDP
+        # refuses once activation checkpointing turns off its search for unused parameters.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if use_mask_token else None
         self.vision_position_embeddings = nn.Parameter(torch.zeros(1, self.offset + 1 + config.num_patches, dim))
         self.text_embeddings = nn.Embedding(config.vocab_size, dim)
         self.text_position_embeddings = nn.Embedding(config.max_position_embeddings, dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """-> (image tokens (B, 1 + patches, D) or None, text tokens (B, T, D) or None).
+
+        The backbone enters the embeddings through this one call, so that hooks on a module's forward (accelerate's,
+        which bring offloaded weights in for ``device_map``) see the tables and tokens before they are read.
+        """
+        vision = self.embed_image(pixel_values, bool_masked_pos) if pixel_values is not None else None
+        has_text = input_ids is not None or inputs_embeds is not None
+        text = self.embed_text(input_ids, attention_mask, position_ids, inputs_embeds) if has_text else None
+        return vision, text
 
     def embed_image(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1 + patches, D); patches where ``bool_masked_pos`` (B, patches) is True become the mask token."""
@@ -95,19 +118,51 @@ class Beit3Embeddings(nn.Module):
 
     def embed_text(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, T) -> (B, T, D); padded tokens (``attention_mask`` 0) enter the encoder as zeros."""
-        x = self.text_embeddings(input_ids)
+        """(B, T) ids, or their token embeddings ``inputs_embeds`` (B, T, D), -> (B, T, D) with the positions added;
+        padded tokens (``attention_mask`` 0) enter the encoder as zeros."""
+        x = self.text_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
-            x = x + self.text_position_embeddings.weight[self.offset : self.offset + input_ids.shape[1]]
-        else:
-            x = x + self.text_position_embeddings(position_ids + self.offset)
+            position_ids = torch.arange(x.shape[1], device=x.device)  # (T,): the same rows for every example
+        # through the module's forward, never its .weight: hooks on it (offload) bring the table in
+        x = x + self.text_position_embeddings(position_ids + self.offset)
         if attention_mask is not None and attention_mask.dim() == 2:
             x = x * attention_mask.unsqueeze(-1).to(x.dtype)
         return self.dropout(x)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out, the ``eager`` entry of transformers' attention interface.
+
+    Args:
+        query: (B, heads, L, d); key, value: (B, heads, K, d).
+        attention_mask: bool (True = may attend) or additive float, broadcastable to (B, heads, L, K); or None.
+    Returns:
+        (output (B, L, heads, d), probabilities (B, heads, L, K)).
+    """
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(F.dropout(probs, dropout, module.training), value)
+    return out.transpose(1, 2).contiguous(), probs
 
 
 def _subln_gain(config: Beit3Config) -> float:
@@ -155,7 +210,10 @@ class Beit3Layer(GradientCheckpointingLayer):
     def __init__(self, config: Beit3Config, layer_idx: int, drop_path: float = 0.0):
         super().__init__()
         self.layer_idx = layer_idx
+        self.config = config  # its _attn_implementation picks the attention function at each call
         self.num_heads = config.num_attention_heads
+        self.scaling = (config.hidden_size // config.num_attention_heads) ** -0.5
+        self.is_causal = False  # transformers' sdpa function assumes a causal model without a mask unless told
         self.multiway_attention = config.multiway_attention
         attention_experts = (VISION, TEXT) if config.multiway_attention else (SHARED,)
         has_vl_expert = layer_idx >= config.num_hidden_layers - config.vl_ffn_layers
@@ -179,11 +237,13 @@ class Beit3Layer(GradientCheckpointingLayer):
         """
         Args:
             vision: (B, Nv, D) image tokens or None; text: (B, Nt, D) text tokens or None.
-            attention_mask: bool, broadcastable to (B, heads, Nv + Nt, keys); True = may attend.
+            attention_mask: bool, broadcastable to (B, heads, Nv + Nt, keys), True = may attend (a BlockMask for
+                flex attention).
             vision_language: the input holds an image and a text, so VL experts (where present) take every token.
             cache: key/value cache; the keys and values of this input are appended to it.
         Returns:
-            (vision, text, attention probabilities or None), the first two shaped as given.
+            (vision, text, attention probabilities (B, heads, L, keys) when ``output_attentions``, else None), the
+            first two shaped as given.
         """
         segments = [(name, x) for name, x in ((VISION, vision), (TEXT, text)) if x is not None]
         experts = [self.attention[name if self.multiway_attention else SHARED] for name, _ in segments]
@@ -193,17 +253,19 @@ class Beit3Layer(GradientCheckpointingLayer):
         q, k, v = qkv.view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        dropout = self.attention_dropout if self.training else 0.0
-        probs = None
-        if output_attentions:  # SDPA does not return the probabilities: compute them explicitly
-            scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-1, -2)
-            if attention_mask is not None:
-                scores = scores.masked_fill(~attention_mask, float("-inf"))
-            probs = scores.softmax(dim=-1).to(q.dtype)
-            out = F.dropout(probs, dropout, self.training) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(batch, length, -1)
+        # Only the written-out path has the probabilities to return: output_attentions takes it for this call.
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        out, probs = attend(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.attention_dropout if self.training else 0.0,
+        )
+        out = out.reshape(batch, length, -1)
 
         outputs, start = [], 0
         for expert, (name, x) in zip(experts, segments):
@@ -214,7 +276,7 @@ class Beit3Layer(GradientCheckpointingLayer):
             start = end
         vision_out = outputs[0] if vision is not None else None
         text_out = outputs[-1] if text is not None else None
-        return vision_out, text_out, probs
+        return vision_out, text_out, probs if output_attentions else None
 
 
 class Beit3PreTrainedModel(PreTrainedModel):
@@ -226,6 +288,10 @@ class Beit3PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["Beit3Embeddings", "Beit3Layer"]
     _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True  # a function registered in ALL_ATTENTION_FUNCTIONS may be named too
+    # The released checkpoints and masked data modeling hold a mask token; the other models have none (use_mask_token).
+    _keys_to_ignore_on_load_unexpected = [r"embeddings\.mask_token$"]
 
     def _init_weights(self, module):
         """Normal (std ``initializer_range``, truncated at 2 std) for weights, zero biases, unit norms. A Linear
@@ -251,8 +317,14 @@ class Beit3PreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Embedding):
             init.trunc_normal_(module.weight, **bounds)
         elif isinstance(module, Beit3Embeddings):
-            for parameter in (module.cls_token, module.mask_token, module.vision_position_embeddings):
-                init.trunc_normal_(parameter, **bounds)
+            # Without a mask token its numbers are drawn all the same (when the embeddings are fresh), so that a model
+            # with and one without it start from the same weights for one seed.
+            mask_token = module.mask_token
+            if mask_token is None and not getattr(module.cls_token, "_is_hf_initialized", False):
+                mask_token = torch.empty_like(module.cls_token)
+            for parameter in (module.cls_token, mask_token, module.vision_position_embeddings):
+                if parameter is not None:
+                    init.trunc_normal_(parameter, **bounds)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, image_size: int | None = None, **kwargs):
@@ -277,7 +349,7 @@ class Beit3PreTrainedModel(PreTrainedModel):
                 or Beit3Config.from_pretrained(pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs)[0]
             )
             mismatches = "; ".join(_shape_mismatches(str(pretrained_model_name_or_path), cls, config))
-            raise ValueError(
+            raise RuntimeError(  # the type transformers raises
                 f"The weights in {pretrained_model_name_or_path} do not fit {cls.__name__}: {mismatches}. A head of another "
                 "size (another task's checkpoint, another num_labels) starts afresh with ignore_mismatched_sizes=True."
             ) from error
@@ -318,11 +390,15 @@ class Beit3PreTrainedModel(PreTrainedModel):
 
 
 class Beit3Model(Beit3PreTrainedModel):
-    """The BEiT-3 backbone: an image, a text or both in, one hidden state per token out."""
+    """The BEiT-3 backbone: an image, a text or both in, one hidden state per token out.
 
-    def __init__(self, config: Beit3Config):
+    ``use_mask_token`` adds the learned token that ``bool_masked_pos`` puts in place of hidden patches (masked image
+    modeling; ``Beit3ForMaskedDataModeling`` has it), as transformers' ViT and BEiT do.
+    """
+
+    def __init__(self, config: Beit3Config, use_mask_token: bool = False):
         super().__init__(config)
-        self.embeddings = Beit3Embeddings(config)
+        self.embeddings = Beit3Embeddings(config, use_mask_token=use_mask_token)
         layers = config.num_hidden_layers
         drop_path = [config.drop_path_rate * i / max(1, layers - 1) for i in range(layers)]  # linear from 0
         self.layers = nn.ModuleList(Beit3Layer(config, i, drop_path[i]) for i in range(layers))
@@ -342,6 +418,7 @@ class Beit3Model(Beit3PreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings.text_embeddings = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", warn_if_greater_or_equal_version=True)
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -352,9 +429,10 @@ class Beit3Model(Beit3PreTrainedModel):
         cache: Cache | None = None,
         use_cache: bool = False,
         interpolate_pos_encoding: bool = False,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        return_dict: bool = True,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> Beit3ModelOutput | tuple:
         r"""
         Args:
@@ -366,23 +444,41 @@ class Beit3Model(Beit3PreTrainedModel):
             position_ids: (B, T) text positions counted from 0 (the table offset is added here);
                 needed when decoding with a non-empty cache.
             cache: a transformers ``Cache`` (``DynamicCache``); a non-empty cache is taken to come from an
-                image+text input (captioning), so the VL experts stay in use.
+                image+text input (captioning), so the VL experts stay in use. ``past_key_values``, its older name,
+                is taken too, with a deprecation warning.
             interpolate_pos_encoding: accept an image size other than ``config.image_size`` by
                 resampling the vision position table on the fly.
+            output_attentions, output_hidden_states, return_dict: None reads the config's.
+            inputs_embeds: (B, T, D) text token embeddings in place of ``input_ids`` (positions are added here).
         Returns:
             ``Beit3ModelOutput`` with ``last_hidden_state`` (B, 1 + patches + T, D) and ``text_start``.
         """
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
         self._check_inputs(
-            pixel_values, input_ids, attention_mask, bool_masked_pos, position_ids, cache, interpolate_pos_encoding
+            pixel_values,
+            input_ids,
+            attention_mask,
+            bool_masked_pos,
+            position_ids,
+            cache,
+            interpolate_pos_encoding,
+            inputs_embeds,
         )
         if use_cache and cache is None:
             cache = DynamicCache()
         cache_length = cache.get_seq_length() if cache is not None else 0
 
-        vision = self.embeddings.embed_image(pixel_values, bool_masked_pos) if pixel_values is not None else None
-        text = self.embeddings.embed_text(input_ids, attention_mask, position_ids) if input_ids is not None else None
+        vision, text = self.embeddings(
+            pixel_values, input_ids, attention_mask, bool_masked_pos, position_ids, inputs_embeds
+        )
         num_image_tokens = vision.shape[1] if vision is not None else 0
         mask = self._attention_mask(attention_mask, num_image_tokens + cache_length)
+        if mask is not None and config._attn_implementation == "flex_attention" and not output_attentions:
+            rows = num_image_tokens + (text.shape[1] if text is not None else 0)
+            mask = _block_mask(mask, rows)
         vision_language = (vision is not None and text is not None) or cache_length > 0
 
         all_hidden_states, all_attentions = [], []
@@ -427,7 +523,15 @@ class Beit3Model(Beit3PreTrainedModel):
         return keys[:, None, None, :]
 
     def _check_inputs(
-        self, pixel_values, input_ids, attention_mask, bool_masked_pos, position_ids, cache, interpolate_pos_encoding
+        self,
+        pixel_values,
+        input_ids,
+        attention_mask,
+        bool_masked_pos,
+        position_ids,
+        cache,
+        interpolate_pos_encoding,
+        inputs_embeds=None,
     ):
         """Raises a ValueError that says what is wrong and what to do, before any compute.
 
@@ -436,8 +540,12 @@ class Beit3Model(Beit3PreTrainedModel):
         mode only: reading a value means a host sync on a GPU and a graph break when compiling.
         """
         config = self.config
-        if pixel_values is None and input_ids is None:
-            raise ValueError("Beit3Model needs pixel_values (an image), input_ids (a text) or both; it got neither.")
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("Pass the text as input_ids or as inputs_embeds, not both.")
+        if pixel_values is None and input_ids is None and inputs_embeds is None:
+            raise ValueError(
+                "Beit3Model needs pixel_values (an image), input_ids or inputs_embeds (a text) or both; it got neither."
+            )
         batch = None
         if pixel_values is not None:
             if pixel_values.dim() != 4:
@@ -478,9 +586,26 @@ class Beit3Model(Beit3PreTrainedModel):
                     f"bool_masked_pos must be (batch, patches) = ({batch}, {(height // patch) * (width // patch)}); "
                     f"got {tuple(bool_masked_pos.shape)}."
                 )
+            if bool_masked_pos is not None and self.embeddings.mask_token is None:
+                raise ValueError(
+                    "bool_masked_pos puts the mask token in place of patches, and this model has none: build it with "
+                    "Beit3Model(config, use_mask_token=True), or use Beit3ForMaskedDataModeling."
+                )
         elif bool_masked_pos is not None:
             raise ValueError("bool_masked_pos masks image patches, but no pixel_values were given.")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must be (batch, length, hidden_size={config.hidden_size}); "
+                    f"got shape {tuple(inputs_embeds.shape)}."
+                )
+            if batch is not None and inputs_embeds.shape[0] != batch:
+                raise ValueError(
+                    f"pixel_values and inputs_embeds have different batch sizes: {batch} and {inputs_embeds.shape[0]}."
+                )
         text_length = 0
+        if inputs_embeds is not None:
+            batch, text_length = inputs_embeds.shape[:2]
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}.")
@@ -494,6 +619,16 @@ class Beit3Model(Beit3PreTrainedModel):
                     f"pixel_values and input_ids have different batch sizes: {batch} and {input_ids.shape[0]}."
                 )
             batch, text_length = input_ids.shape
+            if (
+                values_checkable(input_ids)
+                and input_ids.numel()
+                and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size)
+            ):
+                raise ValueError(
+                    f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}], outside the vocabulary "
+                    f"[0, {config.vocab_size}). Use the tokenizer that matches this model."
+                )
+        if input_ids is not None or inputs_embeds is not None:
             if position_ids is None and cache is not None and cache.get_seq_length() > 0:
                 raise ValueError(
                     "Decoding with a non-empty cache needs position_ids: the text positions of the new tokens, counted from 0."
@@ -508,15 +643,6 @@ class Beit3Model(Beit3PreTrainedModel):
                     f"positions (max_position_embeddings {config.max_position_embeddings} minus the offset "
                     f"{config.position_offset}). Truncate the text (tokenizer truncation=True, max_length=...)."
                 )
-            if (
-                values_checkable(input_ids)
-                and input_ids.numel()
-                and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size)
-            ):
-                raise ValueError(
-                    f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}], outside the vocabulary "
-                    f"[0, {config.vocab_size}). Use the tokenizer that matches this model."
-                )
         if attention_mask is not None:
             num_image = (
                 0
@@ -526,9 +652,9 @@ class Beit3Model(Beit3PreTrainedModel):
             length = num_image + text_length
             keys = length + (cache.get_seq_length() if cache is not None else 0)
             if attention_mask.dim() == 2:
-                if input_ids is None:
+                if input_ids is None and inputs_embeds is None:
                     raise ValueError(
-                        "A (batch, length) attention_mask marks text padding, but no input_ids were given; "
+                        "A (batch, length) attention_mask marks text padding, but no text was given; "
                         f"pass a full (batch, {length}, {keys}) mask to mask image tokens."
                     )
                 if tuple(attention_mask.shape) != (batch, text_length):
@@ -541,6 +667,19 @@ class Beit3Model(Beit3PreTrainedModel):
                     f"attention_mask must be (batch, text length) = ({batch}, {text_length}) or a full "
                     f"(batch, sequence, keys) = ({batch}, {length}, {keys}) mask; got {tuple(attention_mask.shape)}."
                 )
+
+
+def _block_mask(mask: torch.Tensor, rows: int):
+    """The bool mask (B, 1, 1 or rows, keys) as the BlockMask flex attention takes (a tensor mask added to the scores
+    inside flex's compiled kernel crashed on CPU with torch 2.14)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    allowed = mask[:, 0].expand(-1, rows, -1)
+
+    def may_attend(batch, head, query, key):
+        return allowed[batch, query, key]
+
+    return create_block_mask(may_attend, allowed.shape[0], None, rows, allowed.shape[-1], device=allowed.device)
 
 
 def values_checkable(tensor: torch.Tensor) -> bool:

@@ -26,14 +26,23 @@ from torch import nn
 from torch.distributed.nn.functional import all_gather
 from transformers import Cache, GenerationMixin
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutputWithPast, ImageClassifierOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+    ImageClassifierOutput,
+    SequenceClassifierOutput,
+)
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_beit3 import Beit3Config
 from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel, values_checkable
 
 # The official code starts these heads at a thousandth of the usual initialization.
 SMALL_HEAD_INIT = 0.001
+
+
+# Heads call the backbone with return_dict=True: they read its fields, and their own return_dict says what they return.
 
 
 def _passed_on(out) -> dict:
@@ -58,6 +67,23 @@ def _soft_or_hard_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, labe
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
+def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: Beit3Config, smoothing: float):
+    """The loss ``config.problem_type`` names, as transformers' classifiers read it: ``regression`` (mean squared
+    error; also when it is unset and there is one label), ``multi_label_classification`` (binary cross-entropy
+    against (B, num_labels) 0/1 targets), else cross-entropy against class ids (B,) or soft targets (B, num_labels).
+
+    logits (B, num_labels).
+    """
+    problem = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
+    if problem == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.float().squeeze(-1), labels.float().view(-1))
+        return F.mse_loss(logits.float(), labels.float())
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    return _soft_or_hard_cross_entropy(logits, labels, smoothing)
+
+
 class Beit3ForImageClassification(Beit3PreTrainedModel):
     """ImageNet-style classification: mean of the patch tokens (CLS excluded) -> LayerNorm -> Linear.
 
@@ -78,21 +104,23 @@ class Beit3ForImageClassification(Beit3PreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> ImageClassifierOutput | tuple:
-        """pixel_values (B, C, H, W); labels (B,) class ids or (B, num_labels) soft targets -> logits (B, num_labels)."""
+        """pixel_values (B, C, H, W); labels (B,) class ids or (B, num_labels) soft targets (or what
+        ``config.problem_type`` takes: see ``_classification_loss``) -> logits (B, num_labels)."""
         out = self.beit3(
             pixel_values=pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self.head(self.fc_norm(out.last_hidden_state[:, 1:].mean(dim=1)))
         loss = None
         if labels is not None:
-            loss = _soft_or_hard_cross_entropy(logits, labels, _smoothing(self.config, 0.0))
+            loss = _classification_loss(logits, labels, self.config, _smoothing(self.config, 0.0))
         return _as_asked(ImageClassifierOutput(loss=loss, logits=logits, **_passed_on(out)), return_dict, self.config)
 
 
@@ -170,19 +198,23 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> SequenceClassifierOutput | tuple:
-        """pixel_values (B, C, H, W), input_ids (B, T); labels (B, num_labels) soft scores in [0, 1] -> logits (B, num_labels).
+        """pixel_values (B, C, H, W), input_ids (B, T) (or their embeddings ``inputs_embeds`` (B, T, D), with the pooler
+        head); labels (B, num_labels) soft scores in [0, 1] -> logits (B, num_labels).
 
         The loss follows ``config.vqa_loss``: ``bce`` is binary cross-entropy summed over answers and averaged over
         questions, as in the official recipe; ``softmax`` is cross-entropy against the scores normalized per question.
         """
+        if self.config.vqa_head == "answer_slot" and input_ids is None:
+            raise ValueError("vqa_head='answer_slot' finds the answer slot among the input_ids: pass input_ids.")
         out = self.beit3(
             pixel_values=pixel_values,
             input_ids=input_ids,
@@ -190,6 +222,8 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
         )
         if self.config.vqa_head == "answer_slot":
             text = out.last_hidden_state[:, out.text_start :]
@@ -239,18 +273,20 @@ class Beit3ForVisualReasoning(Beit3PreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> SequenceClassifierOutput | tuple:
-        """pixel_values (B, 2, C, H, W), input_ids (B, T); labels (B,) with 1 = true -> logits (B, num_labels).
+        """pixel_values (B, 2, C, H, W), input_ids (B, T) or ``inputs_embeds`` (B, T, D); labels (B,) with 1 = true
+        (or what ``config.problem_type`` takes) -> logits (B, num_labels).
 
-        hidden_states and attentions, when asked for, are the backbone's over 2B sequences: every example's first
-        image with the statement, then every example's second image with it.
+        hidden_states, when asked for, are each (B, 2, L, D) and attentions (B, 2, heads, L, L): row i is example i,
+        with its first image fused with the statement at [i, 0] and its second at [i, 1].
         """
         if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
             raise ValueError(
@@ -260,18 +296,33 @@ class Beit3ForVisualReasoning(Beit3PreTrainedModel):
         images = pixel_values.transpose(0, 1).flatten(0, 1)  # all first images, then all second images
         out = self.beit3(
             pixel_values=images,
-            input_ids=input_ids.repeat(2, 1),
+            input_ids=None if input_ids is None else input_ids.repeat(2, 1),
             attention_mask=None if attention_mask is None else attention_mask.repeat(2, 1),
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            inputs_embeds=None if inputs_embeds is None else inputs_embeds.repeat(2, 1, 1),
+            return_dict=True,
         )
         hidden = out.last_hidden_state
         pairs = torch.cat([hidden[:, 0], hidden[:, out.text_start]], dim=-1)
         logits = self.head(torch.cat([pairs[:batch], pairs[batch:]], dim=-1))
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        loss = None
+        if labels is not None:
+            loss = _classification_loss(logits, labels, self.config, 0.0)
+
+        def per_example(states):  # (2B, ...) with all first images first -> (B, 2, ...)
+            return None if states is None else tuple(x.unflatten(0, (2, batch)).transpose(0, 1) for x in states)
+
         return _as_asked(
-            SequenceClassifierOutput(loss=loss, logits=logits, **_passed_on(out)), return_dict, self.config
+            SequenceClassifierOutput(
+                loss=loss,
+                logits=logits,
+                hidden_states=per_example(out.hidden_states),
+                attentions=per_example(out.attentions),
+            ),
+            return_dict,
+            self.config,
         )
 
 
@@ -312,20 +363,55 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
         if module is self:
             init.constant_(self.logit_scale, math.log(1 / 0.07))
 
-    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D), unit norm."""
-        return self._embed_images(pixel_values, interpolate_pos_encoding)[0]
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """(B, C, H, W) -> ``pooler_output`` (B, D): the image embedding retrieval compares (projected CLS, unit norm);
+        ``last_hidden_state`` and, when asked for, ``hidden_states`` and ``attentions`` are the backbone's."""
+        embeds, out = self._embed_images(
+            pixel_values,
+            interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        return _as_asked(_with_pooled(out, embeds), return_dict, self.config)
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) -> (B, D), unit norm."""
-        return self._embed_texts(input_ids, attention_mask)[0]
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """(B, T) ids or ``inputs_embeds`` (B, T, D) -> ``pooler_output`` (B, D): the text embedding (projected BOS, unit
+        norm); ``last_hidden_state``, ``hidden_states`` and ``attentions`` as in ``get_image_features``."""
+        embeds, out = self._embed_texts(
+            input_ids,
+            attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            inputs_embeds=inputs_embeds,
+        )
+        return _as_asked(_with_pooled(out, embeds), return_dict, self.config)
 
     def _embed_images(self, pixel_values, interpolate_pos_encoding=False, **outputs):
-        out = self.beit3(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **outputs)
+        out = self.beit3(
+            pixel_values=pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+            **outputs,
+        )
         return F.normalize(self.vision_head(out.last_hidden_state[:, 0]), dim=-1), out
 
     def _embed_texts(self, input_ids, attention_mask=None, **outputs):
-        out = self.beit3(input_ids=input_ids, attention_mask=attention_mask, **outputs)
+        out = self.beit3(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **outputs)
         return F.normalize(self.language_head(out.last_hidden_state[:, 0]), dim=-1), out
 
     def forward(
@@ -335,13 +421,15 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         return_loss: bool = False,
         interpolate_pos_encoding: bool = False,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> Beit3RetrievalOutput | tuple:
-        """Embeds whatever is given: N images (N, C, H, W) and/or M texts (M, T). With both, also the (N, M)
-        similarities; with ``return_loss=True`` (N == M, image i goes with text i) the contrastive loss."""
-        if pixel_values is None and input_ids is None:
+        """Embeds whatever is given: N images (N, C, H, W) and/or M texts (M, T) (or ``inputs_embeds`` (M, T, D)). With
+        both, also the (N, M) similarities; with ``return_loss=True`` (N == M, image i goes with text i) the
+        contrastive loss."""
+        if pixel_values is None and input_ids is None and inputs_embeds is None:
             raise ValueError("Retrieval embeds images (pixel_values), texts (input_ids) or both; it got neither.")
         outputs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         image, vision_out = (
@@ -350,7 +438,9 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
             else (None, None)
         )
         text, text_out = (
-            self._embed_texts(input_ids, attention_mask, **outputs) if input_ids is not None else (None, None)
+            self._embed_texts(input_ids, attention_mask, inputs_embeds=inputs_embeds, **outputs)
+            if input_ids is not None or inputs_embeds is not None
+            else (None, None)
         )
         result = {
             "image_embeds": image,
@@ -379,6 +469,16 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
             F.cross_entropy((scale * image @ all_texts.t()).float(), targets)
             + F.cross_entropy((scale * text @ all_images.t()).float(), targets)
         ) / 2
+
+
+def _with_pooled(out, embeds: torch.Tensor) -> BaseModelOutputWithPooling:
+    """The backbone's output with one embedding per input as ``pooler_output``, as CLIP-like models return features."""
+    return BaseModelOutputWithPooling(
+        last_hidden_state=out.last_hidden_state,
+        pooler_output=embeds,
+        hidden_states=out.hidden_states,
+        attentions=out.attentions,
+    )
 
 
 def _gather_across_ranks(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -416,7 +516,8 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
     tokens and the ``<mask>``'s keys and values are dropped again before the next step.
     """
 
-    main_input_name = "input_ids"  # generate(pixel_values=...) starts the caption at <s>
+    # The caption is what generate extends (from <s> when no prompt is given), as in transformers' GIT; forward takes it first.
+    main_input_name = "input_ids"
 
     def __init__(self, config: Beit3Config):
         super().__init__(config)
@@ -424,34 +525,38 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
         self.mlm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", warn_if_greater_or_equal_version=True)
     def forward(
         self,
-        pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool = False,
         interpolate_pos_encoding: bool = False,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast | tuple:
-        """pixel_values (B, C, H, W), input_ids (B, T) (corrupted caption), attention_mask (B, T) or a full
-        (B, L, L_keys) mask; labels (B, T), the original ids at the predicted positions and -100 elsewhere
-        -> logits (B, T, vocab).
+        """input_ids (B, T) (corrupted caption) or their embeddings ``inputs_embeds`` (B, T, D), pixel_values (B, C, H, W),
+        attention_mask (B, T) or a full (B, L, L_keys) mask; labels (B, T), the original ids at the predicted positions
+        and -100 elsewhere -> logits (B, T, vocab).
 
         With a non-empty ``cache`` (decoding) the image is in the cache: pass input_ids, position_ids
-        and the full mask of the new tokens only, no pixel_values.
+        and the full mask of the new tokens only, no pixel_values. ``past_key_values`` is taken for ``cache``, with a
+        deprecation warning.
         The loss is cross-entropy with label smoothing ``config.label_smoothing`` (0.1 by default, as the recipe).
         """
-        if input_ids is None:
+        text = input_ids if input_ids is not None else inputs_embeds
+        if text is None:
             raise ValueError(
                 "Captioning reads a caption: pass input_ids (to generate from an image, call generate(pixel_values=...))."
             )
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(text.shape[:2], dtype=torch.long, device=text.device)
         if attention_mask.dim() == 2:
             if pixel_values is None:
                 raise ValueError(
@@ -471,6 +576,8 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
         )
         logits = self.mlm_head(out.last_hidden_state[:, out.text_start :])
         loss = None
@@ -490,7 +597,9 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
     def generate(self, pixel_values: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """transformers' ``generate`` with the image first: ``generate(pixel_values, max_new_tokens=20, num_beams=3,
         length_penalty=0.6)`` (the official beam scoring) or ``generate(**processor(images=..., return_tensors="pt"))``.
-        Returns token ids (B, <= max_length): ``<s>``, the words, ``</s>`` (when reached), then padding."""
+        A prompt (``input_ids`` with its ``attention_mask``, padded on either side) is continued.
+        Returns token ids (B, <= max_length): ``<s>``, the words, ``</s>`` (when reached), then padding; prompts of
+        unequal length come back padded on the left."""
         if self.config.mask_token_id is None:
             raise ValueError(
                 "Captioning decodes through the <mask> token: set config.mask_token_id to the tokenizer's mask id."
@@ -500,20 +609,18 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
         return super().generate(pixel_values=pixel_values, **kwargs)
 
     def _caption_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """A prompt the caption continues, ``<s> words`` (B, t): the processor's ``<s> words </s>`` and padding
-        lose their ``</s>`` and padding, on either side (transformers' image-text-to-text pipeline pads prompts
-        on the left since 5.25, the processor on the right). Every row of a batch must hold the same number of
-        words."""
-        mask = attention_mask if attention_mask is not None else (input_ids != self.config.pad_token_id).long()
-        lengths = mask.sum(-1)
-        if bool((lengths != lengths[0]).any()):
-            raise ValueError(
-                f"Caption prompts of one batch must be equally long (as tokens); got {sorted(set(lengths.tolist()))}: "
-                "generate them one at a time."
-            )
-        prompt = input_ids[mask.bool()].view(len(input_ids), int(lengths[0]))  # the tokens, in order, padding out
-        ends = prompt[:, -1] == self.config.eos_token_id
-        return prompt[:, :-1] if bool(ends.all()) else prompt
+        """A prompt the caption continues, ``<s> words`` (B, t) padded on the left: the processor's ``<s> words </s>``
+        loses its ``</s>``, and padding on either side (the processor pads on the right, transformers'
+        image-text-to-text pipeline on the left since 5.25) moves to the left, where a decoder's padding goes."""
+        config = self.config
+        mask = attention_mask.bool() if attention_mask is not None else input_ids != config.pad_token_id
+        rows = [row[keep] for row, keep in zip(input_ids, mask)]
+        rows = [row[:-1] if len(row) > 1 and row[-1] == config.eos_token_id else row for row in rows]
+        width = max(len(row) for row in rows)
+        prompt = input_ids.new_full((len(rows), width), config.pad_token_id)
+        for i, row in enumerate(rows):
+            prompt[i, width - len(row) :] = row
+        return prompt
 
     def prepare_inputs_for_generation(
         self,
@@ -526,14 +633,16 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
         """One decoding step's inputs: the caption so far (B, t) plus ``<mask>``, whose prediction is the next word.
 
         Without a cache (or at the first step) that is the image, the whole caption and ``<mask>``; with one, only
-        the newest word and ``<mask>``, after the previous step's ``<mask>`` is cropped from the cache.
+        the newest word and ``<mask>``, after the previous step's ``<mask>`` is cropped from the cache. Padding (a
+        shorter prompt's on the left, a finished hypothesis's on the right) is never a key, and each row counts its
+        text positions from its own ``<s>``.
         """
         config = self.config
         batch, length = input_ids.shape
         device = input_ids.device
         mask_column = torch.full((batch, 1), config.mask_token_id, dtype=torch.long, device=device)
-        text_mask = (input_ids != config.pad_token_id).long()  # finished hypotheses go on with padding, never a key
-        text_mask[:, 0] = 1
+        text_mask = (input_ids != config.pad_token_id).long()
+        words = text_mask.sum(-1, keepdim=True)  # real tokens per row, <s> included
         passed = {
             k: v
             for k, v in kwargs.items()
@@ -542,10 +651,12 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
         if cache is None or cache.get_seq_length() == 0:
             if pixel_values is None:
                 raise ValueError("Captioning generates from an image: pass pixel_values (B, C, H, W) to generate().")
+            positions = (text_mask.cumsum(-1) - 1).clamp(min=0)
             return {
                 "pixel_values": pixel_values,
                 "input_ids": torch.cat([input_ids, mask_column], dim=1),
                 "attention_mask": torch.cat([text_mask, torch.ones_like(mask_column)], dim=1),
+                "position_ids": torch.cat([positions, words], dim=1),
                 "cache": cache if use_cache else None,
                 "use_cache": use_cache,
                 **passed,
@@ -562,11 +673,10 @@ class Beit3ForCaptioning(Beit3PreTrainedModel, GenerationMixin):
         )
         rows = keys[:, None, :].repeat(1, 2, 1)
         rows[:, 0, -1] = False  # the newest word does not see the <mask> after it
-        positions = torch.tensor([length - 1, length], device=device).expand(batch, 2)
         return {
             "input_ids": torch.cat([input_ids[:, -1:], mask_column], dim=1),
             "attention_mask": rows,
-            "position_ids": positions,
+            "position_ids": torch.cat([words - 1, words], dim=1),
             "cache": cache,
             "use_cache": True,
             **passed,
@@ -618,7 +728,7 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
 
     def __init__(self, config: Beit3Config):
         super().__init__(config)
-        self.beit3 = Beit3Model(config)
+        self.beit3 = Beit3Model(config, use_mask_token=True)
         self.mlm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.mim_head = nn.Linear(config.hidden_size, config.visual_vocab_size)
         if config.itm_weight > 0:
@@ -635,9 +745,10 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
         image_labels: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         itm_labels: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> Beit3MaskedDataModelingOutput | tuple:
         """
         Args:
@@ -651,7 +762,7 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
             raise ValueError(
                 "itm_labels were given, but this model has no image-text matching head: build it with config.itm_weight > 0."
             )
-        if itm_labels is not None and (pixel_values is None or input_ids is None):
+        if itm_labels is not None and (pixel_values is None or (input_ids is None and inputs_embeds is None)):
             raise ValueError("Image-text matching (itm_labels) needs both pixel_values and input_ids.")
         if bool_masked_pos is not None and image_labels is None:
             raise ValueError(
@@ -669,6 +780,8 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
             bool_masked_pos=bool_masked_pos,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
         )
         hidden = out.last_hidden_state
         result = {}

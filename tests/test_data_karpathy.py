@@ -141,7 +141,7 @@ def test_retrieval_items_feed_the_dual_encoder(tmp_path, tokenizer):
     )
     assert images["pixel_values"].shape == (3, 3, 32, 32) and images["image_id"].tolist() == [0, 1, 2]
     assert texts["image_id"].tolist() == [0, 0, 1, 2] and set(texts) == {"input_ids", "attention_mask", "image_id"}
-    assert model.get_image_features(images["pixel_values"]).shape == (3, 32)
+    assert model.get_image_features(images["pixel_values"]).pooler_output.shape == (3, 32)
     assert torch.equal(texts["input_ids"], inputs["input_ids"])
 
 

@@ -134,7 +134,7 @@ def test_cached_decoding_equals_the_full_causal_forward():
 
 def test_masked_patches_become_the_mask_token():
     config = tiny_config()
-    model = Beit3Model(config).eval()
+    model = Beit3Model(config, use_mask_token=True).eval()
     pixel_values, _ = inputs(config, batch=1)
     masked = torch.zeros(1, config.num_patches, dtype=torch.bool)
     masked[0, :4] = True  # the first row of the 4x4 grid
@@ -300,7 +300,7 @@ def test_bf16_autocast_stays_close_to_fp32():
         ),
         (
             lambda m, c: m(pixel_values=torch.randn(1, 3, 32, 32), attention_mask=torch.ones(1, 5)),
-            "no input_ids were given",
+            "no text was given",
         ),
         (
             lambda m, c: m(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.ones(3, 4, dtype=torch.long)),
@@ -416,3 +416,188 @@ def test_value_checks_read_only_cpu_tensors_in_eager_mode():
 
     assert values_checkable(torch.ones(2))
     assert not values_checkable(torch.ones(2, device="meta"))  # a GPU tensor likewise: reading it would be a host sync
+
+
+# transformers' conventions, as its common model tests check them
+
+
+def test_output_flags_and_return_dict_default_to_the_config(tmp_path):
+    config = tiny_config()
+    Beit3Model(config).save_pretrained(tmp_path)
+    pixel_values, input_ids = inputs(config)
+    model = Beit3Model.from_pretrained(tmp_path, output_hidden_states=True, output_attentions=True).eval()
+    out = model(pixel_values=pixel_values, input_ids=input_ids)
+    assert len(out.hidden_states) == config.num_hidden_layers + 1 and len(out.attentions) == config.num_hidden_layers
+    quiet = model(pixel_values=pixel_values, input_ids=input_ids, output_hidden_states=False, output_attentions=False)
+    assert quiet.hidden_states is None and quiet.attentions is None  # a flag given to the call wins
+    as_tuple = Beit3Model.from_pretrained(tmp_path, return_dict=False).eval()(pixel_values=pixel_values)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], model(pixel_values=pixel_values).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_only_a_model_built_with_use_mask_token_has_a_mask_token_and_the_other_weights_are_the_same(tmp_path):
+    config = tiny_config()
+    torch.manual_seed(0)
+    plain = Beit3Model(config)
+    torch.manual_seed(0)
+    masking = Beit3Model(config, use_mask_token=True)
+    assert plain.embeddings.mask_token is None and "embeddings.mask_token" not in plain.state_dict()
+    others = masking.state_dict()
+    assert others.pop("embeddings.mask_token").shape == (1, 1, config.hidden_size)
+    assert all(torch.equal(value, others[key]) for key, value in plain.state_dict().items())
+    with pytest.raises(ValueError, match="use_mask_token=True"):
+        plain(pixel_values=torch.randn(1, 3, 32, 32), bool_masked_pos=torch.ones(1, 16, dtype=torch.bool))
+    # A saved mask token (pretraining's) is left out without a report when a model without one loads the folder
+    masking.save_pretrained(tmp_path)
+    loaded, info = Beit3Model.from_pretrained(tmp_path, output_loading_info=True)
+    assert loaded.embeddings.mask_token is None and not info["unexpected_keys"] and not info["missing_keys"]
+    assert torch.equal(
+        Beit3Model.from_pretrained(tmp_path, use_mask_token=True).embeddings.mask_token, masking.embeddings.mask_token
+    )
+
+
+def _count_sdpa_calls(monkeypatch) -> list:
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("case", ["image+text, padded", "text only, padded", "image only", "causal text"])
+def test_eager_and_sdpa_are_two_code_paths_that_agree(case, monkeypatch):
+    config = tiny_config(attention_probs_dropout_prob=0.0)
+    pixel_values, input_ids = inputs(config, batch=3)
+    mask = torch.ones_like(input_ids)
+    mask[1, 4:] = 0
+    given = {
+        "image+text, padded": dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask),
+        "text only, padded": dict(input_ids=input_ids, attention_mask=mask),
+        "image only": dict(pixel_values=pixel_values),
+        "causal text": dict(input_ids=input_ids, attention_mask=torch.ones(3, 6, 6).tril()),
+    }[case]
+    calls = _count_sdpa_calls(monkeypatch)
+    results = {}
+    for implementation in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = Beit3Model._from_config(config, attn_implementation=implementation)
+        assert model.config._attn_implementation == implementation
+        calls.clear()
+        out = model(**given).last_hidden_state
+        # a random projection: a sum of squares after the LayerNorm cancels in its gradient (1e-3 off in fp32 either way)
+        out.mul(torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        assert len(calls) == (config.num_hidden_layers if implementation == "sdpa" else 0)
+        results[implementation] = (out, model.embeddings.patch_embed.proj.weight.grad)
+    torch.testing.assert_close(results["eager"][0], results["sdpa"][0], atol=1e-5, rtol=1e-5)
+    if "pixel_values" in given:
+        scale = results["sdpa"][1].abs().max()
+        torch.testing.assert_close(results["eager"][1] / scale, results["sdpa"][1] / scale, atol=1e-5, rtol=0)
+
+
+def test_set_attn_implementation_switches_the_path_and_a_registered_function_is_called(monkeypatch):
+    from transformers import AttentionInterface
+
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    pixel_values, input_ids = inputs(config)
+    calls = _count_sdpa_calls(monkeypatch)
+    with torch.no_grad():
+        reference = model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state
+        model.set_attn_implementation("eager")
+        calls.clear()
+        eager = model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state
+        assert not calls
+        torch.testing.assert_close(eager, reference, atol=1e-5, rtol=1e-5)
+
+        seen = []
+
+        def recorded(module, query, key, value, attention_mask, **kwargs):
+            seen.append((module.layer_idx, tuple(query.shape)))
+            return AttentionInterface._global_mapping["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register("beit3_test_recorded", recorded)
+        try:
+            model.set_attn_implementation("beit3_test_recorded")
+            torch.testing.assert_close(
+                model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state, reference, atol=1e-6, rtol=0
+            )
+        finally:
+            del AttentionInterface._global_mapping["beit3_test_recorded"]
+    assert seen == [(i, (2, 2, 23, 16)) for i in range(config.num_hidden_layers)]
+
+
+def test_flex_attention_agrees_with_sdpa_on_a_padded_image_text_batch():
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    pixel_values, input_ids = inputs(config)
+    mask = torch.ones_like(input_ids)
+    mask[1, 3:] = 0
+    with torch.no_grad():
+        reference = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask).last_hidden_state
+        model.set_attn_implementation("flex_attention")
+        flex = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(flex, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_past_key_values_is_taken_as_the_older_name_of_cache_with_a_warning():
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    pixel_values, input_ids = inputs(config, batch=1)
+    new = dict(input_ids=input_ids[:, 3:], position_ids=torch.arange(3, 6)[None])
+    with torch.no_grad():
+        results = []
+        for name in ("cache", "past_key_values"):
+            prefix = model(pixel_values=pixel_values, input_ids=input_ids[:, :3], use_cache=True).cache
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                results.append(model(**new, **{name: prefix}).last_hidden_state)
+            assert any("past_key_values" in str(w.message) for w in caught) == (name == "past_key_values")
+    assert results[1].shape == (1, 3, config.hidden_size)
+    torch.testing.assert_close(results[1], results[0])
+
+
+def test_inputs_embeds_give_what_input_ids_give():
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    pixel_values, input_ids = inputs(config)
+    mask = torch.ones_like(input_ids)
+    mask[0, 4:] = 0
+    with torch.no_grad():
+        by_ids = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask).last_hidden_state
+        embeds = model.get_input_embeddings()(input_ids)
+        by_embeds = model(pixel_values=pixel_values, inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(by_embeds, by_ids)
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids=input_ids, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="inputs_embeds must be"):
+        model(inputs_embeds=embeds[..., :8])
+
+
+@pytest.mark.parametrize("placement", ["all on disk", "split by max_memory"])
+def test_device_map_offload_gives_the_outputs_of_the_model_in_memory(placement, tmp_path):
+    from accelerate import infer_auto_device_map
+
+    config = tiny_config()
+    model = Beit3Model(config).eval()
+    model.save_pretrained(tmp_path / "model")
+    if placement == "all on disk":
+        device_map = {"": "disk"}
+    else:  # room for part of the weights: the rest goes to disk, split only between whole layers
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        device_map = infer_auto_device_map(
+            model, max_memory={"cpu": size * 3 // 4, "disk": 10 * size}, no_split_module_classes=model._no_split_modules
+        )
+        assert set(device_map.values()) == {"cpu", "disk"}
+        assert all(not key.startswith("layers.") or key.count(".") == 1 for key in device_map)  # whole layers only
+    offloaded = Beit3Model.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload"
+    )
+    pixel_values, input_ids = inputs(config)
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state
+        got = offloaded(pixel_values=pixel_values, input_ids=input_ids).last_hidden_state
+    torch.testing.assert_close(got, expected)

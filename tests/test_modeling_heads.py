@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REFERENCE, reference_config_file, tiny_config, torchscale_reference
+from transformers import DynamicCache
 
 from beit3.convert import main
 from beit3.modeling_heads import (
@@ -219,7 +220,7 @@ def test_converting_with_the_wrong_task_names_what_is_missing(tmp_path):
 
 
 def head_config(**overrides):
-    return tiny_config(num_labels=LABELS, mask_token_id=99, **overrides)
+    return tiny_config(**{"num_labels": LABELS, "mask_token_id": 99, **overrides})
 
 
 def train_step(model, **batch) -> float:
@@ -292,7 +293,9 @@ def test_retrieval_scores_one_image_against_many_texts_and_computes_a_loss_only_
     assert out.loss is None and out.logits_per_image.shape == (1, 5) and out.logits_per_text.shape == (5, 1)
     torch.testing.assert_close(
         out.logits_per_image[0],
-        model.logit_scale.exp() * model.get_text_features(ids) @ model.get_image_features(image)[0],
+        model.logit_scale.exp()
+        * model.get_text_features(ids).pooler_output
+        @ model.get_image_features(image).pooler_output[0],
     )
     with pytest.raises(ValueError, match="as many images as texts.*1 images and 5 texts"):
         model(pixel_values=image, input_ids=ids, return_loss=True)
@@ -489,10 +492,20 @@ def test_heads_load_through_the_auto_classes(tmp_path):
     )
 
 
-def test_a_head_of_another_size_names_both_shapes(tmp_path):
-    Beit3ForVisualQuestionAnswering(head_config()).save_pretrained(tmp_path / "vqa")
-    with pytest.raises(ValueError, match=r"head\.3\.weight: \(7, 64\) in the checkpoint, \(3, 64\) in the model"):
+def test_a_head_of_another_size_names_both_shapes_in_the_runtime_error_transformers_raises(tmp_path):
+    saved = Beit3ForVisualQuestionAnswering(head_config())
+    saved.save_pretrained(tmp_path / "vqa")
+    with pytest.raises(RuntimeError, match=r"head\.3\.weight: \(7, 64\) in the checkpoint, \(3, 64\) in the model"):
         Beit3ForVisualQuestionAnswering.from_pretrained(tmp_path / "vqa", num_labels=3)
+    # ignore_mismatched_sizes: the head of the other size starts afresh, everything else loads
+    model = Beit3ForVisualQuestionAnswering.from_pretrained(
+        tmp_path / "vqa", num_labels=3, ignore_mismatched_sizes=True
+    )
+    assert model.head[3].weight.shape == (3, 64)
+    torch.testing.assert_close(model.head[0].weight, saved.head[0].weight)
+    torch.testing.assert_close(
+        model.beit3.layers[1].ffn["text"].fc2.weight, saved.beit3.layers[1].ffn["text"].fc2.weight
+    )
 
 
 def test_image_text_matching_is_an_optional_weighted_loss_on_the_image_cls(tmp_path):
@@ -681,7 +694,230 @@ def test_image_text_to_text_pipeline_captions_from_a_prompt_the_caption_continue
         prompt = processor(images=image, text="a red", padding_side=side, return_tensors="pt")
         assert prompt["attention_mask"][0, 0 if side == "left" else -1] == 0
         assert torch.equal(model.generate(**prompt, max_new_tokens=6), expected)
-    with pytest.raises(ValueError, match="prompts of one batch must be equally long"):
-        model.generate(
-            **processor(images=[image, image], text=["a red", "a"], padding="max_length", return_tensors="pt")
+    # Prompts of unequal length in one batch: each row continues as it does alone (the batch comes back left-padded)
+    batch = model.generate(
+        **processor(images=[image, image], text=["a red", "a"], padding="max_length", return_tensors="pt"),
+        max_new_tokens=6,
+    )
+    alone = model.generate(**processor(images=image, text="a", return_tensors="pt"), max_new_tokens=6)
+    assert torch.equal(batch[0, : expected.shape[1]], expected[0])
+    words = batch[1][batch[1] != tokenizer.pad_token_id]
+    assert torch.equal(words, alone[0][alone[0] != tokenizer.pad_token_id])
+
+
+# transformers' conventions, as its common model tests check them
+
+ALL_HEADS = {
+    "classification": Beit3ForImageClassification,
+    "vqa": Beit3ForVisualQuestionAnswering,
+    "nlvr2": Beit3ForVisualReasoning,
+    "retrieval": Beit3ForImageTextRetrieval,
+    "captioning": Beit3ForCaptioning,
+}
+
+
+def head_inputs(task: str, batch: int = 2) -> dict:
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(batch, 3, 32, 32, generator=generator)
+    ids = torch.randint(3, 99, (batch, 6), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[-1, 4:] = 0
+    return {
+        "classification": dict(pixel_values=images, labels=torch.arange(batch) % LABELS),
+        "vqa": dict(
+            pixel_values=images,
+            input_ids=ids,
+            attention_mask=mask,
+            labels=torch.rand(batch, LABELS, generator=generator),
+        ),
+        "nlvr2": dict(
+            pixel_values=torch.randn(batch, 2, 3, 32, 32, generator=generator),
+            input_ids=ids,
+            attention_mask=mask,
+            labels=torch.arange(batch) % 2,
+        ),
+        "retrieval": dict(pixel_values=images, input_ids=ids, attention_mask=mask, return_loss=True),
+        "captioning": dict(pixel_values=images, input_ids=ids, attention_mask=mask, labels=ids),
+    }[task]
+
+
+@pytest.mark.parametrize("task", list(ALL_HEADS))
+def test_every_parameter_of_a_head_gets_a_gradient_so_ddp_needs_no_unused_parameter_search(task):
+    model = ALL_HEADS[task](head_config(num_labels=2 if task == "nlvr2" else LABELS)).train()
+    model(**head_inputs(task)).loss.backward()
+    assert model.beit3.embeddings.mask_token is None
+    # the VL experts serve image+text input only; the vision and language experts, text or image only
+    unused = {
+        "classification": (
+            "ffn.text",
+            "ffn.vl",
+            "attention.text",
+            "text_embeddings",
+            "text_position",
+            "final_norm.text",
+        ),
+        "retrieval": ("ffn.vl",),
+    }.get(task, ())
+    without = [n for n, p in model.named_parameters() if p.grad is None and not any(part in n for part in unused)]
+    assert without == []
+
+
+@pytest.mark.parametrize("task", list(ALL_HEADS))
+def test_output_flags_on_the_config_reach_every_head(task, tmp_path):
+    config = head_config(num_labels=2 if task == "nlvr2" else LABELS)
+    ALL_HEADS[task](config).save_pretrained(tmp_path)
+    model = ALL_HEADS[task].from_pretrained(tmp_path, output_hidden_states=True, output_attentions=True).eval()
+    with torch.no_grad():
+        out = model(**head_inputs(task))
+    outputs = [out.vision_model_output, out.text_model_output] if task == "retrieval" else [out]
+    for output in outputs:
+        assert len(output.hidden_states) == config.num_hidden_layers + 1
+        assert len(output.attentions) == config.num_hidden_layers
+    as_tuple = ALL_HEADS[task].from_pretrained(tmp_path, return_dict=False).eval()(**head_inputs(task))
+    assert isinstance(as_tuple, tuple)
+
+
+@pytest.mark.parametrize("task", [*ALL_HEADS, "masked data modeling"])
+def test_main_input_name_is_the_first_argument_of_forward(task):
+    import inspect
+
+    from beit3.modeling_heads import Beit3ForMaskedDataModeling
+
+    model_class = ALL_HEADS.get(task, Beit3ForMaskedDataModeling)
+    assert list(inspect.signature(model_class.forward).parameters)[1] == model_class.main_input_name  # after self
+
+
+def test_retrieval_features_are_base_model_outputs_with_pooling_as_clip_returns_them():
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    model = Beit3ForImageTextRetrieval(head_config()).eval()
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(3, 99, (3, 6))
+    with torch.no_grad():
+        image = model.get_image_features(images, output_hidden_states=True, output_attentions=True)
+        text = model.get_text_features(ids, output_hidden_states=True)
+        pair = model(pixel_values=images, input_ids=ids)
+        as_tuple = model.get_image_features(images, return_dict=False)
+    assert isinstance(image, BaseModelOutputWithPooling) and isinstance(text, BaseModelOutputWithPooling)
+    torch.testing.assert_close(image.pooler_output, pair.image_embeds)
+    torch.testing.assert_close(text.pooler_output, pair.text_embeds)
+    assert image.last_hidden_state.shape == (2, 17, 32) and len(image.hidden_states) == 3 and len(image.attentions) == 2
+    assert text.attentions is None and len(text.hidden_states) == 3
+    torch.testing.assert_close(as_tuple[1], image.pooler_output)
+
+
+@pytest.mark.parametrize("task", ["classification", "nlvr2"])
+def test_problem_type_chooses_the_loss_as_in_transformers(task):
+    inputs = head_inputs(task, batch=4)
+    labels = {
+        "regression": torch.randn(4, 1),
+        "multi_label_classification": (torch.rand(4, 2) > 0.5).float(),
+        "single_label_classification": torch.tensor([0, 1, 1, 0]),
+    }
+    for problem, target in labels.items():
+        num_labels = 1 if problem == "regression" else 2
+        model = ALL_HEADS[task](head_config(num_labels=num_labels, problem_type=problem)).eval()
+        out = model(**{**inputs, "labels": target})
+        expected = {
+            "regression": lambda: F.mse_loss(out.logits.squeeze(-1), target.view(-1)),
+            "multi_label_classification": lambda: F.binary_cross_entropy_with_logits(out.logits, target),
+            "single_label_classification": lambda: F.cross_entropy(out.logits, target),
+        }[problem]()
+        torch.testing.assert_close(out.loss, expected)
+    # unset: one label means regression, as transformers infers it
+    model = ALL_HEADS[task](head_config(num_labels=1)).eval()
+    target = torch.randn(4)
+    out = model(**{**inputs, "labels": target})
+    assert model.config.problem_type is None
+    torch.testing.assert_close(out.loss, F.mse_loss(out.logits.squeeze(-1), target))
+
+
+def test_nlvr2_hidden_states_are_per_example_with_both_images():
+    model = Beit3ForVisualReasoning(head_config(num_labels=2)).eval()
+    inputs = head_inputs("nlvr2", batch=3)
+    inputs.pop("labels")
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True, output_attentions=True)
+        second = model.beit3(
+            pixel_values=inputs["pixel_values"][1, 1:], input_ids=inputs["input_ids"][1:2], output_hidden_states=True
         )
+    assert out.hidden_states[-1].shape == (3, 2, 17 + 6, 32) and out.attentions[0].shape == (3, 2, 2, 23, 23)
+    torch.testing.assert_close(out.hidden_states[-1][1, 1], second.last_hidden_state[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2", "retrieval", "captioning", "masked data modeling"])
+def test_inputs_embeds_give_what_input_ids_give_in_every_head_with_text(task):
+    from beit3.modeling_heads import Beit3ForMaskedDataModeling
+
+    if task == "masked data modeling":
+        model = Beit3ForMaskedDataModeling(tiny_config(visual_vocab_size=32))
+        inputs = dict(head_inputs("captioning"))
+    else:
+        model = ALL_HEADS[task](head_config(num_labels=2 if task == "nlvr2" else LABELS))
+        inputs = head_inputs(task)
+    model.eval()
+    ids = inputs.pop("input_ids")
+    with torch.no_grad():
+        by_ids = model(**inputs, input_ids=ids)
+        by_embeds = model(**inputs, inputs_embeds=model.get_input_embeddings()(ids))
+    torch.testing.assert_close(by_embeds.loss, by_ids.loss)
+
+
+def test_captioning_takes_past_key_values_as_the_older_name_of_cache():
+    model = Beit3ForCaptioning(head_config()).eval()
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), pytest.warns(FutureWarning, match="past_key_values"):
+        older = model.generate(images, max_new_tokens=4, past_key_values=None)
+    assert torch.equal(older, model.generate(images, max_new_tokens=4))
+    step = model.prepare_inputs_for_generation(torch.tensor([[0]]), pixel_values=images, cache=DynamicCache())
+    with torch.no_grad():
+        cache = model(**step).cache
+        new = model.prepare_inputs_for_generation(torch.tensor([[0, 5]]), cache=cache)
+        new.pop("cache")
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            assert model(**new, past_key_values=cache).logits.shape == (1, 2, 100)
+
+
+def test_captioning_follows_transformers_generation_conventions():
+    from transformers import GenerationConfig
+
+    model = Beit3ForCaptioning(head_config()).eval()
+    with torch.no_grad():
+        model.mlm_head.bias[2] = -1e4  # </s> last: lengths then depend on the length settings alone
+    images = torch.randn(2, 3, 32, 32)
+    assert model.generate(images, max_length=5).shape == (2, 5)
+    # min_new_tokens: </s> is kept out until that many tokens are new, however likely it is
+    with torch.no_grad():
+        model.mlm_head.bias[2] = 1e4
+    assert model.generate(images, max_new_tokens=3).shape == (2, 2)  # <s> </s>
+    shortest = model.generate(images, max_new_tokens=8, min_new_tokens=4)
+    assert shortest.shape == (2, 6) and (shortest[:, 1:5] != 2).all() and (shortest[:, 5] == 2).all()
+    with torch.no_grad():
+        model.mlm_head.bias[2] = -1e4
+    for settings in (dict(do_sample=True, num_return_sequences=3), dict(num_beams=3, num_return_sequences=3)):
+        torch.manual_seed(0)
+        several = model.generate(images, max_new_tokens=4, **settings)
+        assert several.shape == (6, 5)
+        if settings.get("num_beams"):  # beam search's three hypotheses of one image differ
+            assert len({tuple(row) for row in several[:3].tolist()}) == 3
+    scored = model.generate(images, max_new_tokens=4, num_beams=2, return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(scored.sequences, model.generate(images, max_new_tokens=4, num_beams=2))
+    assert len(scored.scores) == 4 and scored.scores[0].shape == (2 * 2, 100) and scored.sequences_scores.shape == (2,)
+    greedy = model.generate(
+        images,
+        generation_config=GenerationConfig(max_new_tokens=4, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    assert torch.equal(greedy.scores[0].argmax(-1), greedy.sequences[:, 1])
+    # prepare_inputs_for_generation: the whole caption + <mask> first, then [newest word, <mask>] against the cache
+    first = model.prepare_inputs_for_generation(
+        torch.tensor([[1, 0, 7], [0, 5, 7]]), pixel_values=images, cache=DynamicCache()
+    )
+    assert first["input_ids"].tolist() == [[1, 0, 7, 99], [0, 5, 7, 99]]
+    assert first["position_ids"].tolist() == [[0, 0, 1, 2], [0, 1, 2, 3]]  # a left-padded row counts from its <s>
+    with torch.no_grad():
+        cache = model(**first).cache
+    later = model.prepare_inputs_for_generation(torch.tensor([[1, 0, 7, 8], [0, 5, 7, 9]]), cache=cache)
+    assert later["input_ids"].tolist() == [[8, 99], [9, 99]] and later["position_ids"].tolist() == [[2, 3], [3, 4]]
+    assert later["attention_mask"].shape == (2, 2, 17 + 4 + 1) and not later["attention_mask"][0, :, 17].any()

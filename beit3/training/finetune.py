@@ -131,7 +131,9 @@ def initial_model(
     else:
         backbone = model_from_official(init)
         model = model_class(Beit3Config.from_dict({**backbone.config.to_dict(), **overrides}))
-        model.beit3.load_state_dict(backbone.state_dict())
+        state = backbone.state_dict()
+        state.pop("embeddings.mask_token", None)  # pretraining's; a task model has none
+        model.beit3.load_state_dict(state)
     if image_size:
         model.set_image_size(image_size)
     return model

@@ -53,10 +53,12 @@ class RetrievalTask(KarpathyTask):
         image_embeds, image_ids, text_embeds, text_ids = [], [], [], []
         with torch.no_grad(), self.eval_autocast(model):
             for inputs, meta in self.eval_batches(ImageOnlyDataset(images, self.image_transform(False))):
-                image_embeds.append(model.get_image_features(inputs["pixel_values"].to(device)).float().cpu())
+                image_embeds.append(
+                    model.get_image_features(inputs["pixel_values"].to(device)).pooler_output.float().cpu()
+                )
                 image_ids.append(meta["image_id"])
             for inputs, meta in self.eval_batches(TextOnlyDataset(records, self.tokenizer, self.max_text_length)):
-                text_embeds.append(model.get_text_features(**to_device(inputs, device)).float().cpu())
+                text_embeds.append(model.get_text_features(**to_device(inputs, device)).pooler_output.float().cpu())
                 text_ids.append(meta["image_id"])
         return torch.cat(image_embeds), torch.cat(image_ids), torch.cat(text_embeds), torch.cat(text_ids), records
 
@@ -87,9 +89,9 @@ class RetrievalTask(KarpathyTask):
         candidates = require_texts(texts)
         image_embeds = model.get_image_features(
             image_processor(list(images.values()), return_tensors="pt")["pixel_values"]
-        )
+        ).pooler_output
         text = tokenizer(candidates, padding="max_length", truncation=True, return_tensors="pt")
-        scores = image_embeds @ model.get_text_features(text["input_ids"], text["attention_mask"]).t()
+        scores = image_embeds @ model.get_text_features(text["input_ids"], text["attention_mask"]).pooler_output.t()
         return [
             f"{path}: best match {candidates[int(row.argmax())]!r} ("
             + ", ".join(f"{s:.3f}" for s in row.tolist())
