@@ -14,6 +14,14 @@ def inputs(config, batch=2, text=6):
     return pixel_values, input_ids
 
 
+def padded_inputs(config, batch=2, text=6, row=1, real=3):
+    """``inputs`` and a text mask in which example ``row`` has ``real`` tokens, the rest padding."""
+    pixel_values, input_ids = inputs(config, batch, text)
+    mask = torch.ones_like(input_ids)
+    mask[row, real:] = 0
+    return pixel_values, input_ids, mask
+
+
 def perturb(module: torch.nn.Module) -> None:
     with torch.no_grad():
         for p in module.parameters():
@@ -471,9 +479,7 @@ def _count_sdpa_calls(monkeypatch) -> list:
 @pytest.mark.parametrize("case", ["image+text, padded", "text only, padded", "image only", "causal text"])
 def test_eager_and_sdpa_are_two_code_paths_that_agree(case, monkeypatch):
     config = tiny_config(attention_probs_dropout_prob=0.0)
-    pixel_values, input_ids = inputs(config, batch=3)
-    mask = torch.ones_like(input_ids)
-    mask[1, 4:] = 0
+    pixel_values, input_ids, mask = padded_inputs(config, batch=3, real=4)
     given = {
         "image+text, padded": dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask),
         "text only, padded": dict(input_ids=input_ids, attention_mask=mask),
@@ -533,9 +539,7 @@ def test_set_attn_implementation_switches_the_path_and_a_registered_function_is_
 def test_flex_attention_agrees_with_sdpa_on_a_padded_image_text_batch():
     config = tiny_config()
     model = Beit3Model(config).eval()
-    pixel_values, input_ids = inputs(config)
-    mask = torch.ones_like(input_ids)
-    mask[1, 3:] = 0
+    pixel_values, input_ids, mask = padded_inputs(config)
     with torch.no_grad():
         reference = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask).last_hidden_state
         model.set_attn_implementation("flex_attention")
@@ -563,9 +567,7 @@ def test_past_key_values_is_taken_as_the_older_name_of_cache_with_a_warning():
 def test_inputs_embeds_give_what_input_ids_give():
     config = tiny_config()
     model = Beit3Model(config).eval()
-    pixel_values, input_ids = inputs(config)
-    mask = torch.ones_like(input_ids)
-    mask[0, 4:] = 0
+    pixel_values, input_ids, mask = padded_inputs(config, row=0, real=4)
     with torch.no_grad():
         by_ids = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask).last_hidden_state
         embeds = model.get_input_embeddings()(input_ids)
