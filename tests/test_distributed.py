@@ -1,4 +1,5 @@
-"""The processes of a run (beit3/training/distributed.py): threads per process, stale shared-memory buffers."""
+"""The processes of a run (beit3/training/distributed.py): threads per process, stale shared-memory buffers, the
+checks that every rank sees the output folder and that the ranks agree."""
 
 import os
 import subprocess
@@ -73,3 +74,52 @@ def test_every_cpu_run_sets_its_threads_and_says_so(omp):
     assert f"threads {omp or 1}" in output  # (one core alone gives 1 too)
     why = "OMP_NUM_THREADS)" if omp else "1 process(es) on this machine, 1 loader worker(s) each"
     assert "torch thread(s) per process (" + why in output, output
+
+
+def _two_ranks(rank: int, port: int, folders: list[str], results: str) -> None:
+    """One rank of an in-process world of two (gloo); writes what each check raised to results/rank<N>.json."""
+    import json
+
+    import torch.distributed as dist
+
+    from beit3.training.distributed import agree_on, check_shared_output_dir
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    raised = {}
+    try:
+        check_shared_output_dir(Path(folders[rank]), rank, 2, wait_s=0.5)
+    except RuntimeError as error:
+        raised["shared"] = str(error)
+    try:
+        agree_on("step00000010" if rank == 0 else None, rank, 2, "the checkpoint to resume", Path(folders[0]))
+    except RuntimeError as error:
+        raised["agree"] = str(error)
+    raised["agreed"] = agree_on(["step00000004"], rank, 2, "anything", Path(folders[0]))
+    raised["left"] = sorted(p.name for p in Path(folders[rank]).iterdir())
+    dist.destroy_process_group()
+    (Path(results) / f"rank{rank}.json").write_text(json.dumps(raised))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one folder", "a folder per node"])
+def test_every_rank_checks_it_sees_rank_0s_folder_and_the_ranks_agree_or_all_stop(tmp_path, shared):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    folders = [tmp_path / "shared"] * 2 if shared else [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir(exist_ok=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_two_ranks, args=(port, [str(f) for f in folders], str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in results:
+        assert result["agreed"] == ["step00000004"]
+        assert "rank 0: step00000010, rank 1: none" in result["agree"] and "nothing is trained" in result["agree"]
+        assert result["left"] == []  # the marker is gone again
+        if shared:
+            assert "shared" not in result
+        else:  # both ranks stop, with the rank that cannot see the folder named
+            assert "output_dir must be on a filesystem that every node shares: rank 1 on" in result["shared"]

@@ -77,11 +77,20 @@ def overrides(world: Path, output_dir: Path, **train) -> list[str]:
     return [arg for s in sets for arg in ("--set", s)]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def pretrain(world, output_dir, processes=1, wait=True, sets=(), **train):
     command = (
         [sys.executable, "tasks/pretrain.py"]
         if processes == 1
-        else [DEEPSPEED, "--num_gpus", str(processes), "tasks/pretrain.py"]
+        # a port of its own: DeepSpeed's default (29500) may be taken by another run on this machine
+        else [DEEPSPEED, "--num_gpus", str(processes), "--master_port", str(_free_port()), "tasks/pretrain.py"]
     )
     command += [
         "--config",
@@ -463,3 +472,82 @@ def test_image_codes_that_do_not_fit_the_model_fail_before_training(world, image
         output.count("data.sources.image_codes is set, so the image targets are the codes in") == 1
     )  # the codes win over visual_tokenizer
     assert not (tmp_path / "run/metrics.jsonl").exists()
+
+
+# Two nodes simulated on this machine, one process each, as a hostfile or torchrun would start them on two machines
+
+
+def two_nodes(world, launcher: str, output_dirs, tmp_path, sets=(), **train) -> list[subprocess.Popen]:
+    """Starts node 0 and node 1 of a 2 x 1 run with ``launcher`` ("deepspeed" or "torchrun"), node i writing to
+    ``output_dirs[i]`` (one folder for both, as a shared filesystem gives them, or one each)."""
+    port = _free_port()
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    processes = []
+    for node, output_dir in enumerate(output_dirs):
+        if launcher == "deepspeed":  # --master_addr too: without it DeepSpeed asks node0 over ssh despite --no_ssh
+            command = [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node)]
+            command += ["--master_addr", "127.0.0.1", "--master_port", str(port), "tasks/pretrain.py"]
+        else:
+            torchrun = str(Path(sys.executable).parent / "torchrun")
+            command = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node)]
+            command += ["--rdzv-endpoint", f"127.0.0.1:{port}", "tasks/pretrain.py"]
+        command += ["--config", "configs/pretrain/tiny.yaml", *overrides(world, output_dir, **train)]
+        command += [a for s in sets for a in ("--set", s)]
+        processes.append(
+            subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    return processes
+
+
+def finish(processes, timeout=600) -> list[tuple[int, str]]:
+    return [(p.wait(timeout), p.stdout.read()) for p in processes]
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_two_nodes_train_as_one_node_of_two_processes_and_resume_exactly_after_sigkill(world, tmp_path, launcher):
+    steps = 6
+    reference = pretrain(world, tmp_path / "one-node", processes=2, max_steps=steps, save_every=3)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    run = tmp_path / "two-nodes"
+    nodes = two_nodes(world, launcher, [run, run], tmp_path, max_steps=steps, save_every=3)
+    marker = run / "checkpoints/step00000003/COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and all(p.poll() is None for p in nodes) and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), finish(nodes)
+    import psutil
+
+    for process in nodes:  # both nodes die at once, as when a job is preempted (torchrun's workers have sessions
+        tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+        for pid in tree:  # of their own: the launcher's process group alone would leave them running)
+            os.kill(pid, signal.SIGKILL)
+    finish(nodes)
+    assert max(losses(run)) < steps, "the run finished before it could be killed"
+    ended = finish(two_nodes(world, launcher, [run, run], tmp_path, max_steps=steps, save_every=3))
+    assert all(code == 0 for code, _ in ended), [out[-3000:] for _, out in ended]
+    assert "resumed from step 3" in ended[0][1]
+    after, expected = losses(run), losses(tmp_path / "one-node")
+    assert sorted(after) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert after[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}"
+    saved = sorted(p.name for p in (run / "checkpoints/step00000006").glob("rank*.saved"))
+    assert saved == ["rank00000.saved", "rank00001.saved"]
+
+
+def test_nodes_that_do_not_share_output_dir_stop_with_a_clear_error_before_training(world, tmp_path):
+    folders = [tmp_path / "node0-disk/run", tmp_path / "node1-disk/run"]  # the same run on each node's own disk
+    ended = finish(two_nodes(world, "torchrun", folders, tmp_path, max_steps=4, save_every=2))
+    for code, output in ended:
+        assert code != 0
+        assert "output_dir must be on a filesystem that every node shares" in output, output[-3000:]
+    for folder in folders:
+        assert not (folder / "metrics.jsonl").exists() and not list(folder.glob("checkpoints/step*"))

@@ -1,6 +1,6 @@
 """The processes of a run: torch.distributed through DeepSpeed (a plain ``python script.py`` is a world of one), the
-torch threads of each process on CPU, the shared-memory buffers earlier runs left, and the lock that keeps two runs
-out of one output folder."""
+torch threads of each process on CPU, the shared-memory buffers earlier runs left, the lock that keeps two runs
+out of one output folder, and the check that every rank sees that folder."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..io import write_text_atomic
 from ..log import get_logger
 
 logger = get_logger(__name__)
@@ -150,3 +151,52 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's live process
     return True
+
+
+# How long a rank looks for the marker rank 0 wrote: a shared filesystem may show a new file to other nodes a little
+# later (NFS attribute caching). The marker's name is new each run, so no cached lookup of an older one answers.
+SHARED_DIR_WAIT_S = 10.0
+
+
+def check_shared_output_dir(output_dir: Path, rank: int, world_size: int, wait_s: float = SHARED_DIR_WAIT_S) -> None:
+    """Raises the same RuntimeError on every rank unless every rank sees the marker file rank 0 writes in
+    ``output_dir``. Checkpoints are written by every rank and marked complete by rank 0, and a restart resumes what
+    each rank finds: on node-local folders (a folder of the same name on each node's own disk) the ranks would
+    resume from different steps and go on training a mixed model. Collective: every rank calls it."""
+    if world_size == 1:
+        return
+    name = [f".shared-check-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}" if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    marker = output_dir / name[0]
+    if rank == 0:
+        write_text_atomic(marker, "written by rank 0; every rank of the run must see it\n")
+    dist.barrier()
+    deadline = time.monotonic() + wait_s
+    while not (seen := marker.is_file()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    views = [None] * world_size
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    dist.barrier()
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise RuntimeError(
+            f"output_dir must be on a filesystem that every node shares: {', '.join(blind)} cannot see {marker.name}, "
+            f"which rank 0 (on {views[0][1]}) wrote in {output_dir}. On node-local folders each node would keep "
+            "checkpoints of its own, and a restart would resume the ranks from different steps. Put output_dir on "
+            "NFS, Lustre or another filesystem every node mounts at the same path."
+        )
+
+
+def agree_on(value, rank: int, world_size: int, what: str, where: Path):
+    """``value`` when every rank holds the same, else the same RuntimeError on every rank naming what each holds."""
+    values = [None] * world_size
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        held = ", ".join(f"rank {r}: {v if v is not None else 'none'}" for r, v in enumerate(values))
+        raise RuntimeError(
+            f"The ranks disagree on {what} in {where} ({held}), so nothing is trained: each rank must see the same "
+            "output_dir (a filesystem every node shares)."
+        )
+    return value

@@ -30,9 +30,10 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..checkpoints import COMPLETE, check_weights_only, complete_checkpoints, mark_complete, weights_only_loads
 from ..data.sampling import mixed_seed
+from ..io import write_text_atomic
 from ..log import get_logger
 from ..package_files import find_config_file
-from .distributed import lock_output_dir
+from .distributed import agree_on, check_shared_output_dir, lock_output_dir
 from .optimizer import build_optimizer
 from .run_log import RunLog
 from .settings import TrainSettings
@@ -121,6 +122,7 @@ class Engine:
                     f"Cannot write to output_dir {self.output_dir}: {error}. Choose a writable directory."
                 ) from error
             lock_output_dir(self.output_dir)
+        check_shared_output_dir(self.output_dir, self.rank, self.world_size)
         # transformers 5.24 renamed it (the old name warns and goes in v6); older releases have only the old one
         enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
             model, "gradient_checkpointing_enable", None
@@ -173,22 +175,38 @@ class Engine:
             client_state={"step": self.step, "counters": self.counters},
             save_latest=False,
         )
+        write_text_atomic(self.checkpoint_dir / tag / f"rank{self.rank:05d}.saved", "")
         data_states = [None] * self.world_size
         dist.all_gather_object(data_states, self.data_state)  # (DeepSpeed's client_state is written by rank 0 only)
         dist.barrier()
+        missing = [r for r in range(self.world_size) if not (self.checkpoint_dir / tag / f"rank{r:05d}.saved").exists()]
+        # complete only when every rank's part is where rank 0 sees it
+        agree_on(missing, self.rank, self.world_size, f"which ranks' parts of {tag} are missing", self.checkpoint_dir)
+        if missing:
+            raise RuntimeError(
+                f"{self.checkpoint_dir / tag} lacks the parts of ranks {missing}: they saved where the other ranks cannot "
+                "see. output_dir must be on a filesystem that every node shares."
+            )
         if self.rank == 0:
             extra = {"data_state": data_states} if any(data_states) else {}
             mark_complete(self.checkpoint_dir / tag, {"step": self.step, "time": time.time(), **self.layout, **extra})
-            complete = self.complete_checkpoints()
-            keep = set(complete[-self.settings.keep_last :])
+        dist.barrier()
+        # Pruning removes only checkpoints older than the newest one every rank sees complete
+        seen = [None] * self.world_size
+        dist.all_gather_object(seen, [path.name for path in self.complete_checkpoints()])
+        common = sorted(set.intersection(*map(set, seen)))
+        if self.rank == 0 and common:
+            keep = set(common[-self.settings.keep_last :])
             for path in self.checkpoint_dir.glob("step*"):  # older complete ones and abandoned halves
-                if path not in keep and int(path.name[4:]) <= int(complete[-1].name[4:]):
+                if path.name not in keep and path.name <= common[-1]:
                     shutil.rmtree(path, ignore_errors=True)
         dist.barrier()
 
     def resume(self) -> bool:
-        """Loads the newest complete checkpoint in output_dir, if any."""
+        """Loads the newest complete checkpoint in output_dir, if any; every rank the same one, or none starts."""
         complete = self.complete_checkpoints()
+        newest = complete[-1].name if complete else None
+        agree_on(newest, self.rank, self.world_size, "the checkpoint to resume", self.checkpoint_dir)
         if not complete:
             return False
         written = json.loads((complete[-1] / COMPLETE).read_text())
