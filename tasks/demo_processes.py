@@ -36,7 +36,9 @@ def run_side_by_side(commands: list[list[str]], log: Path, processes: int = 1) -
     On a small CPU two 1-thread runs get more done than one 2-thread run after the other (small matmuls do
     not split well over threads), and the two inits of a task then train under the same conditions.
     """
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # The demo's figures are CPU figures (its kernels pinned, its threads fixed), and on a machine with one GPU its
+    # two-process stages would place rank 1 on a GPU that is not there: every stage runs on the CPU.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     env["OMP_NUM_THREADS"] = str(max(1, DEMO_THREADS // (len(commands) * processes)))
     lock = threading.Lock()
     with open(log, "a") as handle:

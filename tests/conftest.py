@@ -152,3 +152,16 @@ def demo_run(tmp_path_factory):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return output, result.stdout
+
+
+def launcher_env(processes_per_node: int) -> dict:
+    """The environment for a test that starts ``processes_per_node`` ranks on this machine: on the CPU (an empty
+    CUDA_VISIBLE_DEVICES) unless there is a GPU for each, so that a one-GPU machine places no rank on a missing GPU."""
+    import os
+
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if torch.cuda.device_count() < processes_per_node:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env

@@ -123,3 +123,27 @@ def test_every_rank_checks_it_sees_rank_0s_folder_and_the_ranks_agree_or_all_sto
             assert "shared" not in result
         else:  # both ranks stop, with the rank that cannot see the folder named
             assert "output_dir must be on a filesystem that every node shares: rank 1 on" in result["shared"]
+
+
+def test_each_local_rank_gets_its_own_gpu_and_a_rank_past_them_is_an_error(monkeypatch):
+    import torch
+
+    from beit3.training.distributed import device_of_local_rank
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_of_local_rank(3) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert device_of_local_rank(0) == torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match=r"Local rank 1 has no GPU: this machine has 1\. Start at most 1 process"):
+        device_of_local_rank(1)
+
+
+def test_tests_start_their_ranks_on_the_cpu_unless_every_rank_has_a_gpu(monkeypatch):
+    import torch
+    from conftest import launcher_env
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert launcher_env(2)["CUDA_VISIBLE_DEVICES"] == ""  # one GPU, two ranks: both on the CPU
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert "CUDA_VISIBLE_DEVICES" not in launcher_env(1)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import launcher_env
 
 from beit3 import train_sentencepiece
 from beit3.data.synthetic import write_shapes_world
@@ -98,7 +99,7 @@ def pretrain(world, output_dir, processes=1, wait=True, sets=(), **train):
         *overrides(world, output_dir, **train),
         *(a for s in sets for a in ("--set", s)),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = launcher_env(processes)
     if not wait:
         return subprocess.Popen(
             command,
@@ -498,7 +499,7 @@ def two_nodes(world, launcher: str, output_dirs, tmp_path, sets=(), **train) -> 
             subprocess.Popen(
                 command,
                 cwd=ROOT,
-                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+                env=launcher_env(1),  # one process on each node
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

@@ -64,7 +64,7 @@ def setup_distributed(num_workers: int = 0) -> tuple[int, int, torch.device]:
                 sweep_stale_shared_memory_buffers()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = device_of_local_rank(local_rank)
     local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if device.type == "cpu":
         # By default each process starts a thread per core, so N ranks on N cores would run N x N threads, and
@@ -79,6 +79,20 @@ def setup_distributed(num_workers: int = 0) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def device_of_local_rank(local_rank: int) -> torch.device:
+    """``cuda:<local_rank>`` where CUDA is available, else the CPU; a local rank past this machine's GPUs is an error
+    (a launcher told to start more processes per node than there are GPUs), never a guess."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise RuntimeError(
+            f"Local rank {local_rank} has no GPU: this machine has {count}. Start at most {count} process(es) per node "
+            "(deepspeed --num_gpus, torchrun --nproc-per-node), or run on the CPU with CUDA_VISIBLE_DEVICES= set empty."
+        )
+    return torch.device("cuda", local_rank)
 
 
 def sweep_stale_shared_memory_buffers(folder: str | os.PathLike = "/dev/shm", min_age_s: float = 60.0) -> list[Path]:
