@@ -129,3 +129,23 @@ def test_the_zero_stage_has_one_source_a_deepspeed_json_of_another_stage_is_refu
         load_deepspeed_json(settings(zero_stage=3, deepspeed=str(tmp_path / "broken.json")))
     with pytest.raises(FileNotFoundError, match="No config file at missing.json"):
         load_deepspeed_json(settings(zero_stage=3, deepspeed="missing.json"))
+
+
+def test_train_deterministic_turns_on_deterministic_kernels_and_a_run_trains_with_them(tmp_path):
+    import json
+
+    runs = {}
+    for deterministic in (False, True):
+        result = train_tiny_engine(
+            tmp_path / str(deterministic),
+            f"max_steps=2, save_every=2, deterministic={deterministic}",
+            """
+            print("DETERMINISTIC", torch.are_deterministic_algorithms_enabled(), flush=True)
+            return module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean(), {}
+            """,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"DETERMINISTIC {deterministic}" in result.stdout
+        metrics = (tmp_path / str(deterministic) / "run/metrics.jsonl").read_text().splitlines()
+        runs[deterministic] = [json.loads(line)["loss"] for line in metrics]
+    assert runs[True] == runs[False]  # on the CPU the kernels were deterministic already

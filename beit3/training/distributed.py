@@ -81,6 +81,14 @@ def setup_distributed(num_workers: int = 0) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def use_deterministic_kernels() -> None:
+    """Deterministic kernels for the rest of this process: an operation without a deterministic implementation
+    raises instead of varying. cuBLAS needs its workspace fixed before its first call; cuDNN must not autotune."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def device_of_local_rank(local_rank: int) -> torch.device:
     """``cuda:<local_rank>`` where CUDA is available, else the CPU; a local rank past this machine's GPUs is an error
     (a launcher told to start more processes per node than there are GPUs), never a guess."""

@@ -33,7 +33,7 @@ from ..data.sampling import mixed_seed
 from ..io import write_text_atomic
 from ..log import get_logger
 from ..package_files import find_config_file
-from .distributed import agree_on, check_shared_output_dir, lock_output_dir
+from .distributed import agree_on, check_shared_output_dir, lock_output_dir, use_deterministic_kernels
 from .optimizer import build_optimizer
 from .run_log import RunLog
 from .settings import TrainSettings
@@ -123,6 +123,8 @@ class Engine:
                 ) from error
             lock_output_dir(self.output_dir)
         check_shared_output_dir(self.output_dir, self.rank, self.world_size)
+        if settings.deterministic:
+            use_deterministic_kernels()
         # transformers 5.24 renamed it (the old name warns and goes in v6); older releases have only the old one
         enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
             model, "gradient_checkpointing_enable", None

@@ -45,6 +45,11 @@ class TrainSettings(Section):
     max_nonfinite_steps: int = doc("non-finite losses in a row before the run stops (each is skipped)", 5, low=1)
     num_workers: int = doc("data-loader workers per process", 1, low=0)
     gradient_checkpointing: bool = doc("recompute activations in the backward pass", False)
+    deterministic: bool = doc(
+        "deterministic kernels only (torch.use_deterministic_algorithms; on CUDA cuBLAS's fixed workspace too): "
+        "on a GPU, what makes a resume bit-exact, at some speed; CPU runs resume bit-exactly without it",
+        False,
+    )
     layer_decay: float | None = doc(
         "fine-tuning: lr x layer_decay ** (depth from the top), as BEiT does", None, above=0, high=1
     )
