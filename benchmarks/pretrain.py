@@ -1,12 +1,14 @@
-"""Pretraining step speed, side by side in one process: DeepSpeed against a plain torch loop, and
-bf16 autocast against fp32.
+"""Pretraining step speed, side by side in one process: DeepSpeed against a plain torch loop, at each precision
+asked for (bf16 autocast in the plain loop, DeepSpeed's bf16/fp16 in the engine), on this process's device (the
+GPU of its local rank where there is one, else the CPU).
 
-Each side trains its own copy of the same masked data modeling model on the same fixed batch
-(images, texts and pairs; the data pipeline is left out, its cost shows as ``data_wait_share`` in
-every run's metrics.jsonl). Blocks of steps alternate which side runs first; figures are medians
-of samples/s.
+Each side trains its own copy of the same masked data modeling model on the same fixed batch, on the device
+(images, texts and pairs; the data pipeline is left out, its cost shows as ``data_wait_share`` in every run's
+metrics.jsonl). Blocks of steps alternate which side runs first; on a GPU each block is timed between
+synchronizations. Figures are medians of samples/s.
 
-    python benchmarks/pretrain.py [--preset beit3_tiny_patch16_224] [--batch 8] [--steps 5] [--reps 3] [--no-bf16]
+    python benchmarks/pretrain.py [--preset beit3_tiny_patch16_224] [--batch 8] [--steps 5] [--reps 3]
+                                  [--precision fp32 bf16]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from beit3 import Beit3Config
 from beit3.modeling_heads import Beit3ForMaskedDataModeling
 from beit3.training.distributed import setup_distributed
-from beit3.training.engine import Engine
+from beit3.training.engine import Engine, to_device
 from beit3.training.optimizer import build_optimizer
 from beit3.training.settings import TrainSettings
 
@@ -60,58 +62,87 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--output-dir", default="/tmp/beit3-pretrain-benchmark")
-    parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 side (slow where bf16 is emulated)")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("fp32", "bf16", "fp16"),
+        default=["fp32"],
+        help="the precisions to time (bf16 is emulated, about 0.1x of fp32, on a CPU without native bf16)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     config = Beit3Config.from_preset(args.preset, visual_vocab_size=8192)
-    batch = fixed_batch(config, args.batch)
+    distributed = setup_distributed()
+    device = distributed[2]
+    batch = to_device(fixed_batch(config, args.batch), device)
     samples = 3 * args.batch * args.steps
-    settings = TrainSettings(output_dir=args.output_dir, max_steps=10**6, save_every=10**6, num_workers=0)
-
     base = Beit3ForMaskedDataModeling(config)
-    plain_model = copy.deepcopy(base)
-    plain_optimizer = build_optimizer(plain_model, settings)
-    engine = Engine(copy.deepcopy(base), settings, None, setup_distributed())
 
-    def plain_step(precision: str) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = loss_of(plain_model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(plain_model.parameters(), settings.gradient_clipping)
-        plain_optimizer.step()
-        plain_optimizer.zero_grad(set_to_none=True)
+    def synchronize() -> None:  # a GPU runs asynchronously: time what it has done, not what it was given
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-    def deepspeed_step() -> None:
-        loss = loss_of(engine.module, batch)
-        engine.module.backward(loss)
-        engine.module.step()
+    sides = {}
+    for precision in args.precision:
+        settings = TrainSettings(
+            output_dir=f"{args.output_dir}/{precision}",
+            max_steps=10**6,
+            save_every=10**6,
+            num_workers=0,
+            precision=precision,
+        )
+        plain_model = copy.deepcopy(base).to(device)
+        plain_optimizer = build_optimizer(plain_model, settings)
+        engine = Engine(copy.deepcopy(base), settings, None, distributed)
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    sides = {"plain fp32": lambda: plain_step("fp32"), "deepspeed fp32": deepspeed_step}
-    if not args.no_bf16:
-        sides["plain bf16 autocast"] = lambda: plain_step("bf16")
+        def plain_step(model=plain_model, optimizer=plain_optimizer, low=low, scaler=scaler, settings=settings):
+            with torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
+                loss = loss_of(model, batch)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.gradient_clipping)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        def deepspeed_step(engine=engine):
+            loss = loss_of(engine.module, batch)
+            engine.module.backward(loss)
+            engine.module.step()
+
+        sides[f"plain {precision}"] = plain_step
+        sides[f"deepspeed {precision}"] = deepspeed_step
+        stage = engine.layout["zero_stage"]
     for run in sides.values():  # warm-up
         run()
     rates = {name: [] for name in sides}
     for rep in range(args.reps):
         order = list(sides) if rep % 2 == 0 else list(reversed(sides))
         for name in order:
+            synchronize()
             start = time.perf_counter()
             for _ in range(args.steps):
                 sides[name]()
+            synchronize()
             rates[name].append(samples / (time.perf_counter() - start))
     median = {name: statistics.median(values) for name, values in rates.items()}
+    threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(
-        f"{args.preset}: {args.batch} images + {args.batch} texts + {args.batch} pairs per step, {torch.get_num_threads()} threads"
+        f"{args.preset} on {device} ({threads}): {args.batch} images + {args.batch} texts + {args.batch} pairs per step"
     )
     for name, value in median.items():
         print(f"  {name:22s} {value:8.2f} samples/s")
-    print(
-        f"DeepSpeed (ZeRO-{engine.layout['zero_stage']}, what one process runs) overhead vs plain loop: {100 * (median['plain fp32'] / median['deepspeed fp32'] - 1):+.1f}% (goal <= 10%)"
-    )
-    if "plain bf16 autocast" in median:
+    for precision in args.precision:
+        overhead = 100 * (median[f"plain {precision}"] / median[f"deepspeed {precision}"] - 1)
         print(
-            f"bf16 autocast vs fp32: {median['plain bf16 autocast'] / median['plain fp32']:.2f}x (goal >= 2x on a CPU with native bf16)"
+            f"DeepSpeed (ZeRO-{stage}, what one process runs) vs plain loop, {precision}: {overhead:+.1f}% (goal <= 10%)"
         )
+    for precision in set(args.precision) - {"fp32"}:
+        if "fp32" in args.precision:
+            ratio = median[f"plain {precision}"] / median["plain fp32"]
+            print(f"{precision} autocast vs fp32: {ratio:.2f}x (goal >= 2x where {precision} is native)")
 
 
 if __name__ == "__main__":
