@@ -216,3 +216,10 @@ def test_a_split_with_a_key_its_task_does_not_read_is_named_with_the_known_ones(
     for task, task_class in TASKS.items():  # every packaged config's splits hold only what its task reads
         for path in (ROOT / "configs" / "tasks").glob(f"{task}_*.yaml"):
             task_class.Data.from_config(yaml.safe_load(path.read_text())["data"])
+
+
+def test_loaders_pin_their_batches_on_a_gpu_machine_only(tmp_path, monkeypatch):
+    settings = TrainSettings(output_dir=str(tmp_path), max_steps=1, save_every=1, num_workers=0)
+    assert not step_loader(settings, [1, 2], batch_size=None).pin_memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert step_loader(settings, [1, 2], batch_size=None).pin_memory  # so the non_blocking copy overlaps

@@ -130,12 +130,16 @@ def save_model_folder(engine: Engine, model_config, tokenizer=None) -> None:
 
 def step_loader(settings: TrainSettings, dataset, **options) -> torch.utils.data.DataLoader:
     """The DataLoader of a run's steps, with its ``train.num_workers`` (4 batches ahead per worker); ``options`` say
-    how ``dataset`` gives batches (``batch_size=None`` for step-indexed batches, or a ``batch_sampler``)."""
+    how ``dataset`` gives batches (``batch_size=None`` for step-indexed batches, or a ``batch_sampler``).
+
+    On a GPU machine the batches come in pinned memory: only from there is the engine's ``non_blocking`` copy to the
+    GPU asynchronous (from pageable memory it waits for the copy)."""
     return torch.utils.data.DataLoader(
         dataset,
         num_workers=settings.num_workers,
         prefetch_factor=4 if settings.num_workers else None,
         worker_init_fn=loader_worker_init(settings.num_workers),
+        pin_memory=torch.cuda.is_available(),
         **options,
     )
 
@@ -156,6 +160,7 @@ def ordered_batches(dataset, batch_size: int, num_workers: int = 0, collate_fn=N
         num_workers=num_workers,
         collate_fn=collate_fn,
         worker_init_fn=loader_worker_init(num_workers),
+        pin_memory=torch.cuda.is_available(),
     )
     for batch in loader:
         yield split_batch(batch)
