@@ -768,7 +768,12 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
             raise ValueError(
                 "bool_masked_pos hides patches, but no image_labels (their visual tokens) were given to predict."
             )
-        if image_labels is not None and int(image_labels.max()) >= self.config.visual_vocab_size:
+        # (a value check: on CPU tensors in eager mode only, where reading a value costs no host sync)
+        if (
+            image_labels is not None
+            and values_checkable(image_labels)
+            and int(image_labels.max()) >= self.config.visual_vocab_size
+        ):
             raise ValueError(
                 f"image_labels hold visual token {int(image_labels.max())}, but the model predicts "
                 f"{self.config.visual_vocab_size} (config.visual_vocab_size); use the visual tokenizer it was built for."

@@ -283,8 +283,8 @@ class Engine:
                 torch.manual_seed(seed)
                 np.random.seed(seed % 2**32)  # numpy-based augmentations (timm's mixup) repeat on resume too
                 loss, values = step_fn(self.module, to_device(batch, self.device), self.step)
-                finite = torch.tensor([float(torch.isfinite(loss))], device=self.device)
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                finite = torch.isfinite(loss.detach()).float().reshape(1)  # built on the device: no host sync
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # (the .item() that decides the skip is the one left)
                 if finite.item() == 0:
                     skipped = True
                     nonfinite += 1
