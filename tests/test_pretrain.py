@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launcher_env
+from conftest import launcher_env, tiny_config
 
 from beit3 import train_sentencepiece
 from beit3.data.synthetic import write_shapes_world
@@ -552,3 +552,26 @@ def test_nodes_that_do_not_share_output_dir_stop_with_a_clear_error_before_train
         assert "output_dir must be on a filesystem that every node shares" in output, output[-3000:]
     for folder in folders:
         assert not (folder / "metrics.jsonl").exists() and not list(folder.glob("checkpoints/step*"))
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_the_visual_tokenizer_runs_under_the_trainings_autocast(precision, dtype):
+    from beit3.modeling_heads import Beit3ForMaskedDataModeling
+    from beit3.training.pretraining import masked_data_modeling_step
+
+    seen = []
+
+    class RecordingTokenizer:
+        def get_codebook_indices(self, pixel_values):
+            enabled = torch.is_autocast_enabled("cpu")
+            seen.append(torch.get_autocast_dtype("cpu") if enabled else None)
+            return torch.zeros(pixel_values.shape[0], 16, dtype=torch.long)
+
+    model = Beit3ForMaskedDataModeling(tiny_config(visual_vocab_size=8))
+    image = {
+        "pixel_values": torch.randn(2, 3, 32, 32),
+        "tokenizer_pixel_values": torch.rand(2, 3, 32, 32),
+        "bool_masked_pos": torch.ones(2, 16, dtype=torch.bool),
+    }
+    loss, values = masked_data_modeling_step(RecordingTokenizer(), precision)(model, {"image": image}, 0)
+    assert seen == [dtype] and torch.isfinite(loss) and "image_accuracy" in values
