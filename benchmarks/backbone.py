@@ -12,6 +12,11 @@ The same run measures this machine's matmul peak with a model-shaped matmul (208
     python benchmarks/backbone.py [--reps 5] [--preset beit3_base_patch16_224] [--device cpu|cuda]
     python benchmarks/backbone.py --profile bf16,inference   # where our model's time goes (torch.profiler)
     python benchmarks/backbone.py --compile                  # torch.compile(ours) against eager ours, inference
+    python benchmarks/backbone.py --timm [--batch 8]         # image only: ours against timm's beit3 VisionTransformer
+
+With ``--timm`` the comparison is on images alone, fp32, against timm's ``beit3_*`` VisionTransformer
+(``forward_features``) holding the same weights (``beit3.convert.beit3_to_timm``): the released layout without
+the final LayerNorm, as timm's classifier is built; inference and training, alternated, medians.
 """
 
 from __future__ import annotations
@@ -111,6 +116,71 @@ def compare_compiled(ours: Beit3Model, inputs: dict, device: str, reps: int, pre
         )
 
 
+def compare_timm(config: Beit3Config, batch: int, device: str, reps: int, modes: list[str]) -> None:
+    """Image-only speed of our backbone against timm's VisionTransformer with the same weights (see the docstring)."""
+    import timm
+
+    from beit3.convert import beit3_to_timm
+
+    config = Beit3Config.from_dict({**config.to_dict(), "final_layernorm": False})
+    ours = Beit3Model(config).to(device)
+    name = {1024: "beit3_large_patch16_224", 1408: "beit3_giant_patch14_224"}.get(
+        config.hidden_size, "beit3_base_patch16_224"
+    )
+    theirs = timm.create_model(
+        name,
+        pretrained=False,
+        num_classes=0,
+        fc_norm=False,
+        global_pool="",
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        embed_dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        mlp_ratio=config.intermediate_size / config.hidden_size,
+    ).to(device)
+    missing, unexpected = theirs.load_state_dict(beit3_to_timm(ours.state_dict(), config), strict=False)
+    assert not unexpected and set(missing) <= {"norm.weight", "norm.bias"}, (missing, unexpected)
+    theirs.norm = torch.nn.Identity()  # ours has no final norm either in this layout
+    pixel_values = torch.randn(batch, 3, config.image_size, config.image_size, device=device)
+    sides = {
+        "ours": lambda: ours(pixel_values=pixel_values).last_hidden_state,
+        "timm": lambda: theirs.forward_features(pixel_values),
+    }
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        difference = (sides["ours"]() - sides["timm"]()).abs().max().item()
+    print(
+        f"device: {device}, threads: {torch.get_num_threads()}, torch {torch.__version__}, timm {timm.__version__}; "
+        f"{name} layout, batch {batch} images of {config.image_size} px, fp32; outputs differ by at most {difference:.1e}"
+    )
+    for mode in modes:
+        training = mode == "training"
+        ours.train(training), theirs.train(training)
+
+        def step(fn):
+            sync(device)
+            start = time.perf_counter()
+            if training:
+                fn().mean().backward()
+            else:
+                with torch.no_grad():
+                    fn()
+            sync(device)
+            return time.perf_counter() - start
+
+        for fn in sides.values():  # warm-up
+            step(fn)
+        times = {side: [] for side in sides}
+        for rep in range(reps):
+            for side in list(sides) if rep % 2 == 0 else list(reversed(sides)):
+                times[side].append(step(sides[side]))
+        ours_s, timm_s = statistics.median(times["ours"]), statistics.median(times["timm"])
+        print(f"  {mode:9} ours {ours_s:.3f} s, timm {timm_s:.3f} s: ours at {timm_s / ours_s:.2f}x timm's speed")
+        ours.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="beit3_base_patch16_224")
@@ -128,11 +198,15 @@ def main() -> None:
         action="store_true",
         help="time torch.compile(ours) against eager ours (inference) instead of torchscale",
     )
+    parser.add_argument("--timm", action="store_true", help="images only, ours against timm's beit3 (fp32)")
     args = parser.parse_args()
     device = args.device
     torch.manual_seed(0)
 
     config = Beit3Config.from_preset(args.preset)
+    if args.timm:
+        compare_timm(config, args.batch, device, args.reps, args.modes.split(","))
+        return
     reference = torchscale_model(config)
     official = {k: v.float() for k, v in reference.state_dict().items()}
     ours = Beit3Model(config)

@@ -51,12 +51,14 @@ def test_every_batch_has_all_kinds_with_masks(world):
     assert batch["image"]["pixel_values"].shape == (3, 3, 64, 64) and batch["image"]["bool_masked_pos"].shape == (3, 64)
     assert (batch["image"]["bool_masked_pos"].sum(-1) == round(64 * 75 / 196)).all()
     assert 0 <= batch["image"]["tokenizer_pixel_values"].min() and batch["image"]["tokenizer_pixel_values"].max() <= 1
+    masks = {}  # (a batch without padding has no attention_mask: all ones)
     for kind in ("text", "pair"):
         chosen = batch[kind]["labels"] != -100
         assert chosen.any() and batch[kind]["input_ids"].shape[0] == 3 and batch[kind]["input_ids"].shape[1] <= 32
-        assert batch[kind]["attention_mask"][:, -1].any()  # padded to the longest text, not beyond
-    pair_rate = (batch["pair"]["labels"] != -100).sum() / (batch["pair"]["attention_mask"].sum() - 6)
-    text_rate = (batch["text"]["labels"] != -100).sum() / (batch["text"]["attention_mask"].sum() - 6)
+        masks[kind] = batch[kind].get("attention_mask", torch.ones_like(batch[kind]["input_ids"]))
+        assert masks[kind][:, -1].any()  # padded to the longest text, not beyond
+    pair_rate = (batch["pair"]["labels"] != -100).sum() / (masks["pair"].sum() - 6)
+    text_rate = (batch["text"]["labels"] != -100).sum() / (masks["text"].sum() - 6)
     assert pair_rate > text_rate  # 50% of pair text against 15% of plain text
 
 
@@ -332,3 +334,13 @@ def test_tokenizer_views_alone_are_the_views_a_full_batch_gives_the_tokenizer(wo
     alone = batches(sources, None, {"image": 4}, seed=2, tokenizer_views_only=True)[3]["image"]
     assert set(alone) == {"tokenizer_pixel_values"}  # no model view, no masks: what a visual tokenizer trains on
     assert torch.equal(alone["tokenizer_pixel_values"], full["tokenizer_pixel_values"])
+
+
+def test_a_text_batch_without_padding_goes_without_an_attention_mask(world, tmp_path):
+    paths, tokenizer = world
+    same = tmp_path / "same-length.txt"
+    same.write_text("a red circle\n" * 8)  # every text the same length: no padding in any batch
+    plain = batches(load_sources(texts=[same]), tokenizer, {"text": 3})[0]["text"]
+    assert "attention_mask" not in plain and set(plain) == {"input_ids", "labels"}
+    mixed = batches(load_sources(texts=[paths["texts"]]), tokenizer, {"text": 8})[0]["text"]
+    assert "attention_mask" in mixed and not mixed["attention_mask"].all()

@@ -137,7 +137,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
         text: input_ids, attention_mask, labels (B, T)
         pair: pixel_values, input_ids, attention_mask, labels
         itm (with itm_negatives): pixel_values (2K, ...), input_ids, attention_mask (2K, T) unmasked, itm_labels (2K,)
-            (``beit3.data.matching.matching_batch``)
+            (``beit3.data.matching.matching_batch``); a text, pair or itm part without padding has no attention_mask
         counts: ``{"skipped_<kind>": n}``, corrupt images (and streamed samples without image or caption) replaced in
             this batch, for the ``Engine``'s counters
     """
@@ -385,6 +385,11 @@ class PretrainingBatches(torch.utils.data.Dataset):
                     self.tokenizer.all_special_ids,
                     torch.Generator().manual_seed(mixed_seed(self.seed, Stream.MATCHING, step, self.rank)),
                 )
+        for kind in ("text", "pair", "itm"):
+            # A batch without padding goes without a mask, so that attention may take its fastest kernel (SDPA's flash
+            # kernel on a GPU takes no mask); read here, on the loader's CPU tensors, where that costs no host sync
+            if kind in batch and bool(batch[kind]["attention_mask"].all()):
+                del batch[kind]["attention_mask"]
         batch["counts"] = {
             f"skipped_{kind}": int(count) for kind, count in zip(KINDS, skipped) if kind in self.batch_sizes
         }
