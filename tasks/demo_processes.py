@@ -4,6 +4,7 @@ on any x86-64 machine, and the runner that shares them out among the processes o
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,13 @@ def run(command: list[str], log: Path, processes: int = 1) -> None:
     """Runs one stage's command (of ``processes`` processes: the deepspeed launcher's ranks); its progress bars show
     on the terminal, and everything goes to ``log`` too."""
     run_side_by_side([command], log, processes)
+
+
+def free_port() -> int:
+    """A TCP port nothing on this machine listens on now, for a launcher's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_side_by_side(commands: list[list[str]], log: Path, processes: int = 1) -> None:

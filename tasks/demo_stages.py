@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from demo_processes import ROOT, run, run_side_by_side
+from demo_processes import ROOT, free_port, run, run_side_by_side
 from demo_report import write_report
 
 # Sizes and budgets. "default" fits the 15 minutes of `make demo` on a 2-core CPU; "smoke" is the test suite's.
@@ -189,6 +189,8 @@ class Demo:
                 deepspeed,
                 "--num_gpus",
                 "2",
+                "--master_port",  # a free one: DeepSpeed's default (29500) may be held by another run on this machine
+                str(free_port()),
                 "tasks/pretrain.py",
                 "--config",
                 "configs/pretrain/demo.yaml",
