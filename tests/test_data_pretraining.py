@@ -14,7 +14,7 @@ from PIL import Image
 from beit3 import train_sentencepiece
 from beit3.data.common import load_rgb
 from beit3.data.images import read_codes, tokenizer_transform
-from beit3.data.pretraining import BatchOptions, PretrainingBatches
+from beit3.data.pretraining import BatchOptions, PretrainingBatches, finish_batch
 from beit3.data.sources import load_sources
 from beit3.data.synthetic import write_shapes_world
 from beit3.visual_tokenizers import VQKD, VQKDConfig
@@ -50,7 +50,10 @@ def test_every_batch_has_all_kinds_with_masks(world):
     batch = batches(load_sources(paths["images"], [paths["texts"]], [paths["pairs"]]), tokenizer)[0]
     assert batch["image"]["pixel_values"].shape == (3, 3, 64, 64) and batch["image"]["bool_masked_pos"].shape == (3, 64)
     assert (batch["image"]["bool_masked_pos"].sum(-1) == round(64 * 75 / 196)).all()
+    assert batch["image"]["pixel_values"].dtype == batch["pair"]["pixel_values"].dtype == torch.uint8  # as cropped
+    finish_batch(batch)
     assert 0 <= batch["image"]["tokenizer_pixel_values"].min() and batch["image"]["tokenizer_pixel_values"].max() <= 1
+    assert -1 <= batch["image"]["pixel_values"].min() and batch["image"]["pixel_values"].max() <= 1  # mean = std = 0.5
     masks = {}  # (a batch without padding has no attention_mask: all ones)
     for kind in ("text", "pair"):
         chosen = batch[kind]["labels"] != -100
@@ -344,3 +347,20 @@ def test_a_text_batch_without_padding_goes_without_an_attention_mask(world, tmp_
     assert "attention_mask" not in plain and set(plain) == {"input_ids", "labels"}
     mixed = batches(load_sources(texts=[paths["texts"]]), tokenizer, {"text": 8})[0]["text"]
     assert "attention_mask" in mixed and not mixed["attention_mask"].all()
+
+
+def test_views_leave_the_loader_as_uint8_and_finish_batch_converts_them_as_the_views_do(world):
+    from beit3.views import TwoViewTransform
+
+    paths, tokenizer = world
+    batch = batches(load_sources(paths["images"], [paths["texts"]], [paths["pairs"]]), tokenizer, itm_negatives=1.0)[0]
+    raw = {kind: dict(batch[kind]) for kind in ("image", "pair", "itm")}
+    assert all(raw[kind]["pixel_values"].dtype == torch.uint8 for kind in raw)
+    finish_batch(batch)
+    views = TwoViewTransform()
+    model, tokenizer_view = views.finish(raw["image"]["pixel_values"], raw["image"]["tokenizer_pixel_values"])
+    assert torch.equal(batch["image"]["pixel_values"], model)
+    assert torch.equal(batch["image"]["tokenizer_pixel_values"], tokenizer_view)
+    for kind in ("pair", "itm"):
+        assert torch.equal(batch[kind]["pixel_values"], views.finish(raw[kind]["pixel_values"])[0])
+    assert finish_batch(batch)["image"]["pixel_values"] is batch["image"]["pixel_values"]  # floats stay as they are

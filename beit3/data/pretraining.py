@@ -121,6 +121,24 @@ class BatchOptions:
         return round(self.image_mask_ratio * self.grid**2)
 
 
+# What finish_batch converts with: the views' default mean and std, which every view of PretrainingBatches uses.
+PIXELS = TwoViewTransform()
+
+
+def finish_batch(batch: dict) -> dict:
+    """A batch of ``PretrainingBatches`` as the model and the visual tokenizer take it, on whatever device it is: the
+    uint8 model views normalized (mean = std = 0.5, as ``TwoViewTransform``), the tokenizer views in [0, 1]. Views
+    that are floats already (the fixed crops of precomputed codes) stay as they are. Changes ``batch`` in place."""
+    keys = ("pixel_values", "tokenizer_pixel_values")
+    for part in batch.values():
+        if isinstance(part, dict):
+            views = [part[k] if k in part and part[k].dtype == torch.uint8 else None for k in keys]
+            for key, finished in zip(keys, PIXELS.finish(*views)):
+                if finished is not None:
+                    part[key] = finished
+    return batch
+
+
 class PretrainingBatches(torch.utils.data.Dataset):
     """Item ``i`` is this rank's batch for step ``start_step + i``: a dict per kind, plus skip counts.
 
@@ -129,8 +147,9 @@ class PretrainingBatches(torch.utils.data.Dataset):
         tokenizer: the text tokenizer (with a mask token); None for image-only batches.
         options: how samples become a batch (``BatchOptions``: sizes, views, masks, matching).
         seed, rank, world_size, start_step, num_steps: where the batches sit in the run.
-    Batch:
-        image: pixel_values (B, 3, S, S), tokenizer_pixel_values (B, 3, s, s) in [0, 1], bool_masked_pos (B, patches);
+    Batch (the views as uint8 crops, a quarter of float32's bytes through the loader's queue and the copy to a GPU:
+    ``finish_batch`` makes them model and tokenizer inputs where the step runs):
+        image: pixel_values (B, 3, S, S), tokenizer_pixel_values (B, 3, s, s), bool_masked_pos (B, patches);
             when the image source has ``codes`` (``load_sources(image_codes=...)``): pixel_values of the fixed
             center crop the codes were computed from, bool_masked_pos and image_labels (B, patches), no tokenizer
             view; with ``options.tokenizer_views_only``: tokenizer_pixel_values alone
@@ -331,10 +350,9 @@ class PretrainingBatches(torch.utils.data.Dataset):
         if self.codes:
             out = {"pixel_values": torch.stack(model_views), "image_labels": torch.stack(labels)}
         elif views_only:
-            out = {"tokenizer_pixel_values": self.views.finish(None, torch.stack(tokenizer_views))[1]}
-        else:  # uint8 crops, converted and normalized for the whole batch at once
-            pixels, tokenizer_pixels = self.views.finish(torch.stack(model_views), torch.stack(tokenizer_views))
-            out = {"pixel_values": pixels, "tokenizer_pixel_values": tokenizer_pixels}
+            out = {"tokenizer_pixel_values": torch.stack(tokenizer_views)}
+        else:  # uint8 crops: finish_batch converts and normalizes them where the step runs
+            out = {"pixel_values": torch.stack(model_views), "tokenizer_pixel_values": torch.stack(tokenizer_views)}
         if masks:
             out["bool_masked_pos"] = torch.stack(masks)
         return out
@@ -372,7 +390,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
                 texts.append(record["text"])
             encoded = self._tokenize(texts)
             batch["pair"] = {
-                "pixel_values": self.pair_view.finish(torch.stack(images))[0],
+                "pixel_values": torch.stack(images),  # uint8, as the image kind's
                 **self._masked_text("pair", encoded, step),
             }
             if self.itm_pairs:

@@ -33,6 +33,7 @@ from ..data.pretraining import (
     BatchOptions,
     PretrainingBatches,
     StreamingPretrainingBatches,
+    finish_batch,
 )
 from ..data.sources import Shards, load_sources
 from ..log import get_logger
@@ -141,6 +142,7 @@ def masked_data_modeling_step(visual_tokenizer=None, precision: str = "fp32") ->
     """
 
     def step_fn(module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        finish_batch(batch)  # the uint8 views, converted on the step's device
         losses, values = [], {}
         if "image" in batch:
             image = batch["image"]

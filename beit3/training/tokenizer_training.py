@@ -19,7 +19,7 @@ import torch
 
 from ..data.common import load_rgb
 from ..data.images import tokenizer_transform
-from ..data.pretraining import BatchOptions, PretrainingBatches
+from ..data.pretraining import BatchOptions, PretrainingBatches, finish_batch
 from ..data.sources import load_sources
 from ..log import get_logger
 from ..visual_tokenizers import DVAE, VQKD, DVAEConfig, VisualTokenizer, VQKDConfig
@@ -78,7 +78,7 @@ def visual_tokenizer_step() -> Callable:
     """A ``step_fn`` for ``Engine.fit`` over image-only ``PretrainingBatches`` (the [0, 1] tokenizer view)."""
 
     def step_fn(module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = module(batch["image"]["tokenizer_pixel_values"])
+        out = module(finish_batch(batch)["image"]["tokenizer_pixel_values"])  # uint8 views -> [0, 1], on the device
         values = {
             "codebook_usage": out.codebook_usage,
             "perplexity": out.perplexity,
