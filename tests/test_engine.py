@@ -149,3 +149,19 @@ def test_train_deterministic_turns_on_deterministic_kernels_and_a_run_trains_wit
         metrics = (tmp_path / str(deterministic) / "run/metrics.jsonl").read_text().splitlines()
         runs[deterministic] = [json.loads(line)["loss"] for line in metrics]
     assert runs[True] == runs[False]  # on the CPU the kernels were deterministic already
+
+
+def test_bf16_under_zero_accumulates_and_reduces_gradients_in_fp32():
+    from beit3.training.engine import deepspeed_config
+
+    def config(precision, world_size, stage=2):
+        settings = TrainSettings(output_dir="out", max_steps=1, save_every=1, precision=precision, zero_stage=stage)
+        return deepspeed_config(settings, world_size, {"zero_optimization": {"stage": stage}})
+
+    zero2 = config("bf16", 2)
+    assert zero2["bf16"]["enabled"] and zero2["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert zero2["communication_data_type"] == "fp32"
+    assert config("bf16", 2, stage=1)["data_types"] == {"grad_accum_dtype": "fp32"}
+    # one process runs stage 0, where DeepSpeed takes no fp32 accumulation with bf16 weights; fp32 needs none
+    for settings in (("bf16", 1), ("fp32", 2)):
+        assert "data_types" not in config(*settings) and "communication_data_type" not in config(*settings)

@@ -575,3 +575,13 @@ def test_the_visual_tokenizer_runs_under_the_trainings_autocast(precision, dtype
     }
     loss, values = masked_data_modeling_step(RecordingTokenizer(), precision)(model, {"image": image}, 0)
     assert seen == [dtype] and torch.isfinite(loss) and "image_accuracy" in values
+
+
+def test_bf16_under_zero_2_trains_with_fp32_gradient_accumulation(world, tmp_path):
+    run = tmp_path / "bf16"
+    result = pretrain(
+        world, run, processes=2, max_steps=2, save_every=2, precision="bf16", gradient_accumulation_steps=2
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert all(math.isfinite(loss) for loss in losses(run).values())
+    assert json.loads((run / "run_config.json").read_text())["train"]["precision"] == "bf16"

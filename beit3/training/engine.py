@@ -89,6 +89,12 @@ def deepspeed_config(settings: TrainSettings, world_size: int, base: dict | None
             "without the partition copies)"
         )
         config["zero_optimization"] = {"stage": 0}
+    if settings.precision == "bf16" and config.get("zero_optimization", {}).get("stage", 0) > 0:
+        # bf16 keeps 8 bits of mantissa: gradients summed over micro-batches and ranks in it lose the small ones.
+        # Accumulate and reduce them in fp32, as the paper's ZeRO runs would want. (DeepSpeed takes an fp32
+        # accumulation with bf16 weights only under ZeRO; one process, at stage 0, accumulates in bf16.)
+        config.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        config.setdefault("communication_data_type", "fp32")
     return config
 
 
