@@ -513,11 +513,20 @@ def finish(processes, timeout=600) -> list[tuple[int, str]]:
     return [(p.wait(timeout), p.stdout.read()) for p in processes]
 
 
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
-def test_two_nodes_train_as_one_node_of_two_processes_and_resume_exactly_after_sigkill(world, tmp_path, launcher):
-    steps = 6
-    reference = pretrain(world, tmp_path / "one-node", processes=2, max_steps=steps, save_every=3)
+@pytest.fixture(scope="module")
+def one_node_of_two(world, tmp_path_factory) -> dict[int, float]:
+    """The per-step losses of 6 steps on one node of two processes: what two nodes of one process must give."""
+    run = tmp_path_factory.mktemp("one-node")
+    reference = pretrain(world, run, processes=2, max_steps=6, save_every=3)
     assert reference.returncode == 0, reference.stdout[-3000:]
+    return losses(run)
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_two_nodes_train_as_one_node_of_two_processes_and_resume_exactly_after_sigkill(
+    world, tmp_path, launcher, one_node_of_two
+):
+    steps = 6
     run = tmp_path / "two-nodes"
     nodes = two_nodes(world, launcher, [run, run], tmp_path, max_steps=steps, save_every=3)
     marker = run / "checkpoints/step00000003/COMPLETE"
@@ -536,7 +545,7 @@ def test_two_nodes_train_as_one_node_of_two_processes_and_resume_exactly_after_s
     ended = finish(two_nodes(world, launcher, [run, run], tmp_path, max_steps=steps, save_every=3))
     assert all(code == 0 for code, _ in ended), [out[-3000:] for _, out in ended]
     assert "resumed from step 3" in ended[0][1]
-    after, expected = losses(run), losses(tmp_path / "one-node")
+    after, expected = losses(run), one_node_of_two
     assert sorted(after) == list(range(1, steps + 1))
     for step in range(1, steps + 1):
         assert after[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}"
