@@ -536,7 +536,12 @@ def test_set_attn_implementation_switches_the_path_and_a_registered_function_is_
     assert seen == [(i, (2, 2, 23, 16)) for i in range(config.num_hidden_layers)]
 
 
-def test_flex_attention_agrees_with_sdpa_on_a_padded_image_text_batch():
+def test_flex_attention_agrees_with_sdpa_on_a_padded_image_text_batch(tmp_path, monkeypatch):
+    import tempfile
+
+    # flex attention compiles: its cache and precompiled headers go to the test's folder, not /tmp
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     config = tiny_config()
     model = Beit3Model(config).eval()
     pixel_values, input_ids, mask = padded_inputs(config)

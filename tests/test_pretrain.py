@@ -499,7 +499,8 @@ def two_nodes(world, launcher: str, output_dirs, tmp_path, sets=(), **train) -> 
             subprocess.Popen(
                 command,
                 cwd=ROOT,
-                env=launcher_env(1),  # one process on each node
+                # one process on each node; torchrun's log folders (torchelastic_*) go to the test's folder, not /tmp
+                env={**launcher_env(1), "TMPDIR": str(tmp_path)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
