@@ -593,19 +593,11 @@ class Beit3Model(Beit3PreTrainedModel):
                 )
         elif bool_masked_pos is not None:
             raise ValueError("bool_masked_pos masks image patches, but no pixel_values were given.")
-        if inputs_embeds is not None:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-                raise ValueError(
-                    f"inputs_embeds must be (batch, length, hidden_size={config.hidden_size}); "
-                    f"got shape {tuple(inputs_embeds.shape)}."
-                )
-            if batch is not None and inputs_embeds.shape[0] != batch:
-                raise ValueError(
-                    f"pixel_values and inputs_embeds have different batch sizes: {batch} and {inputs_embeds.shape[0]}."
-                )
-        text_length = 0
-        if inputs_embeds is not None:
-            batch, text_length = inputs_embeds.shape[:2]
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size):
+            raise ValueError(
+                f"inputs_embeds must be (batch, length, hidden_size={config.hidden_size}); "
+                f"got shape {tuple(inputs_embeds.shape)}."
+            )
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}.")
@@ -614,21 +606,25 @@ class Beit3Model(Beit3PreTrainedModel):
                     f"input_ids must be integer token ids (torch.long); got {input_ids.dtype}. Use the tokenizer's "
                     "output, or .long()."
                 )
-            if batch is not None and input_ids.shape[0] != batch:
+        text_length = 0
+        text, text_name = (input_ids, "input_ids") if input_ids is not None else (inputs_embeds, "inputs_embeds")
+        if text is not None:
+            if batch is not None and text.shape[0] != batch:
                 raise ValueError(
-                    f"pixel_values and input_ids have different batch sizes: {batch} and {input_ids.shape[0]}."
+                    f"pixel_values and {text_name} have different batch sizes: {batch} and {text.shape[0]}."
                 )
-            batch, text_length = input_ids.shape
-            if (
-                values_checkable(input_ids)
-                and input_ids.numel()
-                and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size)
-            ):
-                raise ValueError(
-                    f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}], outside the vocabulary "
-                    f"[0, {config.vocab_size}). Use the tokenizer that matches this model."
-                )
-        if input_ids is not None or inputs_embeds is not None:
+            batch, text_length = text.shape[:2]
+        if (
+            input_ids is not None
+            and values_checkable(input_ids)
+            and input_ids.numel()
+            and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size)
+        ):
+            raise ValueError(
+                f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}], outside the vocabulary "
+                f"[0, {config.vocab_size}). Use the tokenizer that matches this model."
+            )
+        if text is not None:
             if position_ids is None and cache is not None and cache.get_seq_length() > 0:
                 raise ValueError(
                     "Decoding with a non-empty cache needs position_ids: the text positions of the new tokens, counted from 0."

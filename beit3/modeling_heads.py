@@ -43,8 +43,6 @@ SMALL_HEAD_INIT = 0.001
 
 
 # Heads call the backbone with return_dict=True: they read its fields, and their own return_dict says what they return.
-
-
 def _passed_on(out) -> dict:
     """The backbone's optional outputs every head hands on: hidden_states and attentions (None unless asked for)."""
     return {"hidden_states": out.hidden_states, "attentions": out.attentions}

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..checkpoints import load_state_dict_checked
 from ..io import atomic_folder
+from ..modeling_beit3 import values_checkable
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -109,9 +110,8 @@ class VisualTokenizer(nn.Module):
                 f"The image side ({height}x{width} px) is not a multiple of the patch size {patch}; resize or crop it "
                 f"(e.g. to {self.image_size}x{self.image_size})."
             )
-        # A value check: on CPU tensors in eager mode only, where reading a value costs no host sync (on a GPU it would
-        # stall every pretraining step)
-        if pixel_values.numel() and pixel_values.device.type == "cpu" and not torch.compiler.is_compiling():
+        # A value check where reading values is free (on a GPU it would stall every pretraining step)
+        if pixel_values.numel() and values_checkable(pixel_values):
             low, high = torch.aminmax(pixel_values.detach())
             # Bicubic resizing of a tensor may overshoot a little; a normalized or 0-255 image is far outside.
             if low < -0.1 or high > 1.1:
