@@ -747,6 +747,8 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        num_masked_patches: int | None = None,
+        num_masked_text_tokens: int | None = None,
     ) -> Beit3MaskedDataModelingOutput | tuple:
         """
         Args:
@@ -755,6 +757,10 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
             image_labels: (B, patches) visual token ids of every patch (only the masked ones are read).
             labels: (B, T) original ids at the masked words, -100 elsewhere.
             itm_labels: (B,) 1 where the text is the image's caption, 0 for a mismatched pair (image + text input).
+            num_masked_patches, num_masked_text_tokens: how many True ``bool_masked_pos`` holds and how many labels are
+                not -100, when the caller knows it without reading the device (``PretrainingBatches`` counts them on the
+                loader's CPU tensors): the masked positions are then gathered without a host sync. Without them the
+                count is read from the mask, which on an accelerator waits for the forward pass so far.
         """
         if itm_labels is not None and not hasattr(self, "itm_head"):
             raise ValueError(
@@ -788,19 +794,40 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
         )
         hidden = out.last_hidden_state
         result = {}
-        if bool_masked_pos is not None and bool(bool_masked_pos.any()):
-            logits = self.mim_head(hidden[:, 1 : out.text_start][bool_masked_pos])
-            result.update(_masked_prediction("image", logits, image_labels[bool_masked_pos]))
-        if labels is not None and bool((labels != -100).any()):
-            chosen = labels != -100
-            logits = self.mlm_head(hidden[:, out.text_start :][chosen])
-            result.update(_masked_prediction("text", logits, labels[chosen]))
+        if bool_masked_pos is not None:
+            chosen = _masked_positions(bool_masked_pos, num_masked_patches, "num_masked_patches")
+            if len(chosen):  # (a length known on the host: the count)
+                logits = self.mim_head(hidden[:, 1 : out.text_start].flatten(0, 1)[chosen])
+                result.update(_masked_prediction("image", logits, image_labels.flatten()[chosen]))
+        if labels is not None:
+            chosen = _masked_positions(labels != -100, num_masked_text_tokens, "num_masked_text_tokens")
+            if len(chosen):
+                logits = self.mlm_head(hidden[:, out.text_start :].flatten(0, 1)[chosen])
+                result.update(_masked_prediction("text", logits, labels.flatten()[chosen]))
         losses = [result[k] for k in ("image_loss", "text_loss") if k in result]
         if itm_labels is not None:
             result.update(_masked_prediction("itm", self.itm_head(self.itm_pooler(hidden[:, 0])), itm_labels))
             losses.append(self.config.itm_weight * result["itm_loss"])
         output = Beit3MaskedDataModelingOutput(loss=sum(losses) if losses else None, **result, **_passed_on(out))
         return _as_asked(output, return_dict, self.config)
+
+
+def _masked_positions(mask: torch.Tensor, count: int | None, name: str) -> torch.Tensor:
+    """The flat indices (M,) of the True entries of ``mask`` (B, L), row after row, as boolean indexing takes them.
+
+    With ``count`` (M, given by a caller that knows it) their number is known on the host, so finding them
+    (``torch.nonzero_static``) reads nothing back from the device; the count is checked against the mask, at once
+    where values are free to read, else by an asynchronous device assertion. Without it the count is read."""
+    if count is None or values_checkable(mask):
+        found = int(mask.sum())
+        if count is not None and count != found:
+            raise ValueError(
+                f"{name} is {count}, but the mask holds {found} masked positions; give their number, or None."
+            )
+        count = found
+    else:
+        torch._assert_async(mask.sum() == count, f"{name} differs from the number of masked positions in the mask")
+    return torch.nonzero_static(mask.flatten(), size=count).squeeze(1)
 
 
 def _masked_prediction(kind: str, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -35,19 +35,18 @@ def fixed_batch(config: Beit3Config, batch: int, text: int = 32) -> dict:
     patches = config.num_patches
     ids = torch.randint(3, config.vocab_size, (batch, text))
     labels = torch.where(torch.rand(batch, text) < 0.3, ids, -100)
+    masked = torch.rand(batch, patches) < 0.4
+    # The masked counts, as PretrainingBatches gives them: the model gathers by them without a host sync.
+    text_part = {"input_ids": ids, "labels": labels, "num_masked_text_tokens": int((labels != -100).sum())}
     return {
         "image": {
             "pixel_values": torch.randn(batch, 3, config.image_size, config.image_size),
-            "bool_masked_pos": torch.rand(batch, patches) < 0.4,
+            "bool_masked_pos": masked,
             "image_labels": torch.randint(0, config.visual_vocab_size, (batch, patches)),
+            "num_masked_patches": int(masked.sum()),
         },
-        "text": {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels},
-        "pair": {
-            "pixel_values": torch.randn(batch, 3, config.image_size, config.image_size),
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "labels": labels,
-        },
+        "text": text_part,  # no padding: no attention_mask, as PretrainingBatches gives such a batch
+        "pair": {"pixel_values": torch.randn(batch, 3, config.image_size, config.image_size), **text_part},
     }
 
 

@@ -50,6 +50,7 @@ def test_every_batch_has_all_kinds_with_masks(world):
     batch = batches(load_sources(paths["images"], [paths["texts"]], [paths["pairs"]]), tokenizer)[0]
     assert batch["image"]["pixel_values"].shape == (3, 3, 64, 64) and batch["image"]["bool_masked_pos"].shape == (3, 64)
     assert (batch["image"]["bool_masked_pos"].sum(-1) == round(64 * 75 / 196)).all()
+    assert batch["image"]["num_masked_patches"] == 3 * round(64 * 75 / 196)  # the model gathers by these counts
     assert batch["image"]["pixel_values"].dtype == batch["pair"]["pixel_values"].dtype == torch.uint8  # as cropped
     finish_batch(batch)
     assert 0 <= batch["image"]["tokenizer_pixel_values"].min() and batch["image"]["tokenizer_pixel_values"].max() <= 1
@@ -57,6 +58,7 @@ def test_every_batch_has_all_kinds_with_masks(world):
     masks = {}  # (a batch without padding has no attention_mask: all ones)
     for kind in ("text", "pair"):
         chosen = batch[kind]["labels"] != -100
+        assert batch[kind]["num_masked_text_tokens"] == int(chosen.sum())
         assert chosen.any() and batch[kind]["input_ids"].shape[0] == 3 and batch[kind]["input_ids"].shape[1] <= 32
         masks[kind] = batch[kind].get("attention_mask", torch.ones_like(batch[kind]["input_ids"]))
         assert masks[kind][:, -1].any()  # padded to the longest text, not beyond
@@ -72,7 +74,7 @@ def test_batches_depend_only_on_seed_step_and_rank(world):
     b = batches(sources, tokenizer, seed=1, start_step=5)[0]  # a resumed run starting at step 5
     for kind in ("image", "text", "pair"):
         for key, value in a[kind].items():
-            assert torch.equal(value, b[kind][key]), (kind, key)
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b[kind][key])), (kind, key)
     other_rank = batches(sources, tokenizer, seed=1, rank=1, world_size=2)[5]
     assert not torch.equal(other_rank["image"]["pixel_values"], a["image"]["pixel_values"])
 
@@ -213,7 +215,8 @@ def test_batches_from_codes_carry_the_codes_encode_images_wrote(world, visual_to
     for step in (0, 3, 9):  # 9: past the first epoch of 24 images (3 per step)
         batch = data[step]
         image = batch["image"]
-        assert set(image) == {"pixel_values", "bool_masked_pos", "image_labels"}  # no tokenizer view to compute
+        # no tokenizer view: the codes are given
+        assert set(image) == {"pixel_values", "bool_masked_pos", "num_masked_patches", "image_labels"}
         assert image["image_labels"].shape == (3, 64) and image["image_labels"].dtype == torch.long
         for slot in range(3):
             path, _ = used_image(data, step, slot)
@@ -230,7 +233,7 @@ def test_batches_from_codes_carry_the_codes_encode_images_wrote(world, visual_to
     jittered = batches(sources, tokenizer, seed=1)
     a, b = jittered[5], batches(sources, tokenizer, seed=1, start_step=5)[0]
     for key, value in a["image"].items():
-        assert torch.equal(value, b["image"][key]), key
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["image"][key])), key
     assert not torch.equal(
         a["image"]["pixel_values"], batches(sources, tokenizer, seed=1, color_jitter=0.0)[5]["image"]["pixel_values"]
     )
@@ -344,7 +347,7 @@ def test_a_text_batch_without_padding_goes_without_an_attention_mask(world, tmp_
     same = tmp_path / "same-length.txt"
     same.write_text("a red circle\n" * 8)  # every text the same length: no padding in any batch
     plain = batches(load_sources(texts=[same]), tokenizer, {"text": 3})[0]["text"]
-    assert "attention_mask" not in plain and set(plain) == {"input_ids", "labels"}
+    assert "attention_mask" not in plain and set(plain) == {"input_ids", "labels", "num_masked_text_tokens"}
     mixed = batches(load_sources(texts=[paths["texts"]]), tokenizer, {"text": 8})[0]["text"]
     assert "attention_mask" in mixed and not mixed["attention_mask"].all()
 

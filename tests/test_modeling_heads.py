@@ -453,6 +453,22 @@ def test_masked_data_modeling_counts_masked_positions_only():
     assert model(input_ids=ids, labels=torch.full_like(ids, -100)).loss is None  # nothing masked, nothing to learn
 
 
+def test_masked_data_modeling_takes_the_masked_counts_and_refuses_a_wrong_one():
+    from beit3.modeling_heads import Beit3ForMaskedDataModeling
+
+    model = Beit3ForMaskedDataModeling(tiny_config(visual_vocab_size=32))
+    images, ids, codes = torch.randn(2, 3, 32, 32), torch.randint(3, 99, (2, 6)), torch.randint(0, 32, (2, 16))
+    masked = torch.rand(2, 16) < 0.4
+    labels = torch.where(torch.rand(2, 6) < 0.5, ids, -100)
+    inputs = dict(pixel_values=images, input_ids=ids, bool_masked_pos=masked, image_labels=codes, labels=labels)
+    counts = dict(num_masked_patches=int(masked.sum()), num_masked_text_tokens=int((labels != -100).sum()))
+    read, given = model(**inputs), model(**inputs, **counts)  # found by reading the mask, or from the counts
+    for name in ("loss", "image_logits", "text_logits", "image_accuracy", "text_accuracy"):
+        assert torch.equal(getattr(read, name), getattr(given, name)), name
+    with pytest.raises(ValueError, match="num_masked_patches is 3, but the mask holds"):
+        model(**inputs, num_masked_patches=3 if counts["num_masked_patches"] != 3 else 4)
+
+
 def test_masked_data_modeling_learns_a_fixed_batch():
     from beit3.modeling_heads import Beit3ForMaskedDataModeling
 

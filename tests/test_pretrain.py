@@ -595,3 +595,50 @@ def test_bf16_under_zero_2_trains_with_fp32_gradient_accumulation(world, tmp_pat
     assert result.returncode == 0, result.stdout[-3000:]
     assert all(math.isfinite(loss) for loss in losses(run).values())
     assert json.loads((run / "run_config.json").read_text())["train"]["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("tokenizer", ["vqkd", "dvae", None])
+def test_the_pretraining_step_reads_no_value_back_from_the_device(tokenizer):
+    # On the meta device a tensor has no values: any host read (.item(), bool(), boolean indexing, nonzero) raises.
+    # What runs there (forward and backward of every kind, the visual tokenizer included) is what runs on a GPU
+    # without a host sync; the counts the data pipeline gives (num_masked_*) are what make it possible.
+    from beit3.modeling_heads import Beit3ForMaskedDataModeling
+    from beit3.training.pretraining import masked_data_modeling_step
+    from beit3.visual_tokenizers import DVAE, DVAEConfig
+
+    def empty(*shape, dtype=torch.long):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    with torch.device("meta"):
+        model = Beit3ForMaskedDataModeling(tiny_config(itm_weight=1.0, visual_vocab_size=64))
+        visual = {
+            "vqkd": lambda: VQKD(VQKDConfig.from_preset("vqkd_tiny", codebook_size=64)),
+            "dvae": lambda: DVAE(DVAEConfig.from_preset("dvae_tiny", codebook_size=64)),
+            None: lambda: None,
+        }[tokenizer]()
+    image = {"pixel_values": empty(2, 3, 32, 32, dtype=torch.uint8), "bool_masked_pos": empty(2, 16, dtype=torch.bool)}
+    if visual is None:
+        image["image_labels"] = empty(2, 16)
+    else:
+        size = visual.config.image_size
+        image["tokenizer_pixel_values"] = empty(2, 3, size, size, dtype=torch.uint8)
+    text = {"input_ids": empty(2, 10), "attention_mask": empty(2, 10), "labels": empty(2, 10)}
+    batch = {
+        "image": {**image, "num_masked_patches": 12},
+        "text": {**text, "num_masked_text_tokens": 3},
+        "pair": {**text, "pixel_values": empty(2, 3, 32, 32, dtype=torch.uint8), "num_masked_text_tokens": 5},
+        "itm": {
+            "pixel_values": empty(4, 3, 32, 32, dtype=torch.uint8),
+            "input_ids": empty(4, 10),
+            "itm_labels": empty(4),
+        },
+    }
+    loss, values = masked_data_modeling_step(visual)(model, batch, 0)
+    loss.backward()
+    assert loss.device.type == "meta" and model.mim_head.weight.grad is not None
+    assert set(values) == {f"{kind}_{v}" for kind in ("image", "text", "pair", "itm") for v in ("loss", "accuracy")}
+    # Without the counts the masked positions are found by reading the mask: the check above would catch a
+    # step that slipped back to that.
+    del batch["text"]["num_masked_text_tokens"]
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        masked_data_modeling_step(visual)(model, {"text": batch["text"]}, 0)

@@ -149,12 +149,13 @@ class PretrainingBatches(torch.utils.data.Dataset):
         seed, rank, world_size, start_step, num_steps: where the batches sit in the run.
     Batch (the views as uint8 crops, a quarter of float32's bytes through the loader's queue and the copy to a GPU:
     ``finish_batch`` makes them model and tokenizer inputs where the step runs):
-        image: pixel_values (B, 3, S, S), tokenizer_pixel_values (B, 3, s, s), bool_masked_pos (B, patches);
+        image: pixel_values (B, 3, S, S), tokenizer_pixel_values (B, 3, s, s), bool_masked_pos (B, patches),
+            num_masked_patches (an int: the True in bool_masked_pos);
             when the image source has ``codes`` (``load_sources(image_codes=...)``): pixel_values of the fixed
             center crop the codes were computed from, bool_masked_pos and image_labels (B, patches), no tokenizer
             view; with ``options.tokenizer_views_only``: tokenizer_pixel_values alone
-        text: input_ids, attention_mask, labels (B, T)
-        pair: pixel_values, input_ids, attention_mask, labels
+        text: input_ids, attention_mask, labels (B, T), num_masked_text_tokens (an int: the labels not -100)
+        pair: pixel_values, input_ids, attention_mask, labels, num_masked_text_tokens
         itm (with itm_negatives): pixel_values (2K, ...), input_ids, attention_mask (2K, T) unmasked, itm_labels (2K,)
             (``beit3.data.matching.matching_batch``); a text, pair or itm part without padding has no attention_mask
         counts: ``{"skipped_<kind>": n}``, corrupt images (and streamed samples without image or caption) replaced in
@@ -317,7 +318,14 @@ class PretrainingBatches(torch.utils.data.Dataset):
         masker = self.maskers[kind]
         masker.generator.manual_seed(mixed_seed(self.seed, Stream.of_kind(kind), step, self.rank))
         input_ids, labels = mask_text_tokens(masker, encoded["input_ids"], encoded["attention_mask"])
-        return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": encoded["attention_mask"],
+            "labels": labels,
+            # Counted here, on the loader's CPU tensors, so that the model gathers the masked positions without
+            # reading their number back from a GPU in the middle of the step
+            "num_masked_text_tokens": int((labels != -100).sum()),
+        }
 
     def __getitem__(self, index: int) -> dict:
         if self.streams is not None:
@@ -355,6 +363,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
             out = {"pixel_values": torch.stack(model_views), "tokenizer_pixel_values": torch.stack(tokenizer_views)}
         if masks:
             out["bool_masked_pos"] = torch.stack(masks)
+            out["num_masked_patches"] = int(out["bool_masked_pos"].sum())  # see _masked_text
         return out
 
     def _batch(self, step: int) -> dict:

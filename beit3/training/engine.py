@@ -290,7 +290,9 @@ class Engine:
                 np.random.seed(seed % 2**32)  # numpy-based augmentations (timm's mixup) repeat on resume too
                 loss, values = step_fn(self.module, to_device(batch, self.device), self.step)
                 finite = torch.isfinite(loss.detach()).float().reshape(1)  # built on the device: no host sync
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # (the .item() that decides the skip is the one left)
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                # The step's one read of a device value: a non-finite loss is skipped before its backward would
+                # write non-finite gradients into the gradient buffers ZeRO reduces into
                 if finite.item() == 0:
                     skipped = True
                     nonfinite += 1

@@ -158,7 +158,10 @@ def masked_data_modeling_step(visual_tokenizer=None, precision: str = "fp32") ->
                 with torch.no_grad(), autocast(precision, views.device):
                     codes = visual_tokenizer.get_codebook_indices(views)
             out = module(
-                pixel_values=image["pixel_values"], bool_masked_pos=image["bool_masked_pos"], image_labels=codes
+                pixel_values=image["pixel_values"],
+                bool_masked_pos=image["bool_masked_pos"],
+                image_labels=codes,
+                num_masked_patches=image.get("num_masked_patches"),
             )
             losses.append(out.loss)
             values.update(image_loss=out.image_loss, image_accuracy=out.image_accuracy)

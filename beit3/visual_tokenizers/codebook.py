@@ -4,6 +4,8 @@ statistics are summed over the processes of a distributed run."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,6 +35,13 @@ def cosine_kmeans(vectors: torch.Tensor, clusters: int, iters: int) -> torch.Ten
         sums = torch.zeros_like(centres).index_add_(0, assign, vectors)
         centres = torch.where((counts > 0).unsqueeze(1), F.normalize(sums, dim=-1), centres)
     return centres
+
+
+def outside_autocast(device: torch.device):
+    """A context with autocast off on ``device``; nothing on a device autocast does not know (``meta``)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class NormEMACodebook(nn.Module):
@@ -74,7 +83,7 @@ class NormEMACodebook(nn.Module):
     def lookup(self, z: torch.Tensor) -> torch.LongTensor:
         """(..., D) unit vectors -> (...) ids of the nearest codes (max cosine = min Euclidean distance for unit vectors)."""
         # Outside autocast: a bf16 similarity would flip near ties between codes.
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with outside_autocast(z.device):
             return (z @ self.codebook.t().to(z.dtype)).argmax(-1)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor, torch.Tensor]:

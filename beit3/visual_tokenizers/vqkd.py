@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 
 from ..checkpoints import load_state_dict_checked, read_checkpoint
 from .base import TokenizerConfig, VisualTokenizer, usage_figures
-from .codebook import NormEMACodebook
+from .codebook import NormEMACodebook, outside_autocast
 from .teachers import build_teacher
 
 
@@ -283,7 +283,7 @@ class VQKD(VisualTokenizer):
         tokens = self.encoder.forward_features(x)[:, self.encoder.num_prefix_tokens :]
         head = self.encode_task_layer
         # BEiT v2 runs this head in full precision: the 32-d codes decide the argmax.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with outside_autocast(x.device):
             z = head(tokens.to(head[-1].weight.dtype))
         return F.normalize(z, dim=-1)
 
