@@ -343,6 +343,16 @@ def test_bad_input_gets_a_clear_error(call, message):
         call(Beit3Model(config), config)
 
 
+def test_pixel_values_with_infinities_of_both_signs_are_refused_and_huge_finite_ones_taken():
+    model, pixels = Beit3Model(tiny_config()), torch.randn(1, 3, 32, 32)
+    both = pixels.clone()
+    both[0, 0, 0, :2] = torch.tensor([float("inf"), float("-inf")])  # their sum is NaN, not an infinity
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model(pixel_values=both)
+    huge = pixels.sign() * 3e38  # finite, though their sum overflows
+    assert model(pixel_values=huge).last_hidden_state.shape == (1, 17, 32)
+
+
 def test_pixels_of_another_float_type_are_cast_to_the_weights():
     model = Beit3Model(tiny_config()).eval()
     pixels = torch.randn(2, 3, 32, 32)
