@@ -367,3 +367,44 @@ def test_views_leave_the_loader_as_uint8_and_finish_batch_converts_them_as_the_v
     for kind in ("pair", "itm"):
         assert torch.equal(batch[kind]["pixel_values"], views.finish(raw[kind]["pixel_values"])[0])
     assert finish_batch(batch)["image"]["pixel_values"] is batch["image"]["pixel_values"]  # floats stay as they are
+
+
+def test_group_by_length_puts_texts_of_one_length_together_and_keeps_every_sample(world, tmp_path):
+    import random
+
+    from beit3.data.pretraining import StreamingPretrainingBatches
+
+    _, tokenizer = world
+    lengths = [1, 2, 4, 6] * 12
+    random.Random(0).shuffle(lengths)
+    file = tmp_path / "lengths.txt"
+    file.write_text("".join(" ".join(["red"] * n) + "\n" for n in lengths))
+    sources = load_sources(texts=[file])
+    plain = batches(sources, tokenizer, {"text": 3})
+    grouped = batches(sources, tokenizer, {"text": 3}, group_by_length=8)
+
+    def unpadded(data, steps):
+        return sum("attention_mask" not in data[step]["text"] for step in steps)
+
+    def texts(data, steps):  # the unmasked texts of these steps, without padding
+        found = []
+        for step in steps:
+            part = data[step]["text"]
+            ids = torch.where(part["labels"] != -100, part["labels"], part["input_ids"])
+            keep = part.get("attention_mask", torch.ones_like(ids)).bool()
+            found += [tuple(row[mask].tolist()) for row, mask in zip(ids, keep)]
+        return sorted(found)
+
+    window = range(8)
+    assert unpadded(grouped, range(16)) >= 10 and unpadded(grouped, range(16)) > 2 * unpadded(plain, range(16))
+    assert texts(grouped, window) == texts(plain, window)  # the window's samples, regrouped: none lost or repeated
+    assert texts(grouped, window) != texts(plain, range(8, 16))
+    resumed = batches(sources, tokenizer, {"text": 3}, group_by_length=8, start_step=5)
+    for step in (5, 9):  # a function of (seed, step, rank), as without grouping
+        assert texts(resumed, [step - 5]) == texts(grouped, [step])
+    with pytest.raises(ValueError, match="group_by_length .* 0 \\(off\\)"):
+        BatchOptions({"text": 3}, 64, 8, group_by_length=-1)
+    with pytest.raises(ValueError, match="the \\['text'\\] kinds are streamed. Set data.group_by_length to 0"):
+        StreamingPretrainingBatches(
+            load_sources(texts=[file], streaming=True), tokenizer, BatchOptions({"text": 3}, 64, 8, group_by_length=8)
+        )

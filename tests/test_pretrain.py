@@ -118,8 +118,10 @@ def losses(output_dir: Path) -> dict[int, float]:
 
 
 def test_one_process_run_logs_every_kind_and_checkpoints(world, tmp_path):
-    result = pretrain(world, tmp_path / "run", max_steps=4, save_every=2)
+    # (with texts and pairs grouped by length: the setting travels from the command line to the batches)
+    result = pretrain(world, tmp_path / "run", max_steps=4, save_every=2, sets=["data.group_by_length=2"])
     assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "run/run_config.json").read_text())["data"]["group_by_length"] == 2
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in (

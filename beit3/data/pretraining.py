@@ -72,6 +72,11 @@ class BatchOptions:
             keeps the image negative. 0: image negatives only.
         tokenizer_views_only: image batches hold only ``tokenizer_pixel_values``, no model view and no masks
             (what a visual tokenizer trains on).
+        group_by_length: texts and pairs are grouped by token length within windows of this many steps (per rank),
+            so that most batches hold texts of one length, which need no padding mask (SDPA's flash kernel on a GPU
+            takes none) and waste no compute on padding. A window holds the samples its steps would hold without
+            grouping, sorted by length (ties in random order) and cut into batches, which its steps take in random
+            order. 0: off (the paper's batches: any lengths together).
     """
 
     batch_sizes: dict[str, int]
@@ -89,6 +94,7 @@ class BatchOptions:
     itm_negatives: float = 0.0
     itm_text_swaps: float = 0.0
     tokenizer_views_only: bool = False
+    group_by_length: int = 0
 
     def __post_init__(self):
         for name in ("image_mask_ratio", "itm_negatives", "itm_text_swaps", "pair_hflip"):
@@ -102,6 +108,8 @@ class BatchOptions:
                 "itm_negatives needs pair batches of 2 or more (data.batch_size.pair): a hard negative is another "
                 "pair of the same batch."
             )
+        if self.group_by_length < 0:
+            raise ValueError(f"group_by_length {self.group_by_length} must be 0 (off) or a number of steps.")
         object.__setattr__(self, "crop_scale", tuple(self.crop_scale))
         object.__setattr__(self, "pair_crop_scale", tuple(self.pair_crop_scale))
 
@@ -192,6 +200,14 @@ class PretrainingBatches(torch.utils.data.Dataset):
                 f"batch sizes {options.batch_sizes}."
             )
         self.grid = options.grid
+        grouped = [kind for kind in ("text", "pair") if kind in self.batch_sizes] if options.group_by_length else []
+        streamed = [kind for kind in grouped if isinstance(sources[kind], Shards)]
+        if streamed:
+            raise ValueError(
+                f"group_by_length sorts the samples of a window of steps, which needs random access; the {streamed} "
+                "kinds are streamed. Set data.group_by_length to 0, or data.streaming to false."
+            )
+        self.length_grouped = frozenset(grouped)
         # Precomputed codes fix the crop: the model sees what encode_images.py gave the tokenizer (see CenterView).
         self.codes = (
             "image" in self.batch_sizes
@@ -249,9 +265,36 @@ class PretrainingBatches(torch.utils.data.Dataset):
 
     def _position(self, kind: str, step: int, slot: int, shift: int = 0) -> tuple[int, int]:
         """(dataset row, global position) of a sample slot."""
+        if kind in self.length_grouped:
+            window, within = divmod(step, self.options.group_by_length)
+            step, slot = self._length_groups(kind, window)[within][slot]
         position = self._global_position(kind, step, slot, shift)
         epoch, offset = divmod(position, len(self.sources[kind]))
         return int(self._permutation(kind, epoch)[offset]), position
+
+    @lru_cache(maxsize=4)
+    def _length_groups(self, kind: str, window: int) -> list[list[tuple[int, int]]]:
+        """The (step, slot) each slot of each step of a window takes its sample from, under ``group_by_length``:
+        the window's samples sorted by token length, cut into batches, the batches in a seeded order."""
+        size, batch = self.options.group_by_length, self.batch_sizes[kind]
+        slots = [(window * size + step, slot) for step in range(size) for slot in range(batch)]
+        positions = [self._global_position(kind, step, slot) for step, slot in slots]
+        rows = [
+            int(self._permutation(kind, epoch)[offset])
+            for epoch, offset in (divmod(position, len(self.sources[kind])) for position in positions)
+        ]
+        texts = self.sources[kind].select_columns(["text"])[rows]["text"]
+        encoded = self.tokenizer(
+            [text if isinstance(text, str) else "" for text in texts],
+            truncation=True,
+            max_length=self.options.max_text_length,
+        )["input_ids"]
+        rng = np.random.default_rng(
+            mixed_seed(self.seed, Stream.LENGTH_GROUPS, Stream.of_kind(kind), window, self.rank)
+        )
+        order = np.lexsort((rng.permutation(len(slots)), [len(ids) for ids in encoded]))  # by length, ties at random
+        groups = [[slots[i] for i in order[k * batch : (k + 1) * batch]] for k in range(size)]
+        return [groups[k] for k in rng.permutation(size)]
 
     def _record(self, kind: str, step: int, slot: int, shift: int) -> tuple[dict | None, int]:
         """(record, global position) of a sample slot; the record is None for a streamed sample without its image or text."""

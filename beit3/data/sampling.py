@@ -38,6 +38,7 @@ class Stream(IntEnum):
     PAIR = 2  # the pair kind: its order, crops, masks, shards' order
     MATCHING = 3  # image-text matching: hard negatives and token swaps
     IMAGE_MASK = 7  # the image kind's block masks
+    LENGTH_GROUPS = 8  # group_by_length: ties among equal lengths and the order of a window's batches
 
     @classmethod
     def of_kind(cls, kind: str) -> Stream:

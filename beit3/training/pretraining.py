@@ -62,7 +62,7 @@ class PretrainingData(Section):
     max_text_length: int = doc("tokens per text, <s> and </s> included", MAX_TEXT_LENGTH, low=3)
     text_mask_prob: float = doc("masked share of a text's tokens (the paper: 0.15)", TEXT_MASK_PROB, above=0, high=1)
     pair_mask_prob: float = doc("masked share of a pair's text (the paper: 0.5)", PAIR_TEXT_MASK_PROB, above=0, high=1)
-    # The shares below are checked where the batches read them (BatchOptions), which run() builds first.
+    # The shares and group_by_length are checked where the batches read them (BatchOptions), which run() builds first.
     image_mask_ratio: float = doc(
         "masked share of an image's patches, in [0, 1], in blocks, rounded to whole patches (BEiT: 75/196)",
         DEFAULT_MASK_FRACTION,
@@ -76,6 +76,11 @@ class PretrainingData(Section):
         "share of the matching negatives, in [0, 1], that keep their image and swap one caption token for the one "
         "another caption of the batch has there: negatives one attribute off (0: image negatives only)",
         0.0,
+    )
+    group_by_length: int = doc(
+        "group texts and pairs by token length within windows of this many steps, so that most batches need no "
+        "padding mask (SDPA's flash kernel on a GPU takes none); 0: off, the paper's batches. Map-style sources only",
+        0,
     )
     pair_crop_scale: tuple[float, float] = doc("area range of the pairs' random resized crop", PAIR_CROP_SCALE)
     pair_hflip: float = doc("the pairs' flip probability, in [0, 1] (0 when captions say left and right)", PAIR_HFLIP)
@@ -95,6 +100,7 @@ class PretrainingData(Section):
             pair_hflip=self.pair_hflip,
             itm_negatives=self.itm_negatives,
             itm_text_swaps=self.itm_text_swaps,
+            group_by_length=self.group_by_length,
         )
 
 
