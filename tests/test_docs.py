@@ -113,8 +113,9 @@ def sandbox(tmp_path_factory) -> Path:
     )
 
     folder = tmp_path_factory.mktemp("docs")
-    for name in ("tasks", "tokenizers", "configs", "benchmarks"):
+    for name in ("tasks", "tokenizers", "benchmarks"):
         (folder / name).symlink_to(ROOT / name)
+    _shortened_configs(folder / "configs")
     torch.manual_seed(0)
     world = write_shapes_world(folder / "shapes", 40, size=64)
     words = "a the man woman dog cat horse riding on mat is what color are there two dogs asleep".split()
@@ -227,6 +228,29 @@ def sandbox(tmp_path_factory) -> Path:
         )
     )
     return folder
+
+
+# The tiny runs the docs start, shortened: every command runs whole (start, steps, checkpoints, logs, the
+# tokenizer or model it writes), in a tenth of the steps the docs' readers train for. (The full tiny runs take
+# about 3 minutes of the suite's time here; tests/test_pretrain.py and test_train_visual_tokenizer.py train and
+# resume the same configs.)
+SHORTENED = {
+    "pretrain/tiny.yaml": {"max_steps": 10, "save_every": 5, "warmup_steps": 2, "log_every": 2},
+    "tokenizers/vqkd_tiny.yaml": {"max_steps": 30, "save_every": 10, "warmup_steps": 2, "log_every": 5},
+    "tokenizers/dvae_tiny.yaml": {"max_steps": 30, "save_every": 10, "warmup_steps": 2, "log_every": 5},
+}
+
+
+def _shortened_configs(folder: Path) -> None:
+    """The repository's configs, with the train sections of ``SHORTENED`` changed."""
+    import yaml
+
+    shutil.copytree(ROOT / "configs", folder)
+    for name, train in SHORTENED.items():
+        config = yaml.safe_load((folder / name).read_text())
+        assert set(train) <= set(config["train"]), f"configs/{name} has no {sorted(set(train) - set(config['train']))}"
+        config["train"].update(train)
+        (folder / name).write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def _environment(folder: Path) -> dict:
