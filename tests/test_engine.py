@@ -40,12 +40,13 @@ def train_tiny_engine(tmp_path, settings: str, step_fn: str) -> subprocess.Compl
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # the Engine's check before backward; DeepSpeed's skip
+def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_last_good_checkpoint(tmp_path, precision):
     result = train_tiny_engine(
         tmp_path,
-        "max_steps=20, save_every=2, max_nonfinite_steps=3",
+        f"max_steps=20, save_every=2, max_nonfinite_steps=3, precision={precision!r}",
         """
-        loss = module(pixel_values=batch["pixel_values"]).last_hidden_state.pow(2).mean()
+        loss = module(pixel_values=batch["pixel_values"]).last_hidden_state.float().pow(2).mean()
         return (loss * float("nan") if engine.step >= 4 else loss), {}
     """,
     )
@@ -165,3 +166,28 @@ def test_bf16_under_zero_accumulates_and_reduces_gradients_in_fp32():
     # one process runs stage 0, where DeepSpeed takes no fp32 accumulation with bf16 weights; fp32 needs none
     for settings in (("bf16", 1), ("fp32", 2)):
         assert "data_types" not in config(*settings) and "communication_data_type" not in config(*settings)
+
+
+@pytest.mark.parametrize("precision, reads_per_step", [("fp32", 1), ("bf16", 0)])
+def test_a_bf16_step_reads_no_device_value_and_an_fp32_step_one(tmp_path, precision, reads_per_step):
+    # Reads of a value (Tensor.item) made by the Engine itself in steps 0-2: in bf16 DeepSpeed's own norm check
+    # decides the skip, so none; fp32 (a plain torch optimizer would apply a non-finite update) reads the loss.
+    result = train_tiny_engine(
+        tmp_path,
+        f"max_steps=4, save_every=100, precision={precision!r}",
+        """
+        if engine.step == 0 and not hasattr(torch.Tensor, "counted"):
+            import traceback
+            real = torch.Tensor.item
+            def item(tensor):
+                if traceback.extract_stack(limit=2)[0].filename.endswith("beit3/training/engine.py"):
+                    torch.Tensor.counted += 1
+                return real(tensor)
+            torch.Tensor.counted, torch.Tensor.item = 0, item
+        if engine.step == 3:
+            print("ENGINE READS", torch.Tensor.counted)  # those of steps 0-2
+        return module(pixel_values=batch["pixel_values"]).last_hidden_state.float().pow(2).mean(), {}
+    """,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"ENGINE READS {3 * reads_per_step}" in result.stdout

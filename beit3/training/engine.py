@@ -17,6 +17,7 @@ so a save that dies halfway is never the one a restart picks.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 import warnings
@@ -75,7 +76,8 @@ def deepspeed_config(settings: TrainSettings, world_size: int, base: dict | None
         steps_per_print=10**9,
         wall_clock_breakdown=False,
     )
-    config["bf16"] = {"enabled": settings.precision == "bf16"}
+    # (check_grad_overflow: DeepSpeed's default, stated, since the Engine relies on it to skip non-finite updates)
+    config["bf16"] = {"enabled": settings.precision == "bf16", "check_grad_overflow": True}
     config["fp16"] = {
         "enabled": settings.precision == "fp16",
         **({"initial_scale_power": 16} if settings.precision == "fp16" else {}),
@@ -154,6 +156,11 @@ class Engine:
         self.module, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=model.to(self.device), optimizer=optimizer, lr_scheduler=schedule, config=self.deepspeed_config
         )
+        # In bf16 and fp16 DeepSpeed's optimizers check the gradients' norm at each update (they read it anyway, to
+        # clip) and skip an update that is not finite, so the step needs no read of its own: the loss is checked
+        # only when an update was skipped. fp32 (a plain torch optimizer at stage 0, which applies a non-finite
+        # update) and ZeRO-3 read the loss before each backward.
+        self.deepspeed_skips_nonfinite = settings.precision in ("bf16", "fp16") and self.layout["zero_stage"] < 3
         self.step = 0
         self.counters: dict[str, float] = {}
         # A streamed loader's position ({"workers", "streams"}; see StreamingPretrainingBatches): this rank's, from
@@ -270,6 +277,7 @@ class Engine:
         self.module.train()
         while self.step < settings.max_steps:
             start, waited, skipped, kept = time.perf_counter(), 0.0, False, len(window)
+            step_losses = []  # (DeepSpeed-checked runs) this step's losses, read only if its update was skipped
             for micro in range(accumulation):
                 before = time.perf_counter()
                 batch = next(loader)
@@ -289,11 +297,9 @@ class Engine:
                 torch.manual_seed(seed)
                 np.random.seed(seed % 2**32)  # numpy-based augmentations (timm's mixup) repeat on resume too
                 loss, values = step_fn(self.module, to_device(batch, self.device), self.step)
-                finite = torch.isfinite(loss.detach()).float().reshape(1)  # built on the device: no host sync
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                # The step's one read of a device value: a non-finite loss is skipped before its backward would
-                # write non-finite gradients into the gradient buffers ZeRO reduces into
-                if finite.item() == 0:
+                if self.deepspeed_skips_nonfinite:
+                    step_losses.append(loss.detach())
+                elif not self._all_finite([loss]):  # before its backward writes non-finite gradients
                     skipped = True
                     nonfinite += 1
                     self._on_nonfinite(loss, nonfinite, accumulation, micro)
@@ -301,6 +307,15 @@ class Engine:
                 self.module.backward(loss)
                 self.module.step()
                 window.append({"loss": loss.detach(), **values})
+            if step_losses and not self.module.was_step_applied() and not self._all_finite(step_losses):
+                # DeepSpeed skipped the update (it also skips fp16 updates whose loss scale it lowers: those count
+                # as steps, as the loss was finite)
+                skipped = True
+                nonfinite += 1
+                shown = next(
+                    (x for x in step_losses if not torch.isfinite(x)), step_losses[-1]
+                )  # (maybe another rank's)
+                self._on_nonfinite(shown, nonfinite, accumulation, micro=0)  # (the whole update skipped: none partial)
             self.step += 1
             if skipped:
                 del window[kept:]  # a partial step's values
@@ -319,10 +334,19 @@ class Engine:
         log.close()
         return records
 
+    def _all_finite(self, losses: list[torch.Tensor]) -> bool:
+        """Whether every rank's ``losses`` are finite: a read of a device value (a host sync), whose answer all
+        ranks share."""
+        finite = torch.stack([torch.isfinite(loss.detach()).all() for loss in losses]).all().float().reshape(1)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return finite.item() == 1
+
     def _on_nonfinite(self, loss: torch.Tensor, count: int, accumulation: int, micro: int) -> None:
         """A non-finite loss: the step is skipped (nothing was applied yet), or the run stops when that
         happens too often, or mid-accumulation (DeepSpeed has already taken earlier micro-batches' gradients)."""
         self.module.zero_grad()
+        value = loss.item()
+        value = value if not math.isfinite(value) else "on another rank"  # (the ranks skip together)
         last = self.complete_checkpoints()
         advice = (
             f"The last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}. Lower the learning rate, "
@@ -330,12 +354,12 @@ class Engine:
         )
         if accumulation > 1 and micro > 0:
             raise RuntimeError(
-                f"step {self.step}: the loss of micro-batch {micro} is not finite ({loss.item()}) after "
+                f"step {self.step}: the loss of micro-batch {micro} is not finite ({value}) after "
                 f"{micro} micro-batches of gradients were accumulated; training stopped rather than apply a partial "
                 f"update. {advice}"
             )
         warnings.warn(
-            f"step {self.step}: the loss is not finite ({loss.item()}); the step is skipped "
+            f"step {self.step}: the loss is not finite ({value}); the step is skipped "
             f"({count} in a row, the limit is {self.settings.max_nonfinite_steps}).",
             stacklevel=3,
         )
