@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -60,7 +61,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="samples of each kind per step")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--output-dir", default="/tmp/beit3-pretrain-benchmark")
+    parser.add_argument(
+        "--output-dir", help="where the engines write their run folders (default: a temporary folder, removed at exit)"
+    )
     parser.add_argument(
         "--precision",
         nargs="+",
@@ -69,6 +72,8 @@ def main() -> None:
         help="the precisions to time (bf16 is emulated, about 0.1x of fp32, on a CPU without native bf16)",
     )
     args = parser.parse_args()
+    scratch = tempfile.TemporaryDirectory(prefix="beit3-pretrain-benchmark-")  # (its finalizer removes it at exit)
+    output_dir = args.output_dir or scratch.name
     torch.manual_seed(0)
     config = Beit3Config.from_preset(args.preset, visual_vocab_size=8192)
     distributed = setup_distributed()
@@ -84,7 +89,7 @@ def main() -> None:
     sides = {}
     for precision in args.precision:
         settings = TrainSettings(
-            output_dir=f"{args.output_dir}/{precision}",
+            output_dir=f"{output_dir}/{precision}",
             max_steps=10**6,
             save_every=10**6,
             num_workers=0,
