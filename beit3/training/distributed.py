@@ -81,6 +81,15 @@ def setup_distributed(num_workers: int = 0) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def end_distributed() -> None:
+    """Leaves torch.distributed once a run needs no more communication (every rank, after its last collective).
+    Left to the interpreter's exit, gloo's worker threads may still be running when their objects are destroyed,
+    and the process aborts ("terminate called without an active exception", exit code 250 under the deepspeed
+    launcher): a finished two-process run was reported failed that way, once in several hundred here."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def use_deterministic_kernels() -> None:
     """Deterministic kernels for the rest of this process: an operation without a deterministic implementation
     raises instead of varying. cuBLAS needs its workspace fixed before its first call; cuDNN must not autotune."""

@@ -50,6 +50,7 @@ from ..io import write_json_atomic
 from ..log import get_logger
 from ..tokenization_beit3 import check_tokenizer_matches, load_tokenizer
 from .config import Section, doc
+from .distributed import end_distributed
 from .run_log import read_run_log
 from .runner import command_line, read_run_config, save_model_folder, start_engine, step_loader
 from .tasks import EvalOptions, FinetuneTask, task_named
@@ -283,6 +284,7 @@ def train(task, config: dict, settings, sections: dict, blind: bool = False) -> 
         return step_loader(settings, dataset, batch_sampler=sampler, collate_fn=collate)
 
     records = engine.fit(task.step, make_loader, samples_per_step=settings.micro_batch_size)
+    end_distributed()
     if engine.rank != 0:
         return None
     final = export(engine.output_dir, engine.output_dir / "final")

@@ -42,6 +42,7 @@ from ..modeling_heads import Beit3ForMaskedDataModeling
 from ..tokenization_beit3 import check_tokenizer_matches, load_tokenizer
 from ..visual_tokenizers import VisualTokenizer
 from .config import Section, doc
+from .distributed import end_distributed
 from .run_log import read_run_log
 from .runner import autocast, command_line, fail, read_run_config, save_model_folder, start_engine, step_loader
 
@@ -305,6 +306,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
         make_loader,
         samples_per_step=sum(data.batch_size.values()),
     )
+    end_distributed()
     if engine.rank == 0 and records:
         try:
             from beit3.visualization import save_loss_curves

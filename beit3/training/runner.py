@@ -6,6 +6,7 @@
     engine = start_engine(model, config, settings)           # processes, DeepSpeed, the resume check
     save_model_folder(engine, model.config, tokenizer)       # rank 0: what beit3.export rebuilds the model from
     records = engine.fit(step, lambda first, count: step_loader(settings, batches(first, count)), samples_per_step)
+    end_distributed()                                        # every rank: no communication after training
 
 A bad config or input ends the program with ``error: <what was wrong and what to do>`` (``fail``), not a traceback.
 Below the runners and the tasks: ``autocast`` and ``ordered_batches``, which evaluation shares.

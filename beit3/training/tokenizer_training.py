@@ -24,6 +24,7 @@ from ..data.sources import load_sources
 from ..log import get_logger
 from ..visual_tokenizers import DVAE, VQKD, DVAEConfig, VisualTokenizer, VQKDConfig
 from .config import Section, doc
+from .distributed import end_distributed
 from .run_log import read_run_log
 from .runner import command_line, fail, read_run_config, start_engine, step_loader
 
@@ -128,6 +129,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
         return step_loader(settings, batches, batch_size=None)
 
     records = engine.fit(visual_tokenizer_step(), make_loader, samples_per_step=data.batch_size)
+    end_distributed()
     if engine.rank != 0:
         return
     tokenizer = engine.module.module
