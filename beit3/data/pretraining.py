@@ -269,8 +269,12 @@ class PretrainingBatches(torch.utils.data.Dataset):
             window, within = divmod(step, self.options.group_by_length)
             step, slot = self._length_groups(kind, window)[within][slot]
         position = self._global_position(kind, step, slot, shift)
+        return self._row(kind, position), position
+
+    def _row(self, kind: str, position: int) -> int:
+        """The dataset row at a place in the kind's global order (an epoch is a permutation)."""
         epoch, offset = divmod(position, len(self.sources[kind]))
-        return int(self._permutation(kind, epoch)[offset]), position
+        return int(self._permutation(kind, epoch)[offset])
 
     @lru_cache(maxsize=4)
     def _length_groups(self, kind: str, window: int) -> list[list[tuple[int, int]]]:
@@ -278,11 +282,7 @@ class PretrainingBatches(torch.utils.data.Dataset):
         the window's samples sorted by token length, cut into batches, the batches in a seeded order."""
         size, batch = self.options.group_by_length, self.batch_sizes[kind]
         slots = [(window * size + step, slot) for step in range(size) for slot in range(batch)]
-        positions = [self._global_position(kind, step, slot) for step, slot in slots]
-        rows = [
-            int(self._permutation(kind, epoch)[offset])
-            for epoch, offset in (divmod(position, len(self.sources[kind])) for position in positions)
-        ]
+        rows = [self._row(kind, self._global_position(kind, step, slot)) for step, slot in slots]
         texts = self.sources[kind].select_columns(["text"])[rows]["text"]
         encoded = self.tokenizer(
             [text if isinstance(text, str) else "" for text in texts],
