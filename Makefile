@@ -20,7 +20,7 @@ STAMP := $(VENV)/.installed-stamp
 define install
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install --quiet $(2) pip
-	$(1)/bin/python -m pip install --quiet $(2) -e '.[dev,onnx]'
+	$(1)/bin/python -m pip install --quiet $(2) -e '.[dev,onnx,captioning]'
 	$(1)/bin/python -m pip install --quiet $(2) --no-deps torchscale==0.3.0
 endef
 

@@ -87,6 +87,12 @@ def test_each_task_trains_a_step_then_scores_and_predicts_in_its_format(name, wo
     model.eval()
     scores = task.evaluate(model, tmp_path)
     assert isinstance(scores[task.metric], float) and 0.0 <= scores[task.metric] <= 100.0, scores
+    # The scores of the tasks with an official tool say which tool and version they reproduce.
+    named = {"vqa": "vqaEval.py 2021", "retrieval": "unilm", "captioning": "pycocoevalcap 1.2, PTB tokenizer"}
+    assert named.get(name, "") in scores.get("evaluation", "")
+    if name == "vqa":
+        task.data.vqa_evaluation = "2016"
+        assert task.evaluate(model, tmp_path)["evaluation"].startswith("vqaEval.py 2016: ")
     path = task.predict(model, tmp_path)
     assert path.is_file() and path.stat().st_size > 0
     if path.suffix == ".json":

@@ -216,9 +216,10 @@ def _row_answers(value, column: str, row_number: int) -> list[str]:
 
 
 def _soft_labels(answers: list[str], answer2label: Mapping[str, int], single: bool) -> tuple[list[int], list[float]]:
-    """Vocabulary labels and soft scores of one question's annotator answers (one given answer: score 1)."""
+    """Vocabulary labels and soft scores of one question's annotator answers, counted as written (as ``read_vqa``
+    and the official recipe count them); one given answer is normalized, as a vocabulary answer is, and scores 1."""
     labels, scores = [], []
-    for answer, count in Counter(normalize_answer(a) for a in answers).items():
+    for answer, count in Counter(map(normalize_answer, answers) if single else answers).items():
         if answer in answer2label:
             labels.append(answer2label[answer])
             scores.append(1.0 if single else answer_score(count))
@@ -228,8 +229,12 @@ def _soft_labels(answers: list[str], answer2label: Mapping[str, int], single: bo
 class VqaDatasetRecords(DatasetRecords):
     """VQA records from a user's ``datasets.Dataset`` (an image column, a question column, an answers column), one row
     at a time; the images stay undecoded until ``VqaDataset`` reads them. Labels and soft scores come from the
-    answers as ``read_vqa`` computes them (normalized; a column of single answer strings scores 1.0), against
-    ``answer2label``, or a vocabulary built from this data (answers given by at least ``min_count`` questions).
+    annotators' answers as ``read_vqa`` computes them, against ``answer2label`` or a vocabulary built from this data
+    (each question's most frequent answer, normalized, kept when at least ``min_count`` questions give it, as
+    ``build_answer_vocabulary`` builds it). As in the official recipe, the annotators' answers are counted as
+    written, not normalized: "3" x3 and "three" x3 are two answers of score 0.9 (the released VQAv2 annotations
+    are normalized already; map ``beit3.data.vqa_answers.normalize_answer`` over a column that is not). A column
+    of single answer strings is normalized, as the vocabulary's answers are, and each scores 1.0.
     Rows with no vocabulary answer are left out (``drop_unlabeled``); ``question_id`` is a column or the row number.
     """
 

@@ -243,6 +243,7 @@ def evaluate_and_save(task, model, output_dir: Path) -> dict:
     logger.info(
         f"{task.name}{' (blind)' if task.blind else ''}: "
         + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float))
+        + (f"; {scores['evaluation']}" if "evaluation" in scores else "")
         + f" (in {path})"
     )
     return scores

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ...data.common import split_batch
 from ...data.karpathy import ImageOnlyDataset, ImageTextDataset, captioning_records
 from ...masking import mask_caption_tokens
-from ...metrics import caption_scores, write_caption_results
+from ...metrics import caption_evaluation, caption_scores, caption_tokenizer, write_caption_results
 from ...modeling_heads import Beit3ForCaptioning
 from ..config import doc
 from .base import EvalOptions, KarpathyTask, TaskData, register_task
@@ -96,8 +96,9 @@ class CaptioningTask(KarpathyTask):
         records = captioning_records(self.images("eval"), train=False)
         predictions = self._captions(model, "eval", records)
         write_caption_results(output_dir / self.eval_file(self.eval_predictions_file), predictions)
-        scores = caption_scores(predictions, {r.image_id: r.references for r in records})
-        return {"CIDEr": scores["CIDEr"], "Bleu_4": scores["Bleu_4"]}
+        tokenizer = caption_tokenizer()
+        scores = caption_scores(predictions, {r.image_id: r.references for r in records}, tokenize=tokenizer)
+        return {"CIDEr": scores["CIDEr"], "Bleu_4": scores["Bleu_4"], "evaluation": caption_evaluation(tokenizer)}
 
     def predict(self, model, output_dir):
         path = output_dir / self.predictions_file

@@ -13,7 +13,7 @@ import torch
 from ...data.common import split_batch
 from ...data.karpathy import ImageOnlyDataset, ImageTextDataset, TextOnlyDataset, pair_list_records, retrieval_records
 from ...io import write_json_atomic
-from ...metrics import retrieval_recall
+from ...metrics import RETRIEVAL_EVALUATION, retrieval_recall
 from ...modeling_heads import Beit3ForImageTextRetrieval
 from ..engine import to_device
 from .base import KarpathyTask, TaskData, register_task, require_texts
@@ -64,7 +64,7 @@ class RetrievalTask(KarpathyTask):
 
     def evaluate(self, model, output_dir):
         image_embeds, image_ids, text_embeds, text_ids, _ = self.embed(model, "eval")
-        return retrieval_recall(image_embeds, text_embeds, text_ids, image_ids)
+        return {**retrieval_recall(image_embeds, text_embeds, text_ids, image_ids), "evaluation": RETRIEVAL_EVALUATION}
 
     def predict(self, model, output_dir, top: int = 5):
         """For each image of the split, its ``top`` best captions: ``[{"image_id", "image", "captions": [...], "scores": [...]}]``."""

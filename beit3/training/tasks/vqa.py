@@ -1,6 +1,7 @@
 """VQAv2: answers scored against the 10 annotators' (the official accuracy), the test-dev submission JSON.
 
-Data: ``{train|eval|predict: {questions: v2_OpenEnded_..._questions.json, annotations: v2_mscoco_..._annotations.json}
+The accuracy is the official vqaEval.py's, in the version ``data.vqa_evaluation`` names (the current 2021 script by
+default); every eval_results.json says which. Data: ``{train|eval|predict: {questions: v2_OpenEnded_..._questions.json, annotations: v2_mscoco_..._annotations.json}
 or {index: vqa.train.jsonl, data_root: DIR}}``, ``image_root`` (holds train2014/, val2014/, test2015/),
 ``answer2label`` (answer2label.txt; null: built from the train annotations, min count ``answer_min_count``),
 ``vqa_loss`` (bce: the official multi-label loss on soft scores; softmax: one answer per question).
@@ -29,6 +30,8 @@ from ...data.vqa import (
 )
 from ...log import get_logger
 from ...metrics import (
+    VQA_EVALUATION,
+    VQA_EVALUATIONS,
     answer_prior,
     vqa_accuracy,
     vqa_accuracy_per_type,
@@ -61,6 +64,12 @@ class VqaData(TaskData):
         "the head started from the init's MLM head (docs/finetuning.md)",
         "pooler",
         choices=("pooler", "answer_slot"),
+    )
+    vqa_evaluation: str = doc(
+        "the official vqaEval.py whose accuracy is reported: 2021 (the current script) | 2016 (the one before its "
+        "2021 correction, for comparing with older papers' val figures)",
+        VQA_EVALUATION,
+        choices=tuple(VQA_EVALUATIONS),
     )
 
 
@@ -168,12 +177,17 @@ class VqaTask(FinetuneTask):
         write_vqa_predictions(output_dir / self.eval_file(self.eval_predictions_file), predictions)
         truth = answers_from_records(records)
         if truth:  # the official accuracy against the 10 raw annotator answers, overall and per question type
+            version = self.data.vqa_evaluation
             return {
-                "accuracy": vqa_accuracy(predictions, truth),
+                "accuracy": vqa_accuracy(predictions, truth, version),
+                "evaluation": f"vqaEval.py {version}: {VQA_EVALUATIONS[version]}",
                 **self._per_question_type(predictions, truth, records),
             }
         if soft_scores:  # index files: the soft-score proxy
-            return {"accuracy": vqa_score(torch.cat(logits), torch.cat(soft_scores))}
+            return {
+                "accuracy": vqa_score(torch.cat(logits), torch.cat(soft_scores)),
+                "evaluation": "VQAScore proxy: the soft score of the arg-max answer (the index files hold no answers)",
+            }
         raise ValueError("The eval split has no answers to score against; use mode predict for test questions.")
 
     def _per_question_type(self, predictions: dict[int, str], truth: dict[int, list[str]], records) -> dict:
@@ -190,12 +204,12 @@ class VqaTask(FinetuneTask):
                 (r.question_type, r.answer) for r in self.records("train") if r.question_type and r.answer
             )
             guesses = {q: most_common.get(kind, "") for q, kind in types.items()}
-            prior = vqa_accuracy_per_type(guesses, truth, types)
+            prior = vqa_accuracy_per_type(guesses, truth, types, self.data.vqa_evaluation)
         counts = Counter(types[q] for q in truth if q in types)
         return {
             "per_question_type": {
                 kind: {"accuracy": accuracy, "prior": prior.get(kind), "questions": counts[kind]}
-                for kind, accuracy in vqa_accuracy_per_type(predictions, truth, types).items()
+                for kind, accuracy in vqa_accuracy_per_type(predictions, truth, types, self.data.vqa_evaluation).items()
             }
         }
 
