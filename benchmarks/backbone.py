@@ -209,7 +209,7 @@ def main() -> None:
         return
     reference = torchscale_model(config)
     official = {k: v.float() for k, v in reference.state_dict().items()}
-    ours = Beit3Model(config)
+    ours = Beit3Model(config, use_mask_token=True)  # the official layout holds one; only masked image modeling reads it
     ours.load_state_dict(official_to_beit3(official, config))
     reference.to(device)
     ours.to(device)

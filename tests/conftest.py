@@ -11,8 +11,8 @@ REFERENCE = dict(image_size=32, patch_size=8, hidden_size=128, vocab_size=100)
 
 
 # End-to-end tests: they run the programs as a user does (the demo at smoke size, DeepSpeed processes, the
-# tokenizer and fine-tuning scripts). `pytest -m "not e2e"` runs the rest, the fast tier, in a few minutes.
-END_TO_END_MODULES = {"test_demo", "test_pretrain", "test_train_visual_tokenizer"}
+# tokenizer and fine-tuning scripts, the benchmark scripts at smoke size). `pytest -m "not e2e"` runs the rest, the fast tier, in a few minutes.
+END_TO_END_MODULES = {"test_benchmarks", "test_demo", "test_pretrain", "test_train_visual_tokenizer"}
 
 
 def pytest_collection_modifyitems(config, items):
