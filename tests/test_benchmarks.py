@@ -39,7 +39,9 @@ def test_backbone_against_torchscale_prints_a_ratio_and_a_share_of_the_peak_per_
     assert re.search(rf"ours vs torchscale, fp32: max \|diff\| {NUMBER}e-", out)  # the same weights, the same output
     for precision in ("fp32", "bf16"):
         for mode in ("inference", "training"):
-            assert re.search(rf"^{precision} +{mode} +({NUMBER} +){{2}}{NUMBER}x +{NUMBER}% +{NUMBER}%$", out, re.M), out
+            assert re.search(rf"^{precision} +{mode} +({NUMBER} +){{2}}{NUMBER}x +{NUMBER}% +{NUMBER}%$", out, re.M), (
+                out
+            )
 
 
 @pytest.mark.parametrize(
