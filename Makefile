@@ -24,11 +24,13 @@ define install
 	$(1)/bin/python -m pip install --quiet $(2) --no-deps torchscale==0.3.0
 endef
 
-# ruff, then the suite, in the environment $(1).
+# ruff, then the suite in the environment $(1): the fast tier first, so that a broken import or unit test is
+# reported in minutes and stops make there, then the end-to-end tier (the e2e marker, tests/conftest.py).
 define run_suite
 	$(1)/bin/ruff check .
 	$(1)/bin/ruff format --check .
-	$(1)/bin/python -m pytest -q
+	$(1)/bin/python -m pytest -q -m "not e2e" --durations=10
+	$(1)/bin/python -m pytest -q -m e2e --durations=10
 endef
 
 # The lock's releases are built for Python 3.11 and newer (numpy 2.4 needs 3.11), while setup.cfg admits 3.10.

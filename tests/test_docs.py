@@ -77,6 +77,19 @@ def test_every_block_says_its_language_and_every_unrun_block_says_why():
     assert counted["run"] > counted["not run"] > 0
 
 
+# Counts that change with every commit: pytest and this test print them; the guides do not copy them (docs/results/
+# holds dated measurements, each with its date, commit, lock and machine).
+TYPED_COUNTS = re.compile(r"\b\d+ (?:tests|end-to-end tests|blocks run|blocks are marked|are marked)\b|\(\d+ tests")
+
+
+def test_the_docs_type_no_count_of_tests_or_blocks():
+    for path in DOCUMENTS:
+        if path.parent.name == "results":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not TYPED_COUNTS.search(line), f"{_name(path)}:{number}: a count typed by hand: {line.strip()}"
+
+
 def test_the_configuration_reference_is_what_the_code_declares():
     from beit3.training.reference import render
 
