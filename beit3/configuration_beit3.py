@@ -193,26 +193,33 @@ class Beit3Config(PretrainedConfig):
 
         ``overrides`` replace any field, e.g. ``from_preset("beit3_base_patch16_224", final_layernorm=False)``.
         """
-        path = Path(name)
-        if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
-            return cls(**{**parse_yaml(path.read_text()), **overrides})
-        match = _PRESET_NAME.fullmatch(name)
-        spec = size_specs().get(match["size"]) if match else None
-        if spec is None:
-            raise ValueError(
-                f"Unknown BEiT-3 preset {name!r}. Known presets: {', '.join(list_presets())} "
-                "(or pass a path to a .json/.yaml config file)."
-            )
-        fields = dict(spec["model"])
-        if match["paper"]:
-            fields.update(spec["paper_layout"])
-        if int(match["patch"]) != fields["patch_size"]:
-            raise ValueError(
-                f"Preset {name!r}: the {match['size']} model uses patch {fields['patch_size']}, "
-                f"not {match['patch']}; try beit3_{match['size']}{match['paper'] or ''}_patch{fields['patch_size']}_{match['image']}."
-            )
-        fields["image_size"] = int(match["image"])
-        return cls(**{**fields, **overrides})
+        return cls(**{**preset_fields(name), **overrides})
+
+
+def preset_fields(name: str) -> dict:
+    """The fields a preset (by name) or a ``.json``/``.yaml`` config file names, and only those: what
+    ``Beit3Config.from_preset`` builds on the defaults. A converter reads what a checkpoint's tensors do not show
+    from them, without mistaking a default for a choice."""
+    path = Path(name)
+    if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
+        return dict(parse_yaml(path.read_text()))
+    match = _PRESET_NAME.fullmatch(name)
+    spec = size_specs().get(match["size"]) if match else None
+    if spec is None:
+        raise ValueError(
+            f"Unknown BEiT-3 preset {name!r}. Known presets: {', '.join(list_presets())} "
+            "(or pass a path to a .json/.yaml config file)."
+        )
+    fields = dict(spec["model"])
+    if match["paper"]:
+        fields.update(spec["paper_layout"])
+    if int(match["patch"]) != fields["patch_size"]:
+        raise ValueError(
+            f"Preset {name!r}: the {match['size']} model uses patch {fields['patch_size']}, "
+            f"not {match['patch']}; try beit3_{match['size']}{match['paper'] or ''}_patch{fields['patch_size']}_{match['image']}."
+        )
+    fields["image_size"] = int(match["image"])
+    return fields
 
 
 def size_specs() -> dict[str, dict]:

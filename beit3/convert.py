@@ -22,12 +22,13 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from .checkpoints import atomic_save_file, atomic_save_folder, load_state_dict_checked, read_checkpoint
-from .configuration_beit3 import Beit3Config, size_specs
+from .configuration_beit3 import Beit3Config, preset_fields, size_specs
 from .log import get_logger
 from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
 from .modeling_heads import Beit3ForMaskedDataModeling
@@ -91,35 +92,79 @@ def tensor_sizes(backbone: dict[str, torch.Tensor]) -> dict[str, int]:
     }
 
 
-def infer_config(backbone: dict[str, torch.Tensor], extras: dict | None = None, **overrides) -> Beit3Config:
-    """Reads the sizes of an official backbone from its tensor shapes; the head count from ``overrides``, else
-    ``attention_heads`` (``extras``: the file's other entries, ``read_checkpoint(..., return_extras=True)``)."""
-    sizes = tensor_sizes(backbone)
-    hidden, layers, intermediate = sizes["hidden_size"], sizes["num_hidden_layers"], sizes["intermediate_size"]
+def tensor_fields(backbone: dict[str, torch.Tensor]) -> dict:
+    """Every config field an official backbone's tensors show: the sizes, the layout (the official one: per-modality
+    attention, no VL experts; final and sub-LayerNorms by their keys), the native image size, and the vocabulary
+    and text positions where the file has a text tower. Not the head count, which no tensor shows."""
     patch_weight = backbone["vision_embed.proj.weight"]
-    if "num_attention_heads" not in overrides:
-        overrides["num_attention_heads"] = attention_heads(hidden, intermediate, layers, extras or {})
     patches = backbone["encoder.embed_positions.A.weight"].shape[0] - 3
     grid = math.isqrt(patches)
     if grid * grid != patches:
         raise ValueError(f"The vision position table has {patches + 3} rows, which is not a square grid plus 3.")
-    fields = dict(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        intermediate_size=intermediate,
-        vocab_size=backbone["text_embed.weight"].shape[0] if "text_embed.weight" in backbone else 64010,
-        patch_size=patch_weight.shape[-1],
-        num_channels=patch_weight.shape[1],
-        image_size=grid * patch_weight.shape[-1],
-        max_position_embeddings=backbone["encoder.embed_positions.B.weight"].shape[0]
-        if "encoder.embed_positions.B.weight" in backbone
-        else 1024,
-        final_layernorm="encoder.layer_norm.A.weight" in backbone,
-        multiway_attention=True,
-        vl_ffn_layers=0,
-        sub_layernorm="encoder.layers.0.self_attn.inner_attn_ln.A.weight" in backbone,
+    fields = {
+        **tensor_sizes(backbone),
+        "patch_size": patch_weight.shape[-1],
+        "num_channels": patch_weight.shape[1],
+        "image_size": grid * patch_weight.shape[-1],
+        "final_layernorm": "encoder.layer_norm.A.weight" in backbone,
+        "sub_layernorm": "encoder.layers.0.self_attn.inner_attn_ln.A.weight" in backbone,
+        "multiway_attention": True,
+        "vl_ffn_layers": 0,
+    }
+    if "text_embed.weight" in backbone:
+        fields["vocab_size"] = backbone["text_embed.weight"].shape[0]
+    if "encoder.embed_positions.B.weight" in backbone:
+        fields["max_position_embeddings"] = backbone["encoder.embed_positions.B.weight"].shape[0]
+    return fields
+
+
+# What a vision-only file (no text tower) is given for the text tower's sizes when no config names them.
+_TEXT_DEFAULTS = {"vocab_size": 64010, "max_position_embeddings": 1024}
+
+
+def infer_config(backbone: dict[str, torch.Tensor], extras: dict | None = None, **overrides) -> Beit3Config:
+    """The config of an official backbone: what its tensors show (``tensor_fields``); the head count from
+    ``overrides``, else ``attention_heads`` (``extras``: the file's other entries, ``read_checkpoint(...,
+    return_extras=True)``)."""
+    fields = tensor_fields(backbone)
+    if "num_attention_heads" not in overrides:
+        overrides["num_attention_heads"] = attention_heads(
+            fields["hidden_size"], fields["intermediate_size"], fields["num_hidden_layers"], extras or {}
+        )
+    return Beit3Config(**{**_TEXT_DEFAULTS, **fields, **overrides})
+
+
+def config_for_official(
+    backbone: dict[str, torch.Tensor], given: Beit3Config | Mapping | None, extras: dict, labels: dict, source: str
+) -> tuple[Beit3Config, int]:
+    """(the config of an official backbone at its native image size, the image size asked for).
+
+    What the tensors show comes from the tensors; ``given`` (a config, or the fields a preset or config file names,
+    ``preset_fields``) supplies the rest: the head count, dropout, the image size to resample to. A field ``given``
+    names that the tensors contradict is refused in one error naming both values; ``labels`` is
+    ``{"num_labels": N}`` from a task head's tensors ({} for a backbone)."""
+    named = dict(given.to_dict() if isinstance(given, Beit3Config) else given or {})
+    shown = tensor_fields(backbone)
+    conflicts = [
+        f"{name} {named[name]!r} in the config, {value!r} in the tensors"
+        for name, value in shown.items()
+        if name != "image_size" and name in named and named[name] != value
+    ]
+    if conflicts:
+        raise ValueError(
+            f"The config does not fit {source}: {'; '.join(conflicts)}. Give this checkpoint's own values, or only "
+            "what its tensors do not show (num_attention_heads; no --config reads everything else from the tensors)."
+        )
+    # Labels come from the head's tensors: names are kept only when there is one per label.
+    for key in ("id2label", "label2id"):
+        if key in named and len(named[key]) != labels.get("num_labels", -1):
+            del named[key]
+    named.pop("num_labels", None)
+    heads = named.get("num_attention_heads") or attention_heads(
+        shown["hidden_size"], shown["intermediate_size"], shown["num_hidden_layers"], extras
     )
-    return Beit3Config(**{**fields, **overrides})
+    config = Beit3Config.from_dict({**_TEXT_DEFAULTS, **named, **shown, **labels, "num_attention_heads": heads})
+    return config, named.get("image_size", shown["image_size"])
 
 
 def _key_map(config: Beit3Config) -> tuple[dict[str, str], dict[str, tuple[str, str, str]]]:
@@ -289,28 +334,21 @@ def timm_create_model_hint(config: Beit3Config, path: str, classifier: bool = Fa
 
 
 def model_from_official(
-    path: str | os.PathLike, config: Beit3Config | None = None, task: str | None = None
+    path: str | os.PathLike, config: Beit3Config | Mapping | None = None, task: str | None = None
 ) -> Beit3PreTrainedModel:
     """Builds a ``Beit3Model`` (or, with ``task``, that task's head model) from an official checkpoint.
 
-    Sizes, the final LayerNorm and the number of labels come from the tensors unless ``config``
-    says otherwise (a file written by ``--to official`` brings its own config), the head count as ``attention_heads``
-    finds it; a ``config`` at another image size resamples the position table (in fp32).
-    Without ``task``, head tensors in the file (pretraining heads, say) are left out, with a note.
+    Sizes, the layout, the final LayerNorm and the number of labels come from the tensors; ``config`` (a
+    ``Beit3Config``, or the fields a preset or config file names: ``preset_fields``) supplies what they do not show,
+    and is refused where it contradicts them (``config_for_official``). The head count comes from ``config``, a
+    file written by ``--to official`` (it brings its own config), or ``attention_heads``; a ``config`` at another
+    image size resamples the position table (in fp32). Without ``task``, head tensors in the file (pretraining
+    heads, say) are left out, with a note.
     """
     state, extras = read_checkpoint(path, return_extras=True)
     backbone, heads = split_official(state)
     if config is None and "beit3_config" in extras:
         config = Beit3Config.from_dict(json.loads(extras["beit3_config"]))
-    if config is not None:
-        sizes = tensor_sizes(backbone)
-        if any(getattr(config, name) != size for name, size in sizes.items()):
-            given = ", ".join(f"{name} {getattr(config, name)}" for name in sizes)
-            raise ValueError(
-                f"The config does not fit {path}: it has {given}, the checkpoint's tensors "
-                f"{', '.join(f'{name} {size}' for name, size in sizes.items())}. Give this checkpoint's config "
-                "(--config), or none to read the sizes from the tensors."
-            )
     # Our task heads keep the official head key names; the official files hold the backbone under "beit3.".
     task_class = task_named(task) if task is not None else None
     label_key = task_class.label_key if task_class else None
@@ -319,11 +357,7 @@ def model_from_official(
             f"{path} has no '{label_key}': it is not a {task} checkpoint (its head keys: {sorted(heads)[:8]})."
         )
     labels = {"num_labels": heads[label_key].shape[0]} if label_key else {}
-    native = infer_config(
-        backbone, extras, **labels, **({"num_attention_heads": config.num_attention_heads} if config else {})
-    )
-    target_size = (config or native).image_size
-    config = Beit3Config.from_dict({**(config or native).to_dict(), **labels, "image_size": native.image_size})
+    config, target_size = config_for_official(backbone, config, extras, labels, str(path))
     # A backbone keeps the pretrained mask token (masked image modeling reads it); task heads have none.
     model = task_class.model_class(config) if task_class else Beit3Model(config, use_mask_token=True)
     state = official_to_beit3(backbone, config)
@@ -351,7 +385,7 @@ def architecture_class(config: Beit3Config, default: type = Beit3Model) -> type:
 
 
 def load_any(
-    checkpoint: str, config: Beit3Config | None = None, task: str | None = None, image_size: int | None = None
+    checkpoint: str, config: Beit3Config | Mapping | None = None, task: str | None = None, image_size: int | None = None
 ) -> Beit3PreTrainedModel:
     """A model from our folder (its class read from config.json) or from an official ``.pth`` file."""
     if Path(checkpoint).is_dir():
@@ -391,7 +425,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m beit3.convert") -
     args = parser.parse_args(argv)
 
     try:
-        config = Beit3Config.from_preset(args.config) if args.config else None
+        config = preset_fields(args.config) if args.config else None  # what it names, not the defaults
         model = load_any(args.checkpoint, config, args.task, args.image_size).to(getattr(torch, args.dtype))
     except (OSError, ValueError) as error:  # a file that is not a checkpoint, a --config that does not fit it
         raise SystemExit(f"error: {error}") from error

@@ -270,7 +270,7 @@ def test_the_head_count_is_carried_never_guessed(tmp_path):
     config = tmp_path / "tiny_4_heads.json"
     tiny_config(num_attention_heads=4).to_json_file(config)  # hidden 32: it does not fit the custom file
     with pytest.raises(
-        SystemExit, match=r"^error: The config does not fit .*: it has hidden_size 32, .*tensors hidden_size 96"
+        SystemExit, match=r"^error: The config does not fit .*: hidden_size 32 in the config, 96 in the tensors; "
     ):
         main(
             [
@@ -282,3 +282,52 @@ def test_the_head_count_is_carried_never_guessed(tmp_path):
                 str(config),
             ]
         )
+
+
+def test_a_config_of_sizes_alone_converts_the_task_layouts_and_a_conflict_is_one_line(tmp_path, caplog):
+    """The released VQA and classification files drop the final LayerNorm and carry no label names: a --config that
+    names the sizes and the head count (as a user writes one for a custom size) takes the rest from the tensors."""
+    from beit3.modeling_heads import Beit3ForVisualQuestionAnswering
+
+    vqa = Beit3ForVisualQuestionAnswering(
+        tiny_config(hidden_size=96, num_attention_heads=3, intermediate_size=128, final_layernorm=False, num_labels=7)
+    ).eval()
+    torch.save({"model": beit3_to_official(vqa.state_dict(), vqa.config)}, tmp_path / "vqa.pth")
+    sizes = tmp_path / "sizes.yaml"
+    sizes.write_text("hidden_size: 96\nnum_hidden_layers: 2\nintermediate_size: 128\nnum_attention_heads: 3\n")
+    with caplog.at_level("WARNING"):
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path / "vqa.pth"),
+                "--task",
+                "vqa",
+                "--output",
+                str(tmp_path / "out"),
+                "--config",
+                str(sizes),
+            ]
+        )
+    assert not [r for r in caplog.records if "incompatible" in r.getMessage()]  # transformers' id2label complaint
+    back = Beit3ForVisualQuestionAnswering.from_pretrained(tmp_path / "out").eval()
+    assert (back.config.final_layernorm, back.config.max_position_embeddings, back.config.num_labels) == (False, 40, 7)
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": torch.randint(3, 100, (2, 5))}
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs).logits, vqa(**inputs).logits)
+    sizes.write_text(sizes.read_text() + "final_layernorm: true\npatch_size: 16\n")
+    with pytest.raises(SystemExit) as error:
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path / "vqa.pth"),
+                "--task",
+                "vqa",
+                "--output",
+                str(tmp_path / "x"),
+                "--config",
+                str(sizes),
+            ]
+        )
+    message = str(error.value)
+    assert message.count("\n") == 0 and "patch_size 16 in the config, 8 in the tensors" in message
+    assert "final_layernorm True in the config, False in the tensors" in message and not (tmp_path / "x").exists()
