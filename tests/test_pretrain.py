@@ -367,7 +367,27 @@ def _plant(path: Path, marker: Path) -> None:
     torch.save(state, path)
 
 
-@pytest.mark.parametrize("processes, zero_stage", [(1, 2), (2, 2), (2, 3)])
+def _deepspeeds_own_tool_gives_the_exported_weights(run: Path, tmp_path: Path) -> None:
+    """zero_to_fp32.py, which DeepSpeed writes beside the checkpoints, run as DeepSpeed documents it (no tag: it reads
+    ``latest``), gives the weights beit3.export gives."""
+    from safetensors.torch import load_file
+
+    from beit3.export import export
+
+    command = [
+        sys.executable,
+        str(run / "checkpoints/zero_to_fp32.py"),
+        str(run / "checkpoints"),
+        str(tmp_path / "fp32"),
+    ]
+    result = subprocess.run([*command, "--safe_serialization"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    theirs = load_file(tmp_path / "fp32/model.safetensors")
+    ours = load_file(export(run, tmp_path / "exported") / "model.safetensors")
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+
+
+@pytest.mark.parametrize("processes, zero_stage", [(1, 2), (1, 3), (2, 2), (2, 3)])
 def test_no_code_planted_in_any_checkpoint_file_runs_on_resume_or_export(world, tmp_path, processes, zero_stage):
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
@@ -378,13 +398,16 @@ def test_no_code_planted_in_any_checkpoint_file_runs_on_resume_or_export(world, 
     result = pretrain(world, run, processes=processes, max_steps=1, save_every=1, zero_stage=zero_stage)
     assert result.returncode == 0, result.stdout[-3000:]
     tag = run / "checkpoints/step00000001"
+    assert (run / "checkpoints/latest").read_text() == "step00000001"  # DeepSpeed's own pointer, once complete
+    if processes > 1 or zero_stage == 3:  # (one process runs ZeRO-1/2 as stage 0: no ZeRO files, no ZeRO tool)
+        _deepspeeds_own_tool_gives_the_exported_weights(run, tmp_path)
     check_weights_only(tag)  # what the package writes passes
     with weights_only_loads():  # and loads, DeepSpeed's records included
         for path in tag.glob("*.pt"):
             TorchCheckpointEngine().load(str(path), map_location="cpu")
     files = sorted(tag.glob("*.pt"))
     kinds = {path.name.replace("zero_pp_rank_1", "zero_pp_rank_0") for path in files}
-    assert len(kinds) == (1 if processes == 1 else 2)  # model states (+ optimizer states per rank with ZeRO)
+    assert len(kinds) == (1 if processes == 1 and zero_stage < 3 else 2)  # model (+ optimizer states with ZeRO)
     marker = tmp_path / "ran"
     for path in files:
         original = path.read_bytes()

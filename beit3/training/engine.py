@@ -205,6 +205,9 @@ class Engine:
         if self.rank == 0:
             extra = {"data_state": data_states} if any(data_states) else {}
             mark_complete(self.checkpoint_dir / tag, {"step": self.step, "time": time.time(), **self.layout, **extra})
+            # DeepSpeed's tools (zero_to_fp32.py, load_checkpoint without a tag) read the newest tag from `latest`;
+            # it names a checkpoint only once that is complete.
+            write_text_atomic(self.checkpoint_dir / "latest", tag)
         dist.barrier()
         # Pruning removes only checkpoints older than the newest one every rank sees complete
         seen = [None] * self.world_size
