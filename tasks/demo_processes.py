@@ -79,3 +79,27 @@ def run_side_by_side(commands: list[list[str]], log: Path, processes: int = 1) -
             raise SystemExit(
                 f"error: this stage failed (exit {process.returncode}): {' '.join(command)}\nIts output is in {log}."
             )
+
+
+def cpu_description() -> dict:
+    """The CPU the figures came from: its model name, the instruction sets that decide its kernels (of AVX2,
+    AVX-512, AVX-512 BF16 and AMX, those it has) and its logical cores. Pinning the kernels to AVX2 does not make
+    another vendor's CPU give the same bits, so the report names the machine beside its figures."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX"}
+    return {
+        "model": model,
+        "instructions": [name for flag, name in wanted.items() if flag in flags],
+        "cores": os.cpu_count(),
+    }

@@ -7,13 +7,42 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 
 from demo_probe import exact_shapes, matching_probe
-from demo_processes import REPRODUCIBLE_KERNELS, run_side_by_side
+from demo_processes import REPRODUCIBLE_KERNELS, cpu_description, run_side_by_side
 
-# A gain counts as clear from 5 points on the 0-100 scale of every metric here: about 1.5 standard errors of
-# a difference between two accuracies near 50% on the 250 held-out examples of each task.
+# A gain counts as clear from 5 points on the 0-100 scale of every metric here (about 1.5 standard errors of a
+# difference between two accuracies near 50% on the 250 held-out examples of each task), and only when it is also
+# at least twice its standard deviation over fine-tuning seeds: a gain one draw could flip is not called clear.
 CLEAR_MARGIN = 5.0
+SEED_SPREADS = 2.0
+
+
+def near_the_bar(gain: float, near: float) -> bool:
+    """Whether a seed-0 gain lies within ``near`` points of the bar, where another seed could flip the verdict."""
+    return abs(gain - CLEAR_MARGIN) < near
+
+
+def gain_over_seeds(scratch: list[float], pretrained: list[float]) -> dict:
+    """The gain of pretraining over the fine-tuning seeds both arms ran, seed by seed: its mean, its standard
+    deviation over seeds (None for one seed), the arms' means and the verdict."""
+    gains = [p - s for s, p in zip(scratch, pretrained)]
+    mean = statistics.fmean(gains)
+    spread = statistics.stdev(gains) if len(gains) > 1 else None
+    if mean >= CLEAR_MARGIN and (spread is None or mean >= SEED_SPREADS * spread):
+        verdict = "clear gain"
+    else:
+        verdict = "gain within noise" if mean > 0 else "no gain"
+    return {
+        "seeds": len(gains),
+        "scratch_mean": round(statistics.fmean(scratch), 2),
+        "pretrained_mean": round(statistics.fmean(pretrained), 2),
+        "mean": round(mean, 2),
+        "sd": None if spread is None else round(spread, 2),
+        "per_seed": [round(g, 2) for g in gains],
+        "verdict": verdict,
+    }
 
 
 def distinct_predictions(task_class, run) -> int | None:
@@ -39,7 +68,13 @@ def results_of(demo) -> dict:
                 init: distinct_predictions(TASKS[task], demo.run_folder(task, init))
                 for init in ("scratch", "pretrained")
             },
+            "over_seeds": {
+                init: [round(v, 2) for v in demo.scores_over_seeds(task, init)] for init in ("scratch", "pretrained")
+            },
         }
+        tasks[task]["gain"] = gain_over_seeds(
+            tasks[task]["over_seeds"]["scratch"], tasks[task]["over_seeds"]["pretrained"]
+        )
     if "vqa" in tasks:
         kinds = {init: demo.scores("vqa", init).get("per_question_type", {}) for init in ("scratch", "pretrained")}
         tasks["vqa"]["per_kind"] = {
@@ -65,6 +100,7 @@ def results_of(demo) -> dict:
         "tasks": tasks,
         "pretraining": {"matching_swap_auc": matching_probe(demo.output / "pretrained", demo.karpathy.parent)},
         "profile": demo.profile,
+        "cpu": cpu_description(),
         "kernels": {name: os.environ.get(name, "native") for name in REPRODUCIBLE_KERNELS},
         "seconds": {k: round(v, 1) for k, v in demo.timings.items()},
         "contrastive_stage": {"steps": demo.settings["contrastive_steps"], "tr_r1": round(contrastive["tr_r1"], 2)},
@@ -78,24 +114,36 @@ def write_report(demo) -> str:
 
     results = results_of(demo)
     write_json_atomic(demo.output / "results.json", results)
+    cpu = results["cpu"]
     lines = [
         "# BEiT-3 demo: fine-tuning from the pretrained model vs from random weights",
         "",
-        f"Profile `{demo.profile}`, CPU kernels {', '.join(f'{k}={v}' for k, v in results['kernels'].items())}; "
+        f"Profile `{demo.profile}` on {cpu['model']} ({', '.join(cpu['instructions']) or 'no AVX2'}; {cpu['cores']} "
+        f"logical cores), CPU kernels {', '.join(f'{k}={v}' for k, v in results['kernels'].items())}; "
         "the same fine-tuning budget for both; scores on held-out data (higher is better). "
         "Images swapped: the same model scored with every example's image(s) swapped for another example's, the "
-        "control that tells reading the image from answering from the text.",
+        "control that tells reading the image from answering from the text. A task whose seed-0 gain is near the "
+        "bar is fine-tuned with more seeds: its scores are then the means, its gain the mean ± the standard "
+        f"deviation over seeds, and it counts as clear from {CLEAR_MARGIN:g} points and {SEED_SPREADS:g} standard "
+        "deviations.",
         "",
         "| task | metric | from scratch | pretrained | gain | pretrained, images swapped | scratch, images swapped |",
         "|---|---|---|---|---|---|---|",
     ]
     for task, row in results["tasks"].items():
-        gain = row["pretrained"] - row["scratch"]
-        verdict = "clear gain" if gain >= CLEAR_MARGIN else "gain within noise" if gain > 0 else "no gain"
+        gain = row["gain"]
+        spread = f" ± {gain['sd']:.2f}, {gain['seeds']} seeds" if gain["seeds"] > 1 else ""
         lines.append(
-            f"| {task} | {row['metric']} | {row['scratch']:.2f} | {row['pretrained']:.2f} | {gain:+.2f} ({verdict}) "
-            f"| {row['blind']:.2f} | {row['scratch_blind']:.2f} |"
+            f"| {task} | {row['metric']} | {gain['scratch_mean']:.2f} | {gain['pretrained_mean']:.2f} | "
+            f"{gain['mean']:+.2f}{spread} ({gain['verdict']}) | {row['blind']:.2f} | {row['scratch_blind']:.2f} |"
         )
+    lines += [""] + [
+        f"{task} per seed, scratch -> pretrained: "
+        + ", ".join(f"seed {n} {s:.2f} -> {p:.2f}" for n, (s, p) in enumerate(zip(*row["over_seeds"].values())))
+        + " (the images-swapped controls, the tables below and the pictures are seed 0's)."
+        for task, row in results["tasks"].items()
+        if row["gain"]["seeds"] > 1
+    ]
     warnings = [
         f"**Warning: the {init} {task} model gives the same prediction for every held-out example**: it reads neither "
         "the image nor the text."
@@ -131,8 +179,11 @@ def write_report(demo) -> str:
             f"swapped (AUC; 0.5 is chance): color {probe['color']:.3f}, kind {probe['kind']:.3f}.",
         ]
     multimodal = [task for task in results["tasks"] if TASKS[task].reads_text]
-    wins = sum(results["tasks"][t]["pretrained"] - results["tasks"][t]["scratch"] >= CLEAR_MARGIN for t in multimodal)
-    summary = f"pretrained beats scratch by {CLEAR_MARGIN:g} points or more on {wins} of the {len(multimodal)} multimodal tasks"
+    wins = [t for t in multimodal if results["tasks"][t]["gain"]["verdict"] == "clear gain"]
+    summary = (
+        f"pretrained beats scratch clearly (by {CLEAR_MARGIN:g} points or more, beyond the seed spread where measured) "
+        f"on {len(wins)} of the {len(multimodal)} multimodal tasks" + (f": {', '.join(wins)}" if wins else "")
+    )
     lines += [
         "",
         summary[0].upper() + summary[1:] + ".",

@@ -72,6 +72,14 @@ def test_results_file_has_the_documented_shape(demo_run):
             and isinstance(row["scratch_blind"], float)
         )
         assert set(row["distinct_predictions"]) == {"scratch", "pretrained"}
+    # VQA, the task the smoke profile fine-tunes with a second seed: both seeds' scores, the gain over them, the verdict
+    vqa = results["tasks"]["vqa"]
+    assert len(vqa["over_seeds"]["scratch"]) == len(vqa["over_seeds"]["pretrained"]) == vqa["gain"]["seeds"] == 2
+    assert vqa["over_seeds"]["pretrained"][0] == vqa["pretrained"] and isinstance(vqa["gain"]["sd"], float)
+    second = json.loads((output / "finetune" / "vqa_pretrained_seed1" / "run_config.json").read_text())
+    assert second["train"]["seed"] == 1 and second["model"]["init"] == str(output / "pretrained")
+    assert results["tasks"]["nlvr2"]["gain"]["seeds"] == 1 and results["tasks"]["nlvr2"]["gain"]["sd"] is None
+    assert results["cpu"]["model"] and results["cpu"]["cores"] >= 1
     for kind, row in results["tasks"]["vqa"]["per_kind"].items():
         assert set(row) == {"scratch", "pretrained", "prior"} and 0 <= row["prior"] <= 100, kind
     assert set(results["tasks"]["captioning"]["exact_shapes"]) == {"scratch", "pretrained"}
@@ -80,6 +88,11 @@ def test_results_file_has_the_documented_shape(demo_run):
     table = (output / "results.md").read_text()
     for task in TASKS:
         assert f"| {task} |" in table
+    assert (
+        "2 seeds" in table
+        and "vqa per seed, scratch -> pretrained: seed 0 " in table
+        and results["cpu"]["model"] in table
+    )
     assert (
         "images swapped" in table
         and "| question type | prior |" in table
@@ -138,3 +151,23 @@ def test_a_rerun_skips_the_finished_stages(demo_run):
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("data", "text tokenizer", "visual tokenizer", "pretrain", "contrastive", "finetune captioning"):
         assert f"[{stage}] already done; skipped" in result.stdout
+
+
+def test_a_gain_is_clear_beyond_the_bar_and_twice_its_spread_over_seeds(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tasks"))  # demo_report imports its sibling modules
+    gain_over_seeds = runpy.run_path(str(ROOT / "tasks" / "demo_report.py"))["gain_over_seeds"]
+    assert gain_over_seeds([40.0], [46.0])["verdict"] == "clear gain"  # one seed: the bar alone
+    steady = gain_over_seeds([40.0, 41.0, 42.0], [46.0, 47.5, 47.5])
+    assert steady == {
+        "seeds": 3,
+        "scratch_mean": 41.0,
+        "pretrained_mean": 47.0,
+        "mean": 6.0,
+        "sd": 0.5,
+        "per_seed": [6.0, 6.5, 5.5],
+        "verdict": "clear gain",
+    }
+    # The same mean gain, but one seed flips it: within noise. Below the bar, or at zero, as before.
+    assert gain_over_seeds([40.0, 41.0, 42.0], [50.0, 47.0, 44.0])["verdict"] == "gain within noise"
+    assert gain_over_seeds([40.0, 41.0], [43.0, 44.0])["verdict"] == "gain within noise"
+    assert gain_over_seeds([50.0, 50.0], [50.0, 50.0])["verdict"] == "no gain"
