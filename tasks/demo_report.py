@@ -17,6 +17,7 @@ from demo_processes import REPRODUCIBLE_KERNELS, cpu_description, run_side_by_si
 # at least twice its standard deviation over fine-tuning seeds: a gain one draw could flip is not called clear.
 CLEAR_MARGIN = 5.0
 SEED_SPREADS = 2.0
+INITS = ("scratch", "pretrained")
 
 
 def near_the_bar(gain: float, near: float) -> bool:
@@ -61,22 +62,19 @@ def results_of(demo) -> dict:
     for task in demo.settings["finetune_steps"]:
         tasks[task] = {
             "metric": TASKS[task].metric_label,
-            **{init: round(demo.score(task, init)[1], 2) for init in ("scratch", "pretrained")},
+            **{init: round(demo.score(task, init)[1], 2) for init in INITS},
             "blind": round(demo.score(task, "pretrained", blind=True)[1], 2),
             "scratch_blind": round(demo.score(task, "scratch", blind=True)[1], 2),
             "distinct_predictions": {
-                init: distinct_predictions(TASKS[task], demo.run_folder(task, init))
-                for init in ("scratch", "pretrained")
+                init: distinct_predictions(TASKS[task], demo.run_folder(task, init)) for init in INITS
             },
-            "over_seeds": {
-                init: [round(v, 2) for v in demo.scores_over_seeds(task, init)] for init in ("scratch", "pretrained")
-            },
+            "over_seeds": {init: [round(v, 2) for v in demo.scores_over_seeds(task, init)] for init in INITS},
         }
         tasks[task]["gain"] = gain_over_seeds(
             tasks[task]["over_seeds"]["scratch"], tasks[task]["over_seeds"]["pretrained"]
         )
     if "vqa" in tasks:
-        kinds = {init: demo.scores("vqa", init).get("per_question_type", {}) for init in ("scratch", "pretrained")}
+        kinds = {init: demo.scores("vqa", init).get("per_question_type", {}) for init in INITS}
         tasks["vqa"]["per_kind"] = {
             kind: {
                 "scratch": round(kinds["scratch"][kind]["accuracy"], 2),
@@ -93,7 +91,7 @@ def results_of(demo) -> dict:
                 ),
                 2,
             )
-            for init in ("scratch", "pretrained")
+            for init in INITS
         }
     contrastive = json.loads((demo.output / "contrastive" / "eval_results.json").read_text())
     return {
@@ -133,9 +131,10 @@ def write_report(demo) -> str:
     for task, row in results["tasks"].items():
         gain = row["gain"]
         spread = f" ± {gain['sd']:.2f}, {gain['seeds']} seeds" if gain["seeds"] > 1 else ""
+        constant = ", both constant" if all(row["distinct_predictions"][init] == 1 for init in INITS) else ""
         lines.append(
             f"| {task} | {row['metric']} | {gain['scratch_mean']:.2f} | {gain['pretrained_mean']:.2f} | "
-            f"{gain['mean']:+.2f}{spread} ({gain['verdict']}) | {row['blind']:.2f} | {row['scratch_blind']:.2f} |"
+            f"{gain['mean']:+.2f}{spread} ({gain['verdict']}{constant}) | {row['blind']:.2f} | {row['scratch_blind']:.2f} |"
         )
     lines += [""] + [
         f"{task} per seed, scratch -> pretrained: "
