@@ -1,6 +1,6 @@
 """The embedded default: BEiT-3 end to end on a generated world of shapes, no downloads.
 
-    make demo                   # about 15 minutes on a 2-core CPU
+    make demo                   # 10 to 24 minutes on a 2-core CPU, as fast as the machine is
     make demo FULL=1            # longer pretraining and fine-tuning: larger gains
     python tasks/demo.py [--output runs/demo] [--profile smoke|default|full] [--native-kernels]
 
@@ -23,10 +23,12 @@ demo_stages.py, the report in demo_report.py (with demo_probe.py, what it measur
 kernels, threads and processes in demo_processes.py; the tasks, their metrics and files come from the registry,
 beit3.training.tasks.
 
-The figures are the same to the digit on any x86-64 machine with AVX2, given requirements/lock.txt: the demo limits
-PyTorch's, oneDNN's and MKL's CPU kernels to AVX2 (REPRODUCIBLE_KERNELS; --native-kernels lets them use what the CPU
-has) and fixes every stage's torch threads (DEMO_THREADS), whatever the machine's cores. A wider instruction set or
-another thread count sums in another order, and the rounding carries through 1500 steps.
+A run repeats to the digit on the same machine with requirements/lock.txt: the demo limits PyTorch's, oneDNN's and
+MKL's CPU kernels to AVX2 (REPRODUCIBLE_KERNELS; --native-kernels lets them use what the CPU has) and fixes every
+stage's torch threads (DEMO_THREADS), whatever the machine's cores, since a wider instruction set or another thread
+count sums in another order and the rounding carries through 1500 steps. Another CPU vendor's MKL and oneDNN still
+take other code paths, so the figures move by a few points across CPU models: the report names the CPU, and a gain
+near the bar is measured over three fine-tuning seeds before it is called clear.
 """
 
 from __future__ import annotations

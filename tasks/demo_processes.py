@@ -1,5 +1,6 @@
 """How the demo runs its stages' commands: the CPU kernels and torch threads that keep its figures the same to the digit
-on any x86-64 machine, and the runner that shares them out among the processes of a stage."""
+from run to run on one machine (not across CPU vendors, whose MKL and oneDNN take other paths), the runner that
+shares them out among the processes of a stage, and the CPU the report names."""
 
 from __future__ import annotations
 
