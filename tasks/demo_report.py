@@ -69,6 +69,7 @@ def results_of(demo) -> dict:
                 init: distinct_predictions(TASKS[task], demo.run_folder(task, init)) for init in INITS
             },
             "over_seeds": {init: [round(v, 2) for v in demo.scores_over_seeds(task, init)] for init in INITS},
+            "evaluation": demo.scores(task, "pretrained").get("evaluation"),  # which official tool it reproduces
         }
         tasks[task]["gain"] = gain_over_seeds(
             tasks[task]["over_seeds"]["scratch"], tasks[task]["over_seeds"]["pretrained"]
@@ -136,6 +137,7 @@ def write_report(demo) -> str:
             f"| {task} | {row['metric']} | {gain['scratch_mean']:.2f} | {gain['pretrained_mean']:.2f} | "
             f"{gain['mean']:+.2f}{spread} ({gain['verdict']}{constant}) | {row['blind']:.2f} | {row['scratch_blind']:.2f} |"
         )
+    lines += [""] + [f"{task}: {row['evaluation']}." for task, row in results["tasks"].items() if row["evaluation"]]
     lines += [""] + [
         f"{task} per seed, scratch -> pretrained: "
         + ", ".join(f"seed {n} {s:.2f} -> {p:.2f}" for n, (s, p) in enumerate(zip(*row["over_seeds"].values())))

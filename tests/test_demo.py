@@ -88,6 +88,9 @@ def test_results_file_has_the_documented_shape(demo_run):
     table = (output / "results.md").read_text()
     for task in TASKS:
         assert f"| {task} |" in table
+    assert "vqa: vqaEval.py 2021: " in table and results["tasks"]["captioning"]["evaluation"].startswith(
+        "pycocoevalcap"
+    )
     assert (
         "2 seeds" in table
         and "vqa per seed, scratch -> pretrained: seed 0 " in table
