@@ -295,19 +295,11 @@ def test_a_config_of_sizes_alone_converts_the_task_layouts_and_a_conflict_is_one
     torch.save({"model": beit3_to_official(vqa.state_dict(), vqa.config)}, tmp_path / "vqa.pth")
     sizes = tmp_path / "sizes.yaml"
     sizes.write_text("hidden_size: 96\nnum_hidden_layers: 2\nintermediate_size: 128\nnum_attention_heads: 3\n")
+    convert = lambda output: main(  # noqa: E731
+        ["--checkpoint", str(tmp_path / "vqa.pth"), "--task", "vqa", "--output", str(output), "--config", str(sizes)]
+    )
     with caplog.at_level("WARNING"):
-        main(
-            [
-                "--checkpoint",
-                str(tmp_path / "vqa.pth"),
-                "--task",
-                "vqa",
-                "--output",
-                str(tmp_path / "out"),
-                "--config",
-                str(sizes),
-            ]
-        )
+        convert(tmp_path / "out")
     assert not [r for r in caplog.records if "incompatible" in r.getMessage()]  # transformers' id2label complaint
     back = Beit3ForVisualQuestionAnswering.from_pretrained(tmp_path / "out").eval()
     assert (back.config.final_layernorm, back.config.max_position_embeddings, back.config.num_labels) == (False, 40, 7)
@@ -316,18 +308,7 @@ def test_a_config_of_sizes_alone_converts_the_task_layouts_and_a_conflict_is_one
         torch.testing.assert_close(back(**inputs).logits, vqa(**inputs).logits)
     sizes.write_text(sizes.read_text() + "final_layernorm: true\npatch_size: 16\n")
     with pytest.raises(SystemExit) as error:
-        main(
-            [
-                "--checkpoint",
-                str(tmp_path / "vqa.pth"),
-                "--task",
-                "vqa",
-                "--output",
-                str(tmp_path / "x"),
-                "--config",
-                str(sizes),
-            ]
-        )
+        convert(tmp_path / "x")
     message = str(error.value)
     assert message.count("\n") == 0 and "patch_size 16 in the config, 8 in the tensors" in message
     assert "final_layernorm True in the config, False in the tensors" in message and not (tmp_path / "x").exists()
