@@ -32,7 +32,7 @@ from .configuration_beit3 import Beit3Config, preset_fields, size_specs
 from .log import get_logger
 from .modeling_beit3 import Beit3Model, Beit3PreTrainedModel
 from .modeling_heads import Beit3ForMaskedDataModeling
-from .training.tasks import TASKS, task_named
+from .task_catalogue import all_specs, task_spec
 
 logger = get_logger(__name__)
 
@@ -350,7 +350,7 @@ def model_from_official(
     if config is None and "beit3_config" in extras:
         config = Beit3Config.from_dict(json.loads(extras["beit3_config"]))
     # Our task heads keep the official head key names; the official files hold the backbone under "beit3.".
-    task_class = task_named(task) if task is not None else None
+    task_class = task_spec(task) if task is not None else None
     label_key = task_class.label_key if task_class else None
     if label_key and label_key not in heads:
         raise ValueError(
@@ -379,7 +379,7 @@ def model_from_official(
 
 def architecture_class(config: Beit3Config, default: type = Beit3Model) -> type:
     """The model class a saved config names in ``architectures`` (``default`` when it names none)."""
-    classes = (Beit3Model, Beit3ForMaskedDataModeling, *(task.model_class for task in TASKS.values()))
+    classes = (Beit3Model, Beit3ForMaskedDataModeling, *(spec.model_class for spec in all_specs().values()))
     names = {cls.__name__: cls for cls in classes}
     return names.get((config.architectures or [default.__name__])[0], default)
 
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m beit3.convert") -
     )
     parser.add_argument("--to", choices=("beit3", "official", "timm"), default="beit3")
     parser.add_argument(
-        "--task", choices=tuple(TASKS), help="convert a fine-tuned official checkpoint with its task head"
+        "--task", choices=tuple(all_specs()), help="convert a fine-tuned official checkpoint with its task head"
     )
     parser.add_argument(
         "--config", help="a preset name or a .json/.yaml config; default: read the sizes from the tensor shapes"

@@ -9,7 +9,7 @@
 The tokenizer is read from ``--tokenizer``, a tokenizer folder or the SentencePiece ``.spm`` (default: the model
 folder); a folder converted from an official checkpoint has none, so pass ``beit3.spm`` there.
 Answer and class names come from the model config's ``id2label``. A task's name works as well as its verb
-(``captioning`` for ``caption``), and every task of the registry (``beit3.training.tasks``) is here, one
+(``captioning`` for ``caption``), and every task of the catalogue (``beit3.task_catalogue``) is here, one
 registered by another package too: what a task prints is its ``predict_examples``.
 """
 
@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from .data.common import load_rgb
+from .task_catalogue import all_specs, task_spec
 from .tokenization_beit3 import load_tokenizer
-from .training.tasks import TASKS, task_named
 
 
 def load_images(paths: list[str]) -> list[Image.Image]:
@@ -47,7 +47,7 @@ def predict(
     top: int = 5,
 ) -> list[str]:
     """Runs one task (its name or its ``predict_verb``) and returns the lines it would print."""
-    task_class = task_named(task)
+    task_class = task_spec(task)
     model = load_task_model(task, model_dir)
     image_processor = task_class.example_image_processor(model.config.image_size)
     tokenizer = None
@@ -68,13 +68,13 @@ def predict(
 def load_task_model(task: str, model_dir: str):
     """The folder's model as ``task``'s head, refused when the folder holds another task's model (or none): its
     head would start from random weights and print confident nonsense."""
-    model_class = task_named(task).model_class
+    model_class = task_spec(task).model_class
     model, info = model_class.from_pretrained(model_dir, output_loading_info=True)
     saved = getattr(model.config, "architectures", None) or []  # as the folder's config.json has them
     missing = sorted(key for key in info["missing_keys"] if not key.startswith(model_class.base_model_prefix + "."))
     if missing or (saved and model_class.__name__ not in saved):
         holds = " / ".join(saved) if saved else "a model without this head"
-        fitting = [t.predict_verb for t in TASKS.values() if t.model_class.__name__ in saved]
+        fitting = [t.predict_verb for t in all_specs().values() if t.model_class.__name__ in saved]
         hint = f" (try `{fitting[0]}`)" if fitting else ""
         raise SystemExit(
             f"error: {model_dir} holds {holds}{hint}, but `{task}` needs a {model_class.__name__}: "
@@ -88,11 +88,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m beit3.predict") -
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    specs = all_specs()
     parser.add_argument(
         "task",
-        choices=[word for t in TASKS.values() for word in dict.fromkeys((t.predict_verb, t.name))],
+        choices=[word for t in specs.values() for word in dict.fromkeys((t.predict_verb, t.name))],
         help="a task's verb or its name: "
-        + ", ".join(f"{t.predict_verb} ({t.name})" if t.predict_verb != t.name else t.name for t in TASKS.values()),
+        + ", ".join(f"{t.predict_verb} ({t.name})" if t.predict_verb != t.name else t.name for t in specs.values()),
     )
     parser.add_argument("--model", required=True, help="a from_pretrained folder of the task's model")
     parser.add_argument("--images", nargs="+", required=True)

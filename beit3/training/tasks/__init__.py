@@ -1,27 +1,25 @@
-"""The fine-tuning tasks, one module each, and ``TASKS``: {name: task class}, the registry every program reads.
+"""The fine-tuning tasks, one module each, and ``TASKS``: {name: task class}, the registry the training programs read.
 
-A new task is one module here, ``<task>.py``, whose ``FinetuneTask`` subclass carries ``@register_task`` (see
-``base.py`` for what it declares), plus its script ``tasks/<task>.py`` and configs ``configs/tasks/<task>_*.yaml``
-for users; every module of this package is imported below, so nothing else is edited. A task of another package
+A new task is its ``TaskSpec`` in ``beit3/task_catalogue.py`` (what it is: name, head, metric, files, ``beit3
+predict``) and one module here, ``<task>.py``, whose ``FinetuneTask`` subclass of that spec carries
+``@register_task`` (see ``base.py`` for what it declares), plus its script ``tasks/<task>.py`` and configs
+``configs/tasks/<task>_*.yaml`` for users; every module of this package is imported below. A task of another package
 registers through an entry point of the group ``beit3.tasks`` (``toy = my_package.toy:ToyTask``, in that package's
-metadata): importing it is enough, its class registers itself.
+metadata): importing it is enough, its class registers itself as its own spec and its training.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from importlib.metadata import entry_points
 
+from ...task_catalogue import ENTRY_POINT_GROUP, load_outside_tasks
 from .base import TASKS, EvalOptions, FinetuneTask, TaskData, register_task
-
-ENTRY_POINT_GROUP = "beit3.tasks"
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
-for _entry in entry_points(group=ENTRY_POINT_GROUP):
-    _entry.load()  # (its module's @register_task does the registering)
+load_outside_tasks()
 
 
 def task_named(name: str) -> type[FinetuneTask]:

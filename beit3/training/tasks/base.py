@@ -1,10 +1,11 @@
 """What every fine-tuning task shares, and the registry of tasks by name.
 
 A task is one module of this package (``beit3/training/tasks/<task>.py``) holding a ``FinetuneTask`` subclass
-decorated with ``@register_task``: its name, head class, data section, metric, label tensor, file names and
-``beit3 predict`` verb are declared on the class, its readers, training step, evaluation and predictions are its
-methods. ``beit3 finetune``, ``beit3 predict``, ``beit3 convert``, the configuration reference and the demo
-all read ``TASKS``; a task of another package registers through the ``beit3.tasks`` entry point group.
+decorated with ``@register_task``. What the task is (its name, head class, metric, label tensor, file names and
+``beit3 predict`` verb and answer) it takes from its ``TaskSpec`` in ``beit3.task_catalogue``, which the checkpoint
+tools read without this package; its data section, readers, training step, evaluation and predictions are declared
+and written here. ``beit3 finetune``, the configuration reference and the demo read ``TASKS``; a task of another
+package registers through the ``beit3.tasks`` entry point group.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import torch
-from PIL import Image
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ...data.common import ImagesOfOthers, collate_trimmed
 from ...data.karpathy import read_karpathy
 from ...image_processing_beit3 import VL_MEAN, VL_STD, Beit3ImageProcessor
+from ...task_catalogue import TASK_SPECS, TaskSpec, register_spec
 from ..config import Section, check_keys, doc
 from ..runner import autocast, ordered_batches
 
@@ -28,20 +28,10 @@ TASKS: dict[str, type[FinetuneTask]] = {}
 
 
 def register_task(task_class: type[FinetuneTask]) -> type[FinetuneTask]:
-    """Class decorator: makes ``task_class`` known by its ``name`` (and its ``predict_verb`` to ``beit3 predict``).
-    A name or verb another task holds is refused: one of them would silently shadow the other."""
-    taken = {
-        word: other.name
-        for other in TASKS.values()
-        if other is not task_class
-        for word in (other.name, other.predict_verb)
-    }
-    for word in {task_class.name, task_class.predict_verb}:
-        if word in taken:
-            raise ValueError(
-                f"{task_class.__module__}.{task_class.__name__} is named {word!r}, as the task {taken[word]!r} is: "
-                "give it another name (or predict_verb)."
-            )
+    """Class decorator: makes ``task_class`` the training of its task. A task of the catalogue keeps its spec there;
+    any other (another package's) becomes its own spec, refused when its name or verb is another task's."""
+    if not issubclass(task_class, TASK_SPECS.get(task_class.name, ())):
+        register_spec(task_class)
     TASKS[task_class.name] = task_class
     return task_class
 
@@ -90,23 +80,12 @@ class TaskData(Section):
             check_keys(f"data.{name}", getattr(self, name), self.split_keys)
 
 
-class FinetuneTask:
+class FinetuneTask(TaskSpec):
     """A task's pieces. ``config_overrides`` read the data alone; ``setup`` then gives the task the tokenizer and
-    the model's config, once the model is built (or loaded, to evaluate or predict)."""
+    the model's config, once the model is built (or loaded, to evaluate or predict). What the task is comes from its
+    ``TaskSpec`` (a training class lists it first among its bases)."""
 
-    # -- what the task declares (read by the runner, beit3 predict, beit3 convert and the demo) ------------------
-    name: ClassVar[str]  # beit3 finetune <name>, tasks/<name>.py, configs/tasks/<name>_*.yaml
-    model_class: ClassVar[type]  # its head model (beit3.modeling_heads)
     Data: ClassVar[type[TaskData]] = TaskData  # its data section
-    metric: ClassVar[str]  # the headline score: a key of ``evaluate``'s result, higher is better
-    metric_label: ClassVar[str]  # how reports name the headline score, e.g. "VQA accuracy (%)"
-    reads_text: ClassVar[bool] = True  # False: the task needs no text tokenizer (images alone)
-    # The head tensor whose first dimension counts the labels (None: the head has no labels): how beit3 convert
-    # sizes the head of an official fine-tuned checkpoint and tells it from another task's.
-    label_key: ClassVar[str | None] = None
-    predict_verb: ClassVar[str]  # beit3 predict <verb> (the name works too): predict_examples on local images
-    eval_predictions_file: ClassVar[str | None] = None  # what evaluate writes beside eval_results.json, if anything
-    predictions_file: ClassVar[str]  # what --mode predict writes into the output folder
 
     def __init__(self, data: TaskData | dict, eval_options: EvalOptions | dict | None = None):
         self.data = data if isinstance(data, Section) else self.Data.from_config(data)
@@ -183,46 +162,6 @@ class FinetuneTask:
     def predict(self, model, output_dir: Path) -> Path:
         """Writes ``output_dir / predictions_file`` for the ``predict`` split, in the task's submission format."""
         raise NotImplementedError
-
-    @classmethod
-    def held_out_predictions(cls, output_dir: Path) -> list | None:
-        """What the model predicted for each held-out example, as ``evaluate`` wrote it into ``output_dir``; None for
-        a task whose predictions are rankings or scores rather than one answer each."""
-        return None
-
-    # -- beit3 predict: a trained model on local images ----------------------------------------------------------
-    @classmethod
-    def example_image_processor(cls, size: int) -> Beit3ImageProcessor:
-        return Beit3ImageProcessor(size=size)
-
-    @classmethod
-    def predict_examples(
-        cls, model, image_processor, tokenizer, images: dict[str, Image.Image], texts: list[str] | None, options: dict
-    ) -> list[str]:
-        """The lines ``beit3 predict`` prints for ``images`` ({path: picture}) and ``texts`` (``tokenizer`` is None
-        for a task that reads no text). ``options``: ``top`` (answers or classes listed), ``max_length`` and
-        ``num_beams`` (generation). Input the task cannot take raises ValueError, saying what it needs."""
-        raise NotImplementedError
-
-
-def ranked_labels(probabilities: torch.Tensor, names: dict, top: int) -> str:
-    """``"name p, name p, ..."``: the ``top`` most probable labels of one example's ``probabilities`` (labels,)."""
-    best = probabilities.topk(min(top, probabilities.numel()))
-    return ", ".join(f"{names.get(int(i), i)} {p:.3f}" for p, i in zip(best.values, best.indices))
-
-
-def require_texts(texts: list[str] | None) -> list[str]:
-    if not texts or not all(t.strip() for t in texts):
-        raise ValueError("this task needs non-empty --text / --texts.")
-    return texts
-
-
-def texts_per_image(texts: list[str] | None, images: int) -> list[str]:
-    """One text per image from ``texts``: one for all, or one each; anything else raises ValueError."""
-    require_texts(texts)
-    if len(texts) not in (1, images):
-        raise ValueError(f"give one text, or one per image ({images}); got {len(texts)}.")
-    return texts if len(texts) == images else texts[:1] * images
 
 
 class KarpathyTask(FinetuneTask):

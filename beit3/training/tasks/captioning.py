@@ -7,9 +7,7 @@ Data: as retrieval's (``{train|eval|predict: {karpathy: dataset_coco.json, image
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +16,7 @@ from ...data.common import split_batch
 from ...data.karpathy import ImageOnlyDataset, ImageTextDataset, captioning_records
 from ...masking import mask_caption_tokens
 from ...metrics import caption_evaluation, caption_scores, caption_tokenizer, write_caption_results
-from ...modeling_heads import Beit3ForCaptioning
+from ...task_catalogue import CaptioningSpec
 from ..config import doc
 from .base import EvalOptions, KarpathyTask, TaskData, register_task
 
@@ -38,11 +36,8 @@ class CaptioningData(TaskData):
 
 
 @register_task
-class CaptioningTask(KarpathyTask):
-    name, model_class, Data = "captioning", Beit3ForCaptioning, CaptioningData
-    metric, metric_label = "CIDEr", "CIDEr"
-    predict_verb = "caption"
-    eval_predictions_file, predictions_file = "captions_eval.json", "captions.json"
+class CaptioningTask(CaptioningSpec, KarpathyTask):
+    Data = CaptioningData
 
     def __init__(self, data: CaptioningData | dict, eval_options: EvalOptions | dict | None = None):
         super().__init__(data, eval_options)
@@ -106,17 +101,3 @@ class CaptioningTask(KarpathyTask):
             path, self._captions(model, "predict", captioning_records(self.images("predict"), train=False))
         )
         return path
-
-    @classmethod
-    def held_out_predictions(cls, output_dir: Path) -> list[str]:
-        return [p["caption"] for p in json.loads((output_dir / cls.eval_predictions_file).read_text())]
-
-    @classmethod
-    def predict_examples(cls, model, image_processor, tokenizer, images, texts, options):
-        pixel_values = image_processor(list(images.values()), return_tensors="pt")["pixel_values"]
-        ids = model.generate(  # length_penalty 0.6: the official beam scoring
-            pixel_values, max_length=options["max_length"], num_beams=options["num_beams"], length_penalty=0.6
-        )
-        return [
-            f"{path}: {caption}" for path, caption in zip(images, tokenizer.batch_decode(ids, skip_special_tokens=True))
-        ]

@@ -16,10 +16,10 @@ from ...data.images import list_images
 from ...image_processing_beit3 import Beit3ImageProcessor
 from ...io import write_json_atomic
 from ...metrics import classification_accuracy
-from ...modeling_heads import Beit3ForImageClassification
+from ...task_catalogue import ClassificationSpec
 from ..config import doc
 from ..engine import to_device
-from .base import EvalOptions, FinetuneTask, TaskData, ranked_labels, register_task
+from .base import EvalOptions, FinetuneTask, TaskData, register_task
 
 
 @dataclass
@@ -33,13 +33,8 @@ class ClassificationData(TaskData):
 
 
 @register_task
-class ClassificationTask(FinetuneTask):
-    name, model_class, Data = "classification", Beit3ForImageClassification, ClassificationData
-    metric, metric_label = "top1", "top-1 (%)"
-    reads_text = False
-    label_key = "head.weight"
-    predict_verb = "classify"
-    predictions_file = "classification_predictions.json"
+class ClassificationTask(ClassificationSpec, FinetuneTask):
+    Data = ClassificationData
 
     def __init__(self, data: ClassificationData | dict, eval_options: EvalOptions | dict | None = None):
         super().__init__(data, eval_options)
@@ -121,16 +116,3 @@ class ClassificationTask(FinetuneTask):
         path = output_dir / self.predictions_file
         write_json_atomic(path, rows)
         return path
-
-    @classmethod
-    def example_image_processor(cls, size: int) -> Beit3ImageProcessor:
-        return Beit3ImageProcessor.for_imagenet(size=size)
-
-    @classmethod
-    def predict_examples(cls, model, image_processor, tokenizer, images, texts, options):
-        pixel_values = image_processor(list(images.values()), return_tensors="pt")["pixel_values"]
-        probabilities = model(pixel_values=pixel_values).logits.softmax(-1)
-        return [
-            f"{path}: {ranked_labels(row, model.config.id2label, options['top'])}"
-            for path, row in zip(images, probabilities)
-        ]

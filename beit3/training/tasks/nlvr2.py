@@ -14,9 +14,9 @@ import torch
 from ...data.common import split_batch
 from ...data.nlvr2 import Nlvr2Dataset, read_nlvr2, read_nlvr2_index
 from ...io import atomic_file
-from ...modeling_heads import Beit3ForVisualReasoning
+from ...task_catalogue import Nlvr2Spec
 from ..engine import to_device
-from .base import FinetuneTask, TaskData, register_task, require_texts
+from .base import FinetuneTask, TaskData, register_task
 
 
 @dataclass
@@ -25,12 +25,8 @@ class Nlvr2Data(TaskData):
 
 
 @register_task
-class Nlvr2Task(FinetuneTask):
-    name, model_class, Data = "nlvr2", Beit3ForVisualReasoning, Nlvr2Data
-    metric, metric_label = "accuracy", "accuracy (%)"
-    label_key = "head.dense2.weight"
-    predict_verb = "nlvr2"
-    eval_predictions_file, predictions_file = "nlvr2_eval_predictions.csv", "nlvr2_predictions.csv"
+class Nlvr2Task(Nlvr2Spec, FinetuneTask):
+    Data = Nlvr2Data
 
     def config_overrides(self) -> dict:
         return {"num_labels": 2}
@@ -75,21 +71,3 @@ class Nlvr2Task(FinetuneTask):
 
     def predict(self, model, output_dir):
         return self._write(self._predictions(model, "predict")[0], output_dir / self.predictions_file)
-
-    @classmethod
-    def held_out_predictions(cls, output_dir: Path) -> list[str]:
-        lines = (output_dir / cls.eval_predictions_file).read_text().splitlines()
-        return [line.rsplit(",", 1)[-1] for line in lines if line]
-
-    @classmethod
-    def predict_examples(cls, model, image_processor, tokenizer, images, texts, options):
-        statement = require_texts(texts)[0]
-        if len(images) != 2 or len(texts) != 1:
-            raise ValueError("nlvr2 takes exactly two --images and one --text statement.")
-        pixel_values = image_processor(list(images.values()), return_tensors="pt")["pixel_values"].unsqueeze(0)
-        text = tokenizer([statement], padding="max_length", truncation=True, return_tensors="pt")
-        prob_true = model(pixel_values=pixel_values, **text).logits.softmax(-1)[0, 1].item()
-        left, right = images
-        return [
-            f"{statement!r} about {left} and {right}: {'true' if prob_true >= 0.5 else 'false'} (p(true) = {prob_true:.3f})"
-        ]

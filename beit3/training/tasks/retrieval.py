@@ -14,9 +14,9 @@ from ...data.common import split_batch
 from ...data.karpathy import ImageOnlyDataset, ImageTextDataset, TextOnlyDataset, pair_list_records, retrieval_records
 from ...io import write_json_atomic
 from ...metrics import RETRIEVAL_EVALUATION, retrieval_recall
-from ...modeling_heads import Beit3ForImageTextRetrieval
+from ...task_catalogue import RetrievalSpec
 from ..engine import to_device
-from .base import KarpathyTask, TaskData, register_task, require_texts
+from .base import KarpathyTask, TaskData, register_task
 
 
 @dataclass
@@ -25,11 +25,8 @@ class RetrievalData(TaskData):
 
 
 @register_task
-class RetrievalTask(KarpathyTask):
-    name, model_class, Data = "retrieval", Beit3ForImageTextRetrieval, RetrievalData
-    metric, metric_label = "tr_r1", "image->text R@1 (%)"
-    predict_verb = "retrieve"
-    predictions_file = "retrieval_predictions.json"
+class RetrievalTask(RetrievalSpec, KarpathyTask):
+    Data = RetrievalData
 
     def train_dataset(self):
         pairs = self.split("train").get("pairs")
@@ -83,18 +80,3 @@ class RetrievalTask(KarpathyTask):
         path = output_dir / self.predictions_file
         write_json_atomic(path, items)
         return path
-
-    @classmethod
-    def predict_examples(cls, model, image_processor, tokenizer, images, texts, options):
-        candidates = require_texts(texts)
-        image_embeds = model.get_image_features(
-            image_processor(list(images.values()), return_tensors="pt")["pixel_values"]
-        ).pooler_output
-        text = tokenizer(candidates, padding="max_length", truncation=True, return_tensors="pt")
-        scores = image_embeds @ model.get_text_features(text["input_ids"], text["attention_mask"]).pooler_output.t()
-        return [
-            f"{path}: best match {candidates[int(row.argmax())]!r} ("
-            + ", ".join(f"{s:.3f}" for s in row.tolist())
-            + ")"
-            for path, row in zip(images, scores)
-        ]

@@ -9,7 +9,6 @@ or {index: vqa.train.jsonl, data_root: DIR}}``, ``image_root`` (holds train2014/
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ from ...data.vqa import (
     VqaDataset,
     answers_from_records,
     build_answer_vocabulary,
-    insert_answer_slot,
     label_to_answer,
     read_answer2label,
     read_vqa,
@@ -39,11 +37,10 @@ from ...metrics import (
     vqa_score,
     write_vqa_predictions,
 )
-from ...modeling_heads import Beit3ForVisualQuestionAnswering
-from ...processing_beit3 import Beit3Processor
+from ...task_catalogue import VqaSpec
 from ..config import doc
 from ..engine import to_device
-from .base import FinetuneTask, TaskData, ranked_labels, register_task, texts_per_image
+from .base import FinetuneTask, TaskData, register_task
 
 logger = get_logger(__name__)
 
@@ -74,12 +71,8 @@ class VqaData(TaskData):
 
 
 @register_task
-class VqaTask(FinetuneTask):
-    name, model_class, Data = "vqa", Beit3ForVisualQuestionAnswering, VqaData
-    metric, metric_label = "accuracy", "VQA accuracy (%)"
-    label_key = "head.3.weight"
-    predict_verb = "vqa"
-    eval_predictions_file, predictions_file = "vqa_eval_predictions.json", "vqa_predictions.json"
+class VqaTask(VqaSpec, FinetuneTask):
+    Data = VqaData
 
     def answer2label(self) -> dict[str, int]:
         if self.model_config is not None and self.model_config.id2label and len(self.model_config.id2label) > 2:
@@ -218,21 +211,3 @@ class VqaTask(FinetuneTask):
         path = output_dir / self.predictions_file
         write_vqa_predictions(path, predictions)
         return path
-
-    @classmethod
-    def held_out_predictions(cls, output_dir: Path) -> list[str]:
-        return [p["answer"] for p in json.loads((output_dir / cls.eval_predictions_file).read_text())]
-
-    @classmethod
-    def predict_examples(cls, model, image_processor, tokenizer, images, texts, options):
-        questions = texts_per_image(texts, len(images))
-        processor = Beit3Processor(image_processor=image_processor, tokenizer=tokenizer)
-        inputs = processor(images=list(images.values()), text=questions, return_tensors="pt")
-        if model.config.vqa_head == "answer_slot":
-            inputs.update(insert_answer_slot(inputs["input_ids"], inputs["attention_mask"], model.config.mask_token_id))
-        logits = model(**inputs).logits
-        probabilities = logits.softmax(-1) if model.config.vqa_loss == "softmax" else logits.sigmoid()
-        return [
-            f"{path} | {question}: {ranked_labels(row, model.config.id2label, options['top'])}"
-            for path, question, row in zip(images, questions, probabilities)
-        ]
