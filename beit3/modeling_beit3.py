@@ -551,66 +551,79 @@ class Beit3Model(Beit3PreTrainedModel):
         (NaN pixels, ids outside the vocabulary, positions past the table) are checked on CPU tensors in eager
         mode only: reading a value means a host sync on a GPU and a graph break when compiling.
         """
-        config = self.config
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("Pass the text as input_ids or as inputs_embeds, not both.")
         if pixel_values is None and input_ids is None and inputs_embeds is None:
             raise ValueError(
                 "Beit3Model needs pixel_values (an image), input_ids or inputs_embeds (a text) or both; it got neither."
             )
-        batch = None
         if pixel_values is not None:
-            if pixel_values.dim() != 4:
-                raise ValueError(
-                    f"pixel_values must be (batch, channels, height, width); got shape {tuple(pixel_values.shape)}."
-                )
-            batch, channels, height, width = pixel_values.shape
-            if not pixel_values.is_floating_point():
-                raise ValueError(
-                    f"pixel_values must be normalized floats; got {pixel_values.dtype} (raw pixels?). "
-                    "Beit3ImageProcessor turns images into model inputs."
-                )
-            # NaN in would be NaN out, silently. A sum is not finite when a value is not: one pass over the pixels,
-            # 25x faster than isfinite(...).all() (0.015 against 0.39 ms for one 224 px image, 1 thread), whose exact
-            # answer is asked only then (a sum of huge finite values may overflow)
-            if (
-                values_checkable(pixel_values)
-                and not math.isfinite(pixel_values.sum(dtype=torch.float32))
-                and not torch.isfinite(pixel_values).all()
-            ):
-                raise ValueError("pixel_values hold NaN or infinite values; check the image pipeline.")
-            if channels != config.num_channels:
-                raise ValueError(
-                    f"pixel_values have {channels} channels but the model takes {config.num_channels} "
-                    "(convert images to RGB first; Beit3ImageProcessor does)."
-                )
-            patch = config.patch_size
-            if height < patch or width < patch or height % patch or width % patch:
-                raise ValueError(
-                    f"An image of {height}x{width} pixels does not fit the {patch}x{patch} patch grid: "
-                    f"height and width must be positive multiples of {patch}."
-                )
-            if (height, width) != (config.image_size, config.image_size) and not interpolate_pos_encoding:
-                raise ValueError(
-                    f"The model was built for {config.image_size}x{config.image_size} images, got {height}x{width}. "
-                    f"Resize the images (Beit3ImageProcessor does), load the model with image_size={height}, "
-                    "or pass interpolate_pos_encoding=True."
-                )
-            if bool_masked_pos is not None and tuple(bool_masked_pos.shape) != (
-                batch,
-                (height // patch) * (width // patch),
-            ):
-                raise ValueError(
-                    f"bool_masked_pos must be (batch, patches) = ({batch}, {(height // patch) * (width // patch)}); "
-                    f"got {tuple(bool_masked_pos.shape)}."
-                )
-            if bool_masked_pos is not None and self.embeddings.mask_token is None:
-                raise ValueError(
-                    "bool_masked_pos puts the mask token in place of patches, and this model has none: build it with "
-                    "Beit3Model(config, use_mask_token=True), or use Beit3ForMaskedDataModeling."
-                )
+            self._check_image(pixel_values, bool_masked_pos, interpolate_pos_encoding)
         elif bool_masked_pos is not None:
             raise ValueError("bool_masked_pos masks image patches, but no pixel_values were given.")
+        batch = None if pixel_values is None else pixel_values.shape[0]
+        text_length = None  # no text
+        if input_ids is not None or inputs_embeds is not None:
+            batch, text_length = self._check_text(input_ids, inputs_embeds, position_ids, cache, batch)
+        if attention_mask is not None:
+            self._check_attention_mask(attention_mask, pixel_values, batch, text_length, cache)
+
+    def _check_image(self, pixel_values, bool_masked_pos, interpolate_pos_encoding) -> None:
+        """pixel_values (B, C, H, W) against the config, and bool_masked_pos (B, patches) against them."""
+        config = self.config
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must be (batch, channels, height, width); got shape {tuple(pixel_values.shape)}."
+            )
+        batch, channels, height, width = pixel_values.shape
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be normalized floats; got {pixel_values.dtype} (raw pixels?). "
+                "Beit3ImageProcessor turns images into model inputs."
+            )
+        # NaN in would be NaN out, silently. A sum is not finite when a value is not: one pass over the pixels, far
+        # cheaper than isfinite(...).all() (docs/results/speed.md), whose exact answer is asked only then (a sum of
+        # huge finite values may overflow)
+        if (
+            values_checkable(pixel_values)
+            and not math.isfinite(pixel_values.sum(dtype=torch.float32))
+            and not torch.isfinite(pixel_values).all()
+        ):
+            raise ValueError("pixel_values hold NaN or infinite values; check the image pipeline.")
+        if channels != config.num_channels:
+            raise ValueError(
+                f"pixel_values have {channels} channels but the model takes {config.num_channels} "
+                "(convert images to RGB first; Beit3ImageProcessor does)."
+            )
+        patch = config.patch_size
+        if height < patch or width < patch or height % patch or width % patch:
+            raise ValueError(
+                f"An image of {height}x{width} pixels does not fit the {patch}x{patch} patch grid: "
+                f"height and width must be positive multiples of {patch}."
+            )
+        if (height, width) != (config.image_size, config.image_size) and not interpolate_pos_encoding:
+            raise ValueError(
+                f"The model was built for {config.image_size}x{config.image_size} images, got {height}x{width}. "
+                f"Resize the images (Beit3ImageProcessor does), load the model with image_size={height}, "
+                "or pass interpolate_pos_encoding=True."
+            )
+        if bool_masked_pos is None:
+            return
+        patches = (height // patch) * (width // patch)
+        if tuple(bool_masked_pos.shape) != (batch, patches):
+            raise ValueError(
+                f"bool_masked_pos must be (batch, patches) = ({batch}, {patches}); got {tuple(bool_masked_pos.shape)}."
+            )
+        if self.embeddings.mask_token is None:
+            raise ValueError(
+                "bool_masked_pos puts the mask token in place of patches, and this model has none: build it with "
+                "Beit3Model(config, use_mask_token=True), or use Beit3ForMaskedDataModeling."
+            )
+
+    def _check_text(self, input_ids, inputs_embeds, position_ids, cache, batch: int | None) -> tuple[int, int]:
+        """input_ids (B, L) or inputs_embeds (B, L, D), their batch against the images' (``batch``), and the
+        positions they reach against the table; returns (B, L)."""
+        config = self.config
         if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size):
             raise ValueError(
                 f"inputs_embeds must be (batch, length, hidden_size={config.hidden_size}); "
@@ -624,14 +637,10 @@ class Beit3Model(Beit3PreTrainedModel):
                     f"input_ids must be integer token ids (torch.long); got {input_ids.dtype}. Use the tokenizer's "
                     "output, or .long()."
                 )
-        text_length = 0
         text, text_name = (input_ids, "input_ids") if input_ids is not None else (inputs_embeds, "inputs_embeds")
-        if text is not None:
-            if batch is not None and text.shape[0] != batch:
-                raise ValueError(
-                    f"pixel_values and {text_name} have different batch sizes: {batch} and {text.shape[0]}."
-                )
-            batch, text_length = text.shape[:2]
+        if batch is not None and text.shape[0] != batch:
+            raise ValueError(f"pixel_values and {text_name} have different batch sizes: {batch} and {text.shape[0]}.")
+        batch, text_length = text.shape[:2]
         if (
             input_ids is not None
             and values_checkable(input_ids)
@@ -642,45 +651,49 @@ class Beit3Model(Beit3PreTrainedModel):
                 f"input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}], outside the vocabulary "
                 f"[0, {config.vocab_size}). Use the tokenizer that matches this model."
             )
-        if text is not None:
-            if position_ids is None and cache is not None and cache.get_seq_length() > 0:
-                raise ValueError(
-                    "Decoding with a non-empty cache needs position_ids: the text positions of the new tokens, counted from 0."
-                )
-            if position_ids is not None and values_checkable(position_ids) and position_ids.numel():
-                last_position = int(position_ids.max())
-            else:
-                last_position = text_length - 1
-            if last_position >= config.max_text_length:
-                raise ValueError(
-                    f"Text position {last_position} is past the position table, which holds {config.max_text_length} "
-                    f"positions (max_position_embeddings {config.max_position_embeddings} minus the offset "
-                    f"{config.position_offset}). Truncate the text (tokenizer truncation=True, max_length=...)."
-                )
-        if attention_mask is not None:
-            num_image = (
-                0
-                if pixel_values is None
-                else 1 + (pixel_values.shape[-2] // config.patch_size) * (pixel_values.shape[-1] // config.patch_size)
+        if position_ids is None and cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(
+                "Decoding with a non-empty cache needs position_ids: the text positions of the new tokens, counted from 0."
             )
-            length = num_image + text_length
-            keys = length + (cache.get_seq_length() if cache is not None else 0)
-            if attention_mask.dim() == 2:
-                if input_ids is None and inputs_embeds is None:
-                    raise ValueError(
-                        "A (batch, length) attention_mask marks text padding, but no text was given; "
-                        f"pass a full (batch, {length}, {keys}) mask to mask image tokens."
-                    )
-                if tuple(attention_mask.shape) != (batch, text_length):
-                    raise ValueError(
-                        f"attention_mask must be (batch, text length) = ({batch}, {text_length}) "
-                        f"or (batch, {length}, {keys}); got {tuple(attention_mask.shape)}."
-                    )
-            elif attention_mask.dim() != 3 or tuple(attention_mask.shape) != (batch, length, keys):
+        if position_ids is not None and values_checkable(position_ids) and position_ids.numel():
+            last_position = int(position_ids.max())
+        else:
+            last_position = text_length - 1
+        if last_position >= config.max_text_length:
+            raise ValueError(
+                f"Text position {last_position} is past the position table, which holds {config.max_text_length} "
+                f"positions (max_position_embeddings {config.max_position_embeddings} minus the offset "
+                f"{config.position_offset}). Truncate the text (tokenizer truncation=True, max_length=...)."
+            )
+        return batch, text_length
+
+    def _check_attention_mask(self, attention_mask, pixel_values, batch: int, text_length: int | None, cache) -> None:
+        """A (B, text length) padding mask, or a full (B, sequence, keys) one (``text_length`` None: no text)."""
+        config = self.config
+        has_text, text_length = text_length is not None, text_length or 0
+        num_image = (
+            0
+            if pixel_values is None
+            else 1 + (pixel_values.shape[-2] // config.patch_size) * (pixel_values.shape[-1] // config.patch_size)
+        )
+        length = num_image + text_length
+        keys = length + (cache.get_seq_length() if cache is not None else 0)
+        if attention_mask.dim() == 2:
+            if not has_text:
                 raise ValueError(
-                    f"attention_mask must be (batch, text length) = ({batch}, {text_length}) or a full "
-                    f"(batch, sequence, keys) = ({batch}, {length}, {keys}) mask; got {tuple(attention_mask.shape)}."
+                    "A (batch, length) attention_mask marks text padding, but no text was given; "
+                    f"pass a full (batch, {length}, {keys}) mask to mask image tokens."
                 )
+            if tuple(attention_mask.shape) != (batch, text_length):
+                raise ValueError(
+                    f"attention_mask must be (batch, text length) = ({batch}, {text_length}) "
+                    f"or (batch, {length}, {keys}); got {tuple(attention_mask.shape)}."
+                )
+        elif attention_mask.dim() != 3 or tuple(attention_mask.shape) != (batch, length, keys):
+            raise ValueError(
+                f"attention_mask must be (batch, text length) = ({batch}, {text_length}) or a full "
+                f"(batch, sequence, keys) = ({batch}, {length}, {keys}) mask; got {tuple(attention_mask.shape)}."
+            )
 
 
 def _block_mask(mask: torch.Tensor, rows: int):
