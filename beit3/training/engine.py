@@ -271,59 +271,17 @@ class Engine:
             return []
         loader = iter(make_loader(self.step * accumulation, (settings.max_steps - self.step) * accumulation))
         log = RunLog(self.output_dir, self.rank == 0, self.step, settings.max_steps)
-        records, window, times, nonfinite = (
-            [],
-            [],
-            [],
-            0,
-        )  # window: values of each micro-batch; times: (seconds, data wait) per step
+        records, window, times = [], [], []  # window: values of each micro-batch; times: (seconds, data wait) a step
+        self.nonfinite_in_a_row = 0
         self.module.train()
         while self.step < settings.max_steps:
-            start, waited, skipped, kept = time.perf_counter(), 0.0, False, len(window)
-            step_losses = []  # (DeepSpeed-checked runs) this step's losses, read only if its update was skipped
-            for micro in range(accumulation):
-                before = time.perf_counter()
-                batch = next(loader)
-                waited += time.perf_counter() - before
-                # A streamed loader's position after this batch: saved with the next checkpoint
-                if "data_state" in batch:
-                    state = batch.pop("data_state")
-                    self.data_state = {
-                        "workers": state["workers"],
-                        "streams": {**self.data_state.get("streams", {}), **state["streams"]},
-                    }
-                for key, count in batch.pop("counts", {}).items():  # the data's own counters (skipped samples, ...)
-                    self.counters[key] = self.counters.get(key, 0) + count
-                if skipped:  # the rest of a skipped step's micro-batches: consumed, so the data stays in step
-                    continue
-                seed = mixed_seed(settings.seed, self.step * accumulation + micro, self.rank)  # the data's seeding too
-                torch.manual_seed(seed)
-                np.random.seed(seed % 2**32)  # numpy-based augmentations (timm's mixup) repeat on resume too
-                loss, values = step_fn(self.module, to_device(batch, self.device), self.step)
-                if self.deepspeed_skips_nonfinite:
-                    step_losses.append(loss.detach())
-                elif not self._all_finite([loss]):  # before its backward writes non-finite gradients
-                    skipped = True
-                    nonfinite += 1
-                    self._on_nonfinite(loss, nonfinite, accumulation, micro)
-                    continue
-                self.module.backward(loss)
-                self.module.step()
-                window.append({"loss": loss.detach(), **values})
-            if step_losses and not self.module.was_step_applied() and not self._all_finite(step_losses):
-                # DeepSpeed skipped the update (it also skips fp16 updates whose loss scale it lowers: those count
-                # as steps, as the loss was finite)
-                skipped = True
-                nonfinite += 1
-                shown = next(
-                    (x for x in step_losses if not torch.isfinite(x)), step_losses[-1]
-                )  # (maybe another rank's)
-                self._on_nonfinite(shown, nonfinite, accumulation, micro=0)  # (the whole update skipped: none partial)
+            start, kept = time.perf_counter(), len(window)
+            skipped, waited = self._one_step(step_fn, loader, window)
             self.step += 1
             if skipped:
                 del window[kept:]  # a partial step's values
                 continue
-            nonfinite = 0
+            self.nonfinite_in_a_row = 0
             times.append((time.perf_counter() - start, waited))
             if self.step % settings.log_every == 0 or self.step == settings.max_steps:  # (times is never empty here)
                 record = self._log(window, times, samples_per_step * accumulation)
@@ -336,6 +294,58 @@ class Engine:
                 self.save()
         log.close()
         return records
+
+    def _one_step(self, step_fn: Callable, loader, window: list[dict]) -> tuple[bool, float]:
+        """One optimizer update over the micro-batches of an accumulation, their values appended to ``window``;
+        returns (whether the update was skipped for a non-finite loss, seconds waited for data)."""
+        accumulation = self.settings.gradient_accumulation_steps
+        waited, skipped = 0.0, False
+        step_losses = []  # (DeepSpeed-checked runs) this step's losses, read only if its update was skipped
+        for micro in range(accumulation):
+            batch, wait = self._next_batch(loader)
+            waited += wait
+            if skipped:  # the rest of a skipped step's micro-batches: consumed, so the data stays in step
+                continue
+            seed = mixed_seed(self.settings.seed, self.step * accumulation + micro, self.rank)  # the data's seeding too
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)  # numpy-based augmentations (timm's mixup) repeat on resume too
+            loss, values = step_fn(self.module, to_device(batch, self.device), self.step)
+            if self.deepspeed_skips_nonfinite:
+                step_losses.append(loss.detach())
+            elif not self._all_finite([loss]):  # before its backward writes non-finite gradients
+                skipped = True
+                self.nonfinite_in_a_row += 1
+                self._on_nonfinite(loss, self.nonfinite_in_a_row, accumulation, micro)
+                continue
+            self.module.backward(loss)
+            self.module.step()
+            window.append({"loss": loss.detach(), **values})
+        if step_losses and not self.module.was_step_applied() and not self._all_finite(step_losses):
+            # DeepSpeed skipped the update (it also skips fp16 updates whose loss scale it lowers: those count
+            # as steps, as the loss was finite)
+            skipped = True
+            self.nonfinite_in_a_row += 1
+            shown = next((x for x in step_losses if not torch.isfinite(x)), step_losses[-1])  # (maybe another rank's)
+            self._on_nonfinite(
+                shown, self.nonfinite_in_a_row, accumulation, micro=0
+            )  # (the whole update: none partial)
+        return skipped, waited
+
+    def _next_batch(self, loader) -> tuple[dict, float]:
+        """This rank's next micro-batch and the seconds waited for it; the stream position it carries is kept for the
+        next checkpoint, its counters (skipped samples, ...) are added to the run's."""
+        before = time.perf_counter()
+        batch = next(loader)
+        waited = time.perf_counter() - before
+        if "data_state" in batch:
+            state = batch.pop("data_state")
+            self.data_state = {
+                "workers": state["workers"],
+                "streams": {**self.data_state.get("streams", {}), **state["streams"]},
+            }
+        for key, count in batch.pop("counts", {}).items():
+            self.counters[key] = self.counters.get(key, 0) + count
+        return batch, waited
 
     def _all_finite(self, losses: list[torch.Tensor]) -> bool:
         """Whether every rank's ``losses`` are finite: a read of a device value (a host sync), whose answer all
@@ -364,7 +374,7 @@ class Engine:
         warnings.warn(
             f"step {self.step}: the loss is not finite ({value}); the step is skipped "
             f"({count} in a row, the limit is {self.settings.max_nonfinite_steps}).",
-            stacklevel=3,
+            stacklevel=4,  # (the caller of fit)
         )
         if count >= self.settings.max_nonfinite_steps:
             raise RuntimeError(

@@ -186,16 +186,22 @@ def masked_data_modeling_step(visual_tokenizer=None, precision: str = "fp32") ->
     return step_fn
 
 
-def run(argv: list[str] | None = None, prog: str | None = None) -> None:
-    """The command line of ``tasks/pretrain.py`` (or ``prog``; see the module docstring)."""
-    args = command_line(__doc__, argv, prog=prog)
-    config, settings, sections = read_run_config(args.config, args.set, typed=SECTIONS, show=args.print_config)
-    data, tokenizers = sections["data"], sections["top"]
-    # Everything that can be wrong with the inputs is checked before the first step.
-    # Visual targets: precomputed codes (data.sources.image_codes) when given, else the visual tokenizer on the fly.
+@dataclass
+class VisualTargets:
+    """What masked image modeling predicts: the codes of ``tokenizer`` run on the fly (None when precomputed codes
+    are read), ``codebook_size`` of them, one per cell of a ``grid``; ``described`` names the source in errors and
+    ``remedy`` says what to do when the grid does not fit the model."""
+
+    tokenizer: VisualTokenizer | None
+    codebook_size: int
+    grid: tuple[int, int]
+    described: str
+    remedy: str
+
+
+def visual_targets(data: PretrainingData, tokenizers: PretrainingTokenizers) -> VisualTargets:
+    """Precomputed codes (data.sources.image_codes) when given, else the visual tokenizer, checked before any step."""
     codes_dir = data.sources.get("image_codes")
-    tokenizer_path = Path(tokenizers.text_tokenizer)
-    visual_path = Path(tokenizers.visual_tokenizer) if tokenizers.visual_tokenizer and not codes_dir else None
     if codes_dir and tokenizers.visual_tokenizer and os.environ.get("RANK", "0") == "0":
         logger.warning(
             f"data.sources.image_codes is set, so the image targets are the codes in {codes_dir}; "
@@ -206,80 +212,109 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
             "no visual targets: visual_tokenizer is not set and neither is data.sources.image_codes. Give a visual "
             "tokenizer, or encode the images once with tokenizers/encode_images.py and set data.sources.image_codes."
         )
-    for what, path in (("text_tokenizer", tokenizer_path), ("visual_tokenizer", visual_path)):
-        if path is not None and not path.exists():
-            fail(
-                f"{what} {path} does not exist. Train one (tokenizers/train_text_tokenizer.py, "
-                "tokenizers/train_visual_tokenizer.py) or point the config at yours."
-            )
-    try:
-        tokenizer = load_tokenizer(tokenizer_path)
-    except (OSError, ValueError) as error:
-        fail(f"text_tokenizer: {error}")
     if codes_dir:
-        visual_tokenizer = None
         try:
-            codes_info = read_codes_info(codes_dir)
+            info = read_codes_info(codes_dir)
         except (OSError, ValueError) as error:
             fail(f"data.sources.image_codes: {error}")
-        if codes_info["codebook_size"] is None:
+        if info["codebook_size"] is None:
             fail(
                 f"{codes_dir}/codes.safetensors does not record its codebook_size, so the model's visual head cannot "
                 "be sized; write the codes with tokenizers/encode_images.py, which records it."
             )
-        targets, codebook_size, code_grid = f"image_codes {codes_dir}", codes_info["codebook_size"], codes_info["grid"]
-        how = (
+        remedy = (
             "Encode the images again (tokenizers/encode_images.py) with a tokenizer and --image-size that give one code per "
             "model patch, or change model.overrides (image_size, patch_size) to fit the codes."
         )
-    else:
-        visual_tokenizer = VisualTokenizer.from_pretrained(visual_path).eval()
-        targets, codebook_size = f"visual_tokenizer {visual_path}", visual_tokenizer.codebook_size
-        code_grid = (visual_tokenizer.image_size // visual_tokenizer.patch_size,) * 2
-        how = "Use a visual tokenizer whose grid fits, or change model.overrides (image_size, patch_size)."
-    overrides = sections["model"].overrides or {}
-    model_config = Beit3Config.from_preset(sections["model"].preset, **overrides)
-    if model_config.visual_vocab_size != codebook_size:
+        return VisualTargets(None, info["codebook_size"], tuple(info["grid"]), f"image_codes {codes_dir}", remedy)
+    path = Path(tokenizers.visual_tokenizer)
+    require_path("visual_tokenizer", path)
+    tokenizer = VisualTokenizer.from_pretrained(path).eval()
+    grid = (tokenizer.image_size // tokenizer.patch_size,) * 2
+    remedy = "Use a visual tokenizer whose grid fits, or change model.overrides (image_size, patch_size)."
+    return VisualTargets(tokenizer, tokenizer.codebook_size, grid, f"visual_tokenizer {path}", remedy)
+
+
+def require_path(what: str, path: Path) -> None:
+    if not path.exists():
+        fail(
+            f"{what} {path} does not exist. Train one (tokenizers/train_text_tokenizer.py, "
+            "tokenizers/train_visual_tokenizer.py) or point the config at yours."
+        )
+
+
+def pretraining_model_config(model: PretrainingModel, data: PretrainingData, tokenizer, targets: VisualTargets):
+    """The model's config: the preset and its overrides, its heads sized to the text tokenizer and the visual
+    targets, checked against both and against the matching settings."""
+    overrides = model.overrides or {}
+    config = Beit3Config.from_preset(model.preset, **overrides)
+    if config.visual_vocab_size != targets.codebook_size:
         if "visual_vocab_size" in overrides:
             fail(
-                f"the model predicts {model_config.visual_vocab_size} visual tokens but the codebook of {targets} "
-                f"has {codebook_size} codes. Drop visual_vocab_size from model.overrides (it is then set from the codebook) "
-                "or set it to the codebook size."
+                f"the model predicts {config.visual_vocab_size} visual tokens but the codebook of {targets.described} "
+                f"has {targets.codebook_size} codes. Drop visual_vocab_size from model.overrides (it is then set from "
+                "the codebook) or set it to the codebook size."
             )
-        model_config.visual_vocab_size = codebook_size
+        config.visual_vocab_size = targets.codebook_size
     if "vocab_size" not in overrides:  # a vocabulary of our own: size the text head to it
-        model_config.vocab_size = len(tokenizer)
-    model_config.mask_token_id = tokenizer.mask_token_id
-    check_tokenizer_matches(tokenizer, model_config)
-    itm_negatives = data.itm_negatives
-    if bool(itm_negatives) != bool(model_config.itm_weight):
+        config.vocab_size = len(tokenizer)
+    config.mask_token_id = tokenizer.mask_token_id
+    check_tokenizer_matches(tokenizer, config)
+    if bool(data.itm_negatives) != bool(config.itm_weight):
         fail(
-            f"image-text matching needs both data.itm_negatives (a fraction of the pair batch, now {itm_negatives}) and "
-            f"model.overrides.itm_weight (the loss weight, now {model_config.itm_weight}) above 0, or both 0 (the paper's "
-            "pure masked data modeling)."
+            f"image-text matching needs both data.itm_negatives (a fraction of the pair batch, now {data.itm_negatives}) "
+            f"and model.overrides.itm_weight (the loss weight, now {config.itm_weight}) above 0, or both 0 (the "
+            "paper's pure masked data modeling)."
         )
-    patch_grid = (model_config.image_size // model_config.patch_size,) * 2
-    if tuple(code_grid) != patch_grid:
+    patch_grid = (config.image_size // config.patch_size,) * 2
+    if tuple(targets.grid) != patch_grid:
         fail(
-            f"{targets}: {code_grid[0]}x{code_grid[1]} codes per image, but the model has a "
-            f"{patch_grid[0]}x{patch_grid[1]} patch grid; masked image modeling needs one code per patch. {how}"
+            f"{targets.described}: {targets.grid[0]}x{targets.grid[1]} codes per image, but the model has a "
+            f"{patch_grid[0]}x{patch_grid[1]} patch grid; masked image modeling needs one code per patch. {targets.remedy}"
         )
+    return config
+
+
+def run(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """The command line of ``tasks/pretrain.py`` (or ``prog``; see the module docstring)."""
+    args = command_line(__doc__, argv, prog=prog)
+    config, settings, sections = read_run_config(args.config, args.set, typed=SECTIONS, show=args.print_config)
+    data, tokenizers = sections["data"], sections["top"]
+    # Everything that can be wrong with the inputs is checked before the first step.
+    targets = visual_targets(data, tokenizers)
+    require_path("text_tokenizer", Path(tokenizers.text_tokenizer))
     try:
-        options = data.batch_options(model_config, visual_tokenizer.image_size if visual_tokenizer else None)
+        tokenizer = load_tokenizer(tokenizers.text_tokenizer)
+    except (OSError, ValueError) as error:
+        fail(f"text_tokenizer: {error}")
+    model_config = pretraining_model_config(sections["model"], data, tokenizer, targets)
+    try:
+        options = data.batch_options(model_config, targets.tokenizer.image_size if targets.tokenizer else None)
         sources = load_sources(**data.sources, streaming=data.streaming)
     except (OSError, ValueError) as error:
         fail(error)
 
     torch.manual_seed(settings.seed)  # the same initial weights on every rank
-    model = Beit3ForMaskedDataModeling(model_config)
-    engine = start_engine(model, config, settings)
-    if visual_tokenizer is not None:
-        visual_tokenizer.to(engine.device)
+    engine = start_engine(Beit3ForMaskedDataModeling(model_config), config, settings)
+    if targets.tokenizer is not None:
+        targets.tokenizer.to(engine.device)
     save_model_folder(engine, model_config, tokenizer)
+    records = engine.fit(
+        masked_data_modeling_step(targets.tokenizer, settings.precision),
+        loader_maker(engine, settings, sources, tokenizer, options),
+        samples_per_step=sum(data.batch_size.values()),
+    )
+    end_distributed()
+    if engine.rank == 0 and records:
+        report(engine, records, bool(data.itm_negatives))
+
+
+def loader_maker(engine, settings, sources: dict, tokenizer, options: BatchOptions) -> Callable:
+    """``Engine.fit``'s ``make_loader(start_step, num_steps)``: streamed kinds resume from the positions the
+    checkpoint saved (``engine.data_state``); the rest is step-indexed."""
     streamed = any(isinstance(source, Shards) for source in sources.values())
 
     def make_loader(start_step: int, num_steps: int):
-        # Streamed kinds resume from the positions the checkpoint saved (engine.data_state); the rest is step-indexed.
         kind, stream_options = (
             (StreamingPretrainingBatches, {"num_workers": settings.num_workers, "positions": engine.data_state})
             if streamed
@@ -301,37 +336,31 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> None:
             fail(error)
         return step_loader(settings, batches, batch_size=None)
 
-    records = engine.fit(
-        masked_data_modeling_step(visual_tokenizer, settings.precision),
-        make_loader,
-        samples_per_step=sum(data.batch_size.values()),
-    )
-    end_distributed()
-    if engine.rank == 0 and records:
-        try:
-            from beit3.visualization import save_loss_curves
+    return make_loader
 
-            lines = read_run_log(engine.output_dir / "metrics.jsonl")
-            kinds = ["image", "text", "pair"] + (["itm"] if itm_negatives else [])
-            save_loss_curves(
-                lines,
-                engine.output_dir / "loss_curves.png",
-                title=f"pretraining: {engine.output_dir.name}",
-                panels={
-                    "loss": ["loss"] + [f"{kind}_loss" for kind in kinds],
-                    "accuracy": [f"{kind}_accuracy" for kind in kinds],
-                    "learning rate": ["lr"],
-                },
-            )
-        except ImportError:
-            pass
-        last = records[-1]
-        logger.info(
-            "pretraining done: step {step}, loss {loss:.3f}, ".format(**last)
-            + ", ".join(
-                f"{k} {last[k]:.3f}"
-                for k in ("image_accuracy", "text_accuracy", "pair_accuracy", "itm_accuracy")
-                if k in last
-            )
-            + f", {last['samples_per_s']:.1f} samples/s; checkpoints in {engine.checkpoint_dir}"
+
+def report(engine, records: list[dict], matching: bool) -> None:
+    """``loss_curves.png`` (when matplotlib is there) and the closing line: the last step's losses and accuracies."""
+    try:
+        from beit3.visualization import save_loss_curves
+    except ImportError:
+        pass
+    else:
+        kinds = ["image", "text", "pair"] + (["itm"] if matching else [])
+        save_loss_curves(
+            read_run_log(engine.output_dir / "metrics.jsonl"),
+            engine.output_dir / "loss_curves.png",
+            title=f"pretraining: {engine.output_dir.name}",
+            panels={
+                "loss": ["loss"] + [f"{kind}_loss" for kind in kinds],
+                "accuracy": [f"{kind}_accuracy" for kind in kinds],
+                "learning rate": ["lr"],
+            },
         )
+    last = records[-1]
+    accuracies = ("image_accuracy", "text_accuracy", "pair_accuracy", "itm_accuracy")
+    logger.info(
+        "pretraining done: step {step}, loss {loss:.3f}, ".format(**last)
+        + ", ".join(f"{k} {last[k]:.3f}" for k in accuracies if k in last)
+        + f", {last['samples_per_s']:.1f} samples/s; checkpoints in {engine.checkpoint_dir}"
+    )
