@@ -5,7 +5,7 @@ the line before it: ``<!-- not run: needs 8 GPUs -->``; the test counts those, a
 
 The python blocks of one document share one namespace, as a reader's session would; each bash block runs as one
 ``bash -euo pipefail`` script with the environment's ``python`` and installed commands first on the PATH. And
-docs/configuration.md is what ``python -m beit3.training.reference`` writes from the code's sections."""
+docs/configuration.md is what ``python -m beit3.training.config_docs`` writes from the code's sections."""
 
 from __future__ import annotations
 
@@ -91,10 +91,10 @@ def test_the_docs_type_no_count_of_tests_or_blocks():
 
 
 def test_the_configuration_reference_is_what_the_code_declares():
-    from beit3.training.reference import render
+    from beit3.training.config_docs import render
 
     assert (ROOT / "docs" / "configuration.md").read_text() == render(), (
-        "docs/configuration.md is out of date: run python -m beit3.training.reference"
+        "docs/configuration.md is out of date: run python -m beit3.training.config_docs"
     )
 
 

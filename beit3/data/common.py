@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,27 @@ def read_jsonl(
             )
         data = data.select_columns(list(columns) + [c for c in optional if c in data.column_names])
     return data.to_list()
+
+
+def read_index(
+    index_file: str | os.PathLike,
+    columns: Sequence[str],
+    to_record: Callable[[dict], object],
+    images_of: Callable[[object], Iterable[str]],
+    what: str,
+    check_images: bool = True,
+) -> list:
+    """The records of an official BEiT-3 index file (JSON lines of ``columns``, texts as piece ids of ``beit3.spm``
+    in ``text_segment``), ``to_record(row)`` each: a line whose text_segment is empty is refused, naming the line
+    and ``what`` it holds (``"question"``); ``images_of(record)``, the image paths, are checked up front."""
+    records = []
+    for number, row in enumerate(read_jsonl(index_file, columns=columns), 1):
+        if not row["text_segment"]:
+            raise ValueError(f"{index_file}:{number} has an empty text_segment; every {what} needs a word (row {row}).")
+        records.append(to_record(row))
+    if check_images:
+        check_images_exist((p for r in records for p in images_of(r)), f"images of {Path(index_file).name}")
+    return records
 
 
 def pair_lines(files: Sequence[str | os.PathLike]) -> Iterable[tuple[Path, str]]:

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import torch
 
-from .common import DatasetRecords, check_images_exist, encode_text, load_rgb, read_jsonl, require_text, transform_image
+from .common import (
+    DatasetRecords,
+    check_images_exist,
+    encode_text,
+    load_rgb,
+    read_index,
+    read_jsonl,
+    require_text,
+    transform_image,
+)
 
 
 @dataclass
@@ -73,25 +82,20 @@ def read_nlvr2_index(
 ) -> list[Nlvr2Record]:
     """The official index: lines ``{"image_path", "image2_path", "text_segment", "label", "identifier"}``, paths
     relative to ``data_root``, the statement as piece ids of ``beit3.spm``."""
-    rows = read_jsonl(index_file, columns=["image_path", "image2_path", "text_segment", "label", "identifier"])
-    records = []
-    for number, row in enumerate(rows, 1):
-        if not row["text_segment"]:
-            raise ValueError(
-                f"{index_file}:{number} ({row['identifier']}) has an empty text_segment; every statement needs a word."
-            )
-        records.append(
-            Nlvr2Record(
-                identifier=row["identifier"],
-                sentence=None,
-                label=int(row["label"]),
-                text_ids=list(row["text_segment"]),
-                image_paths=(os.path.join(data_root, row["image_path"]), os.path.join(data_root, row["image2_path"])),
-            )
-        )
-    if check_images:
-        check_images_exist((p for r in records for p in r.image_paths), f"NLVR2 images of {Path(index_file).name}")
-    return records
+    return read_index(
+        index_file,
+        ["image_path", "image2_path", "text_segment", "label", "identifier"],
+        lambda row: Nlvr2Record(
+            identifier=row["identifier"],
+            sentence=None,
+            label=int(row["label"]),
+            text_ids=list(row["text_segment"]),
+            image_paths=(os.path.join(data_root, row["image_path"]), os.path.join(data_root, row["image2_path"])),
+        ),
+        lambda record: record.image_paths,
+        "statement",
+        check_images,
+    )
 
 
 class Nlvr2DatasetRecords(DatasetRecords):

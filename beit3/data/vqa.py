@@ -30,8 +30,8 @@ from .common import (
     check_images_exist,
     encode_text,
     load_rgb,
+    read_index,
     read_json,
-    read_jsonl,
     require_text,
     transform_image,
 )
@@ -288,26 +288,21 @@ def read_vqa_index(
     """The official index (``vqa.{train,val,test,test-dev,trainable_val,rest_val}.jsonl``): lines
     ``{"image_path", "text_segment", "labels", "scores", "qid"}``, image paths relative to ``data_root``,
     questions as piece ids of ``beit3.spm`` (so only that tokenizer's ids fit)."""
-    rows = read_jsonl(index_file, columns=["image_path", "text_segment", "labels", "scores", "qid"])
-    records = []
-    for number, row in enumerate(rows, 1):
-        if not row["text_segment"]:
-            raise ValueError(
-                f"{index_file}:{number} (question {row['qid']}) has an empty text_segment; every question needs a word."
-            )
-        records.append(
-            VqaRecord(
-                question_id=row["qid"],
-                image_path=os.path.join(data_root, row["image_path"]),
-                question=None,
-                labels=list(row["labels"] or []),
-                scores=list(row["scores"] or []),
-                text_ids=list(row["text_segment"]),
-            )
-        )
-    if check_images:
-        check_images_exist((r.image_path for r in records), f"VQA images of {Path(index_file).name}")
-    return records
+    return read_index(
+        index_file,
+        ["image_path", "text_segment", "labels", "scores", "qid"],
+        lambda row: VqaRecord(
+            question_id=row["qid"],
+            image_path=os.path.join(data_root, row["image_path"]),
+            question=None,
+            labels=list(row["labels"] or []),
+            scores=list(row["scores"] or []),
+            text_ids=list(row["text_segment"]),
+        ),
+        lambda record: [record.image_path],
+        "question",
+        check_images,
+    )
 
 
 def insert_answer_slot(

@@ -1,8 +1,8 @@
 """The configuration reference, ``docs/configuration.md``, written from the typed sections that the programs read, so
 that it cannot drift from them (``tests/test_docs.py`` checks that the file is what this module writes).
 
-    python -m beit3.training.reference            # writes docs/configuration.md
-    python -m beit3.training.reference --check    # exit status 1 when the file differs from the code's sections
+    python -m beit3.training.config_docs            # writes docs/configuration.md
+    python -m beit3.training.config_docs --check    # exit status 1 when the file differs from the code's sections
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def render() -> str:
         "# Configuration reference",
         "",
         "Every field of every run config, with its default, what it takes and what it is. This file is written by",
-        "`python -m beit3.training.reference` from the typed sections the programs read",
+        "`python -m beit3.training.config_docs` from the typed sections the programs read",
         "(`beit3.training.config.Section`), and a test checks that it is up to date: do not edit it by hand.",
         "",
         "A run config is a YAML file (`--config`). `--set section.field=value` sets any field listed here, in the",
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render()
     if args.check:
         if not args.output.is_file() or args.output.read_text() != text:
-            sys.exit(f"error: {args.output} is out of date: run python -m beit3.training.reference")
+            sys.exit(f"error: {args.output} is out of date: run python -m beit3.training.config_docs")
         return
     write_text_atomic(args.output, text)
     print(f"wrote {args.output}")
