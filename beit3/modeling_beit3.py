@@ -489,8 +489,8 @@ class Beit3Model(Beit3PreTrainedModel):
             mask = _block_mask(mask, rows)
         vision_language = (vision is not None and text is not None) or cache_length > 0
 
-        # Looked up once per call, not per layer: a config read and the lookup cost about 3 us a layer, 4% of the
-        # time of a small model's forward (measured on a 12-layer, 64-wide one: Python overhead is most of it)
+        # Looked up once per call, not per layer: where kernels are short (small models, GPUs) the per-layer Python
+        # cost shows (docs/results/speed.md, "Images alone, against timm")
         attend = _attention_function(config, output_attentions)
         all_hidden_states, all_attentions = [], []
         for layer in self.layers:

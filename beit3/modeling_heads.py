@@ -720,8 +720,8 @@ class Beit3ForMaskedDataModeling(Beit3PreTrainedModel):
     With ``config.itm_weight > 0`` it also learns image-text matching (VLMo's ITM on the same Multiway
     backbone): is this unmasked text the caption of this image? Masked data modeling puts no loss on the
     image CLS that the VQA and NLVR2 heads read; matching does. Its pooler is its own (``itm_pooler.*``): a
-    VQA model fine-tuned from this one starts its pooler afresh (measured on the demo: inheriting the matching
-    pooler, saturated for a yes/no decision, cost VQA 16 points).
+    VQA model fine-tuned from this one starts its pooler afresh: inheriting the matching pooler, saturated for a
+    yes/no decision, cost the demo's VQA 16 points (docs/results/findings.md, "The matching pooler").
     """
 
     def __init__(self, config: Beit3Config):

@@ -13,14 +13,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The widest instruction set every x86-64 CPU of the last decade has; a variable the user set wins. Measured on an
-# AVX-512 machine (2026-12-03, requirements/lock.txt): the native kernels moved the pretrained VQA score from 50.00 to
-# 47.47 (scratch 44.13 both ways), retrieval from 52.00 to 47.60, CIDEr from 251.42 to 246.96.
+# The widest instruction set every x86-64 CPU of the last decade has; a variable the user set wins. The native kernels
+# of an AVX-512 machine move the figures by a few points (docs/results/demo.md, "Kernels, threads and versions").
 REPRODUCIBLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # Thread counts move the figures too (they split every sum differently), so the demo fixes them rather than taking
 # the machine's cores or the engine's rule: the torch threads of the 2-core machine the figures come from, shared by
-# the processes a stage runs at once (a lone command 2, two side by side or two ranks 1 each). Measured: the visual
-# tokenizer trained with 1 thread instead of 2 moved the pretrained VQA score from 50.00 to 48.93.
+# the processes a stage runs at once (a lone command 2, two side by side or two ranks 1 each). The visual tokenizer
+# trained with 1 thread instead of 2 moves the pretrained VQA score (docs/results/demo.md).
 DEMO_THREADS = 2
 
 

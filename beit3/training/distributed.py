@@ -25,9 +25,7 @@ def cpu_threads(local_size: int, num_workers: int, cores: int | None = None) -> 
     """Torch threads per process of a CPU run: the cores this process may use, shared among the ``local_size``
     processes of this machine, less one for each of a process's ``num_workers`` loader workers (processes of their
     own), at least 1. OpenMP's threads wait on each other at every operator, so a thread that loses its core to a
-    worker or another process stalls the rest. Measured (2026-12-03, 2-core AMD EPYC, requirements/lock.txt;
-    configs/pretrain/tiny.yaml in one process with its loader worker, 300 steps, runs alternated): 1 thread ran at
-    930 and 947 samples/s against 841 and 862 with 2; beside one busy process, 804 and 796 against 401 and 325."""
+    worker or another process stalls the rest (measured: docs/pretraining.md, "Threads")."""
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // local_size - num_workers)

@@ -141,8 +141,7 @@ def masked_data_modeling_step(visual_tokenizer=None, precision: str = "fp32") ->
 
     The tokenizer runs under the training's autocast (``precision`` bf16/fp16), as BEiT v2's pretraining runs its
     VQ-KD under fp16 autocast: in fp32 a base VQ-KD costs about a tenth of the step's FLOPs at several times their
-    time. Measured on the demo's VQ-KD (1024 pretraining images, 36,864 codes, 2026-12-06, CPU): bf16 autocast
-    gives the fp32 code on 97.59% of the patches.
+    time, and bf16 changes few codes (docs/results/findings.md, "The visual tokenizer under bf16").
 
     Returns (loss, values) with the loss and masked-token accuracy of each kind (image, text, pair), and the
     image-text matching loss and accuracy when the batch has an ``itm`` part (``itm_negatives``).
