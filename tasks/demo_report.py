@@ -113,11 +113,36 @@ def write_report(demo) -> str:
 
     results = results_of(demo)
     write_json_atomic(demo.output / "results.json", results)
+    multimodal = [task for task in results["tasks"] if TASKS[task].reads_text]
+    wins = [t for t in multimodal if results["tasks"][t]["gain"]["verdict"] == "clear gain"]
+    summary = (
+        f"pretrained beats scratch clearly (by {CLEAR_MARGIN:g} points or more, beyond the seed spread where measured) "
+        f"on {len(wins)} of the {len(multimodal)} multimodal tasks" + (f": {', '.join(wins)}" if wins else "")
+    )
+    lines = table_lines(demo.profile, results) + detail_lines(results)
+    lines += [
+        "",
+        summary[0].upper() + summary[1:] + ".",
+        "",
+        f"The pretrained arm of retrieval starts from the image-text contrastive stage on the pretraining pairs "
+        f"({results['contrastive_stage']['steps']} steps; image->text R@1 {results['contrastive_stage']['tr_r1']:.2f} before "
+        "fine-tuning), as BEiT-3's retrieval models do; the other tasks start from the masked data modeling export.",
+        "",
+        "Pictures: `pretraining_loss.png`, `visual_tokens.png`, `captions.png`, `retrieval.png`.",
+    ]
+    (demo.output / "results.md").write_text("\n".join(lines) + "\n")
+    pictures(demo)
+    return f"{summary}; see {demo.output / 'results.md'}"
+
+
+def table_lines(profile: str, results: dict) -> list[str]:
+    """results.md's head: the machine and the rules, the table of both inits per task, each task's evaluation and
+    the scores per seed where more seeds ran."""
     cpu = results["cpu"]
     lines = [
         "# BEiT-3 demo: fine-tuning from the pretrained model vs from random weights",
         "",
-        f"Profile `{demo.profile}` on {cpu['model']} ({', '.join(cpu['instructions']) or 'no AVX2'}; {cpu['cores']} "
+        f"Profile `{profile}` on {cpu['model']} ({', '.join(cpu['instructions']) or 'no AVX2'}; {cpu['cores']} "
         f"logical cores), CPU kernels {', '.join(f'{k}={v}' for k, v in results['kernels'].items())}; "
         "the same fine-tuning budget for both; scores on held-out data (higher is better). "
         "Images swapped: the same model scored with every example's image(s) swapped for another example's, the "
@@ -138,23 +163,32 @@ def write_report(demo) -> str:
             f"{gain['mean']:+.2f}{spread} ({gain['verdict']}{constant}) | {row['blind']:.2f} | {row['scratch_blind']:.2f} |"
         )
     lines += [""] + [f"{task}: {row['evaluation']}." for task, row in results["tasks"].items() if row["evaluation"]]
-    lines += [""] + [
-        f"{task} per seed, scratch -> pretrained: "
-        + ", ".join(f"seed {n} {s:.2f} -> {p:.2f}" for n, (s, p) in enumerate(zip(*row["over_seeds"].values())))
-        + " (the images-swapped controls, the tables below and the pictures are seed 0's)."
-        for task, row in results["tasks"].items()
-        if row["gain"]["seeds"] > 1
-    ]
-    warnings = [
+    return (
+        lines
+        + [""]
+        + [
+            f"{task} per seed, scratch -> pretrained: "
+            + ", ".join(f"seed {n} {s:.2f} -> {p:.2f}" for n, (s, p) in enumerate(zip(*row["over_seeds"].values())))
+            + " (the images-swapped controls, the tables below and the pictures are seed 0's)."
+            for task, row in results["tasks"].items()
+            if row["gain"]["seeds"] > 1
+        ]
+    )
+
+
+def detail_lines(results: dict) -> list[str]:
+    """results.md's body: constant models, VQA per question type, exact-shape captions and the matching probe."""
+    tasks = results["tasks"]
+    lines = [
         f"**Warning: the {init} {task} model gives the same prediction for every held-out example**: it reads neither "
         "the image nor the text."
-        for task, row in results["tasks"].items()
+        for task, row in tasks.items()
         for init, count in row["distinct_predictions"].items()
         if count == 1
     ]
-    if warnings:
-        lines += [""] + warnings
-    if "vqa" in results["tasks"]:
+    if lines:
+        lines.insert(0, "")
+    if "vqa" in tasks:
         lines += [
             "",
             "VQA accuracy per question type; prior: always the type's most frequent training answer.",
@@ -162,11 +196,11 @@ def write_report(demo) -> str:
             "| question type | prior | from scratch | pretrained |",
             "|---|---|---|---|",
         ]
-        for kind, row in results["tasks"]["vqa"]["per_kind"].items():
+        for kind, row in tasks["vqa"]["per_kind"].items():
             prior = "-" if row["prior"] is None else f"{row['prior']:.2f}"
             lines.append(f"| {kind} | {prior} | {row['scratch']:.2f} | {row['pretrained']:.2f} |")
-    if "captioning" in results["tasks"]:
-        exact = results["tasks"]["captioning"]["exact_shapes"]
+    if "captioning" in tasks:
+        exact = tasks["captioning"]["exact_shapes"]
         lines += [
             "",
             f"Generated captions that name exactly the scene's shapes (each with its color and kind): "
@@ -179,25 +213,7 @@ def write_report(demo) -> str:
             "The export's image-text matching head, a held-out caption against the same caption with one word "
             f"swapped (AUC; 0.5 is chance): color {probe['color']:.3f}, kind {probe['kind']:.3f}.",
         ]
-    multimodal = [task for task in results["tasks"] if TASKS[task].reads_text]
-    wins = [t for t in multimodal if results["tasks"][t]["gain"]["verdict"] == "clear gain"]
-    summary = (
-        f"pretrained beats scratch clearly (by {CLEAR_MARGIN:g} points or more, beyond the seed spread where measured) "
-        f"on {len(wins)} of the {len(multimodal)} multimodal tasks" + (f": {', '.join(wins)}" if wins else "")
-    )
-    lines += [
-        "",
-        summary[0].upper() + summary[1:] + ".",
-        "",
-        f"The pretrained arm of retrieval starts from the image-text contrastive stage on the pretraining pairs "
-        f"({results['contrastive_stage']['steps']} steps; image->text R@1 {results['contrastive_stage']['tr_r1']:.2f} before "
-        "fine-tuning), as BEiT-3's retrieval models do; the other tasks start from the masked data modeling export.",
-        "",
-        "Pictures: `pretraining_loss.png`, `visual_tokens.png`, `captions.png`, `retrieval.png`.",
-    ]
-    (demo.output / "results.md").write_text("\n".join(lines) + "\n")
-    pictures(demo)
-    return f"{summary}; see {demo.output / 'results.md'}"
+    return lines
 
 
 def pictures(demo) -> None:
