@@ -489,9 +489,25 @@ class Beit3Model(Beit3PreTrainedModel):
             mask = _block_mask(mask, rows)
         vision_language = (vision is not None and text is not None) or cache_length > 0
 
+        hidden, all_hidden_states, all_attentions = self._encode(
+            vision, text, mask, vision_language, cache, output_attentions, output_hidden_states
+        )
+        output = Beit3ModelOutput(
+            last_hidden_state=hidden,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+            text_start=num_image_tokens,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _encode(self, vision, text, mask, vision_language: bool, cache, output_attentions, output_hidden_states):
+        """The layers and the final norm over the embedded image (B, N, D) and text (B, T, D), either may be None;
+        returns (the joined (B, N + T, D) output, the hidden states before each layer and after the last, the
+        attention probabilities of each layer), the lists empty unless asked for."""
         # Looked up once per call, not per layer: where kernels are short (small models, GPUs) the per-layer Python
         # cost shows (docs/results/speed.md, "Images alone, against timm")
-        attend = _attention_function(config, output_attentions)
+        attend = _attention_function(self.config, output_attentions)
         all_hidden_states, all_attentions = [], []
         for layer in self.layers:
             if output_hidden_states:
@@ -513,14 +529,7 @@ class Beit3Model(Beit3PreTrainedModel):
         hidden = _join(vision, text)
         if output_hidden_states:
             all_hidden_states.append(hidden)
-        output = Beit3ModelOutput(
-            last_hidden_state=hidden,
-            cache=cache if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
-            text_start=num_image_tokens,
-        )
-        return output if return_dict else output.to_tuple()
+        return hidden, all_hidden_states, all_attentions
 
     @staticmethod
     def _attention_mask(attention_mask: torch.Tensor | None, num_keys_before_text: int) -> torch.Tensor | None:
