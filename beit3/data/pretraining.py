@@ -17,8 +17,9 @@ center crop they were computed from (``beit3.views.CenterView``) instead of a ra
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from ..masking import (
     mask_text_tokens,
     text_masker,
 )
+from ..sections import Section, doc
 from ..views import CenterView, TwoViewTransform
 from .common import MAX_REPLACEMENTS, load_rgb
 from .matching import matching_batch
@@ -48,58 +50,85 @@ PAIR_CROP_SCALE = (0.5, 1.0)
 PAIR_HFLIP = 0.5
 
 
-@dataclass(frozen=True)
-class BatchOptions:
+@dataclass(kw_only=True)
+class SampleOptions(Section):
+    """How samples are drawn, masked and matched: the options a pretraining config sets in its ``data`` section
+    (``beit3.training.pretraining.PretrainingData`` adds where the samples come from), each declared here once with
+    its doc and limits, checked when the options are built."""
+
+    section: ClassVar[str] = "data"
+    max_text_length: int = doc("tokens per text, <s> and </s> included", MAX_TEXT_LENGTH, low=3)
+    text_mask_prob: float = doc("masked share of a text's tokens (the paper: 0.15)", TEXT_MASK_PROB, above=0, high=1)
+    pair_mask_prob: float = doc("masked share of a pair's text (the paper: 0.5)", PAIR_TEXT_MASK_PROB, above=0, high=1)
+    image_mask_ratio: float = doc(
+        "masked share of an image's patches, in blocks, rounded to whole patches (BEiT: 75/196)",
+        DEFAULT_MASK_FRACTION,
+        low=0,
+        high=1,
+    )
+    itm_negatives: float = doc(
+        "image-text matching on this share of each pair batch, against hard negatives (0: the paper); with "
+        "model.overrides.itm_weight. The matched pairs go, text unmasked, into an itm batch, once with their own "
+        "image and once with a hard negative (beit3.data.matching)",
+        0.0,
+        low=0,
+        high=1,
+    )
+    itm_text_swaps: float = doc(
+        "share of the matching negatives that keep their image and swap one caption token for the one another "
+        "caption of the batch has there: negatives one attribute off (0: image negatives only)",
+        0.0,
+        low=0,
+        high=1,
+    )
+    group_by_length: int = doc(
+        "group texts and pairs by token length within windows of this many steps, so that most batches need no "
+        "padding mask (SDPA's flash kernel on a GPU takes none); 0: off, the paper's batches. Map-style sources only",
+        0,
+        low=0,
+    )
+    pair_crop_scale: tuple[float, float] = doc(
+        "area range of the pairs' random resized crop (tight crops can cut out what a caption names)", PAIR_CROP_SCALE
+    )
+    pair_hflip: float = doc(
+        "the pairs' flip probability (0 when captions say left and right)", PAIR_HFLIP, low=0, high=1
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.pair_crop_scale = tuple(self.pair_crop_scale)
+
+    def sampling(self) -> dict:
+        """The values of these options alone (of a subclass's too), to build another holder of them."""
+        return {f.name: getattr(self, f.name) for f in fields(SampleOptions)}
+
+
+@dataclass
+class BatchOptions(SampleOptions):
     """How samples become a pretraining batch: everything but where the batch sits (seed, rank, step).
 
     Args:
         batch_sizes: samples per kind per rank and step, e.g. ``{"image": 32, "text": 32, "pair": 32}``.
         image_size, patch_size: the model's image; the tokenizer view has ``tokenizer_image_size`` (default: the same).
-        max_text_length: tokens per text, <s> and </s> included.
-        text_mask_prob, pair_mask_prob: MLM rates for texts and for the text of pairs (paper: 0.15, 0.5).
-        image_mask_ratio: the share of an image's patches masked, in blocks (BEiT: 75/196, rounded to whole patches).
         crop_scale, color_jitter: the image kind's random resized crop (area range) and color jitter (0: none).
-        pair_crop_scale, pair_hflip: the pairs' random resized crop (area range) and flip probability. A flip
-            contradicts a caption that says "on the left", and a tight crop can cut out what it names: turn
-            them down when the captions describe positions and every object.
-        itm_negatives: image-text matching (for a model with ``config.itm_weight > 0``): this fraction of each
-            pair batch also goes, with its text unmasked, into an ``itm`` batch, once with its own image and once
-            with a hard negative (``beit3.data.matching``). 0: no ``itm`` batch (the paper).
-        itm_text_swaps: this share of the matching negatives keep their own image and change their text instead, one
-            token swapped for the token another caption of the batch has at that position (one this caption does not
-            hold): "a big red circle" -> "a big blue circle". Such a negative differs from its image in one attribute,
-            so it can only be told from its match by checking each word against the image. A text with no such token
-            keeps the image negative. 0: image negatives only.
         tokenizer_views_only: image batches hold only ``tokenizer_pixel_values``, no model view and no masks
             (what a visual tokenizer trains on).
-        group_by_length: texts and pairs are grouped by token length within windows of this many steps (per rank),
-            so that most batches hold texts of one length, which need no padding mask (SDPA's flash kernel on a GPU
-            takes none) and waste no compute on padding. A window holds the samples its steps would hold without
-            grouping, sorted by length (ties in random order) and cut into batches, which its steps take in random
-            order. 0: off (the paper's batches: any lengths together).
+        and, by keyword, the ``SampleOptions``. With ``group_by_length`` a window of steps holds the samples its steps
+        would hold without grouping, sorted by length (ties in random order) and cut into batches, which its steps
+        take in random order.
     """
 
-    batch_sizes: dict[str, int]
+    batch_sizes: dict
     image_size: int
     patch_size: int
     tokenizer_image_size: int | None = None
-    max_text_length: int = MAX_TEXT_LENGTH
-    text_mask_prob: float = TEXT_MASK_PROB
-    pair_mask_prob: float = PAIR_TEXT_MASK_PROB
-    image_mask_ratio: float = DEFAULT_MASK_FRACTION
     crop_scale: tuple[float, float] = (0.2, 1.0)
     color_jitter: float = 0.4
-    pair_crop_scale: tuple[float, float] = PAIR_CROP_SCALE
-    pair_hflip: float = PAIR_HFLIP
-    itm_negatives: float = 0.0
-    itm_text_swaps: float = 0.0
     tokenizer_views_only: bool = False
-    group_by_length: int = 0
 
     def __post_init__(self):
-        for name in ("image_mask_ratio", "itm_negatives", "itm_text_swaps", "pair_hflip"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} {getattr(self, name)} must be a share in [0, 1].")
+        super().__post_init__()
+        self.crop_scale = tuple(self.crop_scale)
         unknown = set(self.batch_sizes) - set(KINDS)
         if unknown:
             raise ValueError(f"batch sizes for {sorted(unknown)}: the kinds are {', '.join(KINDS)}.")
@@ -108,10 +137,6 @@ class BatchOptions:
                 "itm_negatives needs pair batches of 2 or more (data.batch_size.pair): a hard negative is another "
                 "pair of the same batch."
             )
-        if self.group_by_length < 0:
-            raise ValueError(f"group_by_length {self.group_by_length} must be 0 (off) or a number of steps.")
-        object.__setattr__(self, "crop_scale", tuple(self.crop_scale))
-        object.__setattr__(self, "pair_crop_scale", tuple(self.pair_crop_scale))
 
     @property
     def grid(self) -> int:

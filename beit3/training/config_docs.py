@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..io import write_text_atomic
-from .config import Section, allowed
+from ..sections import Section, allowed
 from .finetune import sections_of
 from .pretraining import SECTIONS as PRETRAINING_SECTIONS
 from .settings import TrainSettings
@@ -76,7 +76,7 @@ def render() -> str:
         "",
         "Every field of every run config, with its default, what it takes and what it is. This file is written by",
         "`python -m beit3.training.config_docs` from the typed sections the programs read",
-        "(`beit3.training.config.Section`), and a test checks that it is up to date: do not edit it by hand.",
+        "(`beit3.sections.Section`), and a test checks that it is up to date: do not edit it by hand.",
         "",
         "A run config is a YAML file (`--config`). `--set section.field=value` sets any field listed here, in the",
         "file or not (`--set train.lr=1e-4`, `--set model.overrides.drop_path_rate=0.1`; values are read as YAML);",

@@ -48,8 +48,8 @@ from ..data.sampling import StepBatchSampler
 from ..export import export
 from ..io import write_json_atomic
 from ..log import get_logger
+from ..sections import Section, doc
 from ..tokenization_beit3 import check_tokenizer_matches, load_tokenizer
-from .config import Section, doc
 from .distributed import end_distributed
 from .run_log import read_run_log
 from .runner import command_line, read_run_config, save_model_folder, start_engine, step_loader

@@ -27,21 +27,18 @@ import torch
 from ..configuration_beit3 import Beit3Config
 from ..data.images import read_codes_info
 from ..data.pretraining import (
-    MAX_TEXT_LENGTH,
-    PAIR_CROP_SCALE,
-    PAIR_HFLIP,
     BatchOptions,
     PretrainingBatches,
+    SampleOptions,
     StreamingPretrainingBatches,
     finish_batch,
 )
 from ..data.sources import Shards, load_sources
 from ..log import get_logger
-from ..masking import DEFAULT_MASK_FRACTION, PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB
 from ..modeling_heads import Beit3ForMaskedDataModeling
+from ..sections import Section, doc
 from ..tokenization_beit3 import check_tokenizer_matches, load_tokenizer
 from ..visual_tokenizers import VisualTokenizer
-from .config import Section, doc
 from .distributed import end_distributed
 from .run_log import read_run_log
 from .runner import autocast, command_line, fail, read_run_config, save_model_folder, start_engine, step_loader
@@ -50,58 +47,25 @@ logger = get_logger(__name__)
 
 
 @dataclass
-class PretrainingData(Section):
-    """The ``data`` section of a pretraining config."""
+class PretrainingData(SampleOptions):
+    """The ``data`` section of a pretraining config: where the samples come from and how many of each kind a step
+    takes; how they are drawn, masked and matched are the ``SampleOptions`` the batches read, declared there."""
 
-    section: ClassVar[str] = "data"
     sources: dict = doc(
         "images (a folder or shards), texts ([.txt, .jsonl]), pairs ([.jsonl or shards]), image_codes; or "
         "{dataset: a save_to_disk folder, ...} per kind (docs/pretraining.md)"
     )
     batch_size: dict = doc("samples of each kind per process and step: {image: N, text: N, pair: N}")
     streaming: bool = doc("read shards and text files as streams, shard by shard, never copied", False)
-    max_text_length: int = doc("tokens per text, <s> and </s> included", MAX_TEXT_LENGTH, low=3)
-    text_mask_prob: float = doc("masked share of a text's tokens (the paper: 0.15)", TEXT_MASK_PROB, above=0, high=1)
-    pair_mask_prob: float = doc("masked share of a pair's text (the paper: 0.5)", PAIR_TEXT_MASK_PROB, above=0, high=1)
-    # The shares and group_by_length are checked where the batches read them (BatchOptions), which run() builds first.
-    image_mask_ratio: float = doc(
-        "masked share of an image's patches, in [0, 1], in blocks, rounded to whole patches (BEiT: 75/196)",
-        DEFAULT_MASK_FRACTION,
-    )
-    itm_negatives: float = doc(
-        "image-text matching on this share of each pair batch, in [0, 1], against hard negatives (0: the paper); "
-        "with model.overrides.itm_weight",
-        0.0,
-    )
-    itm_text_swaps: float = doc(
-        "share of the matching negatives, in [0, 1], that keep their image and swap one caption token for the one "
-        "another caption of the batch has there: negatives one attribute off (0: image negatives only)",
-        0.0,
-    )
-    group_by_length: int = doc(
-        "group texts and pairs by token length within windows of this many steps, so that most batches need no "
-        "padding mask (SDPA's flash kernel on a GPU takes none); 0: off, the paper's batches. Map-style sources only",
-        0,
-    )
-    pair_crop_scale: tuple[float, float] = doc("area range of the pairs' random resized crop", PAIR_CROP_SCALE)
-    pair_hflip: float = doc("the pairs' flip probability, in [0, 1] (0 when captions say left and right)", PAIR_HFLIP)
 
     def batch_options(self, model_config: Beit3Config, tokenizer_image_size: int | None) -> BatchOptions:
         """The options of this run's batches, for a model of ``model_config``."""
         return BatchOptions(
-            batch_sizes=self.batch_size,
-            image_size=model_config.image_size,
-            patch_size=model_config.patch_size,
+            self.batch_size,
+            model_config.image_size,
+            model_config.patch_size,
             tokenizer_image_size=tokenizer_image_size,
-            max_text_length=self.max_text_length,
-            text_mask_prob=self.text_mask_prob,
-            pair_mask_prob=self.pair_mask_prob,
-            image_mask_ratio=self.image_mask_ratio,
-            pair_crop_scale=self.pair_crop_scale,
-            pair_hflip=self.pair_hflip,
-            itm_negatives=self.itm_negatives,
-            itm_text_swaps=self.itm_text_swaps,
-            group_by_length=self.group_by_length,
+            **self.sampling(),
         )
 
 

@@ -26,7 +26,8 @@ import torch
 from ..data.common import split_batch
 from ..io import loader_worker_init
 from ..log import for_rank
-from .config import Section, load_config, print_config, record_run_config
+from ..sections import Section
+from .config import load_config, print_config, record_run_config
 from .distributed import setup_distributed
 from .engine import Engine, load_deepspeed_json
 from .settings import TrainSettings

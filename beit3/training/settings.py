@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .config import Section, doc
+from ..sections import Section, doc
 
 
 @dataclass

@@ -22,8 +22,8 @@ from ..data.images import tokenizer_transform
 from ..data.pretraining import BatchOptions, PretrainingBatches, finish_batch
 from ..data.sources import load_sources
 from ..log import get_logger
+from ..sections import Section, doc
 from ..visual_tokenizers import DVAE, VQKD, DVAEConfig, VisualTokenizer, VQKDConfig
-from .config import Section, doc
 from .distributed import end_distributed
 from .run_log import read_run_log
 from .runner import command_line, fail, read_run_config, start_engine, step_loader

@@ -19,8 +19,8 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ...data.common import ImagesOfOthers, collate_trimmed
 from ...data.karpathy import read_karpathy
 from ...image_processing_beit3 import VL_MEAN, VL_STD, Beit3ImageProcessor
+from ...sections import Section, check_keys, doc
 from ...task_catalogue import TASK_SPECS, TaskSpec, register_spec
-from ..config import Section, check_keys, doc
 from ..runner import autocast, ordered_batches
 
 # {name: task class}, filled by @register_task as the task modules are imported (beit3.training.tasks does).

@@ -16,8 +16,8 @@ from ...data.common import split_batch
 from ...data.karpathy import ImageOnlyDataset, ImageTextDataset, captioning_records
 from ...masking import mask_caption_tokens
 from ...metrics import caption_evaluation, caption_scores, caption_tokenizer, write_caption_results
+from ...sections import doc
 from ...task_catalogue import CaptioningSpec
-from ..config import doc
 from .base import EvalOptions, KarpathyTask, TaskData, register_task
 
 

@@ -16,8 +16,8 @@ from ...data.images import list_images
 from ...image_processing_beit3 import Beit3ImageProcessor
 from ...io import write_json_atomic
 from ...metrics import classification_accuracy
+from ...sections import doc
 from ...task_catalogue import ClassificationSpec
-from ..config import doc
 from ..engine import to_device
 from .base import EvalOptions, FinetuneTask, TaskData, register_task
 

@@ -37,8 +37,8 @@ from ...metrics import (
     vqa_score,
     write_vqa_predictions,
 )
+from ...sections import doc
 from ...task_catalogue import VqaSpec
-from ..config import doc
 from ..engine import to_device
 from .base import FinetuneTask, TaskData, register_task
 
