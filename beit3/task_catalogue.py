@@ -94,8 +94,17 @@ def register_spec(spec: type[TaskSpec]) -> type[TaskSpec]:
     return spec
 
 
+_outside_tasks_loaded = False
+
+
 def load_outside_tasks() -> None:
-    """Imports the tasks other packages declare in the entry point group ``beit3.tasks``; each registers itself."""
+    """Imports the tasks other packages declare in the entry point group ``beit3.tasks``, once; each registers
+    itself."""
+    global _outside_tasks_loaded
+    if _outside_tasks_loaded:
+        return
+    # Marked first: such a module imports beit3.training.tasks, which calls this again while the module is half built
+    _outside_tasks_loaded = True
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         entry.load()
 

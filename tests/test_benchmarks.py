@@ -48,11 +48,11 @@ def test_backbone_against_torchscale_prints_a_ratio_and_a_share_of_the_peak_per_
     "mode, expected",
     [
         ("--timm", rf"inference ours {NUMBER} s, timm {NUMBER} s: ours at {NUMBER}x timm's speed"),
-        ("--compile", rf"^fp32 +{NUMBER} +{NUMBER} +{NUMBER}x"),
         ("--profile=fp32,inference", r"Self CPU time total"),
     ],
 )
 def test_backbone_modes(tmp_path, mode, expected):
+    """(--compile is left out here: a minute of compiling at any size; test_modeling_beit3 compiles the backbone.)"""
     out = run_benchmark(
         tmp_path, "backbone.py", "--preset", "beit3_tiny_patch16_224", "--reps", "1", "--batch", "2", mode
     )
