@@ -25,6 +25,23 @@ VQA_HEADS = ("pooler", "answer_slot")
 _PRESET_NAME = re.compile(r"beit3_(?P<size>[a-z]+)(?P<paper>_paper)?_patch(?P<patch>\d+)_(?P<image>\d+)")
 
 
+# The integer fields and their least value: a config.json with "hidden_size": "abc" is named, not a TypeError later.
+_INTEGER_FIELDS = {
+    "hidden_size": 1,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 1,
+    "intermediate_size": 1,
+    "vocab_size": 1,
+    "image_size": 1,
+    "patch_size": 1,
+    "num_channels": 1,
+    "max_position_embeddings": 1,
+    "visual_vocab_size": 1,
+    "vl_ffn_layers": 0,
+    "position_offset": 0,
+}
+
+
 class Beit3Config(PretrainedConfig):
     r"""Configuration of a BEiT-3 Multiway Transformer.
 
@@ -134,6 +151,15 @@ class Beit3Config(PretrainedConfig):
         self._check()
 
     def _check(self):
+        wrong = [
+            f"{name} {getattr(self, name)!r} must be {'an integer >= 0' if low == 0 else 'a positive integer'}"
+            for name, low in _INTEGER_FIELDS.items()
+            if not isinstance(getattr(self, name), int)
+            or isinstance(getattr(self, name), bool)
+            or getattr(self, name) < low
+        ]
+        if wrong:  # (the checks below would fail on them with a TypeError that names nothing)
+            raise ValueError("Invalid Beit3Config: " + "; ".join(wrong))
         problems = []
         if self.hidden_size % self.num_attention_heads:
             problems.append(
@@ -163,6 +189,19 @@ class Beit3Config(PretrainedConfig):
             problems.append(f"vqa_head {self.vqa_head!r} must be one of {', '.join(VQA_HEADS)}")
         if problems:
             raise ValueError("Invalid Beit3Config: " + "; ".join(problems))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """As in transformers, but a local folder without ``config.json`` is refused: transformers would give a
+        default (base-size) config, and a model of other sizes would then fail far from the cause, or load wrong."""
+        folder = Path(str(pretrained_model_name_or_path))
+        if folder.is_dir() and not (folder / kwargs.get("subfolder", "") / "config.json").is_file():
+            raise OSError(
+                f"{folder} holds no config.json, so the model's sizes are unknown. A from_pretrained folder holds "
+                "config.json beside model.safetensors: copy it back, or export (beit3 export) or convert (beit3 "
+                "convert) the model again."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def num_patches(self) -> int:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from .checkpoints import (
     COMPLETE,
-    atomic_save_folder,
     check_weights_only,
     complete_checkpoints,
     load_state_dict_checked,
@@ -27,6 +26,7 @@ from .checkpoints import (
 from .configuration_beit3 import Beit3Config
 from .convert import architecture_class
 from .image_processing_beit3 import Beit3ImageProcessor
+from .io import atomic_folder
 from .log import get_logger
 from .modeling_heads import Beit3ForMaskedDataModeling
 from .processing_beit3 import Beit3Processor
@@ -81,12 +81,15 @@ def export(checkpoint_dir: str | Path, output: str | Path, tag: str | None = Non
         k: v.reshape(shapes[k]) if k in shapes and v.numel() == 1 and shapes[k] == () else v for k, v in state.items()
     }
     load_state_dict_checked(model, state, f"checkpoint {checkpoints / tag}")
-    atomic_save_folder(model, output)
     image_processor = Beit3ImageProcessor(size=config.image_size)
-    if (run / "model" / "tokenizer.json").is_file():  # every run that reads text saved its tokenizer there
-        Beit3Processor(image_processor=image_processor, tokenizer=load_tokenizer(run / "model")).save_pretrained(output)
-    else:  # a run on images alone (classification)
-        image_processor.save_pretrained(output)
+    with atomic_folder(output) as folder:  # the model and its processor appear together, or neither does
+        model.save_pretrained(folder)
+        if (run / "model" / "tokenizer.json").is_file():  # every run that reads text saved its tokenizer there
+            Beit3Processor(image_processor=image_processor, tokenizer=load_tokenizer(run / "model")).save_pretrained(
+                folder
+            )
+        else:  # a run on images alone (classification)
+            image_processor.save_pretrained(folder)
     return Path(output)
 
 
@@ -102,7 +105,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m beit3.export") ->
     parser.add_argument("--output", required=True, help="the from_pretrained folder to write")
     parser.add_argument("--tag", help="a checkpoint such as step00000100 (default: the newest complete one)")
     args = parser.parse_args(argv)
-    path = export(args.checkpoint_dir, args.output, args.tag)
+    try:
+        path = export(args.checkpoint_dir, args.output, args.tag)
+    except (OSError, ValueError) as error:  # no complete checkpoint, an output folder with other files, ...
+        raise SystemExit(f"error: {error}") from error
     logger.info(f"wrote {path}: config, model.safetensors, tokenizer and processor")
 
 

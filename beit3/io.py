@@ -144,10 +144,13 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # mkdtemp gives a name no other writer holds (and, as before this module existed, a folder of mode 0700).
+    # mkdtemp gives a name no other writer holds, as a folder of mode 0700: it gets the mode of the folder it replaces,
+    # or of a folder made here now
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777 if path.is_dir() else 0o777 & ~_umask())
         yield tmp
+        _refuse_foreign_entries(path, tmp)
         old = temporary_name(path, tag="old")
         if os.path.lexists(path):
             _remove(old)  # the leftover of a writer that died between the two renames
@@ -161,6 +164,28 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         _remove(old)
     finally:
         _remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _refuse_foreign_entries(path: Path, new: Path) -> None:
+    """A folder being replaced may hold only what its new version holds too (an earlier write of the same kind):
+    anything else, a user's notes or subfolders, would be deleted with it, so the write is refused instead."""
+    if not path.is_dir():
+        return
+    foreign = sorted(
+        entry.name + ("/" if entry.is_dir() else "") for entry in path.iterdir() if not (new / entry.name).exists()
+    )
+    if foreign:
+        raise FileExistsError(
+            f"{path} holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, which this write would not "
+            "write again, so replacing the folder would delete it: write into a new or empty folder, or move those "
+            "files out first. Nothing was changed."
+        )
 
 
 SCRATCH_PREFIX = "beit3-scratch-"

@@ -14,6 +14,7 @@ keys and values are concatenated. The numerics follow Microsoft's torchscale imp
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -339,6 +340,7 @@ class Beit3PreTrainedModel(PreTrainedModel):
         """As in transformers. An ``image_size`` other than the saved one (as a keyword, or in a
         ``config`` passed by the Auto classes) loads the saved weights, then resamples the vision
         position table to the new patch grid (bicubic, as the official fine-tuning code does)."""
+        _check_weights_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
         config = kwargs.get("config")
         if isinstance(config, Beit3Config) and os.path.isfile(
             os.path.join(str(pretrained_model_name_or_path), "config.json")
@@ -703,6 +705,32 @@ class Beit3Model(Beit3PreTrainedModel):
                 f"attention_mask must be (batch, text length) = ({batch}, {text_length}) or a full "
                 f"(batch, sequence, keys) = ({batch}, {length}, {keys}) mask; got {tuple(attention_mask.shape)}."
             )
+
+
+def _check_weights_file(folder, subfolder: str) -> None:
+    """A local folder's ``model.safetensors``, when there is one, must be whole: its header readable and the file as
+    long as the header's tensors need. A truncated or empty file is named, where safetensors alone says "incomplete
+    metadata" or "header too small" without a file, or fails in the middle of loading."""
+    path = os.path.join(str(folder), subfolder, "model.safetensors")
+    if not os.path.isfile(path):
+        return  # (no folder, another weights layout, or none: transformers says what it looked for)
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            if not 0 < header_length <= size - 8:
+                raise ValueError(f"a header of {header_length} bytes in a file of {size}")
+            header = json.loads(handle.read(header_length))
+        needed = (
+            8 + header_length + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        )
+        if size < needed:
+            raise ValueError(f"{size} bytes where its tensors need {needed}")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # (json.JSONDecodeError is a ValueError)
+        raise OSError(
+            f"{path} is damaged ({error}): it is truncated or not a safetensors file. Write it again (beit3 export "
+            "from the run's checkpoints, or beit3 convert), or restore it from a copy."
+        ) from error
 
 
 def _block_mask(mask: torch.Tensor, rows: int):

@@ -48,7 +48,10 @@ def predict(
 ) -> list[str]:
     """Runs one task (its name or its ``predict_verb``) and returns the lines it would print."""
     task_class = task_spec(task)
-    model = load_task_model(task, model_dir)
+    try:
+        model = load_task_model(task, model_dir)
+    except (OSError, ValueError) as error:  # no config.json, a damaged weights file, a config of wrong types
+        raise SystemExit(f"error: {error}") from error
     image_processor = task_class.example_image_processor(model.config.image_size)
     tokenizer = None
     if task_class.reads_text:

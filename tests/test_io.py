@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -120,10 +121,33 @@ def test_atomic_folder_creates_replaces_and_keeps_the_old_folder_on_failure(tmp_
     assert names(path) == ["old.txt"]
     assert names(tmp_path) == ["model"]
     with atomic_folder(path) as tmp:
+        (tmp / "old.txt").write_text("2")
         (tmp / "new.txt").write_text("2")
         assert names(path) == ["old.txt"]  # the old folder stays readable while the new one is written
-    assert names(path) == ["new.txt"]  # replaced, not merged
+    assert names(path) == ["new.txt", "old.txt"] and (path / "old.txt").read_text() == "2"  # replaced
     assert names(tmp_path) == ["model"]  # neither the temporary nor the old folder is left
+
+
+def test_atomic_folder_never_deletes_what_it_does_not_write_again_and_keeps_the_folders_mode(tmp_path):
+    path = tmp_path / "export"
+    path.mkdir(mode=0o755)
+    os.chmod(path, 0o750)
+    (path / "notes.txt").write_text("mine")
+    (path / "sub").mkdir()
+    with pytest.raises(FileExistsError, match=r"export holds notes.txt, sub/, which this write would not write again"):
+        with atomic_folder(path) as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert names(path) == ["notes.txt", "sub"] and names(tmp_path) == ["export"]  # nothing changed, nothing left
+    (path / "notes.txt").unlink()
+    (path / "sub").rmdir()
+    with atomic_folder(path) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert names(path) == ["config.json"] and stat.S_IMODE(os.stat(path).st_mode) == 0o750
+    with atomic_folder(tmp_path / "fresh") as tmp:
+        (tmp / "a").write_text("1")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "fresh").st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
 
 
 def test_atomic_folder_replaces_a_file_and_nests(tmp_path):

@@ -110,3 +110,31 @@ def test_a_model_folder_without_a_tokenizer_is_refused_until_one_is_passed(setup
         ]
     )
     assert "what color?:" in capsys.readouterr().out
+
+
+def test_a_folder_that_lost_its_config_or_whose_weights_are_damaged_is_one_error_line(setup, tmp_path):
+    import json
+    import shutil
+
+    folder, images = setup
+    for damage in ("no config.json", "truncated weights", "empty weights", "a field of the wrong type"):
+        copy = tmp_path / damage.replace(" ", "-")
+        shutil.copytree(folder / "classify", copy)
+        weights = copy / "model.safetensors"
+        if damage == "no config.json":
+            (copy / "config.json").unlink()
+            expected = r"holds no config.json, so the model's sizes are unknown\. A from_pretrained folder"
+        elif damage == "truncated weights":
+            with open(weights, "r+b") as handle:
+                handle.truncate(weights.stat().st_size - 100)
+            expected = rf"^error: {weights} is damaged \(\d+ bytes where its tensors need \d+\)"
+        elif damage == "empty weights":
+            weights.write_bytes(b"")
+            expected = rf"^error: {weights} is damaged \(a header of 0 bytes in a file of 0\)"
+        else:
+            config = json.loads((copy / "config.json").read_text())
+            (copy / "config.json").write_text(json.dumps({**config, "hidden_size": "abc"}))
+            expected = r"^error: Invalid Beit3Config: hidden_size 'abc' must be a positive integer$"
+        with pytest.raises(SystemExit, match=expected) as error:
+            main(["classify", "--model", str(copy), "--images", images[0]])
+        assert "\n" not in str(error.value), damage

@@ -345,10 +345,15 @@ def test_export_writes_a_from_pretrained_folder_with_tokenizer_and_processor(wor
         return_tensors="pt",
     )
     assert model(**{k: inputs[k] for k in ("pixel_values", "input_ids", "attention_mask")}).image_loss is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(SystemExit, match="^error: .*not a complete checkpoint"):
         export_main(
             ["--checkpoint-dir", str(tmp_path / "run"), "--output", str(tmp_path / "x"), "--tag", "step00000099"]
         )
+    export_main(["--checkpoint-dir", str(tmp_path / "run"), "--output", str(tmp_path / "hf")])  # again: replaced
+    (tmp_path / "hf" / "notes.txt").write_text("a user's")
+    with pytest.raises(SystemExit, match="^error: .*hf holds notes.txt, which this write would not write again"):
+        export_main(["--checkpoint-dir", str(tmp_path / "run"), "--output", str(tmp_path / "hf")])
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "a user's" and (tmp_path / "hf" / "config.json").is_file()
 
 
 class _Payload:
