@@ -95,3 +95,23 @@ def test_mask_token_id_follows_the_vocabulary():
     assert Beit3Config().mask_token_id == 64001
     assert Beit3Config(vocab_size=1000).mask_token_id is None
     assert Beit3Config(vocab_size=1000, mask_token_id=999).mask_token_id == 999
+
+
+def test_a_folder_without_config_json_is_refused_not_read_as_a_default_config(tmp_path):
+    # transformers 5.25 gives a default (base-size) config for a folder without config.json
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(OSError, match=r"holds no config.json, so the model's sizes are unknown"):
+        Beit3Config.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("hidden_size", "abc", "a positive integer"),
+        ("patch_size", 0, "a positive integer"),
+        ("vl_ffn_layers", -1, ">= 0"),
+    ],
+)
+def test_integer_fields_of_the_wrong_type_or_range_are_named(field, value, words):
+    with pytest.raises(ValueError, match=rf"^Invalid Beit3Config: {field} {value!r} must be .*{words}"):
+        Beit3Config(**{field: value})
