@@ -122,18 +122,6 @@ def tensor_fields(backbone: dict[str, torch.Tensor]) -> dict:
 _TEXT_DEFAULTS = {"vocab_size": 64010, "max_position_embeddings": 1024}
 
 
-def infer_config(backbone: dict[str, torch.Tensor], extras: dict | None = None, **overrides) -> Beit3Config:
-    """The config of an official backbone: what its tensors show (``tensor_fields``); the head count from
-    ``overrides``, else ``attention_heads`` (``extras``: the file's other entries, ``read_checkpoint(...,
-    return_extras=True)``)."""
-    fields = tensor_fields(backbone)
-    if "num_attention_heads" not in overrides:
-        overrides["num_attention_heads"] = attention_heads(
-            fields["hidden_size"], fields["intermediate_size"], fields["num_hidden_layers"], extras or {}
-        )
-    return Beit3Config(**{**_TEXT_DEFAULTS, **fields, **overrides})
-
-
 def config_for_official(
     backbone: dict[str, torch.Tensor], given: Beit3Config | Mapping | None, extras: dict, labels: dict, source: str
 ) -> tuple[Beit3Config, int]:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from .data.vqa_answers import process_digits_and_articles, process_punctuation
+from .data.vqa_answers import normalize_answer, process_punctuation
 from .io import write_json_atomic
 
 # --------------------------------------------------------------------------------------------- VQA
@@ -37,10 +37,6 @@ VQA_EVALUATIONS = {
     "2016": "the official vqaEval.py of 2016-10-08 to 2021 (GT-Vision-Lab/VQA commit 458a8b2)",
 }
 VQA_EVALUATION = "2021"
-
-
-def _official_normalization(text: str) -> str:
-    return process_digits_and_articles(process_punctuation(text))
 
 
 def vqa_answer_accuracy(answer: str, annotator_answers: Sequence[str], version: str = VQA_EVALUATION) -> float:
@@ -63,13 +59,12 @@ def vqa_answer_accuracy(answer: str, annotator_answers: Sequence[str], version: 
     def clean(text: str) -> str:
         return text.replace("\n", " ").replace("\t", " ").strip()
 
-    predicted = clean(answer)
     if version == "2021":
-        truth = [clean(a) for a in annotator_answers]
+        predicted, truth = clean(answer), [clean(a) for a in annotator_answers]
         if len(set(truth)) > 1:
-            truth, predicted = [_official_normalization(a) for a in truth], _official_normalization(predicted)
+            truth, predicted = [normalize_answer(a) for a in truth], normalize_answer(predicted)
     else:
-        predicted, truth = _official_normalization(predicted), list(annotator_answers)
+        predicted, truth = normalize_answer(answer), list(annotator_answers)
         if len(set(truth)) > 1:
             truth = [process_punctuation(a) for a in truth]
     matches = sum(a == predicted for a in truth)
